@@ -1,0 +1,150 @@
+"""The hash-chained audit trail: sealing rows after commit, and verifying the chain.
+
+Writers never wait on the chain. Each state change writes its ``audit_log`` row (and a
+marker in ``audit_unsealed``) in its own transaction; a sealer, one at a time under an
+advisory lock, takes committed unsealed rows in id order and appends ``audit_seal`` rows:
+``hash = sha256(prev_hash || canonical(row))``. Verification recomputes every hash from the
+rows as they are now and names the first one that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from animus_core.canonical import canonical_json
+
+__all__ = ["GENESIS", "AuditEvent", "Verification", "row_hash", "seal", "verify"]
+
+GENESIS = b"\x00" * 32
+_SEAL_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('animus.audit_seal'))"
+
+
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    work_id: UUID
+    event: str
+    from_state: str | None
+    to_state: str | None
+    provenance: dict[str, Any]
+    db_user: str
+    at: datetime
+    payload: dict[str, Any]
+    sealed: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> AuditEvent:
+        return cls(
+            id=row["id"], work_id=row["work_id"], event=row["event"],
+            from_state=row["from_state"], to_state=row["to_state"],
+            provenance=row["provenance"], db_user=row["db_user"], at=row["at"],
+            payload=row["payload"], sealed=bool(row.get("sealed", False)),
+        )
+
+
+class Verification(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    checked: int
+    unsealed: int
+    first_bad_id: int | None = None
+    problem: str | None = None
+
+
+def row_hash(prev: bytes, row: Any) -> bytes:
+    at: datetime = row["at"]
+    body = canonical_json({
+        "id": row["id"],
+        "work_id": str(row["work_id"]),
+        "event": row["event"],
+        "from_state": row["from_state"],
+        "to_state": row["to_state"],
+        "provenance": row["provenance"],
+        "db_user": row["db_user"],
+        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "payload": row["payload"],
+    })
+    return hashlib.sha256(prev + body.encode("utf-8")).digest()
+
+
+async def seal(conn: Any, batch: int = 10_000) -> int:
+    """Seal committed unsealed rows; return how many. Returns 0 if another sealer is busy."""
+    total = 0
+    while True:
+        async with conn.transaction():
+            if not await conn.fetchval(_SEAL_LOCK):
+                return total
+            rows = await conn.fetch(
+                """SELECT a.id, a.work_id, a.event, a.from_state::text, a.to_state::text,
+                          a.provenance, a.db_user, a.at, a.payload
+                     FROM animus.audit_unsealed u JOIN animus.audit_log a ON a.id = u.audit_id
+                    ORDER BY a.id LIMIT $1""",
+                batch,
+            )
+            if not rows:
+                return total
+            last = await conn.fetchrow(
+                "SELECT seq, hash FROM animus.audit_seal ORDER BY seq DESC LIMIT 1"
+            )
+            seq, prev = (last["seq"], bytes(last["hash"])) if last else (0, GENESIS)
+            records = []
+            for row in rows:
+                seq += 1
+                h = row_hash(prev, row)
+                records.append((seq, row["id"], prev, h))
+                prev = h
+            await conn.copy_records_to_table(
+                "audit_seal", schema_name="animus", records=records,
+                columns=["seq", "audit_id", "prev_hash", "hash"],
+            )
+            await conn.execute(
+                "DELETE FROM animus.audit_unsealed WHERE audit_id = ANY($1::bigint[])",
+                [r["id"] for r in rows],
+            )
+            total += len(rows)
+            if len(rows) < batch:
+                return total
+
+
+async def verify(conn: Any, page: int = 20_000) -> Verification:
+    """Recompute the whole chain from the stored rows."""
+    prev, expected_seq, checked = GENESIS, 1, 0
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        while True:
+            rows = await conn.fetch(
+                """SELECT s.seq, s.prev_hash, s.hash, a.id, a.work_id, a.event,
+                          a.from_state::text, a.to_state::text, a.provenance, a.db_user,
+                          a.at, a.payload
+                     FROM animus.audit_seal s LEFT JOIN animus.audit_log a ON a.id = s.audit_id
+                    WHERE s.seq >= $1 ORDER BY s.seq LIMIT $2""",
+                expected_seq, page,
+            )
+            for r in rows:
+                where = f"audit row {r['id']} (chain position {r['seq']})"
+                if r["seq"] != expected_seq:
+                    return _bad(checked, r["id"], f"chain position {expected_seq} is missing")
+                if r["id"] is None:
+                    return _bad(checked, None, f"chain position {r['seq']} seals a missing row")
+                if bytes(r["prev_hash"]) != prev:
+                    return _bad(checked, r["id"], f"{where} does not link to the row before it")
+                if row_hash(prev, r) != bytes(r["hash"]):
+                    return _bad(checked, r["id"], f"{where} was changed after it was sealed")
+                prev, expected_seq, checked = bytes(r["hash"]), expected_seq + 1, checked + 1
+            if len(rows) < page:
+                break
+        orphans = await conn.fetchval(
+            """SELECT min(a.id) FROM animus.audit_log a
+                WHERE NOT EXISTS (SELECT 1 FROM animus.audit_seal s WHERE s.audit_id = a.id)
+                  AND NOT EXISTS (SELECT 1 FROM animus.audit_unsealed u WHERE u.audit_id = a.id)"""
+        )
+        if orphans is not None:
+            return _bad(checked, orphans, f"audit row {orphans} is neither sealed nor waiting to be")
+        unsealed = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+    return Verification(ok=True, checked=checked, unsealed=unsealed)
+
+
+def _bad(checked: int, row_id: int | None, problem: str) -> Verification:
+    return Verification(ok=False, checked=checked, unsealed=0, first_bad_id=row_id, problem=problem)

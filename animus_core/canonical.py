@@ -1,0 +1,99 @@
+"""Canonical JSON (RFC 8785, JCS) and the hashes built on it.
+
+Two values that mean the same JSON hash the same: object key order, whitespace, and number
+spelling (``1``, ``1.0`` and ``1e0`` are one number) do not matter. Strings are hashed as
+given unless ``nfc=True``, which first brings every string (keys too) to Unicode NFC, so
+that a composed ``é`` and ``e`` + combining accent are the same text; execution records use
+NFC, the audit chain hashes exactly what was stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["canonical_json", "canonical_hash"]
+
+
+def _number(x: float) -> str:
+    if not math.isfinite(x):
+        raise ValueError(f"{x} has no JSON form")
+    if x == 0:
+        return "0"
+    if x.is_integer() and abs(x) < 1e21:
+        return str(int(x))
+    # ECMAScript Number::toString over Python's shortest round-trip digits.
+    sign = "-" if x < 0 else ""
+    mantissa, _, exp = repr(abs(x)).partition("e")
+    int_part, _, frac_part = mantissa.partition(".")
+    digits = (int_part + frac_part).lstrip("0")
+    point = len(int_part) + (int(exp) if exp else 0)  # value = 0.digits x 10^point, before strip
+    point -= len(int_part + frac_part) - len((int_part + frac_part).lstrip("0"))
+    digits = digits.rstrip("0") or "0"
+    k, n = len(digits), point
+    if k <= n <= 21:
+        out = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        out = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        out = "0." + "0" * (-n) + digits
+    else:
+        e = n - 1
+        out = digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e > 0 else "-")
+        out += str(abs(e))
+    return sign + out
+
+
+def _encode(value: Any, nfc: bool, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, str):
+        out.append(json.dumps(unicodedata.normalize("NFC", value) if nfc else value,
+                              ensure_ascii=False))
+    elif isinstance(value, int):
+        out.append(str(value) if abs(value) < 2**53 else _number(float(value)))
+    elif isinstance(value, float):
+        out.append(_number(value))
+    elif isinstance(value, Mapping):
+        items = [(unicodedata.normalize("NFC", k) if nfc else k, v) for k, v in value.items()]
+        if not all(isinstance(k, str) for k, _ in items):
+            raise TypeError("JSON object keys must be strings")
+        items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
+        out.append("{")
+        for i, (k, v) in enumerate(items):
+            if i:
+                out.append(",")
+            out.append(json.dumps(k, ensure_ascii=False))
+            out.append(":")
+            _encode(v, nfc, out)
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, v in enumerate(value):
+            if i:
+                out.append(",")
+            _encode(v, nfc, out)
+        out.append("]")
+    else:
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def canonical_json(value: Any, *, nfc: bool = False) -> str:
+    """The RFC 8785 canonical text of ``value``."""
+    out: list[str] = []
+    _encode(value, nfc, out)
+    return "".join(out)
+
+
+def canonical_hash(value: Any, *, nfc: bool = False) -> str:
+    """``sha256:<hex>`` of the canonical text of ``value``."""
+    digest = hashlib.sha256(canonical_json(value, nfc=nfc).encode("utf-8")).hexdigest()
+    return f"sha256:{digest}"

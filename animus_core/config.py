@@ -1,0 +1,50 @@
+"""Configuration from the environment (ARCHITECTURE 3.6), read once into :class:`Settings`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+import platformdirs
+
+from animus_core.errors import ConfigError
+
+__all__ = ["Settings"]
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything animus reads from its environment.
+
+    ``database_url`` is ``None`` for the embedded server under ``home``.
+    """
+
+    database_url: str | None = None
+    home: Path
+    otel_endpoint: str | None = None
+    log_level: str = "info"
+    faculties_dir: Path = Path("faculties")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        url = env.get("DATABASE_URL") or None
+        if url is not None and not url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(
+                f"DATABASE_URL={url!r} is not a Postgres URL: it must start with postgresql:// "
+                "(unset it to use the embedded server)"
+            )
+        level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+        if level not in _LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL={level!r} is not one of {', '.join(_LOG_LEVELS)}")
+        home = env.get("ANIMUS_HOME") or platformdirs.user_data_dir("animus", appauthor=False)
+        return cls(
+            database_url=url,
+            home=Path(home).expanduser(),
+            otel_endpoint=env.get("OTEL_ENDPOINT") or None,
+            log_level=level,
+            faculties_dir=Path(env.get("ANIMUS_FACULTIES") or "faculties"),
+        )

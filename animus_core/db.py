@@ -1,0 +1,549 @@
+"""The data plane: a connection pool and the work API (ARCHITECTURE 3.2).
+
+Hot paths (submit, claim, complete) are one round trip each, done by SQL functions in the
+migrations; single-item operations a person issues (cancel, retry, dead-letter) lock the row,
+check the transition in Python (:func:`animus_core.states.require_transition`), then write.
+The database checks every transition again with a trigger and writes the audit row in the
+same transaction, whoever issued the change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Self
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from animus_core import audit, migrations
+from animus_core.config import Settings
+from animus_core.embedded import EMBEDDED_DATABASE, embedded_url
+from animus_core.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    IllegalTransition,
+    InvalidInput,
+    LeaseLost,
+    WorkNotFound,
+)
+from animus_core.states import State, require_transition
+from animus_core.work import (
+    Claimed,
+    Created,
+    Lease,
+    Merged,
+    NewWorkItem,
+    SubmitResult,
+    WorkItem,
+    dump_json,
+)
+
+__all__ = ["DEFAULT_QUEUE", "Db", "describe_url", "resolve_url"]
+
+DEFAULT_QUEUE = "work"
+_DUPLICATE_DATABASE = "42P04"
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username
+    host = parse_qs(parts.query).get("host", [""])[0]
+    where = f"{user + '@' if user else ''}{netloc or host}{parts.path}"
+    return where
+
+
+async def resolve_url(settings: Settings) -> str:
+    """``DATABASE_URL``, or the embedded server's URL with its ``animus`` database created."""
+    if settings.database_url:
+        return settings.database_url
+    base = await asyncio.to_thread(embedded_url, settings.home)
+    parts = urlsplit(base)
+    url = urlunsplit(parts._replace(path=f"/{EMBEDDED_DATABASE}"))
+    try:
+        conn = await asyncpg.connect(base)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise DatabaseUnavailable(f"embedded Postgres started but refused a connection: {e}") from e
+    try:
+        await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+    except asyncpg.PostgresError as e:
+        if e.sqlstate != _DUPLICATE_DATABASE:
+            raise
+    finally:
+        await conn.close()
+    return url
+
+
+def _jsonb_decode(text: str) -> Any:
+    return msgspec.json.decode(text)
+
+
+def _jsonb_encode(value: Any) -> str:
+    return dump_json(value, "value")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode, format="text"
+    )
+
+
+def _translate(e: asyncpg.PostgresError) -> Exception:
+    """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
+    msg = getattr(e, "message", None) or str(e)
+    match e.sqlstate:
+        case "ANI01":
+            return IllegalTransition(msg)
+        case "ANI02":
+            return LeaseLost(msg)
+        case "ANI04":
+            return WorkNotFound(msg)
+    return DatabaseError(f"the database refused the operation: {msg}")
+
+
+@contextlib.contextmanager
+def _errors() -> Any:
+    try:
+        yield
+    except asyncpg.PostgresError as e:
+        raise _translate(e) from e
+    except (OSError, asyncpg.InterfaceError) as e:
+        raise DatabaseUnavailable(f"lost the database connection: {e}") from e
+
+
+class Db:
+    """A pool of connections to one animus database and the operations on its work.
+
+    Use :meth:`connect`; close with :meth:`close` or ``async with``.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool = pool
+        self.url = url
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        actor: str | None = None,
+        timeout: float = 10.0,
+    ) -> Self:
+        """Connect to ``url``, or to ``DATABASE_URL``, or to the embedded server."""
+        if url is None:
+            url = await resolve_url(settings or Settings.from_env())
+        actor = actor or f"{os.path.basename(sys.argv[0]) or 'python'}@{socket.gethostname()}:{os.getpid()}"
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                timeout=timeout,
+                server_settings={"application_name": "animus", "animus.actor": actor},
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            reason = str(e).strip() or type(e).__name__
+            raise DatabaseUnavailable(
+                f"cannot connect to Postgres at {describe_url(url)}: {reason} "
+                "(check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "
+                "to use the embedded server)"
+            ) from e
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        with _errors():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    # -- schema --------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[migrations.Migration]:
+        """Apply pending migrations and create the default queue."""
+        async with self.connection() as conn:
+            done = await migrations.apply(conn)
+        await self.create_queue(DEFAULT_QUEUE)
+        return done
+
+    async def migration_status(self) -> migrations.MigrationStatus:
+        async with self.connection() as conn:
+            return await migrations.status(conn)
+
+    async def create_queue(self, name: str) -> None:
+        """Create a pgmq queue (idempotent)."""
+        _check_queue(name)
+        async with self.connection() as conn:
+            await conn.execute("SELECT animus.create_queue($1)", name)
+
+    async def queues(self) -> list[str]:
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT queue_name FROM pgmq.meta ORDER BY queue_name")
+        return [r[0] for r in rows]
+
+    # -- submit --------------------------------------------------------------------------------
+
+    async def submit_work(self, item: NewWorkItem, *, queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Submit one item: :class:`Created` with the item, or :class:`Merged` with the
+        canonical id when live work with the same ``(work_type, dedup_key)`` exists."""
+        return (await self.submit_many([item], queue=queue))[0]
+
+    async def submit_many(
+        self, items: Sequence[NewWorkItem], *, queue: str = DEFAULT_QUEUE
+    ) -> list[SubmitResult]:
+        """Submit a batch in one round trip and one transaction; results in input order."""
+        if not items:
+            return []
+        _check_queue(queue)
+        payload = [i.to_json() for i in items]
+        async with self.connection() as conn, conn.transaction():
+            rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
+        out: list[SubmitResult] = []
+        for r in rows:
+            if r["merged_into"] is not None:
+                out.append(Merged(id=r["id"], canonical_id=r["merged_into"]))
+            else:
+                out.append(Created(item=WorkItem.from_row(r)))
+        return out
+
+    # -- read ----------------------------------------------------------------------------------
+
+    async def get_work_item(self, work_id: UUID | str) -> WorkItem:
+        wid = _uuid(work_id)
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1", wid)
+        if row is None:
+            raise WorkNotFound(f"no work item with id {wid}")
+        return WorkItem.from_row(row)
+
+    async def list_work(
+        self,
+        *,
+        state: State | str | Iterable[State | str] | None = None,
+        work_type: str | None = None,
+        parent_id: UUID | str | None = None,
+        created_since: datetime | None = None,
+        limit: int = 100,
+        before: UUID | str | None = None,
+    ) -> list[WorkItem]:
+        """Newest first. Page with ``before=<id of the last item of the previous page>``."""
+        states: list[str] | None = None
+        if state is not None:
+            raw = [state] if isinstance(state, str) else list(state)
+            try:
+                states = [State(s).value for s in raw]
+            except ValueError:
+                raise InvalidInput(
+                    f"unknown state in {raw!r}: states are {', '.join(s.value for s in State)}"
+                ) from None
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be from 1 to 10000, got {limit}")
+        cursor = None
+        if before is not None:
+            cursor_item = await self.get_work_item(before)
+            cursor = (cursor_item.created_at, cursor_item.id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT * FROM animus.work_items
+                    WHERE ($1::animus.work_state[] IS NULL OR state = ANY ($1))
+                      AND ($2::text IS NULL OR work_type = $2)
+                      AND ($3::uuid IS NULL OR parent_id = $3)
+                      AND ($4::timestamptz IS NULL OR created_at >= $4)
+                      AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+                    ORDER BY created_at DESC, id DESC LIMIT $7""",
+                states, work_type, _uuid(parent_id) if parent_id else None, created_since,
+                cursor[0] if cursor else None, cursor[1] if cursor else None, limit,
+            )
+        return [WorkItem.from_row(r) for r in rows]
+
+    async def history(self, work_id: UUID | str) -> list[audit.AuditEvent]:
+        """Every audit event of one item, oldest first."""
+        wid = _uuid(work_id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT a.*, s.seq IS NOT NULL AS sealed FROM animus.audit_log a
+                     LEFT JOIN animus.audit_seal s ON s.audit_id = a.id
+                    WHERE a.work_id = $1 ORDER BY a.id""",
+                wid,
+            )
+        if not rows:
+            await self.get_work_item(wid)  # raises WorkNotFound
+        return [audit.AuditEvent.from_row(r) for r in rows]
+
+    # -- claim and finish ------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        queue: str = DEFAULT_QUEUE,
+        *,
+        limit: int = 1,
+        lease_seconds: int = 30,
+        work_types: Sequence[str] | None = None,
+        start: bool = False,
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` visible items, highest priority first.
+
+        The lease is the pgmq visibility timeout: unless extended, the item is claimable again
+        after ``lease_seconds``. With ``start=True`` the items also move to ``running`` (one
+        attempt each) in the same transaction.
+        """
+        if limit < 1 or lease_seconds < 1:
+            raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
+        async with self.connection() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
+                queue, limit, lease_seconds, list(work_types) if work_types else None, start,
+            )
+        return [
+            Claimed(
+                item=WorkItem.from_row(r),
+                lease=Lease(work_id=r["id"], queue=r["queue"], msg_id=r["msg_id"], token=r["lease"]),
+            )
+            for r in rows
+        ]
+
+    async def start(self, lease: Lease) -> WorkItem:
+        """``claimed -> running``: the focus begins; counts one attempt."""
+        async with self.connection() as conn, conn.transaction():
+            await self._held(conn, lease, State.RUNNING)
+            row = await conn.fetchrow(
+                """UPDATE animus.work_items SET state = 'running', attempts = attempts + 1,
+                          updated_at = now() WHERE id = $1 RETURNING *""",
+                lease.work_id,
+            )
+        return WorkItem.from_row(row)
+
+    async def extend_lease(self, leases: Sequence[Lease], seconds: int) -> None:
+        """Push the visibility timeout of held items ``seconds`` from now."""
+        if not leases:
+            return
+        async with self.connection() as conn:
+            for queue in {lease.queue for lease in leases}:
+                await conn.execute(
+                    "SELECT pgmq.set_vt($1, $2::bigint[], $3)",
+                    queue, [le.msg_id for le in leases if le.queue == queue], seconds,
+                )
+
+    async def complete(
+        self, lease: Lease, data: Any = None, *, duration_ms: int | None = None
+    ) -> None:
+        """``running -> completed`` with the outcome; the message is archived."""
+        await self.complete_many([(lease, data, duration_ms)])
+
+    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]]) -> None:
+        """Complete a batch in one round trip. Raises :class:`LeaseLost` or
+        :class:`IllegalTransition` (and completes none) if any lease is not held."""
+        if not done:
+            return
+        async with self.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT animus.complete($1, $2, $3, $4, $5)",
+                [d[0].work_id for d in done], [d[0].msg_id for d in done],
+                [d[0].token for d in done], [d[1] for d in done], [d[2] for d in done],
+            )
+
+    async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
+        """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
+        async with self.connection() as conn, conn.transaction():
+            await self._held(conn, lease, State.FAILED)
+            row = await conn.fetchrow(
+                """UPDATE animus.work_items SET state = 'failed', outcome_error = $2, reason = $2,
+                          duration_ms = $3, updated_at = now() WHERE id = $1 RETURNING *""",
+                lease.work_id, error, duration_ms,
+            )
+        return WorkItem.from_row(row)
+
+    async def release(self, lease: Lease, reason: str) -> WorkItem:
+        """``claimed|running -> queued`` without counting a failure (shutdown, could not start).
+
+        An attempt already counted by :meth:`start` is given back."""
+        async with self.connection() as conn, conn.transaction():
+            current = await self._held(conn, lease, State.QUEUED)
+            row = await conn.fetchrow(
+                """UPDATE animus.work_items
+                      SET state = 'queued', reason = $2, updated_at = now(),
+                          attempts = attempts - CASE WHEN $3 THEN 1 ELSE 0 END
+                    WHERE id = $1 RETURNING *""",
+                lease.work_id, reason, current == State.RUNNING,
+            )
+            await conn.execute("SELECT pgmq.set_vt($1, $2::bigint, 0)", lease.queue, lease.msg_id)
+        return WorkItem.from_row(row)
+
+    async def retry(
+        self, work_id: UUID | str, *, delay: float = 0.0, reason: str | None = None
+    ) -> WorkItem:
+        """``failed -> queued``, visible again after ``delay`` seconds."""
+        wid = _uuid(work_id)
+        if delay < 0:
+            raise InvalidInput(f"retry delay must be >= 0 seconds, got {delay}")
+        async with self.connection() as conn, conn.transaction():
+            row = await self._lock(conn, wid)
+            require_transition(wid, State(row["state"]), State.QUEUED)
+            if row["state"] != State.FAILED:
+                raise IllegalTransition(f"work item {wid} is {row['state']}: only failed items retry")
+            reason = reason or f"retry {row['attempts'] + 1}/{row['max_attempts']}"
+            updated = await conn.fetchrow(
+                """UPDATE animus.work_items SET state = 'queued', reason = $2, updated_at = now()
+                    WHERE id = $1 RETURNING *""",
+                wid, reason,
+            )
+            await self._requeue_message(conn, updated, delay)
+        return WorkItem.from_row(updated)
+
+    async def dead_letter(self, work_id: UUID | str, reason: str) -> WorkItem:
+        """End an item as ``dead`` with a reason (from queued, failed, or running via failed)."""
+        wid = _uuid(work_id)
+        async with self.connection() as conn, conn.transaction():
+            row = await self._lock(conn, wid)
+            state = State(row["state"])
+            if state == State.RUNNING:
+                await conn.execute(
+                    """UPDATE animus.work_items SET state = 'failed', outcome_error = $2,
+                              reason = $2, updated_at = now() WHERE id = $1""",
+                    wid, reason,
+                )
+                state = State.FAILED
+            require_transition(wid, state, State.DEAD)
+            updated = await conn.fetchrow(
+                """UPDATE animus.work_items SET state = 'dead', reason = $2,
+                          outcome_error = coalesce(outcome_error, $2), resolved_at = now(),
+                          updated_at = now() WHERE id = $1 RETURNING *""",
+                wid, reason,
+            )
+            await self._drop_message(conn, updated)
+        return WorkItem.from_row(updated)
+
+    async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
+        """``queued -> cancelled``."""
+        wid = _uuid(work_id)
+        async with self.connection() as conn, conn.transaction():
+            row = await self._lock(conn, wid)
+            require_transition(wid, State(row["state"]), State.CANCELLED)
+            updated = await conn.fetchrow(
+                """UPDATE animus.work_items SET state = 'cancelled', reason = $2,
+                          resolved_at = now(), updated_at = now() WHERE id = $1 RETURNING *""",
+                wid, reason,
+            )
+            await self._drop_message(conn, updated)
+        return WorkItem.from_row(updated)
+
+    async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
+        """Submit a fresh copy of a dead item (linked by ``replay_of``)."""
+        old = await self.get_work_item(work_id)
+        if old.state != State.DEAD:
+            raise IllegalTransition(
+                f"work item {old.id} is {old.state}: only dead items can be replayed"
+            )
+        new = (
+            NewWorkItem(old.work_type, source=source, trigger=f"replay of {old.id}")
+            .params(old.params)
+            .priority(old.priority)
+            .max_attempts(old.max_attempts)
+            .replay_of(old.id)
+        )
+        if old.dedup_key:
+            new = new.dedup_key(old.dedup_key)
+        if old.parent_id:
+            new = new.parent(old.parent_id)
+        return await self.submit_work(new, queue=old.queue)
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def seal_audit(self) -> int:
+        """Chain every committed, unsealed audit row; return how many were sealed."""
+        async with self.connection() as conn:
+            return await audit.seal(conn)
+
+    async def verify_audit(self) -> audit.Verification:
+        """Seal what is pending, then recompute the whole chain."""
+        async with self.connection() as conn:
+            await audit.seal(conn)
+            return await audit.verify(conn)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _lock(self, conn: asyncpg.Connection, wid: UUID) -> asyncpg.Record:
+        row = await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1 FOR UPDATE", wid)
+        if row is None:
+            raise WorkNotFound(f"no work item with id {wid}")
+        return row
+
+    async def _held(self, conn: asyncpg.Connection, lease: Lease, target: State) -> State:
+        row = await self._lock(conn, lease.work_id)
+        if row["msg_id"] != lease.msg_id or row["lease"] != lease.token:
+            raise LeaseLost(
+                f"lease lost on work item {lease.work_id}: it was claimed again after the "
+                "lease expired"
+            )
+        current = State(row["state"])
+        require_transition(lease.work_id, current, target)
+        return current
+
+    async def _requeue_message(self, conn: asyncpg.Connection, row: Any, delay: float) -> None:
+        delay_s = max(0, round(delay))
+        if row["msg_id"] is not None:
+            still_there = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, $3))",
+                row["queue"], row["msg_id"], delay_s,
+            )
+            if still_there:
+                return
+        msg = {"id": str(row["id"]), "t": row["work_type"], "p": row["priority"]}
+        await conn.execute("SELECT pgmq.send($1, $2::jsonb, $3::int)", row["queue"], msg, delay_s)
+        await conn.execute(
+            "SELECT pg_notify('animus_work', $1)",
+            dump_json({"queue": row["queue"], "work_types": [row["work_type"]]}, "notification"),
+        )
+
+    async def _drop_message(self, conn: asyncpg.Connection, row: Any) -> None:
+        """Archive the item's message so no engine claims it again. A queued item never
+        claimed has no msg_id recorded; its message is found by content (rare, by hand)."""
+        if row["msg_id"] is not None:
+            ids = [row["msg_id"]]
+        else:
+            found = await conn.fetch(
+                f'SELECT msg_id FROM pgmq."q_{row["queue"]}" WHERE message->>\'id\' = $1',
+                str(row["id"]),
+            )
+            ids = [r[0] for r in found]
+        if ids:
+            await conn.execute("SELECT pgmq.archive($1, $2::bigint[])", row["queue"], ids)
+
+
+def _uuid(value: UUID | str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise InvalidInput(f"{value!r} is not a work item id (a UUID)") from None
+
+
+def _check_queue(name: str) -> None:
+    if not name or len(name) > 47 or not name.replace("_", "").isalnum() or not name.isascii():
+        raise InvalidInput(
+            f"queue name {name!r} is not valid: use 1-47 ASCII letters, digits and underscores"
+        )

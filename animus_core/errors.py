@@ -1,0 +1,67 @@
+"""Every error animus raises on purpose derives from :class:`AnimusError`.
+
+Each one says what was wrong, where (file, field, work id, server) and what to do. The CLI
+prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with ``--debug``.
+
+    AnimusError
+    ├── ConfigError            a setting, file or field is wrong           (exit 2)
+    ├── InvalidInput           a value given to the API or CLI is wrong    (exit 2)
+    ├── WorkNotFound           no work item with that id                   (exit 2)
+    ├── IllegalTransition      the state machine forbids the change        (exit 2)
+    ├── LeaseLost              the claim expired and someone else holds it (exit 1)
+    └── DatabaseError          the database said no                        (exit 1)
+        ├── DatabaseUnavailable    cannot reach or start the server
+        └── MigrationError         schema history does not match the files
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnimusError",
+    "ConfigError",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "IllegalTransition",
+    "InvalidInput",
+    "LeaseLost",
+    "MigrationError",
+    "WorkNotFound",
+]
+
+
+class AnimusError(Exception):
+    """Root of every error animus raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AnimusError):
+    exit_code = 2
+
+
+class InvalidInput(AnimusError):
+    exit_code = 2
+
+
+class WorkNotFound(AnimusError):
+    exit_code = 2
+
+
+class IllegalTransition(AnimusError):
+    exit_code = 2
+
+
+class LeaseLost(AnimusError):
+    pass
+
+
+class DatabaseError(AnimusError):
+    pass
+
+
+class DatabaseUnavailable(DatabaseError):
+    pass
+
+
+class MigrationError(DatabaseError):
+    pass

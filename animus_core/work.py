@@ -1,0 +1,274 @@
+"""Work items as they cross boundaries: submissions in, items and results out.
+
+Records are frozen msgspec structs decoded once at the edge (database rows, JSON from the CLI,
+NOTIFY payloads); inside animus code trusts their types. :class:`NewWorkItem` is the builder
+submitters use (ARCHITECTURE 3.2); it validates as it builds, so a bad value is reported
+where it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+from uuid import UUID
+
+import msgspec
+
+from animus_core.errors import InvalidInput
+from animus_core.states import State
+
+__all__ = [
+    "Claimed",
+    "Created",
+    "Lease",
+    "Merged",
+    "NewWorkItem",
+    "Outcome",
+    "Provenance",
+    "SubmitResult",
+    "WorkItem",
+    "WorkNotification",
+    "dump_json",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+_INT32: Final = 2**31 - 1
+
+
+class Provenance(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a work item came from: ``source`` (who) and optionally ``trigger`` (why)."""
+
+    source: str
+    trigger: str | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How a work item ended: ``data`` on success, ``error`` on failure."""
+
+    data: Any = None
+    error: str | None = None
+    duration_ms: int | None = None
+
+
+class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A unit of work and its whole state (ARCHITECTURE 3.1)."""
+
+    id: UUID
+    work_type: str
+    dedup_key: str | None
+    params: dict[str, Any]
+    provenance: Provenance
+    priority: int
+    state: State
+    reason: str | None
+    queue: str
+    parent_id: UUID | None
+    merged_into: UUID | None
+    replay_of: UUID | None
+    attempts: int
+    max_attempts: int
+    outcome: Outcome
+    created_at: datetime
+    updated_at: datetime
+    resolved_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WorkItem:
+        return cls(
+            id=row["id"],
+            work_type=row["work_type"],
+            dedup_key=row["dedup_key"],
+            params=row["params"],
+            provenance=Provenance(source=row["source"], trigger=row["trigger"]),
+            priority=row["priority"],
+            state=State(row["state"]),
+            reason=row["reason"],
+            queue=row["queue"],
+            parent_id=row["parent_id"],
+            merged_into=row["merged_into"],
+            replay_of=row["replay_of"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            outcome=Outcome(
+                data=row["outcome_data"],
+                error=row["outcome_error"],
+                duration_ms=row["duration_ms"],
+            ),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            resolved_at=row["resolved_at"],
+        )
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """Proof of a claim: only the holder of the current lease may finish the item."""
+
+    work_id: UUID
+    queue: str
+    msg_id: int
+    token: int
+
+
+class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+    item: WorkItem
+    lease: Lease
+
+
+class Created(msgspec.Struct, frozen=True, kw_only=True, tag="created"):
+    """The submission made a new item, now queued."""
+
+    item: WorkItem
+
+    @property
+    def id(self) -> UUID:
+        return self.item.id
+
+    @property
+    def canonical_id(self) -> UUID:
+        return self.item.id
+
+
+class Merged(msgspec.Struct, frozen=True, kw_only=True, tag="merged"):
+    """The submission duplicated live work: it was recorded as merged into ``canonical_id``."""
+
+    id: UUID
+    canonical_id: UUID
+
+
+SubmitResult = Created | Merged
+
+
+class WorkNotification(msgspec.Struct, frozen=True, kw_only=True):
+    """The payload of ``NOTIFY animus_work``: which queue has new work of which types."""
+
+    queue: str
+    work_types: list[str]
+
+
+def dump_json(value: Any, where: str) -> str:
+    """JSON text for ``value``, refusing what JSON cannot hold (NaN, infinities, objects)."""
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{where} is not valid JSON: {e}") from None
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidInput(
+            f"{what} {value!r} is not a valid name: use 1-128 letters, digits or _ . : / -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{where} contains {value}, which JSON cannot represent")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
+
+
+class NewWorkItem:
+    """Builder for a submission: ``NewWorkItem("transform", source="user").params({...})``.
+
+    Every builder method returns a new builder; the original is unchanged.
+    """
+
+    __slots__ = (
+        "_dedup_key",
+        "_max_attempts",
+        "_params",
+        "_parent_id",
+        "_priority",
+        "_replay_of",
+        "_source",
+        "_trigger",
+        "work_type",
+    )
+
+    def __init__(self, work_type: str, source: str = "api", *, trigger: str | None = None) -> None:
+        self.work_type = _check_name(work_type, "work type")
+        if not isinstance(source, str) or not source.strip():
+            raise InvalidInput("source must be a non-empty string naming who submits the work")
+        self._source = source
+        self._trigger = trigger
+        self._dedup_key: str | None = None
+        self._params: dict[str, Any] = {}
+        self._priority = 0
+        self._parent_id: UUID | None = None
+        self._replay_of: UUID | None = None
+        self._max_attempts = 3
+
+    def _copy(self, **changes: Any) -> NewWorkItem:
+        new = object.__new__(NewWorkItem)
+        for slot in NewWorkItem.__slots__:
+            object.__setattr__(new, slot, changes.get(slot, getattr(self, slot)))
+        return new
+
+    def dedup_key(self, key: str) -> NewWorkItem:
+        if not isinstance(key, str) or not key or len(key) > 512:
+            raise InvalidInput(f"dedup key {key!r} must be a non-empty string of at most 512 chars")
+        return self._copy(_dedup_key=key)
+
+    def params(self, params: Mapping[str, Any]) -> NewWorkItem:
+        if not isinstance(params, Mapping):
+            raise InvalidInput(
+                f"params must be a JSON object, got {type(params).__name__}: {params!r:.80}"
+            )
+        _check_finite(dict(params), "params")
+        dump_json(dict(params), "params")
+        return self._copy(_params=dict(params))
+
+    def priority(self, priority: int) -> NewWorkItem:
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _INT32:
+            raise InvalidInput(f"priority must be an integer (higher runs first), got {priority!r}")
+        return self._copy(_priority=priority)
+
+    def parent(self, parent_id: UUID | str) -> NewWorkItem:
+        return self._copy(_parent_id=_as_uuid(parent_id, "parent id"))
+
+    def replay_of(self, work_id: UUID | str) -> NewWorkItem:
+        return self._copy(_replay_of=_as_uuid(work_id, "replayed id"))
+
+    def max_attempts(self, n: int) -> NewWorkItem:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000:
+            raise InvalidInput(f"max_attempts must be an integer from 1 to 1000, got {n!r}")
+        return self._copy(_max_attempts=n)
+
+    def trigger(self, trigger: str) -> NewWorkItem:
+        return self._copy(_trigger=trigger)
+
+    def to_json(self) -> dict[str, Any]:
+        """The submission as the database's ``animus.submit`` reads it."""
+        return {
+            "work_type": self.work_type,
+            "dedup_key": self._dedup_key,
+            "params": self._params,
+            "source": self._source,
+            "trigger": self._trigger,
+            "priority": self._priority,
+            "parent_id": str(self._parent_id) if self._parent_id else None,
+            "replay_of": str(self._replay_of) if self._replay_of else None,
+            "max_attempts": self._max_attempts,
+        }
+
+    def __repr__(self) -> str:
+        return f"NewWorkItem({self.work_type!r}, source={self._source!r}, dedup_key={self._dedup_key!r})"
+
+
+def _as_uuid(value: UUID | str, what: str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise InvalidInput(f"{what} {value!r} is not a work item id (a UUID)") from None
