@@ -1,0 +1,3 @@
+from animus_core.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""``animus work``: submit, list, show, cancel and retry work items."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from animus_core.cli.output import age, print_json, print_table
+from animus_core.cli import open_db
+from animus_core.db import DEFAULT_QUEUE
+from animus_core.errors import InvalidInput
+from animus_core.states import State
+from animus_core.work import Created, NewWorkItem, WorkItem
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    work = sub.add_parser("work", help="submit, list, show, cancel, retry work items")
+    cmds = work.add_subparsers(dest="work_command", metavar="COMMAND", required=True)
+
+    p = cmds.add_parser("submit", help="submit a work item")
+    p.add_argument("work_type", metavar="TYPE")
+    p.add_argument("--param", "-p", action="append", default=[], metavar="K=V",
+                   help="a parameter; V is parsed as JSON when it can be, else kept as text")
+    p.add_argument("--params", metavar="JSON", help="all parameters as one JSON object")
+    p.add_argument("--dedup-key", metavar="K")
+    p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
+    p.add_argument("--source", default="cli", metavar="S", help="who submits (provenance)")
+    p.add_argument("--parent", metavar="ID", help="the parent work item (child work)")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N")
+    p.add_argument("--queue", default=DEFAULT_QUEUE)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=submit)
+
+    p = cmds.add_parser("list", help="list work items, newest first")
+    p.add_argument("--state", action="append", choices=[s.value for s in State])
+    p.add_argument("--type", dest="work_type")
+    p.add_argument("--parent", metavar="ID")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--before", metavar="ID", help="page: items older than this one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=list_)
+
+    p = cmds.add_parser("show", help="show one work item")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=show)
+
+    p = cmds.add_parser("cancel", help="cancel a queued work item")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--reason", default="cancelled from the command line")
+    p.set_defaults(handler=cancel)
+
+    p = cmds.add_parser("retry", help="retry a failed item now, or replay a dead one")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(handler=retry)
+
+
+def parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if raw is not None:
+        try:
+            params = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(params, dict):
+            raise InvalidInput(f"--params must be a JSON object, got {type(params).__name__}")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--param {pair!r} must look like key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+async def submit(args: argparse.Namespace) -> int:
+    new = (
+        NewWorkItem(args.work_type, source=args.source)
+        .params(parse_params(args.param, args.params))
+        .priority(args.priority)
+        .max_attempts(args.max_attempts)
+    )
+    if args.dedup_key:
+        new = new.dedup_key(args.dedup_key)
+    if args.parent:
+        new = new.parent(args.parent)
+    async with await open_db() as db:
+        if args.parent:
+            await db.get_work_item(args.parent)
+        result = await db.submit_work(new, queue=args.queue)
+    if args.json:
+        print_json(result)
+    elif isinstance(result, Created):
+        print(f"created {result.id}")
+    else:
+        print(f"merged {result.id} into {result.canonical_id}")
+    return 0
+
+
+async def list_(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        items = await db.list_work(
+            state=args.state, work_type=args.work_type, parent_id=args.parent,
+            limit=args.limit, before=args.before,
+        )
+    if args.json:
+        print_json(items)
+        return 0
+    print_table(
+        ["id", "type", "state", "tries", "prio", "created", "reason"],
+        [(i.id, i.work_type, i.state, f"{i.attempts}/{i.max_attempts}", i.priority,
+          age(i.created_at), (i.reason or "")[:60]) for i in items],
+    )
+    return 0
+
+
+def _describe(item: WorkItem) -> None:
+    fields: list[tuple[str, object]] = [
+        ("id", item.id), ("type", item.work_type), ("state", item.state),
+        ("reason", item.reason), ("queue", item.queue), ("priority", item.priority),
+        ("dedup key", item.dedup_key), ("source", item.provenance.source),
+        ("trigger", item.provenance.trigger), ("parent", item.parent_id),
+        ("merged into", item.merged_into), ("replay of", item.replay_of),
+        ("attempts", f"{item.attempts}/{item.max_attempts}"),
+        ("created", item.created_at.isoformat()), ("updated", item.updated_at.isoformat()),
+        ("resolved", item.resolved_at.isoformat() if item.resolved_at else None),
+        ("params", json.dumps(item.params, ensure_ascii=False)),
+    ]
+    if item.outcome.data is not None:
+        fields.append(("outcome", json.dumps(item.outcome.data, ensure_ascii=False)))
+    if item.outcome.error:
+        fields.append(("error", item.outcome.error))
+    if item.outcome.duration_ms is not None:
+        fields.append(("duration", f"{item.outcome.duration_ms} ms"))
+    for name, value in fields:
+        if value is not None:
+            print(f"{name + ':':13}{value}")
+
+
+async def show(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        item = await db.get_work_item(args.id)
+    if args.json:
+        print_json(item)
+    else:
+        _describe(item)
+    return 0
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        item = await db.cancel(args.id, args.reason)
+    print(f"cancelled {item.id}")
+    return 0
+
+
+async def retry(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        item = await db.get_work_item(args.id)
+        if item.state == State.DEAD:
+            result = await db.replay(item.id, source="cli")
+            print(f"replayed {item.id} as {result.id}")
+        else:
+            await db.retry(item.id, reason="retried from the command line")
+            print(f"queued {item.id} for another attempt")
+    return 0

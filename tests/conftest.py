@@ -1,0 +1,101 @@
+"""Tests run against a real Postgres: the embedded server (or DATABASE_URL when set).
+
+One server per session; the schema is migrated once into a template database and every test
+gets a fresh clone of it (CREATE DATABASE ... TEMPLATE), which takes a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from animus_core.config import Settings
+from animus_core.db import Db, resolve_url
+
+TEMPLATE = "animus_test_template"
+_counter = itertools.count()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def animus_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("animus-home")
+
+
+@pytest.fixture(scope="session")
+async def server_url(animus_home: Path) -> str:
+    """A URL on the test server (its database is the one animus would use by default)."""
+    settings = Settings.from_env({**os.environ, "ANIMUS_HOME": str(animus_home)})
+    return await resolve_url(settings)
+
+
+@pytest.fixture(scope="session")
+async def template_url(server_url: str) -> str:
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    finally:
+        await admin.close()
+    url = with_database(server_url, TEMPLATE)
+    db = await Db.connect(url, max_size=1)
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+    return url
+
+
+@pytest.fixture
+async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    name = f"animus_test_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    finally:
+        await admin.close()
+    yield with_database(server_url, name)
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Db]:
+    database = await Db.connect(db_url, max_size=20, actor="test")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def cli_env(db_url: str, animus_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+    env.update(DATABASE_URL=db_url, ANIMUS_HOME=str(animus_home))
+    return env
+
+
+@pytest.fixture
+def animus(cli_env: dict[str, str]) -> Iterator[object]:
+    """Run the real ``animus`` command: ``animus("work", "list")`` -> CompletedProcess."""
+
+    def run(*args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "animus_core", *args],
+            env=cli_env, capture_output=True, text=True, check=check, timeout=timeout, cwd=ROOT,
+        )
+
+    yield run
