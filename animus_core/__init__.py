@@ -12,6 +12,9 @@ from animus_core.errors import (
     MigrationError,
     WorkNotFound,
 )
+from animus_core.faculty import Faculty
+from animus_core.focus import Focus
+from animus_core.plugins import hookimpl
 from animus_core.states import State
 from animus_core.work import (
     Claimed,
@@ -35,6 +38,8 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "Db",
+    "Faculty",
+    "Focus",
     "IllegalTransition",
     "InvalidInput",
     "Lease",
@@ -49,4 +54,5 @@ __all__ = [
     "WorkItem",
     "WorkNotFound",
     "__version__",
+    "hookimpl",
 ]

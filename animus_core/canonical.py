@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["canonical_json", "canonical_hash"]
+__all__ = ["canonical_hash", "canonical_json"]
 
 
 def _number(x: float) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from animus_core.cli.output import print_json, print_table
 from animus_core.cli import open_db
+from animus_core.cli.output import print_json, print_table
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

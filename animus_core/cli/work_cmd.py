@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from animus_core.cli.output import age, print_json, print_table
 from animus_core.cli import open_db
+from animus_core.cli.output import age, print_json, print_table
 from animus_core.db import DEFAULT_QUEUE
 from animus_core.errors import InvalidInput
 from animus_core.states import State
@@ -29,6 +30,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--parent", metavar="ID", help="the parent work item (child work)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N")
     p.add_argument("--queue", default=DEFAULT_QUEUE)
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the item finishes and print its outcome")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=submit)
 
@@ -91,6 +95,20 @@ async def submit(args: argparse.Namespace) -> int:
         if args.parent:
             await db.get_work_item(args.parent)
         result = await db.submit_work(new, queue=args.queue)
+        if args.wait:
+            from animus_core.cli.engine_cmd import wait_for_outcome
+
+            item = await wait_for_outcome(db, result.canonical_id, args.timeout)
+            if args.json:
+                print_json(item)
+            else:
+                _describe(item)
+            if item.state == State.COMPLETED:
+                return 0
+            if not item.state.terminal:
+                print(f"animus: still {item.state} after {args.timeout:g}s "
+                      "(is an engine running? `animus up`)", file=sys.stderr)
+            return 1
     if args.json:
         print_json(result)
     elif isinstance(result, Created):

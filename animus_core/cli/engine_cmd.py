@@ -1,0 +1,233 @@
+"""``animus up`` (``serve``), ``animus status`` and ``animus demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from animus_core.cli import open_db
+from animus_core.cli.output import print_json, print_table
+from animus_core.config import Settings
+from animus_core.db import Db
+from animus_core.engine import Engine, EngineOptions
+from animus_core.errors import ConfigError
+from animus_core.logs import setup_logging
+from animus_core.plugins import Faculties, PluginProblem, collect_faculties, make_plugin_manager
+from animus_core.states import TERMINAL, State
+from animus_core.work import Created, NewWorkItem
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name in ("up", "serve"):
+        p = sub.add_parser(name, help="run the engine until SIGINT/SIGTERM"
+                           + (" (alias of up)" if name == "serve" else ""))
+        _engine_args(p)
+        p.set_defaults(handler=up)
+
+    p = sub.add_parser("status", help="queues, running foci, unroutable work, dead letters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=status)
+
+    p = sub.add_parser("demo", help="start an engine, run each faculty's example, print outcomes")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(handler=demo)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", type=int, default=64, help="foci at once (all faculties)")
+    p.add_argument("--lease", type=int, default=60, help="lease (visibility timeout) seconds")
+    p.add_argument("--poll", type=float, default=10.0, help="fallback poll interval, seconds")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight foci may finish after SIGTERM before release")
+    p.add_argument("--queue", action="append", help="queues to serve (default: work)")
+    p.add_argument("--keep-foci", action="store_true",
+                   help="keep focus directories of failed foci for debugging")
+
+
+async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[PluginProblem]]:
+    pm, problems = make_plugin_manager(settings)
+    faculties, more = await collect_faculties(pm, settings)
+    return pm, faculties, problems + more
+
+
+@contextlib.asynccontextmanager
+async def running_engine(db: Db, settings: Settings, options: EngineOptions
+                         ) -> AsyncIterator[Engine]:
+    pm, faculties, problems = await load_faculties(settings)
+    engine = Engine(db, pm, faculties, settings, options)
+    task = asyncio.create_task(engine.run())
+    started = asyncio.create_task(engine.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        await task
+
+
+async def up(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    db = await Db.connect(settings=settings, max_size=10,
+                          actor=f"engine@{socket.gethostname()}:{os.getpid()}")
+    try:
+        await db.migrate()
+        for q in args.queue or ():
+            await db.create_queue(q)
+        pm, faculties, problems = await load_faculties(settings)
+        for problem in problems:
+            print(f"animus: plugin problem: {problem.plugin}: {problem.error}")
+        if not len(faculties):
+            print(f"animus: no faculties: add TOML files to {settings.faculties_dir}/ or "
+                  "install a faculty package; work stays queued until then")
+        engine = Engine(db, pm, faculties, settings, EngineOptions(
+            concurrency=args.concurrency, lease_seconds=args.lease, poll_interval=args.poll,
+            grace=args.grace, queues=tuple(args.queue or ("work",)), keep_foci=args.keep_foci))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.stop)
+        await engine.run()
+    finally:
+        await db.close()
+    return 0
+
+
+async def status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    _, faculties, problems = await load_faculties(settings)
+    db = await open_db()
+    try:
+        async with db.connection() as conn:
+            queues = await conn.fetch(
+                "SELECT queue_name, queue_length, oldest_msg_age_sec FROM pgmq.metrics_all()")
+            counts = await conn.fetch(
+                """SELECT work_type, state::text, count(*) AS n FROM animus.work_items
+                    WHERE state NOT IN ('completed', 'merged', 'cancelled')
+                    GROUP BY 1, 2 ORDER BY 1, 2""")
+            dead = await conn.fetch(
+                """SELECT id, work_type, reason, resolved_at FROM animus.work_items
+                    WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST LIMIT 5""")
+            schedules = await _schedules(conn)
+    finally:
+        await db.close()
+    by_state: dict[str, dict[str, int]] = {}
+    for r in counts:
+        by_state.setdefault(r["work_type"], {})[r["state"]] = r["n"]
+    running = {f.name: sum(by_state.get(t, {}).get("running", 0) for t in f.accepts)
+               for f in faculties}
+    unroutable = sorted(t for t, s in by_state.items()
+                        if s.get("queued") and t not in faculties.by_type)
+    report = {
+        "queues": [{"queue": r["queue_name"], "depth": r["queue_length"],
+                    "oldest_seconds": r["oldest_msg_age_sec"]} for r in queues],
+        "faculties": [{"name": f.name, "accepts": list(f.accepts), "running": running[f.name],
+                       "max_concurrent": f.max_concurrent, "origin": f.origin}
+                      for f in faculties],
+        "work": by_state,
+        "unroutable": {t: by_state[t]["queued"] for t in unroutable},
+        "dead_letters": {"total": sum(s.get("dead", 0) for s in by_state.values()),
+                         "latest": [{"id": str(r["id"]), "work_type": r["work_type"],
+                                     "reason": r["reason"]} for r in dead]},
+        "schedules": schedules,
+        "plugin_problems": [{"plugin": p.plugin, "error": p.error} for p in problems],
+    }
+    if args.json:
+        print_json(report)
+        return 0
+    print("queues")
+    print_table(["queue", "depth", "oldest"], [(q["queue"], q["depth"],
+                f"{q['oldest_seconds']}s" if q["oldest_seconds"] is not None else "")
+                for q in report["queues"]])
+    print("\nfaculties")
+    print_table(["faculty", "accepts", "running", "limit"],
+                [(f.name, ",".join(f.accepts), running[f.name], f.max_concurrent)
+                 for f in faculties])
+    if unroutable:
+        print("\nunroutable (no faculty accepts these; they stay queued)")
+        print_table(["work type", "queued"], [(t, by_state[t]["queued"]) for t in unroutable])
+    if schedules:
+        print("\nschedules")
+        print_table(["schedule", "last tick", "work type"],
+                    [(s["name"], s["last_tick"], s["work_type"]) for s in schedules])
+    total_dead = report["dead_letters"]["total"]  # type: ignore[index]
+    print(f"\ndead letters: {total_dead}")
+    for r in dead:
+        print(f"  {r['id']}  {r['work_type']}  {(r['reason'] or '')[:90]}")
+    for p in problems:
+        print(f"\nplugin problem: {p.plugin}: {p.error}")
+    return 0
+
+
+async def _schedules(conn: Any) -> list[dict[str, Any]]:
+    exists = await conn.fetchval("SELECT to_regclass('animus.schedule_ticks') IS NOT NULL")
+    if not exists:
+        return []
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
+            ORDER BY name, tick DESC""")
+    out = []
+    for r in rows:
+        wt = await conn.fetchval("SELECT work_type FROM animus.work_items WHERE id = $1",
+                                 r["work_id"])
+        out.append({"name": r["name"], "last_tick": r["tick"].isoformat(), "work_type": wt})
+    return out
+
+
+async def wait_for_outcome(db: Db, work_id: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        item = await db.get_work_item(work_id)
+        if item.state in TERMINAL:
+            return item
+        if time.monotonic() > deadline:
+            return item
+        await asyncio.sleep(0.1)
+
+
+async def demo(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    setup_logging("warning" if settings.log_level == "info" else settings.log_level)
+    db = await open_db(max_size=10)
+    try:
+        async with running_engine(db, settings, EngineOptions(poll_interval=2.0)) as engine:
+            examples = [f for f in engine.faculties if f.example is not None]
+            if not examples:
+                raise ConfigError(
+                    f"no faculty has an example to run: add TOML faculties to "
+                    f"{settings.faculties_dir}/ or install plugins/animus-faculty-summarize")
+            print(f"engine running with {len(engine.faculties)} faculties: "
+                  + ", ".join(f"{f.name} ({f.origin})" for f in engine.faculties))
+            submitted = []
+            for fac in examples:
+                res = await db.submit_work(
+                    NewWorkItem(fac.accepts[0], source=f"demo:{getpass.getuser()}")
+                    .params(fac.example or {}))
+                assert isinstance(res, Created)
+                print(f"submitted {fac.accepts[0]} -> {fac.name}: {res.id}")
+                submitted.append((fac, res.id))
+            ok = True
+            for fac, wid in submitted:
+                item = await wait_for_outcome(db, wid, args.timeout)
+                ok &= item.state == State.COMPLETED
+                print(f"\n{fac.name}: {item.state} in {item.outcome.duration_ms} ms "
+                      f"(attempt {item.attempts})")
+                if item.outcome.data is not None:
+                    print_json(item.outcome.data)
+                if item.state != State.COMPLETED:
+                    print(f"reason: {item.reason}")
+        result = await db.verify_audit()
+        print(f"\naudit chain: {'intact' if result.ok else 'BROKEN'} ({result.checked} rows)")
+    finally:
+        await db.close()
+    return 0 if ok else 1

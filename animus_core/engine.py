@@ -1,0 +1,449 @@
+"""The control plane: wake on NOTIFY, claim up to free capacity, run foci, retire work.
+
+One asyncio task per concern:
+
+* the **listener** holds a dedicated connection on ``LISTEN animus_work`` and reconnects by
+  itself; each notification marks the faculties that accept its work types as *dirty*;
+* the **scheduler** loop claims for dirty faculties, as many items as each has free slots
+  (``max_concurrent``, the global ``concurrency`` and an optional rate limit), and starts a
+  focus task per item. A faculty whose last claim came back short is clean until the next
+  notification, retry timer or the slow fallback poll, so an idle engine sends almost no
+  queries;
+* **foci** run orient -> engage -> consolidate, or recover and retry with backoff, or
+  dead-letter;
+* the **lease keeper** extends the leases of running foci, so a long focus never runs twice;
+* the **completer** batches completions into one round trip;
+* the **sealer** chains new audit rows shortly after they commit.
+
+Several engines on one database cooperate through it alone: claims skip locked rows, and a
+lease that runs out makes the item claimable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import pluggy
+
+from animus_core.config import Settings
+from animus_core.db import DEFAULT_QUEUE, Db
+from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
+from animus_core.faculty import Faculty
+from animus_core.focus import Focus
+from animus_core.plugins import Faculties, await_me_maybe
+from animus_core.work import Claimed, Lease, WorkNotification
+
+__all__ = ["Engine", "EngineOptions"]
+
+_log = logging.getLogger("animus.engine")
+CHANNEL = "animus_work"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    concurrency: int = 64
+    lease_seconds: int = 60
+    poll_interval: float = 10.0
+    grace: float = 30.0
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+    keep_foci: bool = False
+    seal_interval: float = 1.0
+
+
+@dataclass
+class _Slot:
+    faculty: Faculty
+    running: int = 0
+    dirty: bool = True
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+    def take_tokens(self, want: int) -> int:
+        rate = self.faculty.rate_limit
+        if not rate:
+            return want
+        now = time.monotonic()
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        allowed = min(want, int(self.tokens))
+        self.tokens -= allowed
+        return allowed
+
+    def seconds_to_token(self) -> float:
+        rate = self.faculty.rate_limit or 1.0
+        return max(0.01, (1 - self.tokens) / rate)
+
+
+@dataclass
+class _InFlight:
+    claimed: Claimed
+    task: asyncio.Task[None]
+    slot: _Slot
+
+
+class Engine:
+    """Runs faculties against the work in one database until asked to stop."""
+
+    def __init__(self, db: Db, pm: pluggy.PluginManager, faculties: Faculties,
+                 settings: Settings, options: EngineOptions | None = None) -> None:
+        self.db = db
+        self.pm = pm
+        self.faculties = faculties
+        self.settings = settings
+        self.options = options or EngineOptions()
+        self.slots = {f.name: _Slot(f) for f in faculties}
+        self.inflight: dict[UUID, _InFlight] = {}
+        self.unroutable: dict[str, float] = {}
+        self.started = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._completions: list[tuple[Lease, Any, int | None]] = []
+        self._completions_ready = asyncio.Event()
+        self._activity = False
+        self.foci_root = settings.home / "foci"
+        self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
+        self.listener_connected = asyncio.Event()
+
+    # -- running -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the engine to drain and return from :meth:`run`."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        for impl in self.pm.hook.startup.get_hookimpls():
+            await await_me_maybe(impl.function(engine=self))
+        await self._report_unroutable_backlog()
+        helpers = [
+            asyncio.create_task(self._listen(), name="animus-listener"),
+            asyncio.create_task(self._keep_leases(), name="animus-leases"),
+            asyncio.create_task(self._complete_loop(), name="animus-completer"),
+            asyncio.create_task(self._seal_loop(), name="animus-sealer"),
+        ]
+        self.started.set()
+        _log.info("engine started: %d faculties, concurrency %d, queues %s",
+                  len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
+        try:
+            await self._schedule_loop()
+        finally:
+            await self._drain()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await self._flush_completions()
+            with contextlib.suppress(AnimusError):
+                await self.db.seal_audit()
+            for impl in self.pm.hook.shutdown.get_hookimpls():
+                try:
+                    await await_me_maybe(impl.function(engine=self))
+                except Exception:
+                    _log.exception("shutdown hook of %s failed", impl.plugin_name)
+            _log.info("engine stopped")
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _mark_dirty(self, work_types: Iterable[str] | None = None) -> None:
+        if work_types is None:
+            for slot in self.slots.values():
+                slot.dirty = True
+        else:
+            for t in work_types:
+                fac = self.faculties.by_type.get(t)
+                if fac is None:
+                    self._note_unroutable(t)
+                else:
+                    self.slots[fac.name].dirty = True
+        self._wake.set()
+
+    def _note_unroutable(self, work_type: str) -> None:
+        now = time.monotonic()
+        if now - self.unroutable.get(work_type, -1e9) > 300:
+            _log.warning("work type %r has no faculty: its items stay queued until a faculty "
+                         "that accepts it is installed", work_type)
+        self.unroutable[work_type] = now
+
+    def _wake_later(self, delay: float, slot: _Slot) -> None:
+        def fire() -> None:
+            slot.dirty = True
+            self._wake.set()
+
+        asyncio.get_running_loop().call_later(delay, fire)
+
+    async def _schedule_loop(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.options.poll_interval)
+            if self._stopping.is_set():
+                break
+            if not self._wake.is_set():  # the slow fallback poll
+                self._mark_dirty()
+            self._wake.clear()
+            try:
+                await self._fill()
+                backoff = 0.5
+            except DatabaseUnavailable as e:
+                _log.warning("claim failed, retrying in %.1fs: %s", backoff, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._mark_dirty()
+
+    async def _fill(self) -> None:
+        total_free = self.options.concurrency - len(self.inflight)
+        for slot in self.slots.values():
+            if not slot.dirty or total_free <= 0:
+                continue
+            free = min(slot.faculty.max_concurrent - slot.running, total_free)
+            if free <= 0:
+                continue  # stays dirty: a finishing focus will wake the loop
+            allowed = slot.take_tokens(free)
+            if allowed <= 0:
+                self._wake_later(slot.seconds_to_token(), slot)
+                continue
+            got = 0
+            for queue in self.options.queues:
+                claimed = await self.db.claim(
+                    queue, limit=allowed - got, lease_seconds=self.options.lease_seconds,
+                    work_types=slot.faculty.accepts, start=True,
+                )
+                for c in claimed:
+                    self._start_focus(slot, c)
+                got += len(claimed)
+                if got >= allowed:
+                    break
+            if slot.faculty.rate_limit and got < allowed:
+                slot.tokens += allowed - got
+            total_free -= got
+            # A short claim means nothing more is visible for this faculty right now.
+            slot.dirty = got >= free
+            if got:
+                self._activity = True
+
+    def _start_focus(self, slot: _Slot, claimed: Claimed) -> None:
+        slot.running += 1
+        task = asyncio.create_task(self._focus(slot, claimed), name=f"focus-{claimed.item.id}")
+        self.inflight[claimed.item.id] = _InFlight(claimed, task, slot)
+
+    def _finished(self, slot: _Slot, work_id: UUID) -> None:
+        if self.inflight.pop(work_id, None) is not None:
+            slot.running -= 1
+            if slot.dirty:  # its backlog was not drained: use the freed slot
+                self._wake.set()
+
+    # -- foci ------------------------------------------------------------------------------
+
+    async def _call(self, fac: Faculty, phase: str, focus: Focus, **kwargs: Any) -> Any:
+        method = getattr(fac, phase)
+        timeout = fac.timeout
+        if asyncio.iscoroutinefunction(method):
+            return await asyncio.wait_for(method(focus, **kwargs), timeout)
+        return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
+
+    async def _focus(self, slot: _Slot, claimed: Claimed) -> None:
+        fac, item, lease = slot.faculty, claimed.item, claimed.lease
+        focus = Focus(item, self.db, attempt=item.attempts, log=_log, root=self.foci_root,
+                      hook_env=self.hook_env)
+        started = time.perf_counter()
+        phase, failed = "orient", False
+        try:
+            try:
+                oriented = await self._call(fac, "orient", focus)
+                phase = "engage"
+                engaged = await self._call(fac, "engage", focus, oriented=oriented)
+                phase = "consolidate"
+                outcome = await self._call(fac, "consolidate", focus, engaged=engaged)
+                json.dumps(outcome, allow_nan=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failed = True
+                ms = int((time.perf_counter() - started) * 1000)
+                await self._failed(fac, focus, lease, _describe(e, phase, fac), phase, ms)
+            else:
+                ms = int((time.perf_counter() - started) * 1000)
+                self._completions.append((lease, outcome, ms))
+                self._completions_ready.set()
+        finally:
+            kept = focus.cleanup(keep=failed and (self.options.keep_foci
+                                                  or getattr(fac, "keep_failed", False)))
+            if kept:
+                _log.info("kept focus directory of failed %s: %s", item.id, kept)
+            self._finished(slot, item.id)
+
+    async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
+                      phase: str, ms: int) -> None:
+        note = ""
+        verdict: bool | None = None
+        try:
+            verdict = await self._call(fac, "recover", focus, error=error, phase=phase)
+        except Exception as e:
+            note = f" (recover failed too: {_describe(e, 'recover', fac)})"
+        reason = f"{phase} failed: {error}{note}"
+        _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
+        try:
+            item = await self.db.fail(lease, reason, duration_ms=ms)
+            limit = fac.max_attempts or item.max_attempts
+            if verdict is False:
+                await self.db.dead_letter(item.id, f"recover chose to dead-letter: {reason}")
+            elif item.attempts >= limit:
+                await self.db.dead_letter(
+                    item.id, f"attempts exhausted ({item.attempts}/{limit}): {reason}")
+            else:
+                delay = min(fac.retry_max, fac.retry_base * 2 ** (item.attempts - 1))
+                delay *= random.uniform(0.5, 1.5)
+                await self.db.retry(item.id, delay=delay, reason=(
+                    f"retry {item.attempts + 1}/{limit} in {delay:.1f}s after {reason}"))
+                self._wake_later(delay + 0.05, self.slots[fac.name])
+        except LeaseLost as e:
+            _log.warning("%s", e)
+        except AnimusError as e:
+            _log.error("could not record the failure of %s (its lease will expire and it "
+                       "will be retried): %s", lease.work_id, e)
+        self._activity = True
+
+    # -- completions, leases, sealing -----------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._completions_ready.wait()
+            self._completions_ready.clear()
+            await self._flush_completions()
+
+    async def _flush_completions(self) -> None:
+        while self._completions:
+            batch, self._completions = self._completions, []
+            try:
+                await self.db.complete_many(batch)
+            except (LeaseLost, AnimusError) as e:
+                if isinstance(e, DatabaseUnavailable):
+                    _log.warning("completing %d items failed, retrying: %s", len(batch), e)
+                    await asyncio.sleep(1.0)
+                    self._completions = batch + self._completions
+                    if self._stopping.is_set():
+                        return
+                    continue
+                for one in batch:  # find the one that cannot complete; keep the others
+                    try:
+                        await self.db.complete_many([one])
+                    except AnimusError as e1:
+                        _log.warning("could not complete %s: %s", one[0].work_id, e1)
+            self._activity = True
+
+    async def _keep_leases(self) -> None:
+        every = max(1.0, self.options.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(every)
+            leases = [f.claimed.lease for f in self.inflight.values()]
+            if leases:
+                try:
+                    await self.db.extend_lease(leases, self.options.lease_seconds)
+                except AnimusError as e:
+                    _log.warning("could not extend %d leases: %s", len(leases), e)
+
+    async def _seal_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.seal_interval)
+            if self._activity:
+                self._activity = False
+                try:
+                    await self.db.seal_audit()
+                except AnimusError as e:
+                    _log.warning("audit sealing failed (will retry): %s", e)
+                    self._activity = True
+
+    # -- listening -----------------------------------------------------------------------------
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            note = WorkNotification(**json.loads(payload))
+        except (ValueError, TypeError):
+            _log.warning("ignoring a malformed %s notification: %.200s", CHANNEL, payload)
+            self._mark_dirty()
+            return
+        if note.queue in self.options.queues:
+            self._mark_dirty(note.work_types)
+
+    async def _listen(self) -> None:
+        backoff = 0.2
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    self.db.url, server_settings={"application_name": "animus-listener"})
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.listener_connected.set()
+                if backoff > 0.2:
+                    _log.info("listener reconnected")
+                backoff = 0.2
+                self._mark_dirty()  # catch up on anything sent while not listening
+                await lost.wait()
+                _log.warning("listener connection lost; reconnecting")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
+            finally:
+                self.listener_connected.clear()
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            self._mark_dirty()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        _log.info("draining: waiting up to %.0fs for %d foci", self.options.grace,
+                  len(self.inflight))
+        tasks = [f.task for f in self.inflight.values()]
+        _done, pending = await asyncio.wait(tasks, timeout=self.options.grace)
+        if not pending:
+            return
+        leftovers = [f for f in self.inflight.values() if f.task in pending]
+        for f in leftovers:
+            f.task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for f in leftovers:
+            try:
+                await self.db.release(f.claimed.lease, "released at shutdown (grace period over)")
+            except AnimusError as e:
+                _log.warning("could not release %s (its lease will expire): %s",
+                             f.claimed.item.id, e)
+            self._finished(f.slot, f.claimed.item.id)
+
+    async def _report_unroutable_backlog(self) -> None:
+        accepted = list(self.faculties.by_type)
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT work_type, count(*) FROM animus.work_items
+                    WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
+                    GROUP BY work_type""", accepted)
+        for r in rows:
+            self._note_unroutable(r["work_type"])
+
+
+def _describe(e: BaseException, phase: str, fac: Faculty) -> str:
+    if isinstance(e, TimeoutError):
+        return f"timed out after {fac.timeout:g}s"
+    if isinstance(e, (TypeError, ValueError)) and phase == "consolidate":
+        return f"outcome is not JSON: {e}"
+    text = str(e).strip()
+    name = type(e).__name__
+    if name == "HookFailed":
+        return text
+    return f"{name}: {text}" if text else name
+

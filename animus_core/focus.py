@@ -1,0 +1,66 @@
+"""A focus: one activation of a faculty on one work item, as the faculty sees it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from animus_core.work import NewWorkItem, SubmitResult, WorkItem
+
+if TYPE_CHECKING:
+    from animus_core.db import Db
+
+__all__ = ["Focus"]
+
+
+class Focus:
+    """What a faculty phase receives: the work item, its attempt, a place to work, and
+    ways to act (submit child work).
+
+    ``directory`` is a fresh private directory for this focus (the command hook contract's
+    focus directory), made on first use and removed when the focus ends, unless kept for
+    debugging after a failure.
+    """
+
+    def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
+                 root: Path, traceparent: str | None = None,
+                 hook_env: dict[str, str] | None = None) -> None:
+        self.work = work
+        self.attempt = attempt
+        self.log = log
+        self.traceparent = traceparent
+        self.hook_env = hook_env or {}
+        self._db = db
+        self._root = root
+        self._directory: Path | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.work.params
+
+    @property
+    def directory(self) -> Path:
+        if self._directory is None:
+            self._root.mkdir(parents=True, exist_ok=True)
+            self._directory = Path(tempfile.mkdtemp(
+                prefix=f"{self.work.work_type}-{self.work.id}-{self.attempt}-", dir=self._root))
+        return self._directory
+
+    def cleanup(self, *, keep: bool) -> Path | None:
+        """Remove the directory (if one was made); return it instead when ``keep``."""
+        if self._directory is None:
+            return None
+        if keep:
+            return self._directory
+        shutil.rmtree(self._directory, ignore_errors=True)
+        return None
+
+    async def submit(self, item: NewWorkItem) -> SubmitResult:
+        """Submit child work: ``item`` with this focus's work item as its parent."""
+        return await self._db.submit_work(item.parent(self.work.id), queue=self.work.queue)
+
+    def __repr__(self) -> str:
+        return f"<Focus {self.work.work_type} {self.work.id} attempt {self.attempt}>"

@@ -1,0 +1,299 @@
+"""Built-in plugin: faculties declared in TOML files whose phases are shell commands.
+
+The file format is the first seed's (ARCHITECTURE 3.3), extended with optional fields; the
+hook contract is ARCHITECTURE 3.4. Files are decoded strictly: an unknown field, a wrong
+type, a missing or non-executable command is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from animus_core.config import Settings
+from animus_core.errors import ConfigError
+from animus_core.faculty import Faculty
+from animus_core.focus import Focus
+from animus_core.plugins import hookimpl
+
+__all__ = [
+    "CommandFaculty",
+    "FacultyFile",
+    "HookFailed",
+    "PhaseSpec",
+    "ScheduleSpec",
+    "load_dir",
+    "load_file",
+]
+
+#: Variables every hook gets (ARCHITECTURE 3.4), plus what lets ``animus`` run inside a hook.
+CONTRACT_ENV = ("ANIMUS_FOCUS_DIR", "ANIMUS_WORK_TYPE", "ANIMUS_WORK_ID", "ANIMUS_PHASE",
+                "ANIMUS_ATTEMPT", "TRACEPARENT", "DATABASE_URL", "ANIMUS_HOME")
+#: Passed through from the engine's environment so that ordinary scripts work.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+STDERR_TAIL = 2000
+
+
+class PhaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    command: str
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+
+class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    work_type: str
+    every: str | None = None
+    cron: str | None = None
+    params: dict[str, Any] = {}
+    name: str | None = None
+    priority: int = 0
+
+
+class FacultySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    accepts: list[str]
+    max_concurrent: int = 1
+    max_attempts: int | None = None
+    timeout: float = 300.0
+    rate_limit: float | None = None
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    env: list[str] = []
+    keep_failed: bool = False
+    description: str = ""
+    example: dict[str, Any] | None = None
+    orient: PhaseSpec | None = None
+    engage: PhaseSpec | None = None
+    consolidate: PhaseSpec | None = None
+    recover: PhaseSpec | None = None
+    schedule: list[ScheduleSpec] = []
+
+
+class FacultyFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    faculty: FacultySpec
+
+
+class HookFailed(Exception):
+    """A command hook failed: non-zero exit, timeout, or unreadable output."""
+
+
+def _where(path: Path, field: str) -> str:
+    return f"{path}: {field}"
+
+
+def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
+    """Decode and check one faculty file."""
+    cwd = cwd or Path.cwd()
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        spec = msgspec.convert(raw, FacultyFile).faculty
+    except msgspec.ValidationError as e:
+        msg = str(e).replace("`$.", "`")
+        raise ConfigError(f"{path}: {msg}") from None
+    if not spec.accepts:
+        raise ConfigError(_where(path, "faculty.accepts is empty: list the work types it takes"))
+    if spec.max_concurrent < 1:
+        raise ConfigError(_where(path, "faculty.max_concurrent must be at least 1"))
+    if spec.engage is None:
+        raise ConfigError(_where(path, "faculty.engage is missing: a faculty needs an engage hook"))
+    commands: dict[str, list[str]] = {}
+    for phase in ("orient", "engage", "consolidate", "recover"):
+        ps: PhaseSpec | None = getattr(spec, phase)
+        if ps is not None:
+            commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
+    for name in spec.env:
+        if not name or "=" in name:
+            raise ConfigError(_where(path, f"faculty.env: {name!r} is not a variable name"))
+    for i, sched in enumerate(spec.schedule):
+        if (sched.every is None) == (sched.cron is None):
+            raise ConfigError(_where(path, f"faculty.schedule[{i}]: give exactly one of every, cron"))
+    return CommandFaculty(spec, commands, path)
+
+
+def _resolve_command(path: Path, field: str, command: str, cwd: Path) -> list[str]:
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise ConfigError(_where(path, f"{field}: cannot parse {command!r}: {e}")) from None
+    if not argv:
+        raise ConfigError(_where(path, f"{field} is empty"))
+    exe = argv[0]
+    if "/" not in exe:
+        found = shutil.which(exe)
+        if found is None:
+            raise ConfigError(_where(path, f"{field}: {exe!r} is not on PATH"))
+        return [found, *argv[1:]]
+    full = Path(exe) if os.path.isabs(exe) else cwd / exe
+    if not full.exists():
+        raise ConfigError(_where(
+            path, f"{field}: {full} does not exist (relative commands resolve against the "
+                  f"directory the engine was started in, {cwd})"))
+    if not full.is_file() or not os.access(full, os.X_OK):
+        raise ConfigError(_where(path, f"{field}: {full} is not executable (chmod +x {full})"))
+    return [str(full), *argv[1:]]
+
+
+def load_dir(directory: Path, *, cwd: Path | None = None) -> tuple[list[CommandFaculty], list[str]]:
+    """Every ``*.toml`` in ``directory``: the faculties that loaded and the errors of the rest."""
+    faculties, errors = [], []
+    if not directory.is_dir():
+        return [], []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            faculties.append(load_file(path, cwd=cwd))
+        except ConfigError as e:
+            errors.append(str(e))
+    return faculties, errors
+
+
+class CommandFaculty(Faculty):
+    """A faculty whose phases are executables (the command hook contract)."""
+
+    def __init__(self, spec: FacultySpec, commands: dict[str, list[str]], path: Path) -> None:
+        self.spec = spec
+        self.commands = commands
+        self.path = path
+        self.origin = str(path)
+        # Per-instance values shadow the class defaults of Faculty.
+        self.name = spec.name  # type: ignore[misc]
+        self.accepts = tuple(spec.accepts)  # type: ignore[misc]
+        self.max_concurrent = spec.max_concurrent  # type: ignore[misc]
+        recover_attempts = spec.recover.max_attempts if spec.recover else None
+        self.max_attempts = spec.max_attempts or recover_attempts  # type: ignore[misc]
+        self.timeout = spec.timeout  # type: ignore[misc]
+        self.rate_limit = spec.rate_limit  # type: ignore[misc]
+        self.retry_base = spec.retry_base  # type: ignore[misc]
+        self.retry_max = spec.retry_max  # type: ignore[misc]
+        self.keep_failed = spec.keep_failed
+        self.example = spec.example  # type: ignore[misc]
+
+    def describe(self) -> str:
+        return self.spec.description or f"commands from {self.path.name}"
+
+    # -- phases --------------------------------------------------------------------------
+
+    async def orient(self, focus: Focus) -> Any:  # type: ignore[override]
+        self._prepare(focus)
+        await self._run("orient", focus)
+        return self._read_out(focus, "orient")
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:  # type: ignore[override]
+        self._prepare(focus)
+        await self._run("engage", focus)
+        return self._read_out(focus, "engage")
+
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:  # type: ignore[override]
+        await self._run("consolidate", focus)
+        return self._read_out(focus, "consolidate")
+
+    async def recover(self, focus: Focus, error: str, phase: str) -> bool | None:  # type: ignore[override]
+        if "recover" not in self.commands:
+            return None
+        self._prepare(focus)
+        try:
+            await self._run("recover", focus, extra={"ANIMUS_ERROR": error[:4000],
+                                                     "ANIMUS_FAILED_PHASE": phase})
+        except HookFailed:
+            return False
+        return True
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def _prepare(self, focus: Focus) -> None:
+        work_json = focus.directory / "work.json"
+        if not work_json.exists():
+            work_json.write_bytes(msgspec.json.encode(focus.work))
+
+    def _env(self, focus: Focus, phase: str, extra: dict[str, str] | None) -> dict[str, str]:
+        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", os.defpath)
+        for name in self.spec.env:
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(
+            ANIMUS_FOCUS_DIR=str(focus.directory),
+            ANIMUS_WORK_TYPE=focus.work.work_type,
+            ANIMUS_WORK_ID=str(focus.work.id),
+            ANIMUS_PHASE=phase,
+            ANIMUS_ATTEMPT=str(focus.attempt),
+        )
+        env.update(focus.hook_env)
+        if focus.traceparent:
+            env["TRACEPARENT"] = focus.traceparent
+        if extra:
+            env.update(extra)
+        return env
+
+    async def _run(self, phase: str, focus: Focus, extra: dict[str, str] | None = None) -> None:
+        argv = self.commands.get(phase)
+        if argv is None:
+            return
+        ps: PhaseSpec | None = getattr(self.spec, phase)
+        timeout = (ps.timeout if ps and ps.timeout else None) or self.spec.timeout
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=focus.directory, env=self._env(focus, phase, extra),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as e:
+            raise HookFailed(f"{phase} hook {argv[0]} could not start: {e.strerror}") from None
+        try:
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            _kill_group(proc)
+            await proc.wait()
+            raise HookFailed(f"{phase} hook {argv[0]} timed out after {timeout:g}s") from None
+        except asyncio.CancelledError:
+            _kill_group(proc)
+            raise
+        if stdout:
+            focus.log.debug("%s stdout: %s", phase, stdout[-STDERR_TAIL:].decode(errors="replace"))
+        if proc.returncode != 0:
+            tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()
+            status = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+                      else f"exited with status {proc.returncode}")
+            raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))
+
+    def _read_out(self, focus: Focus, phase: str) -> Any:
+        out = focus.directory / f"{phase}-out.json"
+        if not out.exists():
+            return None
+        try:
+            return json.loads(out.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HookFailed(f"{phase} hook wrote unreadable output: {out.name} is not JSON: {e}") \
+                from None
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@hookimpl
+def register_faculties(register: Callable[[Faculty], None], settings: Settings) -> None:
+    """Register every valid file in ``settings.faculties_dir``; report the others."""
+    faculties, errors = load_dir(settings.faculties_dir)
+    for faculty in faculties:
+        register(faculty)
+    if errors:
+        raise ConfigError("\n".join(errors))

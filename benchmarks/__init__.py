@@ -1,0 +1,1 @@
+"""Benchmarks of animus; how to run them is in ``benchmarks/README.md``."""

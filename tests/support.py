@@ -1,0 +1,48 @@
+"""Small helpers shared by the data-plane tests: raw superuser connections and row counts.
+
+Raw connections (plain asyncpg, no animus codecs) stand for "someone with psql": they see
+the database exactly as it is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+
+@contextlib.asynccontextmanager
+async def raw(db_url: str) -> AsyncIterator[Any]:
+    """A plain asyncpg connection as the superuser the tests run as."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+# Everything a write could leave behind, by table.
+COUNTED = {
+    "items": "SELECT count(*) FROM animus.work_items",
+    "messages": "SELECT count(*) FROM pgmq.q_work",
+    "archived": "SELECT count(*) FROM pgmq.a_work",
+    "audit": "SELECT count(*) FROM animus.audit_log",
+    "unsealed": "SELECT count(*) FROM animus.audit_unsealed",
+}
+
+
+async def counts(db_url: str) -> dict[str, int]:
+    """Row counts of work items, queue messages (live and archived) and audit rows."""
+    async with raw(db_url) as conn:
+        return {name: await conn.fetchval(sql) for name, sql in COUNTED.items()}
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's error output must be one line starting ``animus: error:``, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    assert lines[0].startswith("animus: error:"), stderr
+    return lines[0]
