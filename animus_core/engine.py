@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -41,7 +42,8 @@ from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.plugins import Faculties, await_me_maybe
-from animus_core.work import Claimed, Lease, WorkNotification
+from animus_core.schedules import Schedule
+from animus_core.work import Claimed, Lease, NewWorkItem, WorkNotification
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -130,6 +132,8 @@ class Engine:
             asyncio.create_task(self._keep_leases(), name="animus-leases"),
             asyncio.create_task(self._complete_loop(), name="animus-completer"),
             asyncio.create_task(self._seal_loop(), name="animus-sealer"),
+            *[asyncio.create_task(self._tick(s), name=f"schedule-{s.name}")
+              for f in self.faculties for s in f.schedules],
         ]
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
@@ -243,8 +247,8 @@ class Engine:
 
     # -- foci ------------------------------------------------------------------------------
 
-    async def _call(self, fac: Faculty, phase: str, focus: Focus, **kwargs: Any) -> Any:
-        method = getattr(fac, phase)
+    async def _call(self, fac: Faculty, hook: str, focus: Focus, /, **kwargs: Any) -> Any:
+        method = getattr(fac, hook)
         timeout = fac.timeout
         if asyncio.iscoroutinefunction(method):
             return await asyncio.wait_for(method(focus, **kwargs), timeout)
@@ -362,6 +366,23 @@ class Engine:
                     _log.warning("audit sealing failed (will retry): %s", e)
                     self._activity = True
 
+    async def _tick(self, schedule: Schedule) -> None:
+        """Submit the schedule's work at each tick; the database lets one engine win a tick."""
+        while True:
+            tick = schedule.next_tick(datetime.now(UTC))
+            await asyncio.sleep(max(0.0, (tick - datetime.now(UTC)).total_seconds()))
+            item = (NewWorkItem(schedule.work_type, source="schedule", trigger=schedule.name)
+                    .params(schedule.params).priority(schedule.priority))
+            try:
+                result = await self.db.submit_scheduled(schedule.name, tick, item)
+            except AnimusError as e:
+                _log.warning("schedule %s could not submit its %s tick: %s", schedule.name,
+                             tick.isoformat(), e)
+                continue
+            if result is not None:
+                _log.info("schedule %s fired for %s: %s", schedule.name, tick.isoformat(),
+                          result.id)
+
     # -- listening -----------------------------------------------------------------------------
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
@@ -382,7 +403,7 @@ class Engine:
                 conn = await asyncpg.connect(
                     self.db.url, server_settings={"application_name": "animus-listener"})
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.listener_connected.set()
                 if backoff > 0.2:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from animus_core.schedules import Schedule
+
 if TYPE_CHECKING:
     from animus_core.focus import Focus
 
@@ -46,6 +48,8 @@ class Faculty:
     #: First retry delay in seconds; doubles per attempt (with jitter) up to ``retry_max``.
     retry_base: ClassVar[float] = 1.0
     retry_max: ClassVar[float] = 300.0
+    #: Recurring work this faculty wants (see :mod:`animus_core.schedules`).
+    schedules: ClassVar[tuple[Schedule, ...]] = ()
     #: Sample params for ``animus demo`` (``None``: the demo skips this faculty).
     example: ClassVar[dict[str, object] | None] = None
 

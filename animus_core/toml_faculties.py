@@ -27,6 +27,7 @@ from animus_core.errors import ConfigError
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.plugins import hookimpl
+from animus_core.schedules import Cron, Schedule, parse_every
 
 __all__ = [
     "CommandFaculty",
@@ -121,10 +122,22 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
     for name in spec.env:
         if not name or "=" in name:
             raise ConfigError(_where(path, f"faculty.env: {name!r} is not a variable name"))
+    schedules = []
     for i, sched in enumerate(spec.schedule):
+        field = f"faculty.schedule[{i}]"
         if (sched.every is None) == (sched.cron is None):
-            raise ConfigError(_where(path, f"faculty.schedule[{i}]: give exactly one of every, cron"))
-    return CommandFaculty(spec, commands, path)
+            raise ConfigError(_where(path, f"{field}: give exactly one of every, cron"))
+        try:
+            every = parse_every(sched.every) if sched.every is not None else None
+            if sched.cron is not None:
+                Cron(sched.cron)
+        except ConfigError as e:
+            raise ConfigError(_where(path, f"{field}.{e}")) from None
+        schedules.append(Schedule(
+            name=sched.name or f"{spec.name}:{sched.work_type}:{sched.every or sched.cron}",
+            work_type=sched.work_type, params=sched.params, priority=sched.priority,
+            every=every, cron=sched.cron))
+    return CommandFaculty(spec, commands, path, tuple(schedules))
 
 
 def _resolve_command(path: Path, field: str, command: str, cwd: Path) -> list[str]:
@@ -166,8 +179,10 @@ def load_dir(directory: Path, *, cwd: Path | None = None) -> tuple[list[CommandF
 class CommandFaculty(Faculty):
     """A faculty whose phases are executables (the command hook contract)."""
 
-    def __init__(self, spec: FacultySpec, commands: dict[str, list[str]], path: Path) -> None:
+    def __init__(self, spec: FacultySpec, commands: dict[str, list[str]], path: Path,
+                 schedules: tuple[Schedule, ...] = ()) -> None:
         self.spec = spec
+        self.schedules = schedules  # type: ignore[misc]
         self.commands = commands
         self.path = path
         self.origin = str(path)
@@ -189,17 +204,17 @@ class CommandFaculty(Faculty):
 
     # -- phases --------------------------------------------------------------------------
 
-    async def orient(self, focus: Focus) -> Any:  # type: ignore[override]
+    async def orient(self, focus: Focus) -> Any:
         self._prepare(focus)
         await self._run("orient", focus)
         return self._read_out(focus, "orient")
 
-    async def engage(self, focus: Focus, oriented: Any) -> Any:  # type: ignore[override]
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
         self._prepare(focus)
         await self._run("engage", focus)
         return self._read_out(focus, "engage")
 
-    async def consolidate(self, focus: Focus, engaged: Any) -> Any:  # type: ignore[override]
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:
         await self._run("consolidate", focus)
         return self._read_out(focus, "consolidate")
 
@@ -267,10 +282,11 @@ class CommandFaculty(Faculty):
             raise
         if stdout:
             focus.log.debug("%s stdout: %s", phase, stdout[-STDERR_TAIL:].decode(errors="replace"))
-        if proc.returncode != 0:
+        code = proc.returncode or 0
+        if code != 0:
             tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()
-            status = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-                      else f"exited with status {proc.returncode}")
+            status = (f"was killed by signal {-code}" if code < 0
+                      else f"exited with status {code}")
             raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))
 
     def _read_out(self, focus: Focus, phase: str) -> Any:

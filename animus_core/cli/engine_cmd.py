@@ -61,7 +61,7 @@ async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[Plugi
 @contextlib.asynccontextmanager
 async def running_engine(db: Db, settings: Settings, options: EngineOptions
                          ) -> AsyncIterator[Engine]:
-    pm, faculties, problems = await load_faculties(settings)
+    pm, faculties, _problems = await load_faculties(settings)
     engine = Engine(db, pm, faculties, settings, options)
     task = asyncio.create_task(engine.run())
     started = asyncio.create_task(engine.started.wait())
@@ -128,7 +128,7 @@ async def status(args: argparse.Namespace) -> int:
                for f in faculties}
     unroutable = sorted(t for t, s in by_state.items()
                         if s.get("queued") and t not in faculties.by_type)
-    report = {
+    report: dict[str, Any] = {
         "queues": [{"queue": r["queue_name"], "depth": r["queue_length"],
                     "oldest_seconds": r["oldest_msg_age_sec"]} for r in queues],
         "faculties": [{"name": f.name, "accepts": list(f.accepts), "running": running[f.name],
@@ -160,7 +160,7 @@ async def status(args: argparse.Namespace) -> int:
         print("\nschedules")
         print_table(["schedule", "last tick", "work type"],
                     [(s["name"], s["last_tick"], s["work_type"]) for s in schedules])
-    total_dead = report["dead_letters"]["total"]  # type: ignore[index]
+    total_dead = report["dead_letters"]["total"]
     print(f"\ndead letters: {total_dead}")
     for r in dead:
         print(f"  {r['id']}  {r['work_type']}  {(r['reason'] or '')[:90]}")
