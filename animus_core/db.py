@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import sys
@@ -363,7 +364,7 @@ class Db:
             for queue in {lease.queue for lease in leases}:
                 await conn.execute(
                     # count(*): pgmq.message_record rows cannot be decoded with our codecs
-                    "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint[], $3)",
+                    "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint[], $3::int)",
                     queue, [le.msg_id for le in leases if le.queue == queue], seconds,
                 )
 
@@ -402,6 +403,11 @@ class Db:
         An attempt already counted by :meth:`start` is given back."""
         async with self.connection() as conn, conn.transaction():
             current = await self._held(conn, lease, State.QUEUED)
+            if current not in (State.CLAIMED, State.RUNNING):
+                raise IllegalTransition(
+                    f"work item {lease.work_id} is {current}: only claimed or running items "
+                    "can be released (retry or dead-letter a failed one)"
+                )
             row = await conn.fetchrow(
                 """UPDATE animus.work_items
                       SET state = 'queued', reason = $2, updated_at = now(),
@@ -525,10 +531,10 @@ class Db:
         return current
 
     async def _requeue_message(self, conn: asyncpg.Connection, row: Any, delay: float) -> None:
-        delay_s = max(0, round(delay))
+        delay_s = max(0, math.ceil(delay))  # pgmq takes whole seconds: never earlier
         if row["msg_id"] is not None:
             still_there = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, $3))",
+                "SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, $3::int))",
                 row["queue"], row["msg_id"], delay_s,
             )
             if still_there:

@@ -215,6 +215,8 @@ class CommandFaculty(Faculty):
         return self._read_out(focus, "engage")
 
     async def consolidate(self, focus: Focus, engaged: Any) -> Any:
+        if "consolidate" not in self.commands:
+            return engaged  # no consolidate hook: engage's output is the outcome
         await self._run("consolidate", focus)
         return self._read_out(focus, "consolidate")
 

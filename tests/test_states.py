@@ -313,7 +313,10 @@ async def test_lifecycle_state_machine(db: Db):
                 m.state, m.attempts = State.RUNNING, m.attempts + 1
                 assert item.state == State.RUNNING and item.attempts == m.attempts
 
-        @rule(lease=leases, data=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.integers())))
+        @rule(
+            lease=leases,
+            data=st.one_of(st.none(), st.dictionaries(st.text("xyz", max_size=2), st.integers())),
+        )
         def complete(self, lease: Lease, data: Any) -> None:
             m, current = self.holder(lease)
             if m.state == State.RUNNING and current:
@@ -427,8 +430,8 @@ async def test_lifecycle_state_machine(db: Db):
         run_state_machine_as_test,
         Lifecycle,
         settings=settings(
-            max_examples=30,
-            stateful_step_count=20,
+            max_examples=40,
+            stateful_step_count=25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
