@@ -15,6 +15,7 @@ The pieces, each usable on its own:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -34,11 +35,16 @@ __all__ = [
     "word_count",
 ]
 
+
+def _wordset(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
 #: Average silent reading speed of adults for non-fiction (Brysbaert 2019).
 WORDS_PER_MINUTE = 238
 
 #: Common English function words; never keywords, never counted when scoring sentences.
-STOPWORDS: frozenset[str] = frozenset(
+STOPWORDS: frozenset[str] = _wordset(
     """
     a about above across after again against all almost along already also although always
     am among an and another any anybody anyone anything anyway anywhere are aren't around as
@@ -61,36 +67,37 @@ STOPWORDS: frozenset[str] = frozenset(
     whole whom whose why why's will with within without won't would wouldn't yes yet you
     you'd you'll you're you've your yours yourself yourselves
     mr mrs ms dr prof st
-    """.split()
+    """
 )
 
 # Abbreviations that never end a sentence: titles before a name, Latin shorthand.
-_NEVER_FINAL = frozenset(
+_NEVER_FINAL = _wordset(
     """
     mr mrs ms mx dr prof rev hon gen col capt cpt lt sgt cmdr adm gov sen rep pres supt fr
-    st mt ft e.g i.e cf viz vs approx ca ibid resp dept univ assn bros
-    """.split()
+    e.g i.e cf viz vs approx ca ibid resp univ assn
+    """
 )
 # Abbreviations that stand before a number: "Fig. 2", "No. 7", "pp. 10-12", "Jan. 5".
-_BEFORE_NUMBER = frozenset(
+_BEFORE_NUMBER = _wordset(
     """
     no nos nr p pp vol vols fig figs eq eqs ch chap sec sect art tab ref refs ed eds op
     jan feb mar apr jun jul aug sep sept oct nov dec
-    """.split()
+    """
 )
 # Abbreviations that may end a sentence: "... and Sons Ltd. The firm ..." splits,
 # "... Acme Inc. reported ..." does not.
-_MAYBE_FINAL = frozenset("etc inc ltd co corp llc plc jr sr esq al dept".split())
+_MAYBE_FINAL = _wordset("etc inc ltd co corp llc plc bros jr sr esq al dept st mt ft")
 
-_CLOSERS = "\"'”’»)]}"
-_OPENERS = "\"'“‘«([{"
+_APOSTROPHE = "\u2019"  # right single quotation mark, the typographic apostrophe
+_CLOSERS = "\"'\u201d\u2019\u00bb)]}"
+_OPENERS = "\"'\u201c\u2018\u00ab([{"
 # A run of terminal punctuation, any closing quotes or brackets, then space or the end.
 _TERMINATOR = re.compile(rf"[.!?…]+[{re.escape(_CLOSERS)}]*(?=\s|$)")
-_PREV_TOKEN = re.compile(rf"[^\s{re.escape(_OPENERS)}]*$")
-_NEXT_TOKEN = re.compile(rf"\s*[{re.escape(_OPENERS)}]*(\S?)([^\W_]*)")
+_NEXT_TOKEN = re.compile(rf"\s*[{re.escape(_OPENERS)}]*(\S*)")
+_WORD_START = re.compile(r"[^\W_]*")
 # Blocks: blank lines, and line breaks before a list item or a Markdown heading.
 _BLOCK_BREAK = re.compile(r"\n[ \t]*(?:\n\s*|(?=(?:[-*+•‣◦]|\d{1,3}[.)]|#{1,6})[ \t]))")
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+_WORD = re.compile(rf"[^\W_]+(?:['{_APOSTROPHE}][^\W_]+)*")
 
 _MIN_WORDS = 5  # sentences shorter than this are penalized (headings, fragments)
 _SIMILAR = 0.6  # Jaccard similarity of content terms above which a sentence is redundant
@@ -132,7 +139,7 @@ def segment(text: str) -> list[Sentence]:
                     paragraph=paragraph,
                     lead=i == 0,
                     words=len(_WORD.findall(piece)),
-                    terms=tuple(t for _, t in _terms(piece)),
+                    terms=tuple(t for _, t, _ in _terms(piece)),
                 )
             )
         if pieces:
@@ -143,29 +150,35 @@ def segment(text: str) -> list[Sentence]:
 def _split_block(block: str) -> list[str]:
     pieces: list[str] = []
     start = 0
+    last = len(block.rstrip())
     for m in _TERMINATOR.finditer(block):
         end = m.end()
-        if end >= len(block.rstrip()):
+        if end >= last:
             break
-        prev = _PREV_TOKEN.search(block, 0, m.start())
-        nxt = _NEXT_TOKEN.match(block, end)
-        assert prev is not None and nxt is not None  # both patterns match the empty string
-        if _is_boundary(m.group(), prev.group(), nxt.group(1), nxt.group(2)):
+        before = block[max(start, m.start() - 64):m.start()].split()
+        prev = before[-1].lstrip(_OPENERS) if before and not block[m.start() - 1].isspace() else ""
+        if prev.isdigit() and m.start() - start < 16 and block[start:m.start()].strip() == prev:
+            continue  # a list item's number: "1. Install it"
+        token = _NEXT_TOKEN.match(block, end)
+        after = token.group(1) if token else ""
+        if _is_boundary(m.group(), prev, after):
             pieces.append(block[start:end])
             start = end
     pieces.append(block[start:])
     return pieces
 
 
-def _is_boundary(punct: str, prev: str, next_char: str, next_word: str) -> bool:
-    """Whether ``punct`` (after token ``prev``, before ``next_word``) ends a sentence."""
+def _is_boundary(punct: str, prev: str, after: str) -> bool:
+    """Whether ``punct`` (after the token ``prev``, before the token ``after``) ends a
+    sentence."""
     marks = punct.rstrip(_CLOSERS)
+    next_char = after[:1]
+    start = _WORD_START.match(after)
+    next_word = start.group() if start else ""
     if next_char.islower():
         # "e.g. this", "Yahoo! is", "wait... what": a lower-case word continues the sentence,
         # except after a plain word and a single full stop ("it ends. then sloppy text").
-        if marks != "." or _abbreviation(prev):
-            return False
-        return True
+        return marks == "." and not _abbreviation(prev)
     if marks != ".":  # ! ? … or several dots, before a capital, digit or symbol
         return True
     word = prev.lower().rstrip(".")
@@ -195,18 +208,18 @@ def _abbreviation(prev: str) -> bool:
 # -- terms and keywords ----------------------------------------------------------------------
 
 
-def _terms(text: str) -> list[tuple[str, str]]:
-    """(surface form, term) for each content word of ``text``."""
-    out: list[tuple[str, str]] = []
-    for word in _WORD.findall(text):
+def _terms(text: str) -> list[tuple[str, str, bool]]:
+    """(surface form, term, first word of the text?) for each content word of ``text``."""
+    out: list[tuple[str, str, bool]] = []
+    for i, word in enumerate(_WORD.findall(text)):
         term = _term(word)
         if term is not None:
-            out.append((word.replace("’", "'"), term))
+            out.append((word.replace(_APOSTROPHE, "'"), term, i == 0))
     return out
 
 
 def _term(word: str) -> str | None:
-    w = word.lower().replace("’", "'")
+    w = word.lower().replace(_APOSTROPHE, "'")
     if w in STOPWORDS:
         return None
     if w.endswith("'s"):
@@ -235,27 +248,36 @@ def keywords(text: str, top: int = 10) -> list[list[Any]]:
     The score is the term's frequency divided by that of the most frequent term (so the first
     keyword scores 1.0); ties go to the term that appears first. Plurals count with their
     singular; the word shown is the term's most frequent spelling, lower-cased unless it is
-    always capitalized (``Python``, ``NASA``).
+    capitalized wherever it does not start a sentence (``Python``, ``NASA``).
     """
+    return _keywords(segment(text), top)
+
+
+def _keywords(sentences: list[Sentence], top: int) -> list[list[Any]]:
     counts: Counter[str] = Counter()
     first: dict[str, int] = {}
     spellings: dict[str, Counter[str]] = {}
-    for i, (surface, term) in enumerate(_terms(text)):
-        counts[term] += 1
-        first.setdefault(term, i)
-        spellings.setdefault(term, Counter())[surface] += 1
+    proper: dict[str, bool] = {}  # capitalized wherever it is not the first word
+    i = 0
+    for sentence in sentences:
+        for surface, term, initial in _terms(sentence.text):
+            counts[term] += 1
+            first.setdefault(term, i)
+            spellings.setdefault(term, Counter())[surface] += 1
+            if not initial:
+                proper[term] = proper.get(term, True) and not surface.islower()
+            i += 1
     if not counts:
         return []
     most = max(counts.values())
     ranked = sorted(counts, key=lambda t: (-counts[t], first[t]))[:top]
-    return [[_display(spellings[t]), round(counts[t] / most, 3)] for t in ranked]
+    return [[_display(spellings[t], proper.get(t, False)), round(counts[t] / most, 3)]
+            for t in ranked]
 
 
-def _display(spellings: Counter[str]) -> str:
+def _display(spellings: Counter[str], proper: bool) -> str:
     word = spellings.most_common(1)[0][0]
-    if any(s.islower() for s in spellings):
-        return word.lower()
-    return word
+    return word if proper else word.lower()
 
 
 # -- summaries -------------------------------------------------------------------------------
@@ -303,8 +325,12 @@ def score_sentences(sentences: list[Sentence]) -> list[float]:
 
 
 def select(sentences: list[Sentence], n: int) -> list[Sentence]:
-    """The ``n`` best sentences in their original order, skipping near-duplicates of a
-    sentence already chosen while enough others remain."""
+    """The ``n`` best sentences in their original order.
+
+    A sentence too similar to one already chosen (same text, or content terms overlapping by
+    more than 60%) is passed over while other sentences remain; a sentence is never repeated,
+    so a text that says the same thing over and over may get fewer than ``n``.
+    """
     if n >= len(sentences):
         return list(sentences)
     scores = score_sentences(sentences)
@@ -318,7 +344,13 @@ def select(sentences: list[Sentence], n: int) -> list[Sentence]:
             skipped.append(s)
         else:
             chosen.append(s)
-    chosen.extend(skipped[: n - len(chosen)])
+    texts = {c.text for c in chosen}
+    for s in skipped:  # too few distinct sentences: take near-duplicates, never repeats
+        if len(chosen) == n:
+            break
+        if s.text not in texts:
+            chosen.append(s)
+            texts.add(s.text)
     return sorted(chosen, key=lambda s: s.index)
 
 
@@ -343,7 +375,7 @@ def summarize(text: str, sentences: int = 3, top: int = 10) -> dict[str, Any]:
     return {
         "summary": " ".join(s.text for s in chosen),
         "sentences": [s.text for s in chosen],
-        "keywords": keywords(text, top),
+        "keywords": _keywords(parsed, top),
         "stats": {
             "words": words,
             "sentences": len(parsed),
@@ -359,28 +391,25 @@ def chunk(text: str, parts: int) -> list[str]:
     """``text`` cut into at most ``parts`` pieces of about equal word count, along sentence
     boundaries; paragraph breaks are kept as blank lines."""
     sentences = segment(text)
-    parts = max(1, min(parts, len(sentences)))
-    total = sum(max(s.words, 1) for s in sentences)
+    n = len(sentences)
+    parts = max(1, min(parts, n))
+    weights = [max(s.words, 1) for s in sentences]
+    total = sum(weights)
     groups: list[list[Sentence]] = [[] for _ in range(parts)]
-    seen = 0
-    for i, s in enumerate(sentences):
-        # the group whose share of the words this sentence's middle falls into, but never
-        # so far on that a later group would be left empty
-        middle = seen + max(s.words, 1) / 2
-        g = min(int(middle * parts / total), parts - 1)
-        g = max(g, parts - (len(sentences) - i))
-        g = min(g, i)
-        if groups[g - 1:g] and not groups[g - 1] and g > 0:
-            g -= 1
+    seen, last = 0, -1
+    for i, (s, weight) in enumerate(zip(sentences, weights, strict=True)):
+        # the part whose share of the words holds the middle of this sentence; parts are
+        # contiguous, none is skipped, and enough sentences are left for the later ones
+        g = min(int((seen + weight / 2) * parts / total), parts - 1)
+        g = max(min(g, last + 1), last, parts - n + i)
         groups[g].append(s)
-        seen += max(s.words, 1)
+        seen += weight
+        last = g
     return [_join(g) for g in groups if g]
 
 
 def _join(sentences: list[Sentence]) -> str:
-    out = ""
-    for prev, s in zip([None, *sentences], sentences, strict=False):
-        if prev is not None:
-            out += "\n\n" if s.paragraph != prev.paragraph else " "
-        out += s.text
+    out = sentences[0].text if sentences else ""
+    for prev, s in itertools.pairwise(sentences):
+        out += ("\n\n" if s.paragraph != prev.paragraph else " ") + s.text
     return out
