@@ -18,6 +18,9 @@ from typing import Any
 
 __all__ = ["canonical_hash", "canonical_json"]
 
+# json.dumps(s, ensure_ascii=False) without building an encoder per call
+_string = json.encoder.encode_basestring
+
 
 def _number(x: float) -> str:
     if not math.isfinite(x):
@@ -56,8 +59,7 @@ def _encode(value: Any, nfc: bool, out: list[str]) -> None:
     elif value is False:
         out.append("false")
     elif isinstance(value, str):
-        out.append(json.dumps(unicodedata.normalize("NFC", value) if nfc else value,
-                              ensure_ascii=False))
+        out.append(_string(unicodedata.normalize("NFC", value) if nfc else value))
     elif isinstance(value, int):
         out.append(str(value) if abs(value) < 2**53 else _number(float(value)))
     elif isinstance(value, float):
@@ -71,7 +73,7 @@ def _encode(value: Any, nfc: bool, out: list[str]) -> None:
         for i, (k, v) in enumerate(items):
             if i:
                 out.append(",")
-            out.append(json.dumps(k, ensure_ascii=False))
+            out.append(_string(k))
             out.append(":")
             _encode(v, nfc, out)
         out.append("}")

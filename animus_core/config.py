@@ -30,6 +30,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     plugins_autoload: bool = True
     plugins_allow: tuple[str, ...] | None = None
     plugins_block: tuple[str, ...] = ()
+    embedder: str = "hashing"
+    embedder_url: str | None = None
+    embedder_model: str | None = None
+    embedder_key: str | None = None
+    embedder_dimensions: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,7 +58,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             plugins_autoload=env.get("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"),
             plugins_allow=_names(env["ANIMUS_PLUGINS"]) if env.get("ANIMUS_PLUGINS") else None,
             plugins_block=_names(env.get("ANIMUS_BLOCK_PLUGINS", "")),
+            embedder=env.get("ANIMUS_EMBEDDER") or "hashing",
+            embedder_url=env.get("ANIMUS_EMBEDDER_URL") or None,
+            embedder_model=env.get("ANIMUS_EMBEDDER_MODEL") or None,
+            embedder_key=env.get("ANIMUS_EMBEDDER_KEY") or None,
+            embedder_dimensions=_positive_int(env, "ANIMUS_EMBEDDER_DIMENSIONS"),
         )
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    return n
 
 
 def _names(value: str) -> tuple[str, ...]:

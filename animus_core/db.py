@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -23,11 +23,13 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
+from pgvector.asyncpg import register_vector
 
 from animus_core import audit, migrations
 from animus_core.config import Settings
 from animus_core.embedded import EMBEDDED_DATABASE, embedded_url
 from animus_core.errors import (
+    AnimusError,
     DatabaseError,
     DatabaseUnavailable,
     IllegalTransition,
@@ -96,11 +98,24 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode, format="text"
     )
+    with contextlib.suppress(ValueError):  # pgvector not installed yet (before migrate)
+        await register_vector(conn)
+
+
+_NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)") does not exist')
 
 
 def _translate(e: asyncpg.PostgresError) -> Exception:
     """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
     msg = getattr(e, "message", None) or str(e)
+    no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01") else None
+    if no_queue:  # from animus.submit, or a pgmq table that is not there
+        return InvalidInput(
+            f'queue "{no_queue[1] or no_queue[2]}" does not exist: create it with '
+            "Db.create_queue (animus db migrate creates the default queue)"
+        )
+    if e.sqlstate == "23503" and getattr(e, "constraint_name", "") == "work_items_parent_id_fkey":
+        return WorkNotFound(f"the parent work item does not exist: {getattr(e, 'detail', msg)}")
     match e.sqlstate:
         case "ANI01":
             return IllegalTransition(msg)
@@ -116,6 +131,8 @@ def _errors() -> Any:
     try:
         yield
     except asyncpg.PostgresError as e:
+        if isinstance(e.__cause__, AnimusError):  # one of our codecs refused an argument
+            raise e.__cause__ from None
         raise _translate(e) from e
     except (OSError, asyncpg.InterfaceError) as e:
         raise DatabaseUnavailable(f"lost the database connection: {e}") from e
@@ -374,17 +391,26 @@ class Db:
         """``running -> completed`` with the outcome; the message is archived."""
         await self.complete_many([(lease, data, duration_ms)])
 
-    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]]) -> None:
+    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]],
+                            *, conn: asyncpg.Connection | None = None) -> None:
         """Complete a batch in one round trip. Raises :class:`LeaseLost` or
-        :class:`IllegalTransition` (and completes none) if any lease is not held."""
+        :class:`IllegalTransition` (and completes none) if any lease is not held.
+
+        With ``conn``, the completion joins that connection's open transaction."""
         if not done:
             return
-        async with self.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT animus.complete($1, $2, $3, $4, $5)",
-                [d[0].work_id for d in done], [d[0].msg_id for d in done],
-                [d[0].token for d in done], [d[1] for d in done], [d[2] for d in done],
-            )
+        # The outcomes go as JSON text: in a jsonb[] argument asyncpg would take a list
+        # outcome for a nested array dimension (and keep only its first element).
+        data = [None if d[1] is None else dump_json(d[1], "outcome data") for d in done]
+        args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
+                [d[0].token for d in done], data, [d[2] for d in done])
+        sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
+        if conn is not None:
+            with _errors():
+                await conn.execute(sql, *args)
+            return
+        async with self.connection() as c, c.transaction():
+            await c.execute(sql, *args)
 
     async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
         """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
@@ -531,16 +557,20 @@ class Db:
         return current
 
     async def _requeue_message(self, conn: asyncpg.Connection, row: Any, delay: float) -> None:
-        delay_s = max(0, math.ceil(delay))  # pgmq takes whole seconds: never earlier
+        """Make the item's message visible ``delay`` seconds from now (to the microsecond, so
+        a timer set for the same delay finds it visible), or send a new one if it is gone."""
+        visible_at = "clock_timestamp() + make_interval(secs => $3::float8)"
         if row["msg_id"] is not None:
             still_there = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, $3::int))",
-                row["queue"], row["msg_id"], delay_s,
+                f"SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, {visible_at}))",
+                row["queue"], row["msg_id"], max(0.0, delay),
             )
             if still_there:
                 return
         msg = {"id": str(row["id"]), "t": row["work_type"], "p": row["priority"]}
-        await conn.execute("SELECT pgmq.send($1, $2::jsonb, $3::int)", row["queue"], msg, delay_s)
+        await conn.execute(
+            "SELECT pgmq.send($1, $2::jsonb, clock_timestamp() + make_interval(secs => $3::float8))",
+            row["queue"], msg, max(0.0, delay))
         await conn.execute(
             "SELECT pg_notify('animus_work', $1)",
             dump_json({"queue": row["queue"], "work_types": [row["work_type"]]}, "notification"),

@@ -9,6 +9,7 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
     ├── WorkNotFound           no work item with that id                   (exit 2)
     ├── IllegalTransition      the state machine forbids the change        (exit 2)
     ├── LeaseLost              the claim expired and someone else holds it (exit 1)
+    ├── EmbedderError          the embedding service failed or answered nonsense (exit 1)
     └── DatabaseError          the database said no                        (exit 1)
         ├── DatabaseUnavailable    cannot reach or start the server
         └── MigrationError         schema history does not match the files
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "DatabaseUnavailable",
+    "EmbedderError",
     "IllegalTransition",
     "InvalidInput",
     "LeaseLost",
@@ -52,6 +54,10 @@ class IllegalTransition(AnimusError):
 
 
 class LeaseLost(AnimusError):
+    pass
+
+
+class EmbedderError(AnimusError):
     pass
 
 

@@ -29,6 +29,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from animus_core.config import Settings
+    from animus_core.embedders import Embedder
     from animus_core.engine import Engine
     from animus_core.faculty import Faculty
     from animus_core.focus import Focus
@@ -40,6 +41,7 @@ __all__ = [
     "orient",
     "recover",
     "register_commands",
+    "register_embedders",
     "register_faculties",
     "shutdown",
     "startup",
@@ -61,6 +63,17 @@ def register_faculties(register: Callable[[Faculty], None], settings: Settings) 
     work types is already taken; the engine reports that with the plugin's name and skips
     the faculty. ``settings`` is the engine's configuration (for example
     ``settings.faculties_dir``, where the built-in TOML plugin looks).
+    """
+
+
+@hookspec
+def register_embedders(register: Callable[[str, Callable[[Settings], Embedder]], None]) -> None:
+    """Register embedders by name: ``register("name", factory)``.
+
+    ``factory(settings)`` returns an :class:`~animus_core.embedders.Embedder`; it is called
+    only when ``ANIMUS_EMBEDDER`` selects that name. A name already taken is refused with
+    :class:`~animus_core.errors.ConfigError`. The built-ins (``hashing``, ``openai``,
+    ``voyage``, ``sentence-transformers``) are registered through this same hook.
     """
 
 

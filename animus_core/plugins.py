@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "animus"
-DEFAULT_PLUGINS = ("animus_core.toml_faculties",)
+DEFAULT_PLUGINS = ("animus_core.toml_faculties", "animus_core.embedders")
 
 hookimpl = pluggy.HookimplMarker("animus")
 _log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
 _INT32: Final = 2**31 - 1
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash
 
 
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,11 +151,17 @@ class WorkNotification(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def dump_json(value: Any, where: str) -> str:
-    """JSON text for ``value``, refusing what JSON cannot hold (NaN, infinities, objects)."""
+    """JSON text for ``value``, refusing what JSON cannot hold (NaN, infinities, objects)
+    and what Postgres ``jsonb`` cannot store (the NUL character)."""
     try:
-        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"{where} is not valid JSON: {e}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise InvalidInput(
+            f"{where} contains a NUL character (\\u0000), which Postgres cannot store"
+        )
+    return text
 
 
 def _check_name(value: object, what: str) -> str:

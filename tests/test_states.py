@@ -315,7 +315,11 @@ async def test_lifecycle_state_machine(db: Db):
 
         @rule(
             lease=leases,
-            data=st.one_of(st.none(), st.dictionaries(st.text("xyz", max_size=2), st.integers())),
+            data=st.one_of(
+                st.none(),
+                st.lists(st.integers(), max_size=3),
+                st.dictionaries(st.text("xyz", max_size=2), st.integers()),
+            ),
         )
         def complete(self, lease: Lease, data: Any) -> None:
             m, current = self.holder(lease)

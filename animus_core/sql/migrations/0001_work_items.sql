@@ -251,6 +251,8 @@ DECLARE
     v_id uuid;
     v_canonical uuid;
     v_msgs jsonb[];
+    v_ids uuid[];
+    v_collisions bool;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
         RAISE EXCEPTION 'queue "%" does not exist', p_queue
@@ -262,7 +264,7 @@ BEGIN
         trigger text, priority int, parent_id uuid, replay_of uuid, max_attempts int,
         inserted bool
     ) ON COMMIT DELETE ROWS;
-    TRUNCATE animus_submit_input;
+    DELETE FROM animus_submit_input;   -- empty unless called twice in one transaction
 
     INSERT INTO animus_submit_input
     SELECT e.ord, animus.new_id(), x.work_type, x.dedup_key, coalesce(x.params, '{}'),
@@ -273,7 +275,6 @@ BEGIN
                                      trigger text, priority int, parent_id uuid,
                                      replay_of uuid, max_attempts int);
 
-    -- Fast path: everything that does not collide goes in with one statement.
     WITH ins AS (
         INSERT INTO animus.work_items AS w
                (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
@@ -289,7 +290,6 @@ BEGIN
     )
     UPDATE animus_submit_input i SET inserted = true FROM ins WHERE i.id = ins.id;
 
-    -- Collisions: find the live canonical item (it may have finished meanwhile: then insert).
     FOR r IN SELECT * FROM animus_submit_input i WHERE NOT i.inserted ORDER BY i.ord LOOP
         LOOP
             SELECT w.id INTO v_canonical FROM animus.work_items w
@@ -325,15 +325,19 @@ BEGIN
     END LOOP;
 
     SELECT array_agg(jsonb_build_object('id', i.id, 't', i.work_type, 'p', i.priority)
-                     ORDER BY i.ord)
-      INTO v_msgs FROM animus_submit_input i WHERE i.inserted;
+                     ORDER BY i.ord) FILTER (WHERE i.inserted),
+           array_agg(i.id ORDER BY i.ord)
+      INTO v_msgs, v_ids FROM animus_submit_input i;
     IF v_msgs IS NOT NULL THEN
         PERFORM pgmq.send_batch(p_queue, v_msgs);
     END IF;
 
+    -- by primary key, in input order (the temp table has no statistics: a join with it
+    -- was planned as a sequential scan of the whole work_items table)
     RETURN QUERY
-        SELECT w.* FROM animus_submit_input i JOIN animus.work_items w ON w.id = i.id
-         ORDER BY i.ord;
+        SELECT w.* FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+          JOIN animus.work_items w ON w.id = u.id
+         ORDER BY u.ord;
 END
 $$;
 
@@ -343,18 +347,15 @@ $$;
 -- so a holder whose lease expired and was re-claimed cannot complete it.
 -- ---------------------------------------------------------------------------------------
 
-CREATE FUNCTION animus.claim(p_queue text, p_qty int, p_vt_seconds int, p_work_types text[],
-                             p_start bool)
+CREATE FUNCTION animus.claim(p_queue text, p_qty int, p_vt_seconds int,
+                                        p_work_types text[], p_start bool)
 RETURNS SETOF animus.work_items
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_msgs record;
+    v_ids uuid[];
+    v_msgs bigint[];
+    v_reads int[];
 BEGIN
-    CREATE TEMP TABLE IF NOT EXISTS animus_claim_msgs (
-        msg_id bigint, read_ct int, id uuid
-    ) ON COMMIT DELETE ROWS;
-    TRUNCATE animus_claim_msgs;
-
     EXECUTE format($q$
         WITH cte AS (
             SELECT msg_id FROM pgmq.%1$I
@@ -371,56 +372,60 @@ BEGIN
               FROM cte WHERE m.msg_id = cte.msg_id
             RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
         )
-        INSERT INTO animus_claim_msgs SELECT * FROM upd
-    $q$, 'q_' || p_queue) USING p_qty, p_work_types, p_vt_seconds;
+        SELECT array_agg(msg_id), array_agg(read_ct), array_agg(id) FROM upd
+    $q$, 'q_' || p_queue) INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
 
-    -- Leases that ran out: a claimed item that never started goes back to the queue; a
-    -- running one lost its engine, which counts as a failed attempt.
-    UPDATE animus.work_items w
-       SET state = 'queued', reason = 'lease expired before the focus started',
-           updated_at = now()
-      FROM animus_claim_msgs c WHERE w.id = c.id AND w.state = 'claimed';
-    UPDATE animus.work_items w
-       SET state = 'failed', outcome_error = 'lease expired while running (engine lost)',
-           reason = 'lease expired while running (engine lost)', updated_at = now()
-      FROM animus_claim_msgs c WHERE w.id = c.id AND w.state = 'running';
-    UPDATE animus.work_items w
-       SET state = CASE WHEN w.attempts < w.max_attempts THEN 'queued'
-                        ELSE 'dead' END::animus.work_state,
-           reason = CASE WHEN w.attempts < w.max_attempts
-                         THEN 'retry after: ' || coalesce(w.outcome_error, 'failure')
-                         ELSE 'attempts exhausted (' || w.attempts || '/' || w.max_attempts
-                              || '): ' || coalesce(w.outcome_error, 'failure') END,
-           resolved_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
-           updated_at = now()
-      FROM animus_claim_msgs c WHERE w.id = c.id AND w.state = 'failed';
-
-    -- Messages whose item is finished (cancelled, dead-lettered, ...) are archived.
-    PERFORM pgmq.archive(p_queue, array_agg(c.msg_id))
-       FROM animus_claim_msgs c JOIN animus.work_items w ON w.id = c.id
-      WHERE w.state <> 'queued'
-     HAVING count(*) > 0;
-    PERFORM pgmq.archive(p_queue, array_agg(c.msg_id))
-       FROM animus_claim_msgs c LEFT JOIN animus.work_items w ON w.id = c.id
-      WHERE w.id IS NULL
-     HAVING count(*) > 0;
+    -- The bookkeeping below is needed only when a message's item is not plainly queued
+    -- (an expired lease, a finished item, a missing item): one indexed probe finds out.
+    IF EXISTS (SELECT 1 FROM unnest(v_ids) AS u(id)
+                 LEFT JOIN animus.work_items w ON w.id = u.id
+                WHERE w.id IS NULL OR w.state <> 'queued') THEN
+        UPDATE animus.work_items w
+           SET state = 'queued', reason = 'lease expired before the focus started',
+               updated_at = now()
+         WHERE w.id = ANY (v_ids) AND w.state = 'claimed';
+        UPDATE animus.work_items w
+           SET state = 'failed', outcome_error = 'lease expired while running (engine lost)',
+               reason = 'lease expired while running (engine lost)', updated_at = now()
+         WHERE w.id = ANY (v_ids) AND w.state = 'running';
+        UPDATE animus.work_items w
+           SET state = CASE WHEN w.attempts < w.max_attempts THEN 'queued'
+                            ELSE 'dead' END::animus.work_state,
+               reason = CASE WHEN w.attempts < w.max_attempts
+                             THEN 'retry after: ' || coalesce(w.outcome_error, 'failure')
+                             ELSE 'attempts exhausted (' || w.attempts || '/' || w.max_attempts
+                                  || '): ' || coalesce(w.outcome_error, 'failure') END,
+               resolved_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
+               updated_at = now()
+         WHERE w.id = ANY (v_ids) AND w.state = 'failed';
+        PERFORM pgmq.archive(p_queue, array_agg(c.msg_id))
+           FROM unnest(v_ids, v_msgs) AS c(id, msg_id)
+           LEFT JOIN animus.work_items w ON w.id = c.id
+          WHERE w.id IS NULL OR w.state <> 'queued'
+         HAVING count(*) > 0;
+    END IF;
 
     UPDATE animus.work_items w
        SET state = 'claimed', msg_id = c.msg_id, lease = c.read_ct, reason = NULL,
            updated_at = now()
-      FROM animus_claim_msgs c WHERE w.id = c.id AND w.state = 'queued';
+      FROM unnest(v_ids, v_msgs, v_reads) AS c(id, msg_id, read_ct)
+     WHERE w.id = c.id AND w.id = ANY (v_ids) AND w.state = 'queued';
 
     IF p_start THEN
         UPDATE animus.work_items w
            SET state = 'running', attempts = w.attempts + 1, updated_at = now()
-          FROM animus_claim_msgs c WHERE w.id = c.id AND w.state = 'claimed'
-           AND w.lease = c.read_ct;
+          FROM unnest(v_ids, v_reads) AS c(id, read_ct)
+         WHERE w.id = c.id AND w.id = ANY (v_ids) AND w.state = 'claimed' AND w.lease = c.read_ct;
     END IF;
 
     RETURN QUERY
-        SELECT w.* FROM animus.work_items w JOIN animus_claim_msgs c
+        SELECT w.* FROM unnest(v_ids, v_msgs, v_reads) AS c(id, msg_id, read_ct)
+          JOIN animus.work_items w
             ON w.id = c.id AND w.lease = c.read_ct AND w.msg_id = c.msg_id
-         WHERE w.state IN ('claimed', 'running')
+         WHERE w.id = ANY (v_ids) AND w.state IN ('claimed', 'running')
          ORDER BY w.priority DESC, c.msg_id;
 END
 $$;
@@ -445,7 +450,7 @@ BEGIN
                duration_ms = x.duration_ms, reason = 'completed', resolved_at = now(),
                updated_at = now()
           FROM x
-         WHERE w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
+         WHERE w.id = x.id AND w.id = ANY (p_ids) AND w.msg_id = x.msg_id AND w.lease = x.lease
            AND w.state = 'running'
         RETURNING w.id, w.queue, w.msg_id
     )

@@ -1,0 +1,339 @@
+"""Helpers shared by the end-to-end engine tests.
+
+* :func:`run_engine` runs a real :class:`~animus_core.engine.Engine` in this event loop, with
+  Python faculties registered through the real plugin path and TOML faculties from a
+  directory, on its own connection pool;
+* :func:`wait_until` polls a (sync or async) predicate with a deadline, never sleeps and hopes;
+* :func:`write_toml_faculty` writes a TOML faculty file and its bash hook scripts;
+* :class:`EngineProcess` runs ``python -m animus_core up`` as a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from animus_core import Claimed, Db, Faculty, WorkItem, hookimpl
+from animus_core.config import Settings
+from animus_core.engine import Engine, EngineOptions
+from animus_core.plugins import PluginProblem, collect_faculties, make_plugin_manager
+from animus_core.states import TERMINAL
+
+PHASE_ORDER = ("orient", "engage", "consolidate", "recover")
+#: Options for in-process engines. The fallback poll is a safety net for the semantics tests;
+#: the tests about waking up (NOTIFY, retry timers) use ``SLOW_POLL`` so only the engine's own
+#: wake-ups can make them pass.
+DEFAULT_OPTIONS = EngineOptions(poll_interval=1.0, lease_seconds=30, grace=5.0,
+                                seal_interval=0.2)
+SLOW_POLL = EngineOptions(poll_interval=60.0, lease_seconds=30, grace=5.0, seal_interval=0.2)
+
+
+# -- polling ------------------------------------------------------------------------------------
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, *,
+                     interval: float = 0.05, message: str = "") -> Any:
+    """Poll ``predicate`` (sync, or returning an awaitable) until it returns something truthy;
+    return that. Fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            what = message or getattr(predicate, "__name__", repr(predicate))
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_finished(db: Db, work_id: UUID | str, timeout: float = 20.0) -> WorkItem:
+    """Wait until the item reaches a terminal state; return it."""
+
+    async def finished() -> WorkItem | None:
+        item = await db.get_work_item(work_id)
+        return item if item.state in TERMINAL else None
+
+    try:
+        item: WorkItem = await wait_until(finished, timeout, message=f"work item {work_id}")
+    except AssertionError:
+        now = await db.get_work_item(work_id)
+        raise AssertionError(f"work item {work_id} ({now.work_type}) did not finish within "
+                             f"{timeout:g}s: it is {now.state} ({now.reason})") from None
+    return item
+
+
+async def events(db: Db, work_id: UUID | str) -> list[str]:
+    """The audit events of one item, oldest first (``submitted``, ``claimed``, ...)."""
+    return [e.event for e in await db.history(work_id)]
+
+
+# -- in-process engines -----------------------------------------------------------------------
+
+
+def engine_settings(db_url: str, home: Path, faculties_dir: Path | None = None, *,
+                    autoload: bool = False) -> Settings:
+    env = {
+        "DATABASE_URL": db_url,
+        "ANIMUS_HOME": str(home),
+        # A directory that does not exist means "no TOML faculties".
+        "ANIMUS_FACULTIES": str(faculties_dir if faculties_dir is not None
+                                else home / "no-toml-faculties"),
+    }
+    if not autoload:
+        env["ANIMUS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return Settings.from_env(env)
+
+
+class Provides:
+    """A plugin registering the given faculty instances: the real registration path."""
+
+    def __init__(self, faculties: Sequence[Faculty]) -> None:
+        self.faculties = list(faculties)
+
+    @hookimpl
+    def register_faculties(self, register: Callable[[Faculty], None]) -> None:
+        for faculty in self.faculties:
+            register(faculty)
+
+
+class ClaimSpy:
+    """Stands in for the engine's ``Db.claim``: counts claims in flight, and can run
+    ``after(kwargs, claimed)`` once a claim returned but before the engine sees the result."""
+
+    def __init__(self, db: Db) -> None:
+        self.inner = db.claim
+        self.in_flight = 0
+        self.calls = 0
+        self.after: Callable[[dict[str, Any], list[Claimed]], Awaitable[None]] | None = None
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> list[Claimed]:
+        self.in_flight += 1
+        try:
+            claimed = await self.inner(*args, **kwargs)
+            if self.after is not None:
+                await self.after(kwargs, claimed)
+            return claimed
+        finally:
+            self.in_flight -= 1
+            self.calls += 1
+
+
+@dataclass
+class RunningEngine:
+    engine: Engine
+    db: Db
+    settings: Settings
+    problems: list[PluginProblem]
+    claims: ClaimSpy
+
+    @property
+    def foci_root(self) -> Path:
+        return self.engine.foci_root
+
+    def quiet(self) -> bool:
+        """No claim in flight and no faculty waiting for one: only a wake-up (NOTIFY, a
+        timer, the fallback poll) makes this engine claim again."""
+        return self.claims.in_flight == 0 and not any(s.dirty for s in self.engine.slots.values())
+
+    async def wait_quiet(self, timeout: float = 10.0) -> None:
+        await wait_until(self.quiet, timeout, interval=0.01, message="the engine to be idle")
+
+
+@contextlib.asynccontextmanager
+async def run_engine(
+    db_url: str,
+    home: Path,
+    *,
+    faculties: Sequence[Faculty] = (),
+    faculties_dir: Path | None = None,
+    options: EngineOptions | None = None,
+    plugins: Mapping[str, object] | None = None,
+    autoload: bool = False,
+    settle: bool = True,
+    stop_timeout: float = 30.0,
+) -> AsyncIterator[RunningEngine]:
+    """Run an engine until the block ends; it is started and listening when the block begins,
+    and (with ``settle``, for an engine that starts with nothing to do) idle.
+
+    ``faculties`` are Python faculty instances, ``faculties_dir`` a directory of TOML files,
+    ``plugins`` extra plugin objects by name (registered before faculties are collected).
+    """
+    settings = engine_settings(db_url, home, faculties_dir, autoload=autoload)
+    pm, problems = make_plugin_manager(settings)
+    for name, plugin in (plugins or {}).items():
+        pm.register(plugin, name=name)
+    if faculties:
+        pm.register(Provides(faculties), name="test-faculties")
+    registered, more = await collect_faculties(pm, settings)
+    db = await Db.connect(db_url, max_size=10, actor="test-engine")
+    spy = ClaimSpy(db)
+    setattr(db, "claim", spy)  # noqa: B010 - shadow the method on this instance only
+    engine = Engine(db, pm, registered, settings, options or DEFAULT_OPTIONS)
+    task = asyncio.create_task(engine.run(), name="test-engine")
+    try:
+        started = asyncio.create_task(engine.started.wait())
+        await asyncio.wait([task, started], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            task.result()  # raises what made the engine stop
+        assert engine.started.is_set(), "engine did not start within 15s"
+        await asyncio.wait_for(engine.listener_connected.wait(), 15)
+        running = RunningEngine(engine, db, settings, problems + more, spy)
+        if settle:
+            # Let the start-up claims finish, so that what the test submits next is noticed
+            # through NOTIFY (a notification that lands during a claim can be lost: see
+            # test_notification_during_a_claim_is_not_lost).
+            await running.wait_quiet()
+        yield running
+    finally:
+        engine.stop()
+        try:
+            await asyncio.wait_for(task, stop_timeout)
+        finally:
+            await db.close()
+
+
+# -- TOML faculties with bash hooks -----------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a str, bool, number, list or dict (inline table)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML literal for {value!r}")
+
+
+def write_script(path: Path, body: str, *, executable: bool = True) -> Path:
+    """A bash script (``set -euo pipefail``) with ``body`` dedented."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + textwrap.dedent(body).lstrip("\n"))
+    path.chmod(0o755 if executable else 0o644)
+    return path
+
+
+def write_toml_faculty(
+    root: Path,
+    name: str,
+    *,
+    hooks: Mapping[str, str],
+    accepts: Sequence[str] | None = None,
+    fields: Mapping[str, Any] | None = None,
+    phase_fields: Mapping[str, Mapping[str, Any]] | None = None,
+    relative_to: Path | None = None,
+    extra: str = "",
+) -> Path:
+    """Write ``root/faculties/<name>.toml`` and one bash script per hook under
+    ``root/hooks/``; return the TOML file (its parent is the faculties directory).
+
+    ``hooks`` maps a phase to its script body. Commands are absolute, or relative to
+    ``relative_to`` (the directory the engine will be started in). ``fields`` go into
+    ``[faculty]``, ``phase_fields`` into ``[faculty.<phase>]``, ``extra`` is appended.
+    """
+    fac_dir = root / "faculties"
+    fac_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["[faculty]", f"name = {toml_value(name)}",
+             f"accepts = {toml_value(list(accepts or [name]))}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (fields or {}).items()]
+    for phase in sorted(hooks, key=PHASE_ORDER.index):
+        script = write_script(root / "hooks" / f"{name}-{phase}.sh", hooks[phase])
+        command = os.path.relpath(script, relative_to) if relative_to else str(script)
+        lines += ["", f"[faculty.{phase}]", f"command = {toml_value(command)}"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in (phase_fields or {}).get(phase, {}).items()]
+    path = fac_dir / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+# -- real engine processes ------------------------------------------------------------------------
+
+
+class EngineProcess:
+    """``python -m animus_core up ARGS`` with its output in a log file."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "animus_core", "up", *args],
+            env=dict(env), cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; its exit status."""
+        await wait_until(lambda: not self.alive(), timeout,
+                         message=f"engine process {self.pid} to exit")
+        code = self.proc.returncode
+        assert code is not None
+        return code
+
+    def close(self) -> None:
+        """Make sure the process is gone (SIGKILL if it still runs)."""
+        if self.alive():
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self._log.close()
+
+
+async def listeners(db_url: str) -> int:
+    """How many engines are listening for work on this database."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        n: int = await conn.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE application_name = 'animus-listener' AND datname = current_database()""")
+        return n
+    finally:
+        await conn.close()
+
+
+async def wait_listening(db_url: str, procs: Sequence[EngineProcess], timeout: float = 20.0) -> None:
+    """Wait until every process in ``procs`` listens (and none died meanwhile)."""
+
+    async def ready() -> bool:
+        for p in procs:
+            assert p.alive(), f"engine process exited with {p.proc.returncode}:\n{p.output()}"
+        return await listeners(db_url) >= len(procs)
+
+    await wait_until(ready, timeout, interval=0.1, message="engine processes to listen")

@@ -1,0 +1,212 @@
+"""The audit trail: a row for every change, append-only in the database, tamper-evident."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from animus_core import Created, IllegalTransition, Merged, NewWorkItem
+from tests.support import raw
+
+
+async def _current_user(db_url: str) -> str:
+    async with raw(db_url) as conn:
+        user: str = await conn.fetchval("SELECT current_user")
+    return user
+
+
+async def _lifecycle(db):
+    """submit, merge, claim, start, fail, retry, claim+start, complete; returns both ids."""
+    new = NewWorkItem("audited", source="tester", trigger="unit test").dedup_key("a1")
+    first = await db.submit_work(new.params({"n": 1}))
+    dup = await db.submit_work(new)
+    assert isinstance(first, Created) and isinstance(dup, Merged)
+    [c1] = await db.claim()
+    await db.start(c1.lease)
+    await db.fail(c1.lease, "boom", duration_ms=7)
+    await db.retry(first.id, reason="again")
+    [c2] = await db.claim(start=True)
+    await db.complete(c2.lease, {"answer": 42}, duration_ms=9)
+    return first.id, dup.id
+
+
+async def test_every_change_writes_an_audit_row(db, db_url):
+    wid, dup_id = await _lifecycle(db)
+    user = await _current_user(db_url)
+    history = await db.history(wid)
+    assert [(e.event, e.from_state, e.to_state) for e in history] == [
+        ("submitted", None, "queued"),
+        ("claimed", "queued", "claimed"),
+        ("running", "claimed", "running"),
+        ("failed", "running", "failed"),
+        ("queued", "failed", "queued"),
+        ("claimed", "queued", "claimed"),
+        ("running", "claimed", "running"),
+        ("completed", "running", "completed"),
+    ]
+    for e in history:
+        assert e.work_id == wid
+        assert e.db_user == user
+        # Who (the submitter), why (the trigger) and which process acted (the Db actor).
+        assert e.provenance == {"source": "tester", "trigger": "unit test", "actor": "test"}
+    submitted, failed, retried, completed = history[0], history[3], history[4], history[7]
+    assert submitted.payload["work_type"] == "audited"
+    assert submitted.payload["dedup_key"] == "a1"
+    assert submitted.payload["params"] == {"n": 1}
+    assert failed.payload["error"] == "boom" and failed.payload["duration_ms"] == 7
+    assert failed.payload["attempts"] == 1
+    assert retried.payload["reason"] == "again"
+    assert completed.payload["outcome"] == {"answer": 42}
+    assert completed.payload["attempts"] == 2
+    assert [e.id for e in history] == sorted(e.id for e in history)
+
+    merged = await db.history(dup_id)
+    assert [(e.event, e.from_state, e.to_state) for e in merged] == [("merged", None, "merged")]
+    assert merged[0].payload["merged_into"] == str(wid)
+
+    # Every row waits to be sealed; sealing chains them all and the chain verifies.
+    async with raw(db_url) as conn:
+        total = await conn.fetchval("SELECT count(*) FROM animus.audit_log")
+        waiting = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+    assert total == waiting == len(history) + len(merged)
+    assert await db.seal_audit() == total
+    assert all(e.sealed for e in await db.history(wid))
+    result = await db.verify_audit()
+    assert result.ok and result.checked == total and result.unsealed == 0
+
+
+async def test_cancel_and_dead_letter_are_audited(db):
+    a = await db.submit_work(NewWorkItem("t", source="s"))
+    b = await db.submit_work(NewWorkItem("t", source="s"))
+    await db.cancel(a.id, "not needed")
+    await db.dead_letter(b.id, "poison")
+    [cancel] = (await db.history(a.id))[1:]
+    assert (cancel.event, cancel.from_state, cancel.to_state) == ("cancelled", "queued", "cancelled")
+    assert cancel.payload["reason"] == "not needed"
+    [dead] = (await db.history(b.id))[1:]
+    assert (dead.event, dead.to_state) == ("dead", "dead")
+    assert dead.payload["error"] == "poison"
+
+
+async def test_refused_change_writes_no_audit_row(db, db_url):
+    item = await db.submit_work(NewWorkItem("t", source="s"))
+    await db.cancel(item.id)
+    before = len(await db.history(item.id))
+    with pytest.raises(IllegalTransition, match="cancelled -> cancelled"):
+        await db.cancel(item.id)
+    assert len(await db.history(item.id)) == before
+
+
+@pytest.mark.parametrize("table", ["audit_log", "audit_seal"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE animus.{t} SET {col} = {col}",
+        "UPDATE animus.{t} SET {col} = {col} WHERE {key} = 1",
+        "DELETE FROM animus.{t}",
+        "DELETE FROM animus.{t} WHERE {key} = (SELECT max({key}) FROM animus.{t})",
+        "TRUNCATE animus.{t} CASCADE",
+    ],
+)
+async def test_audit_tables_are_append_only_even_for_superuser(db, db_url, table, statement):
+    await _lifecycle(db)
+    await db.seal_audit()
+    key, col = ("id", "event") if table == "audit_log" else ("seq", "sealed_at")
+    sql = statement.format(t=table, col=col, key=key)
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        rows_before = await conn.fetch(f"SELECT * FROM animus.{table} ORDER BY {key}")
+        assert rows_before
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute(sql)
+        assert await conn.fetch(f"SELECT * FROM animus.{table} ORDER BY {key}") == rows_before
+    assert (await db.verify_audit()).ok
+
+
+async def _seal_and_tamper(db, db_url, sql: str) -> int:
+    """Seal the trail, then change it past the triggers as the superuser can. Returns the
+    id of the row the change was aimed at (the third row of the chain)."""
+    await _lifecycle(db)
+    assert await db.seal_audit() > 3
+    async with raw(db_url) as conn:
+        target: int = await conn.fetchval(
+            "SELECT audit_id FROM animus.audit_seal ORDER BY seq OFFSET 2 LIMIT 1"
+        )
+        await conn.execute("SET session_replication_role = replica")
+        status = await conn.execute(sql, target)
+        assert status.endswith(" 1"), status
+    return target
+
+
+async def test_tampered_payload_is_detected_at_its_row(db, db_url, animus):
+    target = await _seal_and_tamper(
+        db, db_url,
+        """UPDATE animus.audit_log SET payload = payload || '{"reason": "nothing to see"}'
+            WHERE id = $1""",
+    )
+    result = await db.verify_audit()
+    assert not result.ok
+    assert result.first_bad_id == target
+    assert result.checked == 2
+    assert "changed after it was sealed" in (result.problem or "")
+
+    proc = animus("audit", "verify")
+    assert proc.returncode == 1, proc
+    assert f"row {target}" in proc.stdout
+    assert "BROKEN" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("UPDATE animus.audit_log SET at = at + interval '1 microsecond' WHERE id = $1",
+         "changed after it was sealed"),
+        ("UPDATE animus.audit_log SET db_user = 'someone_else' WHERE id = $1",
+         "changed after it was sealed"),
+        ("UPDATE animus.audit_seal SET hash = sha256(hash) WHERE audit_id = $1",
+         "changed after it was sealed"),
+        ("DELETE FROM animus.audit_log WHERE id = $1", "seals a missing row"),
+    ],
+)
+async def test_other_tampering_is_detected(db, db_url, sql, problem):
+    target = await _seal_and_tamper(db, db_url, sql)
+    result = await db.verify_audit()
+    assert not result.ok
+    assert problem in (result.problem or "")
+    if "missing" not in problem:
+        assert result.first_bad_id == target
+
+
+async def test_row_slipped_in_without_trigger_is_detected(db, db_url):
+    await _lifecycle(db)
+    await db.seal_audit()
+    async with raw(db_url) as conn:
+        await conn.execute("SET session_replication_role = replica")
+        forged = await conn.fetchval(
+            """INSERT INTO animus.audit_log (work_id, event, provenance)
+               VALUES (gen_random_uuid(), 'completed', '{}') RETURNING id"""
+        )
+    result = await db.verify_audit()
+    assert not result.ok and result.first_bad_id == forged
+
+
+async def test_cli_verify_intact_and_show_history(db, animus):
+    wid, _ = await _lifecycle(db)
+    ok = animus("audit", "verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "intact" in ok.stdout
+
+    shown = animus("audit", "show", str(wid))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.strip().splitlines()
+    assert lines[0].split()[:5] == ["#", "at", "event", "from", "to"]
+    events = [line.split()[3] for line in lines[1:]]
+    assert events == ["submitted", "claimed", "running", "failed", "queued", "claimed",
+                      "running", "completed"]
+    assert "test" in lines[1]  # the actor
+    assert "yes" in lines[1]  # verify sealed it
+
+    missing = animus("audit", "show", "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("animus: error:")

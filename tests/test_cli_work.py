@@ -1,0 +1,155 @@
+"""``animus work``: the real command, run as a subprocess against the per-test database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from animus_core import NewWorkItem, State
+from tests.support import counts, one_error_line, raw
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+async def test_submit_list_show(db, db_url, animus):
+    parent = ok(animus("work", "submit", "parent-type")).split()
+    assert parent[0] == "created"
+    parent_id = parent[1]
+
+    out = ok(animus(
+        "work", "submit", "transform",
+        "--param", "k=v", "--param", "n=3", "--param", "flag=true",
+        "--params", '{"content": "hello world", "n": 1, "nested": {"a": [1, 2]}}',
+        "--dedup-key", "task-123", "--priority", "5", "--source", "me", "--parent", parent_id,
+        "--json",
+    ))
+    result = json.loads(out)
+    assert result["type"] == "created"
+    item = result["item"]
+    wid = item["id"]
+    # --param is applied over --params; values are JSON when they parse, else text.
+    assert item["params"] == {"content": "hello world", "n": 3, "k": "v", "flag": True,
+                              "nested": {"a": [1, 2]}}
+    assert (item["work_type"], item["dedup_key"], item["priority"]) == ("transform", "task-123", 5)
+    assert item["provenance"] == {"source": "me", "trigger": None}
+    assert (item["parent_id"], item["state"]) == (parent_id, "queued")
+    stored = await db.get_work_item(wid)
+    assert stored.params == item["params"] and stored.parent_id == uuid.UUID(parent_id)
+    # The CLI acts as cli:<user>, recorded in the audit trail.
+    [submitted] = await db.history(wid)
+    assert submitted.provenance["actor"].startswith("cli:")
+
+    dup = ok(animus("work", "submit", "transform", "--dedup-key", "task-123")).split()
+    assert dup[0] == "merged" and dup[3] == wid
+
+    table = ok(animus("work", "list")).splitlines()
+    assert table[0].split()[:3] == ["id", "type", "state"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows[wid][1:5] == ["transform", "queued", "0/3", "5"]
+    assert rows[dup[1]][2] == "merged"
+    assert len(rows) == 3
+
+    listed = json.loads(ok(animus("work", "list", "--json", "--state", "queued",
+                                  "--type", "transform")))
+    assert [i["id"] for i in listed] == [wid]
+    assert [i["id"] for i in json.loads(ok(animus("work", "list", "--json",
+                                                  "--parent", parent_id)))] == [wid]
+    newest_first = [i["id"] for i in json.loads(ok(animus("work", "list", "--json")))]
+    assert newest_first[-1] == parent_id
+    page = json.loads(ok(animus("work", "list", "--json", "--before", newest_first[0],
+                                "--limit", "1")))
+    assert [i["id"] for i in page] == newest_first[1:2]
+
+    shown = ok(animus("work", "show", wid))
+    fields = dict(line.split(":", 1) for line in shown.splitlines())
+    assert fields["id"].strip() == wid
+    assert fields["state"].strip() == "queued"
+    assert fields["dedup key"].strip() == "task-123"
+    assert fields["source"].strip() == "me"
+    assert json.loads(fields["params"]) == item["params"]
+    assert json.loads(ok(animus("work", "show", wid, "--json"))) == {
+        **item, "updated_at": json.loads(ok(animus("work", "show", wid, "--json")))["updated_at"]
+    }
+
+
+async def test_cancel_and_retry(db, animus):
+    queued = (await db.submit_work(NewWorkItem("t", source="s"))).id
+    out = ok(animus("work", "cancel", str(queued)))
+    assert out.strip() == f"cancelled {queued}"
+    cancelled = await db.get_work_item(queued)
+    assert cancelled.state == State.CANCELLED
+    assert cancelled.reason == "cancelled from the command line"
+
+    # failed -> queued
+    failing = (await db.submit_work(NewWorkItem("t", source="s").params({"x": 1}))).id
+    [c] = await db.claim(start=True)
+    await db.fail(c.lease, "boom")
+    out = ok(animus("work", "retry", str(failing)))
+    assert out.strip() == f"queued {failing} for another attempt"
+    assert (await db.get_work_item(failing)).state == State.QUEUED
+
+    # dead -> replayed as a new item
+    await db.dead_letter(failing, "gave up")
+    words = ok(animus("work", "retry", str(failing))).split()
+    assert words[:3] == ["replayed", str(failing), "as"]
+    replay = await db.get_work_item(words[3])
+    assert replay.replay_of == failing
+    assert replay.state == State.QUEUED and replay.params == {"x": 1}
+    assert replay.provenance.source == "cli"
+
+
+_MISSING = "00000000-0000-0000-0000-00000000abcd"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["work", "submit", "t", "--params", "{not json"], "--params is not valid JSON"),
+        (["work", "submit", "t", "--params", "[1, 2]"], "must be a JSON object"),
+        (["work", "submit", "t", "--param", "novalue"], "key=value"),
+        (["work", "submit", "t", "--param", "x=NaN"], "nan"),
+        (["work", "submit", "bad type!"], "work type"),
+        (["work", "submit", "t", "--parent", _MISSING], _MISSING),
+        (["work", "submit", "t", "--parent", "nope"], "UUID"),
+        (["work", "submit", "t", "--queue", "nosuch"], "nosuch"),
+        (["work", "show", _MISSING], _MISSING),
+        (["work", "show", "not-an-id"], "UUID"),
+        (["work", "cancel", _MISSING], _MISSING),
+        (["work", "retry", _MISSING], _MISSING),
+        (["work", "list", "--before", _MISSING], _MISSING),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v[1:3]),
+)
+async def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(db_url, animus, args, words):
+    before = await counts(db_url)
+    proc = animus(*args)
+    assert proc.returncode == 2, proc
+    line = one_error_line(proc.stderr)
+    assert words in line
+    assert proc.stdout == ""
+    assert await counts(db_url) == before
+
+
+async def test_illegal_transition_from_cli(db, db_url, animus):
+    wid = (await db.submit_work(NewWorkItem("t", source="s"))).id
+    [c] = await db.claim(start=True)
+    await db.complete(c.lease, {"done": True})
+    before = await counts(db_url)
+    async with raw(db_url) as conn:
+        row = await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1", wid)
+
+    for command in ("cancel", "retry"):
+        proc = animus("work", command, str(wid))
+        assert proc.returncode == 2, proc
+        line = one_error_line(proc.stderr)
+        assert "completed -> " in line and str(wid) in line
+
+    assert await counts(db_url) == before
+    async with raw(db_url) as conn:
+        assert await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1", wid) == row

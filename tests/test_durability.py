@@ -1,0 +1,181 @@
+"""Nothing half-done survives a lost connection, and leases really expire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+
+from animus_core import Created, IllegalTransition, LeaseLost, NewWorkItem, State
+from tests.support import counts, raw
+
+_GONE = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, OSError)
+
+
+def _payload(*items: NewWorkItem) -> str:
+    return json.dumps([i.to_json() for i in items])
+
+
+async def _wait_until_blocked(conn: Any, pid: int) -> None:
+    """Wait until backend ``pid`` waits on a lock (the test's synchronisation, not a timing
+    assertion: it fails only if the backend never gets there)."""
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} never blocked")
+
+
+async def test_connection_killed_after_submit_before_commit_leaves_nothing(db_url):
+    before = await counts(db_url)
+    async with raw(db_url) as killer:
+        victim = await asyncpg.connect(db_url)
+        pid = victim.get_server_pid()
+        tx = victim.transaction()
+        await tx.start()
+        rows = await victim.fetch(
+            "SELECT * FROM animus.submit('work', $1::jsonb)",
+            _payload(NewWorkItem("d", source="t").params({"a": 1}),
+                     NewWorkItem("d", source="t").dedup_key("k")),
+        )
+        assert len(rows) == 2
+        # Inside the transaction the item, its message and its audit rows all exist.
+        assert await victim.fetchval("SELECT count(*) FROM animus.audit_log") == before["audit"] + 2
+        assert await victim.fetchval("SELECT count(*) FROM pgmq.q_work") == before["messages"] + 2
+        assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(_GONE):
+            await victim.fetchval("SELECT 1")
+        victim.terminate()
+    assert await counts(db_url) == before
+
+
+async def test_connection_killed_while_submit_waits_on_a_duplicate_leaves_nothing(db_url):
+    """The submit is killed in the middle of its statement: blocked on the dedup index behind
+    another uncommitted submit of the same key, after inserting the rest of its batch."""
+    before = await counts(db_url)
+    async with raw(db_url) as holder, raw(db_url) as killer:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.fetch("SELECT * FROM animus.submit('work', $1::jsonb)",
+                           _payload(NewWorkItem("d", source="t").dedup_key("same")))
+
+        victim = await asyncpg.connect(db_url)
+        pid = victim.get_server_pid()
+        submit = asyncio.create_task(victim.fetch(
+            "SELECT * FROM animus.submit('work', $1::jsonb)",
+            _payload(NewWorkItem("d", source="t").dedup_key("other"),
+                     NewWorkItem("d", source="t"),
+                     NewWorkItem("d", source="t").dedup_key("same")),
+        ))
+        await _wait_until_blocked(killer, pid)
+        assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(_GONE):
+            await submit
+        victim.terminate()
+        await hold.rollback()
+    assert await counts(db_url) == before
+
+
+async def test_connection_killed_in_a_claim_leaves_the_item_queued(db, db_url):
+    created = await db.submit_work(NewWorkItem("d", source="t"))
+    before = await counts(db_url)
+    async with raw(db_url) as killer:
+        victim = await asyncpg.connect(db_url)
+        tx = victim.transaction()
+        await tx.start()
+        [row] = await victim.fetch("SELECT * FROM animus.claim('work', 1, 300, NULL, true)")
+        assert row["state"] == "running"
+        await killer.fetchval("SELECT pg_terminate_backend($1)", victim.get_server_pid())
+        victim.terminate()
+    assert await counts(db_url) == before
+    item = await db.get_work_item(created.id)
+    assert (item.state, item.attempts) == (State.QUEUED, 0)
+    # The message was not consumed: the next claim gets the item at once.
+    [claimed] = await db.claim()
+    assert claimed.item.id == created.id
+
+
+async def test_stale_lease_cannot_complete_after_reclaim(db):
+    created = await db.submit_work(NewWorkItem("lease", source="t"))
+    assert isinstance(created, Created)
+    [first] = await db.claim(lease_seconds=1, start=True)
+    assert await db.claim(lease_seconds=1) == []  # held: invisible to others
+    await asyncio.sleep(1.2)
+    [second] = await db.claim(lease_seconds=30, start=True)
+    assert second.item.id == created.id
+    assert second.lease.token != first.lease.token
+    # The expiry counted as a failed attempt, then the item was queued and claimed again.
+    assert second.item.attempts == 2
+
+    with pytest.raises(LeaseLost, match=str(created.id)):
+        await db.complete(first.lease, {"by": "first"})
+    with pytest.raises(LeaseLost):
+        await db.fail(first.lease, "late")
+    with pytest.raises(LeaseLost):
+        await db.release(first.lease, "late")
+    await db.complete(second.lease, {"by": "second"})
+    item = await db.get_work_item(created.id)
+    assert item.state == State.COMPLETED and item.outcome.data == {"by": "second"}
+    history = [(e.from_state, e.to_state) for e in await db.history(created.id)]
+    assert history == [
+        (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
+        ("running", "failed"), ("failed", "queued"), ("queued", "claimed"),
+        ("claimed", "running"), ("running", "completed"),
+    ]
+
+
+async def test_expired_claim_that_never_started_is_requeued_without_an_attempt(db):
+    created = await db.submit_work(NewWorkItem("lease", source="t"))
+    [first] = await db.claim(lease_seconds=1)
+    await asyncio.sleep(1.2)
+    [second] = await db.claim(lease_seconds=30)
+    assert second.item.id == created.id and second.item.attempts == 0
+    with pytest.raises(LeaseLost):
+        await db.start(first.lease)
+    await db.start(second.lease)
+    assert (await db.get_work_item(created.id)).attempts == 1
+
+
+async def test_extended_lease_is_not_taken(db):
+    await db.submit_work(NewWorkItem("lease", source="t"))
+    [held] = await db.claim(lease_seconds=1, start=True)
+    await db.extend_lease([held.lease], 30)
+    await asyncio.sleep(1.2)
+    assert await db.claim(lease_seconds=30) == []
+    await db.complete(held.lease, None)
+    assert (await db.get_work_item(held.item.id)).state == State.COMPLETED
+
+
+async def test_running_item_whose_lease_expires_is_retried_then_dead_lettered(db, db_url):
+    created = await db.submit_work(NewWorkItem("lease", source="t").max_attempts(2))
+    [c1] = await db.claim(lease_seconds=1, start=True)
+    assert c1.item.attempts == 1
+    await asyncio.sleep(1.2)
+    [c2] = await db.claim(lease_seconds=1, start=True)  # expiry 1: failed, then queued
+    assert c2.item.id == created.id and c2.item.attempts == 2
+    await asyncio.sleep(1.2)
+    assert await db.claim(lease_seconds=1, start=True) == []  # expiry 2: attempts exhausted
+
+    item = await db.get_work_item(created.id)
+    assert item.state == State.DEAD and item.attempts == 2
+    assert item.resolved_at is not None
+    assert "attempts exhausted (2/2)" in (item.reason or "")
+    assert "lease expired" in (item.outcome.error or "")
+    history = [(e.from_state, e.to_state) for e in await db.history(created.id)]
+    assert history == [
+        (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
+        ("running", "failed"), ("failed", "queued"), ("queued", "claimed"),
+        ("claimed", "running"), ("running", "failed"), ("failed", "dead"),
+    ]
+    # Its message is archived: nothing is left to claim, and the dead letter stays dead.
+    assert (await counts(db_url))["messages"] == 0
+    with pytest.raises(LeaseLost):
+        await db.fail(c1.lease, "late")
+    with pytest.raises(IllegalTransition):
+        await db.complete(c2.lease, None)

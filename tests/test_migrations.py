@@ -1,0 +1,124 @@
+"""Migrations: applied once each under concurrency, recorded with their checksums, and the
+extensions they rely on recorded with how they were installed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from pgmq.install import get_embedded_sql_version
+
+from animus_core import Db, MigrationError, NewWorkItem
+from animus_core.migrations import load
+from tests.conftest import with_database
+from tests.support import raw
+
+_fresh = itertools.count()
+
+
+@pytest.fixture
+async def empty_db_url(server_url: str) -> AsyncIterator[str]:
+    """A brand-new, empty database (not cloned from the migrated template)."""
+    name = f"animus_mig_{os.getpid()}_{next(_fresh)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield with_database(server_url, name)
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_concurrent_migrations_apply_each_file_once(empty_db_url):
+    files = load()
+    assert [m.version for m in files] == sorted({m.version for m in files})
+    one = await Db.connect(empty_db_url, max_size=2)
+    two = await Db.connect(empty_db_url, max_size=2)
+    try:
+        done_one, done_two = await asyncio.gather(one.migrate(), two.migrate())
+        # One of them applied everything, the other found nothing left to do.
+        applied = sorted([done_one, done_two], key=len)
+        assert applied[0] == []
+        assert [m.version for m in applied[1]] == [m.version for m in files]
+        assert await one.migrate() == []  # and again: nothing
+
+        status = await two.migration_status()
+        assert status.applied == [m.version for m in files] and status.pending == []
+        assert await one.queues() == ["work"]
+        # The schema works.
+        created = await one.submit_work(NewWorkItem("t", source="s"))
+        [claimed] = await two.claim()
+        assert claimed.item.id == created.id
+    finally:
+        await one.close()
+        await two.close()
+    async with raw(empty_db_url) as conn:
+        rows = await conn.fetch(
+            "SELECT version, name, checksum FROM animus.schema_migrations ORDER BY version"
+        )
+    assert [(r["version"], r["name"], r["checksum"]) for r in rows] == [
+        (m.version, m.name, m.checksum) for m in files
+    ]
+
+
+async def test_components_record_pgmq_and_pgvector(db, db_url):
+    async with raw(db_url) as conn:
+        rows = {r["name"]: r for r in await conn.fetch("SELECT * FROM animus.components")}
+        vector = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+        pgmq_ext = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")
+    assert set(rows) == {"pgmq", "pgvector"}
+    assert (rows["pgvector"]["install"], rows["pgvector"]["version"]) == ("extension", vector)
+    # This server has no pgmq extension: the SQL-only install bundled with the pgmq package.
+    assert pgmq_ext is None
+    assert (rows["pgmq"]["install"], rows["pgmq"]["version"]) == (
+        "sql-only", get_embedded_sql_version()
+    )
+    status = await db.migration_status()
+    assert {(c.name, c.install) for c in status.components} == {
+        ("pgmq", "sql-only"), ("pgvector", "extension"),
+    }
+
+
+async def test_changed_migration_is_refused_by_name(db, db_url):
+    first = load()[0]
+    async with raw(db_url) as conn:
+        await conn.execute(
+            "UPDATE animus.schema_migrations SET checksum = 'x' WHERE version = $1", first.version
+        )
+    with pytest.raises(MigrationError) as err:
+        await db.migrate()
+    message = str(err.value)
+    assert f"{first.version:04d}_{first.name}.sql" in message
+    assert "changed after it was applied" in message
+
+
+async def test_unknown_applied_migration_is_refused(db, db_url):
+    async with raw(db_url) as conn:
+        await conn.execute(
+            "INSERT INTO animus.schema_migrations (version, name, checksum) "
+            "VALUES (9999, 'from_the_future', 'y')"
+        )
+    with pytest.raises(MigrationError, match="9999_from_the_future.*upgrade animus"):
+        await db.migrate()
+
+
+async def test_cli_db_status_and_migrate(animus):
+    proc = animus("db", "status")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
+    assert rows["pgmq"][1:] == ["sql-only", get_embedded_sql_version()]
+    assert rows["pgvector"][1] == "extension"
+    assert rows["pending:"][1] == "none"
+    assert "PostgreSQL" in rows["server:"][1]
+
+    proc = animus("db", "migrate")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "up to date"
