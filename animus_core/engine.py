@@ -41,6 +41,7 @@ from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
+from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
 from animus_core.schedules import Schedule
 from animus_core.work import Claimed, Lease, NewWorkItem, WorkNotification
@@ -115,6 +116,8 @@ class Engine:
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
         self.listener_connected = asyncio.Event()
+        self.memory: Memory | None = None
+        self.memory_problem = "memory is not configured for this engine"
 
     # -- running -----------------------------------------------------------------------------
 
@@ -123,7 +126,15 @@ class Engine:
         self._stopping.set()
         self._wake.set()
 
+    async def _open_memory(self) -> None:
+        try:
+            self.memory = await Memory.open(self.db, select_embedder(self.pm, self.settings))
+        except AnimusError as e:
+            self.memory_problem = f"memory is unavailable: {e}"
+            _log.error("%s", self.memory_problem)
+
     async def run(self) -> None:
+        await self._open_memory()
         for impl in self.pm.hook.startup.get_hookimpls():
             await await_me_maybe(impl.function(engine=self))
         await self._report_unroutable_backlog()
@@ -258,26 +269,40 @@ class Engine:
         fac, item, lease = slot.faculty, claimed.item, claimed.lease
         focus = Focus(item, self.db, attempt=item.attempts, log=_log, root=self.foci_root,
                       hook_env=self.hook_env)
+        memory = self.memory.for_work(source=fac.name, work_id=item.id) if self.memory else None
+        focus._memory = memory
+        focus.memory_unavailable = self.memory_problem
         started = time.perf_counter()
         phase, failed = "orient", False
+        scope = TxScope(self.db)
         try:
             try:
                 oriented = await self._call(fac, "orient", focus)
                 phase = "engage"
                 engaged = await self._call(fac, "engage", focus, oriented=oriented)
                 phase = "consolidate"
+                if self.memory is not None:
+                    focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = await self._call(fac, "consolidate", focus, engaged=engaged)
                 json.dumps(outcome, allow_nan=False)
+                ms = int((time.perf_counter() - started) * 1000)
+                if scope.conn is not None:
+                    # consolidate wrote memories: they commit with the completion, or not at all
+                    await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn)
+                    await scope.finish(commit=True)
             except asyncio.CancelledError:
+                await scope.finish(commit=False)
                 raise
             except Exception as e:
+                await scope.finish(commit=False)
                 failed = True
                 ms = int((time.perf_counter() - started) * 1000)
                 await self._failed(fac, focus, lease, _describe(e, phase, fac), phase, ms)
             else:
-                ms = int((time.perf_counter() - started) * 1000)
-                self._completions.append((lease, outcome, ms))
-                self._completions_ready.set()
+                if not scope.used:  # the usual path: batched with other completions
+                    self._completions.append((lease, outcome, ms))
+                    self._completions_ready.set()
+                self._activity = True
         finally:
             kept = focus.cleanup(keep=failed and (self.options.keep_foci
                                                   or getattr(fac, "keep_failed", False)))

@@ -12,6 +12,7 @@ from animus_core.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
     from animus_core.db import Db
+    from animus_core.memory import Memory
 
 __all__ = ["Focus"]
 
@@ -36,6 +37,18 @@ class Focus:
         self._db = db
         self._root = root
         self._directory: Path | None = None
+        self._memory: Memory | None = None
+        self.memory_unavailable = "memory is not configured for this engine"
+
+    @property
+    def memory(self) -> Memory:
+        """Semantic memory (:class:`animus_core.memory.Memory`). During consolidate, what is
+        written here commits together with the item's completion, or not at all."""
+        if self._memory is None:
+            from animus_core.errors import ConfigError
+
+            raise ConfigError(self.memory_unavailable)
+        return self._memory
 
     @property
     def params(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from animus_core.embedders import Embedder
 from animus_core.errors import ConfigError, InvalidInput
 from animus_core.work import dump_json
 
-__all__ = ["Memory", "MemoryRecord", "MemoryStats", "NewMemory", "select_embedder"]
+__all__ = ["Memory", "MemoryRecord", "MemoryStats", "NewMemory", "TxScope", "select_embedder"]
 
 Mode = Literal["hybrid", "vector", "text"]
 RRF_K = 60
@@ -116,14 +116,52 @@ def _check_metadata(metadata: object, where: str) -> dict[str, Any]:
     return dict(metadata)
 
 
+class TxScope:
+    """A transaction opened on first use and finished by its owner (the engine, around a
+    consolidate phase): everything written through it commits or rolls back together."""
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self.conn: asyncpg.Connection | None = None
+        self.used = False  # a transaction was opened and committed through this scope
+        self._tx: Any = None
+
+    async def connection(self) -> asyncpg.Connection:
+        if self.conn is None:
+            conn = await self.db.pool.acquire()
+            try:
+                tx = conn.transaction()
+                await tx.start()
+            except BaseException:
+                await self.db.pool.release(conn)
+                raise
+            self.conn, self._tx = conn, tx
+        return self.conn
+
+    async def finish(self, *, commit: bool) -> None:
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        try:
+            if commit:
+                await self._tx.commit()
+                self.used = True
+            else:
+                await self._tx.rollback()
+        finally:
+            await self.db.pool.release(conn)
+
+
 class Memory:
     """The memory API. Create with :meth:`open` (configures the embedder on first use)."""
 
     def __init__(self, db: Db, embedder: Embedder, *, conn: asyncpg.Connection | None = None,
-                 default_source: str | None = None, work_id: UUID | None = None) -> None:
+                 scope: TxScope | None = None, default_source: str | None = None,
+                 work_id: UUID | None = None) -> None:
         self.db = db
         self.embedder = embedder
         self._conn = conn
+        self._scope = scope
         self.default_source = default_source
         self.work_id = work_id
 
@@ -149,9 +187,21 @@ class Memory:
         """The same store writing through ``conn`` (and its transaction)."""
         return Memory(self.db, self.embedder, conn=conn, default_source=source, work_id=work_id)
 
+    def scoped(self, scope: TxScope, *, source: str | None = None,
+               work_id: UUID | None = None) -> Memory:
+        """The same store writing through ``scope``'s transaction, opened on first use."""
+        return Memory(self.db, self.embedder, scope=scope, default_source=source, work_id=work_id)
+
+    def for_work(self, *, source: str, work_id: UUID) -> Memory:
+        """The same store, stamping ``source`` and ``work_id`` on what it stores."""
+        return Memory(self.db, self.embedder, default_source=source, work_id=work_id)
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._conn is not None:
+        if self._scope is not None:
+            with _errors():
+                yield await self._scope.connection()
+        elif self._conn is not None:
             with _errors():
                 yield self._conn
         else:

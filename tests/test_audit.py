@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import asyncpg
 import pytest
 
-from animus_core import Created, IllegalTransition, Merged, NewWorkItem
+from animus_core import Created, Db, IllegalTransition, Merged, NewWorkItem
 from tests.support import raw
 
 
@@ -15,12 +17,13 @@ async def _current_user(db_url: str) -> str:
     return user
 
 
-async def _lifecycle(db):
+async def _lifecycle(db: Db) -> tuple[UUID, UUID]:
     """submit, merge, claim, start, fail, retry, claim+start, complete; returns both ids."""
     new = NewWorkItem("audited", source="tester", trigger="unit test").dedup_key("a1")
     first = await db.submit_work(new.params({"n": 1}))
     dup = await db.submit_work(new)
-    assert isinstance(first, Created) and isinstance(dup, Merged)
+    assert isinstance(first, Created)
+    assert isinstance(dup, Merged)
     [c1] = await db.claim()
     await db.start(c1.lease)
     await db.fail(c1.lease, "boom", duration_ms=7)
@@ -53,7 +56,8 @@ async def test_every_change_writes_an_audit_row(db, db_url):
     assert submitted.payload["work_type"] == "audited"
     assert submitted.payload["dedup_key"] == "a1"
     assert submitted.payload["params"] == {"n": 1}
-    assert failed.payload["error"] == "boom" and failed.payload["duration_ms"] == 7
+    assert failed.payload["error"] == "boom"
+    assert failed.payload["duration_ms"] == 7
     assert failed.payload["attempts"] == 1
     assert retried.payload["reason"] == "again"
     assert completed.payload["outcome"] == {"answer": 42}
@@ -72,7 +76,9 @@ async def test_every_change_writes_an_audit_row(db, db_url):
     assert await db.seal_audit() == total
     assert all(e.sealed for e in await db.history(wid))
     result = await db.verify_audit()
-    assert result.ok and result.checked == total and result.unsealed == 0
+    assert result.ok
+    assert result.checked == total
+    assert result.unsealed == 0
 
 
 async def test_cancel_and_dead_letter_are_audited(db):
@@ -123,7 +129,7 @@ async def test_audit_tables_are_append_only_even_for_superuser(db, db_url, table
     assert (await db.verify_audit()).ok
 
 
-async def _seal_and_tamper(db, db_url, sql: str) -> int:
+async def _seal_and_tamper(db: Db, db_url: str, sql: str) -> int:
     """Seal the trail, then change it past the triggers as the superuser can. Returns the
     id of the row the change was aimed at (the third row of the chain)."""
     await _lifecycle(db)
@@ -188,7 +194,8 @@ async def test_row_slipped_in_without_trigger_is_detected(db, db_url):
                VALUES (gen_random_uuid(), 'completed', '{}') RETURNING id"""
         )
     result = await db.verify_audit()
-    assert not result.ok and result.first_bad_id == forged
+    assert not result.ok
+    assert result.first_bad_id == forged
 
 
 async def test_cli_verify_intact_and_show_history(db, animus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 
 import pytest
@@ -11,7 +12,7 @@ from animus_core import NewWorkItem, State
 from tests.support import counts, one_error_line, raw
 
 
-def ok(proc):
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
     return proc.stdout
@@ -40,13 +41,15 @@ async def test_submit_list_show(db, db_url, animus):
     assert item["provenance"] == {"source": "me", "trigger": None}
     assert (item["parent_id"], item["state"]) == (parent_id, "queued")
     stored = await db.get_work_item(wid)
-    assert stored.params == item["params"] and stored.parent_id == uuid.UUID(parent_id)
+    assert stored.params == item["params"]
+    assert stored.parent_id == uuid.UUID(parent_id)
     # The CLI acts as cli:<user>, recorded in the audit trail.
     [submitted] = await db.history(wid)
     assert submitted.provenance["actor"].startswith("cli:")
 
     dup = ok(animus("work", "submit", "transform", "--dedup-key", "task-123")).split()
-    assert dup[0] == "merged" and dup[3] == wid
+    assert dup[0] == "merged"
+    assert dup[3] == wid
 
     table = ok(animus("work", "list")).splitlines()
     assert table[0].split()[:3] == ["id", "type", "state"]
@@ -100,7 +103,8 @@ async def test_cancel_and_retry(db, animus):
     assert words[:3] == ["replayed", str(failing), "as"]
     replay = await db.get_work_item(words[3])
     assert replay.replay_of == failing
-    assert replay.state == State.QUEUED and replay.params == {"x": 1}
+    assert replay.state == State.QUEUED
+    assert replay.params == {"x": 1}
     assert replay.provenance.source == "cli"
 
 
@@ -148,7 +152,8 @@ async def test_illegal_transition_from_cli(db, db_url, animus):
         proc = animus("work", command, str(wid))
         assert proc.returncode == 2, proc
         line = one_error_line(proc.stderr)
-        assert "completed -> " in line and str(wid) in line
+        assert "completed -> " in line
+        assert str(wid) in line
 
     assert await counts(db_url) == before
     async with raw(db_url) as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,11 @@ from animus_core.config import Settings
 from tests.conftest import ROOT
 from tests.support import one_error_line
 
-
 UNREACHABLE = "postgresql://nobody:secret@127.0.0.1:1/x"
 
 
 @pytest.fixture
-def run_with(tmp_path: Path):
+def run_with(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``animus`` with some environment variables set. Without a DATABASE_URL of its own
     it gets an unreachable one, so a setting that is not checked fails differently."""
     base = {k: v for k, v in os.environ.items()
@@ -53,22 +53,26 @@ def test_database_url_that_is_not_postgres_is_a_config_error(run_with, url):
     proc = run_with({"DATABASE_URL": url}, "work", "list")
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
-    assert "DATABASE_URL" in line and "postgresql://" in line
+    assert "DATABASE_URL" in line
+    assert "postgresql://" in line
 
 
 def test_bogus_log_level_is_a_config_error(run_with):
     proc = run_with({"LOG_LEVEL": "bogus"}, "work", "list")
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
-    assert "LOG_LEVEL" in line and "bogus" in line
-    assert "debug" in line and "info" in line  # names the accepted levels
+    assert "LOG_LEVEL" in line
+    assert "bogus" in line
+    assert "debug" in line
+    assert "info" in line
 
 
 def test_settings_from_env():
     s = Settings.from_env({"ANIMUS_HOME": "/tmp/h", "LOG_LEVEL": " WARNING "})
     assert (s.database_url, s.log_level, s.home) == (None, "warning", Path("/tmp/h"))
     s = Settings.from_env({"ANIMUS_HOME": "/tmp/h", "DATABASE_URL": "postgres://u@h/d"})
-    assert s.database_url == "postgres://u@h/d" and s.log_level == "info"
+    assert s.database_url == "postgres://u@h/d"
+    assert s.log_level == "info"
     assert Settings.from_env({"ANIMUS_HOME": "/h", "DATABASE_URL": ""}).database_url is None
     with pytest.raises(ConfigError, match="LOG_LEVEL"):
         Settings.from_env({"LOG_LEVEL": "loud"})

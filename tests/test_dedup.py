@@ -98,14 +98,17 @@ async def test_dedup_only_among_live_items(db):
     assert claimed.item.id == first.id
     # Claimed and running items are live: still merged into.
     dup = await db.submit_work(new)
-    assert isinstance(dup, Merged) and dup.canonical_id == first.id
+    assert isinstance(dup, Merged)
+    assert dup.canonical_id == first.id
     await db.complete(claimed.lease, {"ok": 1})
 
     second = await db.submit_work(new)
-    assert isinstance(second, Created) and second.id != first.id
+    assert isinstance(second, Created)
+    assert second.id != first.id
     assert second.item.state == State.QUEUED
     third = await db.submit_work(new)
-    assert isinstance(third, Merged) and third.canonical_id == second.id
+    assert isinstance(third, Merged)
+    assert third.canonical_id == second.id
 
     # Cancelled and dead items are finished too.
     await db.cancel(second.id)
@@ -136,10 +139,12 @@ async def test_batch_with_duplicates_of_each_other(db, db_url):
     assert kinds == ["created", "merged", "created", "created", "created", "created", "merged",
                      "merged"]
     k1 = results[0].id
-    assert results[1].canonical_id == k1 and results[7].canonical_id == k1
+    assert results[1].canonical_id == k1
+    assert results[7].canonical_id == k1
     assert results[6].canonical_id == live.id
     # The first of the duplicates in input order is the one kept, with its params.
-    assert isinstance(results[0], Created) and results[0].item.params == {"i": 0}
+    assert isinstance(results[0], Created)
+    assert results[0].item.params == {"i": 0}
     assert len({r.id for r in results}) == len(batch)
     assert (await counts(db_url))["messages"] == 1 + 5
 

@@ -121,7 +121,8 @@ async def test_stale_lease_cannot_complete_after_reclaim(db):
         await db.release(first.lease, "late")
     await db.complete(second.lease, {"by": "second"})
     item = await db.get_work_item(created.id)
-    assert item.state == State.COMPLETED and item.outcome.data == {"by": "second"}
+    assert item.state == State.COMPLETED
+    assert item.outcome.data == {"by": "second"}
     history = [(e.from_state, e.to_state) for e in await db.history(created.id)]
     assert history == [
         (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
@@ -135,7 +136,8 @@ async def test_expired_claim_that_never_started_is_requeued_without_an_attempt(d
     [first] = await db.claim(lease_seconds=1)
     await asyncio.sleep(1.2)
     [second] = await db.claim(lease_seconds=30)
-    assert second.item.id == created.id and second.item.attempts == 0
+    assert second.item.id == created.id
+    assert second.item.attempts == 0
     with pytest.raises(LeaseLost):
         await db.start(first.lease)
     await db.start(second.lease)
@@ -158,12 +160,14 @@ async def test_running_item_whose_lease_expires_is_retried_then_dead_lettered(db
     assert c1.item.attempts == 1
     await asyncio.sleep(1.2)
     [c2] = await db.claim(lease_seconds=1, start=True)  # expiry 1: failed, then queued
-    assert c2.item.id == created.id and c2.item.attempts == 2
+    assert c2.item.id == created.id
+    assert c2.item.attempts == 2
     await asyncio.sleep(1.2)
     assert await db.claim(lease_seconds=1, start=True) == []  # expiry 2: attempts exhausted
 
     item = await db.get_work_item(created.id)
-    assert item.state == State.DEAD and item.attempts == 2
+    assert item.state == State.DEAD
+    assert item.attempts == 2
     assert item.resolved_at is not None
     assert "attempts exhausted (2/2)" in (item.reason or "")
     assert "lease expired" in (item.outcome.error or "")

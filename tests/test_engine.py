@@ -296,13 +296,10 @@ async def test_higher_priority_runs_first(db, db_url, tmp_path):
 
 # -- failure handling --------------------------------------------------------------------------------
 
-# The fallback poll stands in for the retry timer here (see the xfail test below).
-RETRY_OPTIONS = EngineOptions(poll_interval=0.5, seal_interval=0.2)
-
-
 async def test_retry_then_success(db, db_url, tmp_path):
+    """The retry timer alone wakes the engine (it would poll only after 60 s)."""
     flaky = Flaky(failures=1)
-    async with run_engine(db_url, tmp_path / "home", faculties=[flaky], options=RETRY_OPTIONS):
+    async with run_engine(db_url, tmp_path / "home", faculties=[flaky], options=SLOW_POLL):
         wid = (await db.submit_work(NewWorkItem("flaky"))).id
         item = await wait_finished(db, wid)
     assert item.state == State.COMPLETED, item.reason
@@ -321,7 +318,7 @@ async def test_retry_then_success(db, db_url, tmp_path):
 
 async def test_retry_then_dead_when_attempts_are_exhausted(db, db_url, tmp_path):
     hopeless = Hopeless(verdict=None)
-    async with run_engine(db_url, tmp_path / "home", faculties=[hopeless], options=RETRY_OPTIONS):
+    async with run_engine(db_url, tmp_path / "home", faculties=[hopeless], options=SLOW_POLL):
         wid = (await db.submit_work(NewWorkItem("hopeless").max_attempts(2))).id
         item = await wait_finished(db, wid)
     assert item.state == State.DEAD
@@ -332,19 +329,6 @@ async def test_retry_then_dead_when_attempts_are_exhausted(db, db_url, tmp_path)
     assert "engage failed: RuntimeError: always broken" in item.reason
     assert [p for p, _ in hopeless.recovered] == ["engage", "engage"]
     assert (await events(db, wid)).count("failed") == 2
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py _failed: the retry timer fires after `delay + 0.05`s but db.retry makes the "
-    "message visible after ceil(delay) whole seconds, so the wake-up claims nothing and the "
-    "retry waits for the fallback poll"))
-async def test_retry_wakes_the_engine_without_the_fallback_poll(db, db_url, tmp_path):
-    flaky = Flaky(failures=1)
-    async with run_engine(db_url, tmp_path / "home", faculties=[flaky], options=SLOW_POLL):
-        wid = (await db.submit_work(NewWorkItem("flaky"))).id
-        item = await wait_finished(db, wid, timeout=15)
-    assert item.state == State.COMPLETED
-    assert item.attempts == 2
 
 
 async def test_recover_false_dead_letters_at_once(db, db_url, tmp_path):

@@ -51,7 +51,8 @@ async def test_concurrent_migrations_apply_each_file_once(empty_db_url):
         assert await one.migrate() == []  # and again: nothing
 
         status = await two.migration_status()
-        assert status.applied == [m.version for m in files] and status.pending == []
+        assert status.applied == [m.version for m in files]
+        assert status.pending == []
         assert await one.queues() == ["work"]
         # The schema works.
         created = await one.submit_work(NewWorkItem("t", source="s"))
@@ -106,7 +107,7 @@ async def test_unknown_applied_migration_is_refused(db, db_url):
             "INSERT INTO animus.schema_migrations (version, name, checksum) "
             "VALUES (9999, 'from_the_future', 'y')"
         )
-    with pytest.raises(MigrationError, match="9999_from_the_future.*upgrade animus"):
+    with pytest.raises(MigrationError, match=r"9999_from_the_future.*upgrade animus"):
         await db.migrate()
 
 

@@ -90,7 +90,8 @@ async def _item_in(db: Db, state: State) -> UUID:
         first = NewWorkItem(kind, source="test").dedup_key(f"k-{wid}")
         canonical = await db.submit_work(first)
         merged = await db.submit_work(first)
-        assert isinstance(merged, Merged) and merged.canonical_id == canonical.id
+        assert isinstance(merged, Merged)
+        assert merged.canonical_id == canonical.id
         await db.cancel(canonical.id)  # frees the key: only the transition is then wrong
         return merged.id
     if state == State.CANCELLED:
@@ -197,7 +198,7 @@ class Model:
         return self.state not in TERMINAL
 
 
-async def test_lifecycle_state_machine(db: Db):
+async def test_lifecycle_state_machine(db: Db) -> None:
     loop = asyncio.get_running_loop()
 
     def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -298,7 +299,8 @@ async def test_lifecycle_state_machine(db: Db):
                     m.state, m.attempts = State.RUNNING, m.attempts + 1
                 else:
                     m.state = State.CLAIMED
-                assert c.item.state == m.state and c.item.attempts == m.attempts
+                assert c.item.state == m.state
+                assert c.item.attempts == m.attempts
             return multiple(*(c.lease for c in claimed))
 
         @rule(lease=leases)
@@ -311,7 +313,8 @@ async def test_lifecycle_state_machine(db: Db):
             else:
                 item = run(db.start(lease))
                 m.state, m.attempts = State.RUNNING, m.attempts + 1
-                assert item.state == State.RUNNING and item.attempts == m.attempts
+                assert item.state == State.RUNNING
+                assert item.attempts == m.attempts
 
         @rule(
             lease=leases,
@@ -374,7 +377,8 @@ async def test_lifecycle_state_machine(db: Db):
             else:
                 dead = run(db.dead_letter(item, "given up"))
                 m.state = State.DEAD
-                assert dead.reason == "given up" and dead.resolved_at is not None
+                assert dead.reason == "given up"
+                assert dead.resolved_at is not None
 
         @rule(item=items)
         def cancel(self, item: UUID) -> None:
