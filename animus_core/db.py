@@ -38,6 +38,7 @@ from animus_core.errors import (
     WorkNotFound,
 )
 from animus_core.states import State, require_transition
+from animus_core.telemetry import instruments
 from animus_core.work import (
     Claimed,
     Created,
@@ -240,6 +241,12 @@ class Db:
         async with self.connection() as conn, conn.transaction():
             rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
         out: list[SubmitResult] = []
+        merged = sum(1 for r in rows if r["merged_into"] is not None)
+        if merged:
+            instruments.merged.add(merged, {"queue": queue})
+        if len(rows) > merged:
+            instruments.submitted.add(len(rows) - merged, {"queue": queue})
+            _transition("created", "queued", len(rows) - merged)
         for r in rows:
             if r["merged_into"] is not None:
                 out.append(Merged(id=r["id"], canonical_id=r["merged_into"]))
@@ -354,6 +361,10 @@ class Db:
                 "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
                 queue, limit, lease_seconds, list(work_types) if work_types else None, start,
             )
+        if rows:
+            _transition("queued", "claimed", len(rows))
+            if start:
+                _transition("claimed", "running", len(rows))
         return [
             Claimed(
                 item=WorkItem.from_row(r),
@@ -371,6 +382,7 @@ class Db:
                           updated_at = now() WHERE id = $1 RETURNING *""",
                 lease.work_id,
             )
+        _transition("claimed", "running")
         return WorkItem.from_row(row)
 
     async def extend_lease(self, leases: Sequence[Lease], seconds: int) -> None:
@@ -405,6 +417,7 @@ class Db:
         args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
                 [d[0].token for d in done], data, [d[2] for d in done])
         sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
+        _transition("running", "completed", len(done))
         if conn is not None:
             with _errors():
                 await conn.execute(sql, *args)
@@ -421,6 +434,7 @@ class Db:
                           duration_ms = $3, updated_at = now() WHERE id = $1 RETURNING *""",
                 lease.work_id, error, duration_ms,
             )
+        _transition("running", "failed")
         return WorkItem.from_row(row)
 
     async def release(self, lease: Lease, reason: str) -> WorkItem:
@@ -444,6 +458,7 @@ class Db:
             await conn.execute(
                 "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint, 0)", lease.queue, lease.msg_id
             )
+        _transition(str(current), "queued")
         return WorkItem.from_row(row)
 
     async def retry(
@@ -465,6 +480,7 @@ class Db:
                 wid, reason,
             )
             await self._requeue_message(conn, updated, delay)
+        _transition("failed", "queued")
         return WorkItem.from_row(updated)
 
     async def dead_letter(self, work_id: UUID | str, reason: str) -> WorkItem:
@@ -488,6 +504,7 @@ class Db:
                 wid, reason,
             )
             await self._drop_message(conn, updated)
+        _transition(str(state), "dead")
         return WorkItem.from_row(updated)
 
     async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
@@ -502,6 +519,7 @@ class Db:
                 wid, reason,
             )
             await self._drop_message(conn, updated)
+        _transition("queued", "cancelled")
         return WorkItem.from_row(updated)
 
     async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
@@ -589,6 +607,10 @@ class Db:
             ids = [r[0] for r in found]
         if ids:
             await conn.execute("SELECT pgmq.archive($1, $2::bigint[])", row["queue"], ids)
+
+
+def _transition(from_state: str, to_state: str, n: int = 1) -> None:
+    instruments.transitions.add(n, {"from": from_state, "to": to_state})
 
 
 def _uuid(value: UUID | str) -> UUID:

@@ -35,6 +35,7 @@ from uuid import UUID
 
 import asyncpg
 import pluggy
+from opentelemetry import context, trace
 
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
@@ -44,6 +45,7 @@ from animus_core.focus import Focus
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
 from animus_core.schedules import Schedule
+from animus_core.telemetry import current_traceparent, extract, instruments, tracer
 from animus_core.work import Claimed, Lease, NewWorkItem, WorkNotification
 
 __all__ = ["Engine", "EngineOptions"]
@@ -146,6 +148,8 @@ class Engine:
             *[asyncio.create_task(self._tick(s), name=f"schedule-{s.name}")
               for f in self.faculties for s in f.schedules],
         ]
+        if self.settings.otel_endpoint:
+            helpers.append(asyncio.create_task(self._sample_depths(), name="animus-depths"))
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
                   len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
@@ -182,6 +186,7 @@ class Engine:
         self._wake.set()
 
     def _note_unroutable(self, work_type: str) -> None:
+        instruments.unroutable.add(1, {"work_type": work_type})
         now = time.monotonic()
         if now - self.unroutable.get(work_type, -1e9) > 300:
             _log.warning("work type %r has no faculty: its items stay queued until a faculty "
@@ -265,6 +270,20 @@ class Engine:
             return await asyncio.wait_for(method(focus, **kwargs), timeout)
         return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
 
+    async def _phase(self, fac: Faculty, phase: str, focus: Focus, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        with tracer.start_as_current_span(phase, attributes={
+                "animus.faculty": fac.name, "animus.phase": phase}) as s:
+            focus.traceparent = current_traceparent()
+            try:
+                return await self._call(fac, phase, focus, **kwargs)
+            except Exception as e:
+                s.set_status(trace.StatusCode.ERROR, str(e)[:500])
+                raise
+            finally:
+                instruments.phase_duration.record(time.perf_counter() - started,
+                                                  {"faculty": fac.name, "phase": phase})
+
     async def _focus(self, slot: _Slot, claimed: Claimed) -> None:
         fac, item, lease = slot.faculty, claimed.item, claimed.lease
         focus = Focus(item, self.db, attempt=item.attempts, log=_log, root=self.foci_root,
@@ -273,17 +292,23 @@ class Engine:
         focus._memory = memory
         focus.memory_unavailable = self.memory_problem
         started = time.perf_counter()
-        phase, failed = "orient", False
+        phase, failed, result = "orient", False, "completed"
         scope = TxScope(self.db)
+        focus_span = tracer.start_span(
+            f"focus {item.work_type}", context=extract(item.traceparent), attributes={
+                "animus.work.id": str(item.id), "animus.work.type": item.work_type,
+                "animus.faculty": fac.name, "animus.attempt": item.attempts})
+        focus_span.add_event("running", {"from": "claimed", "to": "running"})
+        token = context.attach(trace.set_span_in_context(focus_span))
         try:
             try:
-                oriented = await self._call(fac, "orient", focus)
+                oriented = await self._phase(fac, "orient", focus)
                 phase = "engage"
-                engaged = await self._call(fac, "engage", focus, oriented=oriented)
+                engaged = await self._phase(fac, "engage", focus, oriented=oriented)
                 phase = "consolidate"
                 if self.memory is not None:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
-                outcome = await self._call(fac, "consolidate", focus, engaged=engaged)
+                outcome = await self._phase(fac, "consolidate", focus, engaged=engaged)
                 json.dumps(outcome, allow_nan=False)
                 ms = int((time.perf_counter() - started) * 1000)
                 if scope.conn is not None:
@@ -295,15 +320,27 @@ class Engine:
                 raise
             except Exception as e:
                 await scope.finish(commit=False)
-                failed = True
+                failed, result = True, "failed"
                 ms = int((time.perf_counter() - started) * 1000)
-                await self._failed(fac, focus, lease, _describe(e, phase, fac), phase, ms)
+                error = _describe(e, phase, fac)
+                instruments.hook_failures.add(1, {"faculty": fac.name, "phase": phase,
+                                                  "reason": _failure_kind(e, error)})
+                focus_span.set_status(trace.StatusCode.ERROR, error[:500])
+                focus_span.add_event("failed", {"from": "running", "to": "failed",
+                                                "phase": phase, "error": error[:500]})
+                result = await self._failed(fac, focus, lease, error, phase, ms)
             else:
+                focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
                     self._completions.append((lease, outcome, ms))
                     self._completions_ready.set()
                 self._activity = True
         finally:
+            context.detach(token)
+            focus_span.set_attribute("animus.result", result)
+            focus_span.end()
+            instruments.focus_duration.record(time.perf_counter() - started,
+                                              {"faculty": fac.name, "result": result})
             kept = focus.cleanup(keep=failed and (self.options.keep_foci
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
@@ -311,7 +348,8 @@ class Engine:
             self._finished(slot, item.id)
 
     async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
-                      phase: str, ms: int) -> None:
+                      phase: str, ms: int) -> str:
+        """Run recover, record the failure, then retry or dead-letter; returns which."""
         note = ""
         verdict: bool | None = None
         try:
@@ -319,16 +357,20 @@ class Engine:
         except Exception as e:
             note = f" (recover failed too: {_describe(e, 'recover', fac)})"
         reason = f"{phase} failed: {error}{note}"
+        result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
         try:
             item = await self.db.fail(lease, reason, duration_ms=ms)
             limit = fac.max_attempts or item.max_attempts
             if verdict is False:
                 await self.db.dead_letter(item.id, f"recover chose to dead-letter: {reason}")
+                result = "dead"
             elif item.attempts >= limit:
                 await self.db.dead_letter(
                     item.id, f"attempts exhausted ({item.attempts}/{limit}): {reason}")
+                result = "dead"
             else:
+                result = "retry"
                 delay = min(fac.retry_max, fac.retry_base * 2 ** (item.attempts - 1))
                 delay *= random.uniform(0.5, 1.5)
                 await self.db.retry(item.id, delay=delay, reason=(
@@ -340,6 +382,8 @@ class Engine:
             _log.error("could not record the failure of %s (its lease will expire and it "
                        "will be retried): %s", lease.work_id, e)
         self._activity = True
+        trace.get_current_span().add_event(result, {"reason": reason[:500]})
+        return result
 
     # -- completions, leases, sealing -----------------------------------------------------------
 
@@ -405,8 +449,21 @@ class Engine:
                              tick.isoformat(), e)
                 continue
             if result is not None:
+                instruments.schedule_ticks.add(1, {"schedule": schedule.name})
                 _log.info("schedule %s fired for %s: %s", schedule.name, tick.isoformat(),
                           result.id)
+
+    async def _sample_depths(self, every: float = 10.0) -> None:
+        """Queue depth for the animus.queue.depth gauge (only while telemetry exports)."""
+        while True:
+            try:
+                async with self.db.connection() as conn:
+                    for r in await conn.fetch(
+                            "SELECT queue_name, queue_length FROM pgmq.metrics_all()"):
+                        instruments.set_queue_depth(r["queue_name"], r["queue_length"])
+            except AnimusError as e:
+                _log.debug("queue depth sample failed: %s", e)
+            await asyncio.sleep(every)
 
     # -- listening -----------------------------------------------------------------------------
 
@@ -480,6 +537,16 @@ class Engine:
                     GROUP BY work_type""", accepted)
         for r in rows:
             self._note_unroutable(r["work_type"])
+
+
+def _failure_kind(e: BaseException, error: str) -> str:
+    if isinstance(e, TimeoutError) or "timed out" in error:
+        return "timeout"
+    if "not JSON" in error or "unreadable output" in error:
+        return "bad_output"
+    if "exited with status" in error or "killed by signal" in error:
+        return "exit_status"
+    return "exception"
 
 
 def _describe(e: BaseException, phase: str, fac: Faculty) -> str:

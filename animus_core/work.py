@@ -20,6 +20,7 @@ import msgspec
 
 from animus_core.errors import InvalidInput
 from animus_core.states import State
+from animus_core.telemetry import current_traceparent
 
 __all__ = [
     "Claimed",
@@ -70,6 +71,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     parent_id: UUID | None
     merged_into: UUID | None
     replay_of: UUID | None
+    traceparent: str | None = None
     attempts: int
     max_attempts: int
     outcome: Outcome
@@ -92,6 +94,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
             parent_id=row["parent_id"],
             merged_into=row["merged_into"],
             replay_of=row["replay_of"],
+            traceparent=row["traceparent"],
             attempts=row["attempts"],
             max_attempts=row["max_attempts"],
             outcome=Outcome(
@@ -266,6 +269,7 @@ class NewWorkItem:
             "parent_id": str(self._parent_id) if self._parent_id else None,
             "replay_of": str(self._replay_of) if self._replay_of else None,
             "max_attempts": self._max_attempts,
+            "traceparent": current_traceparent(),
         }
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from animus_core.errors import ConfigError
 from animus_core.logs import setup_logging
 from animus_core.plugins import Faculties, PluginProblem, collect_faculties, make_plugin_manager
 from animus_core.states import TERMINAL, State
+from animus_core.telemetry import setup_telemetry
 from animus_core.work import Created, NewWorkItem
 
 
@@ -78,7 +79,7 @@ async def running_engine(db: Db, settings: Settings, options: EngineOptions
 
 async def up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    setup_logging(settings.log_level)
+    telemetry = setup_telemetry(settings)
     db = await Db.connect(settings=settings, max_size=10,
                           actor=f"engine@{socket.gethostname()}:{os.getpid()}")
     try:
@@ -100,6 +101,7 @@ async def up(args: argparse.Namespace) -> int:
         await engine.run()
     finally:
         await db.close()
+        telemetry.shutdown()
     return 0
 
 

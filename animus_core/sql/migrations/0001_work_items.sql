@@ -51,6 +51,7 @@ CREATE TABLE animus.work_items (
     parent_id    uuid REFERENCES animus.work_items (id),
     merged_into  uuid REFERENCES animus.work_items (id),
     replay_of    uuid REFERENCES animus.work_items (id),
+    traceparent  text,
     attempts     int NOT NULL DEFAULT 0,
     max_attempts int NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
     outcome_data jsonb,
@@ -262,25 +263,26 @@ BEGIN
     CREATE TEMP TABLE IF NOT EXISTS animus_submit_input (
         ord bigint, id uuid, work_type text, dedup_key text, params jsonb, source text,
         trigger text, priority int, parent_id uuid, replay_of uuid, max_attempts int,
-        inserted bool
+        traceparent text, inserted bool
     ) ON COMMIT DELETE ROWS;
     DELETE FROM animus_submit_input;   -- empty unless called twice in one transaction
 
     INSERT INTO animus_submit_input
     SELECT e.ord, animus.new_id(), x.work_type, x.dedup_key, coalesce(x.params, '{}'),
            x.source, x.trigger, coalesce(x.priority, 0), x.parent_id, x.replay_of,
-           coalesce(x.max_attempts, 3), false
+           coalesce(x.max_attempts, 3), x.traceparent, false
       FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
            jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb, source text,
                                      trigger text, priority int, parent_id uuid,
-                                     replay_of uuid, max_attempts int);
+                                     replay_of uuid, max_attempts int, traceparent text);
 
     WITH ins AS (
         INSERT INTO animus.work_items AS w
                (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
-                queue, parent_id, replay_of, max_attempts)
+                queue, parent_id, replay_of, max_attempts, traceparent)
         SELECT i.id, i.work_type, i.dedup_key, i.params, i.source, i.trigger, i.priority,
-               'queued', 'submitted', p_queue, i.parent_id, i.replay_of, i.max_attempts
+               'queued', 'submitted', p_queue, i.parent_id, i.replay_of, i.max_attempts,
+               i.traceparent
           FROM animus_submit_input i ORDER BY i.ord
         ON CONFLICT (work_type, dedup_key)
            WHERE dedup_key IS NOT NULL
@@ -300,18 +302,20 @@ BEGIN
                 INSERT INTO animus.work_items
                        (id, work_type, dedup_key, params, source, trigger, priority, state,
                         reason, queue, parent_id, replay_of, max_attempts, merged_into,
-                        resolved_at)
+                        resolved_at, traceparent)
                 VALUES (r.id, r.work_type, r.dedup_key, r.params, r.source, r.trigger,
                         r.priority, 'merged', 'duplicate of ' || v_canonical, p_queue,
-                        r.parent_id, r.replay_of, r.max_attempts, v_canonical, now());
+                        r.parent_id, r.replay_of, r.max_attempts, v_canonical, now(),
+                        r.traceparent);
                 UPDATE animus_submit_input i SET inserted = false WHERE i.id = r.id;
                 EXIT;
             END IF;
             INSERT INTO animus.work_items AS w
                    (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
-                    queue, parent_id, replay_of, max_attempts)
+                    queue, parent_id, replay_of, max_attempts, traceparent)
             VALUES (r.id, r.work_type, r.dedup_key, r.params, r.source, r.trigger, r.priority,
-                    'queued', 'submitted', p_queue, r.parent_id, r.replay_of, r.max_attempts)
+                    'queued', 'submitted', p_queue, r.parent_id, r.replay_of, r.max_attempts,
+                    r.traceparent)
             ON CONFLICT (work_type, dedup_key)
                WHERE dedup_key IS NOT NULL
                  AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
