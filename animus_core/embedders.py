@@ -17,6 +17,7 @@ out, and report the server's own error text.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import re
@@ -131,7 +132,7 @@ class _HttpEmbedder:
                     await asyncio.sleep(self.backoff * 2 ** attempt)
                     continue
                 raise EmbedderError(f"{where} returned HTTP {e.code}: {text or e.reason}") from None
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
+            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as e:
                 if attempt < self.retries:
                     await asyncio.sleep(self.backoff * 2 ** attempt)
                     continue

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import pluggy
 from opentelemetry import context, trace
 
@@ -42,6 +44,7 @@ from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
+from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
 from animus_core.schedules import Schedule
@@ -119,6 +122,20 @@ class Engine:
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
         self.listener_connected = asyncio.Event()
         self.memory: Memory | None = None
+        self.tools = collect_tools(pm)
+        self._client: Any = None
+        #: faculties switched off at start (name -> why); their work stays queued
+        self.disabled: dict[str, str] = {}
+        for fac in list(faculties):
+            missing = [v for v in fac.requires_env if not os.environ.get(v)]
+            if missing:
+                self.disabled[fac.name] = f"{', '.join(missing)} not set"
+                faculties.by_name.pop(fac.name)
+                for t in fac.accepts:
+                    faculties.by_type.pop(t, None)
+                self.slots.pop(fac.name, None)
+                _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
+                           self.disabled[fac.name])
         self.memory_problem = "memory is not configured for this engine"
 
     # -- running -----------------------------------------------------------------------------
@@ -270,6 +287,11 @@ class Engine:
             return await asyncio.wait_for(method(focus, **kwargs), timeout)
         return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
 
+    def _llm_access(self) -> tuple[Any, dict[str, Any]]:
+        if self._client is None:
+            self._client = make_client()
+        return self._client, self.tools
+
     async def _phase(self, fac: Faculty, phase: str, focus: Focus, **kwargs: Any) -> Any:
         started = time.perf_counter()
         with tracer.start_as_current_span(phase, attributes={
@@ -291,6 +313,7 @@ class Engine:
         memory = self.memory.for_work(source=fac.name, work_id=item.id) if self.memory else None
         focus._memory = memory
         focus.memory_unavailable = self.memory_problem
+        focus._llm = self._llm_access
         started = time.perf_counter()
         phase, failed, result = "orient", False, "completed"
         scope = TxScope(self.db)
@@ -311,6 +334,10 @@ class Engine:
                 outcome = await self._phase(fac, "consolidate", focus, engaged=engaged)
                 json.dumps(outcome, allow_nan=False)
                 ms = int((time.perf_counter() - started) * 1000)
+                if focus.llm_usage:
+                    conn = await scope.connection()
+                    await conn.execute("UPDATE animus.work_items SET usage = $2 WHERE id = $1",
+                                       item.id, _usage_record(focus))
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
                     await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn)
@@ -537,6 +564,11 @@ class Engine:
                     GROUP BY work_type""", accepted)
         for r in rows:
             self._note_unroutable(r["work_type"])
+
+
+def _usage_record(focus: Focus) -> dict[str, Any]:
+    return {"models": {m: msgspec.structs.asdict(u) for m, u in focus.llm_usage.items()},
+            "cost_usd": round(focus.llm_cost_usd, 6)}
 
 
 def _failure_kind(e: BaseException, error: str) -> str:

@@ -10,6 +10,7 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
     ├── IllegalTransition      the state machine forbids the change        (exit 2)
     ├── LeaseLost              the claim expired and someone else holds it (exit 1)
     ├── EmbedderError          the embedding service failed or answered nonsense (exit 1)
+    ├── LLMError               the model API failed after its retries        (exit 1)
     └── DatabaseError          the database said no                        (exit 1)
         ├── DatabaseUnavailable    cannot reach or start the server
         └── MigrationError         schema history does not match the files
@@ -25,6 +26,7 @@ __all__ = [
     "EmbedderError",
     "IllegalTransition",
     "InvalidInput",
+    "LLMError",
     "LeaseLost",
     "MigrationError",
     "WorkNotFound",
@@ -58,6 +60,10 @@ class LeaseLost(AnimusError):
 
 
 class EmbedderError(AnimusError):
+    pass
+
+
+class LLMError(AnimusError):
     pass
 
 

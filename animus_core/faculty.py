@@ -50,6 +50,9 @@ class Faculty:
     retry_max: ClassVar[float] = 300.0
     #: Recurring work this faculty wants (see :mod:`animus_core.schedules`).
     schedules: ClassVar[tuple[Schedule, ...]] = ()
+    #: Environment variables the faculty cannot work without (checked at engine start: a
+    #: faculty missing one is reported and disabled, and its work stays queued).
+    requires_env: ClassVar[tuple[str, ...]] = ()
     #: Sample params for ``animus demo`` (``None``: the demo skips this faculty).
     example: ClassVar[dict[str, object] | None] = None
 

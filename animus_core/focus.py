@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from animus_core.llm import Usage
 from animus_core.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
     from animus_core.db import Db
+    from animus_core.llm import AgentResult
     from animus_core.memory import Memory
 
 __all__ = ["Focus"]
@@ -38,6 +41,11 @@ class Focus:
         self._root = root
         self._directory: Path | None = None
         self._memory: Memory | None = None
+        #: set by the engine: returns (Anthropic client, tools by name)
+        self._llm: Callable[[], tuple[Any, dict[str, Any]]] | None = None
+        #: model -> token usage of this focus's model calls
+        self.llm_usage: dict[str, Usage] = {}
+        self.llm_cost_usd = 0.0
         self.memory_unavailable = "memory is not configured for this engine"
 
     @property
@@ -70,6 +78,29 @@ class Focus:
             return self._directory
         shutil.rmtree(self._directory, ignore_errors=True)
         return None
+
+    async def agent(self, *, model: str, system: str = "", tools: Sequence[str] = (),
+                    max_turns: int = 20, max_tokens: int = 4096,
+                    token_budget: int | None = None, stream: bool = True,
+                    message: str | None = None, oriented: Any = None) -> AgentResult:
+        """Run the Claude agent loop (:mod:`animus_core.llm`) for this focus. ``message`` is
+        the first user message; by default the documented template over the work's params
+        and ``oriented``. Usage and cost are recorded with the item's outcome."""
+        from animus_core.llm import AgentSpec, first_message, run_agent
+
+        if self._llm is None:
+            from animus_core.errors import ConfigError
+
+            raise ConfigError("the Claude engage loop is not available in this focus")
+        client, registry = self._llm()
+        spec = AgentSpec(model=model, system=system, tools=list(tools), max_turns=max_turns,
+                         max_tokens=max_tokens, token_budget=token_budget, stream=stream)
+        result = await run_agent(client, spec, message or first_message(self, oriented),
+                                 tools=registry, focus=self)
+        total = self.llm_usage.setdefault(model, Usage())
+        total.add(result.usage)
+        self.llm_cost_usd += result.cost_usd or 0.0
+        return result
 
     async def submit(self, item: NewWorkItem) -> SubmitResult:
         """Submit child work: ``item`` with this focus's work item as its parent."""

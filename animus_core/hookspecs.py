@@ -43,6 +43,7 @@ __all__ = [
     "register_commands",
     "register_embedders",
     "register_faculties",
+    "register_tools",
     "shutdown",
     "startup",
 ]
@@ -74,6 +75,19 @@ def register_embedders(register: Callable[[str, Callable[[Settings], Embedder]],
     only when ``ANIMUS_EMBEDDER`` selects that name. A name already taken is refused with
     :class:`~animus_core.errors.ConfigError`. The built-ins (``hashing``, ``openai``,
     ``voyage``, ``sentence-transformers``) are registered through this same hook.
+    """
+
+
+@hookspec
+def register_tools(register: Callable[..., None]) -> None:
+    """Register tools the Claude engage loop may offer the model.
+
+    ``register(function)`` derives the tool's name, description (the docstring) and JSON
+    schema (the typed signature); ``register(function, name=..., description=...,
+    input_schema=...)`` gives them explicitly; ``register(Tool(...))`` is also accepted. A
+    parameter named ``focus`` receives the current :class:`~animus_core.focus.Focus` and is
+    not shown to the model. A tool that raises returns an error result to the model.
+    Faculties choose tools by name (``tools = [...]``).
     """
 
 

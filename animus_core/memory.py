@@ -14,6 +14,7 @@ consolidate writes memories that commit or roll back with its outcome.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -34,6 +35,7 @@ __all__ = ["Memory", "MemoryRecord", "MemoryStats", "NewMemory", "TxScope", "sel
 
 Mode = Literal["hybrid", "vector", "text"]
 RRF_K = 60
+_MEMORY_TYPE = re.compile(r"[a-z][a-z0-9_]*")  # the memories_memory_type_check constraint
 
 
 class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,14 +98,29 @@ def select_embedder(pm: pluggy.PluginManager, settings: Settings) -> Embedder:
 def _check_content(content: object, where: str) -> str:
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(f"{where}: content must be a non-empty string")
+    if "\x00" in content:
+        raise InvalidInput(f"{where}: content contains a NUL character, which Postgres text "
+                           "cannot store")
     return content
 
 
+def _check_memory_type(memory_type: object, where: str) -> str:
+    if not isinstance(memory_type, str) or not _MEMORY_TYPE.fullmatch(memory_type):
+        raise InvalidInput(f"{where}: memory_type {memory_type!r} must be a lowercase word "
+                           "(a-z, digits, _; starting with a letter)")
+    return memory_type
+
+
 def _check_vector(vec: Sequence[float], dimension: int, embedder: str, where: str) -> list[float]:
-    if len(vec) != dimension:
-        raise InvalidInput(f"{where}: embedding has {len(vec)} dimensions; memories use "
+    try:
+        if isinstance(vec, str | bytes | Mapping) or any(isinstance(x, str | bytes) for x in vec):
+            raise TypeError
+        out = [float(x) for x in vec]
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{where}: embedding must be a sequence of numbers") from None
+    if len(out) != dimension:
+        raise InvalidInput(f"{where}: embedding has {len(out)} dimensions; memories use "
                            f"{dimension} ({embedder})")
-    out = [float(x) for x in vec]
     if not all(math.isfinite(x) for x in out):
         raise InvalidInput(f"{where}: embedding contains NaN or infinity")
     return out
@@ -216,7 +233,8 @@ class Memory:
         """Store one memory (embedding ``content`` unless ``embedding`` is given)."""
         [mid] = await self.store_many([NewMemory(
             content=content, memory_type=memory_type, source=source,
-            metadata=dict(metadata or {}), embedding=list(embedding) if embedding else None)])
+            metadata=dict(metadata or {}),
+            embedding=list(embedding) if embedding is not None else None)])
         return await self.get(mid)
 
     async def store_many(self, items: Sequence[NewMemory]) -> list[UUID]:
@@ -228,8 +246,7 @@ class Memory:
             where = f"memory {i}"
             _check_content(m.content, where)
             _check_metadata(m.metadata, f"{where}: metadata")
-            if not isinstance(m.memory_type, str) or not m.memory_type.replace("_", "").isalnum():
-                raise InvalidInput(f"{where}: memory_type {m.memory_type!r} must be a lowercase word")
+            _check_memory_type(m.memory_type, where)
             if m.embedding is None:
                 missing.append(i)
             else:
@@ -273,10 +290,13 @@ class Memory:
         vec = None
         if content is not None:
             _check_content(content, f"memory {mid}")
-            [vec] = await self.embedder.embed([content])
-            vec = _check_vector(vec, self.embedder.dimension, self.embedder.name, f"memory {mid}")
         if metadata is not None:
             _check_metadata(metadata, f"memory {mid}: metadata")
+        if memory_type is not None:
+            _check_memory_type(memory_type, f"memory {mid}")
+        if content is not None:
+            [vec] = await self.embedder.embed([content])
+            vec = _check_vector(vec, self.embedder.dimension, self.embedder.name, f"memory {mid}")
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 f"""UPDATE animus.memories SET content = coalesce($2, content),
@@ -306,12 +326,18 @@ class Memory:
                      weights: tuple[float, float] = (1.0, 1.0)) -> list[MemoryRecord]:
         """The ``k`` best memories for ``query``; ``score`` is cosine similarity (vector),
         ts_rank_cd (text) or the fused RRF score (hybrid)."""
-        if not 1 <= k <= 1000:
-            raise InvalidInput(f"k must be from 1 to 1000, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise InvalidInput(f"k must be an integer from 1 to 1000, got {k!r}")
         if mode not in ("hybrid", "vector", "text"):
             raise InvalidInput(f"mode must be hybrid, vector or text, got {mode!r}")
+        if len(weights) != 2 or not all(
+                isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in weights):
+            raise InvalidInput(f"weights must be two finite numbers >= 0 (vector, text), "
+                               f"got {weights!r}")
         if metadata is not None:
             metadata = _check_metadata(metadata, "metadata filter")
+        if query is not None and "\x00" in query:
+            raise InvalidInput("query contains a NUL character")
         if mode in ("hybrid", "text") and not (query and query.strip()):
             raise InvalidInput(f"{mode} search needs query text")
         vec = None

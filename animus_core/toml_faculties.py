@@ -48,9 +48,18 @@ STDERR_TAIL = 2000
 
 
 class PhaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    command: str
+    command: str | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    # engage only: run the built-in Claude agent loop instead of a command
+    model: str | None = None
+    system_prompt: str | None = None
+    system_prompt_file: str | None = None
+    tools: list[str] = []
+    max_turns: int = 20
+    max_tokens: int = 4096
+    token_budget: int | None = None
+    stream: bool = True
 
 
 class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -115,10 +124,23 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
     if spec.engage is None:
         raise ConfigError(_where(path, "faculty.engage is missing: a faculty needs an engage hook"))
     commands: dict[str, list[str]] = {}
+    system = ""
     for phase in ("orient", "engage", "consolidate", "recover"):
         ps: PhaseSpec | None = getattr(spec, phase)
-        if ps is not None:
-            commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
+        if ps is None:
+            continue
+        if phase == "engage" and ps.model is not None:
+            if ps.command is not None:
+                raise ConfigError(_where(path, "faculty.engage: give command or model, not both"))
+            system = _system_prompt(path, ps, cwd)
+            if ps.max_turns < 1 or ps.max_tokens < 1:
+                raise ConfigError(_where(path, "faculty.engage: max_turns and max_tokens must be >= 1"))
+            continue
+        if ps.command is None:
+            raise ConfigError(_where(path, f"faculty.{phase}.command is missing"))
+        if ps.model is not None or ps.tools:
+            raise ConfigError(_where(path, f"faculty.{phase}: model and tools belong to engage"))
+        commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
     for name in spec.env:
         if not name or "=" in name:
             raise ConfigError(_where(path, f"faculty.env: {name!r} is not a variable name"))
@@ -137,7 +159,22 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
             name=sched.name or f"{spec.name}:{sched.work_type}:{sched.every or sched.cron}",
             work_type=sched.work_type, params=sched.params, priority=sched.priority,
             every=every, cron=sched.cron))
-    return CommandFaculty(spec, commands, path, tuple(schedules))
+    return CommandFaculty(spec, commands, path, tuple(schedules), system)
+
+
+def _system_prompt(path: Path, ps: PhaseSpec, cwd: Path) -> str:
+    if ps.system_prompt is not None and ps.system_prompt_file is not None:
+        raise ConfigError(_where(path, "faculty.engage: give system_prompt or system_prompt_file"))
+    if ps.system_prompt_file is None:
+        return ps.system_prompt or ""
+    file = Path(ps.system_prompt_file)
+    full = file if file.is_absolute() else cwd / file
+    try:
+        return full.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(_where(
+            path, f"faculty.engage.system_prompt_file: cannot read {full}: {e.strerror} "
+                  f"(relative paths resolve against {cwd})")) from None
 
 
 def _resolve_command(path: Path, field: str, command: str, cwd: Path) -> list[str]:
@@ -180,8 +217,11 @@ class CommandFaculty(Faculty):
     """A faculty whose phases are executables (the command hook contract)."""
 
     def __init__(self, spec: FacultySpec, commands: dict[str, list[str]], path: Path,
-                 schedules: tuple[Schedule, ...] = ()) -> None:
+                 schedules: tuple[Schedule, ...] = (), system_prompt: str = "") -> None:
         self.spec = spec
+        self.system_prompt = system_prompt
+        if spec.engage is not None and spec.engage.model is not None:
+            self.requires_env = ("ANTHROPIC_API_KEY",)  # type: ignore[misc]
         self.schedules = schedules  # type: ignore[misc]
         self.commands = commands
         self.path = path
@@ -211,6 +251,19 @@ class CommandFaculty(Faculty):
 
     async def engage(self, focus: Focus, oriented: Any) -> Any:
         self._prepare(focus)
+        ps = self.spec.engage
+        if ps is not None and ps.model is not None:
+            result = await focus.agent(
+                model=ps.model, system=self.system_prompt, tools=ps.tools,
+                max_turns=ps.max_turns, max_tokens=ps.max_tokens, token_budget=ps.token_budget,
+                stream=ps.stream, oriented=oriented)
+            out = {"text": result.text, "stop_reason": result.stop_reason,
+                   "turns": result.turns, "model": result.model,
+                   "usage": msgspec.structs.asdict(result.usage), "cost_usd": result.cost_usd,
+                   "transcript": result.transcript}
+            # the contract: later phases (commands) read engage-out.json
+            (focus.directory / "engage-out.json").write_bytes(msgspec.json.encode(out))
+            return out
         await self._run("engage", focus)
         return self._read_out(focus, "engage")
 

@@ -75,6 +75,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     max_attempts: int
     outcome: Outcome
+    usage: dict[str, Any] | None = None
     created_at: datetime
     updated_at: datetime
     resolved_at: datetime | None
@@ -102,6 +103,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
                 error=row["outcome_error"],
                 duration_ms=row["duration_ms"],
             ),
+            usage=row.get("usage"),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             resolved_at=row["resolved_at"],
