@@ -37,6 +37,7 @@ from animus_core.errors import (
     LeaseLost,
     WorkNotFound,
 )
+from animus_core.records import ExecutionRecord
 from animus_core.states import State, require_transition
 from animus_core.telemetry import instruments
 from animus_core.work import (
@@ -404,7 +405,8 @@ class Db:
         await self.complete_many([(lease, data, duration_ms)])
 
     async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]],
-                            *, conn: asyncpg.Connection | None = None) -> None:
+                            *, conn: asyncpg.Connection | None = None,
+                            executions: Sequence[ExecutionRecord] = ()) -> None:
         """Complete a batch in one round trip. Raises :class:`LeaseLost` or
         :class:`IllegalTransition` (and completes none) if any lease is not held.
 
@@ -421,9 +423,32 @@ class Db:
         if conn is not None:
             with _errors():
                 await conn.execute(sql, *args)
+                await _copy_executions(conn, executions)
             return
         async with self.connection() as c, c.transaction():
             await c.execute(sql, *args)
+            await _copy_executions(c, executions)
+
+    async def record_executions(self, executions: Sequence[ExecutionRecord]) -> None:
+        """Append execution records (see :mod:`animus_core.records`)."""
+        async with self.connection() as conn:
+            await _copy_executions(conn, executions)
+
+    async def record_environment(self, env_hash: str, environment: dict[str, Any]) -> None:
+        async with self.connection() as conn:
+            await conn.execute(
+                """INSERT INTO animus.environments (hash, environment) VALUES ($1, $2)
+                   ON CONFLICT (hash) DO NOTHING""", env_hash, environment)
+
+    async def executions(self, work_id: UUID | str) -> list[ExecutionRecord]:
+        """Every execution record of an item, oldest first, with its environment."""
+        wid = _uuid(work_id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT r.*, e.environment FROM animus.execution_records r
+                     JOIN animus.environments e ON e.hash = r.environment_hash
+                    WHERE r.work_id = $1 ORDER BY r.id""", wid)
+        return [ExecutionRecord.from_row(r) for r in rows]
 
     async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
         """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
@@ -607,6 +632,21 @@ class Db:
             ids = [r[0] for r in found]
         if ids:
             await conn.execute("SELECT pgmq.archive($1, $2::bigint[])", row["queue"], ids)
+
+
+_EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash", "faculty",
+                      "faculty_hash", "engine_version", "environment_hash", "models",
+                      "outcome_hash", "error", "started_at"]
+
+
+async def _copy_executions(conn: asyncpg.Connection,
+                           executions: Sequence[ExecutionRecord]) -> None:
+    if not executions:
+        return
+    await conn.executemany(
+        f"""INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})
+            VALUES ({", ".join(f"${i}" for i in range(1, len(_EXECUTION_COLUMNS) + 1))})""",
+        [tuple(getattr(r, c) for c in _EXECUTION_COLUMNS) for r in executions])
 
 
 def _transition(from_state: str, to_state: str, n: int = 1) -> None:

@@ -145,7 +145,7 @@ class _HttpEmbedder:
                     isinstance(v, list) and v and all(isinstance(x, int | float) for x in v)
                     for v in vectors):
                 raise ValueError("wrong shape")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise EmbedderError(
                 f"{where} returned something that is not {len(texts)} embeddings: {e}: "
                 f"{raw[:200]!r}") from None
@@ -157,9 +157,10 @@ class _HttpEmbedder:
             out += await self._request(texts[i:i + self.batch_size], kind)
         if out and not self.dimension:
             self.dimension = len(out[0])
-        if any(len(v) != self.dimension for v in out):
+        wrong = [len(v) for v in out if len(v) != self.dimension]
+        if wrong:
             raise EmbedderError(
-                f"embedder {self.name} returned vectors of {len(out[0])} dimensions, "
+                f"embedder {self.name} at {self.url} returned vectors of {wrong[0]} dimensions, "
                 f"expected {self.dimension}")
         return out
 

@@ -39,6 +39,8 @@ import msgspec
 import pluggy
 from opentelemetry import context, trace
 
+from animus_core import __version__
+from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
@@ -47,6 +49,7 @@ from animus_core.focus import Focus
 from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
+from animus_core.records import ExecutionRecord, environment
 from animus_core.schedules import Schedule
 from animus_core.telemetry import current_traceparent, extract, instruments, tracer
 from animus_core.work import Claimed, Lease, NewWorkItem, WorkNotification
@@ -116,6 +119,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._completions: list[tuple[Lease, Any, int | None]] = []
+        self._executions: list[ExecutionRecord] = []
+        self.environment_hash = ""
         self._completions_ready = asyncio.Event()
         self._activity = False
         self.foci_root = settings.home / "foci"
@@ -154,8 +159,10 @@ class Engine:
 
     async def run(self) -> None:
         await self._open_memory()
+        self.environment_hash, env = await asyncio.to_thread(environment)
+        await self.db.record_environment(self.environment_hash, env)
         for impl in self.pm.hook.startup.get_hookimpls():
-            await await_me_maybe(impl.function(engine=self))
+            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
         await self._report_unroutable_backlog()
         helpers = [
             asyncio.create_task(self._listen(), name="animus-listener"),
@@ -182,7 +189,7 @@ class Engine:
                 await self.db.seal_audit()
             for impl in self.pm.hook.shutdown.get_hookimpls():
                 try:
-                    await await_me_maybe(impl.function(engine=self))
+                    await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
                 except Exception:
                     _log.exception("shutdown hook of %s failed", impl.plugin_name)
             _log.info("engine stopped")
@@ -287,6 +294,17 @@ class Engine:
             return await asyncio.wait_for(method(focus, **kwargs), timeout)
         return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
 
+    def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str, *,
+                outcome: Any = None, error: str | None = None) -> ExecutionRecord:
+        identity = fac.identity()
+        return ExecutionRecord(
+            work_id=focus.work.id, attempt=focus.attempt, result=result,
+            work_type=focus.work.work_type, params_hash=canonical_hash(focus.work.params, nfc=True),
+            faculty=identity, faculty_hash=canonical_hash(identity),
+            engine_version=__version__, environment_hash=self.environment_hash,
+            models=sorted(focus.llm_usage), error=error, started_at=started_at,
+            outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
+
     def _llm_access(self) -> tuple[Any, dict[str, Any]]:
         if self._client is None:
             self._client = make_client()
@@ -315,6 +333,7 @@ class Engine:
         focus.memory_unavailable = self.memory_problem
         focus._llm = self._llm_access
         started = time.perf_counter()
+        started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
         scope = TxScope(self.db)
         focus_span = tracer.start_span(
@@ -338,9 +357,11 @@ class Engine:
                     conn = await scope.connection()
                     await conn.execute("UPDATE animus.work_items SET usage = $2 WHERE id = $1",
                                        item.id, _usage_record(focus))
+                record = self._record(fac, focus, started_at, "completed", outcome=outcome)
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
-                    await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn)
+                    await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn,
+                                                executions=[record])
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
@@ -355,11 +376,17 @@ class Engine:
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])
                 focus_span.add_event("failed", {"from": "running", "to": "failed",
                                                 "phase": phase, "error": error[:500]})
+                try:
+                    await self.db.record_executions(
+                        [self._record(fac, focus, started_at, "failed", error=error)])
+                except AnimusError as e2:
+                    _log.warning("could not record the execution of %s: %s", item.id, e2)
                 result = await self._failed(fac, focus, lease, error, phase, ms)
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
                     self._completions.append((lease, outcome, ms))
+                    self._executions.append(record)
                     self._completions_ready.set()
                 self._activity = True
         finally:
@@ -423,19 +450,21 @@ class Engine:
     async def _flush_completions(self) -> None:
         while self._completions:
             batch, self._completions = self._completions, []
+            records, self._executions = self._executions, []
             try:
-                await self.db.complete_many(batch)
+                await self.db.complete_many(batch, executions=records)
             except (LeaseLost, AnimusError) as e:
                 if isinstance(e, DatabaseUnavailable):
                     _log.warning("completing %d items failed, retrying: %s", len(batch), e)
                     await asyncio.sleep(1.0)
                     self._completions = batch + self._completions
+                    self._executions = records + self._executions
                     if self._stopping.is_set():
                         return
                     continue
-                for one in batch:  # find the one that cannot complete; keep the others
+                for one, rec in zip(batch, records, strict=True):  # keep the others
                     try:
-                        await self.db.complete_many([one])
+                        await self.db.complete_many([one], executions=[rec])
                     except AnimusError as e1:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             self._activity = True

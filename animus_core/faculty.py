@@ -71,6 +71,13 @@ class Faculty:
     def recover(self, focus: Focus, error: str, phase: str) -> bool | None:
         return None
 
+    def identity(self) -> dict[str, Any]:
+        """What this faculty is, for execution records: for a Python faculty its class and
+        the distribution (and version) it was installed from."""
+        cls = type(self)
+        return {"kind": "python", "class": f"{cls.__module__}.{cls.__qualname__}",
+                "origin": self.origin}
+
     def describe(self) -> str:
         """One line for ``animus faculty list``."""
         doc = (type(self).__doc__ or "").strip().splitlines()

@@ -1,9 +1,11 @@
 """Every hook animus defines, in one place (pluggy project name ``animus``).
 
 Implement hooks with :data:`animus_core.hookimpl`. All hooks are called with keyword
-arguments; an implementation may accept any subset of them. Any hook may be ``async def``:
-the engine awaits whatever an implementation returns through one helper
-(:func:`animus_core.plugins.await_me_maybe`).
+arguments; an implementation may accept any subset of them. Lifecycle and focus hooks may
+be ``async def``: the engine awaits whatever an implementation returns through one helper
+(:func:`animus_core.plugins.await_me_maybe`). Registration hooks run while the engine or
+the command line is being assembled and must be plain functions, except
+``register_faculties``, which may also be async.
 
 There are three kinds of hooks:
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import time
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -45,9 +46,11 @@ __all__ = [
     "tool_from_function",
 ]
 
-#: USD per million tokens: (input, output). Cache writes cost 1.25x input, reads 0.1x.
+#: USD per million tokens: (input, output), by model-name prefix (the longest matching
+#: prefix wins). Cache writes cost 1.25x input, reads 0.1x.
 PRICES: dict[str, tuple[float, float]] = {
     "claude-opus-4": (15.0, 75.0),
+    "claude-opus-4-5": (5.0, 25.0),
     "claude-sonnet-4": (3.0, 15.0),
     "claude-haiku-4": (1.0, 5.0),
     "claude-3-5-haiku": (0.8, 4.0),
@@ -93,10 +96,10 @@ class Usage(msgspec.Struct, kw_only=True):
         self.cache_read_input_tokens += getattr(usage, "cache_read_input_tokens", 0) or 0
 
     def cost_usd(self, model: str) -> float | None:
-        price = next((p for prefix, p in PRICES.items() if model.startswith(prefix)), None)
-        if price is None:
+        prefixes = [prefix for prefix in PRICES if model.startswith(prefix)]
+        if not prefixes:
             return None
-        inp, out = price
+        inp, out = PRICES[max(prefixes, key=len)]
         return round((self.input_tokens * inp + self.output_tokens * out
                       + self.cache_creation_input_tokens * inp * 1.25
                       + self.cache_read_input_tokens * inp * 0.1) / 1e6, 6)
@@ -124,10 +127,26 @@ class AgentResult(msgspec.Struct, kw_only=True):
     transcript: list[dict[str, Any]]
 
 
-def _schema_for(annotation: Any) -> dict[str, Any]:
+def _schema_for(annotation: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of ``annotation``; named types (TypedDict, dataclass, Struct) go to
+    ``defs``, which the tool's ``input_schema`` carries so their ``#/$defs/..`` refs resolve."""
     schema = msgspec.json.schema(annotation)
-    schema.pop("$defs", None)
+    defs.update(schema.pop("$defs", {}))
     return schema
+
+
+def _param_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """The evaluated annotations of ``function``'s parameters except ``focus``: the model never
+    sees it, and its type (``Focus``) is often imported only under ``TYPE_CHECKING``."""
+    target = inspect.unwrap(function)
+    annotations = {k: v for k, v in getattr(target, "__annotations__", {}).items()
+                   if k not in ("focus", "return")}
+    holder = types.SimpleNamespace(__annotations__=annotations)
+    try:
+        return get_type_hints(holder, globalns=getattr(target, "__globals__", None))
+    except NameError as e:
+        raise ConfigError(f"tool {getattr(function, '__name__', function)!r}: cannot resolve "
+                          f"a parameter type: {e}") from None
 
 
 def tool_from_function(function: Callable[..., Any], *, name: str | None = None,
@@ -135,22 +154,25 @@ def tool_from_function(function: Callable[..., Any], *, name: str | None = None,
                        input_schema: dict[str, Any] | None = None) -> Tool:
     """A tool whose schema comes from ``function``'s typed signature (unless given)."""
     sig = inspect.signature(function)
-    hints = get_type_hints(function)
+    hints = _param_hints(function)
     takes_focus = "focus" in sig.parameters
     if input_schema is None:
         props: dict[str, Any] = {}
+        defs: dict[str, Any] = {}
         required = []
         for pname, param in sig.parameters.items():
             if pname == "focus":
                 continue
             if pname not in hints:
                 raise ConfigError(f"tool {function.__name__}: parameter {pname!r} has no type")
-            props[pname] = _schema_for(hints[pname])
+            props[pname] = _schema_for(hints[pname], defs)
             if param.default is inspect.Parameter.empty:
                 required.append(pname)
             else:
                 props[pname]["default"] = param.default
         input_schema = {"type": "object", "properties": props, "required": required}
+        if defs:
+            input_schema["$defs"] = defs
     doc = inspect.getdoc(function) or ""
     return Tool(name=name or function.__name__, description=description or doc or function.__name__,
                 input_schema=input_schema, function=function, takes_focus=takes_focus)
@@ -227,8 +249,8 @@ async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_mes
             request["system"] = system
         if definitions:
             request["tools"] = definitions
-        if spec.temperature is not None:
-            request["temperature"] = spec.temperature
+        if spec.temperature is not None:  # not a keyword of every SDK version's create/stream
+            request["extra_body"] = {"temperature": spec.temperature}
         started = time.perf_counter()
         with tracer.start_as_current_span(f"chat {spec.model}", kind=trace.SpanKind.CLIENT,
                                           attributes={"gen_ai.operation.name": "chat",
@@ -270,11 +292,11 @@ async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_mes
         messages.append({"role": "assistant", "content": content})
         text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
         stop_reason = response.stop_reason or "end_turn"
-        if spec.token_budget is not None and usage.total >= spec.token_budget:
-            stop_reason = "token_budget"
-            break
         uses = [b for b in content if b.get("type") == "tool_use"]
         if response.stop_reason != "tool_use" or not uses:
+            break  # the model is done: its answer is final, whatever the budget says
+        if spec.token_budget is not None and usage.total >= spec.token_budget:
+            stop_reason = "token_budget"
             break
         results = []
         for use in uses:
@@ -302,6 +324,10 @@ def _api_error(e: Any, model: str) -> Exception:
     body = getattr(e, "body", None)
     error = body.get("error", {}) if isinstance(body, dict) else {}
     message = error.get("message") if isinstance(error, dict) else None
+    if e.status_code < 400:  # an ``error`` event inside a stream that had started fine
+        kind = error.get("type") if isinstance(error, dict) else None
+        return LLMError(f"the Anthropic API stream for model {model} failed mid-way with "
+                        f"{kind or 'an error'}: {message or e}")
     text = f"Anthropic API returned {e.status_code} for model {model}: {message or e}"
     if e.status_code in (401, 403):
         return ConfigError(f"{text} (check ANTHROPIC_API_KEY)")

@@ -233,7 +233,7 @@ class Memory:
         """Store one memory (embedding ``content`` unless ``embedding`` is given)."""
         [mid] = await self.store_many([NewMemory(
             content=content, memory_type=memory_type, source=source,
-            metadata=dict(metadata or {}),
+            metadata=_check_metadata(metadata, "memory 0: metadata") if metadata is not None else {},
             embedding=list(embedding) if embedding is not None else None)])
         return await self.get(mid)
 
@@ -421,8 +421,10 @@ class Memory:
                 raise ConfigError("no memories are configured yet: nothing to re-embed")
             if cfg["embedder"] == target.name and cfg["dimension"] == target.dimension:
                 return 0
-            if cfg["next_embedder"] not in (None, target.name):
-                raise ConfigError(f"a re-embed to {cfg['next_embedder']} is in progress: "
+            if cfg["next_embedder"] is not None and (
+                    cfg["next_embedder"], cfg["next_dimension"]) != (target.name, target.dimension):
+                raise ConfigError(f"a re-embed to {cfg['next_embedder']} "
+                                  f"({cfg['next_dimension']} dimensions) is in progress: "
                                   "finish it first")
             if cfg["next_embedder"] is None:
                 await conn.execute(

@@ -44,6 +44,16 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "gen_ai.client.operation.duration": ("histogram", "s", "LLM call duration"),
 }
 
+#: Histogram bucket boundaries by unit. The SDK's default (0, 5, 10, 25, ... 10000) suits
+#: milliseconds: in seconds every quick focus would land in the first bucket. Tokens follow
+#: the GenAI semantic conventions.
+_BOUNDARIES: dict[str, tuple[float, ...]] = {
+    "s": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+          1800, 3600),
+    "{token}": (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                16777216, 67108864),
+}
+
 _queue_depths: dict[str, int] = {}
 
 
@@ -57,7 +67,8 @@ def _instrument(name: str) -> Any:
     if kind == "counter":
         return meter.create_counter(name, unit=unit, description=description)
     if kind == "histogram":
-        return meter.create_histogram(name, unit=unit, description=description)
+        return meter.create_histogram(name, unit=unit, description=description,
+                                      explicit_bucket_boundaries_advisory=_BOUNDARIES[unit])
     return meter.create_observable_gauge(name, [_observe_depth], unit=unit,
                                          description=description)
 
@@ -178,10 +189,18 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
 
 
 def current_traceparent() -> str | None:
-    """The W3C ``traceparent`` of the current span, if any."""
+    """The W3C ``traceparent`` of the current span; outside any span, the valid
+    ``TRACEPARENT`` this process was started with, so that a hook (or ``animus work submit``
+    run by one) that submits child work continues the focus's trace."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    return carrier.get("traceparent")
+    found = carrier.get("traceparent")
+    if found is None:
+        inherited = os.environ.get("TRACEPARENT", "").strip()
+        ctx = extract(inherited)
+        if ctx is not None and trace.get_current_span(ctx).get_span_context().is_valid:
+            return inherited
+    return found
 
 
 def extract(traceparent: str | None) -> context.Context | None:

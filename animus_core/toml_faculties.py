@@ -22,11 +22,13 @@ from typing import Any
 
 import msgspec
 
+from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
 from animus_core.errors import ConfigError
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.plugins import hookimpl
+from animus_core.records import file_digest
 from animus_core.schedules import Cron, Schedule, parse_every
 
 __all__ = [
@@ -241,6 +243,18 @@ class CommandFaculty(Faculty):
 
     def describe(self) -> str:
         return self.spec.description or f"commands from {self.path.name}"
+
+    def identity(self) -> dict[str, Any]:
+        """The TOML file and every hook script, by digest (read at each attempt, so an edited
+        script shows up in the next execution record)."""
+        hooks = {phase: {"command": " ".join(argv), "sha256": file_digest(Path(argv[0]))}
+                 for phase, argv in self.commands.items()}
+        ident: dict[str, Any] = {"kind": "toml", "file": str(self.path),
+                                 "file_sha256": file_digest(self.path), "hooks": hooks}
+        if self.spec.engage is not None and self.spec.engage.model is not None:
+            ident["model"] = self.spec.engage.model
+            ident["system_prompt_sha256"] = canonical_hash(self.system_prompt)
+        return ident
 
     # -- phases --------------------------------------------------------------------------
 

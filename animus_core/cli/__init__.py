@@ -52,7 +52,7 @@ async def open_db(max_size: int = 2) -> Db:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from animus_core.cli import audit_cmd, db_cmd, engine_cmd, faculty_cmd, memory_cmd, work_cmd
+    from animus_core.cli import audit_cmd, db_cmd, engine_cmd, faculty_cmd, memory_cmd, ops_cmd, work_cmd
     from animus_core.plugins import make_plugin_manager
 
     parser = argparse.ArgumentParser(
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"animus {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (engine_cmd, work_cmd, faculty_cmd, memory_cmd, db_cmd, audit_cmd):
+    for module in (engine_cmd, work_cmd, faculty_cmd, memory_cmd, db_cmd, audit_cmd, ops_cmd):
         module.add_commands(sub)
     try:
         pm, _ = make_plugin_manager()
@@ -87,3 +87,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `animus work list | head`
+        sys.stderr.close()
+        return ExitCode.OK

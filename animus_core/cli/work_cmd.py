@@ -59,6 +59,119 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("id", metavar="ID")
     p.set_defaults(handler=retry)
 
+    p = cmds.add_parser("explain", help="what each attempt was bound to (execution records)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=explain)
+
+    p = cmds.add_parser("diff", help="name the inputs and outputs that differ between two runs")
+    p.add_argument("a", metavar="ID1")
+    p.add_argument("b", metavar="ID2")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=diff)
+
+    p = cmds.add_parser("rerun", help="submit a linked rerun and compare it with the original")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the rerun")
+    p.add_argument("--no-wait", action="store_true", help="submit and return")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=rerun)
+
+
+async def _last_record(db: Any, work_id: Any) -> Any:
+    records = await db.executions(work_id)
+    if not records:
+        item = await db.get_work_item(work_id)
+        raise InvalidInput(f"work item {item.id} ({item.state}) has no execution record yet: "
+                           "it has not run")
+    return records[-1]
+
+
+async def explain(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        item = await db.get_work_item(args.id)
+        records = await db.executions(item.id)
+    if args.json:
+        print_json({"work_id": str(item.id), "records": records})
+        return 0
+    print(f"{item.id}  {item.work_type}  {item.state}  ({len(records)} attempts recorded)")
+    for r in records:
+        env = r.environment or {}
+        print(f"\nattempt {r.attempt}: {r.result}  {r.started_at.isoformat()}")
+        print(f"  params        {r.params_hash}")
+        fac = r.faculty
+        if fac.get("kind") == "toml":
+            print(f"  faculty       {fac.get('file')} {fac.get('file_sha256')}")
+            for phase, hook in sorted(fac.get("hooks", {}).items()):
+                print(f"    {phase:12}{hook.get('command')}  {hook.get('sha256')}")
+            if fac.get("model"):
+                print(f"    {'model':12}{fac['model']}")
+        else:
+            print(f"  faculty       {fac.get('class')} ({fac.get('origin')})")
+        print(f"  engine        animus {r.engine_version}")
+        print(f"  environment   {r.environment_hash}  Python {env.get('python')} on "
+              f"{env.get('platform')}, {len(env.get('distributions', {}))} distributions")
+        print(f"  models        {', '.join(r.models) or 'none'}")
+        if r.outcome_hash:
+            print(f"  outcome       {r.outcome_hash}")
+        if r.error:
+            print(f"  error         {r.error[:200]}")
+    return 0
+
+
+async def diff(args: argparse.Namespace) -> int:
+    from animus_core.records import diff as diff_records
+    from animus_core.records import verdict
+
+    async with await open_db() as db:
+        a, b = await db.get_work_item(args.a), await db.get_work_item(args.b)
+        ra, rb = await _last_record(db, a.id), await _last_record(db, b.id)
+    differences = diff_records(ra, rb, params_a=a.params, params_b=b.params)
+    if args.json:
+        print_json({"verdict": verdict(differences),
+                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()}})
+        return 0
+    print(verdict(differences))
+    for field, (va, vb) in differences.items():
+        print(f"  {field}\n    {args.a[:8]}: {va}\n    {args.b[:8]}: {vb}")
+    return 0
+
+
+async def rerun(args: argparse.Namespace) -> int:
+    from animus_core.cli.engine_cmd import wait_for_outcome
+    from animus_core.records import diff as diff_records
+    from animus_core.records import verdict
+
+    async with await open_db() as db:
+        old = await db.get_work_item(args.id)
+        if not old.state.terminal or old.state == State.MERGED:
+            raise InvalidInput(f"work item {old.id} is {old.state}: rerun a finished item")
+        new = (NewWorkItem(old.work_type, source="cli", trigger=f"rerun of {old.id}")
+               .params(old.params).priority(old.priority).max_attempts(old.max_attempts)
+               .replay_of(old.id))
+        created = await db.submit_work(new, queue=old.queue)
+        if args.no_wait:
+            print(f"rerun {created.id} submitted; compare with: animus work diff {old.id} "
+                  f"{created.id}")
+            return 0
+        item = await wait_for_outcome(db, created.id, args.timeout)
+        if not item.state.terminal:
+            print(f"rerun {created.id} is still {item.state} after {args.timeout:g}s "
+                  "(is an engine running?)", file=sys.stderr)
+            return 1
+        ra, rb = await _last_record(db, old.id), await _last_record(db, item.id)
+    differences = diff_records(ra, rb, params_a=old.params, params_b=item.params)
+    outcome = verdict(differences)
+    if args.json:
+        print_json({"rerun_id": str(item.id), "verdict": outcome,
+                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()}})
+    else:
+        print(f"rerun {item.id}: {item.state}")
+        print(outcome)
+        for field, (va, vb) in differences.items():
+            print(f"  {field}: {va} -> {vb}")
+    return 0
+
 
 def parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}

@@ -1,0 +1,133 @@
+"""Execution records: every focus attempt bound to explicit, hashed inputs.
+
+A record holds the hash of the canonical params (RFC 8785 with Unicode NFC, see
+:mod:`animus_core.canonical`), the faculty's identity (distribution and version for Python
+faculties; the TOML file and each hook script's digest for command faculties), the engine
+version, the environment (Python, platform, installed distributions: stored once, by hash),
+the models called, and the hash of the outcome. Two runs of "the same" work can then be
+compared field by field (:func:`diff`), and a rerun can say whether its inputs changed or
+the faculty is nondeterministic (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from animus_core.canonical import canonical_hash
+
+__all__ = ["ExecutionRecord", "diff", "environment", "file_digest", "verdict"]
+
+
+class ExecutionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    work_id: UUID
+    attempt: int
+    result: str
+    work_type: str
+    params_hash: str
+    faculty: dict[str, Any]
+    faculty_hash: str
+    engine_version: str
+    environment_hash: str
+    models: list[str]
+    outcome_hash: str | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None = None
+    environment: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ExecutionRecord:
+        keys = set(row.keys())  # asyncpg records test values with `in`
+        return cls(**{f: row[f] for f in cls.__struct_fields__ if f in keys})
+
+
+def environment() -> tuple[str, dict[str, Any]]:
+    """This process's environment and its hash."""
+    dists = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            dists[name.lower()] = dist.version
+    env = {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "distributions": dict(sorted(dists.items())),
+    }
+    return canonical_hash(env), env
+
+
+def file_digest(path: Path) -> str:
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def diff(a: ExecutionRecord, b: ExecutionRecord, *, params_a: dict[str, Any] | None = None,
+         params_b: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Field -> (a, b) for every input or output that differs (nested fields dotted)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    if a.work_type != b.work_type:
+        out["work_type"] = (a.work_type, b.work_type)
+    if a.params_hash != b.params_hash:
+        if params_a is not None and params_b is not None:
+            fa, fb = _flatten(params_a), _flatten(params_b)
+            for key in sorted(fa.keys() | fb.keys()):
+                if canonical_hash(fa.get(key), nfc=True) != canonical_hash(fb.get(key), nfc=True):
+                    out[f"params.{key}"] = (fa.get(key), fb.get(key))
+        if not any(k.startswith("params") for k in out):
+            out["params_hash"] = (a.params_hash, b.params_hash)
+    fa, fb = _flatten(a.faculty), _flatten(b.faculty)
+    for key in sorted(fa.keys() | fb.keys()):
+        if fa.get(key) != fb.get(key):
+            out[f"faculty.{key}"] = (fa.get(key), fb.get(key))
+    if a.engine_version != b.engine_version:
+        out["engine_version"] = (a.engine_version, b.engine_version)
+    if a.environment_hash != b.environment_hash:
+        ea, eb = _flatten(a.environment or {}), _flatten(b.environment or {})
+        for key in sorted(ea.keys() | eb.keys()):
+            if ea.get(key) != eb.get(key):
+                out[f"environment.{key}"] = (ea.get(key), eb.get(key))
+        if not any(k.startswith("environment.") for k in out):
+            out["environment_hash"] = (a.environment_hash, b.environment_hash)
+    if sorted(a.models) != sorted(b.models):
+        out["models"] = (a.models, b.models)
+    if a.result != b.result:
+        out["result"] = (a.result, b.result)
+    if a.outcome_hash != b.outcome_hash:
+        out["outcome_hash"] = (a.outcome_hash, b.outcome_hash)
+    return out
+
+
+OUTPUTS = ("result", "outcome_hash")
+
+
+def verdict(differences: dict[str, tuple[Any, Any]]) -> str:
+    """``identical``, ``changed inputs: ...`` or ``nondeterministic: ...``."""
+    inputs = [k for k in differences if k not in OUTPUTS]
+    outputs = [k for k in differences if k in OUTPUTS]
+    if not differences:
+        return "identical: same inputs, same output"
+    if inputs:
+        return "changed inputs: " + ", ".join(inputs) + (
+            " (output changed too)" if outputs else " (output unchanged)")
+    return "nondeterministic: same inputs, different output (" + ", ".join(outputs) + ")"
