@@ -27,6 +27,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     otel_endpoint: str | None = None
     log_level: str = "info"
     faculties_dir: Path = Path("faculties")
+    rules_dir: Path = Path("rules")
     plugins_autoload: bool = True
     plugins_allow: tuple[str, ...] | None = None
     plugins_block: tuple[str, ...] = ()
@@ -55,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             otel_endpoint=env.get("OTEL_ENDPOINT") or None,
             log_level=level,
             faculties_dir=Path(env.get("ANIMUS_FACULTIES") or "faculties"),
+            rules_dir=Path(env.get("ANIMUS_RULES") or "rules"),
             plugins_autoload=env.get("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"),
             plugins_allow=_names(env["ANIMUS_PLUGINS"]) if env.get("ANIMUS_PLUGINS") else None,
             plugins_block=_names(env.get("ANIMUS_BLOCK_PLUGINS", "")),

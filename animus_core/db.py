@@ -35,9 +35,11 @@ from animus_core.errors import (
     IllegalTransition,
     InvalidInput,
     LeaseLost,
+    PermissionDenied,
     WorkNotFound,
 )
 from animus_core.records import ExecutionRecord
+from animus_core.rules import RuleSet
 from animus_core.states import State, require_transition
 from animus_core.telemetry import instruments
 from animus_core.work import (
@@ -125,6 +127,8 @@ def _translate(e: asyncpg.PostgresError) -> Exception:
             return LeaseLost(msg)
         case "ANI04":
             return WorkNotFound(msg)
+        case "ANI03" | "42501":
+            return PermissionDenied(f"refused: {msg}")
     return DatabaseError(f"the database refused the operation: {msg}")
 
 
@@ -149,6 +153,8 @@ class Db:
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self.pool = pool
         self.url = url
+        #: rules evaluated at submit (see :mod:`animus_core.rules`); none: everything allowed
+        self.rules: RuleSet | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -239,6 +245,15 @@ class Db:
             return []
         _check_queue(queue)
         payload = [i.to_json() for i in items]
+        if self.rules is not None and self.rules.active:
+            for entry in payload:
+                decision = self.rules.evaluate(entry["work_type"], entry["params"], entry["source"])
+                if decision.effect == "deny":
+                    entry.update(state="dead", reason=f"denied at submit: {decision.reason}")
+                elif decision.effect == "require_approval":
+                    entry.update(state="awaiting_approval", gate=decision.gate(),
+                                 reason=f"awaiting approval ({decision.quorum} x "
+                                        f"{decision.role}): {decision.reason}")
         async with self.connection() as conn, conn.transaction():
             rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
         out: list[SubmitResult] = []
@@ -323,6 +338,28 @@ class Db:
                 cursor[0] if cursor else None, cursor[1] if cursor else None, limit,
             )
         return [WorkItem.from_row(r) for r in rows]
+
+    async def decide(self, work_id: UUID | str, decision: str, reason: str) -> WorkItem:
+        """Approve or reject an item awaiting approval, as the connected database user.
+        The database checks the role the rule asked for, refuses the requester, and moves
+        the item to queued once the quorum is reached (or to dead on a rejection)."""
+        wid = _uuid(work_id)
+        async with self.connection() as conn:
+            try:
+                row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
+                                          wid, decision, reason)
+            except asyncpg.PostgresError as e:
+                if e.sqlstate in ("ANI03", "42501"):
+                    raise PermissionDenied(getattr(e, "message", str(e))) from None
+                raise
+        return WorkItem.from_row(row)
+
+    async def approvals(self, work_id: UUID | str) -> list[dict[str, Any]]:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT approver, decision, reason, at FROM animus.approvals WHERE work_id = $1 "
+                "ORDER BY id", _uuid(work_id))
+        return [dict(r) for r in rows]
 
     async def history(self, work_id: UUID | str) -> list[audit.AuditEvent]:
         """Every audit event of one item, oldest first."""

@@ -50,9 +50,10 @@ from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
 from animus_core.records import ExecutionRecord, environment
+from animus_core.rules import RuleSet
 from animus_core.schedules import Schedule
 from animus_core.telemetry import current_traceparent, extract, instruments, tracer
-from animus_core.work import Claimed, Lease, NewWorkItem, WorkNotification
+from animus_core.work import Claimed, Lease, NewWorkItem, WorkItem, WorkNotification
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -128,6 +129,8 @@ class Engine:
         self.listener_connected = asyncio.Event()
         self.memory: Memory | None = None
         self.tools = collect_tools(pm)
+        self.rules = RuleSet.load(settings.rules_dir)
+        db.rules = self.rules
         self._client: Any = None
         #: faculties switched off at start (name -> why); their work stays queued
         self.disabled: dict[str, str] = {}
@@ -294,6 +297,21 @@ class Engine:
             return await asyncio.wait_for(method(focus, **kwargs), timeout)
         return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
 
+    async def _check_rules(self, item: WorkItem) -> None:
+        """Rules again, right before engage: they may have changed since submit."""
+        if not self.rules.active:
+            return
+        decision = self.rules.evaluate(item.work_type, item.params, item.provenance.source)
+        if decision.effect == "deny":
+            raise RuleRefused(f"denied before engage: {decision.reason}")
+        if decision.effect == "require_approval":
+            approvals = await self.db.approvals(item.id)
+            approvers = {a["approver"] for a in approvals if a["decision"] == "approve"}
+            if item.gate is None or len(approvers) < decision.quorum:
+                raise RuleRefused(
+                    f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
+                    f"{decision.role} before engage; this item has {len(approvers)}")
+
     def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str, *,
                 outcome: Any = None, error: str | None = None) -> ExecutionRecord:
         identity = fac.identity()
@@ -346,6 +364,7 @@ class Engine:
             try:
                 oriented = await self._phase(fac, "orient", focus)
                 phase = "engage"
+                await self._check_rules(item)
                 engaged = await self._phase(fac, "engage", focus, oriented=oriented)
                 phase = "consolidate"
                 if self.memory is not None:
@@ -381,7 +400,8 @@ class Engine:
                         [self._record(fac, focus, started_at, "failed", error=error)])
                 except AnimusError as e2:
                     _log.warning("could not record the execution of %s: %s", item.id, e2)
-                result = await self._failed(fac, focus, lease, error, phase, ms)
+                result = await self._failed(fac, focus, lease, error, phase, ms,
+                                            final=isinstance(e, RuleRefused))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
@@ -402,12 +422,15 @@ class Engine:
             self._finished(slot, item.id)
 
     async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
-                      phase: str, ms: int) -> str:
+                      phase: str, ms: int, *, final: bool = False) -> str:
         """Run recover, record the failure, then retry or dead-letter; returns which."""
         note = ""
         verdict: bool | None = None
         try:
-            verdict = await self._call(fac, "recover", focus, error=error, phase=phase)
+            if final:
+                verdict = False  # retrying cannot change a rule's answer
+            else:
+                verdict = await self._call(fac, "recover", focus, error=error, phase=phase)
         except Exception as e:
             note = f" (recover failed too: {_describe(e, 'recover', fac)})"
         reason = f"{phase} failed: {error}{note}"
@@ -593,6 +616,10 @@ class Engine:
                     GROUP BY work_type""", accepted)
         for r in rows:
             self._note_unroutable(r["work_type"])
+
+
+class RuleRefused(Exception):
+    """A rule refused the work before engage: it is dead-lettered, not retried."""
 
 
 def _usage_record(focus: Focus) -> dict[str, Any]:

@@ -8,6 +8,7 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
     ├── InvalidInput           a value given to the API or CLI is wrong    (exit 2)
     ├── WorkNotFound           no work item with that id                   (exit 2)
     ├── IllegalTransition      the state machine forbids the change        (exit 2)
+    ├── PermissionDenied       the database or a rule refuses this person  (exit 3)
     ├── LeaseLost              the claim expired and someone else holds it (exit 1)
     ├── EmbedderError          the embedding service failed or answered nonsense (exit 1)
     ├── LLMError               the model API failed after its retries        (exit 1)
@@ -29,6 +30,7 @@ __all__ = [
     "LLMError",
     "LeaseLost",
     "MigrationError",
+    "PermissionDenied",
     "WorkNotFound",
 ]
 
@@ -53,6 +55,10 @@ class WorkNotFound(AnimusError):
 
 class IllegalTransition(AnimusError):
     exit_code = 2
+
+
+class PermissionDenied(AnimusError):
+    exit_code = 3
 
 
 class LeaseLost(AnimusError):

@@ -117,6 +117,8 @@ async def _record(conn: Any, name: str, install: str, version: str) -> None:
 async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply pending migrations in one transaction; return the ones applied."""
     migrations = load() if migrations is None else migrations
+    if await _up_to_date(conn, migrations):
+        return []  # no DDL at all: roles without CREATE rights can start engines
     async with conn.transaction():
         await conn.execute(_LOCK)
         await conn.execute(_BOOTSTRAP)
@@ -152,6 +154,14 @@ async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Mi
             )
             done.append(m)
         return done
+
+
+async def _up_to_date(conn: Any, migrations: list[Migration]) -> bool:
+    if not await conn.fetchval("SELECT to_regclass('animus.schema_migrations') IS NOT NULL"):
+        return False
+    recorded = {r["version"]: r["checksum"] for r in await conn.fetch(
+        "SELECT version, checksum FROM animus.schema_migrations")}
+    return recorded == {m.version: m.checksum for m in migrations}
 
 
 async def status(conn: Any) -> MigrationStatus:

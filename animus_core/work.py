@@ -72,6 +72,8 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     merged_into: UUID | None
     replay_of: UUID | None
     traceparent: str | None = None
+    gate: dict[str, Any] | None = None
+    requested_by: str | None = None
     attempts: int
     max_attempts: int
     outcome: Outcome
@@ -96,6 +98,8 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
             merged_into=row["merged_into"],
             replay_of=row["replay_of"],
             traceparent=row["traceparent"],
+            gate=row["gate"],
+            requested_by=row["requested_by"],
             attempts=row["attempts"],
             max_attempts=row["max_attempts"],
             outcome=Outcome(

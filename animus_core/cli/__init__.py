@@ -20,6 +20,7 @@ from animus_core import __version__
 from animus_core.config import Settings
 from animus_core.db import Db, describe_url
 from animus_core.errors import AnimusError, MigrationError
+from animus_core.rules import RuleSet
 
 __all__ = ["ExitCode", "build_parser", "main", "open_db"]
 
@@ -37,6 +38,7 @@ async def open_db(max_size: int = 2) -> Db:
     settings = Settings.from_env()
     db = await Db.connect(settings=settings, max_size=max_size, actor=f"cli:{getpass.getuser()}")
     try:
+        db.rules = RuleSet.load(settings.rules_dir)
         status = await db.migration_status()
         if status.pending:
             if settings.database_url:
@@ -52,7 +54,16 @@ async def open_db(max_size: int = 2) -> Db:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from animus_core.cli import audit_cmd, db_cmd, engine_cmd, faculty_cmd, memory_cmd, ops_cmd, work_cmd
+    from animus_core.cli import (
+        audit_cmd,
+        db_cmd,
+        engine_cmd,
+        faculty_cmd,
+        governance_cmd,
+        memory_cmd,
+        ops_cmd,
+        work_cmd,
+    )
     from animus_core.plugins import make_plugin_manager
 
     parser = argparse.ArgumentParser(
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"animus {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (engine_cmd, work_cmd, faculty_cmd, memory_cmd, db_cmd, audit_cmd, ops_cmd):
+    for module in (engine_cmd, work_cmd, governance_cmd, faculty_cmd, memory_cmd, db_cmd, audit_cmd, ops_cmd):
         module.add_commands(sub)
     try:
         pm, _ = make_plugin_manager()

@@ -133,7 +133,9 @@ async def restore_cmd(args: argparse.Namespace) -> int:
             return 1
     report = await restore(url, src, db_only=args.db_only, no_owner=args.no_owner)
     print(f"restored into {where} in {report.seconds:.1f}s with pg_restore {_tool(report.pg_restore)}")
-    print(f"  rows     {describe_counts(report.row_counts)}: every table matches the manifest")
+    matched = (": every table matches the manifest" if report.manifest.row_counts is not None
+               else "")
+    print(f"  rows     {describe_counts(report.row_counts)}{matched}")
     if report.manifest.audit is not None and report.manifest.audit.head_seq is not None:
         print(f"  audit    chain ends at position {report.manifest.audit.head_seq} with the "
               "recorded hash; run `animus audit verify` to recompute it")

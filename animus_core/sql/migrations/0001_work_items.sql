@@ -52,6 +52,8 @@ CREATE TABLE animus.work_items (
     merged_into  uuid REFERENCES animus.work_items (id),
     replay_of    uuid REFERENCES animus.work_items (id),
     traceparent  text,
+    gate         jsonb,   -- the approval a rule required: {"rule", "role", "quorum", "reason"}
+    requested_by text NOT NULL DEFAULT session_user,
     attempts     int NOT NULL DEFAULT 0,
     max_attempts int NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
     outcome_data jsonb,
@@ -84,7 +86,7 @@ CREATE TABLE animus.audit_log (
     from_state  animus.work_state,
     to_state    animus.work_state,
     provenance  jsonb NOT NULL,
-    db_user     text NOT NULL DEFAULT current_user,
+    db_user     text NOT NULL DEFAULT session_user,  -- the login role, also inside definer functions
     at          timestamptz NOT NULL DEFAULT now(),
     payload     jsonb NOT NULL DEFAULT '{}'
 );
@@ -263,26 +265,36 @@ BEGIN
     CREATE TEMP TABLE IF NOT EXISTS animus_submit_input (
         ord bigint, id uuid, work_type text, dedup_key text, params jsonb, source text,
         trigger text, priority int, parent_id uuid, replay_of uuid, max_attempts int,
-        traceparent text, inserted bool
+        traceparent text, state animus.work_state, reason text, gate jsonb, inserted bool
     ) ON COMMIT DELETE ROWS;
     DELETE FROM animus_submit_input;   -- empty unless called twice in one transaction
 
     INSERT INTO animus_submit_input
     SELECT e.ord, animus.new_id(), x.work_type, x.dedup_key, coalesce(x.params, '{}'),
            x.source, x.trigger, coalesce(x.priority, 0), x.parent_id, x.replay_of,
-           coalesce(x.max_attempts, 3), x.traceparent, false
+           coalesce(x.max_attempts, 3), x.traceparent,
+           coalesce(x.state, 'queued')::animus.work_state, coalesce(x.reason, 'submitted'),
+           x.gate, false
       FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
            jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb, source text,
                                      trigger text, priority int, parent_id uuid,
-                                     replay_of uuid, max_attempts int, traceparent text);
+                                     replay_of uuid, max_attempts int, traceparent text,
+                                     state text, reason text, gate jsonb);
+
+    -- Rules may start an item awaiting approval or dead (denied); nothing else.
+    IF EXISTS (SELECT 1 FROM animus_submit_input
+                WHERE state NOT IN ('queued', 'awaiting_approval', 'dead')) THEN
+        RAISE EXCEPTION 'a submitted item can start queued, awaiting_approval or dead'
+            USING ERRCODE = 'ANI01';
+    END IF;
 
     WITH ins AS (
         INSERT INTO animus.work_items AS w
                (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
-                queue, parent_id, replay_of, max_attempts, traceparent)
+                queue, parent_id, replay_of, max_attempts, traceparent, gate, resolved_at)
         SELECT i.id, i.work_type, i.dedup_key, i.params, i.source, i.trigger, i.priority,
-               'queued', 'submitted', p_queue, i.parent_id, i.replay_of, i.max_attempts,
-               i.traceparent
+               i.state, i.reason, p_queue, i.parent_id, i.replay_of, i.max_attempts,
+               i.traceparent, i.gate, CASE WHEN i.state = 'dead' THEN now() END
           FROM animus_submit_input i ORDER BY i.ord
         ON CONFLICT (work_type, dedup_key)
            WHERE dedup_key IS NOT NULL
@@ -312,10 +324,10 @@ BEGIN
             END IF;
             INSERT INTO animus.work_items AS w
                    (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
-                    queue, parent_id, replay_of, max_attempts, traceparent)
+                    queue, parent_id, replay_of, max_attempts, traceparent, gate)
             VALUES (r.id, r.work_type, r.dedup_key, r.params, r.source, r.trigger, r.priority,
-                    'queued', 'submitted', p_queue, r.parent_id, r.replay_of, r.max_attempts,
-                    r.traceparent)
+                    r.state, r.reason, p_queue, r.parent_id, r.replay_of, r.max_attempts,
+                    r.traceparent, r.gate)
             ON CONFLICT (work_type, dedup_key)
                WHERE dedup_key IS NOT NULL
                  AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
@@ -329,7 +341,7 @@ BEGIN
     END LOOP;
 
     SELECT array_agg(jsonb_build_object('id', i.id, 't', i.work_type, 'p', i.priority)
-                     ORDER BY i.ord) FILTER (WHERE i.inserted),
+                     ORDER BY i.ord) FILTER (WHERE i.inserted AND i.state = 'queued'),
            array_agg(i.id ORDER BY i.ord)
       INTO v_msgs, v_ids FROM animus_submit_input i;
     IF v_msgs IS NOT NULL THEN
