@@ -240,20 +240,50 @@ class Db:
     async def submit_many(
         self, items: Sequence[NewWorkItem], *, queue: str = DEFAULT_QUEUE
     ) -> list[SubmitResult]:
-        """Submit a batch in one round trip and one transaction; results in input order."""
+        """Submit a batch in one round trip and one transaction; results in input order.
+
+        With rules configured (:attr:`rules`), a denied item is recorded ``dead`` with the
+        rule's reason and a gated one waits in ``awaiting_approval``."""
         if not items:
             return []
-        _check_queue(queue)
         payload = [i.to_json() for i in items]
-        if self.rules is not None and self.rules.active:
-            for entry in payload:
-                decision = self.rules.evaluate(entry["work_type"], entry["params"], entry["source"])
-                if decision.effect == "deny":
-                    entry.update(state="dead", reason=f"denied at submit: {decision.reason}")
-                elif decision.effect == "require_approval":
-                    entry.update(state="awaiting_approval", gate=decision.gate(),
-                                 reason=f"awaiting approval ({decision.quorum} x "
-                                        f"{decision.role}): {decision.reason}")
+        for entry in payload:
+            self._apply_rules(entry)
+        return await self._submit(payload, queue)
+
+    async def submit_gated(self, item: NewWorkItem, role: str, quorum: int, rule: str, *,
+                           queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Submit ``item`` to wait for ``quorum`` approvals by ``role`` (unless a rule
+        denies it outright)."""
+        entry = item.to_json()
+        self._apply_rules(entry)
+        if entry.get("state") != "dead":
+            entry.update(state="awaiting_approval",
+                         gate={"rule": rule, "role": role, "quorum": quorum, "reason": rule},
+                         reason=f"awaiting approval ({quorum} x {role}): {rule}")
+        return (await self._submit([entry], queue))[0]
+
+    async def record_skipped(self, item: NewWorkItem, reason: str, *,
+                             queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Record work that will not run (for example a pipeline stage after a failed one)
+        as ``dead`` with ``reason``, so that it is visible and audited."""
+        entry = item.to_json()
+        entry.update(state="dead", reason=reason)
+        return (await self._submit([entry], queue))[0]
+
+    def _apply_rules(self, entry: dict[str, Any]) -> None:
+        if self.rules is None or not self.rules.active:
+            return
+        decision = self.rules.evaluate(entry["work_type"], entry["params"], entry["source"])
+        if decision.effect == "deny":
+            entry.update(state="dead", reason=f"denied at submit: {decision.reason}")
+        elif decision.effect == "require_approval":
+            entry.update(state="awaiting_approval", gate=decision.gate(),
+                         reason=f"awaiting approval ({decision.quorum} x "
+                                f"{decision.role}): {decision.reason}")
+
+    async def _submit(self, payload: list[dict[str, Any]], queue: str) -> list[SubmitResult]:
+        _check_queue(queue)
         async with self.connection() as conn, conn.transaction():
             rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
         out: list[SubmitResult] = []

@@ -134,10 +134,12 @@ class Engine:
         self._client: Any = None
         #: faculties switched off at start (name -> why); their work stays queued
         self.disabled: dict[str, str] = {}
+        self.disabled_types: dict[str, str] = {}
         for fac in list(faculties):
             missing = [v for v in fac.requires_env if not os.environ.get(v)]
             if missing:
                 self.disabled[fac.name] = f"{', '.join(missing)} not set"
+                self.disabled_types.update(dict.fromkeys(fac.accepts, fac.name))
                 faculties.by_name.pop(fac.name)
                 for t in fac.accepts:
                     faculties.by_type.pop(t, None)
@@ -216,8 +218,14 @@ class Engine:
         instruments.unroutable.add(1, {"work_type": work_type})
         now = time.monotonic()
         if now - self.unroutable.get(work_type, -1e9) > 300:
-            _log.warning("work type %r has no faculty: its items stay queued until a faculty "
-                         "that accepts it is installed", work_type)
+            if work_type in self.disabled_types:
+                name = self.disabled_types[work_type]
+                _log.warning("work type %r belongs to faculty %s, which is disabled (%s): its "
+                             "items stay queued until it is enabled", work_type, name,
+                             self.disabled[name])
+            else:
+                _log.warning("work type %r has no faculty: its items stay queued until a "
+                             "faculty that accepts it is installed", work_type)
         self.unroutable[work_type] = now
 
     def _wake_later(self, delay: float, slot: _Slot) -> None:

@@ -59,6 +59,11 @@ class Focus:
         return self._memory
 
     @property
+    def db(self) -> Db:
+        """The engine's database (for faculties that coordinate other work)."""
+        return self._db
+
+    @property
     def params(self) -> dict[str, Any]:
         return self.work.params
 

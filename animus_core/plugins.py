@@ -35,7 +35,12 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "animus"
-DEFAULT_PLUGINS = ("animus_core.toml_faculties", "animus_core.embedders", "animus_core.llm")
+DEFAULT_PLUGINS = (
+    "animus_core.toml_faculties",
+    "animus_core.pipelines",
+    "animus_core.embedders",
+    "animus_core.llm",
+)
 
 hookimpl = pluggy.HookimplMarker("animus")
 _log = logging.getLogger(__name__)

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         governance_cmd,
         memory_cmd,
         ops_cmd,
+        pipeline_cmd,
         work_cmd,
     )
     from animus_core.plugins import make_plugin_manager
@@ -72,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"animus {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (engine_cmd, work_cmd, governance_cmd, faculty_cmd, memory_cmd, db_cmd, audit_cmd, ops_cmd):
+    for module in (
+        engine_cmd, work_cmd, governance_cmd, pipeline_cmd, faculty_cmd, memory_cmd,
+        db_cmd, audit_cmd, ops_cmd,
+    ):
         module.add_commands(sub)
     try:
         pm, _ = make_plugin_manager()

@@ -1,0 +1,115 @@
+"""``animus pipeline``: plan, run and show declarative pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from animus_core.cli import open_db
+from animus_core.cli.output import print_json, print_table
+from animus_core.config import Settings
+from animus_core.pipelines import Pipeline, load, order, parse, plan
+from animus_core.rules import RuleSet
+from animus_core.work import Created, NewWorkItem
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pipe = sub.add_parser("pipeline", help="plan, run and show declarative pipelines")
+    cmds = pipe.add_subparsers(dest="pipeline_command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("plan", help="resolve and check a pipeline file; writes nothing")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=plan_cmd)
+    p = cmds.add_parser("run", help="submit a pipeline (an engine runs it)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--wait", action="store_true", help="wait for the pipeline to finish")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(handler=run_cmd)
+    p = cmds.add_parser("status", help="the pipeline's stages, in order, with their states")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=status_cmd)
+
+
+def _source() -> str:
+    return f"pipeline:{getpass.getuser()}"
+
+
+async def plan_cmd(args: argparse.Namespace) -> int:
+    from animus_core.cli.engine_cmd import load_faculties
+
+    settings = Settings.from_env()
+    pipeline = load(args.file)
+    _, faculties, _ = await load_faculties(settings)
+    stages = plan(pipeline, faculties, RuleSet.load(settings.rules_dir),
+                  source=f"pipeline:{pipeline.pipeline.name}")
+    if args.json:
+        print_json({"pipeline": pipeline.pipeline.name, "stages": stages})
+        return 0
+    print(f"pipeline {pipeline.pipeline.name}: {len(stages)} stages (plan only: nothing written)")
+    print_table(["stage", "after", "work type", "faculty", "rules", "why"],
+                [(s.name, ",".join(s.depends_on) or "-", s.work_type, s.faculty, s.decision,
+                  s.reason[:60]) for s in stages])
+    denied = [s.name for s in stages if s.decision == "deny"]
+    if denied:
+        print(f"would be denied: {', '.join(denied)} (and everything after them)")
+    return 0
+
+
+async def run_cmd(args: argparse.Namespace) -> int:
+    from animus_core.cli.engine_cmd import wait_for_outcome
+    from animus_core.cli.work_cmd import _describe
+
+    pipeline = load(args.file)
+    raw = msgspec.to_builtins(pipeline)
+    async with await open_db() as db:
+        result = await db.submit_work(
+            NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
+            .params({"pipeline": raw}).max_attempts(3))
+        if not isinstance(result, Created):
+            print(f"merged into {result.canonical_id}")
+            return 0
+        print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}")
+        if args.wait:
+            item = await wait_for_outcome(db, result.id, args.timeout)
+            _describe(item)
+            return 0 if item.state == "completed" else 1
+    return 0
+
+
+async def status_cmd(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        parent = await db.get_work_item(args.id)
+        children = await db.list_work(parent_id=parent.id, limit=10_000)
+    pipeline: Pipeline = parse(parent.params.get("pipeline"), f"pipeline item {parent.id}")
+    by_stage = {}
+    for c in sorted(children, key=lambda c: c.created_at):
+        name = (c.provenance.trigger or "").removeprefix("stage:")
+        if c.state != "merged":
+            by_stage[name] = c
+    rows: list[dict[str, Any]] = []
+    for name in order(pipeline):
+        s = pipeline.stages[name]
+        child = by_stage.get(name)
+        rows.append({"stage": name, "after": s.depends_on, "work_type": s.work_type,
+                     "state": str(child.state) if child else "pending",
+                     "id": str(child.id) if child else None,
+                     "reason": child.reason if child else None})
+    if args.json:
+        print_json({"pipeline": pipeline.pipeline.name, "id": str(parent.id),
+                    "state": str(parent.state), "stages": rows})
+        return 0
+    print(f"pipeline {pipeline.pipeline.name}  {parent.id}  {parent.state}")
+    depth: dict[str, int] = {}
+    for r in rows:
+        depth[r["stage"]] = 1 + max((depth[d] for d in r["after"]), default=-1)
+    print_table(["stage", "state", "work type", "id", "reason"],
+                [("  " * depth[r["stage"]] + ("└─ " if r["after"] else "") + r["stage"]
+                  + (f"  (after {', '.join(r['after'])})" if r["after"] else ""),
+                  r["state"], r["work_type"], r["id"] or "", (r["reason"] or "")[:50])
+                 for r in rows])
+    return 0
