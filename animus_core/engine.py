@@ -52,6 +52,7 @@ from animus_core.plugins import Faculties, await_me_maybe
 from animus_core.records import ExecutionRecord, environment
 from animus_core.rules import RuleSet
 from animus_core.schedules import Schedule
+from animus_core.secrets import redactor
 from animus_core.telemetry import current_traceparent, extract, instruments, tracer
 from animus_core.work import Claimed, Lease, NewWorkItem, WorkItem, WorkNotification
 
@@ -130,6 +131,8 @@ class Engine:
         self.memory: Memory | None = None
         self.tools = collect_tools(pm)
         self.rules = RuleSet.load(settings.rules_dir)
+        redactor.learn(os.environ, [n for f in faculties
+                                    for n in getattr(getattr(f, "spec", None), "env", ())])
         db.rules = self.rules
         self._client: Any = None
         #: faculties switched off at start (name -> why); their work stays queued
@@ -377,7 +380,8 @@ class Engine:
                 phase = "consolidate"
                 if self.memory is not None:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
-                outcome = await self._phase(fac, "consolidate", focus, engaged=engaged)
+                outcome = redactor.json(
+                    await self._phase(fac, "consolidate", focus, engaged=engaged))
                 json.dumps(outcome, allow_nan=False)
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
@@ -397,7 +401,7 @@ class Engine:
                 await scope.finish(commit=False)
                 failed, result = True, "failed"
                 ms = int((time.perf_counter() - started) * 1000)
-                error = _describe(e, phase, fac)
+                error = redactor.text(_describe(e, phase, fac))
                 instruments.hook_failures.add(1, {"faculty": fac.name, "phase": phase,
                                                   "reason": _failure_kind(e, error)})
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])

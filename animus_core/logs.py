@@ -9,7 +9,10 @@ __all__ = ["setup_logging"]
 
 
 def setup_logging(level: str = "info") -> None:
+    from animus_core.secrets import RedactingFilter
+
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()

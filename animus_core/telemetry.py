@@ -133,6 +133,7 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
     """Configure logging and, with ``OTEL_ENDPOINT``, the three OTLP exporters."""
     from animus_core import __version__
     from animus_core.logs import setup_logging
+    from animus_core.secrets import RedactingFilter
 
     setup_logging(settings.log_level)
     if not settings.otel_endpoint:
@@ -174,6 +175,7 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
     set_logger_provider(logger_provider)
     handler = LoggingHandler(level=logging.getLevelName(settings.log_level.upper()),
                              logger_provider=logger_provider)
+    handler.addFilter(RedactingFilter())
     logging.getLogger().addHandler(handler)
     # The exporters log their own retries: keep those off the OTLP handler (no feedback loop)
     # and say each kind of problem once every 10 minutes, not on every retry.
