@@ -508,9 +508,14 @@ async def _pipe_restore(restore_cmd: list[str], psql_cmd: list[str], env: dict[s
         psql_err = perr.read().decode(errors="replace")
         restore_err = rerr.read().decode(errors="replace")
     if psql_rc != 0 or broken:
+        hint = ""
+        if re.search(r'role "[^"]*" does not exist', psql_err):
+            hint = ("; the backup names roles this server lacks: create the animus roles first "
+                    "(`animus db migrate`, then `animus roles setup`), and restore with "
+                    "--no-owner if the owner role is missing")
         raise DatabaseError(
             "the restore failed and was rolled back, the database is as it was: "
-            f"{_tail(psql_err)}")
+            f"{_tail(psql_err)}{hint}")
     if restore_rc != 0:
         raise DatabaseError(
             f"pg_restore could not read the dump (exit {restore_rc}): {_tail(restore_err)}; "

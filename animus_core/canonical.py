@@ -27,7 +27,7 @@ def _number(x: float) -> str:
         raise ValueError(f"{x} has no JSON form")
     if x == 0:
         return "0"
-    if x.is_integer() and abs(x) < 1e21:
+    if x.is_integer() and abs(x) < 2**53:  # exact; larger ones take the shortest digits
         return str(int(x))
     # ECMAScript Number::toString over Python's shortest round-trip digits.
     sign = "-" if x < 0 else ""

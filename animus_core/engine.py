@@ -124,6 +124,7 @@ class Engine:
         self._executions: list[ExecutionRecord] = []
         self.environment_hash = ""
         self._completions_ready = asyncio.Event()
+        self._closing = False
         self._activity = False
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -175,13 +176,13 @@ class Engine:
         helpers = [
             asyncio.create_task(self._listen(), name="animus-listener"),
             asyncio.create_task(self._keep_leases(), name="animus-leases"),
-            asyncio.create_task(self._complete_loop(), name="animus-completer"),
             asyncio.create_task(self._seal_loop(), name="animus-sealer"),
             *[asyncio.create_task(self._tick(s), name=f"schedule-{s.name}")
               for f in self.faculties for s in f.schedules],
         ]
         if self.settings.otel_endpoint:
             helpers.append(asyncio.create_task(self._sample_depths(), name="animus-depths"))
+        completer = asyncio.create_task(self._complete_loop(), name="animus-completer")
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
                   len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
@@ -189,6 +190,10 @@ class Engine:
             await self._schedule_loop()
         finally:
             await self._drain()
+            # The completer is not cancelled mid-batch: it is told to finish and exit.
+            self._closing = True
+            self._completions_ready.set()
+            await asyncio.gather(completer, return_exceptions=True)
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -270,6 +275,9 @@ class Engine:
                 self._wake_later(slot.seconds_to_token(), slot)
                 continue
             got = 0
+            # Cleared before the claim: a notification that arrives while it is in flight
+            # sets it again, and is not lost.
+            slot.dirty = False
             for queue in self.options.queues:
                 claimed = await self.db.claim(
                     queue, limit=allowed - got, lease_seconds=self.options.lease_seconds,
@@ -283,8 +291,9 @@ class Engine:
             if slot.faculty.rate_limit and got < allowed:
                 slot.tokens += allowed - got
             total_free -= got
-            # A short claim means nothing more is visible for this faculty right now.
-            slot.dirty = got >= free
+            # A full claim means more may be waiting; a short one that nothing is visible now.
+            if got >= free:
+                slot.dirty = True
             if got:
                 self._activity = True
 
@@ -477,7 +486,7 @@ class Engine:
     # -- completions, leases, sealing -----------------------------------------------------------
 
     async def _complete_loop(self) -> None:
-        while True:
+        while not (self._closing and not self._completions):
             await self._completions_ready.wait()
             self._completions_ready.clear()
             await self._flush_completions()

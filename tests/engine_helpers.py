@@ -35,6 +35,8 @@ from animus_core.plugins import PluginProblem, collect_faculties, make_plugin_ma
 from animus_core.states import TERMINAL
 
 PHASE_ORDER = ("orient", "engage", "consolidate", "recover")
+#: The origin of faculties animus itself provides (left out of the tests' comparisons).
+BUILT_IN = "animus (built-in)"
 #: Options for in-process engines. The fallback poll is a safety net for the semantics tests;
 #: the tests about waking up (NOTIFY, retry timers) use ``SLOW_POLL`` so only the engine's own
 #: wake-ups can make them pass.
@@ -147,6 +149,11 @@ class RunningEngine:
     def foci_root(self) -> Path:
         return self.engine.foci_root
 
+    def origins(self) -> dict[str, str]:
+        """The faculties this test registered (not animus's built-in ones): name -> origin."""
+        return {f.name: f.origin for f in self.engine.faculties
+                if f.origin != BUILT_IN}
+
     def quiet(self) -> bool:
         """No claim in flight and no faculty waiting for one: only a wake-up (NOTIFY, a
         timer, the fallback poll) makes this engine claim again."""
@@ -183,31 +190,31 @@ async def run_engine(
         pm.register(Provides(faculties), name="test-faculties")
     registered, more = await collect_faculties(pm, settings)
     db = await Db.connect(db_url, max_size=10, actor="test-engine")
-    spy = ClaimSpy(db)
-    setattr(db, "claim", spy)  # noqa: B010 - shadow the method on this instance only
-    engine = Engine(db, pm, registered, settings, options or DEFAULT_OPTIONS)
-    task = asyncio.create_task(engine.run(), name="test-engine")
     try:
-        started = asyncio.create_task(engine.started.wait())
-        await asyncio.wait([task, started], timeout=15, return_when=asyncio.FIRST_COMPLETED)
-        started.cancel()
-        if task.done():
-            task.result()  # raises what made the engine stop
-        assert engine.started.is_set(), "engine did not start within 15s"
-        await asyncio.wait_for(engine.listener_connected.wait(), 15)
-        running = RunningEngine(engine, db, settings, problems + more, spy)
-        if settle:
-            # Let the start-up claims finish, so that what the test submits next is noticed
-            # through NOTIFY (a notification that lands during a claim can be lost: see
-            # test_notification_during_a_claim_is_not_lost).
-            await running.wait_quiet()
-        yield running
-    finally:
-        engine.stop()
+        spy = ClaimSpy(db)
+        setattr(db, "claim", spy)  # noqa: B010 - shadow the method on this instance only
+        engine = Engine(db, pm, registered, settings, options or DEFAULT_OPTIONS)
+        task = asyncio.create_task(engine.run(), name="test-engine")
         try:
-            await asyncio.wait_for(task, stop_timeout)
+            started = asyncio.create_task(engine.started.wait())
+            await asyncio.wait([task, started], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if task.done():
+                task.result()  # raises what made the engine stop
+            assert engine.started.is_set(), "engine did not start within 15s"
+            await asyncio.wait_for(engine.listener_connected.wait(), 15)
+            running = RunningEngine(engine, db, settings, problems + more, spy)
+            if settle:
+                # Let the start-up claims finish, so that what the test submits next is
+                # noticed through NOTIFY (a notification that lands during a claim can be
+                # lost: see test_notification_during_a_claim_is_not_lost).
+                await running.wait_quiet()
+            yield running
         finally:
-            await db.close()
+            engine.stop()
+            await asyncio.wait_for(task, stop_timeout)
+    finally:
+        await db.close()
 
 
 # -- TOML faculties with bash hooks -----------------------------------------------------------
@@ -337,3 +344,46 @@ async def wait_listening(db_url: str, procs: Sequence[EngineProcess], timeout: f
         return await listeners(db_url) >= len(procs)
 
     await wait_until(ready, timeout, interval=0.1, message="engine processes to listen")
+
+
+async def run_process(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
+                      timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run a child without blocking the event loop: (status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=dict(env), cwd=cwd,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def run_cli(env: Mapping[str, str], cwd: Path, *args: str,
+                  timeout: float = 60.0) -> tuple[int, str, str]:
+    """``python -m animus_core ARGS``: (status, stdout, stderr)."""
+    return await run_process([sys.executable, "-m", "animus_core", *args], env, cwd, timeout)
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (gone, or a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a hook's process group (hooks run in their own session), if it still exists."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

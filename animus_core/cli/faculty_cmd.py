@@ -70,8 +70,14 @@ description = "The {name} faculty for animus"
 requires-python = ">=3.11"
 dependencies = ["animus-substrate"]
 
+[project.optional-dependencies]
+test = ["pytest>=8", "pytest-asyncio>=0.24"]
+
 [project.entry-points.animus]
 {name} = "{module}"
+
+[tool.pytest.ini_options]
+asyncio_mode = "auto"
 '''
 
 _MODULE = '''"""The {name} faculty: what it does, in one line."""

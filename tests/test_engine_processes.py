@@ -1,0 +1,331 @@
+"""The engine as it runs in production: ``python -m animus_core up`` processes, killed,
+signalled and doubled up on one database, and the CLI commands around it.
+
+Each engine runs in the test's ``tmp_path`` with ``ANIMUS_FACULTIES=faculties`` and hook
+commands relative to that directory, as an operator would start it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from animus_core import Created, Faculty, NewWorkItem, State
+from animus_core.plugins import collect_faculties, make_plugin_manager
+from tests.engine_helpers import (
+    EngineProcess,
+    engine_settings,
+    events,
+    kill_group,
+    process_gone,
+    run_cli,
+    run_engine,
+    run_process,
+    wait_finished,
+    wait_listening,
+    wait_until,
+    write_toml_faculty,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment for an engine started in ``tmp_path``."""
+    return {**cli_env, "ANIMUS_FACULTIES": "faculties", "ANIMUS_HOME": str(tmp_path / "home"),
+            "ANIMUS_DISABLE_PLUGIN_AUTOLOAD": "1", "LOG_LEVEL": "info"}
+
+
+@pytest.fixture
+def engines(proc_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """``engines("--lease", "2")`` starts an engine process; all are killed at the end."""
+    started: list[EngineProcess] = []
+
+    def start(*args: str) -> EngineProcess:
+        p = EngineProcess(args, proc_env, tmp_path, tmp_path / f"engine-{len(started)}.log")
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+def faculty(tmp_path: Path, name: str, **kwargs: Any) -> Path:
+    return write_toml_faculty(tmp_path, name, relative_to=tmp_path, **kwargs)
+
+
+async def submit(db: Any, new: NewWorkItem) -> Any:
+    result = await db.submit_work(new)
+    assert isinstance(result, Created)
+    return result.id
+
+
+# -- crash, sharing, shutdown -----------------------------------------------------------------------
+
+
+async def test_engine_killed_mid_focus_work_is_redelivered_after_the_lease(
+        db, db_url, tmp_path, engines):
+    runs = tmp_path / "runs.log"
+    faculty(tmp_path, "crashy", hooks={"engage": f"""
+        echo "$ANIMUS_ATTEMPT $$" >> {runs}
+        if [ "$ANIMUS_ATTEMPT" = 1 ]; then exec sleep 60; fi
+        echo '{{"finished_on_attempt": '"$ANIMUS_ATTEMPT"'}}' > engage-out.json
+    """})
+    first = engines("--lease", "2", "--poll", "0.5")
+    await wait_listening(db_url, [first])
+    wid = await submit(db, NewWorkItem("crashy"))
+    await wait_until(lambda: runs.exists() and runs.read_text().count("\n") >= 1,
+                     message="the first attempt to start")
+    first.signal(signal.SIGKILL)
+    assert await first.wait(10) == -signal.SIGKILL
+    hook_pid = int(runs.read_text().split()[1])
+    kill_group(hook_pid)  # the orphaned hook; it would only sleep
+    item = await db.get_work_item(wid)
+    assert item.state == State.RUNNING
+    assert item.attempts == 1
+
+    second = engines("--lease", "2", "--poll", "0.5")
+    item = await wait_finished(db, wid, timeout=30)
+    assert item.state == State.COMPLETED, item.reason
+    assert item.attempts == 2
+    assert item.outcome.data == {"finished_on_attempt": 2}
+    assert [line.split()[0] for line in runs.read_text().splitlines()] == ["1", "2"]
+    history = await db.history(wid)
+    trail = [e.event for e in history]
+    assert trail == ["submitted", "claimed", "running", "failed", "queued",
+                     "claimed", "running", "completed"]
+    lost = history[trail.index("failed")]
+    assert lost.payload["error"] == "lease expired while running (engine lost)"
+    second.signal(signal.SIGTERM)
+    assert await second.wait(30) == 0
+
+
+async def test_two_engines_share_work_without_running_an_item_twice(
+        db, db_url, tmp_path, engines):
+    log = tmp_path / "foci.log"
+    faculty(tmp_path, "shared", fields={"max_concurrent": 2}, hooks={"engage": f"""
+        echo "start $ANIMUS_WORK_ID $PPID $(date +%s.%N)" >> {log}
+        sleep 0.2
+        echo "end $ANIMUS_WORK_ID $PPID $(date +%s.%N)" >> {log}
+    """})
+    a, b = engines(), engines()
+    await wait_listening(db_url, [a, b])
+    results = await db.submit_many([NewWorkItem("shared").params({"i": i}) for i in range(40)])
+    wids = [r.id for r in results]
+    for wid in wids:
+        item = await wait_finished(db, wid, timeout=60)
+        assert item.state == State.COMPLETED
+        assert item.attempts == 1
+
+    starts: dict[str, int] = defaultdict(int)
+    timeline: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for line in log.read_text().splitlines():
+        kind, wid, pid, at = line.split()
+        if kind == "start":
+            starts[wid] += 1
+        # At equal times an end sorts before a start.
+        timeline[int(pid)].append((float(at), 1 if kind == "start" else -1))
+    assert sorted(starts) == sorted(str(w) for w in wids)
+    assert set(starts.values()) == {1}, "an item ran twice"
+    assert set(timeline) == {a.pid, b.pid}, "both engines should have taken work"
+    for pid, points in timeline.items():
+        running = peak = 0
+        for _, step in sorted(points):
+            running += step
+            peak = max(peak, running)
+        assert peak <= 2, f"engine {pid} ran {peak} foci of a max_concurrent=2 faculty at once"
+    for p in (a, b):
+        p.signal(signal.SIGTERM)
+    assert [await a.wait(30), await b.wait(30)] == [0, 0]
+
+
+async def test_sigterm_drains_an_in_flight_focus(db, db_url, tmp_path, engines):
+    marker = tmp_path / "started"
+    faculty(tmp_path, "steady", hooks={"engage": f"""
+        touch {marker}
+        sleep 2
+        echo '{{"drained": true}}' > engage-out.json
+    """})
+    engine = engines()
+    await wait_listening(db_url, [engine])
+    wid = await submit(db, NewWorkItem("steady"))
+    await wait_until(marker.exists, message="the focus to start")
+    engine.signal(signal.SIGTERM)
+    assert await engine.wait(30) == 0, engine.output()
+    # Finished and recorded before the process exited.
+    item = await db.get_work_item(wid)
+    assert item.state == State.COMPLETED
+    assert item.outcome.data == {"drained": True}
+    assert "draining" in engine.output()
+
+
+async def test_sigterm_after_the_grace_period_releases_the_focus(db, db_url, tmp_path, engines):
+    pidfile = tmp_path / "hook.pid"
+    faculty(tmp_path, "endless", hooks={"engage": f"echo $$ > {pidfile}; exec sleep 30"})
+    engine = engines("--grace", "1")
+    await wait_listening(db_url, [engine])
+    wid = await submit(db, NewWorkItem("endless"))
+    await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                     message="the hook to start")
+    hook_pid = int(pidfile.read_text())
+    engine.signal(signal.SIGTERM)
+    try:
+        assert await engine.wait(20) == 0, engine.output()
+        item = await db.get_work_item(wid)
+        assert item.state == State.QUEUED
+        assert item.reason is not None
+        assert "shutdown" in item.reason
+        assert item.attempts == 0  # a released attempt is given back
+        assert (await events(db, wid))[-1] == "queued"
+        await wait_until(lambda: process_gone(hook_pid), 5, message="the hook to be killed")
+    finally:
+        kill_group(hook_pid)
+
+
+# -- the CLI around a running engine ----------------------------------------------------------------
+
+
+async def test_status_json_shows_queues_running_foci_unroutable_and_dead_letters(
+        db, db_url, tmp_path, engines, proc_env):
+    marker = tmp_path / "running"
+    faculty(tmp_path, "slow", hooks={"engage": f"touch {marker}; exec sleep 30"})
+    faculty(tmp_path, "doomed", hooks={"engage": "echo 'no luck' >&2; exit 4"})
+    engine = engines("--grace", "1")
+    await wait_listening(db_url, [engine])
+    await submit(db, NewWorkItem("slow"))
+    doomed = await submit(db, NewWorkItem("doomed").max_attempts(1))
+    await submit(db, NewWorkItem("nobody"))
+    await submit(db, NewWorkItem("nobody"))
+    await wait_until(marker.exists, message="the slow focus to start")
+    assert (await wait_finished(db, doomed)).state == State.DEAD
+
+    code, out, err = await run_cli(proc_env, tmp_path, "status", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "work" in {q["queue"] for q in report["queues"]}
+    work_queue = next(q for q in report["queues"] if q["queue"] == "work")
+    assert work_queue["depth"] == 3  # slow (leased) and the two nobody; doomed's is archived
+    by_name = {f["name"]: f for f in report["faculties"]}
+    assert by_name["slow"]["running"] == 1
+    assert by_name["doomed"]["running"] == 0
+    assert report["work"]["slow"] == {"running": 1}
+    assert report["unroutable"] == {"nobody": 2}
+    assert report["dead_letters"]["total"] == 1
+    (latest,) = report["dead_letters"]["latest"]
+    assert latest["id"] == str(doomed)
+    assert latest["work_type"] == "doomed"
+    assert "exited with status 4: no luck" in latest["reason"]
+    assert report["plugin_problems"] == []
+
+    engine.signal(signal.SIGTERM)
+    assert await engine.wait(20) == 0
+
+
+async def test_work_submit_wait_prints_the_outcome(db, db_url, tmp_path, engines, proc_env):
+    faculty(tmp_path, "upper", hooks={"engage": r"""
+        text=$(sed -n 's/.*"text":"\([^"]*\)".*/\1/p' work.json)
+        printf '{"upper":"%s"}' "$(printf '%s' "$text" | tr a-z A-Z)" > engage-out.json
+    """})
+    engine = engines()
+    await wait_listening(db_url, [engine])
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "upper",
+                                   "--param", "text=shout", "--wait", "--timeout", "30")
+    assert code == 0, err
+    lines = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    assert lines["state:"] == "completed"
+    assert json.loads(lines["outcome:"]) == {"upper": "SHOUT"}
+
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "upper",
+                                   "--param", "text=again", "--wait", "--json", "--timeout", "30")
+    assert code == 0, err
+    item = json.loads(out)
+    assert item["state"] == "completed"
+    assert item["outcome"]["data"] == {"upper": "AGAIN"}
+    engine.signal(signal.SIGTERM)
+    assert await engine.wait(20) == 0
+
+
+async def test_faculty_check_names_file_and_field(tmp_path, proc_env):
+    bad = tmp_path / "bad"
+    write_toml_faculty(bad, "good", hooks={"engage": "true"}, relative_to=tmp_path)
+    noexec = write_toml_faculty(bad, "noexec", hooks={"engage": "true"}, relative_to=tmp_path)
+    (bad / "hooks" / "noexec-engage.sh").chmod(0o644)
+    (bad / "faculties" / "unknown.toml").write_text(
+        '[faculty]\nname = "u"\naccepts = ["u"]\ncolour = "red"\n')
+    env = {**proc_env, "ANIMUS_FACULTIES": str(bad / "faculties")}
+    code, out, err = await run_cli(env, tmp_path, "faculty", "check")
+    assert code == 2, out + err
+    assert f"{noexec}: faculty.engage.command" in out
+    assert "is not executable" in out
+    assert f"{bad / 'faculties' / 'unknown.toml'}" in out
+    assert "colour" in out
+    assert "ok       good" in out
+
+    good = tmp_path / "good"
+    write_toml_faculty(good, "good", hooks={"orient": "true", "engage": "true"},
+                       relative_to=tmp_path)
+    env = {**proc_env, "ANIMUS_FACULTIES": str(good / "faculties")}
+    code, out, err = await run_cli(env, tmp_path, "faculty", "check")
+    assert code == 0, out + err
+    assert f"ok       good ({good / 'faculties' / 'good.toml'})" in out
+    assert "faculties, no problems" in out
+    assert "error" not in out
+
+
+async def test_faculty_new_scaffolds_a_package_that_imports_and_runs(
+        db, db_url, tmp_path, proc_env, monkeypatch):
+    code, out, err = await run_cli(proc_env, tmp_path, "faculty", "new", "scaffolded",
+                                   "--dir", str(tmp_path / "pkgs"))
+    assert code == 0, err
+    assert "created" in out
+    root = tmp_path / "pkgs" / "animus-faculty-scaffolded"
+    for rel in ("pyproject.toml", "README.md", "animus_faculty_scaffolded/__init__.py",
+                "animus_faculty_scaffolded/py.typed", "tests/test_scaffolded.py"):
+        assert (root / rel).is_file(), rel
+    assert 'scaffolded = "animus_faculty_scaffolded"' in (root / "pyproject.toml").read_text()
+    # A second time refuses to overwrite.
+    code, _, err = await run_cli(proc_env, tmp_path, "faculty", "new", "scaffolded",
+                                 "--dir", str(tmp_path / "pkgs"))
+    assert code == 2
+    assert "already exists" in err
+
+    monkeypatch.syspath_prepend(str(root))
+    module = importlib.import_module("animus_faculty_scaffolded")
+    try:
+        settings = engine_settings(db_url, tmp_path / "home")
+        pm, _ = make_plugin_manager(settings)
+        pm.register(module, name="scaffolded")
+        faculties, problems = await collect_faculties(pm, settings)
+        assert problems == []
+        (fac,) = [f for f in faculties if f.name == "scaffolded"]
+        assert isinstance(fac, Faculty)
+        assert fac.origin == "scaffolded"
+        # Its example runs in a real engine.
+        async with run_engine(db_url, tmp_path / "home", plugins={"scaffolded": module}):
+            wid = await submit(db, NewWorkItem("scaffolded").params(fac.example or {}))
+            item = await wait_finished(db, wid)
+        assert item.state == State.COMPLETED, item.reason
+        assert item.outcome.data == {"length": 5}
+    finally:
+        sys.modules.pop("animus_faculty_scaffolded", None)
+
+
+async def test_faculty_new_generated_tests_pass(tmp_path, proc_env):
+    code, _, err = await run_cli(proc_env, tmp_path, "faculty", "new", "gen", "--dir", str(tmp_path))
+    assert code == 0, err
+    root = tmp_path / "animus-faculty-gen"
+    env = {k: v for k, v in proc_env.items() if not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = str(root)
+    code, out, err = await run_process(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], env, root)
+    assert code == 0, out + err
