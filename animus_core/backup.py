@@ -564,6 +564,13 @@ async def restore(url: str, src_dir: Path, *, db_only: bool, no_owner: bool = Fa
     conn = await _connect(url, "animus-restore")
     try:
         server_num = await conn.fetchval("SELECT current_setting('server_version_num')::int")
+        source = manifest.database
+        if source is not None and source.server_version_num // 10000 > server_num // 10000:
+            raise InvalidInput(
+                f"the backup comes from PostgreSQL {source.server_version} and this server runs "
+                f"{server_num // 10000}: restoring into an older major version is not supported "
+                "(the schema may use what the older server lacks, such as uuidv7); restore into "
+                f"PostgreSQL {source.server_version_num // 10000} or newer; nothing was restored")
         pg_restore = await asyncio.to_thread(find_tool, "pg_restore", server_num // 10000)
         psql = await asyncio.to_thread(find_tool, "psql", server_num // 10000)
         target, env = _libpq_target(url)

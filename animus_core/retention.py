@@ -7,8 +7,10 @@ holds long locks.
 
 A finished item that other work still points at (a newer child's ``parent_id``, a merged
 duplicate's ``merged_into``, a replay's ``replay_of``) is kept until that work is purged
-too: those columns are the other item's lineage, not ours to erase. Batches go newest
-first, so an item and the old items that point at it go in the same batch or in order.
+too: those columns are the other item's lineage, not ours to erase. An item that a row of
+another table points at with a foreign key (an approval decision, which is append-only) is
+kept for good. Batches go newest first, so an item and the old items that point at it go
+in the same batch or in order.
 
 The audit trail is append-only (the database refuses UPDATE, DELETE and TRUNCATE on it), so
 the audit rows of purged items stay, and ``animus audit verify`` still checks them. With an
@@ -38,34 +40,48 @@ __all__ = ["FINISHED", "PurgeReport", "parse_age", "purge"]
 FINISHED = ("completed", "dead", "merged", "cancelled")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
-# Finished items resolved before $1 that no other item (outside that set) points at,
-# directly or through a chain of items in the set.
+# Finished items resolved before $1 that nothing outside that set points at, directly or
+# through a chain of items in the set. {refs}: (dst, src) pairs of work_items pointing at
+# work_items; {pinned}: ids that rows of other tables point at (approvals, ...), which can
+# never be deleted while those append-only rows exist.
 _PURGE_SET = """
 CREATE TEMP TABLE animus_purge AS
 WITH RECURSIVE cand AS (
     SELECT id, state, created_at FROM animus.work_items
      WHERE state IN ('completed', 'dead', 'merged', 'cancelled') AND resolved_at < $1
-), refs AS (
-    SELECT parent_id AS dst, id AS src FROM animus.work_items WHERE parent_id IS NOT NULL
-    UNION ALL
-    SELECT merged_into, id FROM animus.work_items WHERE merged_into IS NOT NULL
-    UNION ALL
-    SELECT replay_of, id FROM animus.work_items WHERE replay_of IS NOT NULL
+), refs (dst, src) AS (
+    {refs}
+), pinned (dst) AS (
+    {pinned}
 ), blocked (id) AS (
     SELECT r.dst FROM refs r JOIN cand c ON c.id = r.dst
      WHERE NOT EXISTS (SELECT 1 FROM cand k WHERE k.id = r.src)
+    UNION
+    SELECT p.dst FROM pinned p JOIN cand c ON c.id = p.dst
     UNION
     SELECT r.dst FROM blocked b JOIN refs r ON r.src = b.id JOIN cand c ON c.id = r.dst
 )
 SELECT c.* FROM cand c WHERE NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = c.id)
 """
 
+# Every single-column foreign key that points at work_items, found in the catalog so that a
+# table added later (with a foreign key) keeps its items instead of breaking the purge.
+_FOREIGN_KEYS = """
+SELECT c.conrelid::regclass::text AS tbl, a.attname AS col
+  FROM pg_constraint c
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+ WHERE c.contype = 'f' AND c.confrelid = 'animus.work_items'::regclass
+   AND cardinality(c.conkey) = 1
+ ORDER BY 1, 2
+"""
+_NONE = "SELECT NULL::uuid, NULL::uuid WHERE false"
+
 
 class PurgeReport(msgspec.Struct, frozen=True, kw_only=True):
     cutoff: datetime
     dry_run: bool
     items: dict[str, int]             # finished items deleted (or to delete), by state
-    kept_referenced: int              # old finished items kept: newer work points at them
+    kept_referenced: int              # old finished items kept: other rows point at them
     schedule_ticks: int               # tick rows of those items
     archived_messages: dict[str, int]  # pgmq archive rows, by queue
     audit_rows: int                   # audit rows of those items: always kept
@@ -90,8 +106,18 @@ def _ident(name: str) -> str:
 
 
 async def _build_set(conn: asyncpg.Connection, cutoff: datetime) -> None:
+    refs, pinned = [], []
+    for fk in await conn.fetch(_FOREIGN_KEYS):
+        col = _ident(fk["col"])
+        if fk["tbl"] == "animus.work_items":
+            refs.append(f"SELECT {col}, id FROM animus.work_items WHERE {col} IS NOT NULL")
+        elif fk["tbl"] != "animus.schedule_ticks":  # ticks are deleted with their items
+            pinned.append(f"SELECT {col} FROM {fk['tbl']} WHERE {col} IS NOT NULL")
     await conn.execute("DROP TABLE IF EXISTS pg_temp.animus_purge")
-    await conn.execute(_PURGE_SET, cutoff)
+    await conn.execute(_PURGE_SET.format(
+        refs="\n    UNION ALL\n    ".join(refs) or _NONE,
+        pinned="\n    UNION ALL\n    ".join(pinned) or "SELECT NULL::uuid WHERE false",
+    ), cutoff)
     await conn.execute("CREATE INDEX ON pg_temp.animus_purge (created_at DESC, id DESC)")
     await conn.execute("CREATE UNIQUE INDEX ON pg_temp.animus_purge (id)")
     await conn.execute("ANALYZE pg_temp.animus_purge")

@@ -74,7 +74,7 @@ GRANT INSERT ON animus.audit_log, animus.audit_seal, animus.audit_unsealed,
 GRANT DELETE ON animus.audit_unsealed TO animus_operator;
 
 GRANT ALL ON SCHEMA animus TO animus_admin;
-GRANT DELETE ON animus.work_items TO animus_admin;
+GRANT DELETE ON animus.work_items, animus.schedule_ticks TO animus_admin;  -- animus purge
 
 -- Nobody may rewrite history (the triggers refuse it too, for every role).
 REVOKE UPDATE, DELETE, TRUNCATE ON animus.audit_log, animus.audit_seal,

@@ -155,8 +155,9 @@ def _print_purge(report: PurgeReport, args: argparse.Namespace) -> None:
     states = ", ".join(f"{state} {n}" for state, n in sorted(report.items.items()))
     print(f"  {verb} {report.total_items} work items" + (f" ({states})" if states else ""))
     if report.kept_referenced:
-        print(f"  kept {report.kept_referenced} old finished items that newer work still points "
-              "at (parent_id, merged_into or replay_of); they go when that work does")
+        print(f"  kept {report.kept_referenced} old finished items that other rows still point "
+              "at (newer work's parent_id, merged_into or replay_of, which go when that work "
+              "does; approval decisions, which stay)")
     print(f"  {verb} {report.schedule_ticks} schedule ticks of those items")
     archived = ", ".join(f"{q} {n}" for q, n in report.archived_messages.items() if n)
     total = sum(report.archived_messages.values())
