@@ -140,8 +140,10 @@ def _errors() -> Any:
         if isinstance(e.__cause__, AnimusError):  # one of our codecs refused an argument
             raise e.__cause__ from None
         raise _translate(e) from e
-    except (OSError, asyncpg.InterfaceError) as e:
-        raise DatabaseUnavailable(f"lost the database connection: {e}") from e
+    except (OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError) as e:
+        if isinstance(e, OSError | asyncpg.ConnectionDoesNotExistError) or "closed" in str(e):
+            raise DatabaseUnavailable(f"lost the database connection: {e}") from e
+        raise DatabaseError(f"the database client refused the operation: {e}") from e
 
 
 class Db:

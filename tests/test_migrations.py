@@ -75,7 +75,7 @@ async def test_components_record_pgmq_and_pgvector(db, db_url):
         rows = {r["name"]: r for r in await conn.fetch("SELECT * FROM animus.components")}
         vector = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         pgmq_ext = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")
-    assert set(rows) == {"pgmq", "pgvector"}
+    assert {"pgmq", "pgvector"} <= set(rows)
     assert (rows["pgvector"]["install"], rows["pgvector"]["version"]) == ("extension", vector)
     # This server has no pgmq extension: the SQL-only install bundled with the pgmq package.
     assert pgmq_ext is None
@@ -83,7 +83,7 @@ async def test_components_record_pgmq_and_pgvector(db, db_url):
         "sql-only", get_embedded_sql_version()
     )
     status = await db.migration_status()
-    assert {(c.name, c.install) for c in status.components} == {
+    assert {(c.name, c.install) for c in status.components} >= {
         ("pgmq", "sql-only"), ("pgvector", "extension"),
     }
 
