@@ -69,6 +69,9 @@ def _encode(value: Any, nfc: bool, out: list[str]) -> None:
         if not all(isinstance(k, str) for k, _ in items):
             raise TypeError("JSON object keys must be strings")
         items.sort(key=lambda kv: kv[0].encode("utf-16-be"))
+        if nfc and len({k for k, _ in items}) < len(items):
+            # keys that differ only in normalisation: order them by value, not by insertion
+            items.sort(key=lambda kv: (kv[0].encode("utf-16-be"), canonical_json(kv[1], nfc=True)))
         out.append("{")
         for i, (k, v) in enumerate(items):
             if i:

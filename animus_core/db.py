@@ -318,7 +318,10 @@ class Db:
                 "UPDATE animus.schedule_ticks SET work_id = $3 WHERE name = $1 AND tick = $2",
                 name, tick, row["id"])
         if row["merged_into"] is not None:
+            instruments.merged.add(1, {"queue": queue})
             return Merged(id=row["id"], canonical_id=row["merged_into"])
+        instruments.submitted.add(1, {"queue": queue})
+        _transition("created", "queued")
         return Created(item=WorkItem.from_row(row))
 
     # -- read ----------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class Engine:
         self.tools = collect_tools(pm)
         self.rules = RuleSet.load(settings.rules_dir)
         redactor.learn(os.environ, [n for f in faculties
-                                    for n in getattr(getattr(f, "spec", None), "env", ())])
+                                    for n in getattr(getattr(f, "spec", None), "secrets", ())])
         db.rules = self.rules
         self._client: Any = None
         #: faculties switched off at start (name -> why); their work stays queued
@@ -348,15 +348,17 @@ class Engine:
             self._client = make_client()
         return self._client, self.tools
 
-    async def _phase(self, fac: Faculty, phase: str, focus: Focus, **kwargs: Any) -> Any:
+    async def _phase(self, fac: Faculty, phase: str, focus: Focus, /, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        # the SDK would record the exception's own (unredacted) text: the status says it instead
         with tracer.start_as_current_span(phase, attributes={
-                "animus.faculty": fac.name, "animus.phase": phase}) as s:
+                "animus.faculty": fac.name, "animus.phase": phase},
+                record_exception=False, set_status_on_exception=False) as s:
             focus.traceparent = current_traceparent()
             try:
                 return await self._call(fac, phase, focus, **kwargs)
             except Exception as e:
-                s.set_status(trace.StatusCode.ERROR, str(e)[:500])
+                s.set_status(trace.StatusCode.ERROR, redactor.text(str(e))[:500])
                 raise
             finally:
                 instruments.phase_duration.record(time.perf_counter() - started,
@@ -431,11 +433,12 @@ class Engine:
                     self._completions_ready.set()
                 self._activity = True
         finally:
+            # recorded while the focus span is current, so the histogram gets exemplars
+            instruments.focus_duration.record(time.perf_counter() - started,
+                                              {"faculty": fac.name, "result": result})
             context.detach(token)
             focus_span.set_attribute("animus.result", result)
             focus_span.end()
-            instruments.focus_duration.record(time.perf_counter() - started,
-                                              {"faculty": fac.name, "result": result})
             kept = focus.cleanup(keep=failed and (self.options.keep_foci
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
@@ -451,9 +454,9 @@ class Engine:
             if final:
                 verdict = False  # retrying cannot change a rule's answer
             else:
-                verdict = await self._call(fac, "recover", focus, error=error, phase=phase)
+                verdict = await self._phase(fac, "recover", focus, error=error, phase=phase)
         except Exception as e:
-            note = f" (recover failed too: {_describe(e, 'recover', fac)})"
+            note = f" (recover failed too: {redactor.text(_describe(e, 'recover', fac))})"
         reason = f"{phase} failed: {error}{note}"
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
@@ -461,7 +464,8 @@ class Engine:
             item = await self.db.fail(lease, reason, duration_ms=ms)
             limit = fac.max_attempts or item.max_attempts
             if verdict is False:
-                await self.db.dead_letter(item.id, f"recover chose to dead-letter: {reason}")
+                await self.db.dead_letter(item.id, reason if final  # a rule; recover not asked
+                                          else f"recover chose to dead-letter: {reason}")
                 result = "dead"
             elif item.attempts >= limit:
                 await self.db.dead_letter(

@@ -305,6 +305,11 @@ class Memory:
                            memory_type = coalesce($5, memory_type), updated_at = now()
                      WHERE id = $1 RETURNING {_COLUMNS}""",
                 mid, content, vec, dict(metadata) if metadata is not None else None, memory_type)
+            if row is not None and content is not None and await conn.fetchval(
+                    "SELECT next_embedder IS NOT NULL FROM animus.memory_config"):
+                # a re-embed is under way: its vector for the old content is stale now
+                await conn.execute(
+                    "UPDATE animus.memories SET embedding_next = NULL WHERE id = $1", mid)
         if row is None:
             raise InvalidInput(f"no memory with id {mid}")
         return MemoryRecord.from_row(row)

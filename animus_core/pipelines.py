@@ -25,6 +25,7 @@ are recorded dead with a reason naming it, and the pipeline ends dead too.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import tomllib
 from collections.abc import Callable
@@ -199,14 +200,23 @@ def _lookup(outcome: Any, path: str, ref: str) -> Any:
     return value
 
 
+def _text(value: Any) -> str:
+    """A value inside a string: strings as they are, anything else as (compact) JSON, so
+    that ``${a.flag}`` reads ``true``, not Python's ``True``."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                           separators=(",", ":"))
+
+
 def resolve(value: Any, outcomes: dict[str, Any]) -> Any:
-    """Substitute ``${stage.field}`` references with earlier stages' outcomes."""
+    """Substitute ``${stage.field}`` references with earlier stages' outcomes: a string that
+    is one reference becomes the value itself (any JSON type); a reference inside a longer
+    string is replaced by its text."""
     if isinstance(value, str):
         whole = _REF.fullmatch(value)
         if whole:
             return _lookup(outcomes.get(whole.group(1)), whole.group(2), whole.group(1))
-        return _REF.sub(lambda m: str(_lookup(outcomes.get(m.group(1)), m.group(2),
-                                                m.group(1))), value)
+        return _REF.sub(lambda m: _text(_lookup(outcomes.get(m.group(1)), m.group(2),
+                                                  m.group(1))), value)
     if isinstance(value, dict):
         return {k: resolve(v, outcomes) for k, v in value.items()}
     if isinstance(value, list):

@@ -60,6 +60,22 @@ ALTER FUNCTION animus.submit(text, jsonb) SET search_path = pg_catalog, pg_temp;
 GRANT EXECUTE ON FUNCTION animus.submit(text, jsonb) TO animus_submitter;
 GRANT EXECUTE ON FUNCTION animus.decide(uuid, text, text) TO animus_approver;
 
+-- Engines create the queues they serve (animus up): through the definer function, so that
+-- operators need no CREATE right on the pgmq schema.
+ALTER FUNCTION animus.create_queue(text) SECURITY DEFINER;
+ALTER FUNCTION animus.create_queue(text) SET search_path = pg_catalog, pg_temp;
+-- ...and fix the memory embedding dimension the first time an engine opens memory (DDL on
+-- animus.memories, which only its owner may do); the vector type is found in its schema.
+ALTER FUNCTION animus.memory_configure(text, int) SECURITY DEFINER;
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION animus.memory_configure(text, int) '
+                   'SET search_path = pg_catalog, %I, pg_temp',
+                   (SELECT n.nspname FROM pg_extension e
+                      JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'));
+END
+$$;
+
 -- Engines: claim, complete, state changes, sealing, memories, schedules, records.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA animus TO animus_operator;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO animus_operator;

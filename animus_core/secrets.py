@@ -1,12 +1,13 @@
 """Keeping secret values out of everything animus writes.
 
-A hook sees only the variables its faculty declares (``env = [...]``), but a hook may still
-print a secret it was given: in its stderr (which becomes the failure reason), in its output
-files (which become the outcome). The redactor knows the values of the variables faculties
-declare plus any variable whose name says it is a secret (``*KEY*``, ``*TOKEN*``,
-``*SECRET*``, ``*PASSWORD*``, ``*CREDENTIAL*``, and ``DATABASE_URL``'s password), and
-replaces them with ``[redacted NAME]`` in failure reasons, outcomes, log records and span
-text before any of these leave the process.
+A hook sees only the variables its faculty declares (``env = [...]`` and
+``secrets = [...]``), but a hook may still print a secret it was given: in its stderr (which
+becomes the failure reason), in its output files (which become the outcome). The redactor
+knows the values of every variable a faculty lists under ``secrets`` plus any variable whose
+name says it is a secret (``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``,
+``*CREDENTIAL*``, and ``DATABASE_URL``'s password), and replaces them with
+``[redacted NAME]`` in failure reasons, outcomes, log records and span text before any of
+these leave the process. Plain ``env`` values (a region, a base URL) are not redacted.
 """
 
 from __future__ import annotations

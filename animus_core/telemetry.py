@@ -55,6 +55,8 @@ _BOUNDARIES: dict[str, tuple[float, ...]] = {
 }
 
 _queue_depths: dict[str, int] = {}
+#: seconds one export may take: short, so a stopping engine does not wait long on a dead collector
+_EXPORT_TIMEOUT = 3
 
 
 def _observe_depth(options: CallbackOptions) -> Iterator[Observation]:
@@ -68,7 +70,7 @@ def _instrument(name: str) -> Any:
         return meter.create_counter(name, unit=unit, description=description)
     if kind == "histogram":
         return meter.create_histogram(name, unit=unit, description=description,
-                                      explicit_bucket_boundaries_advisory=_BOUNDARIES[unit])
+                                      explicit_bucket_boundaries_advisory=_BOUNDARIES.get(unit))
     return meter.create_observable_gauge(name, [_observe_depth], unit=unit,
                                          description=description)
 
@@ -160,18 +162,19 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
     })
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+        OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=_EXPORT_TIMEOUT)))
     trace.set_tracer_provider(tracer_provider)
 
     interval_ms = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
     meter_provider = MeterProvider(resource=resource, metric_readers=[
-        PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure),
+        PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure,
+                                                         timeout=_EXPORT_TIMEOUT),
                                       export_interval_millis=interval_ms)])
     metrics.set_meter_provider(meter_provider)
 
     logger_provider = LoggerProvider(resource=resource)
     logger_provider.add_log_record_processor(BatchLogRecordProcessor(
-        OTLPLogExporter(endpoint=endpoint, insecure=insecure)))
+        OTLPLogExporter(endpoint=endpoint, insecure=insecure, timeout=_EXPORT_TIMEOUT)))
     set_logger_provider(logger_provider)
     handler = LoggingHandler(level=logging.getLevelName(settings.log_level.upper()),
                              logger_provider=logger_provider)

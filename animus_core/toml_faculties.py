@@ -30,6 +30,7 @@ from animus_core.focus import Focus
 from animus_core.plugins import hookimpl
 from animus_core.records import file_digest
 from animus_core.schedules import Cron, Schedule, parse_every
+from animus_core.secrets import redactor
 
 __all__ = [
     "CommandFaculty",
@@ -83,6 +84,8 @@ class FacultySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     retry_base: float = 1.0
     retry_max: float = 300.0
     env: list[str] = []
+    #: like env, and their values are redacted from everything animus writes
+    secrets: list[str] = []
     keep_failed: bool = False
     description: str = ""
     example: dict[str, Any] | None = None
@@ -143,9 +146,10 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
         if ps.model is not None or ps.tools:
             raise ConfigError(_where(path, f"faculty.{phase}: model and tools belong to engage"))
         commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
-    for name in spec.env:
-        if not name or "=" in name:
-            raise ConfigError(_where(path, f"faculty.env: {name!r} is not a variable name"))
+    for field in ("env", "secrets"):
+        for name in getattr(spec, field):
+            if not name or "=" in name:
+                raise ConfigError(_where(path, f"faculty.{field}: {name!r} is not a variable name"))
     schedules = []
     for i, sched in enumerate(spec.schedule):
         field = f"faculty.schedule[{i}]"
@@ -309,7 +313,7 @@ class CommandFaculty(Faculty):
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", os.defpath)
-        for name in self.spec.env:
+        for name in (*self.spec.env, *self.spec.secrets):
             if name in os.environ:
                 env[name] = os.environ[name]
         env.update(
@@ -350,7 +354,8 @@ class CommandFaculty(Faculty):
             _kill_group(proc)
             raise
         if stdout:
-            focus.log.debug("%s stdout: %s", phase, stdout[-STDERR_TAIL:].decode(errors="replace"))
+            focus.log.debug("%s stdout: %s", phase,
+                            redactor.text(stdout[-STDERR_TAIL:].decode(errors="replace")))
         code = proc.returncode or 0
         if code != 0:
             tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()

@@ -832,7 +832,8 @@ async def test_missing_key_disables_only_that_faculty(
             assert waiting.state is State.QUEUED
             assert waiting.attempts == 0
         assert server.requests == []
-        [disabled] = [r for r in caplog.records if "is disabled" in r.getMessage()]
+        [disabled] = [r for r in caplog.records
+                      if "is disabled" in r.getMessage() and r.levelno == logging.ERROR]
         assert disabled.levelno == logging.ERROR
         for part in ("thinker", "ANTHROPIC_API_KEY", "stays queued"):
             assert part in disabled.getMessage()

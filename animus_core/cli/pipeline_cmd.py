@@ -73,7 +73,9 @@ async def run_cmd(args: argparse.Namespace) -> int:
         if not isinstance(result, Created):
             print(f"merged into {result.canonical_id}")
             return 0
-        print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}")
+        state = result.item.state  # the rules may gate or deny work type "pipeline" too
+        print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}"
+              + ("" if state == "queued" else f" ({state}: {result.item.reason})"))
         if args.wait:
             item = await wait_for_outcome(db, result.id, args.timeout)
             _describe(item)

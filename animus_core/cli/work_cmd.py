@@ -225,7 +225,9 @@ async def submit(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     elif isinstance(result, Created):
-        print(f"created {result.id}")
+        item = result.item  # rules may have gated or denied it at submit: say so
+        print(f"created {item.id}" + ("" if item.state == State.QUEUED
+                                       else f" ({item.state}: {item.reason})"))
     else:
         print(f"merged {result.id} into {result.canonical_id}")
     return 0
