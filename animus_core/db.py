@@ -50,6 +50,7 @@ from animus_core.work import (
     NewWorkItem,
     SubmitResult,
     WorkItem,
+    as_uuid,
     dump_json,
 )
 
@@ -726,12 +727,7 @@ def _transition(from_state: str, to_state: str, n: int = 1) -> None:
 
 
 def _uuid(value: UUID | str) -> UUID:
-    if isinstance(value, UUID):
-        return value
-    try:
-        return UUID(str(value))
-    except ValueError:
-        raise InvalidInput(f"{value!r} is not a work item id (a UUID)") from None
+    return as_uuid(value, "id")
 
 
 def _check_queue(name: str) -> None:

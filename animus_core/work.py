@@ -33,6 +33,7 @@ __all__ = [
     "SubmitResult",
     "WorkItem",
     "WorkNotification",
+    "as_uuid",
     "dump_json",
 ]
 
@@ -250,10 +251,10 @@ class NewWorkItem:
         return self._copy(_priority=priority)
 
     def parent(self, parent_id: UUID | str) -> NewWorkItem:
-        return self._copy(_parent_id=_as_uuid(parent_id, "parent id"))
+        return self._copy(_parent_id=as_uuid(parent_id, "parent id"))
 
     def replay_of(self, work_id: UUID | str) -> NewWorkItem:
-        return self._copy(_replay_of=_as_uuid(work_id, "replayed id"))
+        return self._copy(_replay_of=as_uuid(work_id, "replayed id"))
 
     def max_attempts(self, n: int) -> NewWorkItem:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000:
@@ -282,7 +283,8 @@ class NewWorkItem:
         return f"NewWorkItem({self.work_type!r}, source={self._source!r}, dedup_key={self._dedup_key!r})"
 
 
-def _as_uuid(value: UUID | str, what: str) -> UUID:
+def as_uuid(value: UUID | str, what: str) -> UUID:
+    """``value`` as a UUID, or :class:`InvalidInput` naming ``what`` it was meant to be."""
     if isinstance(value, UUID):
         return value
     try:
