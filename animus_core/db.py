@@ -260,7 +260,7 @@ class Db:
         denies it outright)."""
         entry = item.to_json()
         self._apply_rules(entry)
-        if entry.get("state") != "dead":
+        if entry.get("state") is None:  # a rule's own gate (or denial) takes precedence
             entry.update(state="awaiting_approval",
                          gate={"rule": rule, "role": role, "quorum": quorum, "reason": rule},
                          reason=f"awaiting approval ({quorum} x {role}): {rule}")
@@ -313,8 +313,9 @@ class Db:
                    ON CONFLICT DO NOTHING RETURNING true""", name, tick)
             if not fresh:
                 return None
-            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue,
-                                      [item.to_json()])
+            entry = item.to_json()
+            self._apply_rules(entry)
+            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue, [entry])
             await conn.execute(
                 "UPDATE animus.schedule_ticks SET work_id = $3 WHERE name = $1 AND tick = $2",
                 name, tick, row["id"])
@@ -396,6 +397,19 @@ class Db:
                 "SELECT approver, decision, reason, at FROM animus.approvals WHERE work_id = $1 "
                 "ORDER BY id", _uuid(work_id))
         return [dict(r) for r in rows]
+
+    async def approvers(self, work_id: UUID | str, role: str) -> list[str]:
+        """Who approved the item while holding ``animus_<role>`` (or as a superuser)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT a.approver FROM animus.approvals a
+                     LEFT JOIN pg_roles r ON r.rolname = a.approver
+                    WHERE a.work_id = $1 AND a.decision = 'approve'
+                      AND (r.rolsuper OR CASE WHEN EXISTS (
+                               SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $2)
+                           THEN pg_has_role(a.approver, 'animus_' || $2, 'MEMBER')
+                           ELSE false END)""", _uuid(work_id), role)
+        return [r[0] for r in rows]
 
     async def history(self, work_id: UUID | str) -> list[audit.AuditEvent]:
         """Every audit event of one item, oldest first."""
