@@ -620,10 +620,27 @@ class Db:
         return WorkItem.from_row(updated)
 
     async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
-        """``queued -> cancelled``."""
+        """``queued -> cancelled``. A claimed or running item cannot go to ``cancelled``
+        (ARCHITECTURE 3.1): the request is recorded and audited, and the engine running it
+        stops the focus and ends the item ``dead`` with ``reason``."""
         wid = _uuid(work_id)
         async with self.connection() as conn, conn.transaction():
             row = await self._lock(conn, wid)
+            if row["state"] in (State.CLAIMED, State.RUNNING):
+                updated = await conn.fetchrow(
+                    """UPDATE animus.work_items SET cancel_requested = $2, updated_at = now()
+                        WHERE id = $1 RETURNING *""", wid, reason)
+                audit_id = await conn.fetchval(
+                    """INSERT INTO animus.audit_log
+                           (work_id, event, from_state, to_state, provenance, payload)
+                       VALUES ($1, 'cancel_requested', $2, $2,
+                               jsonb_strip_nulls(jsonb_build_object(
+                                   'source', $3::text, 'actor', animus.actor())),
+                               jsonb_build_object('reason', $4::text))
+                       RETURNING id""", wid, row["state"], row["source"], reason)
+                await conn.execute("INSERT INTO animus.audit_unsealed VALUES ($1)", audit_id)
+                await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(wid))
+                return WorkItem.from_row(updated)
             require_transition(wid, State(row["state"]), State.CANCELLED)
             updated = await conn.fetchrow(
                 """UPDATE animus.work_items SET state = 'cancelled', reason = $2,
@@ -633,6 +650,15 @@ class Db:
             await self._drop_message(conn, updated)
         _transition("queued", "cancelled")
         return WorkItem.from_row(updated)
+
+    async def cancel_requests(self, work_ids: Sequence[UUID]) -> list[UUID]:
+        """Which of these items someone asked to cancel while they run."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT id FROM animus.work_items WHERE id = ANY($1::uuid[])
+                      AND cancel_requested IS NOT NULL AND state IN ('claimed', 'running')""",
+                list(work_ids))
+        return [r[0] for r in rows]
 
     async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
         """Submit a fresh copy of a dead item (linked by ``replay_of``)."""

@@ -60,6 +60,7 @@ __all__ = ["Engine", "EngineOptions"]
 
 _log = logging.getLogger("animus.engine")
 CHANNEL = "animus_work"
+CANCEL_CHANNEL = "animus_cancel"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +126,7 @@ class Engine:
         self.environment_hash = ""
         self._completions_ready = asyncio.Event()
         self._closing = False
+        self._cancelling: set[UUID] = set()
         self._activity = False
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -347,6 +349,19 @@ class Engine:
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
 
+    async def _cancelled(self, lease: Lease, started: float) -> None:
+        """A requested cancellation stopped the focus: end the item failed -> dead."""
+        self._cancelling.discard(lease.work_id)
+        ms = int((time.perf_counter() - started) * 1000)
+        try:
+            item = await self.db.get_work_item(lease.work_id)
+            reason = f"cancelled while {item.state}: {item.cancel_requested or 'by request'}"
+            await self.db.fail(lease, reason, duration_ms=ms)
+            await self.db.dead_letter(lease.work_id, reason)
+        except AnimusError as e:
+            _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
+        self._activity = True
+
     def _llm_access(self) -> tuple[Any, dict[str, Any]]:
         if self._client is None:
             self._client = make_client()
@@ -411,7 +426,10 @@ class Engine:
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
-                raise
+                if item.id not in self._cancelling:
+                    raise  # shutdown: the drain releases it
+                failed, result = True, "dead"
+                await self._cancelled(lease, started)
             except Exception as e:
                 await scope.finish(commit=False)
                 failed, result = True, "failed"
@@ -529,6 +547,9 @@ class Engine:
             if leases:
                 try:
                     await self.db.extend_lease(leases, self.options.lease_seconds)
+                    # a cancel request whose notification this engine missed
+                    for work_id in await self.db.cancel_requests([le.work_id for le in leases]):
+                        self._cancel(work_id)
                 except AnimusError as e:
                     _log.warning("could not extend %d leases: %s", len(leases), e)
 
@@ -575,6 +596,20 @@ class Engine:
 
     # -- listening -----------------------------------------------------------------------------
 
+    def _on_cancel(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            work_id = UUID(payload)
+        except ValueError:
+            return
+        self._cancel(work_id)
+
+    def _cancel(self, work_id: UUID) -> None:
+        flight = self.inflight.get(work_id)
+        if flight is not None and work_id not in self._cancelling:
+            _log.info("cancelling the running focus of %s on request", work_id)
+            self._cancelling.add(work_id)
+            flight.task.cancel()
+
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
             note = WorkNotification(**json.loads(payload))
@@ -595,6 +630,7 @@ class Engine:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
                 self.listener_connected.set()
                 if backoff > 0.2:
                     _log.info("listener reconnected")

@@ -75,6 +75,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     traceparent: str | None = None
     gate: dict[str, Any] | None = None
     requested_by: str | None = None
+    cancel_requested: str | None = None
     attempts: int
     max_attempts: int
     outcome: Outcome
@@ -101,6 +102,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
             traceparent=row["traceparent"],
             gate=row["gate"],
             requested_by=row["requested_by"],
+            cancel_requested=row.get("cancel_requested"),
             attempts=row["attempts"],
             max_attempts=row["max_attempts"],
             outcome=Outcome(

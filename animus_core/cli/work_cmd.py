@@ -286,7 +286,11 @@ async def show(args: argparse.Namespace) -> int:
 async def cancel(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.cancel(args.id, args.reason)
-    print(f"cancelled {item.id}")
+    if item.state == State.CANCELLED:
+        print(f"cancelled {item.id}")
+    else:
+        print(f"cancellation of {item.id} requested: it is {item.state}; the engine running it "
+              "stops the focus and ends it dead")
     return 0
 
 
