@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -43,7 +42,7 @@ async def test_cancelling_a_running_python_focus(db, db_url, animus_home):
     assert events[-2:] == [("failed", "running", "failed"), ("dead", "failed", "dead")]
 
 
-async def test_cancelling_kills_a_running_hook(db, db_url, animus_home, tmp_path: Path):
+async def test_cancelling_kills_a_running_hook(db, db_url, animus_home, tmp_path):
     marker = tmp_path / "hook.pid"
     toml = write_toml_faculty(tmp_path, "slowhook", hooks={
         "engage": f'echo $$ > "{marker}"\nexec sleep 60\n'})
