@@ -73,7 +73,7 @@ class Faculty:
 
     def identity(self) -> dict[str, Any]:
         """What this faculty is, for execution records: for a Python faculty its class and
-        the distribution (and version) it was installed from."""
+        the distribution (and version) it was installed from. Called for every attempt."""
         cls = type(self)
         return {"kind": "python", "class": f"{cls.__module__}.{cls.__qualname__}",
                 "origin": self.origin}

@@ -24,7 +24,15 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from animus_core.config import Settings
 
-__all__ = ["METRICS", "Telemetry", "current_traceparent", "extract", "setup_telemetry", "span"]
+__all__ = [
+    "METRICS",
+    "Telemetry",
+    "current_traceparent",
+    "extract",
+    "setup_telemetry",
+    "span",
+    "tracing",
+]
 
 tracer = trace.get_tracer("animus")
 meter = metrics.get_meter("animus")
@@ -191,6 +199,12 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
         logger.propagate = False
         logger.handlers[:] = [once]
     return Telemetry([tracer_provider, meter_provider, logger_provider])
+
+
+def tracing() -> bool:
+    """Whether a tracer provider is installed (by :func:`setup_telemetry` or an application):
+    without one, spans are no-ops and the engine skips building them."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def current_traceparent() -> str | None:

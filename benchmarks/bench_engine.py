@@ -1,0 +1,1049 @@
+"""Control-plane benchmarks: the engine against raw pgmq, its peers, LISTEN/NOTIFY and a
+plain subprocess loop.
+
+    .venv/bin/python -m benchmarks.bench_engine [--n N] [--json PATH] [--only NAME[,NAME]] [--big]
+
+Four benchmarks, each on a fresh database of the embedded server (or of the server
+``DATABASE_URL`` names), every baseline measured in the same run on the same server:
+
+* ``drain``   a no-op Python faculty drains N pre-submitted items; baselines: raw pgmq
+              read+archive, pgqueuer and procrastinate running an equivalent no-op job;
+* ``wake``    an idle engine (fallback poll 60 s) gets one item at a time: submit commit ->
+              orient start; baseline: a bare LISTEN/NOTIFY round trip;
+* ``command`` a TOML faculty with three bash hooks; baseline: a plain asyncio loop running the
+              same three scripts with the same parallelism, no database;
+* ``idle``    an engine with one TOML and one Python faculty and no work: transactions per
+              second its connections cause.
+
+Compare the ratios across runs; the absolute numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from animus_core.config import Settings
+from animus_core.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
+from animus_core.engine import Engine, EngineOptions
+from animus_core.faculty import Faculty
+from animus_core.focus import Focus
+from animus_core.plugins import collect_faculties, hookimpl, make_plugin_manager
+from animus_core.work import Claimed, Created, Lease, NewWorkItem
+from benchmarks.bench_work import describe_server, fresh_database, with_database
+
+clock = time.perf_counter
+
+BENCHMARKS = ("drain", "wake", "command", "idle")
+DEFAULT_PREFIX = "animus_bench_engine"
+SUBMIT_BATCH = 1000  # submissions per submit_many / send_batch / enqueue call (untimed)
+RAW_QUEUE = "bench_raw"
+RAW_BATCH = 100  # pgmq.read quantity of the raw baseline
+LEASE_SECONDS = 60
+DRAIN_CONCURRENCY = 256  # engine concurrency and the no-op faculty's max_concurrent
+PGQUEUER_BATCH = 100  # pgqueuer dequeue batch (it requires max tasks >= 2 x batch)
+PGQUEUER_MAX_TASKS = 256
+PROCRASTINATE_CONCURRENCY = 256
+PEER_POOL = 10  # connections for procrastinate's pool, as many as the engine's pool
+ENGINE_POOL = 10  # the engine's Db pool, as `animus up` opens it
+DRAIN_TIMEOUT = 600.0
+WAKE_CHANNEL = "animus_bench_ping"
+WAKE_WARMUP = 5
+PINGS_LOST_AFTER = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    n: int = 20_000  # drain items (animus, raw pgmq, pgqueuer)
+    n_procrastinate: int = 2_000  # procrastinate fetches one job per round trip: n/10
+    k: int = 200  # wake-ups measured
+    spacing: float = 0.020  # seconds between wake submissions
+    m: int = 300  # command faculty items
+    p: int = 4  # command faculty parallelism (max_concurrent)
+    idle_settle: float = 12.0  # > 10 s: a backend may report its counts 10 s late
+    idle_window: float = 20.0
+    big: bool = False
+
+    @classmethod
+    def make(cls, n: int | None, big: bool) -> Config:
+        if big:
+            n = n or 100_000
+            return cls(n=n, n_procrastinate=max(1, n // 10), k=1000, m=1000, idle_window=60.0,
+                       big=True)
+        n = n or cls.n
+        return cls(n=n, n_procrastinate=max(1, n // 10))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Line:
+    """One measured path: a rate (items over seconds) or a single value with a unit."""
+
+    label: str
+    value: float | None
+    unit: str
+    items: int | None = None
+    seconds: float | None = None
+    note: str = ""  # why there is no value (a peer that could not run)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "value": None if self.value is None else round(self.value, 4),
+                "unit": self.unit, "items": self.items,
+                "seconds": None if self.seconds is None else round(self.seconds, 6),
+                "note": self.note or None}
+
+
+def rate_line(label: str, items: int, seconds: float) -> Line:
+    return Line(label, items / seconds if seconds > 0 else 0.0, "items/s", items, seconds)
+
+
+@dataclass
+class Check:
+    """A measured value against its target (``>=`` or ``<=``); no target: context only."""
+
+    label: str
+    value: float | None
+    target: float | None
+    op: str = ">="
+    unit: str = ""
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.target is None:
+            return None
+        return self.value >= self.target if self.op == ">=" else self.value <= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "value": None if self.value is None else round(self.value, 4),
+                "target": self.target, "op": self.op, "unit": self.unit, "met": self.met,
+                "note": self.note or None}
+
+
+def ratio_check(label: str, ours: Line, base: Line, target: float | None) -> Check:
+    if ours.value is None or base.value is None or base.value <= 0:
+        return Check(label, None, target, note=base.note or ours.note or "no value")
+    return Check(label, ours.value / base.value, target)
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    setup: list[str]
+    lines: list[Line] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "setup": self.setup,
+                "results": [ln.to_json() for ln in self.lines],
+                "checks": [c.to_json() for c in self.checks], "notes": self.notes,
+                "details": self.extra, "seconds": round(self.seconds, 3)}
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str  # a URL on the server (its own database, never dropped)
+    where: str
+
+    def db_url(self, name: str) -> str:
+        return with_database(self.url, name)
+
+
+async def fresh_animus_db(server: Server, name: str) -> str:
+    """Drop, create and migrate ``name``; return its URL."""
+    url = await fresh_database(server.url, name)
+    db = await Db.connect(url, min_size=1, max_size=1, actor="bench")
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+    return url
+
+
+async def checkpoint(url: str) -> None:
+    """Flush dirty buffers before a timed phase, so no phase inherits another's checkpoint.
+    Needs superuser or pg_checkpoint; skipped without them."""
+    conn = await asyncpg.connect(url)
+    try:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def package_version(name: str) -> str:
+    try:
+        return dist_version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# -- running an engine in this process ---------------------------------------------------------
+
+
+class Provides:
+    """A plugin registering the given faculty instances: the real registration path."""
+
+    def __init__(self, faculties: Sequence[Faculty]) -> None:
+        self.faculties = list(faculties)
+
+    @hookimpl
+    def register_faculties(self, register: Callable[[Faculty], None]) -> None:
+        for faculty in self.faculties:
+            register(faculty)
+
+
+class CompletionCounter:
+    """Stands in for the engine's ``Db.complete_many``: counts items whose completion
+    committed, and notes when ``target`` of them had."""
+
+    def __init__(self, db: Db, target: int) -> None:
+        self.inner = db.complete_many
+        self.target = target
+        self.items = 0
+        self.calls = 0
+        self.at: float | None = None
+        self.reached = asyncio.Event()
+
+    async def __call__(self, done: Sequence[tuple[Lease, Any, int | None]], *args: Any,
+                       **kwargs: Any) -> None:
+        await self.inner(done, *args, **kwargs)
+        self.calls += 1
+        self.items += len(done)
+        if self.target and self.items >= self.target and self.at is None:
+            self.at = clock()
+            self.reached.set()
+
+
+class ClaimCounter:
+    """Stands in for the engine's ``Db.claim``: counts calls and items claimed."""
+
+    def __init__(self, db: Db) -> None:
+        self.inner = db.claim
+        self.calls = 0
+        self.empty = 0
+        self.items = 0
+        self.seconds = 0.0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> list[Claimed]:
+        t0 = clock()
+        claimed = await self.inner(*args, **kwargs)
+        self.seconds += clock() - t0
+        self.calls += 1
+        self.items += len(claimed)
+        self.empty += not claimed
+        return claimed
+
+
+@dataclass
+class EngineRun:
+    engine: Engine
+    db: Db
+    task: asyncio.Task[None]
+    started_at: float
+    completions: CompletionCounter
+    claims: ClaimCounter
+
+    def stats(self) -> dict[str, Any]:
+        c, k = self.completions, self.claims
+        return {"claim_calls": k.calls, "empty_claims": k.empty, "items_claimed": k.items,
+                "items_per_claim": round(k.items / max(1, k.calls - k.empty), 1),
+                "claim_ms_mean": round(k.seconds / max(1, k.calls) * 1000, 3),
+                "complete_calls": c.calls, "items_completed": c.items,
+                "items_per_complete": round(c.items / max(1, c.calls), 1)}
+
+
+@contextlib.asynccontextmanager
+async def running_engine(url: str, home: Path, options: EngineOptions, *,
+                         faculties: Sequence[Faculty] = (), faculties_dir: Path | None = None,
+                         expect: int = 0) -> AsyncIterator[EngineRun]:
+    """An engine on ``url`` in this event loop, started and listening when the block begins;
+    ``started_at`` is the clock just before ``Engine.run`` was scheduled."""
+    settings = Settings(database_url=url, home=home, plugins_autoload=False,
+                        faculties_dir=faculties_dir or home / "no-toml-faculties")
+    pm, problems = make_plugin_manager(settings, load_entry_points=False)
+    if faculties:
+        pm.register(Provides(faculties), name="bench-faculties")
+    registered, more = await collect_faculties(pm, settings)
+    if problems or more:
+        raise RuntimeError(f"faculties did not load: {problems + more}")
+    db = await Db.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
+    completions, claims = CompletionCounter(db, expect), ClaimCounter(db)
+    setattr(db, "complete_many", completions)  # noqa: B010 - on this instance only
+    setattr(db, "claim", claims)  # noqa: B010
+    engine = Engine(db, pm, registered, settings, options)
+    started_at = clock()
+    task = asyncio.create_task(engine.run(), name="bench-engine")
+    try:
+        started = asyncio.create_task(engine.started.wait())
+        await asyncio.wait([task, started], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            task.result()
+        if not engine.started.is_set():
+            raise RuntimeError("the engine did not start within 30 s")
+        await asyncio.wait_for(engine.listener_connected.wait(), 30)
+        yield EngineRun(engine, db, task, started_at, completions, claims)
+    finally:
+        engine.stop()
+        try:
+            await asyncio.wait_for(task, 60)
+        finally:
+            await db.close()
+
+
+async def wait_done(run: EngineRun, stall: float = 60.0) -> float:
+    """Until ``expect`` completions committed; returns the seconds since the engine was
+    started. Fails when no completion commits for ``stall`` seconds (a wedged engine)."""
+    c = run.completions
+    seen, since = c.items, clock()
+    while not c.reached.is_set():
+        if run.task.done():
+            run.task.result()
+            raise RuntimeError("the engine stopped before its work was done")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(c.reached.wait(), 1.0)
+        if c.items != seen:
+            seen, since = c.items, clock()
+        elif clock() - since > stall:
+            raise RuntimeError(f"the engine stalled: {c.items} of {c.target} items completed, "
+                               f"none in the last {stall:g} s")
+    assert c.at is not None
+    return c.at - run.started_at
+
+
+async def wait_idle(run: EngineRun, timeout: float = 10.0) -> None:
+    """Until no faculty waits for a claim and no focus runs."""
+    deadline = clock() + timeout
+    while any(s.dirty for s in run.engine.slots.values()) or run.engine.inflight:
+        if clock() > deadline:
+            raise RuntimeError("the engine did not become idle")
+        await asyncio.sleep(0.01)
+
+
+# -- 1. native drain ---------------------------------------------------------------------------
+
+
+class NoopFaculty(Faculty):
+    """Does nothing, as fast as it can."""
+
+    name = "bench-noop"
+    accepts = ("bench.noop",)
+    max_concurrent = DRAIN_CONCURRENCY
+
+    async def orient(self, focus: Focus) -> Any:
+        return None
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        return None
+
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:
+        return None
+
+
+def noop_items(n: int, work_type: str = "bench.noop") -> list[NewWorkItem]:
+    base = NewWorkItem(work_type, source="bench")
+    return [base.params({"i": i}) for i in range(n)]
+
+
+async def submit_all(db: Db, items: Sequence[NewWorkItem]) -> None:
+    for i in range(0, len(items), SUBMIT_BATCH):
+        await db.submit_many(items[i : i + SUBMIT_BATCH])
+
+
+async def drain_animus(url: str, home: Path, n: int) -> tuple[Line, dict[str, Any]]:
+    client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
+    try:
+        await submit_all(client, noop_items(n))
+        await client.seal_audit()  # the submissions' audit rows are not the drain's work
+        async with client.connection() as conn:
+            await conn.execute("ANALYZE animus.work_items")
+            await conn.execute(f'ANALYZE pgmq."q_{DEFAULT_QUEUE}"')
+    finally:
+        await client.close()
+    await checkpoint(url)
+    options = EngineOptions(concurrency=DRAIN_CONCURRENCY, lease_seconds=LEASE_SECONDS)
+    conn = await asyncpg.connect(url)
+    try:
+        async with running_engine(url, home, options, faculties=[NoopFaculty()],
+                                  expect=n) as run:
+            seconds = await wait_done(run)
+            stats = run.stats()
+            # sealing owed when the clock stopped (the engine seals the rest as it stops)
+            backlog = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+        states = {r["state"]: r["n"] for r in await conn.fetch(
+            "SELECT state::text, count(*) AS n FROM animus.work_items GROUP BY 1")}
+    finally:
+        await conn.close()
+    stats.update(states=states, audit_rows_to_seal_when_done=backlog)
+    if states != {"completed": n}:
+        raise RuntimeError(f"the engine left work behind: {states}")
+    return rate_line(f"animus engine, no-op faculty (concurrency {DRAIN_CONCURRENCY})", n,
+                     seconds), stats
+
+
+async def drain_raw(url: str, n: int) -> Line:
+    db = await Db.connect(url, min_size=1, max_size=1, actor="bench-raw")
+    try:
+        msgs = [i.to_json() for i in noop_items(n)]
+        async with db.connection() as conn:
+            await conn.execute("SELECT pgmq.create($1::text)", RAW_QUEUE)
+            for i in range(0, n, SUBMIT_BATCH):
+                await conn.execute("SELECT pgmq.send_batch($1::text, $2::jsonb[])", RAW_QUEUE,
+                                   msgs[i : i + SUBMIT_BATCH])
+            await conn.execute(f'ANALYZE pgmq."q_{RAW_QUEUE}"')
+        await checkpoint(url)
+        done = 0
+        async with db.connection() as conn:
+            t0 = clock()
+            while True:
+                rows = await conn.fetch("SELECT * FROM pgmq.read($1::text, $2::int, $3::int)",
+                                        RAW_QUEUE, LEASE_SECONDS, RAW_BATCH)
+                if not rows:
+                    break
+                await conn.execute("SELECT pgmq.archive($1::text, $2::bigint[])", RAW_QUEUE,
+                                   [r["msg_id"] for r in rows])
+                done += len(rows)
+            seconds = clock() - t0
+    finally:
+        await db.close()
+    if done != n:
+        raise RuntimeError(f"raw pgmq drained {done} of {n} messages")
+    return rate_line(f"raw pgmq read({RAW_BATCH}) + archive, one connection", n, seconds)
+
+
+async def drain_pgqueuer(url: str, n: int) -> Line:
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    setup = await asyncpg.connect(url)
+    worker = await asyncpg.connect(url)
+    try:
+        queries = Queries(AsyncpgDriver(setup))
+        await queries.install()
+        for i in range(0, n, SUBMIT_BATCH):
+            size = min(SUBMIT_BATCH, n - i)
+            await queries.enqueue(["bench_noop"] * size,
+                                  [b'{"i": %d}' % (i + j) for j in range(size)], [0] * size)
+        await setup.execute("ANALYZE")
+        await checkpoint(url)
+        qm = QueueManager(Queries(AsyncpgDriver(worker)))
+
+        @qm.entrypoint("bench_noop")
+        async def bench_noop(job: Job) -> None:
+            return None
+
+        t0 = clock()
+        await asyncio.wait_for(qm.run(batch_size=PGQUEUER_BATCH, mode=QueueExecutionMode.drain,
+                                      max_concurrent_tasks=PGQUEUER_MAX_TASKS), DRAIN_TIMEOUT)
+        seconds = clock() - t0
+        left = await setup.fetchval("SELECT count(*) FROM pgqueuer")
+        ok = await setup.fetchval(
+            "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'")
+    finally:
+        await worker.close()
+        await setup.close()
+    if left or ok != n:
+        raise RuntimeError(f"pgqueuer left {left} jobs queued, logged {ok} of {n} as successful")
+    return rate_line(f"pgqueuer {package_version('pgqueuer')} (batch {PGQUEUER_BATCH}, "
+                     f"max {PGQUEUER_MAX_TASKS} tasks)", n, seconds)
+
+
+async def drain_procrastinate(url: str, n: int) -> Line:
+    import procrastinate
+
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)  # per-app warnings, job logs
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+        conninfo=url, min_size=1, max_size=PEER_POOL))
+
+    @app.task(name="bench_noop")
+    async def bench_noop(i: int) -> None:
+        return None
+
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        for i in range(0, n, SUBMIT_BATCH):
+            jobs: list[dict[str, Any]] = [{"i": j} for j in range(i, min(n, i + SUBMIT_BATCH))]
+            await bench_noop.batch_defer_async(*jobs)
+        await checkpoint(url)
+        t0 = clock()
+        await asyncio.wait_for(app.run_worker_async(
+            concurrency=PROCRASTINATE_CONCURRENCY, wait=False, install_signal_handlers=False),
+            DRAIN_TIMEOUT)
+        seconds = clock() - t0
+    conn = await asyncpg.connect(url)
+    try:
+        states = {r["status"]: r["n"] for r in await conn.fetch(
+            "SELECT status::text, count(*) AS n FROM procrastinate_jobs GROUP BY 1")}
+    finally:
+        await conn.close()
+    if states != {"succeeded": n}:
+        raise RuntimeError(f"procrastinate left jobs behind: {states}")
+    return rate_line(f"procrastinate {package_version('procrastinate')} (concurrency "
+                     f"{PROCRASTINATE_CONCURRENCY}, pool {PEER_POOL})", n, seconds)
+
+
+async def peer(label: str, run: Callable[[], Any]) -> Line:
+    """Run a peer's drain; a peer that cannot run is reported, never faked."""
+    try:
+        line: Line = await run()
+        return line
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".strip()
+        return Line(label, None, "items/s", note=f"did not run: {reason[:300]}")
+
+
+async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> Section:
+    url = await fresh_animus_db(server, f"{prefix}_drain")
+    raw = await drain_raw(url, cfg.n)
+    ours, stats = await drain_animus(url, home, cfg.n)
+    pgq_url = await fresh_database(server.url, f"{prefix}_pgqueuer")
+    pgq = await peer("pgqueuer", lambda: drain_pgqueuer(pgq_url, cfg.n))
+    proc_url = await fresh_database(server.url, f"{prefix}_procrastinate")
+    proc = await peer("procrastinate",
+                      lambda: drain_procrastinate(proc_url, cfg.n_procrastinate))
+    section = Section(
+        "drain", "1. native drain: items submitted beforehand, then drained by a no-op job",
+        [f"n={cfg.n} (procrastinate: n={cfg.n_procrastinate}, it fetches one job per round "
+         "trip)", "each drain timed from worker start until its last item is done; a CHECKPOINT "
+         "before each", f"engine: concurrency {DRAIN_CONCURRENCY}, faculty max_concurrent "
+         f"{DRAIN_CONCURRENCY}, pool {ENGINE_POOL}, lease {LEASE_SECONDS}s, audit sealer on"],
+        lines=[ours, raw, pgq, proc],
+        checks=[
+            ratio_check("animus / pgqueuer", ours, pgq, 1.5),
+            ratio_check("animus / raw pgmq", ours, raw, 0.40),
+            ratio_check("animus / procrastinate (context)", ours, proc, None),
+        ],
+        extra={"engine": stats},
+    )
+    section.notes.append(
+        f"engine: {stats['claim_calls']} claims ({stats['items_per_claim']} items each), "
+        f"{stats['complete_calls']} completion batches ({stats['items_per_complete']} items "
+        f"each); {stats['audit_rows_to_seal_when_done']} audit rows were still to seal when "
+        "the last item completed")
+    for line in (pgq, proc):
+        if line.note:
+            section.notes.append(f"{line.label} {line.note}")
+    return section
+
+
+# -- 2. wake latency ---------------------------------------------------------------------------
+
+
+class WakeFaculty(Faculty):
+    """Notes when orient starts for each item."""
+
+    name = "bench-wake"
+    accepts = ("bench.wake",)
+    max_concurrent = 4
+
+    def __init__(self) -> None:
+        self.seen: dict[UUID, float] = {}
+        self.changed = asyncio.Event()
+
+    async def orient(self, focus: Focus) -> Any:
+        self.seen[focus.work.id] = clock()
+        self.changed.set()
+        return None
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        return None
+
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:
+        return None
+
+    async def wait_for(self, work_id: UUID, timeout: float) -> float:
+        deadline = clock() + timeout
+        while work_id not in self.seen:
+            self.changed.clear()
+            if work_id in self.seen:
+                break
+            left = deadline - clock()
+            if left <= 0:
+                raise TimeoutError(f"orient did not start for {work_id} within {timeout:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+        return self.seen[work_id]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (q in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def latency_lines(label: str, ms: Sequence[float]) -> list[Line]:
+    return [Line(f"{label} p50", percentile(ms, 50), "ms", len(ms)),
+            Line(f"{label} p99", percentile(ms, 99), "ms", len(ms)),
+            Line(f"{label} max", max(ms), "ms", len(ms))]
+
+
+async def bench_wake(server: Server, cfg: Config, prefix: str, home: Path) -> Section:
+    url = await fresh_animus_db(server, f"{prefix}_wake")
+    faculty = WakeFaculty()
+    options = EngineOptions(poll_interval=60.0, lease_seconds=LEASE_SECONDS)
+    ours: list[float] = []
+    base: list[float] = []
+    pings: dict[str, float] = {}
+    pinged = asyncio.Event()
+
+    def on_ping(_c: object, _pid: int, _channel: str, payload: str) -> None:
+        pings[payload] = clock()
+        pinged.set()
+
+    client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
+    listener = await asyncpg.connect(url)
+    notifier = await asyncpg.connect(url)
+    try:
+        await listener.add_listener(WAKE_CHANNEL, on_ping)
+        async with running_engine(url, home, options, faculties=[faculty]) as run:
+            await wait_idle(run)
+            for k in range(cfg.k + WAKE_WARMUP):
+                t_round = clock()
+
+                async def engine_wake(k: int = k) -> float:
+                    res = await client.submit_work(
+                        NewWorkItem("bench.wake", source="bench").params({"k": k}))
+                    committed = clock()
+                    assert isinstance(res, Created)
+                    return (await faculty.wait_for(res.id, 10.0) - committed) * 1000
+
+                async def notify_round_trip(k: int = k) -> float:
+                    key = str(k)
+                    pinged.clear()
+                    t0 = clock()
+                    await notifier.execute("SELECT pg_notify($1, $2)", WAKE_CHANNEL, key)
+                    deadline = t0 + PINGS_LOST_AFTER
+                    while key not in pings:
+                        pinged.clear()
+                        if key in pings:
+                            break
+                        await asyncio.wait_for(pinged.wait(), max(0.001, deadline - clock()))
+                    return (pings[key] - t0) * 1000
+
+                # alternate who goes first, so noise lands on both alike
+                if k % 2:
+                    b, a = await notify_round_trip(), await engine_wake()
+                else:
+                    a, b = await engine_wake(), await notify_round_trip()
+                if k >= WAKE_WARMUP:
+                    ours.append(a)
+                    base.append(b)
+                await asyncio.sleep(max(0.0, cfg.spacing - (clock() - t_round)))
+            stats = run.stats()
+    finally:
+        await notifier.close()
+        await listener.close()
+        await client.close()
+    p50, p99 = percentile(ours, 50), percentile(ours, 99)
+    section = Section(
+        "wake", "2. wake latency: idle engine (fallback poll 60 s), one item at a time",
+        [f"k={cfg.k} wake-ups (after {WAKE_WARMUP} untimed), one every "
+         f"{cfg.spacing * 1000:.0f} ms", "animus: submit_work returned (committed) -> the "
+         "faculty's orient starts (same process, same clock)", "baseline: pg_notify sent on one "
+         "connection -> callback on a second connection (full round trip)"],
+        lines=[*latency_lines("animus submit commit -> orient", ours),
+               *latency_lines("bare LISTEN/NOTIFY round trip", base)],
+        checks=[Check("animus p50", p50, 2.0, "<=", "ms"),
+                Check("animus p99", p99, 10.0, "<=", "ms")],
+        extra={"engine": stats, "animus_ms": [round(x, 4) for x in ours],
+               "notify_ms": [round(x, 4) for x in base]},
+    )
+    section.notes.append(f"engine claims: {stats['claim_calls']} ({stats['empty_claims']} came "
+                         "back empty)")
+    return section
+
+
+# -- 3. command faculty -------------------------------------------------------------------------
+
+HOOKS = {
+    "orient": """
+        IFS= read -r work < work.json || true
+        printf '{"work_bytes": %d}\\n' "${#work}" > orient-out.json
+    """,
+    "engage": """
+        IFS= read -r oriented < orient-out.json || true
+        printf '{"oriented": %s, "engaged": true}\\n' "$oriented" > engage-out.json
+    """,
+    "consolidate": """
+        IFS= read -r engaged < engage-out.json || true
+        printf '{"engaged": %s, "done": true}\\n' "$engaged" > consolidate-out.json
+    """,
+}
+PHASES3 = ("orient", "engage", "consolidate")
+
+
+def write_hooks(root: Path) -> dict[str, Path]:
+    """The three bash hooks (shell builtins only: read, printf, redirections)."""
+    scripts = {}
+    for phase, body in HOOKS.items():
+        path = root / "hooks" / f"{phase}.sh"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [ln.strip() for ln in body.strip().splitlines()]
+        path.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(lines) + "\n")
+        path.chmod(0o755)
+        scripts[phase] = path
+    (root / "plain").mkdir(exist_ok=True)  # the baseline's focus directories
+    return scripts
+
+
+def write_toml(directory: Path, name: str, work_type: str, scripts: dict[str, Path],
+               max_concurrent: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["[faculty]", f'name = "{name}"', f'accepts = ["{work_type}"]',
+             f"max_concurrent = {max_concurrent}"]
+    for phase in PHASES3:
+        lines += ["", f"[faculty.{phase}]", f'command = "{scripts[phase]}"']
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def run_script(script: Path, cwd: Path, env: dict[str, str]) -> None:
+    """As the engine runs a hook: own session, no stdin, output captured."""
+    proc = await asyncio.create_subprocess_exec(
+        str(script), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    _out, err = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{script.name} exited with {proc.returncode}: {err[-500:]!r}")
+
+
+async def plain_loop(scripts: dict[str, Path], items: Sequence[NewWorkItem], parallel: int,
+                     root: Path) -> float:
+    """The baseline: the same three scripts per item, ``parallel`` items at once, in a fresh
+    temporary directory each, no database. Returns the seconds it took."""
+    base_env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+                                           "USER") if k in os.environ}
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(i: int, item: NewWorkItem) -> None:
+        async with sem:
+            directory = Path(tempfile.mkdtemp(prefix=f"plain-{i}-", dir=root))
+            try:
+                (directory / "work.json").write_bytes(msgspec.json.encode(item.to_json()))
+                for phase in PHASES3:
+                    env = {**base_env, "ANIMUS_FOCUS_DIR": str(directory),
+                           "ANIMUS_PHASE": phase, "ANIMUS_WORK_ID": str(i)}
+                    await run_script(scripts[phase], directory, env)
+                json.loads((directory / "consolidate-out.json").read_bytes())
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    t0 = clock()
+    await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+    return clock() - t0
+
+
+async def bench_command(server: Server, cfg: Config, prefix: str, home: Path) -> Section:
+    url = await fresh_animus_db(server, f"{prefix}_command")
+    work_root = home / "command"
+    scripts = write_hooks(work_root)
+    fac_dir = work_root / "faculties"
+    write_toml(fac_dir, "bench-cmd", "bench.cmd", scripts, cfg.p)
+    items = noop_items(cfg.m, "bench.cmd")
+    client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
+    try:
+        await submit_all(client, items)
+        await client.seal_audit()
+    finally:
+        await client.close()
+
+    # The baseline runs half before and half after the engine, so drift hits both alike.
+    half = cfg.m // 2
+    base_s = await plain_loop(scripts, items[:half], cfg.p, work_root / "plain")
+    options = EngineOptions(lease_seconds=LEASE_SECONDS)
+    async with running_engine(url, home, options, faculties_dir=fac_dir, expect=cfg.m) as run:
+        ours_s = await wait_done(run)
+        stats = run.stats()
+    base_s += await plain_loop(scripts, items[half:], cfg.p, work_root / "plain")
+
+    conn = await asyncpg.connect(url)
+    try:
+        states = {r["state"]: r["n"] for r in await conn.fetch(
+            "SELECT state::text, count(*) AS n FROM animus.work_items GROUP BY 1")}
+        sample = await conn.fetchval(
+            "SELECT outcome_data::text FROM animus.work_items LIMIT 1")
+    finally:
+        await conn.close()
+    if states != {"completed": cfg.m}:
+        raise RuntimeError(f"the command faculty left work behind: {states}")
+    ours = rate_line(f"animus engine, TOML faculty, 3 bash hooks, max_concurrent {cfg.p}",
+                     cfg.m, ours_s)
+    base = rate_line(f"plain asyncio loop, same 3 scripts, {cfg.p} at once", cfg.m, base_s)
+    spawns = Line("  (plain loop: hook spawns per second)", 3 * cfg.m / base_s, "spawns/s",
+                  3 * cfg.m, base_s)
+    return Section(
+        "command", "3. command faculty: three bash hooks per item",
+        [f"m={cfg.m} items submitted beforehand, parallelism p={cfg.p}", "hooks read and write "
+         "a small JSON file with bash builtins only; each is `#!/usr/bin/env bash`",
+         "baseline: half its items before the engine runs, half after"],
+        lines=[ours, base, spawns],
+        checks=[ratio_check("animus / plain loop", ours, base, 0.80)],
+        notes=[f"engine: {stats['claim_calls']} claims ({stats['items_per_claim']} items "
+               f"each, {stats['claim_ms_mean']} ms each on average), "
+               f"{stats['complete_calls']} completion batches "
+               f"({stats['items_per_complete']} items each)", f"an outcome: {sample}"],
+        extra={"engine": stats},
+    )
+
+
+# -- 4. idle queries ------------------------------------------------------------------------------
+
+
+async def xacts(conn: asyncpg.Connection, dbname: str) -> int:
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    n: int = await conn.fetchval(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", dbname)
+    return n
+
+
+async def settled_db(server: Server, name: str) -> str:
+    """A fresh, migrated database with nothing left for autovacuum to do."""
+    url = await fresh_animus_db(server, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    return url
+
+
+async def bench_idle(server: Server, cfg: Config, prefix: str, home: Path) -> Section:
+    name, control = f"{prefix}_idle", f"{prefix}_idle_control"
+    url = await settled_db(server, name)
+    await settled_db(server, control)
+    work_root = home / "idle"
+    scripts = write_hooks(work_root)
+    fac_dir = work_root / "faculties"
+    write_toml(fac_dir, "bench-idle-cmd", "bench.idle.cmd", scripts, 2)
+
+    class IdleNoop(NoopFaculty):
+        name = "bench-idle-py"
+        accepts = ("bench.idle.py",)
+        max_concurrent = 4
+
+    # The observer sits in a third database, so its own queries are not counted; the
+    # control database (migrated, no engine) over the same window shows the server's own
+    # background transactions (autovacuum), which are subtracted.
+    observer = await asyncpg.connect(server.url)
+    try:
+        preload = await observer.fetchval("SHOW shared_preload_libraries")
+        async with running_engine(url, home, EngineOptions(), faculties=[IdleNoop()],
+                                  faculties_dir=fac_dir) as run:
+            await asyncio.sleep(cfg.idle_settle)
+            claims0 = run.claims.calls
+            x0, c0, t0 = await xacts(observer, name), await xacts(observer, control), clock()
+            await asyncio.sleep(cfg.idle_window)
+            x1, c1, t1 = await xacts(observer, name), await xacts(observer, control), clock()
+            claims = run.claims.calls - claims0
+            conns = await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name)
+            faculties = sorted(run.engine.slots)
+    finally:
+        await observer.close()
+    seconds = t1 - t0
+    engine_x = (x1 - x0) - (c1 - c0)
+    per_s = engine_x / seconds
+    stats_note = ("pg_stat_statements is not loaded (shared_preload_libraries = "
+                  f"{preload!r}), so transactions are counted from pg_stat_database")
+    if "pg_stat_statements" in (preload or ""):
+        stats_note = "pg_stat_statements is loaded, but the count is from pg_stat_database"
+    return Section(
+        "idle", "4. idle queries: an engine with no work",
+        ["one TOML faculty and one Python faculty, default options (fallback poll 10 s)",
+         f"{cfg.idle_settle:g} s to settle, then {cfg.idle_window:g} s measured",
+         "transactions (xact_commit + xact_rollback) of the engine's database, less those of "
+         "a control database with no engine over the same window"],
+        lines=[Line("transactions, engine database", x1 - x0, "xacts", seconds=seconds),
+               Line("transactions, control database (no engine)", c1 - c0, "xacts",
+                    seconds=seconds),
+               Line("engine transactions per second", per_s, "per s"),
+               Line("engine claims per second (in-process count)", claims / seconds, "per s",
+                    claims, seconds),
+               Line("engine statements per second (4 per claim)", 4 * claims / seconds,
+                    "per s"),
+               Line("engine connections open", conns, "conns")],
+        checks=[Check("idle transactions per second", per_s, 1.0, "<=", "per s")],
+        notes=[stats_note, f"faculties registered: {', '.join(faculties)}",
+               "an idle claim is BEGIN, animus.claim, COMMIT and the pool's reset on release: "
+               "4 statements, 2 transactions; a backend that reported less than 1 s before "
+               "holds its next counts back up to 10 s, which blurs the window's edges (the "
+               "settle time keeps the start-up burst out of the window)"],
+        extra={"xacts": [x0, x1], "control_xacts": [c0, c1], "claims": claims,
+               "connections": conns, "faculties": faculties,
+               "shared_preload_libraries": preload},
+    )
+
+
+# -- run and report ---------------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[[Server, Config, str, Path], Any]] = {
+    "drain": bench_drain, "wake": bench_wake, "command": bench_command, "idle": bench_idle,
+}
+
+
+async def run(cfg: Config, only: Sequence[str], prefix: str) -> dict[str, Any]:
+    started = clock()
+    settings = Settings.from_env()
+    url = await resolve_url(settings)
+    where = "DATABASE_URL" if settings.database_url else f"embedded server in {settings.home}"
+    server = Server(url, where)
+    sections: dict[str, Section] = {}
+    with tempfile.TemporaryDirectory(prefix="animus-bench-engine-") as tmp:
+        home = Path(tmp)
+        info_url = await fresh_animus_db(server, f"{prefix}_info")
+        info_db = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
+        try:
+            database = await describe_server(info_db)
+        finally:
+            await info_db.close()
+        for key in only:
+            t0 = clock()
+            section: Section = await RUNNERS[key](server, cfg, prefix, home / key)
+            section.seconds = clock() - t0
+            sections[key] = section
+    return {
+        "benchmark": "engine",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {**cfg.to_json(), "only": list(only), "database_prefix": prefix},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "event_loop": type(asyncio.get_running_loop()).__name__},
+        "database": {"where": where, "server": describe_url(url), **database},
+        "peers": {"pgqueuer": package_version("pgqueuer"),
+                  "procrastinate": package_version("procrastinate")},
+        "sections": {k: s.to_json() for k, s in sections.items()},
+        "total_seconds": round(clock() - started, 3),
+    }
+
+
+def _num(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ms":
+        return f"{value:.3f}"
+    if unit in ("items/s", "spawns/s"):
+        return f"{value:,.0f}"
+    if unit == "per s":
+        return f"{value:.2f}"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    machine, dbi = report["machine"], report["database"]
+    dur = dbi["durability"]
+    default = ("Postgres defaults, never changed here" if dbi["durability_is_postgres_default"]
+               else "NOT the Postgres defaults")
+    lines = [
+        "animus engine benchmarks (bench_engine)",
+        f"  machine     {machine['cpu_count']} cores, {machine['platform']}, Python "
+        f"{machine['python']} ({machine['event_loop']})",
+        f"  postgres    {dbi['version']} ({dbi['where']}), pgmq {dbi['pgmq']}",
+        f"  durability  fsync={dur['fsync']} synchronous_commit={dur['synchronous_commit']} "
+        f"({default})",
+        f"  peers       pgqueuer {report['peers']['pgqueuer']}, procrastinate "
+        f"{report['peers']['procrastinate']}",
+    ]
+    for s in report["sections"].values():
+        lines += ["", s["title"]]
+        lines += [f"  {x}" for x in s["setup"]]
+        lines += ["", f"  {'measure':<58} {'n':>7} {'seconds':>8} {'value':>10}  unit"]
+        for r in s["results"]:
+            items = "" if r["items"] is None else f"{r['items']}"
+            secs = "" if r["seconds"] is None else f"{r['seconds']:.3f}"
+            value = _num(r["value"], r["unit"]) if r["note"] is None else "not run"
+            lines.append(f"  {r['label']:<58} {items:>7} {secs:>8} {value:>10}  {r['unit']}")
+        lines += ["", f"  {'check (same run)':<58} {'value':>7} {'target':>8} {'met':>10}"]
+        for c in s["checks"]:
+            target = "-" if c["target"] is None else f"{c['op']} {c['target']:g}"
+            met = "-" if c["met"] is None else ("yes" if c["met"] else "NO")
+            value = "-" if c["value"] is None else f"{c['value']:.3f}"
+            lines.append(f"  {c['label']:<58} {value:>7} {target:>8} {met:>10}")
+        lines += [f"  note: {n}" for n in s["notes"]]
+        lines.append(f"  ({s['seconds']:.1f} s)")
+    lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_engine",
+        description="animus engine benchmarks (drain, wake, command, idle) against baselines "
+                    "measured in the same run on the same server.")
+    p.add_argument("--n", type=int, default=None,
+                   help="items for the drain benchmark (default 20000, 100000 with --big); "
+                   "procrastinate drains n/10")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
+    p.add_argument("--only", default=",".join(BENCHMARKS), metavar="NAME[,NAME]",
+                   help=f"run only these benchmarks, of {', '.join(BENCHMARKS)}")
+    p.add_argument("--big", action="store_true",
+                   help="a bigger run: n=100000, 1000 wake-ups, 1000 command items, 60 s idle")
+    p.add_argument("--database", default=DEFAULT_PREFIX, metavar="PREFIX",
+                   help=f"prefix of the databases dropped and created (default {DEFAULT_PREFIX})")
+    args = p.parse_args(argv)
+    if args.n is not None and args.n < 1:
+        p.error("--n must be at least 1")
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in args.only if x not in BENCHMARKS]
+    if unknown or not args.only:
+        p.error(f"--only takes names among {', '.join(BENCHMARKS)}")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", args.database):
+        p.error("--database must be a plain lower-case name (letters, digits, _), at most 41")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = Config.make(args.n, args.big)
+    report = asyncio.run(run(cfg, args.only, args.database))
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"  json        {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
