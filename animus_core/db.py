@@ -110,6 +110,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 _NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)") does not exist')
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """On release asyncpg still rolls back an unfinished transaction; this skips its extra
+    RESET ALL / UNLISTEN / CLOSE ALL round trip. animus keeps no session state on pool
+    connections (SET LOCAL and transaction-scoped advisory locks only), and code using
+    :meth:`Db.connection` should do the same."""
+
+
 def _translate(e: asyncpg.PostgresError) -> Exception:
     """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
     msg = getattr(e, "message", None) or str(e)
@@ -182,6 +189,7 @@ class Db:
                 min_size=min_size,
                 max_size=max_size,
                 init=_init_connection,
+                reset=_keep_session,
                 timeout=timeout,
                 server_settings={"application_name": "animus", "animus.actor": actor},
             )
@@ -444,7 +452,7 @@ class Db:
         """
         if limit < 1 or lease_seconds < 1:
             raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
-        async with self.connection() as conn, conn.transaction():
+        async with self.connection() as conn:  # one statement: atomic without BEGIN/COMMIT
             rows = await conn.fetch(
                 "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
                 queue, limit, lease_seconds, list(work_types) if work_types else None, start,

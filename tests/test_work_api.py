@@ -225,13 +225,21 @@ async def test_cancel_archives_the_message(db, db_url, claimed_first):
         await db.cancel(wid)
 
 
-async def test_cancel_refuses_claimed_and_running_work(db):
+async def test_cancel_of_claimed_or_running_work_is_a_request(db):
     await db.submit_work(new())
     [c] = await db.claim()
-    with pytest.raises(IllegalTransition, match="claimed -> cancelled"):
-        await db.cancel(c.item.id)
+    claimed = await db.cancel(c.item.id, "not needed")
+    assert claimed.state == State.CLAIMED
+    assert claimed.cancel_requested == "not needed"
     await db.start(c.lease)
-    with pytest.raises(IllegalTransition, match="running -> cancelled"):
+    running = await db.cancel(c.item.id, "really not needed")
+    assert running.state == State.RUNNING
+    assert running.cancel_requested == "really not needed"
+    assert await db.cancel_requests([c.item.id]) == [c.item.id]
+    events = [e.event for e in await db.history(c.item.id)]
+    assert events.count("cancel_requested") == 2
+    await db.complete(c.lease, None)  # the state machine still decides what may follow
+    with pytest.raises(IllegalTransition, match="completed -> cancelled"):
         await db.cancel(c.item.id)
 
 
