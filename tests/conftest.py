@@ -6,6 +6,7 @@ gets a fresh clone of it (CREATE DATABASE ... TEMPLATE), which takes a few milli
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -69,20 +70,30 @@ async def template_url(server_url: str) -> str:
     return url
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str, *, template: str | None = None) -> AsyncIterator[str]:
+    """A new database on the test server (a clone of ``template``, or empty), dropped after."""
+    name = f"animus_test_{os.getpid()}_{next(_counter)}"
+    clone = f' TEMPLATE "{template}"' if template else ""
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"{clone}')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(server_url, name)
+    finally:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
 @pytest.fixture
 async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
-    name = f"animus_test_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    finally:
-        await admin.close()
-    yield with_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(server_url, template=TEMPLATE) as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,37 +4,22 @@ extensions they rely on recorded with how they were installed."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from pgmq.install import get_embedded_sql_version
 
 from animus_core import Db, MigrationError, NewWorkItem
 from animus_core.migrations import load
-from tests.conftest import with_database
+from tests.conftest import scratch_database
 from tests.support import raw
-
-_fresh = itertools.count()
 
 
 @pytest.fixture
 async def empty_db_url(server_url: str) -> AsyncIterator[str]:
     """A brand-new, empty database (not cloned from the migrated template)."""
-    name = f"animus_mig_{os.getpid()}_{next(_fresh)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(server_url) as url:
+        yield url
 
 
 async def test_concurrent_migrations_apply_each_file_once(empty_db_url):
