@@ -9,6 +9,7 @@ rows as they are now and names the first one that does not match.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
@@ -90,12 +91,8 @@ async def seal(conn: Any, batch: int = 10_000) -> int:
                 "SELECT seq, hash FROM animus.audit_seal ORDER BY seq DESC LIMIT 1"
             )
             seq, prev = (last["seq"], bytes(last["hash"])) if last else (0, GENESIS)
-            records = []
-            for row in rows:
-                seq += 1
-                h = row_hash(prev, row)
-                records.append((seq, row["id"], prev, h))
-                prev = h
+            # hashing is CPU work: off the event loop, so an engine keeps serving meanwhile
+            records = await asyncio.to_thread(_chain, rows, seq, prev)
             await conn.copy_records_to_table(
                 "audit_seal", schema_name="animus", records=records,
                 columns=["seq", "audit_id", "prev_hash", "hash"],
@@ -107,6 +104,16 @@ async def seal(conn: Any, batch: int = 10_000) -> int:
             total += len(rows)
             if len(rows) < batch:
                 return total
+
+
+def _chain(rows: list[Any], seq: int, prev: bytes) -> list[tuple[int, int, bytes, bytes]]:
+    records = []
+    for row in rows:
+        seq += 1
+        h = row_hash(prev, row)
+        records.append((seq, row["id"], prev, h))
+        prev = h
+    return records
 
 
 async def verify(conn: Any, page: int = 20_000) -> Verification:

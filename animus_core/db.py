@@ -529,6 +529,30 @@ class Db:
         async with self.connection() as conn:
             await _copy_executions(conn, executions)
 
+    async def record_usage(self, work_id: UUID, usage: dict[str, Any], *,
+                           conn: asyncpg.Connection | None = None) -> None:
+        """Add one attempt's model usage (``{"models": {model: tokens}, "cost_usd": x}``) to
+        the item's totals, failed attempts included."""
+
+        async def add(c: asyncpg.Connection) -> None:
+            current = await c.fetchval(
+                "SELECT usage FROM animus.work_items WHERE id = $1 FOR UPDATE", work_id) or {}
+            models: dict[str, dict[str, int]] = current.get("models", {})
+            for model, tokens in usage["models"].items():
+                total = models.setdefault(model, {})
+                for kind, n in tokens.items():
+                    total[kind] = total.get(kind, 0) + n
+            cost = round(current.get("cost_usd", 0) + usage["cost_usd"], 6)
+            await c.execute("UPDATE animus.work_items SET usage = $2 WHERE id = $1",
+                            work_id, {"models": models, "cost_usd": cost})
+
+        if conn is not None:
+            with _errors():
+                await add(conn)
+            return
+        async with self.connection() as c, c.transaction():
+            await add(c)
+
     async def record_environment(self, env_hash: str, environment: dict[str, Any]) -> None:
         async with self.connection() as conn:
             await conn.execute(

@@ -437,8 +437,7 @@ class Engine:
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
                     conn = await scope.connection()
-                    await conn.execute("UPDATE animus.work_items SET usage = $2 WHERE id = $1",
-                                       item.id, _usage_record(focus))
+                    await self.db.record_usage(item.id, _usage_record(focus), conn=conn)
                 record = self._record(fac, focus, started_at, "completed", outcome=outcome)
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
@@ -464,6 +463,8 @@ class Engine:
                 try:
                     await self.db.record_executions(
                         [self._record(fac, focus, started_at, "failed", error=error)])
+                    if focus.llm_usage:  # what a failed attempt spent is kept too
+                        await self.db.record_usage(item.id, _usage_record(focus))
                 except AnimusError as e2:
                     _log.warning("could not record the execution of %s: %s", item.id, e2)
                 result = await self._failed(fac, focus, lease, error, phase, ms,

@@ -960,3 +960,36 @@ async def test_plugin_tools_reach_a_python_faculty_through_the_engine(
         "input_tokens": 110, "output_tokens": 11, "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0}}, "cost_usd": expected_cost(PRICES["claude-haiku-4"], total)}
 
+
+
+class FlakyThinker(Faculty):
+    """Asks Claude, then fails its first attempt after the call (the tokens are spent)."""
+
+    name = "flaky-thinker"
+    accepts = ("flaky-think",)
+    retry_base = 0.05
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        result = await focus.agent(model="claude-haiku-4-5", stream=False, oriented=oriented)
+        if focus.attempt == 1:
+            raise RuntimeError("lost the answer")
+        return {"text": result.text}
+
+
+async def test_usage_of_a_failed_attempt_counts_in_the_total(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with MessagesServer(api_key=KEY) as server:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        server.script(Reply(text="first", usage=Tokens(10, 1)),
+                      Reply(text="second", usage=Tokens(20, 2)))
+        async with run_engine(db_url, tmp_path / "home", faculties=[FlakyThinker()]) as running:
+            created = await running.db.submit_work(NewWorkItem("flaky-think"))
+            item = await wait_finished(running.db, created.id)
+    assert item.state is State.COMPLETED, item.reason
+    assert item.attempts == 2
+    assert item.usage is not None
+    assert item.usage["models"]["claude-haiku-4-5"]["input_tokens"] == 30
+    assert item.usage["models"]["claude-haiku-4-5"]["output_tokens"] == 3
+    assert item.usage["cost_usd"] == expected_cost(PRICES["claude-haiku-4"],
+                                                   summed(Tokens(10, 1), Tokens(20, 2)))
