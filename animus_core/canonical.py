@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
+
+import msgspec
 
 __all__ = ["canonical_hash", "canonical_json"]
 
@@ -91,8 +94,43 @@ def _encode(value: Any, nfc: bool, out: list[str]) -> None:
         raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+class _HasFloat(Exception):
+    pass
+
+
+def _refuse_float(_: str) -> Any:
+    raise _HasFloat
+
+
+# The fast path: msgspec's sorted-key encoding *is* the canonical text when the value is plain
+# JSON (dicts with str keys, lists, str, int, bool, None) in ASCII with no float and no integer
+# of 16 digits or more. ASCII makes NFC a no-op and UTF-16 key order equal to code-point
+# order; decoding the text back (refusing floats) and comparing proves no tuple, set, UUID or
+# other non-JSON value was encoded on the way. Anything else takes the exact encoder below.
+_fast_encode = msgspec.json.Encoder(order="sorted").encode
+_fast_decode = msgspec.json.Decoder(float_hook=_refuse_float).decode
+_LONG_NUMBER = re.compile(rb"\d" * 16)
+
+
+def _fast(value: Any) -> str | None:
+    try:
+        raw = _fast_encode(value)
+    except (TypeError, ValueError, msgspec.EncodeError):
+        return None
+    if not raw.isascii() or _LONG_NUMBER.search(raw):
+        return None
+    try:
+        same = _fast_decode(raw) == value
+    except _HasFloat:
+        return None
+    return raw.decode("ascii") if same else None
+
+
 def canonical_json(value: Any, *, nfc: bool = False) -> str:
     """The RFC 8785 canonical text of ``value``."""
+    fast = _fast(value)
+    if fast is not None:
+        return fast
     out: list[str] = []
     _encode(value, nfc, out)
     return "".join(out)

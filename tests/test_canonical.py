@@ -22,12 +22,14 @@ import random
 import shutil
 import struct
 import subprocess
+import uuid
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from animus_core import canonical
 from animus_core.canonical import canonical_hash, canonical_json
 
 SAFE_INT = 2**53  # integers beyond +-2**53 are not exact as IEEE doubles (the RFC's numbers)
@@ -88,6 +90,52 @@ def test_the_hash_is_sha256_of_the_canonical_text() -> None:
     digest = hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
     assert canonical_hash(value) == f"sha256:{digest}"
     assert len(digest) == 64
+
+
+# -- the fast path ---------------------------------------------------------------------------
+
+
+def exact(value: Any, nfc: bool = False) -> str:
+    """The reference encoder alone, without the msgspec fast path."""
+    out: list[str] = []
+    canonical._encode(value, nfc, out)
+    return "".join(out)
+
+
+ascii_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(max_codepoint=127), max_size=12)
+)
+ascii_values = st.recursive(
+    ascii_scalars,
+    lambda children: st.lists(children, max_size=5)
+    | st.lists(children, max_size=3).map(tuple)
+    | st.dictionaries(st.text(st.characters(max_codepoint=127), max_size=8), children,
+                      max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ascii_values | json_values, st.booleans())
+def test_the_fast_path_writes_exactly_what_the_reference_encoder_writes(value: Any,
+                                                                        nfc: bool) -> None:
+    assert canonical_json(value, nfc=nfc) == exact(value, nfc)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 1.0}, {"a": -0.0}, {"a": 10**15}, {"a": 2**53 + 1}, [1, (2, 3)], {"k": "\u00e9"},
+    "\x00\x1f\x7f\"\\/", {"b": [True, False, None]}, {"\u00e9": 1, "e": 2},
+])
+def test_values_at_the_edge_of_the_fast_path(value: Any) -> None:
+    assert canonical_json(value) == exact(value)
+
+
+@pytest.mark.parametrize("value", [{"a": uuid.uuid4()}, {"a": {1, 2}}, {1: "x"}, b"bytes",
+                                   {"a": float("nan")}])
+def test_values_that_are_not_json_are_refused_by_both_paths(value: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        canonical_json(value)
 
 
 # -- numbers ------------------------------------------------------------------------------------
