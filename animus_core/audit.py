@@ -55,8 +55,17 @@ class Verification(msgspec.Struct, frozen=True, kw_only=True):
     problem: str | None = None
 
 
+# What the sealer and the verifier read of each row: work_id and at already as the text the
+# hash covers (Postgres formats them faster than Python decodes and re-formats them).
+_HASHED_COLUMNS = """a.id, a.work_id::text AS work_id, a.event, a.from_state::text,
+    a.to_state::text, a.provenance, a.db_user,
+    to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') AS at, a.payload"""
+
+
 def row_hash(prev: bytes, row: Any) -> bytes:
-    at: datetime = row["at"]
+    """``sha256(prev || canonical(row))``; ``at`` as a datetime or its UTC ISO text
+    (``2026-01-02T03:04:05.000006+00:00``), ``work_id`` as a UUID or its text."""
+    at: datetime | str = row["at"]
     body = canonical_json({
         "id": row["id"],
         "work_id": str(row["work_id"]),
@@ -65,7 +74,7 @@ def row_hash(prev: bytes, row: Any) -> bytes:
         "to_state": row["to_state"],
         "provenance": row["provenance"],
         "db_user": row["db_user"],
-        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "at": at if isinstance(at, str) else at.astimezone(UTC).isoformat(timespec="microseconds"),
         "payload": row["payload"],
     })
     return hashlib.sha256(prev + body.encode("utf-8")).digest()
@@ -79,8 +88,7 @@ async def seal(conn: Any, batch: int = 10_000) -> int:
             if not await conn.fetchval(_SEAL_LOCK):
                 return total
             rows = await conn.fetch(
-                """SELECT a.id, a.work_id, a.event, a.from_state::text, a.to_state::text,
-                          a.provenance, a.db_user, a.at, a.payload
+                f"""SELECT {_HASHED_COLUMNS}
                      FROM animus.audit_unsealed u JOIN animus.audit_log a ON a.id = u.audit_id
                     ORDER BY a.id LIMIT $1""",
                 batch,
@@ -122,9 +130,7 @@ async def verify(conn: Any, page: int = 20_000) -> Verification:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         while True:
             rows = await conn.fetch(
-                """SELECT s.seq, s.prev_hash, s.hash, a.id, a.work_id, a.event,
-                          a.from_state::text, a.to_state::text, a.provenance, a.db_user,
-                          a.at, a.payload
+                f"""SELECT s.seq, s.prev_hash, s.hash, {_HASHED_COLUMNS}
                      FROM animus.audit_seal s LEFT JOIN animus.audit_log a ON a.id = s.audit_id
                     WHERE s.seq >= $1 ORDER BY s.seq LIMIT $2""",
                 expected_seq, page,

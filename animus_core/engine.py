@@ -327,7 +327,7 @@ class Engine:
     async def _call(self, fac: Faculty, hook: str, focus: Focus, /, **kwargs: Any) -> Any:
         method = getattr(fac, hook)
         timeout = fac.timeout
-        if asyncio.iscoroutinefunction(method):
+        if _is_async(method):
             # What wait_for does from Python 3.12 on; on 3.11 wait_for wraps the coroutine
             # in a task of its own, about 9 us per phase for nothing.
             async with asyncio.timeout(timeout):
@@ -379,11 +379,10 @@ class Engine:
             self._client = make_client()
         return self._client, self.tools
 
-    async def _phase(self, fac: Faculty, phase: str, focus: Focus, /, **kwargs: Any) -> Any:
+    async def _phase(self, fac: Faculty, phase: str, focus: Focus, traced: bool, /,
+                     **kwargs: Any) -> Any:
         started = time.perf_counter()
-        if isinstance(tracer, trace.ProxyTracer) and not tracing():
-            # Nobody records spans: skip building them (a third of the per-item cost of a
-            # trivial focus). Hooks still continue the work item's own trace, if it has one.
+        if not traced:
             focus.traceparent = focus.work.traceparent
             try:
                 return await self._call(fac, phase, focus, **kwargs)
@@ -416,23 +415,30 @@ class Engine:
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
         scope = TxScope(self.db)
-        focus_span = tracer.start_span(
-            f"focus {item.work_type}", context=extract(item.traceparent), attributes={
-                "animus.work.id": str(item.id), "animus.work.type": item.work_type,
-                "animus.faculty": fac.name, "animus.attempt": item.attempts})
-        focus_span.add_event("running", {"from": "claimed", "to": "running"})
-        token = context.attach(trace.set_span_in_context(focus_span))
+        # Nobody records spans without a tracer provider: skip building them (a third of the
+        # per-item cost of a trivial focus). Hooks still continue the item's own trace.
+        traced = _traced()
+        token = None
+        if traced:
+            focus_span = tracer.start_span(
+                f"focus {item.work_type}", context=extract(item.traceparent), attributes={
+                    "animus.work.id": str(item.id), "animus.work.type": item.work_type,
+                    "animus.faculty": fac.name, "animus.attempt": item.attempts})
+            focus_span.add_event("running", {"from": "claimed", "to": "running"})
+            token = context.attach(trace.set_span_in_context(focus_span))
+        else:
+            focus_span = trace.INVALID_SPAN
         try:
             try:
-                oriented = await self._phase(fac, "orient", focus)
+                oriented = await self._phase(fac, "orient", focus, traced)
                 phase = "engage"
                 await self._check_rules(item)
-                engaged = await self._phase(fac, "engage", focus, oriented=oriented)
+                engaged = await self._phase(fac, "engage", focus, traced, oriented=oriented)
                 phase = "consolidate"
                 if self.memory is not None:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = redactor.json(
-                    await self._phase(fac, "consolidate", focus, engaged=engaged))
+                    await self._phase(fac, "consolidate", focus, traced, engaged=engaged))
                 json.dumps(outcome, allow_nan=False)
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
@@ -480,9 +486,10 @@ class Engine:
             # recorded while the focus span is current, so the histogram gets exemplars
             instruments.focus_duration.record(time.perf_counter() - started,
                                               {"faculty": fac.name, "result": result})
-            context.detach(token)
-            focus_span.set_attribute("animus.result", result)
-            focus_span.end()
+            if token is not None:
+                context.detach(token)
+                focus_span.set_attribute("animus.result", result)
+                focus_span.end()
             kept = focus.cleanup(keep=failed and (self.options.keep_foci
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
@@ -498,7 +505,8 @@ class Engine:
             if final:
                 verdict = False  # retrying cannot change a rule's answer
             else:
-                verdict = await self._phase(fac, "recover", focus, error=error, phase=phase)
+                verdict = await self._phase(fac, "recover", focus, _traced(),
+                                            error=error, phase=phase)
         except Exception as e:
             note = f" (recover failed too: {redactor.text(_describe(e, 'recover', fac))})"
         reason = f"{phase} failed: {error}{note}"
@@ -735,3 +743,23 @@ def _describe(e: BaseException, phase: str, fac: Faculty) -> str:
         return text
     return f"{name}: {text}" if text else name
 
+
+def _traced() -> bool:
+    """Whether spans are recorded: a tracer provider is installed (or the module's tracer
+    was made by one)."""
+    return not (isinstance(tracer, trace.ProxyTracer) and not tracing())
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
+def _is_async(method: Any) -> bool:
+    """``asyncio.iscoroutinefunction``, remembered per function (it costs microseconds)."""
+    func = getattr(method, "__func__", method)
+    try:
+        return _ASYNC[func]
+    except KeyError:
+        answer = _ASYNC[func] = asyncio.iscoroutinefunction(method)
+        return answer
+    except TypeError:  # an unhashable callable object
+        return asyncio.iscoroutinefunction(method)

@@ -169,6 +169,32 @@ async def test_legal_transition_by_hand_is_allowed_and_audited(db, db_url):
     assert history[-1].db_user == history[0].db_user
 
 
+async def test_a_claim_that_starts_is_audited_as_both_steps(db, db_url):
+    """claim(start=True) moves queued -> running in one UPDATE; the audit trail still holds
+    queued -> claimed and claimed -> running, with the attempt counted on the second."""
+    created = await db.submit_work(NewWorkItem("claim-start", source="test"))
+    [claimed] = await db.claim(lease_seconds=300, work_types=["claim-start"], start=True)
+    assert claimed.item.state == State.RUNNING and claimed.item.attempts == 1
+    history = await db.history(created.id)
+    assert [(e.from_state, e.to_state) for e in history] == [
+        (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
+    ]
+    assert [e.payload.get("attempts") for e in history[1:]] == [0, 1]
+    assert history[1].id < history[2].id
+    # By hand, queued -> running is refused unless the row takes a new lease, as a claim does.
+    other = await db.submit_work(NewWorkItem("claim-start", source="test"))
+    async with raw(db_url) as conn:
+        with pytest.raises(asyncpg.PostgresError, match="queued -> running"):
+            await conn.execute("UPDATE animus.work_items SET state = 'running' WHERE id = $1",
+                               other.id)
+        await conn.execute(
+            "UPDATE animus.work_items SET state = 'running', msg_id = -1, lease = 1 "
+            "WHERE id = $1", other.id)
+    assert [(e.from_state, e.to_state) for e in await db.history(other.id)] == [
+        (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
+    ]
+
+
 async def test_illegal_insert_state_is_refused(db_url):
     async with raw(db_url) as conn:
         with pytest.raises(asyncpg.PostgresError, match="cannot start in state running"):
