@@ -358,6 +358,47 @@ async def test_recover_false_dead_letters_at_once(db, db_url, tmp_path):
     assert "exited with status 3" in recover_saw
 
 
+class Slowpoke(Faculty):
+    """Orient runs past the phase timeout on the first attempt only; a slow but timely
+    engage on every attempt."""
+
+    name = "slowpoke"
+    accepts = ("slowpoke",)
+    timeout = 0.3
+    retry_base = 0.05
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    async def orient(self, focus: Focus) -> Any:
+        if focus.attempt == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return None
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        await asyncio.sleep(0.2)  # under the limit: one phase's time does not carry over
+        return {"attempt": focus.attempt}
+
+
+async def test_a_python_phase_past_its_timeout_is_cancelled_and_retried(db, db_url, tmp_path):
+    slow = Slowpoke()
+    async with run_engine(db_url, tmp_path / "home", faculties=[slow]) as run:
+        wid = (await db.submit_work(NewWorkItem("slowpoke"))).id
+        item = await wait_finished(db, wid, timeout=15)
+        assert not run.engine._deadlines.is_set()  # nothing left to watch
+    assert item.state == State.COMPLETED, item.reason
+    assert item.attempts == 2
+    assert item.outcome.data == {"attempt": 2}
+    assert slow.cancelled == 1
+    history = await db.history(wid)
+    failed = [e for e in history if e.to_state == "failed"]
+    assert "orient failed: timed out after 0.3s" in failed[0].payload["error"]
+
+
 async def test_hook_timeout_fails_the_focus_and_kills_the_hook(db, db_url, tmp_path):
     pidfile = tmp_path / "hook.pid"
     toml = write_toml_faculty(
