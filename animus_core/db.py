@@ -786,21 +786,17 @@ _EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash"
 
 _INSERT_EXECUTIONS = f"""
     INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
-                         $6::text[]::jsonb[], $7::text[], $8::text[], $9::text[],
-                         $10::text[]::jsonb[], $11::text[], $12::text[], $13::timestamptz[])"""
+    SELECT {", ".join(_EXECUTION_COLUMNS)}
+      FROM json_populate_recordset(NULL::animus.execution_records, $1::json)"""
 
 
 async def _copy_executions(conn: asyncpg.Connection,
                            executions: Sequence[ExecutionRecord]) -> None:
     if not executions:
         return
-    # One statement for the batch: a column array each (JSON columns as text).
-    columns = [[getattr(r, c) for r in executions] for c in _EXECUTION_COLUMNS]
-    for json_column in ("faculty", "models"):
-        i = _EXECUTION_COLUMNS.index(json_column)
-        columns[i] = [dump_json(v, f"execution record {json_column}") for v in columns[i]]
-    await conn.execute(_INSERT_EXECUTIONS, *columns)
+    # One statement and one JSON parameter for the batch (cheaper to build than an array
+    # per column); the records' own fields name the columns.
+    await conn.execute(_INSERT_EXECUTIONS, msgspec.json.encode(executions).decode())
 
 
 def _transition(from_state: str, to_state: str, n: int = 1) -> None:

@@ -1,3 +1,5 @@
+-- The hot path of work: claim, complete, seal and execution records.
+--
 -- A claim that starts its focus at once moves queued -> running in one UPDATE, and the audit
 -- trigger records it as the two legal steps it is (queued -> claimed, claimed -> running),
 -- each with its own audit row. Only a claim may do this: the row must take a new lease
@@ -129,3 +131,10 @@ BEGIN
         SELECT * FROM claimed ORDER BY priority DESC, msg_id;
 END
 $$;
+
+-- Foreign keys into append-only tables guard nothing (their rows are never deleted, and
+-- `animus audit verify` names a seal whose row is missing), yet each check locks the row it
+-- points at (FOR KEY SHARE), which writes to that row's page: once per sealed audit row and
+-- once per execution record, all on the same environments row.
+ALTER TABLE animus.audit_seal DROP CONSTRAINT audit_seal_audit_id_fkey;
+ALTER TABLE animus.execution_records DROP CONSTRAINT execution_records_environment_hash_fkey;
