@@ -773,6 +773,11 @@ def _failure_kind(e: BaseException, error: str) -> str:
 
 
 def _describe(e: BaseException, phase: str, fac: Faculty) -> str:
+    """The failure reason for ``e`` (NUL, which Postgres text cannot hold, shown as U+FFFD)."""
+    return _reason(e, phase, fac).replace("\x00", "\ufffd")
+
+
+def _reason(e: BaseException, phase: str, fac: Faculty) -> str:
     if isinstance(e, TimeoutError):
         return f"timed out after {fac.timeout:g}s"
     if isinstance(e, (TypeError, ValueError)) and phase == "consolidate":

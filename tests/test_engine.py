@@ -437,6 +437,36 @@ async def test_unreadable_output_fails_the_focus(db, db_url, tmp_path):
     assert "consolidate failed: outcome is not JSON" in (py_item.reason or "")
 
 
+class NulRaiser(Faculty):
+    name = "nul-raiser"
+    accepts = ("nul-raiser",)
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        raise RuntimeError("bad\x00byte")
+
+
+async def test_a_hook_writing_nul_bytes_to_stderr_fails_cleanly(db, db_url, tmp_path):
+    """Postgres text cannot hold NUL: the reason keeps the stderr tail (or the exception's
+    text) with NUL shown as U+FFFD, and the failure is recorded like any other."""
+    toml = write_toml_faculty(tmp_path, "nully", hooks={
+        "engage": "printf 'bad\\0byte\\n' >&2; exit 4",
+    })
+    async with run_engine(db_url, tmp_path / "home", faculties_dir=toml.parent,
+                          faculties=[NulRaiser()]):
+        wid = (await db.submit_work(NewWorkItem("nully").max_attempts(1))).id
+        py = (await db.submit_work(NewWorkItem("nul-raiser").max_attempts(1))).id
+        item = await wait_finished(db, wid)
+        py_item = await wait_finished(db, py)
+    assert py_item.state == State.DEAD
+    assert "RuntimeError: bad\ufffdbyte" in (py_item.reason or "")
+    assert item.state == State.DEAD
+    assert "exited with status 4" in (item.reason or "")
+    assert "bad\ufffdbyte" in (item.reason or "")
+    [record] = await db.executions(wid)
+    assert record.result == "failed"
+    assert "bad\ufffdbyte" in (record.error or "")
+
+
 # -- loading TOML faculties -------------------------------------------------------------------------
 
 

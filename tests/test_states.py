@@ -174,7 +174,8 @@ async def test_a_claim_that_starts_is_audited_as_both_steps(db, db_url):
     queued -> claimed and claimed -> running, with the attempt counted on the second."""
     created = await db.submit_work(NewWorkItem("claim-start", source="test"))
     [claimed] = await db.claim(lease_seconds=300, work_types=["claim-start"], start=True)
-    assert claimed.item.state == State.RUNNING and claimed.item.attempts == 1
+    assert claimed.item.state == State.RUNNING
+    assert claimed.item.attempts == 1
     history = await db.history(created.id)
     assert [(e.from_state, e.to_state) for e in history] == [
         (None, "queued"), ("queued", "claimed"), ("claimed", "running"),
