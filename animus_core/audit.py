@@ -1,10 +1,13 @@
 """The hash-chained audit trail: sealing rows after commit, and verifying the chain.
 
-Writers never wait on the chain. Each state change writes its ``audit_log`` row (and a
-marker in ``audit_unsealed``) in its own transaction; a sealer, one at a time under an
-advisory lock, takes committed unsealed rows in id order and appends ``audit_seal`` rows:
-``hash = sha256(prev_hash || canonical(row))``. Verification recomputes every hash from the
-rows as they are now and names the first one that does not match.
+Writers never wait on the chain: each state change writes its ``audit_log`` row in its own
+transaction. A sealer, one at a time under an advisory lock, appends ``audit_seal`` rows
+(``hash = sha256(prev_hash || canonical(row))``) for committed rows past the highest id it
+has sealed. An id it passes that is not visible yet is a *gap* (``audit_gaps``): a
+transaction still running, whose rows are sealed when they appear, or one that rolled back,
+given up once every transaction that could have taken the id has ended and an hour has
+passed. Verification recomputes every hash from the rows as they are now and names the first
+one that does not match.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import msgspec
 
 from animus_core.canonical import canonical_json
 
-__all__ = ["GENESIS", "AuditEvent", "Verification", "row_hash", "seal", "verify"]
+__all__ = ["GENESIS", "UNSEALED_SQL", "AuditEvent", "Verification", "row_hash", "seal", "verify"]
 
 GENESIS = b"\x00" * 32
 _SEAL_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('animus.audit_seal'))"
@@ -80,6 +83,20 @@ def row_hash(prev: bytes, row: Any) -> bytes:
     return hashlib.sha256(prev + body.encode("utf-8")).digest()
 
 
+# Rows waiting for a seal: past the highest sealed id, or in a gap that has since filled.
+UNSEALED_SQL = """
+    SELECT (SELECT count(*) FROM animus.audit_log
+             WHERE id > (SELECT coalesce(max(audit_id), 0) FROM animus.audit_seal))
+         + (SELECT count(*) FROM animus.audit_gaps g
+             WHERE EXISTS (SELECT 1 FROM animus.audit_log a WHERE a.id = g.audit_id))"""
+# A gap is given up when every transaction that could have taken its id has ended (its
+# horizon is below the oldest running transaction) and it is an hour old.
+_PRUNE_GAPS = """
+    DELETE FROM animus.audit_gaps
+     WHERE seen_at < now() - interval '1 hour'
+       AND horizon <= pg_snapshot_xmin(pg_current_snapshot())"""
+
+
 async def seal(conn: Any, batch: int = 10_000) -> int:
     """Seal committed unsealed rows; return how many. Returns 0 if another sealer is busy."""
     total = 0
@@ -87,30 +104,39 @@ async def seal(conn: Any, batch: int = 10_000) -> int:
         async with conn.transaction():
             if not await conn.fetchval(_SEAL_LOCK):
                 return total
-            rows = await conn.fetch(
-                f"""SELECT {_HASHED_COLUMNS}
-                     FROM animus.audit_unsealed u JOIN animus.audit_log a ON a.id = u.audit_id
-                    ORDER BY a.id LIMIT $1""",
-                batch,
-            )
-            if not rows:
-                return total
             last = await conn.fetchrow(
-                "SELECT seq, hash FROM animus.audit_seal ORDER BY seq DESC LIMIT 1"
-            )
-            seq, prev = (last["seq"], bytes(last["hash"])) if last else (0, GENESIS)
-            # hashing is CPU work: off the event loop, so an engine keeps serving meanwhile
-            records = await asyncio.to_thread(_chain, rows, seq, prev)
-            await conn.copy_records_to_table(
-                "audit_seal", schema_name="animus", records=records,
-                columns=["seq", "audit_id", "prev_hash", "hash"],
-            )
-            await conn.execute(
-                "DELETE FROM animus.audit_unsealed WHERE audit_id = ANY($1::bigint[])",
-                [r["id"] for r in rows],
-            )
+                """SELECT seq, hash, (SELECT max(audit_id) FROM animus.audit_seal) AS high
+                     FROM animus.audit_seal ORDER BY seq DESC LIMIT 1""")
+            seq, prev, high = ((last["seq"], bytes(last["hash"]), last["high"]) if last
+                               else (0, GENESIS, 0))
+            filled = await conn.fetch(
+                f"""SELECT {_HASHED_COLUMNS} FROM animus.audit_gaps g
+                      JOIN animus.audit_log a ON a.id = g.audit_id ORDER BY a.id""")
+            fresh = await conn.fetch(
+                f"""SELECT {_HASHED_COLUMNS} FROM animus.audit_log a
+                     WHERE a.id > $1 ORDER BY a.id LIMIT $2""", high, batch)
+            rows = [*filled, *fresh]
+            if rows:
+                # hashing is CPU work: off the event loop, so an engine keeps serving meanwhile
+                records = await asyncio.to_thread(_chain, rows, seq, prev)
+                await conn.copy_records_to_table(
+                    "audit_seal", schema_name="animus", records=records,
+                    columns=["seq", "audit_id", "prev_hash", "hash"],
+                )
+            if filled:
+                await conn.execute(
+                    "DELETE FROM animus.audit_gaps WHERE audit_id = ANY($1::bigint[])",
+                    [r["id"] for r in filled])
+            if fresh:
+                seen = {r["id"] for r in fresh}
+                gaps = [i for i in range(high + 1, fresh[-1]["id"]) if i not in seen]
+                if gaps:
+                    await conn.execute(
+                        """INSERT INTO animus.audit_gaps (audit_id)
+                           SELECT unnest($1::bigint[])""", gaps)
+            await conn.execute(_PRUNE_GAPS)
             total += len(rows)
-            if len(rows) < batch:
+            if len(fresh) < batch:
                 return total
 
 
@@ -150,12 +176,13 @@ async def verify(conn: Any, page: int = 20_000) -> Verification:
                 break
         orphans = await conn.fetchval(
             """SELECT min(a.id) FROM animus.audit_log a
-                WHERE NOT EXISTS (SELECT 1 FROM animus.audit_seal s WHERE s.audit_id = a.id)
-                  AND NOT EXISTS (SELECT 1 FROM animus.audit_unsealed u WHERE u.audit_id = a.id)"""
+                WHERE a.id < (SELECT max(audit_id) FROM animus.audit_seal)
+                  AND NOT EXISTS (SELECT 1 FROM animus.audit_seal s WHERE s.audit_id = a.id)
+                  AND NOT EXISTS (SELECT 1 FROM animus.audit_gaps g WHERE g.audit_id = a.id)"""
         )
         if orphans is not None:
             return _bad(checked, orphans, f"audit row {orphans} is neither sealed nor waiting to be")
-        unsealed = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+        unsealed = await conn.fetchval(UNSEALED_SQL)
     return Verification(ok=True, checked=checked, unsealed=unsealed)
 
 

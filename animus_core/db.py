@@ -448,7 +448,7 @@ class Db:
 
         The lease is the pgmq visibility timeout: unless extended, the item is claimable again
         after ``lease_seconds``. With ``start=True`` the items also move to ``running`` (one
-        attempt each) in the same transaction.
+        attempt each) in the same UPDATE, audited as both steps.
         """
         if limit < 1 or lease_seconds < 1:
             raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
@@ -662,15 +662,14 @@ class Db:
                 updated = await conn.fetchrow(
                     """UPDATE animus.work_items SET cancel_requested = $2, updated_at = now()
                         WHERE id = $1 RETURNING *""", wid, reason)
-                audit_id = await conn.fetchval(
+                await conn.execute(
                     """INSERT INTO animus.audit_log
                            (work_id, event, from_state, to_state, provenance, payload)
                        VALUES ($1, 'cancel_requested', $2, $2,
                                jsonb_strip_nulls(jsonb_build_object(
                                    'source', $3::text, 'actor', animus.actor())),
-                               jsonb_build_object('reason', $4::text))
-                       RETURNING id""", wid, row["state"], row["source"], reason)
-                await conn.execute("INSERT INTO animus.audit_unsealed VALUES ($1)", audit_id)
+                               jsonb_build_object('reason', $4::text))""",
+                    wid, row["state"], row["source"], reason)
                 await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(wid))
                 return WorkItem.from_row(updated)
             require_transition(wid, State(row["state"]), State.CANCELLED)

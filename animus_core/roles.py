@@ -85,9 +85,9 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgmq TO animus_operator;
 GRANT SELECT, INSERT, UPDATE ON animus.work_items, animus.schedule_ticks,
       animus.memories, animus.memory_config TO animus_operator;
 GRANT DELETE ON animus.memories TO animus_operator;
-GRANT INSERT ON animus.audit_log, animus.audit_seal, animus.audit_unsealed,
+GRANT INSERT ON animus.audit_log, animus.audit_seal, animus.audit_gaps,
       animus.execution_records, animus.environments TO animus_operator;
-GRANT DELETE ON animus.audit_unsealed TO animus_operator;
+GRANT DELETE ON animus.audit_gaps TO animus_operator;
 
 GRANT ALL ON SCHEMA animus TO animus_admin;
 GRANT DELETE ON animus.work_items, animus.schedule_ticks TO animus_admin;  -- animus purge

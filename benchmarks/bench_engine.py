@@ -44,6 +44,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from animus_core.audit import UNSEALED_SQL
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
 from animus_core.engine import Engine, EngineOptions
@@ -403,7 +404,7 @@ async def drain_animus(url: str, home: Path, n: int) -> tuple[Line, dict[str, An
             seconds = await wait_done(run)
             stats = run.stats()
             # sealing owed when the clock stopped (the engine seals the rest as it stops)
-            backlog = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+            backlog = await conn.fetchval(UNSEALED_SQL)
         states = {r["state"]: r["n"] for r in await conn.fetch(
             "SELECT state::text, count(*) AS n FROM animus.work_items GROUP BY 1")}
     finally:

@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from animus_core.audit import UNSEALED_SQL
+
 
 @contextlib.asynccontextmanager
 async def raw(db_url: str) -> AsyncIterator[Any]:
@@ -31,7 +33,7 @@ COUNTED = {
     "messages": "SELECT count(*) FROM pgmq.q_work",
     "archived": "SELECT count(*) FROM pgmq.a_work",
     "audit": "SELECT count(*) FROM animus.audit_log",
-    "unsealed": "SELECT count(*) FROM animus.audit_unsealed",
+    "unsealed": UNSEALED_SQL,
 }
 
 

@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from animus_core import Created, Db, IllegalTransition, Merged, NewWorkItem
+from animus_core.audit import UNSEALED_SQL
 from tests.support import raw
 
 
@@ -71,7 +72,7 @@ async def test_every_change_writes_an_audit_row(db, db_url):
     # Every row waits to be sealed; sealing chains them all and the chain verifies.
     async with raw(db_url) as conn:
         total = await conn.fetchval("SELECT count(*) FROM animus.audit_log")
-        waiting = await conn.fetchval("SELECT count(*) FROM animus.audit_unsealed")
+        waiting = await conn.fetchval(UNSEALED_SQL)
     assert total == waiting == len(history) + len(merged)
     assert await db.seal_audit() == total
     assert all(e.sealed for e in await db.history(wid))
@@ -185,18 +186,22 @@ async def test_other_tampering_is_detected(db, db_url, sql, problem):
         assert result.first_bad_id == target
 
 
-async def test_row_slipped_in_without_trigger_is_detected(db, db_url):
+async def test_row_slipped_in_below_the_sealed_range_is_detected(db, db_url):
+    """Appending is what the log is for: a row past the sealed range is sealed like any
+    other. A row given an id inside the sealed range (that no transaction left as a gap)
+    can only have been written around the sequence, and verify names it."""
     await _lifecycle(db)
     await db.seal_audit()
     async with raw(db_url) as conn:
-        await conn.execute("SET session_replication_role = replica")
         forged = await conn.fetchval(
-            """INSERT INTO animus.audit_log (work_id, event, provenance)
-               VALUES (gen_random_uuid(), 'completed', '{}') RETURNING id"""
+            """INSERT INTO animus.audit_log (id, work_id, event, provenance)
+               OVERRIDING SYSTEM VALUE
+               VALUES (0, gen_random_uuid(), 'completed', '{}') RETURNING id"""
         )
     result = await db.verify_audit()
     assert not result.ok
-    assert result.first_bad_id == forged
+    assert result.first_bad_id == forged == 0
+    assert "neither sealed nor waiting" in (result.problem or "")
 
 
 async def test_cli_verify_intact_and_show_history(db, animus):
@@ -218,3 +223,78 @@ async def test_cli_verify_intact_and_show_history(db, animus):
     missing = animus("audit", "show", "00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 2
     assert missing.stderr.startswith("animus: error:")
+
+
+# -- gaps: ids the sealer passes before their transaction ends ---------------------------------
+
+
+async def _unsealed(db_url: str) -> int:
+    async with raw(db_url) as conn:
+        n: int = await conn.fetchval(UNSEALED_SQL)
+    return n
+
+
+async def test_rows_of_a_transaction_that_commits_late_are_sealed_when_it_does(db, db_url):
+    """A transaction that took audit ids and commits after later ids were sealed leaves a
+    gap; its rows are sealed once they appear, and the chain verifies throughout."""
+    await db.submit_work(NewWorkItem("before", source="t"))
+    async with raw(db_url) as slow:
+        tx = slow.transaction()
+        await tx.start()
+        await slow.execute(
+            """INSERT INTO animus.work_items (work_type, source, state)
+               VALUES ('slow', 'psql', 'queued')""")
+        later = await db.submit_work(NewWorkItem("later", source="t"))
+        assert await db.seal_audit() == 2  # 'before' and 'later'; 'slow' is not visible
+        async with raw(db_url) as conn:
+            gaps = await conn.fetch("SELECT audit_id FROM animus.audit_gaps")
+        assert len(gaps) == 1
+        check = await db.verify_audit()
+        assert check.ok, check.problem
+        assert check.unsealed == 0
+        await tx.commit()
+    assert await _unsealed(db_url) == 1
+    assert await db.seal_audit() == 1
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM animus.audit_gaps") == 0
+        order = await conn.fetch(
+            """SELECT a.event, a.payload->>'work_type' AS t FROM animus.audit_seal s
+                 JOIN animus.audit_log a ON a.id = s.audit_id ORDER BY s.seq""")
+    assert [r["t"] for r in order] == ["before", "later", "slow"]  # chained as they appeared
+    check = await db.verify_audit()
+    assert check.ok, check.problem
+    assert check.checked == 3
+    assert check.unsealed == 0
+    assert all(e.sealed for e in await db.history(later.id))
+
+
+async def test_ids_of_a_rolled_back_transaction_are_given_up_after_an_hour(db, db_url):
+    async with raw(db_url) as conn:
+        await conn.execute(
+            """INSERT INTO animus.work_items (work_type, source, state)
+               VALUES ('kept', 'psql', 'queued'), ('kept', 'psql', 'queued')""")
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(
+            """INSERT INTO animus.work_items (work_type, source, state)
+               VALUES ('rolled-back', 'psql', 'queued')""")
+        await tx.rollback()
+    await db.submit_work(NewWorkItem("after", source="t"))
+    assert await db.seal_audit() == 3  # the two 'kept' rows and 'after'
+    async with raw(db_url) as conn:
+        [gap] = await conn.fetch("SELECT audit_id FROM animus.audit_gaps")
+        assert await conn.fetchval("SELECT count(*) FROM animus.audit_log WHERE id = $1",
+                                   gap["audit_id"]) == 0
+    check = await db.verify_audit()
+    assert check.ok, check.problem
+    assert check.unsealed == 0
+    # within the hour the gap is kept; after it, with every transaction since ended, it goes
+    assert await db.seal_audit() == 0
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM animus.audit_gaps") == 1
+        await conn.execute("UPDATE animus.audit_gaps SET seen_at = now() - interval '2 hours'")
+    assert await db.seal_audit() == 0
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM animus.audit_gaps") == 0
+    check = await db.verify_audit()
+    assert check.ok, check.problem

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from animus_core import Created, Db, Merged, NewWorkItem
-from animus_core.audit import row_hash
+from animus_core.audit import UNSEALED_SQL, row_hash
 from animus_core.backup import DUMP, MANIFEST, SUMS, backup, find_tool, restore, verify_backup
 from animus_core.embedded import pg_bin_dir
 from animus_core.embedders import HashingEmbedder
@@ -36,7 +36,8 @@ SNAPSHOT = {
     "work_items": "SELECT * FROM animus.work_items ORDER BY id",
     "audit_log": "SELECT * FROM animus.audit_log ORDER BY id",
     "audit_seal": "SELECT * FROM animus.audit_seal ORDER BY seq",
-    "audit_unsealed": "SELECT * FROM animus.audit_unsealed ORDER BY audit_id",
+    "audit_gaps": "SELECT * FROM animus.audit_gaps ORDER BY audit_id",
+    "unsealed": UNSEALED_SQL,
     "memories": """SELECT id, content, memory_type, source, metadata::text, embedding::text,
                           embedder, work_id, created_at, updated_at FROM animus.memories ORDER BY id""",
     "memory_config": "SELECT embedder, dimension FROM animus.memory_config",
@@ -125,7 +126,7 @@ async def test_backup_destroy_restore_brings_everything_back(db_url, animus, tmp
         await db.close()
     before = await snapshot(db_url)
     assert before["memories"]
-    assert before["audit_unsealed"]
+    assert before["unsealed"] != [(0,)]
     assert before["schedule_ticks"]
 
     out = ok(animus("backup", str(tmp_path)))

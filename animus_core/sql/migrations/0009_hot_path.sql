@@ -22,7 +22,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION animus.work_items_updated() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    WITH a AS (
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     SELECT n.id, s.to_state::text, s.from_state, s.to_state,
            jsonb_strip_nulls(jsonb_build_object(
@@ -48,9 +47,7 @@ BEGIN
      WHERE o.state IS DISTINCT FROM n.state
        AND (t.from_state IS NOT NULL
             OR animus.refuse_transition(n.id, s.from_state, s.to_state))
-     ORDER BY n.id, s.step
-    RETURNING id)
-    INSERT INTO animus.audit_unsealed SELECT id FROM a;
+     ORDER BY n.id, s.step;
     RETURN NULL;
 END
 $$;
@@ -138,3 +135,149 @@ $$;
 -- once per execution record, all on the same environments row.
 ALTER TABLE animus.audit_seal DROP CONSTRAINT audit_seal_audit_id_fkey;
 ALTER TABLE animus.execution_records DROP CONSTRAINT execution_records_environment_hash_fkey;
+
+-- ---------------------------------------------------------------------------------------
+-- Sealing without markers. Writers used to add a row to audit_unsealed beside every audit
+-- row, and the sealer deleted it: two writes per row to find what is unsealed. The sealer
+-- now reads the log in id order past the highest id it has sealed. An id it skips is a
+-- *gap*: a transaction that has not committed yet (its rows are sealed once they appear) or
+-- one that rolled back (its ids never appear). Gaps are kept in audit_gaps with the
+-- snapshot horizon when first seen; a gap is given up only when every transaction that
+-- could have taken its id has ended and an hour has passed.
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE animus.audit_gaps (
+    audit_id bigint PRIMARY KEY,
+    seen_at  timestamptz NOT NULL DEFAULT now(),
+    horizon  xid8 NOT NULL DEFAULT pg_snapshot_xmax(pg_current_snapshot())
+);
+
+-- rows still waiting for a seal below the highest sealed id become gaps; those above it
+-- are found by the sealer's scan
+INSERT INTO animus.audit_gaps (audit_id)
+SELECT u.audit_id FROM animus.audit_unsealed u
+ WHERE u.audit_id < (SELECT max(audit_id) FROM animus.audit_seal);
+
+-- The writers of audit rows, without the marker (otherwise unchanged).
+
+CREATE OR REPLACE FUNCTION animus.work_items_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    bad record;
+BEGIN
+    SELECT id, state INTO bad FROM new_rows
+     WHERE state NOT IN ('created', 'queued', 'merged', 'awaiting_approval', 'dead') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'illegal transition for work item %: a new item cannot start in state %',
+            bad.id, bad.state
+            USING ERRCODE = 'ANI01',
+                  HINT = 'new items start as created, then queued, merged, awaiting_approval or dead';
+    END IF;
+
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT n.id,
+           CASE n.state WHEN 'merged' THEN 'merged' ELSE 'submitted' END,
+           NULL, n.state,
+           jsonb_strip_nulls(jsonb_build_object(
+               'source', n.source, 'trigger', n.trigger, 'actor', animus.actor())),
+           jsonb_strip_nulls(jsonb_build_object(
+               'work_type', n.work_type, 'dedup_key', n.dedup_key, 'params', n.params,
+               'priority', n.priority, 'queue', n.queue, 'parent_id', n.parent_id,
+               'merged_into', n.merged_into, 'replay_of', n.replay_of,
+               'max_attempts', n.max_attempts, 'reason', n.reason))
+      FROM new_rows n ORDER BY n.created_at, n.id;
+
+    PERFORM pg_notify('animus_work', json_build_object(
+                'queue', q.queue, 'work_types', q.types)::text)
+       FROM (SELECT queue, array_agg(DISTINCT work_type ORDER BY work_type) AS types
+               FROM new_rows WHERE state = 'queued' GROUP BY queue) q;
+    RETURN NULL;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION animus.decide(p_work_id uuid, p_decision text, p_reason text)
+RETURNS SETOF animus.work_items
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    item animus.work_items;
+    v_role text;
+    v_quorum int;
+    v_approvers text[];
+    v_super bool;
+BEGIN
+    IF p_decision NOT IN ('approve', 'reject') THEN
+        RAISE EXCEPTION 'decision must be approve or reject, not %', p_decision
+            USING ERRCODE = 'ANI03';
+    END IF;
+    IF p_reason IS NULL OR btrim(p_reason) = '' THEN
+        RAISE EXCEPTION 'a decision needs a reason' USING ERRCODE = 'ANI03';
+    END IF;
+    SELECT * INTO item FROM animus.work_items WHERE id = p_work_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'work item % does not exist', p_work_id USING ERRCODE = 'ANI04';
+    END IF;
+    IF item.state <> 'awaiting_approval' THEN
+        RAISE EXCEPTION 'work item % is %: only items awaiting approval can be decided',
+            p_work_id, item.state USING ERRCODE = 'ANI01';
+    END IF;
+    IF item.requested_by = session_user THEN
+        RAISE EXCEPTION '% requested work item % and cannot % it: another person must',
+            session_user, p_work_id, p_decision USING ERRCODE = 'ANI03';
+    END IF;
+    v_role := 'animus_' || coalesce(item.gate->>'role', 'approver');
+    v_quorum := coalesce((item.gate->>'quorum')::int, 1);
+    SELECT rolsuper INTO v_super FROM pg_roles WHERE rolname = session_user;
+    IF NOT coalesce(v_super, false) THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
+            RAISE EXCEPTION 'role % does not exist: run animus roles setup', v_role
+                USING ERRCODE = 'ANI03';
+        END IF;
+        IF NOT pg_has_role(session_user, v_role, 'MEMBER') THEN
+            RAISE EXCEPTION '% may not decide work item %: the rule % requires role %',
+                session_user, p_work_id, coalesce(item.gate->>'rule', '?'), v_role
+                USING ERRCODE = 'ANI03';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM animus.approvals WHERE work_id = p_work_id
+                                                AND approver = session_user) THEN
+        RAISE EXCEPTION '% already decided work item %', session_user, p_work_id
+            USING ERRCODE = 'ANI03';
+    END IF;
+
+    INSERT INTO animus.approvals (work_id, approver, decision, reason)
+    VALUES (p_work_id, session_user, p_decision, p_reason);
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (p_work_id, CASE p_decision WHEN 'approve' THEN 'approval' ELSE 'rejection' END,
+            item.state, item.state,
+            jsonb_strip_nulls(jsonb_build_object('source', item.source, 'actor', animus.actor())),
+            jsonb_build_object('approver', session_user, 'decision', p_decision,
+                               'reason', p_reason, 'gate', item.gate));
+
+    IF p_decision = 'reject' THEN
+        RETURN QUERY UPDATE animus.work_items
+           SET state = 'dead', reason = 'rejected by ' || session_user || ': ' || p_reason,
+               resolved_at = now(), updated_at = now()
+         WHERE id = p_work_id RETURNING *;
+        RETURN;
+    END IF;
+    SELECT array_agg(approver ORDER BY at) INTO v_approvers FROM animus.approvals
+     WHERE work_id = p_work_id AND decision = 'approve';
+    IF cardinality(v_approvers) >= v_quorum THEN
+        PERFORM pgmq.send(item.queue, jsonb_build_object('id', item.id, 't', item.work_type,
+                                                         'p', item.priority));
+        PERFORM pg_notify('animus_work', json_build_object(
+                    'queue', item.queue, 'work_types', json_build_array(item.work_type))::text);
+        RETURN QUERY UPDATE animus.work_items
+           SET state = 'queued', updated_at = now(),
+               reason = 'approved by ' || array_to_string(v_approvers, ', ')
+         WHERE id = p_work_id RETURNING *;
+        RETURN;
+    END IF;
+    RETURN QUERY UPDATE animus.work_items
+       SET reason = format('approved by %s of %s needed', cardinality(v_approvers), v_quorum),
+           updated_at = now()
+     WHERE id = p_work_id RETURNING *;
+END
+$$;
+
+DROP TABLE animus.audit_unsealed;
