@@ -41,7 +41,7 @@ from animus_core.errors import (
 from animus_core.records import ExecutionRecord
 from animus_core.rules import RuleSet
 from animus_core.states import State, require_transition
-from animus_core.telemetry import instruments
+from animus_core.telemetry import current_traceparent, instruments
 from animus_core.work import (
     Claimed,
     Created,
@@ -257,7 +257,8 @@ class Db:
         rule's reason and a gated one waits in ``awaiting_approval``."""
         if not items:
             return []
-        payload = [i.to_json() for i in items]
+        traceparent = current_traceparent()  # one trace context for the whole batch
+        payload = [i.entry(traceparent) for i in items]
         for entry in payload:
             self._apply_rules(entry)
         return await self._submit(payload, queue)

@@ -268,6 +268,10 @@ class NewWorkItem:
 
     def to_json(self) -> dict[str, Any]:
         """The submission as the database's ``animus.submit`` reads it."""
+        return self.entry(current_traceparent())
+
+    def entry(self, traceparent: str | None) -> dict[str, Any]:
+        """:meth:`to_json` with the trace context given (a batch looks it up once)."""
         return {
             "work_type": self.work_type,
             "dedup_key": self._dedup_key,
@@ -278,7 +282,7 @@ class NewWorkItem:
             "parent_id": str(self._parent_id) if self._parent_id else None,
             "replay_of": str(self._replay_of) if self._replay_of else None,
             "max_attempts": self._max_attempts,
-            "traceparent": current_traceparent(),
+            "traceparent": traceparent,
         }
 
     def __repr__(self) -> str:

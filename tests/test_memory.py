@@ -239,6 +239,7 @@ async def test_hnsw_recall_and_a_selective_filter(db: Db, db_url: str, memory: M
         # The control: without iterative scan, the same plan finds (almost) nothing.
         async with conn.transaction():
             await conn.execute("SET LOCAL hnsw.iterative_scan = off")
+            await conn.execute("SET LOCAL enable_seqscan = off")  # the HNSW plan, always
             plain = await conn.fetch(
                 """SELECT id FROM animus.memories WHERE metadata @> '{"shard": 7}'
                     ORDER BY embedding <=> $1 LIMIT 10""", data.query(0))

@@ -4,6 +4,7 @@ extensions they rely on recorded with how they were installed."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -108,3 +109,46 @@ async def test_cli_db_status_and_migrate(animus):
     proc = animus("db", "migrate")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "up to date"
+
+
+async def test_upgrading_to_0009_keeps_roles_and_seals_what_was_waiting(empty_db_url):
+    """A database made by migrations 0001-0008, with submit made a definer function (as
+    `animus roles setup` does) and an audit row whose marker waits below the sealed range
+    (it committed after a later row was sealed), upgrades in place: submit stays a definer
+    function, and the new sealer seals the waiting row."""
+    from animus_core import audit
+    from animus_core.migrations import apply
+
+    files = load()
+    async with raw(empty_db_url) as conn:
+        await apply(conn, [m for m in files if m.version < 9])
+        await conn.execute("SELECT animus.create_queue('work')")
+        await conn.execute("ALTER FUNCTION animus.submit(text, jsonb) SECURITY DEFINER")
+        await conn.execute("ALTER FUNCTION animus.submit(text, jsonb) "
+                           "SET search_path = pg_catalog, pg_temp")
+        await conn.execute("SELECT animus.submit('work', $1::text::jsonb)",
+                           json.dumps([{"work_type": "old", "source": "t"}] * 2))
+        # the old sealer sealed the second row while the first still waited
+        rows = await conn.fetch(
+            f"SELECT {audit._HASHED_COLUMNS} FROM animus.audit_log a ORDER BY a.id")
+        first, second = rows
+        digest = audit.row_hash(audit.GENESIS, second)
+        await conn.execute("INSERT INTO animus.audit_seal (seq, audit_id, prev_hash, hash) "
+                           "VALUES (1, $1, $2, $3)", second["id"], audit.GENESIS, digest)
+        await conn.execute("DELETE FROM animus.audit_unsealed WHERE audit_id = $1", second["id"])
+
+        applied = await apply(conn, files)
+        assert [m.version for m in applied] == [m.version for m in files if m.version >= 9]
+        definer, config = await conn.fetchrow(
+            "SELECT prosecdef, proconfig FROM pg_proc "
+            "WHERE oid = 'animus.submit(text, jsonb)'::regprocedure")
+        assert definer
+        assert config == ["search_path=pg_catalog, pg_temp"]
+        assert await conn.fetchval("SELECT to_regclass('animus.audit_unsealed')") is None
+        assert await conn.fetchval("SELECT array_agg(audit_id) FROM animus.audit_gaps") == [
+            first["id"]]
+        assert await audit.seal(conn) == 1
+        check = await audit.verify(conn)
+    assert check.ok, check.problem
+    assert check.checked == 2
+    assert check.unsealed == 0

@@ -31,23 +31,25 @@ BEGIN
                'error', CASE WHEN n.state IN ('failed', 'dead') THEN n.outcome_error END,
                'outcome', CASE WHEN n.state = 'completed' THEN n.outcome_data END,
                'duration_ms', CASE WHEN n.state IN ('completed', 'failed') THEN n.duration_ms END))
-      FROM new_rows n JOIN old_rows o USING (id)
+      FROM (SELECT n.*, o.state AS old_state, o.attempts AS old_attempts,
+                   o.state = 'queued' AND n.state = 'running'
+                   AND (n.msg_id, n.lease) IS DISTINCT FROM (o.msg_id, o.lease) AS claim_and_start
+              FROM new_rows n JOIN old_rows o USING (id)
+             WHERE o.state IS DISTINCT FROM n.state) n
+     CROSS JOIN (VALUES (1), (2)) AS step(n)
      CROSS JOIN LATERAL (
-         SELECT o.state = 'queued' AND n.state = 'running'
-                AND (n.msg_id, n.lease) IS DISTINCT FROM (o.msg_id, o.lease) AS claim_and_start) c
-     CROSS JOIN LATERAL (
-         SELECT 1 AS step, o.state AS from_state,
-                CASE WHEN c.claim_and_start THEN 'claimed' ELSE n.state END
+         SELECT CASE WHEN step.n = 1 THEN n.old_state ELSE 'claimed' END
+                    ::animus.work_state AS from_state,
+                CASE WHEN step.n = 1 AND n.claim_and_start THEN 'claimed' ELSE n.state END
                     ::animus.work_state AS to_state,
-                CASE WHEN c.claim_and_start THEN o.attempts ELSE n.attempts END AS attempts
-         UNION ALL
-         SELECT 2, 'claimed', n.state, n.attempts WHERE c.claim_and_start) s
+                CASE WHEN step.n = 1 AND n.claim_and_start THEN n.old_attempts
+                     ELSE n.attempts END AS attempts) s
       LEFT JOIN animus.transitions t
         ON t.from_state = s.from_state AND t.to_state = s.to_state
-     WHERE o.state IS DISTINCT FROM n.state
+     WHERE (step.n = 1 OR n.claim_and_start)
        AND (t.from_state IS NOT NULL
             OR animus.refuse_transition(n.id, s.from_state, s.to_state))
-     ORDER BY n.id, s.step;
+     ORDER BY n.id, step.n;
     RETURN NULL;
 END
 $$;
@@ -281,3 +283,143 @@ END
 $$;
 
 DROP TABLE animus.audit_unsealed;
+
+-- ---------------------------------------------------------------------------------------
+-- Submit without a temporary table: every item goes in one INSERT; only items whose dedup
+-- key is live already (left out by ON CONFLICT) are taken one at a time, to merge them or,
+-- if the live item finished meanwhile, to insert them after all. Same results, same order.
+-- `animus roles setup` makes submit a SECURITY DEFINER function: replacing it keeps that.
+-- ---------------------------------------------------------------------------------------
+
+SELECT set_config('animus.submit_was_definer', prosecdef::text, true)
+  FROM pg_proc WHERE oid = 'animus.submit(text, jsonb)'::regprocedure;
+
+CREATE OR REPLACE FUNCTION animus.submit(p_queue text, p_items jsonb)
+RETURNS SETOF animus.work_items
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_id uuid;
+    v_canonical uuid;
+    v_rows animus.work_items[];
+    v_ords bigint[];
+    v_missing bigint[];
+    v_row animus.work_items;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
+        RAISE EXCEPTION 'queue "%" does not exist', p_queue
+            USING ERRCODE = 'ANI04', HINT = 'create it with Db.create_queue or animus db migrate';
+    END IF;
+    -- Rules may start an item awaiting approval or dead (denied); nothing else.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_items) AS e(j)
+                WHERE coalesce(e.j->>'state', 'queued')
+                      NOT IN ('queued', 'awaiting_approval', 'dead')) THEN
+        RAISE EXCEPTION 'a submitted item can start queued, awaiting_approval or dead'
+            USING ERRCODE = 'ANI01';
+    END IF;
+
+    WITH input AS MATERIALIZED (
+        SELECT e.ord, animus.new_id() AS id, x.work_type, x.dedup_key,
+               coalesce(x.params, '{}') AS params, x.source, x.trigger,
+               coalesce(x.priority, 0) AS priority, x.parent_id, x.replay_of,
+               coalesce(x.max_attempts, 3) AS max_attempts, x.traceparent,
+               coalesce(x.state, 'queued')::animus.work_state AS state,
+               coalesce(x.reason, 'submitted') AS reason, x.gate
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
+               jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
+                                         source text, trigger text, priority int,
+                                         parent_id uuid, replay_of uuid, max_attempts int,
+                                         traceparent text, state text, reason text, gate jsonb)
+    ), ins AS (
+        INSERT INTO animus.work_items AS w
+               (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
+                queue, parent_id, replay_of, max_attempts, traceparent, gate, resolved_at)
+        SELECT i.id, i.work_type, i.dedup_key, i.params, i.source, i.trigger, i.priority,
+               i.state, i.reason, p_queue, i.parent_id, i.replay_of, i.max_attempts,
+               i.traceparent, i.gate, CASE WHEN i.state = 'dead' THEN now() END
+          FROM input i ORDER BY i.ord
+        ON CONFLICT (work_type, dedup_key)
+           WHERE dedup_key IS NOT NULL
+             AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+        DO NOTHING
+        RETURNING w.*
+    )
+    SELECT array_agg(ROW(ins.*)::animus.work_items ORDER BY i.ord)
+               FILTER (WHERE ins.id IS NOT NULL),
+           array_agg(i.ord ORDER BY i.ord) FILTER (WHERE ins.id IS NOT NULL),
+           array_agg(i.ord ORDER BY i.ord) FILTER (WHERE ins.id IS NULL)
+      INTO v_rows, v_ords, v_missing
+      FROM input i LEFT JOIN ins ON ins.id = i.id;
+
+    FOR r IN
+        SELECT e.ord, x.work_type, x.dedup_key, coalesce(x.params, '{}') AS params, x.source,
+               x.trigger, coalesce(x.priority, 0) AS priority, x.parent_id, x.replay_of,
+               coalesce(x.max_attempts, 3) AS max_attempts, x.traceparent,
+               coalesce(x.state, 'queued')::animus.work_state AS state,
+               coalesce(x.reason, 'submitted') AS reason, x.gate
+          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
+               jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
+                                         source text, trigger text, priority int,
+                                         parent_id uuid, replay_of uuid, max_attempts int,
+                                         traceparent text, state text, reason text, gate jsonb)
+         WHERE e.ord = ANY (v_missing)
+         ORDER BY e.ord
+    LOOP
+        LOOP
+            SELECT w.id INTO v_canonical FROM animus.work_items w
+             WHERE w.work_type = r.work_type AND w.dedup_key = r.dedup_key
+               AND w.state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+             FOR SHARE;
+            IF FOUND THEN
+                INSERT INTO animus.work_items
+                       (work_type, dedup_key, params, source, trigger, priority, state,
+                        reason, queue, parent_id, replay_of, max_attempts, merged_into,
+                        resolved_at, traceparent)
+                VALUES (r.work_type, r.dedup_key, r.params, r.source, r.trigger,
+                        r.priority, 'merged', 'duplicate of ' || v_canonical, p_queue,
+                        r.parent_id, r.replay_of, r.max_attempts, v_canonical, now(),
+                        r.traceparent)
+                RETURNING * INTO v_row;
+                EXIT;
+            END IF;
+            INSERT INTO animus.work_items AS w
+                   (work_type, dedup_key, params, source, trigger, priority, state, reason,
+                    queue, parent_id, replay_of, max_attempts, traceparent, gate)
+            VALUES (r.work_type, r.dedup_key, r.params, r.source, r.trigger, r.priority,
+                    r.state, r.reason, p_queue, r.parent_id, r.replay_of, r.max_attempts,
+                    r.traceparent, r.gate)
+            ON CONFLICT (work_type, dedup_key)
+               WHERE dedup_key IS NOT NULL
+                 AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+            DO NOTHING
+            RETURNING * INTO v_row;
+            EXIT WHEN FOUND;
+        END LOOP;
+        v_rows := v_rows || v_row;
+        v_ords := v_ords || r.ord;
+    END LOOP;
+
+    IF v_missing IS NOT NULL THEN  -- back to input order
+        SELECT array_agg(v_rows[g.i] ORDER BY v_ords[g.i]) INTO v_rows
+          FROM generate_subscripts(v_rows, 1) AS g(i);
+    END IF;
+
+    PERFORM pgmq.send_batch(p_queue, m.msgs)
+       FROM (SELECT array_agg(jsonb_build_object('id', w.id, 't', w.work_type, 'p', w.priority)
+                              ORDER BY w.ordinality) AS msgs
+               FROM unnest(v_rows) WITH ORDINALITY AS w
+              WHERE w.state = 'queued') m
+      WHERE m.msgs IS NOT NULL;
+
+    RETURN QUERY SELECT * FROM unnest(v_rows);
+END
+$$;
+
+DO $$
+BEGIN
+    IF current_setting('animus.submit_was_definer', true) = 'true' THEN
+        ALTER FUNCTION animus.submit(text, jsonb) SECURITY DEFINER;
+        ALTER FUNCTION animus.submit(text, jsonb) SET search_path = pg_catalog, pg_temp;
+    END IF;
+END
+$$;
