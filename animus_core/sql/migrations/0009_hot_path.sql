@@ -291,6 +291,23 @@ DROP TABLE animus.audit_unsealed;
 -- `animus roles setup` makes submit a SECURITY DEFINER function: replacing it keeps that.
 -- ---------------------------------------------------------------------------------------
 
+-- The items of a submission as rows, defaults applied, in input order (ord).
+CREATE FUNCTION animus.submission_items(p_items jsonb)
+RETURNS TABLE (ord bigint, work_type text, dedup_key text, params jsonb, source text,
+               trigger text, priority int, parent_id uuid, replay_of uuid, max_attempts int,
+               traceparent text, state animus.work_state, reason text, gate jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT e.ord, x.work_type, x.dedup_key, coalesce(x.params, '{}'), x.source, x.trigger,
+           coalesce(x.priority, 0), x.parent_id, x.replay_of, coalesce(x.max_attempts, 3),
+           x.traceparent, coalesce(x.state, 'queued')::animus.work_state,
+           coalesce(x.reason, 'submitted'), x.gate
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
+           jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
+                                     source text, trigger text, priority int,
+                                     parent_id uuid, replay_of uuid, max_attempts int,
+                                     traceparent text, state text, reason text, gate jsonb)
+$$;
+
 SELECT set_config('animus.submit_was_definer', prosecdef::text, true)
   FROM pg_proc WHERE oid = 'animus.submit(text, jsonb)'::regprocedure;
 
@@ -319,17 +336,7 @@ BEGIN
     END IF;
 
     WITH input AS MATERIALIZED (
-        SELECT e.ord, animus.new_id() AS id, x.work_type, x.dedup_key,
-               coalesce(x.params, '{}') AS params, x.source, x.trigger,
-               coalesce(x.priority, 0) AS priority, x.parent_id, x.replay_of,
-               coalesce(x.max_attempts, 3) AS max_attempts, x.traceparent,
-               coalesce(x.state, 'queued')::animus.work_state AS state,
-               coalesce(x.reason, 'submitted') AS reason, x.gate
-          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
-               jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
-                                         source text, trigger text, priority int,
-                                         parent_id uuid, replay_of uuid, max_attempts int,
-                                         traceparent text, state text, reason text, gate jsonb)
+        SELECT animus.new_id() AS id, x.* FROM animus.submission_items(p_items) AS x
     ), ins AS (
         INSERT INTO animus.work_items AS w
                (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
@@ -352,18 +359,9 @@ BEGIN
       FROM input i LEFT JOIN ins ON ins.id = i.id;
 
     FOR r IN
-        SELECT e.ord, x.work_type, x.dedup_key, coalesce(x.params, '{}') AS params, x.source,
-               x.trigger, coalesce(x.priority, 0) AS priority, x.parent_id, x.replay_of,
-               coalesce(x.max_attempts, 3) AS max_attempts, x.traceparent,
-               coalesce(x.state, 'queued')::animus.work_state AS state,
-               coalesce(x.reason, 'submitted') AS reason, x.gate
-          FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
-               jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
-                                         source text, trigger text, priority int,
-                                         parent_id uuid, replay_of uuid, max_attempts int,
-                                         traceparent text, state text, reason text, gate jsonb)
-         WHERE e.ord = ANY (v_missing)
-         ORDER BY e.ord
+        SELECT * FROM animus.submission_items(p_items) AS x
+         WHERE x.ord = ANY (v_missing)
+         ORDER BY x.ord
     LOOP
         LOOP
             SELECT w.id INTO v_canonical FROM animus.work_items w
