@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from array import array
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -24,6 +25,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 import pluggy
+from pgvector import Vector
 
 from animus_core.config import Settings
 from animus_core.db import Db, _errors, _uuid
@@ -112,18 +114,21 @@ def _check_memory_type(memory_type: object, where: str) -> str:
 
 
 def _check_vector(vec: Sequence[float], dimension: int, embedder: str, where: str) -> list[float]:
+    """``vec`` as the float32 values Postgres stores, or a clear error."""
     try:
-        if isinstance(vec, str | bytes | Mapping) or any(isinstance(x, str | bytes) for x in vec):
+        if isinstance(vec, str | bytes | bytearray | memoryview | Mapping):
             raise TypeError
-        out = [float(x) for x in vec]
+        values = array("f", vec)  # numbers only, checked in C; float32 like the column
     except (TypeError, ValueError):
         raise InvalidInput(f"{where}: embedding must be a sequence of numbers") from None
-    if len(out) != dimension:
-        raise InvalidInput(f"{where}: embedding has {len(out)} dimensions; memories use "
+    if len(values) != dimension:
+        raise InvalidInput(f"{where}: embedding has {len(values)} dimensions; memories use "
                            f"{dimension} ({embedder})")
-    if not all(math.isfinite(x) for x in out):
-        raise InvalidInput(f"{where}: embedding contains NaN or infinity")
-    return out
+    # NaN and infinities propagate through the sum; float32 values cannot overflow a double
+    if not math.isfinite(sum(values)):
+        raise InvalidInput(f"{where}: embedding contains NaN or infinity (or a value beyond "
+                           "the float32 range)")
+    return values.tolist()
 
 
 def _check_metadata(metadata: object, where: str) -> dict[str, Any]:
@@ -234,7 +239,8 @@ class Memory:
         [mid] = await self.store_many([NewMemory(
             content=content, memory_type=memory_type, source=source,
             metadata=_check_metadata(metadata, "memory 0: metadata") if metadata is not None else {},
-            embedding=list(embedding) if embedding is not None else None)])
+            embedding=None if embedding is None else _check_vector(
+                embedding, self.embedder.dimension, self.embedder.name, "memory 0"))])
         return await self.get(mid)
 
     async def store_many(self, items: Sequence[NewMemory]) -> list[UUID]:
@@ -242,6 +248,7 @@ class Memory:
         dim, name = self.embedder.dimension, self.embedder.name
         rows: list[tuple[Any, ...]] = []
         missing = []
+        vectors: dict[int, list[float]] = {}
         for i, m in enumerate(items):
             where = f"memory {i}"
             _check_content(m.content, where)
@@ -250,23 +257,21 @@ class Memory:
             if m.embedding is None:
                 missing.append(i)
             else:
-                _check_vector(m.embedding, dim, name, where)
-        vectors: dict[int, list[float]] = {}
+                vectors[i] = _check_vector(m.embedding, dim, name, where)
         if missing:
             embedded = await self.embedder.embed([items[i].content for i in missing])
             for i, vec in zip(missing, embedded, strict=True):
                 vectors[i] = _check_vector(vec, dim, name, f"memory {i} (from {name})")
         for i, m in enumerate(items):
-            vec = vectors.get(i) or [float(x) for x in m.embedding or ()]
             rows.append((m.content, m.memory_type, m.source or self.default_source,
-                         m.metadata, _vector_text(vec), name, m.work_id or self.work_id))
+                         m.metadata, Vector(vectors[i]), name, m.work_id or self.work_id))
         async with self._connection() as conn:
             result = await conn.fetch(
                 """INSERT INTO animus.memories
                        (content, memory_type, source, metadata, embedding, embedder, work_id)
-                   SELECT c, t, s, md, e::vector, em, w
+                   SELECT c, t, s, md, e, em, w
                      FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[],
-                                 $5::text[], $6::text[], $7::uuid[]) AS x(c, t, s, md, e, em, w)
+                                 $5::vector[], $6::text[], $7::uuid[]) AS x(c, t, s, md, e, em, w)
                    RETURNING id""",
                 [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                 [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
@@ -446,13 +451,12 @@ class Memory:
                         ORDER BY id LIMIT $1""", batch)
                 if not rows:
                     break
-                vectors = await target.embed([r["content"] for r in rows])
-                for vec in vectors:
-                    _check_vector(vec, target.dimension, target.name, "re-embed")
+                vectors = [Vector(_check_vector(vec, target.dimension, target.name, "re-embed"))
+                           for vec in await target.embed([r["content"] for r in rows])]
                 await conn.execute(
-                    """UPDATE animus.memories m SET embedding_next = x.v::vector, embedder = $3
-                         FROM unnest($1::uuid[], $2::text[]) AS x(id, v) WHERE m.id = x.id""",
-                    [r["id"] for r in rows], [_vector_text(v) for v in vectors], target.name)
+                    """UPDATE animus.memories m SET embedding_next = x.v, embedder = $3
+                         FROM unnest($1::uuid[], $2::vector[]) AS x(id, v) WHERE m.id = x.id""",
+                    [r["id"] for r in rows], vectors, target.name)
                 done += len(rows)
                 if progress:
                     left = await conn.fetchval(
@@ -477,10 +481,6 @@ class Memory:
         await self.db.pool.expire_connections()
         self.embedder = target
         return done
-
-
-def _vector_text(vec: Sequence[float]) -> str:
-    return "[" + ",".join(map(repr, vec)) + "]"
 
 
 def _cols(alias: str) -> str:
