@@ -23,9 +23,10 @@ import asyncpg
 import pytest
 
 from animus_core import ConfigError, Db, Faculty, Focus, InvalidInput, NewWorkItem, State
+from animus_core import memory as memory_module
 from animus_core.config import Settings
 from animus_core.embedders import Embedder, HashingEmbedder, OpenAIEmbedder, VoyageEmbedder
-from animus_core.errors import EmbedderError
+from animus_core.errors import DatabaseError, EmbedderError
 from animus_core.memory import Memory, NewMemory, select_embedder
 from animus_core.plugins import make_plugin_manager
 from tests.embedding_server import (
@@ -864,3 +865,53 @@ async def test_cli_uses_the_configured_http_embedder(animus: Any, plain_env: dic
     assert proc.returncode == 2
     assert "animus memory reembed" in one_error_line(proc.stderr)
     assert await rows(db_url) == 1
+
+
+# -- bulk insert: the HNSW index built after the rows ---------------------------------------------
+
+
+async def _embedding_index(db_url: str) -> tuple[int, str] | None:
+    async with raw(db_url) as conn:
+        row = await conn.fetchrow(
+            """SELECT c.oid::int AS oid, pg_get_indexdef(c.oid) AS definition FROM pg_class c
+                WHERE c.oid = to_regclass('animus.memories_embedding')""")
+    return None if row is None else (row["oid"], row["definition"])
+
+
+async def test_a_batch_larger_than_the_table_builds_the_index_after_it(
+        memory: Memory, db: Db, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_module, "BULK_MIN", 50)
+    data = Clustered(n=100, dim=DIM, clusters=5)
+    before = await _embedding_index(db_url)
+    assert before is not None
+    ids = await memory.store_many(data.items)
+    rebuilt = await _embedding_index(db_url)
+    assert rebuilt is not None
+    assert rebuilt[0] != before[0]  # built again ...
+    assert rebuilt[1].replace(str(rebuilt[0]), "") == before[1].replace(str(before[0]), "")
+    assert len(ids) == len(set(ids)) == 100
+    assert await rows(db_url) == 100
+    async with db.connection() as conn:  # ... and usable (a table this small is scanned)
+        await conn.execute("SET enable_seqscan = off")
+        spy = Explaining(conn)
+        found = await memory.bound(spy).search(embedding=data.query(1), mode="vector", k=5)
+        await conn.execute("RESET enable_seqscan")
+    assert len(found) == 5
+    assert any("Index Scan using memories_embedding" in p for p in spy.plans), spy.plans
+
+    # smaller than the table: rows go into the index as usual
+    await memory.store_many(Clustered(n=60, dim=DIM, clusters=5).items)
+    assert await _embedding_index(db_url) == rebuilt
+    assert await rows(db_url) == 160
+
+
+async def test_a_failed_bulk_insert_leaves_the_index_and_the_table_as_they_were(
+        memory: Memory, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_module, "BULK_MIN", 50)
+    monkeypatch.setattr(memory_module, "_INSERT", memory_module._INSERT.replace(
+        "SELECT c, t, s, md, e, em, w", "SELECT c, t, s, md, e, em, w / 0"))
+    before = await _embedding_index(db_url)
+    with pytest.raises(DatabaseError):
+        await memory.store_many(Clustered(n=100, dim=DIM, clusters=5).items)
+    assert await _embedding_index(db_url) == before
+    assert await rows(db_url) == 0
