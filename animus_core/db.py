@@ -296,7 +296,7 @@ class Db:
 
     async def _submit(self, payload: list[dict[str, Any]], queue: str) -> list[SubmitResult]:
         _check_queue(queue)
-        async with self.connection() as conn, conn.transaction():
+        async with self.connection() as conn:  # one statement: atomic on its own
             rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
         out: list[SubmitResult] = []
         merged = sum(1 for r in rows if r["merged_into"] is not None)
@@ -521,9 +521,13 @@ class Db:
                 await conn.execute(sql, *args)
                 await _copy_executions(conn, executions)
             return
-        async with self.connection() as c, c.transaction():
-            await c.execute(sql, *args)
-            await _copy_executions(c, executions)
+        async with self.connection() as c:
+            if not executions:  # one statement: atomic without BEGIN and COMMIT round trips
+                await c.execute(sql, *args)
+                return
+            async with c.transaction():
+                await c.execute(sql, *args)
+                await _copy_executions(c, executions)
 
     async def record_executions(self, executions: Sequence[ExecutionRecord]) -> None:
         """Append execution records (see :mod:`animus_core.records`)."""
