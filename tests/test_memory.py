@@ -40,6 +40,7 @@ from tests.embedding_server import (
     WrongDimension,
 )
 from tests.engine_helpers import run_engine, wait_finished, write_toml_faculty
+from tests.governance_helpers import people as team
 from tests.support import one_error_line, raw
 
 DIM = 64
@@ -915,3 +916,18 @@ async def test_a_failed_bulk_insert_leaves_the_index_and_the_table_as_they_were(
         await memory.store_many(Clustered(n=100, dim=DIM, clusters=5).items)
     assert await _embedding_index(db_url) == before
     assert await rows(db_url) == 0
+
+
+async def test_an_operator_bulk_insert_goes_into_the_index_row_by_row(
+        memory: Memory, db_url: str, server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebuilding the index takes the table's owner: an engine running as animus_operator
+    stores a large batch all the same, through the index as usual."""
+    monkeypatch.setattr(memory_module, "BULK_MIN", 50)
+    before = await _embedding_index(db_url)
+    async with team(db_url, server_url, [("otto", "operator")]) as people:
+        otto = await people.db("otto")
+        ids = await Memory(otto, memory.embedder).store_many(
+            Clustered(n=100, dim=DIM, clusters=5).items)
+    assert len(ids) == 100
+    assert await rows(db_url) == 100
+    assert await _embedding_index(db_url) == before  # untouched
