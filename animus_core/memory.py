@@ -250,7 +250,6 @@ class Memory:
         is stored with the HNSW index built again afterwards (in the same transaction):
         several times faster than adding each row to the index."""
         dim, name = self.embedder.dimension, self.embedder.name
-        rows: list[tuple[Any, ...]] = []
         missing = []
         vectors: dict[int, list[float]] = {}
         for i, m in enumerate(items):
@@ -266,11 +265,12 @@ class Memory:
             embedded = await self.embedder.embed([items[i].content for i in missing])
             for i, vec in zip(missing, embedded, strict=True):
                 vectors[i] = _check_vector(vec, dim, name, f"memory {i} (from {name})")
-        for i, m in enumerate(items):
-            rows.append((m.content, m.memory_type, m.source or self.default_source,
-                         m.metadata, Vector(vectors[i]), name, m.work_id or self.work_id))
-        columns = [[r[i] for r in rows] for i in range(7)]
-        if self._scope is None and self._conn is None and len(rows) >= BULK_MIN:
+        columns: list[list[Any]] = [  # in the order of _INSERT's parameters
+            [m.content for m in items], [m.memory_type for m in items],
+            [m.source or self.default_source for m in items], [m.metadata for m in items],
+            [Vector(vectors[i]) for i in range(len(items))], [name] * len(items),
+            [m.work_id or self.work_id for m in items]]
+        if self._scope is None and self._conn is None and len(items) >= BULK_MIN:
             async with self.db.connection() as conn, conn.transaction():
                 with _errors():
                     return await _bulk_insert(conn, columns)

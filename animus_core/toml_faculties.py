@@ -358,9 +358,7 @@ class CommandFaculty(Faculty):
                             redactor.text(stdout[-STDERR_TAIL:].decode(errors="replace")))
         code = proc.returncode or 0
         if code != 0:
-            # Postgres text cannot hold NUL: shown as U+FFFD, like undecodable bytes
-            tail = stderr[-STDERR_TAIL:].decode(errors="replace").replace("\x00", "\ufffd")
-            tail = tail.strip()
+            tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()
             status = (f"was killed by signal {-code}" if code < 0
                       else f"exited with status {code}")
             raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))
