@@ -1,4 +1,4 @@
--- The hot path of work: claim, complete, seal and execution records.
+-- The hot path of work: claim, submit, audit sealing and execution records.
 --
 -- A claim that starts its focus at once moves queued -> running in one UPDATE, and the audit
 -- trigger records it as the two legal steps it is (queued -> claimed, claimed -> running),
@@ -36,20 +36,20 @@ BEGIN
                    AND (n.msg_id, n.lease) IS DISTINCT FROM (o.msg_id, o.lease) AS claim_and_start
               FROM new_rows n JOIN old_rows o USING (id)
              WHERE o.state IS DISTINCT FROM n.state) n
-     CROSS JOIN (VALUES (1), (2)) AS step(n)
+     CROSS JOIN (VALUES (1), (2)) AS steps(step)  -- a claim-and-start is two steps
      CROSS JOIN LATERAL (
-         SELECT CASE WHEN step.n = 1 THEN n.old_state ELSE 'claimed' END
+         SELECT CASE WHEN steps.step = 1 THEN n.old_state ELSE 'claimed' END
                     ::animus.work_state AS from_state,
-                CASE WHEN step.n = 1 AND n.claim_and_start THEN 'claimed' ELSE n.state END
+                CASE WHEN steps.step = 1 AND n.claim_and_start THEN 'claimed' ELSE n.state END
                     ::animus.work_state AS to_state,
-                CASE WHEN step.n = 1 AND n.claim_and_start THEN n.old_attempts
+                CASE WHEN steps.step = 1 AND n.claim_and_start THEN n.old_attempts
                      ELSE n.attempts END AS attempts) s
       LEFT JOIN animus.transitions t
         ON t.from_state = s.from_state AND t.to_state = s.to_state
-     WHERE (step.n = 1 OR n.claim_and_start)
+     WHERE (steps.step = 1 OR n.claim_and_start)
        AND (t.from_state IS NOT NULL
             OR animus.refuse_transition(n.id, s.from_state, s.to_state))
-     ORDER BY n.id, step.n;
+     ORDER BY n.id, steps.step;
     RETURN NULL;
 END
 $$;
