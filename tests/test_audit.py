@@ -82,6 +82,23 @@ async def test_every_change_writes_an_audit_row(db, db_url):
     assert result.unsealed == 0
 
 
+async def test_audit_rows_keep_nulls_inside_params_and_outcomes(db):
+    """Absent top-level members are left out of an audit row, but params and outcomes are
+    recorded exactly as given, nulls nested in them included."""
+    params = {"a": None, "b": {"c": None, "d": [None, {"e": None}]}}
+    created = await db.submit_work(NewWorkItem("nulls", source="t").params(params))
+    [c] = await db.claim(start=True)
+    await db.complete(c.lease, {"x": None, "y": {"z": None}})
+    submitted, claimed, _, completed = await db.history(created.id)
+    assert submitted.payload["params"] == params
+    assert "dedup_key" not in submitted.payload  # no dedup key: absent, not null
+    assert "trigger" not in submitted.provenance
+    assert completed.payload["outcome"] == {"x": None, "y": {"z": None}}
+    assert "error" not in completed.payload and "reason" not in claimed.payload
+    assert await db.seal_audit() >= 4
+    assert (await db.verify_audit()).ok
+
+
 async def test_cancel_and_dead_letter_are_audited(db):
     a = await db.submit_work(NewWorkItem("t", source="s"))
     b = await db.submit_work(NewWorkItem("t", source="s"))

@@ -158,6 +158,64 @@ async def test_expired_claim_that_never_started_is_requeued_without_an_attempt(d
     assert (await db.get_work_item(created.id)).attempts == 1
 
 
+async def test_one_claim_takes_fresh_and_expired_items_and_drops_stray_messages(db, db_url):
+    """The claim takes plainly queued items first and does the bookkeeping for the other
+    messages of the same batch: an expired lease is retried in this very claim, a message
+    for an item that does not exist is archived."""
+    expired = await db.submit_work(NewWorkItem("lease", source="t"))
+    [old] = await db.claim(lease_seconds=1, start=True)
+    fresh = await db.submit_work(NewWorkItem("lease", source="t"))
+    async with raw(db_url) as conn:
+        await conn.execute(
+            """SELECT pgmq.send('work', jsonb_build_object('id', gen_random_uuid(),
+                                                          't', 'lease', 'p', 0))""")
+    await asyncio.sleep(1.2)
+
+    claimed = await db.claim(limit=10, lease_seconds=30, start=True)
+    assert {c.item.id: c.item.attempts for c in claimed} == {expired.id: 2, fresh.id: 1}
+    assert all(c.item.state == State.RUNNING for c in claimed)
+    again = next(c for c in claimed if c.item.id == expired.id)
+    assert again.lease.token != old.lease.token
+    history = [(e.from_state, e.to_state) for e in await db.history(expired.id)]
+    assert history[-4:] == [("running", "failed"), ("failed", "queued"),
+                            ("queued", "claimed"), ("claimed", "running")]
+    assert (await counts(db_url))["messages"] == 2  # the stray message is archived
+    await db.complete_many([(c.lease, None, 1) for c in claimed])
+    assert (await counts(db_url))["messages"] == 0
+
+
+async def test_queue_tables_rewrite_messages_in_place(db, db_url):
+    """A claim changes only the message's visibility: no index covers it, so the update is
+    a heap-only (HOT) rewrite; the queue keeps its priority index."""
+    async with raw(db_url) as conn:
+        indexes = {r[0] for r in await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'pgmq' AND tablename = 'q_work'")}
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'pgmq.q_work'::regclass")
+    assert indexes == {"q_work_pkey", "q_work_prio"}
+    assert "fillfactor=50" in options
+    await db.submit_many([NewWorkItem("hot", source="t") for _ in range(20)])
+    # counts not yet flushed to the statistics, read before and after within a transaction
+    counted = """SELECT pg_stat_get_xact_tuples_updated('pgmq.q_work'::regclass),
+                        pg_stat_get_xact_tuples_hot_updated('pgmq.q_work'::regclass)"""
+
+    async def updates(conn: Any, sql: str, *args: Any) -> tuple[list[Any], int, int]:
+        async with conn.transaction():
+            before = await conn.fetchrow(counted)
+            rows = await conn.fetch(sql, *args)
+            after = await conn.fetchrow(counted)
+        return rows, after[0] - before[0], after[1] - before[1]
+
+    async with raw(db_url) as conn:
+        claimed, updated, hot = await updates(
+            conn, "SELECT * FROM animus.claim('work', 20, 30, NULL, true)")
+        assert (len(claimed), updated, hot) == (20, 20, 20)
+        _, updated, hot = await updates(
+            conn, "SELECT count(*) FROM pgmq.set_vt('work', $1::bigint[], 60)",
+            [r["msg_id"] for r in claimed])
+        assert (updated, hot) == (20, 20)
+
+
 async def test_extended_lease_is_not_taken(db):
     await db.submit_work(NewWorkItem("lease", source="t"))
     [held] = await db.claim(lease_seconds=1, start=True)
