@@ -20,9 +20,12 @@ from uuid import UUID
 
 import msgspec
 
-from animus_core.canonical import canonical_json
+from animus_core.canonical import canonical_json, canonical_string, canonical_text
 
-__all__ = ["GENESIS", "UNSEALED_SQL", "AuditEvent", "Verification", "row_hash", "seal", "verify"]
+__all__ = [
+    "GENESIS", "UNSEALED_SQL", "AuditEvent", "Verification", "record_hash", "row_hash", "seal",
+    "verify",
+]
 
 GENESIS = b"\x00" * 32
 _SEAL_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('animus.audit_seal'))"
@@ -58,28 +61,48 @@ class Verification(msgspec.Struct, frozen=True, kw_only=True):
     problem: str | None = None
 
 
-# What the sealer and the verifier read of each row: work_id and at already as the text the
-# hash covers (Postgres formats them faster than Python decodes and re-formats them).
+# What the sealer and the verifier read of each row, in the order _hash takes it: work_id and
+# at already as the text the hash covers, provenance and payload as JSON text (Postgres
+# formats them faster than Python decodes and re-formats them).
 _HASHED_COLUMNS = """a.id, a.work_id::text AS work_id, a.event, a.from_state::text,
-    a.to_state::text, a.provenance, a.db_user,
-    to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') AS at, a.payload"""
+    a.to_state::text, a.provenance::text AS provenance, a.db_user,
+    to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') AS at,
+    a.payload::text AS payload"""
 
 
 def row_hash(prev: bytes, row: Any) -> bytes:
     """``sha256(prev || canonical(row))``; ``at`` as a datetime or its UTC ISO text
     (``2026-01-02T03:04:05.000006+00:00``), ``work_id`` as a UUID or its text."""
-    at: datetime | str = row["at"]
-    body = canonical_json({
-        "id": row["id"],
-        "work_id": str(row["work_id"]),
-        "event": row["event"],
-        "from_state": row["from_state"],
-        "to_state": row["to_state"],
-        "provenance": row["provenance"],
-        "db_user": row["db_user"],
-        "at": at if isinstance(at, str) else at.astimezone(UTC).isoformat(timespec="microseconds"),
-        "payload": row["payload"],
-    })
+    return _hash(prev, row["id"], row["work_id"], row["event"], row["from_state"],
+                 row["to_state"], canonical_json(row["provenance"]), row["db_user"], row["at"],
+                 canonical_json(row["payload"]))
+
+
+def record_hash(prev: bytes, record: Any) -> bytes:
+    """:func:`row_hash` of a row read as ``_HASHED_COLUMNS`` (JSON as text), in that order."""
+    id_, work_id, event, from_state, to_state, provenance, db_user, at, payload = record
+    return _hash(prev, id_, work_id, event, from_state, to_state, canonical_text(provenance),
+                 db_user, at, canonical_text(payload))
+
+
+def _hash(prev: bytes, id_: int, work_id: UUID | str, event: str, from_state: str | None,
+          to_state: str | None, provenance: str, db_user: str, at: datetime | str,
+          payload: str) -> bytes:
+    # canonical_json of the row as one object, written out with its keys in canonical order
+    # (provenance and payload arrive as canonical text)
+    body = "".join((
+        '{"at":', canonical_string(
+            at if isinstance(at, str) else at.astimezone(UTC).isoformat(timespec="microseconds")),
+        ',"db_user":', canonical_string(db_user),
+        ',"event":', canonical_string(event),
+        ',"from_state":', "null" if from_state is None else canonical_string(from_state),
+        ',"id":', str(id_) if abs(id_) < 2**53 else canonical_json(id_),
+        ',"payload":', payload,
+        ',"provenance":', provenance,
+        ',"to_state":', "null" if to_state is None else canonical_string(to_state),
+        ',"work_id":', canonical_string(str(work_id)),
+        "}",
+    ))
     return hashlib.sha256(prev + body.encode("utf-8")).digest()
 
 
@@ -144,7 +167,7 @@ def _chain(rows: list[Any], seq: int, prev: bytes) -> list[tuple[int, int, bytes
     records = []
     for row in rows:
         seq += 1
-        h = row_hash(prev, row)
+        h = record_hash(prev, row)
         records.append((seq, row["id"], prev, h))
         prev = h
     return records
@@ -169,7 +192,7 @@ async def verify(conn: Any, page: int = 20_000) -> Verification:
                     return _bad(checked, None, f"chain position {r['seq']} seals a missing row")
                 if bytes(r["prev_hash"]) != prev:
                     return _bad(checked, r["id"], f"{where} does not link to the row before it")
-                if row_hash(prev, r) != bytes(r["hash"]):
+                if record_hash(prev, r[3:]) != bytes(r["hash"]):
                     return _bad(checked, r["id"], f"{where} was changed after it was sealed")
                 prev, expected_seq, checked = bytes(r["hash"]), expected_seq + 1, checked + 1
             if len(rows) < page:

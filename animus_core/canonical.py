@@ -18,10 +18,15 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["canonical_hash", "canonical_json"]
+__all__ = ["canonical_hash", "canonical_json", "canonical_string", "canonical_text"]
 
 # json.dumps(s, ensure_ascii=False) without building an encoder per call
 _string = json.encoder.encode_basestring
+
+
+def canonical_string(s: str) -> str:
+    """The canonical text of the JSON string ``s`` (quoted, escaped as RFC 8785 says)."""
+    return _string(s)
 
 
 def _number(x: float) -> str:
@@ -133,6 +138,22 @@ def canonical_json(value: Any, *, nfc: bool = False) -> str:
         return fast
     out: list[str] = []
     _encode(value, nfc, out)
+    return "".join(out)
+
+
+def canonical_text(text: str) -> str:
+    """The RFC 8785 canonical text of the JSON document ``text`` (such as Postgres prints a
+    jsonb value); the same as ``canonical_json`` of the decoded value."""
+    try:
+        value = _fast_decode(text)
+    except _HasFloat:
+        return canonical_json(msgspec.json.decode(text))
+    # decoded JSON holds only JSON types, so no comparison is needed as in _fast
+    raw = _fast_encode(value)
+    if raw.isascii() and _SIXTEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+        return raw.decode("ascii")
+    out: list[str] = []
+    _encode(value, False, out)
     return "".join(out)
 
 

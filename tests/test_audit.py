@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
-from uuid import UUID
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from animus_core import Created, Db, IllegalTransition, Merged, NewWorkItem
-from animus_core.audit import UNSEALED_SQL
+from animus_core.audit import UNSEALED_SQL, record_hash, row_hash
+from animus_core.canonical import canonical_json
 from tests.support import raw
+from tests.test_canonical import json_objects
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=2**62), st.text(max_size=10),
+       st.none() | st.text(max_size=10), json_objects, json_objects,
+       st.datetimes(timezones=st.just(UTC)), st.binary(min_size=32, max_size=32))
+def test_a_row_hashes_as_the_canonical_json_of_the_whole_row(
+        audit_id: int, text: str, state: str | None, provenance: dict[str, Any],
+        payload: dict[str, Any], at: datetime, prev: bytes) -> None:
+    """The sealer writes each row's canonical text field by field, from the JSON text that
+    Postgres prints; that is exactly ``sha256(prev || canonical_json(row))``."""
+    row = {"id": audit_id, "work_id": uuid4(), "event": text, "from_state": state,
+           "to_state": text, "provenance": provenance, "db_user": text, "at": at,
+           "payload": payload}
+    iso = at.isoformat(timespec="microseconds")
+    expected = hashlib.sha256(prev + canonical_json({**row, "work_id": str(row["work_id"]),
+                                                     "at": iso}).encode()).digest()
+    as_read = (audit_id, str(row["work_id"]), text, state, text,
+               json.dumps(provenance, ensure_ascii=False), text, iso,
+               json.dumps(payload, ensure_ascii=False))
+    assert row_hash(prev, row) == expected
+    assert record_hash(prev, as_read) == expected
 
 
 async def _current_user(db_url: str) -> str:
@@ -94,7 +124,8 @@ async def test_audit_rows_keep_nulls_inside_params_and_outcomes(db):
     assert "dedup_key" not in submitted.payload  # no dedup key: absent, not null
     assert "trigger" not in submitted.provenance
     assert completed.payload["outcome"] == {"x": None, "y": {"z": None}}
-    assert "error" not in completed.payload and "reason" not in claimed.payload
+    assert "error" not in completed.payload
+    assert "reason" not in claimed.payload
     assert await db.seal_audit() >= 4
     assert (await db.verify_audit()).ok
 

@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from animus_core import canonical
-from animus_core.canonical import canonical_hash, canonical_json
+from animus_core.canonical import canonical_hash, canonical_json, canonical_text
 
 SAFE_INT = 2**53  # integers beyond +-2**53 are not exact as IEEE doubles (the RFC's numbers)
 
@@ -136,6 +136,24 @@ def test_values_at_the_edge_of_the_fast_path(value: Any) -> None:
 def test_values_that_are_not_json_are_refused_by_both_paths(value: Any) -> None:
     with pytest.raises((TypeError, ValueError)):
         canonical_json(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.booleans())
+def test_canonical_text_of_a_document_is_the_canonical_text_of_its_value(
+        value: Any, spaced: bool) -> None:
+    # spaced: as Postgres prints jsonb ({"a": 1, "b": [2, 3]}); otherwise compact
+    text = json.dumps(value, ensure_ascii=False,
+                      separators=(", ", ": ") if spaced else (",", ":"))
+    assert canonical_text(text) == exact(json.loads(text))
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": 1.0}', '{"a": 1e2}', '{"a": -0.0}', '{"a": 123456789012345678901}',
+    '{"b": 1, "a": [1, 2.5, "\\u00e9"]}', '"\\u0000\\u001f"', "[]", "null",
+])
+def test_canonical_text_at_the_edge_of_the_fast_path(text: str) -> None:
+    assert canonical_text(text) == canonical_json(json.loads(text))
 
 
 # -- numbers ------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ async def test_upgrading_to_0009_keeps_roles_and_seals_what_was_waiting(empty_db
         rows = await conn.fetch(
             f"SELECT {audit._HASHED_COLUMNS} FROM animus.audit_log a ORDER BY a.id")
         first, second = rows
-        digest = audit.row_hash(audit.GENESIS, second)
+        digest = audit.record_hash(audit.GENESIS, second)
         await conn.execute("INSERT INTO animus.audit_seal (seq, audit_id, prev_hash, hash) "
                            "VALUES (1, $1, $2, $3)", second["id"], audit.GENESIS, digest)
         await conn.execute("DELETE FROM animus.audit_unsealed WHERE audit_id = $1", second["id"])
