@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS animus.components (
 """
 
 
+# JSON_OBJECT(... ABSENT ON NULL) in the audit triggers came with Postgres 16
+MIN_SERVER_VERSION = 160000
+
+
 async def _install_extensions(conn: Any) -> None:
     await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     vector = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
@@ -119,6 +123,12 @@ async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Mi
     migrations = load() if migrations is None else migrations
     if await _up_to_date(conn, migrations):
         return []  # no DDL at all: roles without CREATE rights can start engines
+    version = await conn.fetchval("SELECT current_setting('server_version_num')::int")
+    if version < MIN_SERVER_VERSION:
+        shown = await conn.fetchval("SHOW server_version")
+        raise MigrationError(
+            f"animus needs Postgres {MIN_SERVER_VERSION // 10000} or newer; this server runs "
+            f"{shown} (set DATABASE_URL to a newer server, or unset it for the embedded one)")
     async with conn.transaction():
         await conn.execute(_LOCK)
         await conn.execute(_BOOTSTRAP)

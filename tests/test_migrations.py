@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pgmq.install import get_embedded_sql_version
 
-from animus_core import Db, MigrationError, NewWorkItem
+from animus_core import Db, MigrationError, NewWorkItem, migrations
 from animus_core.migrations import load
 from tests.conftest import scratch_database
 from tests.support import raw
@@ -95,6 +95,16 @@ async def test_unknown_applied_migration_is_refused(db, db_url):
         )
     with pytest.raises(MigrationError, match=r"9999_from_the_future.*upgrade animus"):
         await db.migrate()
+
+
+async def test_a_server_too_old_is_refused_before_anything_is_written(empty_db_url,
+                                                                       monkeypatch):
+    # no older server here: raise the bar above this one instead
+    monkeypatch.setattr(migrations, "MIN_SERVER_VERSION", 990000)
+    async with raw(empty_db_url) as conn:
+        with pytest.raises(MigrationError, match=r"needs Postgres 99 or newer; this server runs"):
+            await migrations.apply(conn)
+        assert not await conn.fetchval("SELECT to_regnamespace('animus') IS NOT NULL")
 
 
 async def test_cli_db_status_and_migrate(animus):
