@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -112,16 +113,24 @@ class Line:
     items: int | None = None
     seconds: float | None = None
     note: str = ""  # why there is no value (a peer that could not run)
+    cpu: CpuUse | None = None  # CPU used over the same interval (drains)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "value": None if self.value is None else round(self.value, 4),
-                "unit": self.unit, "items": self.items,
-                "seconds": None if self.seconds is None else round(self.seconds, 6),
-                "note": self.note or None}
+        out: dict[str, Any] = {
+            "label": self.label, "value": None if self.value is None else round(self.value, 4),
+            "unit": self.unit, "items": self.items,
+            "seconds": None if self.seconds is None else round(self.seconds, 6),
+            "note": self.note or None}
+        if self.cpu is not None:
+            own, server = self.cpu.per_item()
+            out["cpu_us_per_item"] = {"process": round(own, 2),
+                                      "server": None if server is None else round(server, 2)}
+        return out
 
 
-def rate_line(label: str, items: int, seconds: float) -> Line:
-    return Line(label, items / seconds if seconds > 0 else 0.0, "items/s", items, seconds)
+def rate_line(label: str, items: int, seconds: float, cpu: CpuUse | None = None) -> Line:
+    return Line(label, items / seconds if seconds > 0 else 0.0, "items/s", items, seconds,
+                cpu=cpu)
 
 
 @dataclass
@@ -169,6 +178,76 @@ class Section:
                 "results": [ln.to_json() for ln in self.lines],
                 "checks": [c.to_json() for c in self.checks], "notes": self.notes,
                 "details": self.extra, "seconds": round(self.seconds, 3)}
+
+
+# -- CPU time --------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 on of ``/proc/<pid>/stat`` (state, ppid, ...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+@dataclass(frozen=True)
+class CpuMeter:
+    """CPU seconds used by this process (every thread) and by the Postgres server: the
+    postmaster, its children, and the children it has reaped. Read from ``/proc``, so the
+    server is measured only when it runs on this machine (``postmaster`` is None
+    otherwise). Every database's backends count, so other tenants of the server would too."""
+
+    postmaster: int | None
+
+    @classmethod
+    async def for_server(cls, url: str) -> CpuMeter:
+        conn = await asyncpg.connect(url)
+        try:  # while the backend is alive: its parent is the postmaster
+            fields = _proc_stat(await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+        return cls(int(fields[1]) if fields else None)
+
+    def read(self) -> tuple[float, float | None]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        own = usage.ru_utime + usage.ru_stime
+        if self.postmaster is None:
+            return own, None
+        ticks = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            fields = _proc_stat(int(name))
+            if fields is None:
+                continue
+            if int(name) == self.postmaster:  # itself and the children it reaped
+                ticks += sum(int(f) for f in fields[11:15])
+            elif int(fields[1]) == self.postmaster:
+                ticks += int(fields[11]) + int(fields[12])
+        return own, ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU per item of one drain: this process, and the server when it could be read."""
+
+    items: int
+    own: float
+    server: float | None
+
+    @classmethod
+    def between(cls, items: int, start: tuple[float, float | None],
+                end: tuple[float, float | None]) -> CpuUse:
+        server = None if start[1] is None or end[1] is None else end[1] - start[1]
+        return cls(items, end[0] - start[0], server)
+
+    def per_item(self) -> tuple[float, float | None]:
+        """Microseconds per item: (this process, the server)."""
+        return (self.own / self.items * 1e6,
+                None if self.server is None else self.server / self.items * 1e6)
 
 
 # -- databases ---------------------------------------------------------------------------------
@@ -231,12 +310,14 @@ class CompletionCounter:
     """Stands in for the engine's ``Db.complete_many``: counts items whose completion
     committed, and notes when ``target`` of them had."""
 
-    def __init__(self, db: Db, target: int) -> None:
+    def __init__(self, db: Db, target: int, meter: CpuMeter | None = None) -> None:
         self.inner = db.complete_many
         self.target = target
+        self.meter = meter
         self.items = 0
         self.calls = 0
         self.at: float | None = None
+        self.cpu_at: tuple[float, float | None] | None = None
         self.reached = asyncio.Event()
 
     async def __call__(self, done: Sequence[tuple[Lease, Any, int | None]], *args: Any,
@@ -246,6 +327,8 @@ class CompletionCounter:
         self.items += len(done)
         if self.target and self.items >= self.target and self.at is None:
             self.at = clock()
+            if self.meter is not None:
+                self.cpu_at = self.meter.read()
             self.reached.set()
 
 
@@ -277,6 +360,7 @@ class EngineRun:
     started_at: float
     completions: CompletionCounter
     claims: ClaimCounter
+    cpu_started: tuple[float, float | None] | None = None
 
     def stats(self) -> dict[str, Any]:
         c, k = self.completions, self.claims
@@ -290,7 +374,8 @@ class EngineRun:
 @contextlib.asynccontextmanager
 async def running_engine(url: str, home: Path, options: EngineOptions, *,
                          faculties: Sequence[Faculty] = (), faculties_dir: Path | None = None,
-                         expect: int = 0) -> AsyncIterator[EngineRun]:
+                         expect: int = 0, meter: CpuMeter | None = None,
+                         ) -> AsyncIterator[EngineRun]:
     """An engine on ``url`` in this event loop, started and listening when the block begins;
     ``started_at`` is the clock just before ``Engine.run`` was scheduled."""
     settings = Settings(database_url=url, home=home, plugins_autoload=False,
@@ -302,10 +387,11 @@ async def running_engine(url: str, home: Path, options: EngineOptions, *,
     if problems or more:
         raise RuntimeError(f"faculties did not load: {problems + more}")
     db = await Db.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
-    completions, claims = CompletionCounter(db, expect), ClaimCounter(db)
+    completions, claims = CompletionCounter(db, expect, meter), ClaimCounter(db)
     setattr(db, "complete_many", completions)  # noqa: B010 - on this instance only
     setattr(db, "claim", claims)  # noqa: B010
     engine = Engine(db, pm, registered, settings, options)
+    cpu_started = meter.read() if meter is not None else None
     started_at = clock()
     task = asyncio.create_task(engine.run(), name="bench-engine")
     try:
@@ -317,7 +403,7 @@ async def running_engine(url: str, home: Path, options: EngineOptions, *,
         if not engine.started.is_set():
             raise RuntimeError("the engine did not start within 30 s")
         await asyncio.wait_for(engine.listener_connected.wait(), 30)
-        yield EngineRun(engine, db, task, started_at, completions, claims)
+        yield EngineRun(engine, db, task, started_at, completions, claims, cpu_started)
     finally:
         engine.stop()
         try:
@@ -385,7 +471,8 @@ async def submit_all(db: Db, items: Sequence[NewWorkItem]) -> None:
         await db.submit_many(items[i : i + SUBMIT_BATCH])
 
 
-async def drain_animus(url: str, home: Path, n: int) -> tuple[Line, dict[str, Any]]:
+async def drain_animus(url: str, home: Path, n: int,
+                       meter: CpuMeter | None = None) -> tuple[Line, dict[str, Any]]:
     client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
     try:
         await submit_all(client, noop_items(n))
@@ -400,9 +487,11 @@ async def drain_animus(url: str, home: Path, n: int) -> tuple[Line, dict[str, An
     conn = await asyncpg.connect(url)
     try:
         async with running_engine(url, home, options, faculties=[NoopFaculty()],
-                                  expect=n) as run:
+                                  expect=n, meter=meter) as run:
             seconds = await wait_done(run)
             stats = run.stats()
+            cpu = (CpuUse.between(n, run.cpu_started, run.completions.cpu_at)
+                   if run.cpu_started and run.completions.cpu_at else None)
             # sealing owed when the clock stopped (the engine seals the rest as it stops)
             backlog = await conn.fetchval(UNSEALED_SQL)
         states = {r["state"]: r["n"] for r in await conn.fetch(
@@ -413,10 +502,10 @@ async def drain_animus(url: str, home: Path, n: int) -> tuple[Line, dict[str, An
     if states != {"completed": n}:
         raise RuntimeError(f"the engine left work behind: {states}")
     return rate_line(f"animus engine, no-op faculty (concurrency {DRAIN_CONCURRENCY})", n,
-                     seconds), stats
+                     seconds, cpu), stats
 
 
-async def drain_raw(url: str, n: int) -> Line:
+async def drain_raw(url: str, n: int, meter: CpuMeter | None = None) -> Line:
     db = await Db.connect(url, min_size=1, max_size=1, actor="bench-raw")
     try:
         msgs = [i.to_json() for i in noop_items(n)]
@@ -429,6 +518,7 @@ async def drain_raw(url: str, n: int) -> Line:
         await checkpoint(url)
         done = 0
         async with db.connection() as conn:
+            cpu0 = meter.read() if meter else None
             t0 = clock()
             while True:
                 rows = await conn.fetch("SELECT * FROM pgmq.read($1::text, $2::int, $3::int)",
@@ -439,14 +529,15 @@ async def drain_raw(url: str, n: int) -> Line:
                                    [r["msg_id"] for r in rows])
                 done += len(rows)
             seconds = clock() - t0
+            cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
     finally:
         await db.close()
     if done != n:
         raise RuntimeError(f"raw pgmq drained {done} of {n} messages")
-    return rate_line(f"raw pgmq read({RAW_BATCH}) + archive, one connection", n, seconds)
+    return rate_line(f"raw pgmq read({RAW_BATCH}) + archive, one connection", n, seconds, cpu)
 
 
-async def drain_pgqueuer(url: str, n: int) -> Line:
+async def drain_pgqueuer(url: str, n: int, meter: CpuMeter | None = None) -> Line:
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.models import Job
     from pgqueuer.qm import QueueManager
@@ -470,10 +561,12 @@ async def drain_pgqueuer(url: str, n: int) -> Line:
         async def bench_noop(job: Job) -> None:
             return None
 
+        cpu0 = meter.read() if meter else None
         t0 = clock()
         await asyncio.wait_for(qm.run(batch_size=PGQUEUER_BATCH, mode=QueueExecutionMode.drain,
                                       max_concurrent_tasks=PGQUEUER_MAX_TASKS), DRAIN_TIMEOUT)
         seconds = clock() - t0
+        cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
         left = await setup.fetchval("SELECT count(*) FROM pgqueuer")
         ok = await setup.fetchval(
             "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'")
@@ -483,10 +576,10 @@ async def drain_pgqueuer(url: str, n: int) -> Line:
     if left or ok != n:
         raise RuntimeError(f"pgqueuer left {left} jobs queued, logged {ok} of {n} as successful")
     return rate_line(f"pgqueuer {package_version('pgqueuer')} (batch {PGQUEUER_BATCH}, "
-                     f"max {PGQUEUER_MAX_TASKS} tasks)", n, seconds)
+                     f"max {PGQUEUER_MAX_TASKS} tasks)", n, seconds, cpu)
 
 
-async def drain_procrastinate(url: str, n: int) -> Line:
+async def drain_procrastinate(url: str, n: int, meter: CpuMeter | None = None) -> Line:
     import procrastinate
 
     logging.getLogger("procrastinate").setLevel(logging.ERROR)  # per-app warnings, job logs
@@ -503,11 +596,13 @@ async def drain_procrastinate(url: str, n: int) -> Line:
             jobs: list[dict[str, Any]] = [{"i": j} for j in range(i, min(n, i + SUBMIT_BATCH))]
             await bench_noop.batch_defer_async(*jobs)
         await checkpoint(url)
+        cpu0 = meter.read() if meter else None
         t0 = clock()
         await asyncio.wait_for(app.run_worker_async(
             concurrency=PROCRASTINATE_CONCURRENCY, wait=False, install_signal_handlers=False),
             DRAIN_TIMEOUT)
         seconds = clock() - t0
+        cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
     conn = await asyncpg.connect(url)
     try:
         states = {r["status"]: r["n"] for r in await conn.fetch(
@@ -517,7 +612,7 @@ async def drain_procrastinate(url: str, n: int) -> Line:
     if states != {"succeeded": n}:
         raise RuntimeError(f"procrastinate left jobs behind: {states}")
     return rate_line(f"procrastinate {package_version('procrastinate')} (concurrency "
-                     f"{PROCRASTINATE_CONCURRENCY}, pool {PEER_POOL})", n, seconds)
+                     f"{PROCRASTINATE_CONCURRENCY}, pool {PEER_POOL})", n, seconds, cpu)
 
 
 async def peer(label: str, run: Callable[[], Any]) -> Line:
@@ -532,20 +627,22 @@ async def peer(label: str, run: Callable[[], Any]) -> Line:
 
 async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> Section:
     url = await fresh_animus_db(server, f"{prefix}_drain")
-    raw = await drain_raw(url, cfg.n)
-    ours, stats = await drain_animus(url, home, cfg.n)
+    meter = await CpuMeter.for_server(url)
+    raw = await drain_raw(url, cfg.n, meter)
+    ours, stats = await drain_animus(url, home, cfg.n, meter)
     pgq_url = await fresh_database(server.url, f"{prefix}_pgqueuer")
-    pgq = await peer("pgqueuer", lambda: drain_pgqueuer(pgq_url, cfg.n))
+    pgq = await peer("pgqueuer", lambda: drain_pgqueuer(pgq_url, cfg.n, meter))
     proc_url = await fresh_database(server.url, f"{prefix}_procrastinate")
     proc = await peer("procrastinate",
-                      lambda: drain_procrastinate(proc_url, cfg.n_procrastinate))
+                      lambda: drain_procrastinate(proc_url, cfg.n_procrastinate, meter))
     section = Section(
         "drain", "1. native drain: items submitted beforehand, then drained by a no-op job",
         [f"n={cfg.n} (procrastinate: n={cfg.n_procrastinate}, it fetches one job per round "
          "trip)", "each drain timed from worker start until its last item is done; a CHECKPOINT "
          "before each", f"engine: concurrency {DRAIN_CONCURRENCY}, faculty max_concurrent "
          f"{DRAIN_CONCURRENCY}, pool {ENGINE_POOL}, lease {LEASE_SECONDS}s, audit sealer on"],
-        lines=[ours, raw, pgq, proc],
+        lines=[ours, raw, pgq, proc, *cpu_lines(
+            {"animus": ours, "raw pgmq": raw, "pgqueuer": pgq, "procrastinate": proc})],
         checks=[
             ratio_check("animus / pgqueuer", ours, pgq, 1.5),
             ratio_check("animus / raw pgmq", ours, raw, 0.40),
@@ -561,7 +658,41 @@ async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> S
     for line in (pgq, proc):
         if line.note:
             section.notes.append(f"{line.label} {line.note}")
+    section.notes.extend(cpu_notes(ours, pgq, raw))
     return section
+
+
+def cpu_lines(paths: dict[str, Line]) -> list[Line]:
+    """CPU per item of each drain: this process (the worker, every thread) and the server."""
+    lines = []
+    for name, line in paths.items():
+        if line.cpu is None:
+            continue
+        own, server = line.cpu.per_item()
+        lines.append(Line(f"CPU per item, {name}: this process", own, "us/item", line.items))
+        if server is not None:
+            lines.append(Line(f"CPU per item, {name}: Postgres server", server, "us/item",
+                              line.items))
+    return lines
+
+
+def cpu_notes(ours: Line, pgq: Line, raw: Line) -> list[str]:
+    """What the CPU per item means on this machine's cores."""
+    if ours.cpu is None or ours.cpu.server is None:
+        return ["CPU per item: the server's processes could not be read (not on this machine, "
+                "or no /proc); only this process is shown"]
+    cores = os.cpu_count() or 1
+    budget = cores * 1e6  # microseconds of CPU per second
+    used = sum(v or 0.0 for v in ours.cpu.per_item())
+    notes = [f"CPU per item: animus uses {used:.0f} us in all; with all {cores} cores busy that "
+             f"caps it at {budget / used:,.0f} items/s (it ran at {ours.value or 0:,.0f}/s, "
+             f"{(ours.value or 0) * used / budget:.0%} of the cores)"]
+    for name, line, target in (("pgqueuer", pgq, 1.5), ("raw pgmq", raw, 0.40)):
+        if line.value:
+            notes.append(f"{target:g} x {name} ({target * line.value:,.0f} items/s) leaves at most "
+                         f"{budget / (target * line.value):.0f} us of CPU per item on {cores} "
+                         "cores, all busy")
+    return notes
 
 
 # -- 2. wake latency ---------------------------------------------------------------------------
