@@ -34,6 +34,24 @@ BEGIN
 END
 $$;
 
+-- queued -> claimed, or with p_start queued -> (claimed ->) running in the same UPDATE, for
+-- the items among p_only; the lease is the message and its read count. Highest priority
+-- first.
+CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads int[],
+                                   p_only uuid[], p_start bool)
+RETURNS SETOF animus.work_items
+LANGUAGE sql AS $$
+    WITH claimed AS (
+        UPDATE animus.work_items w
+           SET state = CASE WHEN p_start THEN 'running' ELSE 'claimed' END::animus.work_state,
+               attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
+               msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
+          FROM unnest(p_ids, p_msgs, p_reads) AS c(id, msg_id, read_ct)
+         WHERE w.id = c.id AND w.id = ANY (p_only) AND w.state = 'queued'
+        RETURNING w.*)
+    SELECT * FROM claimed ORDER BY priority DESC, msg_id
+$$;
+
 CREATE OR REPLACE FUNCTION animus.claim(p_queue text, p_qty int, p_vt_seconds int,
                                         p_work_types text[], p_start bool)
 RETURNS SETOF animus.work_items
@@ -67,19 +85,8 @@ BEGIN
         RETURN;
     END IF;
 
-    -- queued -> claimed, or with p_start queued -> (claimed ->) running in the same UPDATE;
-    -- the lease is the message and its read count
-    RETURN QUERY
-        WITH claimed AS (
-            UPDATE animus.work_items w
-               SET state = CASE WHEN p_start THEN 'running' ELSE 'claimed' END
-                           ::animus.work_state,
-                   attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
-                   msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
-              FROM unnest(v_ids, v_msgs, v_reads) AS c(id, msg_id, read_ct)
-             WHERE w.id = c.id AND w.id = ANY (v_ids) AND w.state = 'queued'
-            RETURNING w.*)
-        SELECT * FROM claimed ORDER BY priority DESC, msg_id;
+    -- the usual case: every message's item is plainly queued
+    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_ids, p_start);
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     IF v_claimed = cardinality(v_ids) THEN
         RETURN;
@@ -120,17 +127,7 @@ BEGIN
      HAVING count(*) > 0;
 
     -- the items the bookkeeping put back in the queue are claimed through these messages
-    RETURN QUERY
-        WITH claimed AS (
-            UPDATE animus.work_items w
-               SET state = CASE WHEN p_start THEN 'running' ELSE 'claimed' END
-                           ::animus.work_state,
-                   attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
-                   msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
-              FROM unnest(v_ids, v_msgs, v_reads) AS c(id, msg_id, read_ct)
-             WHERE w.id = c.id AND w.id = ANY (v_stale) AND w.state = 'queued'
-            RETURNING w.*)
-        SELECT * FROM claimed ORDER BY priority DESC, msg_id;
+    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_stale, p_start);
 END
 $$;
 
