@@ -184,6 +184,42 @@ async def test_one_claim_takes_fresh_and_expired_items_and_drops_stray_messages(
     assert (await counts(db_url))["messages"] == 0
 
 
+async def test_a_message_whose_item_left_the_queue_by_hand_is_archived(db, db_url):
+    """An item never claimed (no lease recorded) that an operator moved out of `queued` by
+    hand leaves its message behind; the next claim that reads it archives it."""
+    created = await db.submit_work(NewWorkItem("lease", source="t"))
+    async with raw(db_url) as conn:
+        await conn.execute(
+            """UPDATE animus.work_items SET state = 'dead', reason = 'by hand',
+                      resolved_at = now() WHERE id = $1""", created.id)
+    assert (await counts(db_url))["messages"] == 1
+    assert await db.claim(limit=10) == []
+    assert (await counts(db_url))["messages"] == 0
+
+
+async def test_completing_with_a_lost_lease_says_so_whatever_the_item_became(db):
+    created = await db.submit_work(NewWorkItem("lease", source="t"))
+    [first] = await db.claim(lease_seconds=1, start=True)
+    await asyncio.sleep(1.2)
+    [second] = await db.claim(lease_seconds=30)  # claimed again, not started
+    assert second.item.state == State.CLAIMED
+    with pytest.raises(LeaseLost, match=str(created.id)):
+        await db.complete(first.lease, {"by": "first"})
+
+
+async def test_create_queue_leaves_an_existing_queue_alone(db, db_url):
+    """Engines call create_queue at every start: on a queue that exists it must not rebuild
+    or drop indexes (an exclusive lock that would wait behind any reader)."""
+    async with raw(db_url) as reader, raw(db_url) as other:
+        async with reader.transaction():
+            await reader.fetchval("SELECT count(*) FROM pgmq.q_work")
+            await other.execute("SET lock_timeout = '1s'")
+            await other.execute("SELECT animus.create_queue('work')")
+        indexes = {r[0] for r in await other.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'pgmq' AND tablename = 'q_work'")}
+    assert indexes == {"q_work_pkey", "q_work_prio"}
+
+
 async def test_queue_tables_rewrite_messages_in_place(db, db_url):
     """A claim changes only the message's visibility: no index covers it, so the update is
     a heap-only (HOT) rewrite; the queue keeps its priority index."""

@@ -162,3 +162,32 @@ async def test_upgrading_to_0009_keeps_roles_and_seals_what_was_waiting(empty_db
     assert check.ok, check.problem
     assert check.checked == 2
     assert check.unsealed == 0
+
+
+async def test_upgrading_to_0010_keeps_create_queue_a_definer_and_reshapes_queues(empty_db_url):
+    """`animus roles setup` makes create_queue a definer function (operators create queues
+    without rights on schema pgmq); 0010 replaces it and must keep that. Existing queues lose
+    the vt index and get room for in-place updates."""
+    from animus_core.migrations import apply
+    from animus_core.roles import setup_roles
+
+    files = load()
+    async with raw(empty_db_url) as conn:
+        await apply(conn, [m for m in files if m.version < 10])
+        await conn.execute("SELECT animus.create_queue('work')")
+        await setup_roles(conn)
+        assert await conn.fetchval("SELECT to_regclass('pgmq.q_work_vt_idx')") is not None
+
+        applied = await apply(conn, files)
+        assert [m.version for m in applied] == [10]
+        definer, config = await conn.fetchrow(
+            "SELECT prosecdef, proconfig FROM pg_proc "
+            "WHERE oid = 'animus.create_queue(text)'::regprocedure")
+        assert definer
+        assert config == ["search_path=pg_catalog, pg_temp"]
+        assert await conn.fetchval("SELECT to_regclass('pgmq.q_work_vt_idx')") is None
+        assert "fillfactor=50" in await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'pgmq.q_work'::regclass")
+        await conn.execute("SELECT animus.create_queue('second')")  # a new queue, as definer
+        assert await conn.fetchval("SELECT to_regclass('pgmq.q_second_prio')") is not None
+        assert await conn.fetchval("SELECT to_regclass('pgmq.q_second_vt_idx')") is None

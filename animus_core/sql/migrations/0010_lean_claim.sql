@@ -10,12 +10,36 @@
 -- before every claim. The claim now takes the plainly queued items first and does the
 -- bookkeeping only when some message was left over.
 --
+-- complete(): a lost lease is reported as such, whatever state the item reached since.
+--
 -- Audit rows: provenance and payload are built with JSON_OBJECT(... ABSENT ON NULL), which
 -- leaves out null members at the top level only. jsonb_strip_nulls also removed null members
 -- nested inside params and outcomes, so the audit trail did not record them as given.
 
+-- Existing queues: drop the vt index and leave room on each page (new pages only).
+DO $$
+DECLARE
+    q text;
+BEGIN
+    FOR q IN SELECT queue_name FROM pgmq.meta LOOP
+        EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || q || '_vt_idx');
+        EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', 'q_' || q);
+    END LOOP;
+END
+$$;
+
+-- New queues get the same shape. A queue that has it already is left alone: pgmq.create
+-- would build the vt index again over the whole table, and dropping it takes an exclusive
+-- lock, on every engine start. `animus roles setup` makes create_queue a SECURITY DEFINER
+-- function: replacing it keeps that.
+SELECT set_config('animus.create_queue_was_definer', prosecdef::text, true)
+  FROM pg_proc WHERE oid = 'animus.create_queue(text)'::regprocedure;
+
 CREATE OR REPLACE FUNCTION animus.create_queue(p_queue text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_prio')) IS NOT NULL THEN
+        RETURN;
+    END IF;
     PERFORM pgmq.create(p_queue);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (((message->>''p'')::int) DESC, msg_id)',
                    'q_' || p_queue || '_prio', 'q_' || p_queue);
@@ -25,12 +49,11 @@ END
 $$;
 
 DO $$
-DECLARE
-    q text;
 BEGIN
-    FOR q IN SELECT queue_name FROM pgmq.meta LOOP
-        PERFORM animus.create_queue(q);
-    END LOOP;
+    IF current_setting('animus.create_queue_was_definer', true) = 'true' THEN
+        ALTER FUNCTION animus.create_queue(text) SECURITY DEFINER;
+        ALTER FUNCTION animus.create_queue(text) SET search_path = pg_catalog, pg_temp;
+    END IF;
 END
 $$;
 
@@ -99,7 +122,8 @@ BEGIN
       FROM unnest(v_ids) AS c(id)
       LEFT JOIN animus.work_items w ON w.id = c.id
      WHERE w.id IS NULL
-        OR (w.msg_id, w.lease) NOT IN (SELECT * FROM unnest(v_msgs, v_reads));
+        OR NOT EXISTS (SELECT 1 FROM unnest(v_msgs, v_reads) AS m(msg_id, read_ct)
+                        WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
 
     UPDATE animus.work_items w
        SET state = 'queued', reason = 'lease expired before the focus started',
@@ -179,7 +203,7 @@ BEGIN
         RAISE EXCEPTION 'illegal transition for work item %: a new item cannot start in state %',
             bad.id, bad.state
             USING ERRCODE = 'ANI01',
-                  HINT = 'new items start as created, then queued, merged, awaiting_approval or dead';
+                  HINT = 'a new item starts in one of: created, queued, merged, awaiting_approval, dead';
     END IF;
 
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
@@ -200,5 +224,58 @@ BEGIN
        FROM (SELECT queue, array_agg(DISTINCT work_type ORDER BY work_type) AS types
                FROM new_rows WHERE state = 'queued' GROUP BY queue) q;
     RETURN NULL;
+END
+$$;
+
+-- complete(): a caller whose lease was lost is told so whatever state the item reached since
+-- (claimed again, queued, failed, dead), not only when it is running again.
+CREATE OR REPLACE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases int[],
+                                p_data jsonb[], p_duration_ms bigint[])
+RETURNS SETOF uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done uuid[];
+    v_queues text[];
+    v_msgs bigint[];
+    bad record;
+BEGIN
+    WITH x AS (
+        SELECT * FROM unnest(p_ids, p_msg_ids, p_leases, p_data, p_duration_ms)
+                 AS x(id, msg_id, lease, data, duration_ms)
+    ), upd AS (
+        UPDATE animus.work_items w
+           SET state = 'completed', outcome_data = x.data, outcome_error = NULL,
+               duration_ms = x.duration_ms, reason = 'completed', resolved_at = now(),
+               updated_at = now()
+          FROM x
+         WHERE w.id = x.id AND w.id = ANY (p_ids) AND w.msg_id = x.msg_id AND w.lease = x.lease
+           AND w.state = 'running'
+        RETURNING w.id, w.queue, w.msg_id
+    )
+    SELECT array_agg(upd.id), array_agg(upd.queue), array_agg(upd.msg_id)
+      INTO v_done, v_queues, v_msgs FROM upd;
+
+    PERFORM pgmq.archive(t.queue, array_agg(t.msg_id))
+       FROM unnest(v_queues, v_msgs) AS t(queue, msg_id) GROUP BY t.queue;
+
+    IF coalesce(array_length(v_done, 1), 0) <> coalesce(array_length(p_ids, 1), 0) THEN
+        SELECT x.id, w.state,
+               (w.msg_id, w.lease) IS NOT DISTINCT FROM (x.msg_id, x.lease) AS same_lease
+          INTO bad
+          FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
+          LEFT JOIN animus.work_items w ON w.id = x.id
+         WHERE v_done IS NULL OR NOT x.id = ANY (v_done)
+         LIMIT 1;
+        IF bad.state IS NULL THEN
+            RAISE EXCEPTION 'work item % does not exist', bad.id USING ERRCODE = 'ANI04';
+        ELSIF NOT bad.same_lease THEN  -- whatever became of the item since
+            RAISE EXCEPTION 'lease lost on work item %: it was claimed again after the lease expired', bad.id
+                USING ERRCODE = 'ANI02';
+        ELSE
+            RAISE EXCEPTION 'illegal transition for work item %: % -> completed', bad.id, bad.state
+                USING ERRCODE = 'ANI01';
+        END IF;
+    END IF;
+    RETURN QUERY SELECT unnest(v_done);
 END
 $$;
