@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Self
@@ -304,7 +305,9 @@ class Db:
             instruments.merged.add(merged, {"queue": queue})
         if len(rows) > merged:
             instruments.submitted.add(len(rows) - merged, {"queue": queue})
-            _transition("created", "queued", len(rows) - merged)
+            # queued, or awaiting_approval / dead when a rule said so
+            for state, n in Counter(r["state"] for r in rows if r["merged_into"] is None).items():
+                _transition("created", state, n)
         for r in rows:
             if r["merged_into"] is not None:
                 out.append(Merged(id=r["id"], canonical_id=r["merged_into"]))
@@ -332,7 +335,7 @@ class Db:
             instruments.merged.add(1, {"queue": queue})
             return Merged(id=row["id"], canonical_id=row["merged_into"])
         instruments.submitted.add(1, {"queue": queue})
-        _transition("created", "queued")
+        _transition("created", row["state"])
         return Created(item=WorkItem.from_row(row))
 
     # -- read ----------------------------------------------------------------------------------
@@ -391,13 +394,8 @@ class Db:
         the item to queued once the quorum is reached (or to dead on a rejection)."""
         wid = _uuid(work_id)
         async with self.connection() as conn:
-            try:
-                row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
-                                          wid, decision, reason)
-            except asyncpg.PostgresError as e:
-                if e.sqlstate in ("ANI03", "42501"):
-                    raise PermissionDenied(getattr(e, "message", str(e))) from None
-                raise
+            row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
+                                      wid, decision, reason)
         return WorkItem.from_row(row)
 
     async def approvals(self, work_id: UUID | str) -> list[dict[str, Any]]:
@@ -416,7 +414,7 @@ class Db:
                     WHERE a.work_id = $1 AND a.decision = 'approve'
                       AND (r.rolsuper OR CASE WHEN EXISTS (
                                SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $2)
-                           THEN pg_has_role(a.approver, 'animus_' || $2, 'MEMBER')
+                           THEN pg_has_role(r.oid, 'animus_' || $2, 'MEMBER')
                            ELSE false END)""", _uuid(work_id), role)
         return [r[0] for r in rows]
 
@@ -458,6 +456,8 @@ class Db:
                 "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
                 queue, limit, lease_seconds, list(work_types) if work_types else None, start,
             )
+        # items taken back from expired leases come after the rest: one order for all
+        rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
         if rows:
             _transition("queued", "claimed", len(rows))
             if start:
@@ -515,19 +515,19 @@ class Db:
         args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
                 [d[0].token for d in done], data, [d[2] for d in done])
         sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
-        _transition("running", "completed", len(done))
         if conn is not None:
             with _errors():
                 await conn.execute(sql, *args)
                 await _copy_executions(conn, executions)
-            return
-        async with self.connection() as c:
-            if not executions:  # one statement: atomic without BEGIN and COMMIT round trips
-                await c.execute(sql, *args)
-                return
-            async with c.transaction():
-                await c.execute(sql, *args)
-                await _copy_executions(c, executions)
+        else:
+            async with self.connection() as c:
+                if not executions:  # one statement: atomic without BEGIN/COMMIT round trips
+                    await c.execute(sql, *args)
+                else:
+                    async with c.transaction():
+                        await c.execute(sql, *args)
+                        await _copy_executions(c, executions)
+        _transition("running", "completed", len(done))  # counted once it is done
 
     async def record_executions(self, executions: Sequence[ExecutionRecord]) -> None:
         """Append execution records (see :mod:`animus_core.records`)."""

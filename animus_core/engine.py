@@ -43,7 +43,7 @@ from animus_core import __version__
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
-from animus_core.errors import AnimusError, DatabaseUnavailable, LeaseLost
+from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.llm import collect_tools, make_client
@@ -54,7 +54,14 @@ from animus_core.rules import RuleSet
 from animus_core.schedules import Schedule
 from animus_core.secrets import redactor
 from animus_core.telemetry import current_traceparent, extract, instruments, tracer, tracing
-from animus_core.work import Claimed, Lease, NewWorkItem, WorkItem, WorkNotification
+from animus_core.work import (
+    Claimed,
+    Lease,
+    NewWorkItem,
+    WorkItem,
+    WorkNotification,
+    dump_json,
+)
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -151,9 +158,7 @@ class Engine:
             if missing:
                 self.disabled[fac.name] = f"{', '.join(missing)} not set"
                 self.disabled_types.update(dict.fromkeys(fac.accepts, fac.name))
-                faculties.by_name.pop(fac.name)
-                for t in fac.accepts:
-                    faculties.by_type.pop(t, None)
+                faculties.remove(fac.name)
                 self.slots.pop(fac.name, None)
                 _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
                            self.disabled[fac.name])
@@ -479,7 +484,8 @@ class Engine:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = redactor.json(
                     await self._phase(fac, "consolidate", focus, traced, engaged=engaged))
-                json.dumps(outcome, allow_nan=False)
+                # what the completion will store: JSON that Postgres can hold (no NUL)
+                dump_json(outcome, "outcome")
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
                     conn = await scope.connection()
@@ -582,10 +588,12 @@ class Engine:
     # -- completions, leases, sealing -----------------------------------------------------------
 
     async def _complete_loop(self) -> None:
-        while not (self._closing and not self._completions):
+        while True:
             await self._completions_ready.wait()
             self._completions_ready.clear()
             await self._flush_completions()
+            if self._closing:  # run() flushes once more after this; then it is over
+                return
 
     async def _flush_completions(self) -> None:
         while self._completions:
@@ -595,12 +603,15 @@ class Engine:
                 await self.db.complete_many(batch, executions=records)
             except (LeaseLost, AnimusError) as e:
                 if isinstance(e, DatabaseUnavailable):
-                    _log.warning("completing %d items failed, retrying: %s", len(batch), e)
-                    await asyncio.sleep(1.0)
                     self._completions = batch + self._completions
                     self._executions = records + self._executions
-                    if self._stopping.is_set():
+                    if self._stopping.is_set() or self._closing:
+                        _log.warning(
+                            "stopping without recording %d completions (%s): their leases "
+                            "expire and the items run again", len(self._completions), e)
                         return
+                    _log.warning("completing %d items failed, retrying: %s", len(batch), e)
+                    await asyncio.sleep(1.0)
                     continue
                 for one, rec in zip(batch, records, strict=True):  # keep the others
                     try:
@@ -780,8 +791,8 @@ def _describe(e: BaseException, phase: str, fac: Faculty) -> str:
 def _reason(e: BaseException, phase: str, fac: Faculty) -> str:
     if isinstance(e, TimeoutError):
         return f"timed out after {fac.timeout:g}s"
-    if isinstance(e, (TypeError, ValueError)) and phase == "consolidate":
-        return f"outcome is not JSON: {e}"
+    if isinstance(e, InvalidInput) and phase == "consolidate":
+        return str(e)  # the outcome cannot be stored, and says why
     text = str(e).strip()
     name = type(e).__name__
     if name == "HookFailed":

@@ -149,6 +149,13 @@ class Faculties:
         for work_type in faculty.accepts:
             self.by_type[work_type] = faculty
 
+    def remove(self, name: str) -> Faculty:
+        """Take faculty ``name`` out; its work types have no faculty then."""
+        faculty = self.by_name.pop(name)
+        for work_type in faculty.accepts:
+            self.by_type.pop(work_type, None)
+        return faculty
+
     def __iter__(self) -> Any:
         return iter(self.by_name.values())
 

@@ -184,6 +184,18 @@ async def test_one_claim_takes_fresh_and_expired_items_and_drops_stray_messages(
     assert (await counts(db_url))["messages"] == 0
 
 
+async def test_an_item_taken_back_from_an_expired_lease_keeps_its_priority(db):
+    """The claim takes plainly queued items first and expired ones after: it still returns
+    them all highest priority first."""
+    urgent = await db.submit_work(NewWorkItem("lease", source="t").priority(5))
+    [old] = await db.claim(lease_seconds=1, start=True)
+    assert old.item.id == urgent.id
+    routine = await db.submit_work(NewWorkItem("lease", source="t").priority(1))
+    await asyncio.sleep(1.2)
+    claimed = await db.claim(limit=10, lease_seconds=30, start=True)
+    assert [c.item.id for c in claimed] == [urgent.id, routine.id]
+
+
 async def test_a_message_whose_item_left_the_queue_by_hand_is_archived(db, db_url):
     """An item never claimed (no lease recorded) that an operator moved out of `queued` by
     hand leaves its message behind; the next claim that reads it archives it."""

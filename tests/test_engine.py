@@ -21,6 +21,7 @@ import pytest
 
 from animus_core import ConfigError, Created, Faculty, Focus, NewWorkItem, State, hookimpl
 from animus_core.engine import EngineOptions
+from animus_core.errors import DatabaseUnavailable
 from animus_core.schedules import Schedule
 from animus_core.toml_faculties import load_dir, load_file
 from tests.engine_helpers import (
@@ -434,7 +435,44 @@ async def test_unreadable_output_fails_the_focus(db, db_url, tmp_path):
     assert sh_item.state == py_item.state == State.DEAD
     assert "engage failed" in (sh_item.reason or "")
     assert "engage-out.json is not JSON" in (sh_item.reason or "")
-    assert "consolidate failed: outcome is not JSON" in (py_item.reason or "")
+    assert "consolidate failed: outcome is not valid JSON" in (py_item.reason or "")
+
+
+class NulOutcome(Faculty):
+    name = "nul-outcome"
+    accepts = ("nul-outcome",)
+
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:
+        return {"text": "bad\x00byte"}
+
+
+async def test_an_outcome_postgres_cannot_store_fails_the_focus(db, db_url, tmp_path):
+    """JSON allows \\u0000, jsonb does not: the focus fails with that reason and the item
+    is retried or dead-lettered, instead of its completion being refused afterwards (which
+    left it running until its lease expired)."""
+    async with run_engine(db_url, tmp_path / "home", faculties=[NulOutcome()]):
+        wid = (await db.submit_work(NewWorkItem("nul-outcome").max_attempts(1))).id
+        item = await wait_finished(db, wid, timeout=10)
+    assert item.state == State.DEAD
+    assert "consolidate failed: outcome contains a NUL character" in (item.reason or "")
+
+
+async def test_an_engine_stops_when_the_database_refuses_its_last_completions(
+        db, db_url, tmp_path):
+    """Completions that cannot be recorded while the engine stops are given up (their
+    leases expire and the items run again): the engine must not wait for them forever."""
+    async with run_engine(db_url, tmp_path / "home", faculties=[Echo()],
+                          stop_timeout=10) as run:
+        refused: list[int] = []
+
+        async def refuse(done: Any, *args: Any, **kwargs: Any) -> None:
+            refused.append(len(done))
+            raise DatabaseUnavailable("lost the database connection: test")
+
+        setattr(run.db, "complete_many", refuse)  # noqa: B010 - this instance only
+        wid = (await db.submit_work(NewWorkItem("echo"))).id
+        await wait_until(lambda: refused, 10, message="a completion refused")
+    assert (await db.get_work_item(wid)).state == State.RUNNING  # until its lease expires
 
 
 class NulRaiser(Faculty):
