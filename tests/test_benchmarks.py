@@ -16,9 +16,12 @@ async def test_the_cpu_meter_finds_the_server_and_sees_its_work(db_url):
     use = CpuUse.between(1000, before, after)
     assert use.server is not None
     assert use.server > 0.05  # a few hundred milliseconds of one backend's CPU
-    own, server = use.per_item()
-    assert server == use.server / 1000 * 1e6
-    assert own >= 0
+    assert use.own >= 0
+
+
+def test_cpu_per_item_in_microseconds():
+    use = CpuUse.between(1000, (2.0, 10.0), (2.5, 10.25))
+    assert use.per_item() == (500.0, 250.0)
 
 
 def test_cpu_per_item_without_the_server():

@@ -33,7 +33,9 @@ async def test_cancelling_a_running_python_focus(db, db_url, animus_home):
         assert requested.state is State.RUNNING
         assert requested.cancel_requested == "the operator changed their mind"
         done = await wait_finished(db, item, timeout=10)
-        assert running.engine.inflight == {}
+        # the engine lets go of the focus once its cleanup ran, after the item finished
+        await wait_until(lambda: running.engine.inflight == {}, 5,
+                         message="the focus to be let go")
     assert done.state is State.DEAD
     assert done.attempts == 1
     assert "cancelled while running: the operator changed their mind" in (done.reason or "")

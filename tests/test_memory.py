@@ -731,13 +731,14 @@ async def test_consolidate_memories_share_the_completion_transaction(
         assert await conn.fetchval(
             "SELECT count(*) FROM animus.memories WHERE content LIKE '%xyzzy%'") == 0
         stored = await conn.fetch(
-            "SELECT content, source, work_id, memory_type, metadata::text FROM animus.memories "
-            "ORDER BY created_at")
+            "SELECT id, content, source, work_id, memory_type, metadata::text "
+            "FROM animus.memories ORDER BY created_at")
     assert [(r["content"], r["source"], r["work_id"], r["memory_type"]) for r in stored] == [
         ("the sky is green today", "rememberer", ok, "episodic"),
         ("what color is the sky", "rememberer", later, "episodic")]
     outcome = (await db.get_work_item(ok)).outcome
     assert outcome is not None
+    assert outcome.data == {"stored": str(stored[0]["id"])}  # the memory it committed with
 
 
 PARAM_TEXT = """python -c 'import json; print(json.load(open("work.json"))["params"]["text"])'"""
