@@ -53,7 +53,7 @@ from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.plugins import collect_faculties, hookimpl, make_plugin_manager
 from animus_core.work import Claimed, Created, Lease, NewWorkItem
-from benchmarks.bench_work import describe_server, fresh_database, with_database
+from benchmarks.bench_work import describe_server, fresh_database
 
 clock = time.perf_counter
 
@@ -211,6 +211,10 @@ class CpuMeter:
             await conn.close()
         return cls(int(fields[1]) if fields else None)
 
+    def since(self, items: int, start: tuple[float, float | None] | None) -> CpuUse | None:
+        """What ``items`` cost since ``start`` (a :meth:`read`), if it was read."""
+        return None if start is None else CpuUse.between(items, start, self.read())
+
     def read(self) -> tuple[float, float | None]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         own = usage.ru_utime + usage.ru_stime
@@ -256,10 +260,6 @@ class CpuUse:
 @dataclass
 class Server:
     url: str  # a URL on the server (its own database, never dropped)
-    where: str
-
-    def db_url(self, name: str) -> str:
-        return with_database(self.url, name)
 
 
 async def fresh_animus_db(server: Server, name: str) -> str:
@@ -529,7 +529,7 @@ async def drain_raw(url: str, n: int, meter: CpuMeter | None = None) -> Line:
                                    [r["msg_id"] for r in rows])
                 done += len(rows)
             seconds = clock() - t0
-            cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
+            cpu = meter.since(n, cpu0) if meter else None
     finally:
         await db.close()
     if done != n:
@@ -566,7 +566,7 @@ async def drain_pgqueuer(url: str, n: int, meter: CpuMeter | None = None) -> Lin
         await asyncio.wait_for(qm.run(batch_size=PGQUEUER_BATCH, mode=QueueExecutionMode.drain,
                                       max_concurrent_tasks=PGQUEUER_MAX_TASKS), DRAIN_TIMEOUT)
         seconds = clock() - t0
-        cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
+        cpu = meter.since(n, cpu0) if meter else None
         left = await setup.fetchval("SELECT count(*) FROM pgqueuer")
         ok = await setup.fetchval(
             "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'")
@@ -602,7 +602,7 @@ async def drain_procrastinate(url: str, n: int, meter: CpuMeter | None = None) -
             concurrency=PROCRASTINATE_CONCURRENCY, wait=False, install_signal_handlers=False),
             DRAIN_TIMEOUT)
         seconds = clock() - t0
-        cpu = CpuUse.between(n, cpu0, meter.read()) if meter and cpu0 else None
+        cpu = meter.since(n, cpu0) if meter else None
     conn = await asyncpg.connect(url)
     try:
         states = {r["status"]: r["n"] for r in await conn.fetch(
@@ -1062,7 +1062,7 @@ async def run(cfg: Config, only: Sequence[str], prefix: str) -> dict[str, Any]:
     settings = Settings.from_env()
     url = await resolve_url(settings)
     where = "DATABASE_URL" if settings.database_url else f"embedded server in {settings.home}"
-    server = Server(url, where)
+    server = Server(url)
     sections: dict[str, Section] = {}
     with tempfile.TemporaryDirectory(prefix="animus-bench-engine-") as tmp:
         home = Path(tmp)
