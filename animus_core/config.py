@@ -25,6 +25,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     home: Path
     otel_endpoint: str | None = None
+    metric_interval_ms: int = 10_000
     log_level: str = "info"
     faculties_dir: Path = Path("faculties")
     rules_dir: Path = Path("rules")
@@ -54,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             database_url=url,
             home=Path(home).expanduser(),
             otel_endpoint=env.get("OTEL_ENDPOINT") or None,
+            metric_interval_ms=_positive_int(env, "OTEL_METRIC_EXPORT_INTERVAL") or 10_000,
             log_level=level,
             faculties_dir=Path(env.get("ANIMUS_FACULTIES") or "faculties"),
             rules_dir=Path(env.get("ANIMUS_RULES") or "rules"),

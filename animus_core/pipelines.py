@@ -38,6 +38,7 @@ from animus_core.errors import ConfigError, InvalidInput
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
 from animus_core.plugins import Faculties, hookimpl
+from animus_core.roles import check_gate_role
 from animus_core.rules import Decision, RuleSet
 from animus_core.states import State
 from animus_core.work import NewWorkItem, WorkItem
@@ -93,6 +94,8 @@ def order(p: Pipeline, where: str = "pipeline") -> list[str]:
         for dep in s.depends_on:
             if dep not in stages:
                 raise ConfigError(f"{where}: stage {s.name!r} depends on unknown stage {dep!r}")
+        if s.gate is not None:
+            check_gate_role(s.gate.role, f"{where}: stage {s.name!r} gate")
     done: list[str] = []
     visiting: list[str] = []
 

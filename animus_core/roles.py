@@ -20,11 +20,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from animus_core.errors import InvalidInput
+from animus_core.errors import ConfigError, InvalidInput
 
 __all__ = ["ROLES", "add_user", "setup_roles"]
 
 ROLES = ("reader", "submitter", "approver", "operator", "admin")
+
+
+def check_gate_role(role: str, where: str) -> None:
+    """A gate's role must be one of :data:`ROLES`: approvals are checked against
+    ``animus_<role>``, and no other such role exists."""
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role {role!r} is not an animus role; use one of "
+                          f"{', '.join(ROLES)}")
 
 _APPEND_ONLY = ("audit_log", "audit_seal", "execution_records", "approvals", "environments")
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import msgspec
 
 from animus_core.errors import ConfigError
+from animus_core.roles import check_gate_role
 
 __all__ = ["Decision", "Rule", "RuleSet"]
 
@@ -90,8 +91,7 @@ class RuleSet:
                     raise ConfigError(f"{where}: a deny rule needs a reason")
                 if rule.quorum < 1:
                     raise ConfigError(f"{where}: quorum must be at least 1")
-                if not rule.role.replace("_", "").isalnum():
-                    raise ConfigError(f"{where}: role {rule.role!r} is not a role name")
+                check_gate_role(rule.role, where)
                 rules.append((str(path), rule))
         return cls(rules)
 

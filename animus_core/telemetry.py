@@ -173,11 +173,10 @@ def setup_telemetry(settings: Settings, *, service_name: str = "animus") -> Tele
         OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=_EXPORT_TIMEOUT)))
     trace.set_tracer_provider(tracer_provider)
 
-    interval_ms = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
     meter_provider = MeterProvider(resource=resource, metric_readers=[
         PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure,
                                                          timeout=_EXPORT_TIMEOUT),
-                                      export_interval_millis=interval_ms)])
+                                      export_interval_millis=settings.metric_interval_ms)])
     metrics.set_meter_provider(meter_provider)
 
     logger_provider = LoggerProvider(resource=resource)

@@ -78,3 +78,13 @@ def test_settings_from_env():
         Settings.from_env({"LOG_LEVEL": "loud"})
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         Settings.from_env({"DATABASE_URL": "sqlite:///x.db"})
+
+
+def test_a_metric_interval_that_is_not_milliseconds_is_a_config_error(run_with):
+    proc = run_with({"OTEL_METRIC_EXPORT_INTERVAL": "10s"}, "work", "list")
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr)
+    assert "OTEL_METRIC_EXPORT_INTERVAL='10s' must be a positive integer" in line
+    env = {"ANIMUS_HOME": "/tmp/h"}
+    assert Settings.from_env(env).metric_interval_ms == 10_000
+    assert Settings.from_env({**env, "OTEL_METRIC_EXPORT_INTERVAL": "500"}).metric_interval_ms == 500

@@ -275,6 +275,12 @@ async def test_plan_writes_nothing_and_shows_the_rules(db, db_url, env, tmp_path
      work_type = "fetch"
      colour = "red"
      """, "unknown field `colour` - at `stage[0]`"),
+    ("""
+     [[stage]]
+     name = "a"
+     work_type = "fetch"
+     gate = { role = "approvers" }
+     """, "stage 'a' gate: role 'approvers' is not an animus role; use one of reader,"),
     ("", "a pipeline needs at least one [[stage]]"),
 ])
 def test_bad_pipelines_are_rejected_naming_the_problem(tmp_path: Path, stages_toml: str,

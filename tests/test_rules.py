@@ -102,7 +102,10 @@ def rules_from(tmp_path: Path, text: str) -> RuleSet:
     ("[[rule]]\nname = 'q'\neffect = 'require_approval'\nquorum = 0\n",
      "rule[0] (q): quorum must be at least 1"),
     ("[[rule]]\nname = 'r'\neffect = 'require_approval'\nrole = 'x; drop'\n",
-     "rule[0] (r): role 'x; drop' is not a role name"),
+     "rule[0] (r): role 'x; drop' is not an animus role; use one of reader, submitter, "
+     "approver, operator, admin"),
+    ("[[rule]]\nname = 'r'\neffect = 'require_approval'\nrole = 'approvers'\n",
+     "rule[0] (r): role 'approvers' is not an animus role"),
     ("[rules]\nname = 'x'\n", "unknown field `rules`"),
 ])
 def test_rule_file_errors_name_the_file_and_the_field(tmp_path: Path, text: str,
