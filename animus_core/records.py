@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
+import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -66,11 +67,27 @@ def environment() -> tuple[str, dict[str, Any]]:
     return canonical_hash(env), env
 
 
+# Digests by (path, inode, size, mtime, ctime): a hook's interpreter or script is hashed once,
+# not at every attempt. A file changed within the last seconds is not remembered, as its
+# timestamps may not tell a second change within the same clock tick apart ("racy" files).
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_SETTLED_NS = 2_000_000_000
+
+
 def file_digest(path: Path) -> str:
     try:
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        st = path.stat()
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if (known := _DIGESTS.get(key)) is not None:
+            return known
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as e:
         return f"unreadable: {e.strerror}"
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+        if len(_DIGESTS) > 4096:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -249,10 +249,16 @@ class CommandFaculty(Faculty):
         return self.spec.description or f"commands from {self.path.name}"
 
     def identity(self) -> dict[str, Any]:
-        """The TOML file and every hook script, by digest (read at each attempt, so an edited
-        script shows up in the next execution record)."""
-        hooks = {phase: {"command": " ".join(argv), "sha256": file_digest(Path(argv[0]))}
-                 for phase, argv in self.commands.items()}
+        """The TOML file and every hook's executable, by digest, and any file an absolute
+        argument names (the script of ``python3 /srv/hooks/engage.py``). Checked at each
+        attempt, so an edited script shows up in the next execution record."""
+        hooks: dict[str, Any] = {}
+        for phase, argv in self.commands.items():
+            hook = hooks[phase] = {"command": " ".join(argv), "sha256": file_digest(Path(argv[0]))}
+            files = {a: file_digest(Path(a)) for a in argv[1:]
+                     if os.path.isabs(a) and os.path.isfile(a)}
+            if files:
+                hook["files"] = files
         ident: dict[str, Any] = {"kind": "toml", "file": str(self.path),
                                  "file_sha256": file_digest(self.path), "hooks": hooks}
         if self.spec.engage is not None and self.spec.engage.model is not None:

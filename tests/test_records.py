@@ -277,3 +277,57 @@ async def test_the_environment_is_stored_once(db, db_url, tmp_path, faculties):
 def test_root_has_no_rules_directory() -> None:
     # the engines here load rules from ./rules (ANIMUS_RULES's default): there must be none
     assert not (ROOT / "rules").exists()
+
+
+# -- file digests and hook identity --------------------------------------------------------------
+
+
+def test_a_hook_run_by_an_interpreter_is_identified_by_its_script(tmp_path: Path) -> None:
+    """For `bash /abs/script.sh` the executable is bash: the script an absolute argument
+    names is in the identity too, so editing it shows up in the next record."""
+    from animus_core.toml_faculties import load_file
+
+    script = tmp_path / "engage.sh"
+    script.write_text("echo '{}' > engage-out.json\n")
+    toml = tmp_path / "interp.toml"
+    toml.write_text(f'[faculty]\nname = "interp"\naccepts = ["interp"]\n'
+                    f'[faculty.engage]\ncommand = "bash {script}"\n')
+    hook = load_file(toml).identity()["hooks"]["engage"]
+    assert hook["command"].endswith(f"bash {script}")
+    assert hook["sha256"] == file_digest(Path(hook["command"].split()[0]))  # bash itself
+    assert hook["files"] == {str(script): file_digest(script)}
+    script.write_text("echo '{\"v\": 2}' > engage-out.json\n")
+    assert load_file(toml).identity()["hooks"]["engage"]["files"][str(script)] != \
+        hook["files"][str(script)]
+
+
+def test_a_settled_file_is_hashed_once_and_a_changed_one_again(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from animus_core import records
+
+    monkeypatch.setattr(records, "_SETTLED_NS", 0)  # every file counts as settled
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * 1000)
+    first = file_digest(path)
+    reads: list[Path] = []
+    real = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    assert file_digest(path) == first
+    assert reads == []  # remembered
+    path.write_bytes(b"y" * 1001)
+    assert file_digest(path) != first
+    assert reads == [path]
+
+
+def test_a_file_changed_moments_ago_is_not_remembered(tmp_path: Path) -> None:
+    """Two edits within one timestamp tick, same size: the second must still be seen."""
+    path = tmp_path / "racy"
+    path.write_bytes(b"aaaa")
+    first = file_digest(path)
+    path.write_bytes(b"bbbb")
+    assert file_digest(path) != first
