@@ -201,25 +201,21 @@ class SentenceTransformersEmbedder:
         return [list(map(float, v)) for v in vectors]
 
 
-def _dim(settings: Settings) -> int | None:
-    return settings.embedder_dimensions
-
-
 @hookimpl
 def register_embedders(register: Callable[[str, Callable[[Settings], Embedder]], None]) -> None:
-    register("hashing", lambda s: HashingEmbedder(_dim(s) or 384))
+    register("hashing", lambda s: HashingEmbedder(s.embedder_dimensions or 384))
 
     def openai(s: Settings) -> Embedder:
         if not s.embedder_url:
             raise ConfigError("ANIMUS_EMBEDDER=openai needs ANIMUS_EMBEDDER_URL "
                               "(for example https://api.openai.com/v1 or http://localhost:11434/v1)")
         return OpenAIEmbedder(url=s.embedder_url, model=s.embedder_model or "text-embedding-3-small",
-                              key=s.embedder_key, dimension=_dim(s))
+                              key=s.embedder_key, dimension=s.embedder_dimensions)
 
     def voyage(s: Settings) -> Embedder:
         return VoyageEmbedder(url=s.embedder_url or "https://api.voyageai.com/v1",
                               model=s.embedder_model or "voyage-3.5", key=s.embedder_key,
-                              dimension=_dim(s))
+                              dimension=s.embedder_dimensions)
 
     def local(s: Settings) -> Embedder:
         if not s.embedder_model:

@@ -369,8 +369,14 @@ async def submit_work(focus: Focus, work_type: str, params: dict[str, Any] | Non
     if dedup_key:
         item = item.dedup_key(dedup_key)
     result = await focus.submit(item)
-    return {"id": str(result.id), "status": "created" if isinstance(result, Created) else "merged",
-            "canonical_id": str(result.canonical_id)}
+    reply = {"id": str(result.id), "status": "created" if isinstance(result, Created) else "merged",
+             "canonical_id": str(result.canonical_id)}
+    if isinstance(result, Created):
+        # queued, or what a rule made of it: awaiting_approval, or dead with the reason
+        reply["state"] = str(result.item.state)
+        if result.item.state != "queued":
+            reply["reason"] = result.item.reason or ""
+    return reply
 
 
 @hookimpl

@@ -35,9 +35,8 @@ from animus_core import audit
 from animus_core.db import Db
 from animus_core.errors import DatabaseError, InvalidInput
 
-__all__ = ["FINISHED", "PurgeReport", "parse_age", "purge"]
+__all__ = ["PurgeReport", "parse_age", "purge"]
 
-FINISHED = ("completed", "dead", "merged", "cancelled")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Finished items resolved before $1 that nothing outside that set points at, directly or

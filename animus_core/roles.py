@@ -34,7 +34,6 @@ def check_gate_role(role: str, where: str) -> None:
         raise ConfigError(f"{where}: role {role!r} is not an animus role; use one of "
                           f"{', '.join(ROLES)}")
 
-_APPEND_ONLY = ("audit_log", "audit_seal", "execution_records", "approvals", "environments")
 
 SETUP_SQL = """
 DO $$

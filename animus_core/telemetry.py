@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import context, metrics, propagate, trace
@@ -30,7 +29,6 @@ __all__ = [
     "current_traceparent",
     "extract",
     "setup_telemetry",
-    "span",
     "tracing",
 ]
 
@@ -127,10 +125,6 @@ class Telemetry:
     def __init__(self, providers: list[Any]) -> None:
         self._providers = providers
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._providers)
-
     def shutdown(self) -> None:
         for provider in self._providers:
             try:
@@ -225,15 +219,6 @@ def extract(traceparent: str | None) -> context.Context | None:
     if not traceparent:
         return None
     return propagate.extract({"traceparent": traceparent})
-
-
-@contextmanager
-def span(name: str, *, parent: str | None = None,
-         attributes: Mapping[str, Any] | None = None) -> Iterator[trace.Span]:
-    """A span, child of the current one or of the ``traceparent`` given."""
-    ctx = extract(parent)
-    with tracer.start_as_current_span(name, context=ctx, attributes=dict(attributes or {})) as s:
-        yield s
 
 
 instruments = _Instruments()

@@ -678,6 +678,8 @@ async def test_builtin_tools_remember_recall_and_submit(server: MessagesServer,
 
     first, second = (json.loads(r["content"]) for r in reqs[3].tool_results())
     assert first["status"] == "created"
+    assert first["state"] == "queued"
+    assert "reason" not in first
     assert second["status"] == "merged"
     assert second["canonical_id"] == first["id"]
     child = await db.get_work_item(first["id"])
@@ -993,3 +995,24 @@ async def test_usage_of_a_failed_attempt_counts_in_the_total(
     assert item.usage["models"]["claude-haiku-4-5"]["output_tokens"] == 3
     assert item.usage["cost_usd"] == expected_cost(PRICES["claude-haiku-4"],
                                                    summed(Tokens(10, 1), Tokens(20, 2)))
+
+
+async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
+        db: Db, tmp_path: Path) -> None:
+    """A denied item is still created (dead, with the rule's reason): the reply says so, so
+    the model does not take it for queued work."""
+    from animus_core.rules import RuleSet
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10.toml").write_text(
+        "[[rule]]\nname = 'no deploys'\neffect = 'deny'\nwork_type = 'deploy'\n"
+        "reason = 'deploys are frozen'\n")
+    item = await db.get_work_item((await db.submit_work(NewWorkItem("research"))).id)
+    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path)
+    db.rules = RuleSet.load(rules)
+    reply = await llm.submit_work(focus, "deploy", {"to": "prod"})
+    assert reply["status"] == "created"
+    assert reply["state"] == "dead"
+    assert "deploys are frozen" in reply["reason"]
+    assert (await db.get_work_item(reply["id"])).state == State.DEAD

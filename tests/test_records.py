@@ -301,8 +301,8 @@ def test_a_hook_run_by_an_interpreter_is_identified_by_its_script(tmp_path: Path
         hook["files"][str(script)]
 
 
-def test_a_settled_file_is_hashed_once_and_a_changed_one_again(tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_a_settled_file_is_hashed_once_and_a_changed_one_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from animus_core import records
 
     monkeypatch.setattr(records, "_SETTLED_NS", 0)  # every file counts as settled
