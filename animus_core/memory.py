@@ -444,12 +444,21 @@ class Memory:
         done = 0
         async with self.db.connection() as conn:
             total = await conn.fetchval("SELECT count(*) FROM animus.memories")
+            # In id order from where the last batch ended, so each batch reads only its own
+            # rows; then once more from the start, for memories stored meanwhile below it.
+            after: UUID | None = None
+            swept_again = False
             while True:
                 rows = await conn.fetch(
-                    """SELECT id, content FROM animus.memories WHERE embedding_next IS NULL
-                        ORDER BY id LIMIT $1""", batch)
+                    """SELECT id, content FROM animus.memories
+                        WHERE embedding_next IS NULL AND ($2::uuid IS NULL OR id > $2)
+                        ORDER BY id LIMIT $1""", batch, after)
                 if not rows:
-                    break
+                    if after is None or swept_again:
+                        break
+                    after, swept_again = None, True
+                    continue
+                after = rows[-1]["id"]
                 vectors = [Vector(_check_vector(vec, target.dimension, target.name, "re-embed"))
                            for vec in await target.embed([r["content"] for r in rows])]
                 await conn.execute(
@@ -458,9 +467,7 @@ class Memory:
                     [r["id"] for r in rows], vectors, target.name)
                 done += len(rows)
                 if progress:
-                    left = await conn.fetchval(
-                        "SELECT count(*) FROM animus.memories WHERE embedding_next IS NULL")
-                    progress(total - left, total)
+                    progress(done, max(total, done))
             async with conn.transaction():
                 await conn.execute("LOCK TABLE animus.memories IN ACCESS EXCLUSIVE MODE")
                 left = await conn.fetchval(
