@@ -191,6 +191,13 @@ class Memory:
     async def open(cls, db: Db, embedder: Embedder) -> Memory:
         probe = getattr(embedder, "probe", None)
         if probe is not None:
+            if not embedder.dimension:  # what the store recorded for it saves a request
+                async with db.connection() as conn:
+                    known = await conn.fetchval(
+                        "SELECT dimension FROM animus.memory_config WHERE embedder = $1",
+                        embedder.name)
+                if known:
+                    embedder.dimension = known
             await probe()
         async with db.connection() as conn:
             try:

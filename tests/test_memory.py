@@ -489,6 +489,14 @@ async def test_openai_embedder_sends_model_and_key(db: Db, db_url: str,
     assert found[0].id == ids[3]
     assert "input_type" not in server.requests[-1].body
 
+    # Opened again (an engine start, a CLI command): the store knows the dimension
+    again = from_env(ANIMUS_EMBEDDER="openai", ANIMUS_EMBEDDER_URL=server.url,
+                     ANIMUS_EMBEDDER_MODEL="text-embedding-test")
+    server.reset()
+    await Memory.open(db, again)
+    assert again.dimension == DIM
+    assert server.requests == []  # no probe
+
     # Without a key there is no Authorization header; batches follow batch_size.
     keyless = http(OpenAIEmbedder, server, key=None, batch_size=4)
     server.reset()
