@@ -131,7 +131,8 @@ async def restore_cmd(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing restored")
             return 1
-    report = await restore(url, src, db_only=args.db_only, no_owner=args.no_owner)
+    report = await restore(url, src, db_only=args.db_only, no_owner=args.no_owner,
+                           verified=manifest)
     print(f"restored into {where} in {report.seconds:.1f}s with pg_restore {_tool(report.pg_restore)}")
     matched = (": every table matches the manifest" if report.manifest.row_counts is not None
                else "")
