@@ -703,13 +703,7 @@ class Db:
             raise IllegalTransition(
                 f"work item {old.id} is {old.state}: only dead items can be replayed"
             )
-        new = (
-            NewWorkItem(old.work_type, source=source, trigger=f"replay of {old.id}")
-            .params(old.params)
-            .priority(old.priority)
-            .max_attempts(old.max_attempts)
-            .replay_of(old.id)
-        )
+        new = old.again(source=source, trigger=f"replay of {old.id}")
         if old.dedup_key:
             new = new.dedup_key(old.dedup_key)
         if old.parent_id:

@@ -84,6 +84,13 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
     resolved_at: datetime | None
 
+    def again(self, *, source: str, trigger: str) -> NewWorkItem:
+        """A fresh submission of the same work (type, params, priority, attempts), linked
+        to this item by ``replay_of``; dedup key and parent are the caller's choice."""
+        return (NewWorkItem(self.work_type, source=source, trigger=trigger)
+                .params(self.params).priority(self.priority).max_attempts(self.max_attempts)
+                .replay_of(self.id))
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> WorkItem:
         return cls(

@@ -146,10 +146,9 @@ async def rerun(args: argparse.Namespace) -> int:
         old = await db.get_work_item(args.id)
         if not old.state.terminal or old.state == State.MERGED:
             raise InvalidInput(f"work item {old.id} is {old.state}: rerun a finished item")
-        new = (NewWorkItem(old.work_type, source="cli", trigger=f"rerun of {old.id}")
-               .params(old.params).priority(old.priority).max_attempts(old.max_attempts)
-               .replay_of(old.id))
-        created = await db.submit_work(new, queue=old.queue)
+        # no dedup key (a rerun must run, not merge into live work) and no parent
+        created = await db.submit_work(old.again(source="cli", trigger=f"rerun of {old.id}"),
+                                       queue=old.queue)
         if args.no_wait:
             print(f"rerun {created.id} submitted; compare with: animus work diff {old.id} "
                   f"{created.id}")
