@@ -8,12 +8,19 @@ transaction still running, whose rows are sealed when they appear, or one that r
 given up once every transaction that could have taken the id has ended and an hour has
 passed. Verification recomputes every hash from the rows as they are now and names the first
 one that does not match.
+
+Hashing never fails on a row the database accepted. A JSON column that RFC 8785 cannot write
+(an integer beyond a double, written by hand with SQL or before animus refused such values
+at the edge) is hashed over Postgres's own text of it instead, behind a NUL character that no
+canonical text contains; the sealer logs such a row and verification reports it as a
+finding, so it stays tamper-evident without stopping the chain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -27,7 +34,9 @@ __all__ = [
     "verify",
 ]
 
+_log = logging.getLogger("animus.audit")
 GENESIS = b"\x00" * 32
+_MAX_FINDINGS = 20  # listed by verify; the count covers all of them
 _SEAL_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('animus.audit_seal'))"
 
 
@@ -59,6 +68,9 @@ class Verification(msgspec.Struct, frozen=True, kw_only=True):
     unsealed: int
     first_bad_id: int | None = None
     problem: str | None = None
+    #: rows hashed over Postgres's text of a JSON column outside the value model (see above)
+    findings: list[str] = []
+    findings_total: int = 0
 
 
 # What the sealer and the verifier read of each row, in the order _hash takes it: work_id and
@@ -80,9 +92,31 @@ def row_hash(prev: bytes, row: Any) -> bytes:
 
 def record_hash(prev: bytes, record: Any) -> bytes:
     """:func:`row_hash` of a row read as ``_HASHED_COLUMNS`` (JSON as text), in that order."""
+    return _record_hash(prev, record)[0]
+
+
+def _record_hash(prev: bytes, record: Any) -> tuple[bytes, str | None]:
+    """The hash of a row read as ``_HASHED_COLUMNS``, and what kept a JSON column from its
+    canonical text (``None`` for a row inside the value model)."""
     id_, work_id, event, from_state, to_state, provenance, db_user, at, payload = record
-    return _hash(prev, id_, work_id, event, from_state, to_state, canonical_text(provenance),
-                 db_user, at, canonical_text(payload))
+    provenance, bad_provenance = _json_text(provenance)
+    payload, bad_payload = _json_text(payload)
+    problem = "; ".join(f"{column}: {bad}" for column, bad in
+                        (("provenance", bad_provenance), ("payload", bad_payload)) if bad)
+    return (_hash(prev, id_, work_id, event, from_state, to_state, provenance, db_user, at,
+                  payload), problem or None)
+
+
+def _json_text(text: str) -> tuple[str, str | None]:
+    try:
+        return canonical_text(text), None
+    except RecursionError:
+        reason = "nested too deeply to decode"
+    except ValueError as e:
+        reason = str(e).replace("Number out of range", "a number beyond the range of a double")
+    except Exception as e:  # whatever Postgres stored must still be hashed
+        reason = type(e).__name__
+    return "\x00" + text, f"{reason}; hashed as stored"
 
 
 def _hash(prev: bytes, id_: int, work_id: UUID | str, event: str, from_state: str | None,
@@ -167,7 +201,10 @@ def _chain(rows: list[Any], seq: int, prev: bytes) -> list[tuple[int, int, bytes
     records = []
     for row in rows:
         seq += 1
-        h = record_hash(prev, row)
+        h, problem = _record_hash(prev, row)
+        if problem:
+            _log.warning("audit row %s holds JSON outside the value model (%s); it is sealed "
+                         "over the text Postgres stores", row["id"], problem)
         records.append((seq, row["id"], prev, h))
         prev = h
     return records
@@ -176,6 +213,8 @@ def _chain(rows: list[Any], seq: int, prev: bytes) -> list[tuple[int, int, bytes
 async def verify(conn: Any, page: int = 20_000) -> Verification:
     """Recompute the whole chain from the stored rows."""
     prev, expected_seq, checked = GENESIS, 1, 0
+    findings: list[str] = []
+    total = 0
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         while True:
             rows = await conn.fetch(
@@ -192,8 +231,13 @@ async def verify(conn: Any, page: int = 20_000) -> Verification:
                     return _bad(checked, None, f"chain position {r['seq']} seals a missing row")
                 if bytes(r["prev_hash"]) != prev:
                     return _bad(checked, r["id"], f"{where} does not link to the row before it")
-                if record_hash(prev, r[3:]) != bytes(r["hash"]):
+                digest, problem = _record_hash(prev, r[3:])
+                if digest != bytes(r["hash"]):
                     return _bad(checked, r["id"], f"{where} was changed after it was sealed")
+                if problem:
+                    total += 1
+                    if len(findings) < _MAX_FINDINGS:
+                        findings.append(f"audit row {r['id']}: {problem}")
                 prev, expected_seq, checked = bytes(r["hash"]), expected_seq + 1, checked + 1
             if len(rows) < page:
                 break
@@ -206,7 +250,8 @@ async def verify(conn: Any, page: int = 20_000) -> Verification:
         if orphans is not None:
             return _bad(checked, orphans, f"audit row {orphans} is neither sealed nor waiting to be")
         unsealed = await conn.fetchval(UNSEALED_SQL)
-    return Verification(ok=True, checked=checked, unsealed=unsealed)
+    return Verification(ok=True, checked=checked, unsealed=unsealed, findings=findings,
+                        findings_total=total)
 
 
 def _bad(checked: int, row_id: int | None, problem: str) -> Verification:

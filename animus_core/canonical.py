@@ -68,7 +68,12 @@ def _encode(value: Any, nfc: bool, out: list[str]) -> None:
     elif isinstance(value, str):
         out.append(_string(unicodedata.normalize("NFC", value) if nfc else value))
     elif isinstance(value, int):
-        out.append(str(value) if abs(value) < 2**53 else _number(float(value)))
+        if abs(value) < 2**53:
+            out.append(str(value))
+        elif abs(value) < 2**1024:
+            out.append(_number(float(value)))
+        else:
+            raise ValueError("an integer beyond the range of a double has no RFC 8785 form")
     elif isinstance(value, float):
         out.append(_number(value))
     elif isinstance(value, Mapping):

@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from pgvector.asyncpg import register_vector
 
-from animus_core import audit, migrations
+from animus_core import audit, json_values, migrations
 from animus_core.config import Settings
 from animus_core.embedded import EMBEDDED_DATABASE, embedded_url
 from animus_core.errors import (
@@ -39,6 +39,7 @@ from animus_core.errors import (
     PermissionDenied,
     WorkNotFound,
 )
+from animus_core.limits import check_text, limits
 from animus_core.records import ExecutionRecord
 from animus_core.rules import RuleSet
 from animus_core.states import State, require_transition
@@ -118,9 +119,17 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     :meth:`Db.connection` should do the same."""
 
 
+# SQLSTATEs that mean the connection or the server went away, not that the operation was
+# refused: connection exceptions (08), administrator/crash shutdown and start-up (57P01-03),
+# too many connections (53300). Whoever retries on DatabaseUnavailable retries these.
+_GONE = ("57P01", "57P02", "57P03", "53300")
+
+
 def _translate(e: asyncpg.PostgresError) -> Exception:
     """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
     msg = getattr(e, "message", None) or str(e)
+    if e.sqlstate in _GONE or (e.sqlstate or "").startswith("08"):
+        return DatabaseUnavailable(f"lost the database connection: {msg}")
     no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01") else None
     if no_queue:  # from animus.submit, or a pgmq table that is not there
         return InvalidInput(
@@ -149,10 +158,21 @@ def _errors() -> Any:
         if isinstance(e.__cause__, AnimusError):  # one of our codecs refused an argument
             raise e.__cause__ from None
         raise _translate(e) from e
-    except (OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError) as e:
-        if isinstance(e, OSError | asyncpg.ConnectionDoesNotExistError) or "closed" in str(e):
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
+        if _broken(e):
             raise DatabaseUnavailable(f"lost the database connection: {e}") from e
         raise DatabaseError(f"the database client refused the operation: {e}") from e
+
+
+def _broken(e: BaseException) -> bool:
+    """Whether ``e`` leaves the connection it happened on unusable: closed, timed out, or in
+    a protocol state asyncpg cannot leave (``cannot switch to state ...``, after a backend
+    was terminated in the middle of an operation)."""
+    if isinstance(e, asyncpg.PostgresError):
+        return e.sqlstate in _GONE or (e.sqlstate or "").startswith("08")
+    return (isinstance(e, OSError | TimeoutError | asyncpg.ConnectionDoesNotExistError
+                       | asyncpg.InternalClientError)
+            or (isinstance(e, asyncpg.InterfaceError) and "closed" in str(e)))
 
 
 class Db:
@@ -194,7 +214,8 @@ class Db:
                 timeout=timeout,
                 server_settings={"application_name": "animus", "animus.actor": actor},
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as e:
             reason = str(e).strip() or type(e).__name__
             raise DatabaseUnavailable(
                 f"cannot connect to Postgres at {describe_url(url)}: {reason} "
@@ -214,9 +235,17 @@ class Db:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; one left broken by an error is closed, not pooled again."""
         with _errors():
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException as e:
+                    # cancelled in the middle of a query, the connection may still be busy
+                    if _broken(e) or isinstance(e, asyncio.CancelledError):
+                        with contextlib.suppress(asyncpg.InterfaceError):  # already released
+                            conn.terminate()
+                    raise
 
     # -- schema --------------------------------------------------------------------------------
 
@@ -393,6 +422,7 @@ class Db:
         The database checks the role the rule asked for, refuses the requester, and moves
         the item to queued once the quorum is reached (or to dead on a rejection)."""
         wid = _uuid(work_id)
+        _check_reason(reason)
         async with self.connection() as conn:
             row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
                                       wid, decision, reason)
@@ -511,7 +541,10 @@ class Db:
             return
         # The outcomes go as JSON text: in a jsonb[] argument asyncpg would take a list
         # outcome for a nested array dimension (and keep only its first element).
-        data = [None if d[1] is None else dump_json(d[1], "outcome data") for d in done]
+        limit = limits().outcome_bytes
+        data = [None if d[1] is None else json_values.encode(
+                    d[1], "outcome", limit=limit, setting="ANIMUS_MAX_OUTCOME_BYTES")
+                for d in done]
         args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
                 [d[0].token for d in done], data, [d[2] for d in done])
         sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
@@ -576,6 +609,7 @@ class Db:
 
     async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
         """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
+        _check_reason(error)
         async with self.connection() as conn, conn.transaction():
             await self._held(conn, lease, State.FAILED)
             row = await conn.fetchrow(
@@ -590,6 +624,7 @@ class Db:
         """``claimed|running -> queued`` without counting a failure (shutdown, could not start).
 
         An attempt already counted by :meth:`start` is given back."""
+        _check_reason(reason)
         async with self.connection() as conn, conn.transaction():
             current = await self._held(conn, lease, State.QUEUED)
             if current not in (State.CLAIMED, State.RUNNING):
@@ -615,8 +650,10 @@ class Db:
     ) -> WorkItem:
         """``failed -> queued``, visible again after ``delay`` seconds."""
         wid = _uuid(work_id)
-        if delay < 0:
-            raise InvalidInput(f"retry delay must be >= 0 seconds, got {delay}")
+        if not 0 <= delay <= 7 * 86_400:  # also refuses NaN
+            raise InvalidInput(f"retry delay must be from 0 to 604800 seconds, got {delay}")
+        if reason is not None:
+            _check_reason(reason)
         async with self.connection() as conn, conn.transaction():
             row = await self._lock(conn, wid)
             require_transition(wid, State(row["state"]), State.QUEUED)
@@ -635,6 +672,7 @@ class Db:
     async def dead_letter(self, work_id: UUID | str, reason: str) -> WorkItem:
         """End an item as ``dead`` with a reason (from queued, failed, or running via failed)."""
         wid = _uuid(work_id)
+        _check_reason(reason)
         async with self.connection() as conn, conn.transaction():
             row = await self._lock(conn, wid)
             state = State(row["state"])
@@ -661,6 +699,7 @@ class Db:
         (ARCHITECTURE 3.1): the request is recorded and audited, and the engine running it
         stops the focus and ends the item ``dead`` with ``reason``."""
         wid = _uuid(work_id)
+        _check_reason(reason)
         async with self.connection() as conn, conn.transaction():
             row = await self._lock(conn, wid)
             if row["state"] in (State.CLAIMED, State.RUNNING):
@@ -803,6 +842,10 @@ def _transition(from_state: str, to_state: str, n: int = 1) -> None:
 
 def _uuid(value: UUID | str) -> UUID:
     return as_uuid(value, "id")
+
+
+def _check_reason(reason: str) -> None:
+    check_text(reason, "reason", limits().reason_chars, "ANIMUS_MAX_REASON_CHARS")
 
 
 def _check_queue(name: str) -> None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,13 +40,14 @@ import msgspec
 import pluggy
 from opentelemetry import context, trace
 
-from animus_core import __version__
+from animus_core import __version__, json_values
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import Focus
+from animus_core.limits import clip, limits
 from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
@@ -60,7 +62,6 @@ from animus_core.work import (
     NewWorkItem,
     WorkItem,
     WorkNotification,
-    dump_json,
 )
 
 __all__ = ["Engine", "EngineOptions"]
@@ -138,6 +139,8 @@ class Engine:
         self._completions_ready = asyncio.Event()
         self._deadlines = asyncio.Event()  # set while some phase has a deadline to enforce
         self._closing = False
+        #: when a stop was asked for, plus the grace period: the last moment to record work
+        self._stop_deadline: float | None = None
         self._cancelling: set[UUID] = set()
         self._activity = False
         self.foci_root = settings.home / "foci"
@@ -168,6 +171,8 @@ class Engine:
 
     def stop(self) -> None:
         """Ask the engine to drain and return from :meth:`run`."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.options.grace
         self._stopping.set()
         self._wake.set()
 
@@ -181,23 +186,22 @@ class Engine:
     async def run(self) -> None:
         await self._open_memory()
         self.environment_hash, env = await asyncio.to_thread(environment)
-        await self.db.record_environment(self.environment_hash, env)
+        await self._until_reachable("record the environment",
+                                    lambda: self.db.record_environment(self.environment_hash, env))
         for impl in self.pm.hook.startup.get_hookimpls():
             await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
-        await self._report_unroutable_backlog()
+        await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
         helpers = [
-            asyncio.create_task(self._listen(), name="animus-listener"),
-            asyncio.create_task(self._keep_leases(), name="animus-leases"),
-            asyncio.create_task(self._seal_loop(), name="animus-sealer"),
-            asyncio.create_task(self._enforce_deadlines(), name="animus-deadlines"),
-            *[asyncio.create_task(self._tick(s), name=f"schedule-{s.name}")
+            self._supervise("animus-listener", self._listen),
+            self._supervise("animus-leases", self._keep_leases),
+            self._supervise("animus-sealer", self._seal_loop),
+            self._supervise("animus-deadlines", self._enforce_deadlines),
+            *[self._supervise(f"schedule-{s.name}", functools.partial(self._tick, s))
               for f in self.faculties for s in f.schedules],
         ]
         if self.settings.otel_endpoint:
-            helpers.append(asyncio.create_task(self._sample_depths(), name="animus-depths"))
-        completer = asyncio.create_task(self._complete_loop(), name="animus-completer")
-        for task in (*helpers, completer):
-            task.add_done_callback(self._helper_died)
+            helpers.append(self._supervise("animus-depths", self._sample_depths))
+        completer = self._supervise("animus-completer", self._complete_loop)
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
                   len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
@@ -222,15 +226,54 @@ class Engine:
                     _log.exception("shutdown hook of %s failed", impl.plugin_name)
             _log.info("engine stopped")
 
+    def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run a helper loop as a task that outlives its failures: a lost connection, or any
+        other exception, is logged and the loop starts again after a backoff (1 s, doubling
+        to 30 s while it keeps failing at once). Only cancellation ends it, or the loop
+        returning (the completer, once the engine closes)."""
+        async def supervised() -> None:
+            backoff = 1.0
+            while True:
+                started = time.monotonic()
+                try:
+                    await loop()
+                    return
+                except Exception as e:
+                    if time.monotonic() - started > 60:
+                        backoff = 1.0  # it ran a good while: not failing at once
+                    level = logging.WARNING if isinstance(e, DatabaseUnavailable) else logging.ERROR
+                    _log.log(level, "engine task %s failed (%s: %s); restarting it in %.0fs",
+                             name, type(e).__name__, redactor.text(str(e))[:300], backoff,
+                             exc_info=level == logging.ERROR)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+
+        task = asyncio.create_task(supervised(), name=name)
+        task.add_done_callback(self._helper_died)
+        return task
+
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
-        """A helper task must never end while the engine runs: if one crashes, say so loudly
-        and stop the engine (draining what runs) rather than stall without a word."""
-        if task.cancelled() or self._closing:
+        """A helper must not end while the engine runs (its loop is restarted on failure):
+        if one returns, say so loudly and stop the engine rather than stall without a word."""
+        if task.cancelled() or self._closing or task.exception() is not None:
             return
-        error = task.exception()
-        _log.critical("engine task %s stopped unexpectedly (%s); stopping the engine",
-                      task.get_name(), f"{type(error).__name__}: {error}" if error else "returned")
+        _log.critical("engine task %s stopped unexpectedly; stopping the engine",
+                      task.get_name())
         self.stop()
+
+    async def _until_reachable(self, what: str, step: Callable[[], Awaitable[Any]]) -> None:
+        """Run a start-up ``step``, retrying while the database is unreachable."""
+        backoff = 0.5
+        while True:
+            try:
+                await step()
+                return
+            except DatabaseUnavailable as e:
+                if self._stopping.is_set():
+                    raise
+                _log.warning("cannot %s yet, retrying in %.1fs: %s", what, backoff, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -281,7 +324,7 @@ class Engine:
             try:
                 await self._fill()
                 backoff = 0.5
-            except DatabaseUnavailable as e:
+            except AnimusError as e:  # unreachable, or refused: the loop must go on either way
                 _log.warning("claim failed, retrying in %.1fs: %s", backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -412,7 +455,7 @@ class Engine:
         ms = int((time.perf_counter() - started) * 1000)
         try:
             item = await self.db.get_work_item(lease.work_id)
-            reason = f"cancelled while {item.state}: {item.cancel_requested or 'by request'}"
+            reason = clip(f"cancelled while {item.state}: {item.cancel_requested or 'by request'}")
             await self.db.fail(lease, reason, duration_ms=ms)
             await self.db.dead_letter(lease.work_id, reason)
         except AnimusError as e:
@@ -484,8 +527,9 @@ class Engine:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = redactor.json(
                     await self._phase(fac, "consolidate", focus, traced, engaged=engaged))
-                # what the completion will store: JSON that Postgres can hold (no NUL)
-                dump_json(outcome, "outcome")
+                # what the completion will store: within the JSON model and the size limit
+                json_values.encode(outcome, "outcome", limit=limits().outcome_bytes,
+                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
                     conn = await scope.connection()
@@ -555,7 +599,7 @@ class Engine:
                                             error=error, phase=phase)
         except Exception as e:
             note = f" (recover failed too: {redactor.text(_describe(e, 'recover', fac))})"
-        reason = f"{phase} failed: {error}{note}"
+        reason = clip(f"{phase} failed: {error}{note}")
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
         try:
@@ -563,17 +607,17 @@ class Engine:
             limit = fac.max_attempts or item.max_attempts
             if verdict is False:
                 await self.db.dead_letter(item.id, reason if final  # a rule; recover not asked
-                                          else f"recover chose to dead-letter: {reason}")
+                                          else clip(f"recover chose to dead-letter: {reason}"))
                 result = "dead"
             elif item.attempts >= limit:
                 await self.db.dead_letter(
-                    item.id, f"attempts exhausted ({item.attempts}/{limit}): {reason}")
+                    item.id, clip(f"attempts exhausted ({item.attempts}/{limit}): {reason}"))
                 result = "dead"
             else:
                 result = "retry"
                 delay = min(fac.retry_max, fac.retry_base * 2 ** (item.attempts - 1))
                 delay *= random.uniform(0.5, 1.5)
-                await self.db.retry(item.id, delay=delay, reason=(
+                await self.db.retry(item.id, delay=delay, reason=clip(
                     f"retry {item.attempts + 1}/{limit} in {delay:.1f}s after {reason}"))
                 self._wake_later(delay + 0.05, self.slots[fac.name])
         except LeaseLost as e:
@@ -601,21 +645,27 @@ class Engine:
             records, self._executions = self._executions, []
             try:
                 await self.db.complete_many(batch, executions=records)
-            except (LeaseLost, AnimusError) as e:
-                if isinstance(e, DatabaseUnavailable):
-                    self._completions = batch + self._completions
-                    self._executions = records + self._executions
-                    if self._stopping.is_set() or self._closing:
-                        _log.warning(
-                            "stopping without recording %d completions (%s): their leases "
-                            "expire and the items run again", len(self._completions), e)
-                        return
-                    _log.warning("completing %d items failed, retrying: %s", len(batch), e)
-                    await asyncio.sleep(1.0)
-                    continue
+            except DatabaseUnavailable as e:
+                self._completions = batch + self._completions
+                self._executions = records + self._executions
+                if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                    ids = ", ".join(str(c[0].work_id) for c in self._completions)
+                    _log.error(
+                        "stopping without recording %d finished foci: the database is still "
+                        "unreachable at the end of the grace period (%s). These items will run "
+                        "again once their leases expire: %s", len(self._completions), e, ids)
+                    self._completions, self._executions = [], []
+                    return
+                _log.warning("completing %d items failed, retrying: %s", len(batch), e)
+                await asyncio.sleep(0.5 if self._stop_deadline is not None else 1.0)
+                continue
+            except AnimusError:
                 for one, rec in zip(batch, records, strict=True):  # keep the others
                     try:
                         await self.db.complete_many([one], executions=[rec])
+                    except DatabaseUnavailable:
+                        self._completions.append(one)  # tried again with the next batch
+                        self._executions.append(rec)
                     except AnimusError as e1:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             self._activity = True
@@ -719,7 +769,8 @@ class Engine:
                 self._mark_dirty()  # catch up on anything sent while not listening
                 await lost.wait()
                 _log.warning("listener connection lost; reconnecting")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError) as e:
                 _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
             finally:
                 self.listener_connected.clear()

@@ -22,7 +22,7 @@ import pluggy
 from animus_core import hookspecs
 from animus_core.config import Settings
 from animus_core.errors import ConfigError
-from animus_core.faculty import PHASES, Faculty
+from animus_core.faculty import PHASES, Faculty, check_faculty
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -130,8 +130,8 @@ class Faculties:
             raise ConfigError(f"{type(faculty).__name__} has no name")
         if not faculty.accepts:
             raise ConfigError(f"faculty {faculty.name!r} accepts no work types")
-        if faculty.max_concurrent < 1:
-            raise ConfigError(f"faculty {faculty.name!r}: max_concurrent must be at least 1")
+        check_faculty(faculty, f"faculty {faculty.name!r:.60} ({faculty.origin})",
+                      f"{type(faculty).__name__}.")
         if faculty.name in self.by_name:
             other = self.by_name[faculty.name]
             raise ConfigError(

@@ -122,7 +122,7 @@ CREATE POLICY work_items_operate ON animus.work_items FOR ALL TO animus_operator
     USING (true) WITH CHECK (true);
 """
 
-_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 async def setup_roles(conn: Any) -> None:
@@ -133,7 +133,7 @@ async def setup_roles(conn: Any) -> None:
 
 async def add_user(conn: Any, name: str, role: str, password: str | None = None) -> None:
     """Create login role ``name`` (if missing) as a member of ``animus_<role>``."""
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidInput(f"user name {name!r}: use lowercase letters, digits and _")
     if role not in ROLES:
         raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import shutil
@@ -22,11 +21,13 @@ from typing import Any
 
 import msgspec
 
+from animus_core import json_values
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
-from animus_core.errors import ConfigError
-from animus_core.faculty import Faculty
+from animus_core.errors import ConfigError, InvalidInput
+from animus_core.faculty import Faculty, check_faculty, check_number, check_variable
 from animus_core.focus import Focus
+from animus_core.limits import limits
 from animus_core.plugins import hookimpl
 from animus_core.records import file_digest
 from animus_core.schedules import Cron, Schedule, parse_every
@@ -147,9 +148,9 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
             raise ConfigError(_where(path, f"faculty.{phase}: model and tools belong to engage"))
         commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
     for field in ("env", "secrets"):
-        for name in getattr(spec, field):
-            if not name or "=" in name:
-                raise ConfigError(_where(path, f"faculty.{field}: {name!r} is not a variable name"))
+        for i, name in enumerate(getattr(spec, field)):
+            check_variable(name, f"faculty.{field}[{i}]", str(path))
+    _check_phases(path, spec)
     schedules = []
     for i, sched in enumerate(spec.schedule):
         field = f"faculty.schedule[{i}]"
@@ -165,7 +166,35 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
             name=sched.name or f"{spec.name}:{sched.work_type}:{sched.every or sched.cron}",
             work_type=sched.work_type, params=sched.params, priority=sched.priority,
             every=every, cron=sched.cron))
-    return CommandFaculty(spec, commands, path, tuple(schedules), system)
+    faculty = CommandFaculty(spec, commands, path, tuple(schedules), system)
+    check_faculty(faculty, str(path), "faculty.")
+    return faculty
+
+
+def _check_phases(path: Path, spec: FacultySpec) -> None:
+    where = str(path)
+    if spec.max_attempts is not None:  # 0 would otherwise read as "not set"
+        check_number(spec.max_attempts, "faculty.max_attempts", where, low=1, high=1000,
+                     integer=True)
+    for phase in ("orient", "engage", "consolidate", "recover"):
+        ps: PhaseSpec | None = getattr(spec, phase)
+        if ps is None:
+            continue
+        field = f"faculty.{phase}"
+        if ps.timeout is not None:
+            check_number(ps.timeout, f"{field}.timeout", where, low=0, high=7 * 86_400,
+                         low_open=True, meaning="seconds this phase may take")
+        if ps.max_attempts is not None:
+            check_number(ps.max_attempts, f"{field}.max_attempts", where, low=1, high=1000,
+                         integer=True)
+        if ps.model is not None:
+            check_number(ps.max_turns, f"{field}.max_turns", where, low=1, high=1000,
+                         integer=True)
+            check_number(ps.max_tokens, f"{field}.max_tokens", where, low=1, high=1_000_000,
+                         integer=True)
+            if ps.token_budget is not None:
+                check_number(ps.token_budget, f"{field}.token_budget", where, low=1,
+                             high=10**12, integer=True)
 
 
 def _system_prompt(path: Path, ps: PhaseSpec, cwd: Path) -> str:
@@ -371,13 +400,18 @@ class CommandFaculty(Faculty):
 
     def _read_out(self, focus: Focus, phase: str) -> Any:
         out = focus.directory / f"{phase}-out.json"
-        if not out.exists():
-            return None
         try:
-            return json.loads(out.read_bytes())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HookFailed(f"{phase} hook wrote unreadable output: {out.name} is not JSON: {e}") \
-                from None
+            size = out.stat().st_size
+        except FileNotFoundError:
+            return None
+        limit = limits().outcome_bytes
+        if size > limit:  # not read at all: the file may be huge
+            raise HookFailed(f"{phase} hook wrote unreadable output: {out.name} is {size} bytes, "
+                             f"over the limit of {limit} (ANIMUS_MAX_OUTCOME_BYTES)")
+        try:
+            return json_values.decode(out.read_bytes(), out.name)
+        except InvalidInput as e:
+            raise HookFailed(f"{phase} hook wrote unreadable output: {e}") from None
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -8,8 +8,6 @@ where it was given.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -18,7 +16,9 @@ from uuid import UUID
 
 import msgspec
 
+from animus_core import json_values
 from animus_core.errors import InvalidInput
+from animus_core.limits import check_text, limits
 from animus_core.states import State
 from animus_core.telemetry import current_traceparent
 
@@ -37,9 +37,10 @@ __all__ = [
     "dump_json",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
-_INT32: Final = 2**31 - 1
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash
+NAME_GRAMMAR: Final = "1-128 letters, digits or _ . : / -, starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+_INT32_MIN: Final = -(2**31)
+_INT32_MAX: Final = 2**31 - 1
 
 
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):
@@ -170,37 +171,18 @@ class WorkNotification(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def dump_json(value: Any, where: str) -> str:
-    """JSON text for ``value``, refusing what JSON cannot hold (NaN, infinities, objects)
-    and what Postgres ``jsonb`` cannot store (the NUL character)."""
-    try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
-        raise InvalidInput(f"{where} is not valid JSON: {e}") from None
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        raise InvalidInput(
-            f"{where} contains a NUL character (\\u0000), which Postgres cannot store"
-        )
-    return text
+    """JSON text for ``value``, refusing what is outside animus's JSON model (see
+    :mod:`animus_core.json_values`), with the path of the offending part below ``where``."""
+    return json_values.encode(value, where)
 
 
-def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise InvalidInput(
-            f"{what} {value!r} is not a valid name: use 1-128 letters, digits or _ . : / -, "
-            "starting with a letter or digit"
-        )
+def check_name(value: object, what: str) -> str:
+    """``value`` if it is a valid name of a work type (or of anything named alike)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 140 else \
+            f"of {len(value)} characters" if isinstance(value, str) else repr(value)[:80]
+        raise InvalidInput(f"{what} {shown} is not a valid name: use {NAME_GRAMMAR}")
     return value
-
-
-def _check_finite(value: Any, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInput(f"{where} contains {value}, which JSON cannot represent")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite(v, f"{where}.{k}")
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_finite(v, f"{where}[{i}]")
 
 
 class NewWorkItem:
@@ -222,11 +204,11 @@ class NewWorkItem:
     )
 
     def __init__(self, work_type: str, source: str = "api", *, trigger: str | None = None) -> None:
-        self.work_type = _check_name(work_type, "work type")
+        self.work_type = check_name(work_type, "work type")
         if not isinstance(source, str) or not source.strip():
             raise InvalidInput("source must be a non-empty string naming who submits the work")
-        self._source = source
-        self._trigger = trigger
+        self._source = _provenance(source, "source")
+        self._trigger = None if trigger is None else _provenance(trigger, "trigger")
         self._dedup_key: str | None = None
         self._params: dict[str, Any] = {}
         self._priority = 0
@@ -242,21 +224,25 @@ class NewWorkItem:
 
     def dedup_key(self, key: str) -> NewWorkItem:
         if not isinstance(key, str) or not key or len(key) > 512:
-            raise InvalidInput(f"dedup key {key!r} must be a non-empty string of at most 512 chars")
+            shown = f"{key!r:.80}" if not isinstance(key, str) or len(key) <= 80 else \
+                f"of {len(key)} characters"
+            raise InvalidInput(f"dedup key {shown} must be a non-empty string of at most "
+                               "512 characters")
+        json_values.check(key, "dedup key")
         return self._copy(_dedup_key=key)
 
     def params(self, params: Mapping[str, Any]) -> NewWorkItem:
         if not isinstance(params, Mapping):
-            raise InvalidInput(
-                f"params must be a JSON object, got {type(params).__name__}: {params!r:.80}"
-            )
-        _check_finite(dict(params), "params")
-        dump_json(dict(params), "params")
+            raise InvalidInput(f"params must be a JSON object, got {type(params).__name__}")
+        json_values.encode(dict(params), "params", limit=limits().params_bytes,
+                           setting="ANIMUS_MAX_PARAMS_BYTES")
         return self._copy(_params=dict(params))
 
     def priority(self, priority: int) -> NewWorkItem:
-        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _INT32:
-            raise InvalidInput(f"priority must be an integer (higher runs first), got {priority!r}")
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or not _INT32_MIN <= priority <= _INT32_MAX):
+            raise InvalidInput(f"priority must be an integer from {_INT32_MIN} to {_INT32_MAX} "
+                               f"(higher runs first), got {priority!r:.40}")
         return self._copy(_priority=priority)
 
     def parent(self, parent_id: UUID | str) -> NewWorkItem:
@@ -271,7 +257,7 @@ class NewWorkItem:
         return self._copy(_max_attempts=n)
 
     def trigger(self, trigger: str) -> NewWorkItem:
-        return self._copy(_trigger=trigger)
+        return self._copy(_trigger=_provenance(trigger, "trigger"))
 
     def to_json(self) -> dict[str, Any]:
         """The submission as the database's ``animus.submit`` reads it."""
@@ -294,6 +280,10 @@ class NewWorkItem:
 
     def __repr__(self) -> str:
         return f"NewWorkItem({self.work_type!r}, source={self._source!r}, dedup_key={self._dedup_key!r})"
+
+
+def _provenance(text: str, what: str) -> str:
+    return check_text(text, what, limits().source_chars, "ANIMUS_MAX_SOURCE_CHARS")
 
 
 def as_uuid(value: UUID | str, what: str) -> UUID:

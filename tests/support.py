@@ -69,3 +69,33 @@ async def shared_database(server_url: str) -> AsyncIterator[str]:
     finally:
         async with raw(server_url) as admin:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]]]:
+    """The ``console`` examples of one section of ``docs/<page>``: for each ``$ animus ...``
+    line, its arguments and the lines shown after it (until the next command)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parent.parent / "docs" / page).read_text("utf-8") \
+        .splitlines()
+    start = lines.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    end, fenced = len(lines), False
+    for i in range(start + 1, len(lines)):
+        if lines[i].startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", lines[i]):
+            end = i
+            break
+    section = "\n".join(lines[start:end]) + "\n"
+    examples: list[tuple[list[str], list[str]]] = []
+    for block in re.findall(r"^```console\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+        for line in block.splitlines():
+            if line.startswith("$ animus "):
+                examples.append((shlex.split(line[len("$ animus "):]), []))
+            elif examples:
+                examples[-1][1].append(line)
+    assert examples, f"no console example under {heading!r} in docs/{page}"
+    return examples

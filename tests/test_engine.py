@@ -435,8 +435,8 @@ async def test_unreadable_output_fails_the_focus(db, db_url, tmp_path):
         py_item = await wait_finished(db, py)
     assert sh_item.state == py_item.state == State.DEAD
     assert "engage failed" in (sh_item.reason or "")
-    assert "engage-out.json is not JSON" in (sh_item.reason or "")
-    assert "consolidate failed: outcome is not valid JSON" in (py_item.reason or "")
+    assert "engage-out.json is not valid JSON" in (sh_item.reason or "")
+    assert "consolidate failed: outcome.not: a set is not JSON" in (py_item.reason or "")
 
 
 class NulOutcome(Faculty):
@@ -455,7 +455,7 @@ async def test_an_outcome_postgres_cannot_store_fails_the_focus(db, db_url, tmp_
         wid = (await db.submit_work(NewWorkItem("nul-outcome").max_attempts(1))).id
         item = await wait_finished(db, wid, timeout=10)
     assert item.state == State.DEAD
-    assert "consolidate failed: outcome contains a NUL character" in (item.reason or "")
+    assert "consolidate failed: outcome.text: contains a NUL character" in (item.reason or "")
 
 
 async def test_an_engine_stops_when_the_database_refuses_its_last_completions(

@@ -40,6 +40,8 @@ from animus_core import (
 from animus_core.states import TERMINAL, TRANSITIONS, require_transition
 from tests.support import raw
 
+_exact_ints = st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)
+
 T = TypeVar("T")
 
 
@@ -345,10 +347,10 @@ async def test_lifecycle_state_machine(db: Db) -> None:
 
         @rule(
             lease=leases,
-            data=st.one_of(
+            data=st.one_of(  # outcomes inside the JSON value model (exact integers)
                 st.none(),
-                st.lists(st.integers(), max_size=3),
-                st.dictionaries(st.text("xyz", max_size=2), st.integers()),
+                st.lists(_exact_ints, max_size=3),
+                st.dictionaries(st.text("xyz", max_size=2), _exact_ints),
             ),
         )
         def complete(self, lease: Lease, data: Any) -> None:

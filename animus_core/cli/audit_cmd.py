@@ -28,6 +28,14 @@ async def verify(args: argparse.Namespace) -> int:
         print_json(result)
     elif result.ok:
         print(f"audit chain intact: {result.checked} rows verified")
+        if result.findings_total:
+            print(f"{result.findings_total} rows hold JSON that animus's value model excludes "
+                  "(written around animus, e.g. by hand with SQL); each is sealed over the text "
+                  "Postgres stores, so a change to it is still detected:")
+            for finding in result.findings:
+                print(f"  {finding}")
+            if result.findings_total > len(result.findings):
+                print(f"  ... and {result.findings_total - len(result.findings)} more")
     else:
         print(f"audit chain BROKEN at row {result.first_bad_id}: {result.problem} "
               f"({result.checked} rows before it verified)")

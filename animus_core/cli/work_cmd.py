@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from animus_core import json_values
 from animus_core.cli import open_db
 from animus_core.cli.output import age, print_json, print_table
 from animus_core.db import DEFAULT_QUEUE
@@ -175,20 +176,20 @@ async def rerun(args: argparse.Namespace) -> int:
 def parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if raw is not None:
-        try:
-            params = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
+        params = json_values.decode(raw, "--params")
         if not isinstance(params, dict):
             raise InvalidInput(f"--params must be a JSON object, got {type(params).__name__}")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise InvalidInput(f"--param {pair!r} must look like key=value")
-        try:
+            raise InvalidInput(f"--param {pair!r:.80} must look like key=value")
+        try:  # NaN and 1e400 read as numbers here, and are then refused as such
             params[key] = json.loads(value)
+        except RecursionError:
+            raise InvalidInput(f"--param {key}: nested more than {json_values.MAX_DEPTH} "
+                               "levels deep") from None
         except json.JSONDecodeError:
-            params[key] = value
+            params[key] = value  # not JSON: the text itself
     return params
 
 
@@ -199,7 +200,7 @@ async def submit(args: argparse.Namespace) -> int:
         .priority(args.priority)
         .max_attempts(args.max_attempts)
     )
-    if args.dedup_key:
+    if args.dedup_key is not None:
         new = new.dedup_key(args.dedup_key)
     if args.parent:
         new = new.parent(args.parent)

@@ -1,0 +1,116 @@
+"""An engine under attack by its own database: backends terminated several times a second.
+
+Under a steady stream of submissions, Postgres terminates every connection of the engine
+(its pool and its listener) and of the producer, four times a second for several seconds.
+No background task may die of it: each drops the broken connection and retries on a fresh
+one, and the engine keeps running. Afterwards every item is completed, none was completed
+twice, none is stuck, and no item's focus ran twice at the same time.
+
+Longer scenarios (SIGKILL of engines, a Postgres restart, exhausted connection slots, an
+idle-in-transaction session holding the xmin horizon) are in ``benchmarks/chaos.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from animus_core import Db, Faculty, NewWorkItem
+from animus_core.engine import EngineOptions
+from animus_core.errors import DatabaseUnavailable
+from tests.engine_helpers import run_engine, wait_until
+from tests.support import raw
+
+pytestmark = pytest.mark.slow
+
+_KILL = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND application_name IN ('animus', 'animus-listener')"""
+
+
+class Tally(Faculty):
+    """Counts runs per item and notices two foci of one item running at once."""
+
+    name = "tally"
+    accepts = ("tally",)
+    max_concurrent = 8
+
+    def __init__(self) -> None:
+        self.active: set[UUID] = set()
+        self.runs: collections.Counter[UUID] = collections.Counter()
+        self.overlaps = 0
+
+    async def engage(self, focus: Any, oriented: Any) -> Any:
+        work_id = focus.work.id
+        if work_id in self.active:
+            self.overlaps += 1
+        self.active.add(work_id)
+        self.runs[work_id] += 1
+        try:
+            await asyncio.sleep(0.002)
+        finally:
+            self.active.discard(work_id)
+        return {"n": focus.params["n"]}
+
+
+async def _produce(db: Db, n: int, every: float) -> list[str]:
+    """Submit ``n`` keyed items, retrying what a lost connection interrupted (the key makes a
+    retry of a submission that did commit a merge, not a second item)."""
+    keys = []
+    for i in range(n):
+        key = f"chaos-{i}"
+        while True:
+            try:
+                await db.submit_work(NewWorkItem("tally", source="chaos").dedup_key(key)
+                                     .params({"n": i}))
+                break
+            except DatabaseUnavailable:
+                await asyncio.sleep(0.05)
+        keys.append(key)
+        await asyncio.sleep(every)
+    return keys
+
+
+async def test_terminated_backends_stop_nothing_and_lose_nothing(db_url, tmp_path):
+    tally = Tally()
+    options = EngineOptions(poll_interval=0.5, lease_seconds=3, grace=5.0, seal_interval=0.1)
+    producer = await Db.connect(db_url, max_size=4, actor="chaos-producer")
+    kills = 0
+    try:
+        async with run_engine(db_url, tmp_path, faculties=[tally], options=options) as running:
+            production = asyncio.create_task(_produce(producer, 300, 0.01))
+            async with raw(db_url) as killer:
+                while not production.done():
+                    kills += await killer.fetchval(_KILL)
+                    await asyncio.sleep(0.25)
+            keys = await production
+            assert not running.engine._stopping.is_set(), "the engine stopped itself"
+
+            async def all_done() -> bool:
+                async with raw(db_url) as conn:
+                    return bool(await conn.fetchval(
+                        """SELECT count(*) FROM animus.work_items
+                            WHERE work_type = 'tally' AND state = 'completed'""") >= len(keys))
+
+            await wait_until(all_done, 60, message="every item to complete")
+            assert not running.engine._stopping.is_set(), "the engine stopped itself"
+    finally:
+        with contextlib.suppress(Exception):
+            await producer.close()
+
+    assert kills >= 20, f"only {kills} backends were terminated: the attack did not happen"
+    async with raw(db_url) as conn:
+        states = dict(await conn.fetch(
+            """SELECT state::text, count(*) FROM animus.work_items
+                WHERE work_type = 'tally' AND merged_into IS NULL GROUP BY state"""))
+        completions = await conn.fetchval(
+            """SELECT count(*) FROM animus.audit_log a JOIN animus.work_items w ON w.id = a.work_id
+                WHERE w.work_type = 'tally' AND a.to_state = 'completed'""")
+    assert states == {"completed": len(keys)}, states  # nothing lost, nothing stuck
+    assert completions == len(keys)                    # nothing completed twice
+    assert tally.overlaps == 0                         # no focus ran twice at the same time
