@@ -94,7 +94,7 @@ async def resolve_url(settings: Settings) -> str:
 
 
 def _jsonb_decode(text: str) -> Any:
-    return msgspec.json.decode(text)
+    return json_values.read_stored(text)  # a value written around animus must not crash a read
 
 
 def _jsonb_encode(value: Any) -> str:
@@ -109,6 +109,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await register_vector(conn)
 
 
+_BAD_ARGUMENT = re.compile(r"invalid input for query argument (\$\d+):.*?(?:\((.*)\))?$", re.DOTALL)
 _NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)") does not exist')
 
 
@@ -130,6 +131,10 @@ def _translate(e: asyncpg.PostgresError) -> Exception:
     msg = getattr(e, "message", None) or str(e)
     if e.sqlstate in _GONE or (e.sqlstate or "").startswith("08"):
         return DatabaseUnavailable(f"lost the database connection: {msg}")
+    bad_argument = _BAD_ARGUMENT.match(msg)
+    if bad_argument:  # asyncpg's message repeats the value, which may be a secret
+        return InvalidInput(f"a value could not be sent to the database (argument "
+                            f"{bad_argument[1]}): {bad_argument[2] or 'it has the wrong type'}")
     no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01") else None
     if no_queue:  # from animus.submit, or a pgmq table that is not there
         return InvalidInput(

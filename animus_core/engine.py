@@ -142,6 +142,7 @@ class Engine:
         #: when a stop was asked for, plus the grace period: the last moment to record work
         self._stop_deadline: float | None = None
         self._cancelling: set[UUID] = set()
+        self._checks: set[asyncio.Task[None]] = set()  # cancel notifications being verified
         self._activity = False
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -438,12 +439,13 @@ class Engine:
                     f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
                     f"{decision.role} before engage; this item has {len(approvers)}")
 
-    def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str, *,
-                outcome: Any = None, error: str | None = None) -> ExecutionRecord:
+    def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str,
+                params_hash: str, *, outcome: Any = None,
+                error: str | None = None) -> ExecutionRecord:
         identity = fac.identity()
         return ExecutionRecord(
             work_id=focus.work.id, attempt=focus.attempt, result=result,
-            work_type=focus.work.work_type, params_hash=canonical_hash(focus.work.params, nfc=True),
+            work_type=focus.work.work_type, params_hash=params_hash,
             faculty=identity, faculty_hash=canonical_hash(identity),
             engine_version=__version__, environment_hash=self.environment_hash,
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
@@ -502,6 +504,7 @@ class Engine:
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
+        params_hash = ""
         scope = TxScope(self.db)
         # Nobody records spans without a tracer provider: skip building them (a third of the
         # per-item cost of a trivial focus). Hooks still continue the item's own trace.
@@ -518,6 +521,7 @@ class Engine:
             focus_span = trace.INVALID_SPAN
         try:
             try:
+                params_hash = _params_hash(item.params)
                 oriented = await self._phase(fac, "orient", focus, traced)
                 phase = "engage"
                 await self._check_rules(item)
@@ -534,7 +538,8 @@ class Engine:
                 if focus.llm_usage:
                     conn = await scope.connection()
                     await self.db.record_usage(item.id, _usage_record(focus), conn=conn)
-                record = self._record(fac, focus, started_at, "completed", outcome=outcome)
+                record = self._record(fac, focus, started_at, "completed", params_hash,
+                                      outcome=outcome)
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
                     await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn,
@@ -558,13 +563,15 @@ class Engine:
                                                 "phase": phase, "error": error[:500]})
                 try:
                     await self.db.record_executions(
-                        [self._record(fac, focus, started_at, "failed", error=error)])
+                        [self._record(fac, focus, started_at, "failed",
+                                      params_hash or "none: the params cannot be read",
+                                      error=error)])
                     if focus.llm_usage:  # what a failed attempt spent is kept too
                         await self.db.record_usage(item.id, _usage_record(focus))
                 except AnimusError as e2:
                     _log.warning("could not record the execution of %s: %s", item.id, e2)
                 result = await self._failed(fac, focus, lease, error, phase, ms,
-                                            final=isinstance(e, RuleRefused))
+                                            final=isinstance(e, RuleRefused | Unrunnable))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
@@ -732,7 +739,21 @@ class Engine:
             work_id = UUID(payload)
         except ValueError:
             return
-        self._cancel(work_id)
+        if work_id in self.inflight and work_id not in self._cancelling:
+            # Any database user may NOTIFY: only a request recorded (and audited) by
+            # Db.cancel stops a focus, so look it up before acting.
+            check = asyncio.create_task(self._confirm_cancel(work_id))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _confirm_cancel(self, work_id: UUID) -> None:
+        try:
+            confirmed = await self.db.cancel_requests([work_id])
+        except AnimusError as e:  # the lease keeper asks again shortly
+            _log.warning("could not look up the cancel request of %s: %s", work_id, e)
+            return
+        if work_id in confirmed:
+            self._cancel(work_id)
 
     def _cancel(self, work_id: UUID) -> None:
         flight = self.inflight.get(work_id)
@@ -819,6 +840,28 @@ class RuleRefused(Exception):
     """A rule refused the work before engage: it is dead-lettered, not retried."""
 
 
+class Unrunnable(Exception):
+    """The item cannot run at all (its stored params cannot be read): dead-lettered now."""
+
+
+def _params_hash(params: Any) -> str:
+    """The canonical hash of an item's params; :class:`Unrunnable` for params written around
+    animus that it cannot read or hash (they are outside its JSON value model)."""
+    if isinstance(params, json_values.Unreadable):
+        raise Unrunnable(f"params cannot be read ({params.reason}): the item was written "
+                         "around animus; it is dead-lettered without running")
+    try:
+        return canonical_hash(params, nfc=True)
+    except (ValueError, TypeError, RecursionError):
+        try:
+            json_values.check(params, "params")
+            problem = "they have no canonical form"
+        except InvalidInput as e:
+            problem = str(e)
+        raise Unrunnable(f"params cannot be read ({problem}): the item was written around "
+                         "animus; it is dead-lettered without running") from None
+
+
 def _usage_record(focus: Focus) -> dict[str, Any]:
     return {"models": {m: msgspec.structs.asdict(u) for m, u in focus.llm_usage.items()},
             "cost_usd": round(focus.llm_cost_usd, 6)}
@@ -846,7 +889,7 @@ def _reason(e: BaseException, phase: str, fac: Faculty) -> str:
         return str(e)  # the outcome cannot be stored, and says why
     text = str(e).strip()
     name = type(e).__name__
-    if name == "HookFailed":
+    if name == "HookFailed" or isinstance(e, Unrunnable):
         return text
     return f"{name}: {text}" if text else name
 

@@ -71,8 +71,10 @@ class Focus:
     def directory(self) -> Path:
         if self._directory is None:
             self._root.mkdir(parents=True, exist_ok=True)
+            # a work type may contain "/" (and ".."): never a path of its own
+            label = self.work.work_type.replace("/", "_")
             self._directory = Path(tempfile.mkdtemp(
-                prefix=f"{self.work.work_type}-{self.work.id}-{self.attempt}-", dir=self._root))
+                prefix=f"{label}-{self.work.id}-{self.attempt}-", dir=self._root))
         return self._directory
 
     def cleanup(self, *, keep: bool) -> Path | None:

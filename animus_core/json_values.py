@@ -25,7 +25,7 @@ import msgspec
 
 from animus_core.errors import InvalidInput
 
-__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "check", "decode", "encode"]
+__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "Unreadable", "check", "decode", "encode", "read_stored"]
 
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 MAX_DEPTH: Final = 64
@@ -36,6 +36,30 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _SIXTEEN_DIGITS = b"0" * 16
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class Unreadable(dict[str, str]):
+    """Stands for a stored JSON value that animus cannot read (written around animus, by hand
+    with SQL: nested too deeply, a number beyond a double): ``{"unreadable_json": why}``.
+    Reading it never fails; the engine dead-letters an item whose params are unreadable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(unreadable_json=reason)
+
+    @property
+    def reason(self) -> str:
+        return self["unreadable_json"]
+
+
+def read_stored(text: str) -> Any:
+    """The value of JSON text that Postgres stored, or :class:`Unreadable`; never raises."""
+    try:
+        return _decode(text)
+    except RecursionError:
+        return Unreadable("nested too deeply to read")
+    except msgspec.DecodeError as e:
+        return Unreadable(str(e).replace("Number out of range",
+                                         "a number beyond the range of a double"))
 
 
 def encode(value: Any, where: str, *, limit: int | None = None,

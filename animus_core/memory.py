@@ -27,6 +27,7 @@ import msgspec
 import pluggy
 from pgvector import Vector
 
+from animus_core import json_values
 from animus_core.config import Settings
 from animus_core.db import Db, _errors, _uuid
 from animus_core.embedders import Embedder
@@ -100,9 +101,7 @@ def select_embedder(pm: pluggy.PluginManager, settings: Settings) -> Embedder:
 def _check_content(content: object, where: str) -> str:
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(f"{where}: content must be a non-empty string")
-    if "\x00" in content:
-        raise InvalidInput(f"{where}: content contains a NUL character, which Postgres text "
-                           "cannot store")
+    json_values.check(content, f"{where}: content")  # no NUL, no lone surrogate
     return content
 
 
@@ -352,8 +351,8 @@ class Memory:
                                f"got {weights!r}")
         if metadata is not None:
             metadata = _check_metadata(metadata, "metadata filter")
-        if query is not None and "\x00" in query:
-            raise InvalidInput("query contains a NUL character")
+        if query is not None:
+            json_values.check(query, "query")
         if mode in ("hybrid", "text") and not (query and query.strip()):
             raise InvalidInput(f"{mode} search needs query text")
         vec = None

@@ -10,6 +10,7 @@ import psutil
 from animus_core import Faculty, Focus, NewWorkItem, State
 from animus_core.engine import EngineOptions
 from tests.engine_helpers import run_engine, wait_finished, wait_until, write_toml_faculty
+from tests.support import raw
 
 
 class Sleeper(Faculty):
@@ -86,3 +87,28 @@ async def test_cancel_of_a_queued_item_is_immediate_and_of_a_finished_one_refuse
     assert again.stderr.startswith("animus: error:")
     assert "cancelled" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+class Napper(Faculty):
+    name = "napper"
+    accepts = ("nap",)
+    started: asyncio.Event
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        type(self).started.set()
+        await asyncio.sleep(1.5)
+        return {"napped": True}
+
+
+async def test_a_forged_cancel_notification_cancels_nothing(db, db_url, animus_home):
+    """Any database user may NOTIFY: a notification on animus_cancel with no cancel request
+    recorded (in the database, audited) behind it must not stop a focus."""
+    Napper.started = asyncio.Event()
+    async with run_engine(db_url, animus_home, faculties=[Napper()]):
+        item = (await db.submit_work(NewWorkItem("nap", source="test"))).id
+        await asyncio.wait_for(Napper.started.wait(), 15)
+        async with raw(db_url) as conn:
+            await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(item))
+        done = await wait_finished(db, item, timeout=15)
+    assert done.state is State.COMPLETED, done.reason
+    assert done.outcome.data == {"napped": True}

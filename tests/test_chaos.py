@@ -114,3 +114,36 @@ async def test_terminated_backends_stop_nothing_and_lose_nothing(db_url, tmp_pat
     assert states == {"completed": len(keys)}, states  # nothing lost, nothing stuck
     assert completions == len(keys)                    # nothing completed twice
     assert tally.overlaps == 0                         # no focus ran twice at the same time
+
+
+class Echo(Faculty):
+    name = "echo"
+    accepts = ("echo",)
+
+    async def engage(self, focus: Any, oriented: Any) -> Any:
+        return {"ok": True}
+
+
+@pytest.mark.parametrize("params", [
+    '{"deep": ' + "[" * 3000 + "]" * 3000 + "}",
+    '{"n": 1e400}',
+])
+async def test_a_poison_item_written_around_animus_is_dead_lettered_not_fatal(
+        db, db_url, tmp_path, params):
+    """JSON that Postgres stores but animus cannot read (written with SQL through
+    animus.submit, which a submitter may call) must not stop the engines that claim it: the
+    item is dead-lettered with the reason, and other work goes on."""
+    async with raw(db_url) as conn:
+        poison = await conn.fetchval(
+            "SELECT id FROM animus.submit('work', jsonb_build_array(jsonb_build_object("
+            "'work_type', 'echo', 'source', 'psql', 'params', $1::text::jsonb)))", params)
+    async with run_engine(db_url, tmp_path, faculties=[Echo()]) as running:
+        from tests.engine_helpers import wait_finished
+
+        dead = await wait_finished(db, poison, timeout=20)
+        fine = await db.submit_work(NewWorkItem("echo", source="test"))
+        done = await wait_finished(db, fine.id, timeout=20)
+        assert not running.engine._stopping.is_set()
+    assert dead.state == "dead"
+    assert "params cannot be read" in (dead.reason or "")
+    assert done.state == "completed"

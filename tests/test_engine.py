@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -880,3 +881,18 @@ async def test_schedule_fires_each_tick_once_across_two_engines(db, db_url, tmp_
 
 async def _at_least(fetch: Any, n: int) -> bool:
     return len(await fetch()) >= n
+
+
+async def test_a_work_type_with_slashes_cannot_place_its_focus_directory(db, tmp_path):
+    """Work types may contain "/" and "..": the focus directory stays directly under the
+    foci root whatever the type says."""
+    from animus_core.focus import Focus
+
+    await db.submit_work(NewWorkItem("a/../../../escape", source="test"))
+    [claimed] = await db.claim(start=True)
+    root = tmp_path / "foci"
+    focus = Focus(claimed.item, db, attempt=1, log=logging.getLogger("test"), root=root)
+    assert focus.directory.parent == root
+    assert focus.directory.name.startswith("a_.._.._.._escape-")
+    focus.cleanup(keep=False)
+    assert list(root.iterdir()) == []

@@ -271,3 +271,24 @@ async def test_the_documented_examples_run_as_shown(db, db_url, animus):
     out = animus(*verify[0])
     assert out.returncode == 0, out.stderr
     assert _shape(out.stdout.splitlines()) == _shape(verify[1])
+
+
+async def test_memory_text_with_a_lone_surrogate_is_refused_by_name(db):
+    from animus_core.embedders import HashingEmbedder
+    from animus_core.memory import Memory
+
+    memory = await Memory.open(db, HashingEmbedder())
+    with pytest.raises(InvalidInput, match=r"memory 0: content: contains a lone surrogate"):
+        await memory.store("secret\udcffvalue")
+    with pytest.raises(InvalidInput, match=r"^query: contains a lone surrogate"):
+        await memory.search("secret\udcffvalue")
+
+
+async def test_a_value_the_driver_cannot_send_is_not_echoed(db):
+    """asyncpg's own message repeats the argument (which may be a secret); ours names the
+    argument and the reason only."""
+    with pytest.raises(InvalidInput) as caught:
+        await db.list_work(work_type="hunter2secret\udcff")
+    assert "hunter2secret" not in str(caught.value)
+    assert "argument $2" in str(caught.value)
+    assert "surrogates not allowed" in str(caught.value)

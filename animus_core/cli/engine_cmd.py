@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from animus_core.cli import open_db
-from animus_core.cli.output import print_json, print_table
+from animus_core.cli.output import positive, print_json, print_table, seconds
 from animus_core.config import Settings
 from animus_core.db import Db
 from animus_core.engine import Engine, EngineOptions
@@ -38,15 +38,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=status)
 
     p = sub.add_parser("demo", help="start an engine, run each faculty's example, print outcomes")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=seconds, default=60.0)
     p.set_defaults(handler=demo)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concurrency", type=int, default=64, help="foci at once (all faculties)")
-    p.add_argument("--lease", type=int, default=60, help="lease (visibility timeout) seconds")
-    p.add_argument("--poll", type=float, default=10.0, help="fallback poll interval, seconds")
-    p.add_argument("--grace", type=float, default=30.0,
+    p.add_argument("--concurrency", type=positive, default=64, help="foci at once (all faculties)")
+    p.add_argument("--lease", type=positive, default=60, help="lease (visibility timeout) seconds")
+    p.add_argument("--poll", type=seconds, default=10.0, help="fallback poll interval, seconds")
+    p.add_argument("--grace", type=seconds, default=30.0,
                    help="seconds in-flight foci may finish after SIGTERM before release")
     p.add_argument("--queue", action="append", help="queues to serve (default: work)")
     p.add_argument("--keep-foci", action="store_true",

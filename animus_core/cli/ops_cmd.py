@@ -16,7 +16,7 @@ from animus_core.backup import (
     verify_backup,
 )
 from animus_core.cli import open_db
-from animus_core.cli.output import print_json
+from animus_core.cli.output import positive, print_json
 from animus_core.config import Settings
 from animus_core.db import describe_url, resolve_url
 from animus_core.errors import InvalidInput
@@ -54,7 +54,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--audit-export", type=Path, metavar="DIR",
                    help="first export the purged items' audit rows, with their seal hashes, "
                         "as JSON lines into DIR")
-    p.add_argument("--batch-size", type=int, default=1000, metavar="N",
+    p.add_argument("--batch-size", type=positive, default=1000, metavar="N",
                    help="rows per transaction (default 1000)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=purge_cmd)

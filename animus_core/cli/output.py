@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -9,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["age", "print_json", "print_table"]
+__all__ = ["age", "positive", "print_json", "print_table", "seconds"]
 
 
 def print_json(value: Any) -> None:
@@ -31,3 +33,25 @@ def age(when: datetime | None) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit} ago"
     return f"{max(0, int(seconds))}s ago"
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 10**7:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a number of seconds from 0 to 10000000")
+    return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not an integer of at least 1")
+    return value

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from animus_core.cli import open_db
-from animus_core.cli.output import print_json, print_table
+from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.config import Settings
 from animus_core.pipelines import Pipeline, load, order, parse, plan
 from animus_core.rules import RuleSet
@@ -27,7 +27,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("run", help="submit a pipeline (an engine runs it)")
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="wait for the pipeline to finish")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=seconds, default=600.0)
     p.set_defaults(handler=run_cmd)
     p = cmds.add_parser("status", help="the pipeline's stages, in order, with their states")
     p.add_argument("id", metavar="ID")

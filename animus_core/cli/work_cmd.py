@@ -9,7 +9,7 @@ from typing import Any
 
 from animus_core import json_values
 from animus_core.cli import open_db
-from animus_core.cli.output import age, print_json, print_table
+from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.db import DEFAULT_QUEUE
 from animus_core.errors import InvalidInput
 from animus_core.states import State
@@ -33,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--queue", default=DEFAULT_QUEUE)
     p.add_argument("--wait", action="store_true",
                    help="wait until the item finishes and print its outcome")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait")
+    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to --wait")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=submit)
 
@@ -73,7 +73,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("rerun", help="submit a linked rerun and compare it with the original")
     p.add_argument("id", metavar="ID")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the rerun")
+    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to wait for the rerun")
     p.add_argument("--no-wait", action="store_true", help="submit and return")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=rerun)
