@@ -139,6 +139,7 @@ class Engine:
         self._deadlines = asyncio.Event()  # set while some phase has a deadline to enforce
         self._closing = False
         self._cancelling: set[UUID] = set()
+        self._checks: set[asyncio.Task[None]] = set()  # of cancel notifications
         self._activity = False
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -209,9 +210,9 @@ class Engine:
             self._closing = True
             self._completions_ready.set()
             await asyncio.gather(completer, return_exceptions=True)
-            for task in helpers:
+            for task in (*helpers, *self._checks):
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, *self._checks, return_exceptions=True)
             await self._flush_completions()
             with contextlib.suppress(AnimusError):
                 await self.db.seal_audit()
@@ -682,7 +683,20 @@ class Engine:
             work_id = UUID(payload)
         except ValueError:
             return
-        self._cancel(work_id)
+        if work_id in self.inflight and work_id not in self._cancelling:
+            # Anyone who can connect can NOTIFY: only a request recorded on the item (which
+            # animus.cancel lets operators make) stops its focus.
+            check = asyncio.create_task(self._cancel_if_requested(work_id),
+                                        name=f"cancel-check-{work_id}")
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _cancel_if_requested(self, work_id: UUID) -> None:
+        try:
+            if await self.db.cancel_requests([work_id]):
+                self._cancel(work_id)
+        except AnimusError as e:  # the lease keeper looks again
+            _log.warning("could not check the cancel request of %s: %s", work_id, e)
 
     def _cancel(self, work_id: UUID) -> None:
         flight = self.inflight.get(work_id)

@@ -10,6 +10,7 @@ import psutil
 from animus_core import Faculty, Focus, NewWorkItem, State
 from animus_core.engine import EngineOptions
 from tests.engine_helpers import run_engine, wait_finished, wait_until, write_toml_faculty
+from tests.support import raw
 
 
 class Sleeper(Faculty):
@@ -59,6 +60,25 @@ async def test_cancelling_kills_a_running_hook(db, db_url, animus_home, tmp_path
                          or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 5,
                          message="the hook process is still alive")
     assert "stop it" in (done.reason or "")
+
+
+async def test_a_notification_without_a_request_cancels_nothing(db, db_url, animus_home):
+    """Anyone who can connect can NOTIFY animus_cancel; only a request recorded on the item
+    (animus.cancel, which takes an operator) stops its focus."""
+    Sleeper.started = asyncio.Event()
+    async with run_engine(db_url, animus_home, faculties=[Sleeper()]) as running:
+        kept, stopped = [(await db.submit_work(NewWorkItem("sleep", source="test"))).id
+                         for _ in range(2)]
+        await wait_until(lambda: {kept, stopped} <= set(running.engine.inflight), 15,
+                         message="both foci to start")
+        async with raw(db_url) as conn:
+            await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(kept))
+        await db.cancel(stopped, "a real request")  # notified after the forged one
+        assert (await wait_finished(db, stopped, timeout=10)).state is State.DEAD
+        assert kept in running.engine.inflight
+        assert (await db.get_work_item(kept)).state is State.RUNNING
+        await db.cancel(kept, "done waiting")
+        assert (await wait_finished(db, kept, timeout=10)).state is State.DEAD
 
 
 async def test_a_missed_notification_is_caught_by_the_lease_keeper(db, db_url, animus_home):
