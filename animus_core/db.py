@@ -588,7 +588,7 @@ class Db:
             raise InvalidInput(f"retry delay must be >= 0 seconds, got {delay}")
         async with self.connection() as conn:
             updated = await conn.fetchrow("SELECT * FROM animus.retry($1, $2, $3)",
-                                          wid, delay, reason)
+                                          wid, float(delay), reason)
         _transition("failed", "queued")
         return WorkItem.from_row(updated)
 
