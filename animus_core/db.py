@@ -1,10 +1,11 @@
 """The data plane: a connection pool and the work API (ARCHITECTURE 3.2).
 
-Hot paths (submit, claim, complete) are one round trip each, done by SQL functions in the
-migrations; single-item operations a person issues (cancel, retry, dead-letter) lock the row,
-check the transition in Python (:func:`animus_core.states.require_transition`), then write.
-The database checks every transition again with a trigger and writes the audit row in the
-same transaction, whoever issued the change.
+Every write to work items is one SQL function call (one round trip): submit, claim and
+complete, and the moves of single items (start, fail, release, retry, dead-letter, cancel,
+usage totals). The functions run as the schema's owner, so that no role needs write access
+to work items, and check the lease and the transition themselves; the database checks every
+transition again with a trigger and writes the audit rows in the same transaction, whoever
+issued the change (see docs/governance.md, Roles).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from animus_core.errors import (
 from animus_core.limits import check_text, limits
 from animus_core.records import ExecutionRecord
 from animus_core.rules import RuleSet
-from animus_core.states import State, require_transition
+from animus_core.states import State
 from animus_core.telemetry import current_traceparent, instruments
 from animus_core.work import (
     Claimed,
@@ -507,13 +508,9 @@ class Db:
 
     async def start(self, lease: Lease) -> WorkItem:
         """``claimed -> running``: the focus begins; counts one attempt."""
-        async with self.connection() as conn, conn.transaction():
-            await self._held(conn, lease, State.RUNNING)
-            row = await conn.fetchrow(
-                """UPDATE animus.work_items SET state = 'running', attempts = attempts + 1,
-                          updated_at = now() WHERE id = $1 RETURNING *""",
-                lease.work_id,
-            )
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.start($1, $2, $3)",
+                                      lease.work_id, lease.msg_id, lease.token)
         _transition("claimed", "running")
         return WorkItem.from_row(row)
 
@@ -576,25 +573,13 @@ class Db:
                            conn: asyncpg.Connection | None = None) -> None:
         """Add one attempt's model usage (``{"models": {model: tokens}, "cost_usd": x}``) to
         the item's totals, failed attempts included."""
-
-        async def add(c: asyncpg.Connection) -> None:
-            current = await c.fetchval(
-                "SELECT usage FROM animus.work_items WHERE id = $1 FOR UPDATE", work_id) or {}
-            models: dict[str, dict[str, int]] = current.get("models", {})
-            for model, tokens in usage["models"].items():
-                total = models.setdefault(model, {})
-                for kind, n in tokens.items():
-                    total[kind] = total.get(kind, 0) + n
-            cost = round(current.get("cost_usd", 0) + usage["cost_usd"], 6)
-            await c.execute("UPDATE animus.work_items SET usage = $2 WHERE id = $1",
-                            work_id, {"models": models, "cost_usd": cost})
-
+        sql = "SELECT animus.add_usage($1, $2)"
         if conn is not None:
             with _errors():
-                await add(conn)
+                await conn.execute(sql, work_id, usage)
             return
-        async with self.connection() as c, c.transaction():
-            await add(c)
+        async with self.connection() as c:
+            await c.execute(sql, work_id, usage)
 
     async def record_environment(self, env_hash: str, environment: dict[str, Any]) -> None:
         async with self.connection() as conn:
@@ -615,13 +600,10 @@ class Db:
     async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
         """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
         _check_reason(error)
-        async with self.connection() as conn, conn.transaction():
-            await self._held(conn, lease, State.FAILED)
-            row = await conn.fetchrow(
-                """UPDATE animus.work_items SET state = 'failed', outcome_error = $2, reason = $2,
-                          duration_ms = $3, updated_at = now() WHERE id = $1 RETURNING *""",
-                lease.work_id, error, duration_ms,
-            )
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.fail($1, $2, $3, $4, $5)",
+                                      lease.work_id, lease.msg_id, lease.token, error,
+                                      duration_ms)
         _transition("running", "failed")
         return WorkItem.from_row(row)
 
@@ -630,24 +612,11 @@ class Db:
 
         An attempt already counted by :meth:`start` is given back."""
         _check_reason(reason)
-        async with self.connection() as conn, conn.transaction():
-            current = await self._held(conn, lease, State.QUEUED)
-            if current not in (State.CLAIMED, State.RUNNING):
-                raise IllegalTransition(
-                    f"work item {lease.work_id} is {current}: only claimed or running items "
-                    "can be released (retry or dead-letter a failed one)"
-                )
+        async with self.connection() as conn:
             row = await conn.fetchrow(
-                """UPDATE animus.work_items
-                      SET state = 'queued', reason = $2, updated_at = now(),
-                          attempts = attempts - CASE WHEN $3 THEN 1 ELSE 0 END
-                    WHERE id = $1 RETURNING *""",
-                lease.work_id, reason, current == State.RUNNING,
-            )
-            await conn.execute(
-                "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint, 0)", lease.queue, lease.msg_id
-            )
-        _transition(str(current), "queued")
+                "SELECT r.was, (r.item).* FROM animus.release($1, $2, $3, $4) r",
+                lease.work_id, lease.msg_id, lease.token, reason)
+        _transition(row["was"], "queued")
         return WorkItem.from_row(row)
 
     async def retry(
@@ -659,45 +628,22 @@ class Db:
             raise InvalidInput(f"retry delay must be from 0 to 604800 seconds, got {delay}")
         if reason is not None:
             _check_reason(reason)
-        async with self.connection() as conn, conn.transaction():
-            row = await self._lock(conn, wid)
-            require_transition(wid, State(row["state"]), State.QUEUED)
-            if row["state"] != State.FAILED:
-                raise IllegalTransition(f"work item {wid} is {row['state']}: only failed items retry")
-            reason = reason or f"retry {row['attempts'] + 1}/{row['max_attempts']}"
-            updated = await conn.fetchrow(
-                """UPDATE animus.work_items SET state = 'queued', reason = $2, updated_at = now()
-                    WHERE id = $1 RETURNING *""",
-                wid, reason,
-            )
-            await self._requeue_message(conn, updated, delay)
+        async with self.connection() as conn:
+            updated = await conn.fetchrow("SELECT * FROM animus.retry($1, $2, $3)",
+                                          wid, float(delay), reason)
         _transition("failed", "queued")
         return WorkItem.from_row(updated)
 
     async def dead_letter(self, work_id: UUID | str, reason: str) -> WorkItem:
-        """End an item as ``dead`` with a reason (from queued, failed, or running via failed)."""
+        """End an item as ``dead`` with a reason (from queued, failed, or running via failed).
+        An item awaiting approval is refused: a decision ends it (:meth:`decide`)."""
         wid = _uuid(work_id)
         _check_reason(reason)
-        async with self.connection() as conn, conn.transaction():
-            row = await self._lock(conn, wid)
-            state = State(row["state"])
-            if state == State.RUNNING:
-                await conn.execute(
-                    """UPDATE animus.work_items SET state = 'failed', outcome_error = $2,
-                              reason = $2, updated_at = now() WHERE id = $1""",
-                    wid, reason,
-                )
-                state = State.FAILED
-            require_transition(wid, state, State.DEAD)
-            updated = await conn.fetchrow(
-                """UPDATE animus.work_items SET state = 'dead', reason = $2,
-                          outcome_error = coalesce(outcome_error, $2), resolved_at = now(),
-                          updated_at = now() WHERE id = $1 RETURNING *""",
-                wid, reason,
-            )
-            await self._drop_message(conn, updated)
-        _transition(str(state), "dead")
-        return WorkItem.from_row(updated)
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT r.was, (r.item).* FROM animus.dead_letter($1, $2) r", wid, reason)
+        _transition(row["was"], "dead")
+        return WorkItem.from_row(row)
 
     async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
         """``queued -> cancelled``. A claimed or running item cannot go to ``cancelled``
@@ -705,31 +651,12 @@ class Db:
         stops the focus and ends the item ``dead`` with ``reason``."""
         wid = _uuid(work_id)
         _check_reason(reason)
-        async with self.connection() as conn, conn.transaction():
-            row = await self._lock(conn, wid)
-            if row["state"] in (State.CLAIMED, State.RUNNING):
-                updated = await conn.fetchrow(
-                    """UPDATE animus.work_items SET cancel_requested = $2, updated_at = now()
-                        WHERE id = $1 RETURNING *""", wid, reason)
-                await conn.execute(
-                    """INSERT INTO animus.audit_log
-                           (work_id, event, from_state, to_state, provenance, payload)
-                       VALUES ($1, 'cancel_requested', $2, $2,
-                               jsonb_strip_nulls(jsonb_build_object(
-                                   'source', $3::text, 'actor', animus.actor())),
-                               jsonb_build_object('reason', $4::text))""",
-                    wid, row["state"], row["source"], reason)
-                await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(wid))
-                return WorkItem.from_row(updated)
-            require_transition(wid, State(row["state"]), State.CANCELLED)
-            updated = await conn.fetchrow(
-                """UPDATE animus.work_items SET state = 'cancelled', reason = $2,
-                          resolved_at = now(), updated_at = now() WHERE id = $1 RETURNING *""",
-                wid, reason,
-            )
-            await self._drop_message(conn, updated)
-        _transition("queued", "cancelled")
-        return WorkItem.from_row(updated)
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.cancel($1, $2)", wid, reason)
+        item = WorkItem.from_row(row)
+        if item.state == State.CANCELLED:  # otherwise it was a request
+            _transition("queued", "cancelled")
+        return item
 
     async def cancel_requests(self, work_ids: Sequence[UUID]) -> list[UUID]:
         """Which of these items someone asked to cancel while they run."""
@@ -766,59 +693,6 @@ class Db:
         async with self.connection() as conn:
             await audit.seal(conn)
             return await audit.verify(conn)
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    async def _lock(self, conn: asyncpg.Connection, wid: UUID) -> asyncpg.Record:
-        row = await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1 FOR UPDATE", wid)
-        if row is None:
-            raise WorkNotFound(f"no work item with id {wid}")
-        return row
-
-    async def _held(self, conn: asyncpg.Connection, lease: Lease, target: State) -> State:
-        row = await self._lock(conn, lease.work_id)
-        if row["msg_id"] != lease.msg_id or row["lease"] != lease.token:
-            raise LeaseLost(
-                f"lease lost on work item {lease.work_id}: it was claimed again after the "
-                "lease expired"
-            )
-        current = State(row["state"])
-        require_transition(lease.work_id, current, target)
-        return current
-
-    async def _requeue_message(self, conn: asyncpg.Connection, row: Any, delay: float) -> None:
-        """Make the item's message visible ``delay`` seconds from now (to the microsecond, so
-        a timer set for the same delay finds it visible), or send a new one if it is gone."""
-        visible_at = "clock_timestamp() + make_interval(secs => $3::float8)"
-        if row["msg_id"] is not None:
-            still_there = await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM pgmq.set_vt($1, $2::bigint, {visible_at}))",
-                row["queue"], row["msg_id"], max(0.0, delay),
-            )
-            if still_there:
-                return
-        msg = {"id": str(row["id"]), "t": row["work_type"], "p": row["priority"]}
-        await conn.execute(
-            "SELECT pgmq.send($1, $2::jsonb, clock_timestamp() + make_interval(secs => $3::float8))",
-            row["queue"], msg, max(0.0, delay))
-        await conn.execute(
-            "SELECT pg_notify('animus_work', $1)",
-            dump_json({"queue": row["queue"], "work_types": [row["work_type"]]}, "notification"),
-        )
-
-    async def _drop_message(self, conn: asyncpg.Connection, row: Any) -> None:
-        """Archive the item's message so no engine claims it again. A queued item never
-        claimed has no msg_id recorded; its message is found by content (rare, by hand)."""
-        if row["msg_id"] is not None:
-            ids = [row["msg_id"]]
-        else:
-            found = await conn.fetch(
-                f'SELECT msg_id FROM pgmq."q_{row["queue"]}" WHERE message->>\'id\' = $1',
-                str(row["id"]),
-            )
-            ids = [r[0] for r in found]
-        if ids:
-            await conn.execute("SELECT pgmq.archive($1, $2::bigint[])", row["queue"], ids)
 
 
 _EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash", "faculty",

@@ -214,9 +214,9 @@ class Engine:
             self._closing = True
             self._completions_ready.set()
             await asyncio.gather(completer, return_exceptions=True)
-            for task in helpers:
+            for task in (*helpers, *self._checks):
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, *self._checks, return_exceptions=True)
             await self._flush_completions()
             with contextlib.suppress(AnimusError):
                 await self.db.seal_audit()

@@ -62,6 +62,25 @@ async def test_cancelling_kills_a_running_hook(db, db_url, animus_home, tmp_path
     assert "stop it" in (done.reason or "")
 
 
+async def test_a_notification_without_a_request_cancels_nothing(db, db_url, animus_home):
+    """Anyone who can connect can NOTIFY animus_cancel; only a request recorded on the item
+    (animus.cancel, which takes an operator) stops its focus."""
+    Sleeper.started = asyncio.Event()
+    async with run_engine(db_url, animus_home, faculties=[Sleeper()]) as running:
+        kept, stopped = [(await db.submit_work(NewWorkItem("sleep", source="test"))).id
+                         for _ in range(2)]
+        await wait_until(lambda: {kept, stopped} <= set(running.engine.inflight), 15,
+                         message="both foci to start")
+        async with raw(db_url) as conn:
+            await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(kept))
+        await db.cancel(stopped, "a real request")  # notified after the forged one
+        assert (await wait_finished(db, stopped, timeout=10)).state is State.DEAD
+        assert kept in running.engine.inflight
+        assert (await db.get_work_item(kept)).state is State.RUNNING
+        await db.cancel(kept, "done waiting")
+        assert (await wait_finished(db, kept, timeout=10)).state is State.DEAD
+
+
 async def test_a_missed_notification_is_caught_by_the_lease_keeper(db, db_url, animus_home):
     Sleeper.started = asyncio.Event()
     options = EngineOptions(lease_seconds=3, poll_interval=1.0)
@@ -87,28 +106,3 @@ async def test_cancel_of_a_queued_item_is_immediate_and_of_a_finished_one_refuse
     assert again.stderr.startswith("animus: error:")
     assert "cancelled" in again.stderr
     assert "Traceback" not in again.stderr
-
-
-class Napper(Faculty):
-    name = "napper"
-    accepts = ("nap",)
-    started: asyncio.Event
-
-    async def engage(self, focus: Focus, oriented: Any) -> Any:
-        type(self).started.set()
-        await asyncio.sleep(1.5)
-        return {"napped": True}
-
-
-async def test_a_forged_cancel_notification_cancels_nothing(db, db_url, animus_home):
-    """Any database user may NOTIFY: a notification on animus_cancel with no cancel request
-    recorded (in the database, audited) behind it must not stop a focus."""
-    Napper.started = asyncio.Event()
-    async with run_engine(db_url, animus_home, faculties=[Napper()]):
-        item = (await db.submit_work(NewWorkItem("nap", source="test"))).id
-        await asyncio.wait_for(Napper.started.wait(), 15)
-        async with raw(db_url) as conn:
-            await conn.execute("SELECT pg_notify('animus_cancel', $1)", str(item))
-        done = await wait_finished(db, item, timeout=15)
-    assert done.state is State.COMPLETED, done.reason
-    assert done.outcome.data == {"napped": True}

@@ -526,7 +526,7 @@ async def test_each_role_is_refused_what_it_may_not_do(db, db_url, people):
     # submitter: submits through animus.submit only
     with refused("permission denied for function decide"):
         await sam.decide(wid, "approve", "mine")
-    with refused("permission denied for table work_items"):
+    with refused("permission denied for function cancel"):
         await sam.cancel(wid)
     async with raw(people.url("sam")) as conn:
         for sql in ("UPDATE animus.work_items SET state = 'completed'",
