@@ -360,11 +360,10 @@ class CommandFaculty(Faculty):
             _kill_group(proc)
             raise
         if stdout:
-            focus.log.debug("%s stdout: %s", phase,
-                            redactor.text(stdout[-STDERR_TAIL:].decode(errors="replace")))
+            focus.log.debug("%s stdout: %s", phase, redactor.tail(stdout, STDERR_TAIL))
         code = proc.returncode or 0
         if code != 0:
-            tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()
+            tail = redactor.tail(stderr, STDERR_TAIL).strip()
             status = (f"was killed by signal {-code}" if code < 0
                       else f"exited with status {code}")
             raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))
