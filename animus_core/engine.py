@@ -139,6 +139,7 @@ class Engine:
         self._deadlines = asyncio.Event()  # set while some phase has a deadline to enforce
         self._closing = False
         self._cancelling: set[UUID] = set()
+        self._lost: set[UUID] = set()  # foci stopped because their lease was lost
         self._activity = False
         self.foci_root = settings.home / "foci"
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -406,14 +407,16 @@ class Engine:
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
 
-    async def _cancelled(self, lease: Lease, started: float) -> None:
+    async def _cancelled(self, fac: Faculty, focus: Focus, lease: Lease, started: float,
+                         started_at: datetime) -> None:
         """A requested cancellation stopped the focus: end the item failed -> dead."""
         self._cancelling.discard(lease.work_id)
         ms = int((time.perf_counter() - started) * 1000)
         try:
             item = await self.db.get_work_item(lease.work_id)
             reason = f"cancelled while {item.state}: {item.cancel_requested or 'by request'}"
-            await self.db.fail(lease, reason, duration_ms=ms)
+            await self.db.fail(lease, reason, duration_ms=ms, execution=self._record(
+                fac, focus, started_at, "failed", error=reason))
             await self.db.dead_letter(lease.work_id, reason)
         except AnimusError as e:
             _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
@@ -498,10 +501,13 @@ class Engine:
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
-                if item.id not in self._cancelling:
+                if item.id in self._lost:  # its record (lost) came with the new claim
+                    failed, result = True, "lost"
+                elif item.id not in self._cancelling:
                     raise  # shutdown: the drain releases it
-                failed, result = True, "dead"
-                await self._cancelled(lease, started)
+                else:
+                    failed, result = True, "dead"
+                    await self._cancelled(fac, focus, lease, started, started_at)
             except Exception as e:
                 await scope.finish(commit=False)
                 failed, result = True, "failed"
@@ -512,14 +518,13 @@ class Engine:
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])
                 focus_span.add_event("failed", {"from": "running", "to": "failed",
                                                 "phase": phase, "error": error[:500]})
-                try:
-                    await self.db.record_executions(
-                        [self._record(fac, focus, started_at, "failed", error=error)])
-                    if focus.llm_usage:  # what a failed attempt spent is kept too
+                if focus.llm_usage:  # what a failed attempt spent is kept too
+                    try:
                         await self.db.record_usage(item.id, _usage_record(focus))
-                except AnimusError as e2:
-                    _log.warning("could not record the execution of %s: %s", item.id, e2)
-                result = await self._failed(fac, focus, lease, error, phase, ms,
+                    except AnimusError as e2:
+                        _log.warning("could not record the usage of %s: %s", item.id, e2)
+                record = self._record(fac, focus, started_at, "failed", error=error)
+                result = await self._failed(fac, focus, lease, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
@@ -540,11 +545,14 @@ class Engine:
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
                 _log.info("kept focus directory of failed %s: %s", item.id, kept)
+            self._lost.discard(item.id)
             self._finished(slot, item.id)
 
     async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
-                      phase: str, ms: int, *, final: bool = False) -> str:
-        """Run recover, record the failure, then retry or dead-letter; returns which."""
+                      phase: str, ms: int, record: ExecutionRecord, *,
+                      final: bool = False) -> str:
+        """Run recover, record the failure (with the attempt's execution record, while the
+        lease is held), then retry or dead-letter; returns which."""
         note = ""
         verdict: bool | None = None
         try:
@@ -559,7 +567,7 @@ class Engine:
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
         try:
-            item = await self.db.fail(lease, reason, duration_ms=ms)
+            item = await self.db.fail(lease, reason, duration_ms=ms, execution=record)
             limit = fac.max_attempts or item.max_attempts
             if verdict is False:
                 await self.db.dead_letter(item.id, reason if final  # a rule; recover not asked
@@ -627,7 +635,8 @@ class Engine:
             leases = [f.claimed.lease for f in self.inflight.values()]
             if leases:
                 try:
-                    await self.db.extend_lease(leases, self.options.lease_seconds)
+                    for lease in await self.db.extend_lease(leases, self.options.lease_seconds):
+                        self._lose(lease)
                     # a cancel request whose notification this engine missed
                     for work_id in await self.db.cancel_requests([le.work_id for le in leases]):
                         self._cancel(work_id)
@@ -690,6 +699,20 @@ class Engine:
             _log.info("cancelling the running focus of %s on request", work_id)
             self._cancelling.add(work_id)
             flight.task.cancel()
+
+    def _lose(self, lease: Lease) -> None:
+        """The item was taken back after this engine's lease ran out (the engine stalled or
+        was cut off): stop its focus now, killing its hooks, rather than run on beside the
+        next attempt. The focus records nothing: the claim that took the item back recorded
+        the attempt as lost, and the lease no longer lets this engine finish it."""
+        flight = self.inflight.get(lease.work_id)
+        if flight is None or flight.claimed.lease != lease or lease.work_id in self._lost:
+            return  # finished meanwhile, or already being stopped
+        _log.warning("lease lost on work item %s (attempt %d): it was taken back after the "
+                     "lease ran out; stopping its focus", lease.work_id,
+                     flight.claimed.item.attempts)
+        self._lost.add(lease.work_id)
+        flight.task.cancel()
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:

@@ -152,6 +152,9 @@ async def test_hooks_die_with_a_killed_engine_before_attempt_2_starts(db, db_url
             item = await wait_finished(db, wid, timeout=30)
             assert item.state == State.COMPLETED, item.reason
             assert item.outcome.data == {"attempt": 2}
+            # one execution record per attempt, the killed one's too
+            records = [(r.attempt, r.result) for r in await db.executions(wid)]
+            assert records == [(1, "lost"), (2, "completed")]
         seen = sorted(runs.read_text().splitlines())
         assert seen == sorted(f"{wid} 2 alive:" for wid in wids), \
             "attempt 2 ran while processes of attempt 1 still ran:\n" + "\n".join(seen)
