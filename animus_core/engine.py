@@ -45,7 +45,7 @@ from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
-from animus_core.focus import Focus
+from animus_core.focus import EngineFoci, Focus, sweep_foci
 from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
 from animus_core.plugins import Faculties, await_me_maybe
@@ -142,6 +142,7 @@ class Engine:
         self._lost: set[UUID] = set()  # foci stopped because their lease was lost
         self._activity = False
         self.foci_root = settings.home / "foci"
+        self._foci: EngineFoci | None = None  # this engine's own directory in foci_root
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
         self.listener_connected = asyncio.Event()
         self.memory: Memory | None = None
@@ -186,6 +187,7 @@ class Engine:
         for impl in self.pm.hook.startup.get_hookimpls():
             await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
         await self._report_unroutable_backlog()
+        self._foci = await asyncio.to_thread(self._claim_foci)
         helpers = [
             asyncio.create_task(self._listen(), name="animus-listener"),
             asyncio.create_task(self._keep_leases(), name="animus-leases"),
@@ -221,7 +223,18 @@ class Engine:
                     await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
                 except Exception:
                     _log.exception("shutdown hook of %s failed", impl.plugin_name)
+            if self._foci is not None:
+                self._foci.close()
             _log.info("engine stopped")
+
+    def _claim_foci(self) -> EngineFoci:
+        """Remove what engines that died left in the foci root, then take a directory of
+        this engine's own there (several engines may share one ANIMUS_HOME)."""
+        removed = sweep_foci(self.foci_root)
+        if removed:
+            _log.info("removed %d focus directories of attempts whose engine is gone: %s",
+                      len(removed), ", ".join(p.name for p in removed))
+        return EngineFoci.open(self.foci_root)
 
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
         """A helper task must never end while the engine runs: if one crashes, say so loudly
@@ -453,8 +466,9 @@ class Engine:
 
     async def _focus(self, slot: _Slot, claimed: Claimed) -> None:
         fac, item, lease = slot.faculty, claimed.item, claimed.lease
-        focus = Focus(item, self.db, attempt=item.attempts, log=_log, root=self.foci_root,
-                      hook_env=self.hook_env)
+        focus = Focus(item, self.db, attempt=item.attempts, log=_log,
+                      root=self._foci.path if self._foci else self.foci_root,
+                      keep_root=self.foci_root, hook_env=self.hook_env)
         memory = self.memory.for_work(source=fac.name, work_id=item.id) if self.memory else None
         focus._memory = memory
         focus.memory_unavailable = self.memory_problem

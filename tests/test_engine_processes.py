@@ -110,6 +110,10 @@ async def test_engine_killed_mid_focus_work_is_redelivered_after_the_lease(
     assert await second.wait(30) == 0
 
 
+def existing(paths: list[str]) -> list[str]:
+    return [p for p in paths if Path(p).exists()]
+
+
 def attempt_one_hook(pids: Path, runs: Path) -> str:
     """Attempt 1 starts a child in its process group and one that leaves it for a session of
     its own, and waits (five minutes), noting the three pids; attempt 2 notes which of those
@@ -119,6 +123,7 @@ def attempt_one_hook(pids: Path, runs: Path) -> str:
             sleep 300 &
             child=$!
             python3 -c 'import os; os.setsid(); os.execvp("sleep", ["sleep", "300"])' &
+            echo "$ANIMUS_FOCUS_DIR" >> {pids.with_suffix(".dirs")}
             echo "$$ $child $!" >> {pids}
             wait
         fi
@@ -144,10 +149,16 @@ async def test_hooks_die_with_a_killed_engine_before_attempt_2_starts(db, db_url
     await wait_until(lambda: pids.exists() and len(pids.read_text().splitlines()) == 4,
                      message="four first attempts to start their children")
     hook_pids = [int(p) for p in pids.read_text().split()]
+    focus_dirs = pids.with_suffix(".dirs").read_text().split()
+    assert len(focus_dirs) == 4
     try:
         first.signal(signal.SIGKILL)
         assert await first.wait(10) == -signal.SIGKILL
+        assert existing(focus_dirs) == focus_dirs
         second = engines("--lease", "2", "--poll", "0.5")
+        await wait_listening(db_url, [second])
+        # the engine that starts next removes what the killed attempts left
+        assert existing(focus_dirs) == []
         for wid in wids:
             item = await wait_finished(db, wid, timeout=30)
             assert item.state == State.COMPLETED, item.reason

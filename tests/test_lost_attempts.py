@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -19,7 +20,7 @@ import pytest
 
 from animus_core import Claimed, Created, Db, Faculty, NewWorkItem, State
 from animus_core.engine import EngineOptions
-from animus_core.focus import Focus
+from animus_core.focus import EngineFoci, Focus, sweep_foci
 from tests.engine_helpers import (
     kill_group,
     process_gone,
@@ -264,3 +265,59 @@ async def test_a_cancelled_running_attempt_has_its_record(db, db_url, tmp_path):
     assert record.error == item.reason
     assert record.faculty is not None
     assert record.faculty["kind"] == "python"
+
+
+# -- focus directories of engines that died ------------------------------------------------------
+
+
+def test_an_engine_removes_the_focus_directories_no_live_engine_holds(tmp_path):
+    root = tmp_path / "foci"
+    live = EngineFoci.open(root)
+    (live.path / "greet-1-1-abc").mkdir()
+    (live.path / "greet-1-1-abc" / "work.json").write_text("{}")
+    dead = root / "engine-4242-zzzzzzzz"  # an engine killed with a focus running: no lock
+    (dead / "greet-2-1-def").mkdir(parents=True)
+    (dead / "greet-2-1-def" / "work.json").write_text("{}")
+    kept = root / "greet-3-1-ghi"  # kept for debugging: not an engine's directory
+    kept.mkdir()
+
+    assert sweep_foci(root) == [dead / "greet-2-1-def"]
+    assert not dead.exists()
+    assert (live.path / "greet-1-1-abc" / "work.json").is_file()
+    assert kept.is_dir()
+
+    # an engine that stops with foci left in its directory leaves them to the next start
+    live.close()
+    assert live.path.is_dir()
+    assert sweep_foci(root) == [live.path / "greet-1-1-abc"]
+    assert sorted(p.name for p in root.iterdir()) == ["greet-3-1-ghi"]
+
+    # one that stops with nothing left removes its directory
+    empty = EngineFoci.open(root)
+    empty.close()
+    assert not empty.path.exists()
+
+
+def is_dir(path: str) -> bool:
+    return Path(path).is_dir()
+
+
+async def test_a_starting_engine_leaves_a_running_engine_s_foci_alone(db, db_url, tmp_path):
+    started, release = tmp_path / "started", tmp_path / "release"
+    write_toml_faculty(tmp_path, "patient", hooks={"engage": f"""
+        echo "$ANIMUS_FOCUS_DIR" > {started}
+        while [ ! -e {release} ]; do sleep 0.05; done
+        echo '{{"done": true}}' > engage-out.json
+    """})
+    home = tmp_path / "home"
+    async with run_engine(db_url, home, faculties_dir=tmp_path / "faculties"):
+        wid = await submit(db, NewWorkItem("patient"))
+        await wait_until(lambda: started.exists() and started.read_text().strip(),
+                         message="the focus to start")
+        focus_dir = started.read_text().strip()
+        async with run_engine(db_url, home, faculties_dir=tmp_path / "no-faculties"):
+            assert is_dir(focus_dir), "a starting engine removed a running focus's directory"
+        release.touch()
+        item = await wait_finished(db, wid)
+    assert item.state == State.COMPLETED
+    assert item.outcome.data == {"done": True}
