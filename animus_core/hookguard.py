@@ -21,6 +21,7 @@ without ``site``: it needs nothing but the standard library and starts in millis
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -40,6 +41,7 @@ class HookGuard:
         self.mark = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._watcher: subprocess.Popen[bytes] | None = None
         self._groups: set[int] = set()
+        self._failed = False
 
     def start(self) -> None:
         """Make sure a watcher runs (a new one learns every group still watched)."""
@@ -50,9 +52,18 @@ class HookGuard:
             if old.stdin is not None:
                 with contextlib.suppress(OSError):
                     old.stdin.close()
-        self._watcher = subprocess.Popen(
-            [sys.executable, "-I", "-S", __file__, self.mark], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, env={}, close_fds=True)
+            self._watcher = None
+        try:
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-I", "-S", __file__, self.mark], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, env={}, close_fds=True)
+        except OSError as e:  # hooks still run; they only lose this safety net
+            if not self._failed:
+                self._failed = True
+                logging.getLogger("animus.hooks").error(
+                    "cannot start the hook watcher (%s %s): command hooks will outlive this "
+                    "engine if it is killed: %s", sys.executable, __file__, e)
+            return
         if self._groups:
             self._send("".join(f"+{g}\n" for g in self._groups))
 
@@ -67,8 +78,7 @@ class HookGuard:
     def _send(self, lines: str) -> None:
         watcher = self._watcher
         if watcher is None or watcher.stdin is None:
-            self.start()
-            return
+            return  # none could start; start() said so
         try:
             os.write(watcher.stdin.fileno(), lines.encode())
         except OSError:  # the watcher is gone (someone killed it): a new one learns them all
