@@ -516,6 +516,7 @@ class Engine:
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
                 if item.id in self._lost:  # its record (lost) came with the new claim
+                    self._cancelling.discard(item.id)  # a cancel request is moot now
                     failed, result = True, "lost"
                 elif item.id not in self._cancelling:
                     raise  # shutdown: the drain releases it

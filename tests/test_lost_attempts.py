@@ -18,7 +18,7 @@ from uuid import UUID
 
 import pytest
 
-from animus_core import Claimed, Created, Db, Faculty, NewWorkItem, State
+from animus_core import Claimed, Created, Db, Faculty, Lease, NewWorkItem, State
 from animus_core.engine import EngineOptions
 from animus_core.focus import EngineFoci, Focus, sweep_foci
 from tests.engine_helpers import (
@@ -321,3 +321,81 @@ async def test_a_starting_engine_leaves_a_running_engine_s_foci_alone(db, db_url
         item = await wait_finished(db, wid)
     assert item.state == State.COMPLETED
     assert item.outcome.data == {"done": True}
+
+
+async def take_back_cancelled(db_url: str, work_id: UUID) -> Lease:
+    """Take the item back and ask for it to be cancelled, in one transaction: the lease
+    keeper's next round finds both (a request made without a notification)."""
+    async with raw(db_url) as conn:
+        while True:
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("UPDATE animus.work_items SET cancel_requested = 'stop' "
+                               "WHERE id = $1", work_id)
+            await conn.execute(
+                """UPDATE pgmq.q_work SET vt = clock_timestamp()
+                    WHERE msg_id = (SELECT msg_id FROM animus.work_items WHERE id = $1)""",
+                work_id)
+            row = await conn.fetchrow(
+                "SELECT * FROM animus.claim('work', 1, 60, ARRAY['again'], true)")
+            if row is not None:
+                await tx.commit()
+                assert row["id"] == work_id
+                return Lease(work_id=work_id, queue="work", msg_id=row["msg_id"],
+                             token=row["lease"])
+            await tx.rollback()  # the keeper was extending the lease: again
+            await asyncio.sleep(0.05)
+
+
+class Lingers(Faculty):
+    """Engage runs until cancelled; the first time, it takes until ``done_when()`` to stop
+    (a faculty cleaning up), so that the engine still runs it when it acts on a cancel
+    request after finding its lease lost."""
+
+    name = "again"
+    accepts = ("again",)
+
+    def __init__(self, done_when: Any) -> None:
+        self.done_when = done_when
+        self.runs = 0
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        self.runs += 1
+        try:
+            await asyncio.sleep(300)
+        except asyncio.CancelledError:
+            if self.runs == 1:
+                await wait_until(self.done_when, 10, message="the cancel request to be seen")
+            raise
+
+
+async def test_a_cancel_request_for_a_lost_focus_does_not_outlive_it(db, db_url, tmp_path,
+                                                                     caplog):
+    """The lease keeper finds the lease lost and, in the same round, a cancel request for the
+    item (meant for whoever runs it now). The lost focus ends as lost; when this engine runs
+    the item again later, that focus is not taken for a cancelled one."""
+    caplog.set_level(logging.INFO)
+    wid: UUID | None = None
+
+    def cancel_seen() -> bool:
+        return any(f"cancelling the running focus of {wid}" in r.getMessage()
+                   for r in caplog.records)
+
+    faculty = Lingers(cancel_seen)
+    options = EngineOptions(lease_seconds=3, poll_interval=0.5, grace=0.5, seal_interval=0.2)
+    async with run_engine(db_url, tmp_path / "home", faculties=[faculty],
+                          options=options) as run:
+        wid = await submit(db, NewWorkItem("again").max_attempts(5))
+        await wait_until(lambda: faculty.runs == 1, message="the first focus to start")
+        theirs = await take_back_cancelled(db_url, wid)
+        await wait_until(lambda: wid not in run.engine.inflight, 10,
+                         message="the lost focus to end")
+        async with raw(db_url) as conn:
+            await conn.execute("UPDATE animus.work_items SET cancel_requested = NULL "
+                               "WHERE id = $1", wid)
+        await db.release(theirs, "the other engine gives it back")
+        await wait_until(lambda: faculty.runs == 2, message="this engine to run it again")
+    # stopped with the focus running: released, as any focus at shutdown
+    item = await db.get_work_item(wid)
+    assert item.state == State.QUEUED, item.reason
+    assert item.reason == "released at shutdown (grace period over)"
