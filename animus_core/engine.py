@@ -733,7 +733,8 @@ class Engine:
         try:
             note = WorkNotification(**json.loads(payload))
         except (ValueError, TypeError):
-            _log.warning("ignoring a malformed %s notification: %.200s", CHANNEL, payload)
+            _log.warning("ignoring a malformed %s notification: %s", CHANNEL,
+                         redactor.text(payload)[:200])  # a cut secret would no longer match
             self._mark_dirty()
             return
         if note.queue in self.options.queues:

@@ -55,6 +55,7 @@ from tests.engine_helpers import (
     run_engine,
     wait_finished,
     wait_listening,
+    wait_until,
     write_toml_faculty,
 )
 from tests.otlp_receiver import OtlpReceiver
@@ -445,3 +446,24 @@ async def test_a_secret_in_json_or_python_text_is_redacted(db, db_url, tmp_path,
             for row in await conn.fetch(f"SELECT r::text AS t FROM animus.{table} AS r"):
                 leaks += odd_leaks(row["t"], f"animus.{table}")
     assert not leaks, "the secret leaked in an encoded form:\n" + "\n".join(leaks)
+
+
+async def test_a_secret_in_a_malformed_notification_leaks_no_fragment_to_the_log(
+        db, db_url, tmp_path, monkeypatch, caplog):
+    """The engine logs the start of a notification it cannot read; a secret placed across
+    where that start is cut leaves nothing of itself in the log."""
+    monkeypatch.setenv("CUT_TOKEN", CUT_CANARY)
+    caplog.set_level(logging.DEBUG)
+    size = len(CUT_CANARY)
+    shifts = range(-2, size + 3)
+    async with run_engine(db_url, tmp_path / "home") as run:
+        async with raw(db_url) as conn:
+            for shift in shifts:  # the logged start ends `shift` characters into the secret
+                payload = f"not json {shift:>3} " + "x" * (200 - 13 - shift) + CUT_CANARY
+                await conn.execute("SELECT pg_notify('animus_work', $1)", payload)
+        await run.wait_quiet()
+        await wait_until(lambda: sum("malformed" in r.getMessage() for r in caplog.records)
+                         == len(shifts), message="every notification to be logged")
+    leaks = [f"log: {found}" for r in caplog.records
+             if (found := fragments(r.getMessage(), CUT_CANARY))]
+    assert not leaks, "secret fragments leaked:\n" + "\n".join(leaks)
