@@ -514,17 +514,24 @@ class Db:
         _transition("claimed", "running")
         return WorkItem.from_row(row)
 
-    async def extend_lease(self, leases: Sequence[Lease], seconds: int) -> None:
-        """Push the visibility timeout of held items ``seconds`` from now."""
+    async def extend_lease(self, leases: Sequence[Lease], seconds: int) -> list[Lease]:
+        """Push the visibility timeout of held items ``seconds`` from now. Returns the leases
+        that are lost (not extended): the item was claimed again after the lease ran out, or
+        its attempt was taken back as lost."""
         if not leases:
-            return
+            return []
+        lost: list[Lease] = []
         async with self.connection() as conn:
             for queue in {lease.queue for lease in leases}:
-                await conn.execute(
-                    # count(*): pgmq.message_record rows cannot be decoded with our codecs
-                    "SELECT count(*) FROM pgmq.set_vt($1, $2::bigint[], $3::int)",
-                    queue, [le.msg_id for le in leases if le.queue == queue], seconds,
+                mine = [le for le in leases if le.queue == queue]
+                rows = await conn.fetch(
+                    "SELECT * FROM animus.extend_leases($1, $2, $3, $4, $5)",
+                    queue, [le.work_id for le in mine], [le.msg_id for le in mine],
+                    [le.token for le in mine], seconds,
                 )
+                gone = {r[0] for r in rows}
+                lost += [le for le in mine if le.work_id in gone]
+        return lost
 
     async def complete(
         self, lease: Lease, data: Any = None, *, duration_ms: int | None = None
@@ -593,17 +600,23 @@ class Db:
         async with self.connection() as conn:
             rows = await conn.fetch(
                 """SELECT r.*, e.environment FROM animus.execution_records r
-                     JOIN animus.environments e ON e.hash = r.environment_hash
+                     LEFT JOIN animus.environments e ON e.hash = r.environment_hash
                     WHERE r.work_id = $1 ORDER BY r.id""", wid)
         return [ExecutionRecord.from_row(r) for r in rows]
 
-    async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None) -> WorkItem:
-        """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`."""
+    async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None,
+                   execution: ExecutionRecord | None = None) -> WorkItem:
+        """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`.
+
+        ``execution``, the attempt's record, is appended in the same transaction: only while
+        the lease is held, so that an attempt taken back as lost keeps its one record."""
         _check_reason(error)
-        async with self.connection() as conn:
+        async with self.connection() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM animus.fail($1, $2, $3, $4, $5)",
                                       lease.work_id, lease.msg_id, lease.token, error,
                                       duration_ms)
+            if execution is not None:
+                await _copy_executions(conn, [execution])
         _transition("running", "failed")
         return WorkItem.from_row(row)
 

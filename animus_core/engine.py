@@ -46,7 +46,7 @@ from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
 from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
-from animus_core.focus import Focus
+from animus_core.focus import EngineFoci, Focus, sweep_foci
 from animus_core.limits import clip, limits
 from animus_core.llm import collect_tools, make_client
 from animus_core.memory import Memory, TxScope, select_embedder
@@ -143,8 +143,10 @@ class Engine:
         self._stop_deadline: float | None = None
         self._cancelling: set[UUID] = set()
         self._checks: set[asyncio.Task[None]] = set()  # cancel notifications being verified
+        self._lost: set[UUID] = set()  # foci stopped because their lease was lost
         self._activity = False
         self.foci_root = settings.home / "foci"
+        self._foci: EngineFoci | None = None  # this engine's own directory in foci_root
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
         self.listener_connected = asyncio.Event()
         self.memory: Memory | None = None
@@ -192,6 +194,7 @@ class Engine:
         for impl in self.pm.hook.startup.get_hookimpls():
             await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
         await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
+        self._foci = await asyncio.to_thread(self._claim_foci)
         helpers = [
             self._supervise("animus-listener", self._listen),
             self._supervise("animus-leases", self._keep_leases),
@@ -225,6 +228,8 @@ class Engine:
                     await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
                 except Exception:
                     _log.exception("shutdown hook of %s failed", impl.plugin_name)
+            if self._foci is not None:
+                self._foci.close()
             _log.info("engine stopped")
 
     def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
@@ -252,6 +257,15 @@ class Engine:
         task = asyncio.create_task(supervised(), name=name)
         task.add_done_callback(self._helper_died)
         return task
+
+    def _claim_foci(self) -> EngineFoci:
+        """Remove what engines that died left in the foci root, then take a directory of
+        this engine's own there (several engines may share one ANIMUS_HOME)."""
+        removed = sweep_foci(self.foci_root)
+        if removed:
+            _log.info("removed %d focus directories of attempts whose engine is gone: %s",
+                      len(removed), ", ".join(p.name for p in removed))
+        return EngineFoci.open(self.foci_root)
 
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
         """A helper must not end while the engine runs (its loop is restarted on failure):
@@ -451,14 +465,16 @@ class Engine:
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
 
-    async def _cancelled(self, lease: Lease, started: float) -> None:
+    async def _cancelled(self, fac: Faculty, focus: Focus, lease: Lease, started: float,
+                         started_at: datetime, params_hash: str) -> None:
         """A requested cancellation stopped the focus: end the item failed -> dead."""
         self._cancelling.discard(lease.work_id)
         ms = int((time.perf_counter() - started) * 1000)
         try:
             item = await self.db.get_work_item(lease.work_id)
             reason = clip(f"cancelled while {item.state}: {item.cancel_requested or 'by request'}")
-            await self.db.fail(lease, reason, duration_ms=ms)
+            await self.db.fail(lease, reason, duration_ms=ms, execution=self._record(
+                fac, focus, started_at, "failed", params_hash, error=reason))
             await self.db.dead_letter(lease.work_id, reason)
         except AnimusError as e:
             _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
@@ -495,8 +511,9 @@ class Engine:
 
     async def _focus(self, slot: _Slot, claimed: Claimed) -> None:
         fac, item, lease = slot.faculty, claimed.item, claimed.lease
-        focus = Focus(item, self.db, attempt=item.attempts, log=_log, root=self.foci_root,
-                      hook_env=self.hook_env)
+        focus = Focus(item, self.db, attempt=item.attempts, log=_log,
+                      root=self._foci.path if self._foci else self.foci_root,
+                      keep_root=self.foci_root, hook_env=self.hook_env)
         memory = self.memory.for_work(source=fac.name, work_id=item.id) if self.memory else None
         focus._memory = memory
         focus.memory_unavailable = self.memory_problem
@@ -547,10 +564,15 @@ class Engine:
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
-                if item.id not in self._cancelling:
+                if item.id in self._lost:  # its record (lost) came with the new claim
+                    self._cancelling.discard(item.id)  # a cancel request is moot now
+                    failed, result = True, "lost"
+                elif item.id not in self._cancelling:
                     raise  # shutdown: the drain releases it
-                failed, result = True, "dead"
-                await self._cancelled(lease, started)
+                else:
+                    failed, result = True, "dead"
+                    await self._cancelled(fac, focus, lease, started, started_at,
+                                          params_hash or _NO_PARAMS_HASH)
             except Exception as e:
                 await scope.finish(commit=False)
                 failed, result = True, "failed"
@@ -561,16 +583,14 @@ class Engine:
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])
                 focus_span.add_event("failed", {"from": "running", "to": "failed",
                                                 "phase": phase, "error": error[:500]})
-                try:
-                    await self.db.record_executions(
-                        [self._record(fac, focus, started_at, "failed",
-                                      params_hash or "none: the params cannot be read",
-                                      error=error)])
-                    if focus.llm_usage:  # what a failed attempt spent is kept too
+                if focus.llm_usage:  # what a failed attempt spent is kept too
+                    try:
                         await self.db.record_usage(item.id, _usage_record(focus))
-                except AnimusError as e2:
-                    _log.warning("could not record the execution of %s: %s", item.id, e2)
-                result = await self._failed(fac, focus, lease, error, phase, ms,
+                    except AnimusError as e2:
+                        _log.warning("could not record the usage of %s: %s", item.id, e2)
+                record = self._record(fac, focus, started_at, "failed",
+                                      params_hash or _NO_PARAMS_HASH, error=error)
+                result = await self._failed(fac, focus, lease, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused | Unrunnable))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
@@ -591,11 +611,14 @@ class Engine:
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
                 _log.info("kept focus directory of failed %s: %s", item.id, kept)
+            self._lost.discard(item.id)
             self._finished(slot, item.id)
 
     async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
-                      phase: str, ms: int, *, final: bool = False) -> str:
-        """Run recover, record the failure, then retry or dead-letter; returns which."""
+                      phase: str, ms: int, record: ExecutionRecord, *,
+                      final: bool = False) -> str:
+        """Run recover, record the failure (with the attempt's execution record, while the
+        lease is held), then retry or dead-letter; returns which."""
         note = ""
         verdict: bool | None = None
         try:
@@ -610,7 +633,7 @@ class Engine:
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
         try:
-            item = await self.db.fail(lease, reason, duration_ms=ms)
+            item = await self.db.fail(lease, reason, duration_ms=ms, execution=record)
             limit = fac.max_attempts or item.max_attempts
             if verdict is False:
                 await self.db.dead_letter(item.id, reason if final  # a rule; recover not asked
@@ -684,7 +707,8 @@ class Engine:
             leases = [f.claimed.lease for f in self.inflight.values()]
             if leases:
                 try:
-                    await self.db.extend_lease(leases, self.options.lease_seconds)
+                    for lease in await self.db.extend_lease(leases, self.options.lease_seconds):
+                        self._lose(lease)
                     # a cancel request whose notification this engine missed
                     for work_id in await self.db.cancel_requests([le.work_id for le in leases]):
                         self._cancel(work_id)
@@ -762,11 +786,26 @@ class Engine:
             self._cancelling.add(work_id)
             flight.task.cancel()
 
+    def _lose(self, lease: Lease) -> None:
+        """The item was taken back after this engine's lease ran out (the engine stalled or
+        was cut off): stop its focus now, killing its hooks, rather than run on beside the
+        next attempt. The focus records nothing: the claim that took the item back recorded
+        the attempt as lost, and the lease no longer lets this engine finish it."""
+        flight = self.inflight.get(lease.work_id)
+        if flight is None or flight.claimed.lease != lease or lease.work_id in self._lost:
+            return  # finished meanwhile, or already being stopped
+        _log.warning("lease lost on work item %s (attempt %d): it was taken back after the "
+                     "lease ran out; stopping its focus", lease.work_id,
+                     flight.claimed.item.attempts)
+        self._lost.add(lease.work_id)
+        flight.task.cancel()
+
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
             note = WorkNotification(**json.loads(payload))
         except (ValueError, TypeError):
-            _log.warning("ignoring a malformed %s notification: %.200s", CHANNEL, payload)
+            _log.warning("ignoring a malformed %s notification: %s", CHANNEL,
+                         redactor.text(payload)[:200])  # a cut secret would no longer match
             self._mark_dirty()
             return
         if note.queue in self.options.queues:
@@ -842,6 +881,9 @@ class RuleRefused(Exception):
 
 class Unrunnable(Exception):
     """The item cannot run at all (its stored params cannot be read): dead-lettered now."""
+
+
+_NO_PARAMS_HASH = "none: the params cannot be read"  # an attempt refused before it ran
 
 
 def _params_hash(params: Any) -> str:

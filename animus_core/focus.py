@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -17,7 +20,81 @@ if TYPE_CHECKING:
     from animus_core.llm import AgentResult
     from animus_core.memory import Memory
 
-__all__ = ["Focus"]
+__all__ = ["EngineFoci", "Focus", "sweep_foci"]
+
+#: Engines make their foci in ``$ANIMUS_HOME/foci/engine-<pid>-<random>/``.
+ENGINE_PREFIX = "engine-"
+
+
+class EngineFoci:
+    """The directory one engine makes its foci in, under the shared foci root, locked
+    (``flock``) for as long as the engine process holds it open. The lock, not a pid, tells
+    a live engine: it is released when the process ends however it ends, it cannot be
+    mistaken for a reused pid, and it holds across containers that share the directory."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def open(cls, root: Path) -> EngineFoci:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=f"{ENGINE_PREFIX}{os.getpid()}-", dir=root))
+            fd = _lock(path)
+            if fd is not None:
+                return cls(path, fd)
+            # swept by an engine starting meanwhile, before it was locked: take another
+
+    def close(self) -> None:
+        """Unlock; remove the directory when no focus left anything in it (the next engine
+        to start removes what is left)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding the lock on directory ``path``, or None when another
+    process holds it or the directory is gone (or was replaced) meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def sweep_foci(root: Path) -> list[Path]:
+    """Remove the engine directories under ``root`` that no live engine holds: those of
+    engines that died with foci running (killed, out of memory, power lost). Returns the
+    focus directories that were in them. Kept focus directories live in ``root`` itself
+    and are not touched."""
+    removed: list[Path] = []
+    try:
+        candidates = sorted(p for p in root.iterdir() if p.name.startswith(ENGINE_PREFIX))
+    except OSError:
+        return removed
+    for path in candidates:
+        fd = _lock(path)
+        if fd is None:
+            continue  # a live engine's
+        try:
+            with contextlib.suppress(OSError):
+                removed += sorted(path.iterdir())
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class Focus:
@@ -25,13 +102,14 @@ class Focus:
     ways to act (submit child work).
 
     ``directory`` is a fresh private directory for this focus (the command hook contract's
-    focus directory), made on first use and removed when the focus ends, unless kept for
-    debugging after a failure.
+    focus directory) under ``root``, made on first use and removed when the focus ends,
+    unless kept for debugging after a failure: then it moves to ``keep_root``, if given.
     """
 
     def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
                  root: Path, traceparent: str | None = None,
-                 hook_env: dict[str, str] | None = None) -> None:
+                 hook_env: dict[str, str] | None = None,
+                 keep_root: Path | None = None) -> None:
         self.work = work
         self.attempt = attempt
         self.log = log
@@ -39,6 +117,7 @@ class Focus:
         self.hook_env = hook_env or {}
         self._db = db
         self._root = root
+        self._keep_root = keep_root
         self._directory: Path | None = None
         self._memory: Memory | None = None
         #: set by the engine: returns (Anthropic client, tools by name)
@@ -82,7 +161,16 @@ class Focus:
         if self._directory is None:
             return None
         if keep:
-            return self._directory
+            if self._keep_root is None or self._keep_root == self._directory.parent:
+                return self._directory
+            # out of the engine's directory, which an engine starting after this one's
+            # death would remove
+            kept = self._keep_root / self._directory.name
+            try:
+                self._directory.rename(kept)
+            except OSError:
+                return self._directory
+            return kept
         shutil.rmtree(self._directory, ignore_errors=True)
         return None
 

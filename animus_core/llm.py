@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from animus_core.errors import ConfigError, InvalidInput, LLMError
 from animus_core.plugins import await_me_maybe, hookimpl
+from animus_core.secrets import redactor
 from animus_core.telemetry import instruments, tracer
 
 if TYPE_CHECKING:
@@ -266,11 +267,11 @@ async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_mes
                 else:
                     response = await client.messages.create(**request)
             except anthropic.APIStatusError as e:
-                span.set_status(trace.StatusCode.ERROR, str(e)[:300])
+                span.set_status(trace.StatusCode.ERROR, redactor.text(str(e))[:300])
                 span.set_attribute("error.type", str(e.status_code))
                 raise _api_error(e, spec.model) from None
             except anthropic.APIConnectionError as e:
-                span.set_status(trace.StatusCode.ERROR, str(e)[:300])
+                span.set_status(trace.StatusCode.ERROR, redactor.text(str(e))[:300])
                 raise LLMError(f"cannot reach the Anthropic API: {e}") from None
             finally:
                 elapsed = time.perf_counter() - started
@@ -309,7 +310,7 @@ async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_mes
                         "gen_ai.tool.call.id": use["id"]}) as tspan:
                     out, is_error = await _call_tool(tool, use.get("input") or {}, focus)
                     if is_error:
-                        tspan.set_status(trace.StatusCode.ERROR, out[:300])
+                        tspan.set_status(trace.StatusCode.ERROR, redactor.text(out)[:300])
             results.append({"type": "tool_result", "tool_use_id": use["id"], "content": out,
                             "is_error": is_error})
         messages.append({"role": "user", "content": results})

@@ -7,6 +7,10 @@ version, the environment (Python, platform, installed distributions: stored once
 the models called, and the hash of the outcome. Two runs of "the same" work can then be
 compared field by field (:func:`diff`), and a rerun can say whether its inputs changed or
 the faculty is nondeterministic (:func:`verdict`).
+
+An attempt whose lease ran out while it ran is recorded by the database when the item is
+taken back, with result ``lost``: the engine that ran it may be gone, so the inputs only it
+knew (params hash, faculty, engine version, environment) are ``None`` in that record.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ __all__ = ["ExecutionRecord", "diff", "environment", "file_digest", "verdict"]
 class ExecutionRecord(msgspec.Struct, frozen=True, kw_only=True):
     work_id: UUID
     attempt: int
+    #: ``completed``, ``failed`` or ``lost``
     result: str
     work_type: str
-    params_hash: str
-    faculty: dict[str, Any]
-    faculty_hash: str
-    engine_version: str
-    environment_hash: str
+    # None only in a lost attempt's record: what the engine that ran it knew
+    params_hash: str | None
+    faculty: dict[str, Any] | None
+    faculty_hash: str | None
+    engine_version: str | None
+    environment_hash: str | None
     models: list[str]
     outcome_hash: str | None
     error: str | None
@@ -113,7 +119,7 @@ def diff(a: ExecutionRecord, b: ExecutionRecord, *, params_a: dict[str, Any] | N
                     out[f"params.{key}"] = (fa.get(key), fb.get(key))
         if not any(k.startswith("params") for k in out):
             out["params_hash"] = (a.params_hash, b.params_hash)
-    fa, fb = _flatten(a.faculty), _flatten(b.faculty)
+    fa, fb = _flatten(a.faculty or {}), _flatten(b.faculty or {})
     for key in sorted(fa.keys() | fb.keys()):
         if fa.get(key) != fb.get(key):
             out[f"faculty.{key}"] = (fa.get(key), fb.get(key))

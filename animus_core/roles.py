@@ -90,6 +90,7 @@ BEGIN
         ('animus.claim(text, int, int, text[], bool)', 'animus_operator'),
         ('animus.complete(uuid[], bigint[], int[], jsonb[], bigint[])', 'animus_operator'),
         ('animus.start(uuid, bigint, int)', 'animus_operator'),
+        ('animus.extend_leases(text, uuid[], bigint[], int[], int)', 'animus_operator'),
         ('animus.fail(uuid, bigint, int, text, bigint)', 'animus_operator'),
         ('animus.release(uuid, bigint, int, text)', 'animus_operator'),
         ('animus.retry(uuid, float8, text)', 'animus_operator'),

@@ -27,6 +27,7 @@ from animus_core.config import Settings
 from animus_core.errors import ConfigError, InvalidInput
 from animus_core.faculty import Faculty, check_faculty, check_number, check_variable
 from animus_core.focus import Focus
+from animus_core.hookguard import MARK_VARIABLE, guard
 from animus_core.limits import limits
 from animus_core.plugins import hookimpl
 from animus_core.records import file_digest
@@ -45,7 +46,7 @@ __all__ = [
 
 #: Variables every hook gets (ARCHITECTURE 3.4), plus what lets ``animus`` run inside a hook.
 CONTRACT_ENV = ("ANIMUS_FOCUS_DIR", "ANIMUS_WORK_TYPE", "ANIMUS_WORK_ID", "ANIMUS_PHASE",
-                "ANIMUS_ATTEMPT", "TRACEPARENT", "DATABASE_URL", "ANIMUS_HOME")
+                "ANIMUS_ATTEMPT", "TRACEPARENT", "DATABASE_URL", "ANIMUS_HOME", MARK_VARIABLE)
 #: Passed through from the engine's environment so that ordinary scripts work.
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 STDERR_TAIL = 2000
@@ -358,6 +359,7 @@ class CommandFaculty(Faculty):
             ANIMUS_PHASE=phase,
             ANIMUS_ATTEMPT=str(focus.attempt),
         )
+        env[MARK_VARIABLE] = guard.mark
         env.update(focus.hook_env)
         if focus.traceparent:
             env["TRACEPARENT"] = focus.traceparent
@@ -371,6 +373,7 @@ class CommandFaculty(Faculty):
             return
         ps: PhaseSpec | None = getattr(self.spec, phase)
         timeout = (ps.timeout if ps and ps.timeout else None) or self.spec.timeout
+        guard.start()  # before the hook: it must not outlive a SIGKILLed engine
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=focus.directory, env=self._env(focus, phase, extra),
@@ -379,6 +382,7 @@ class CommandFaculty(Faculty):
             )
         except OSError as e:
             raise HookFailed(f"{phase} hook {argv[0]} could not start: {e.strerror}") from None
+        guard.watch(proc.pid)  # its own session: the group id is its pid
         try:
             stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
@@ -388,12 +392,13 @@ class CommandFaculty(Faculty):
         except asyncio.CancelledError:
             _kill_group(proc)
             raise
+        finally:
+            guard.unwatch(proc.pid)
         if stdout:
-            focus.log.debug("%s stdout: %s", phase,
-                            redactor.text(stdout[-STDERR_TAIL:].decode(errors="replace")))
+            focus.log.debug("%s stdout: %s", phase, redactor.tail(stdout, STDERR_TAIL))
         code = proc.returncode or 0
         if code != 0:
-            tail = stderr[-STDERR_TAIL:].decode(errors="replace").strip()
+            tail = redactor.tail(stderr, STDERR_TAIL).strip()
             status = (f"was killed by signal {-code}" if code < 0
                       else f"exited with status {code}")
             raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))

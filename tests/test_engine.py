@@ -217,7 +217,7 @@ async def test_toml_faculty_follows_the_hook_contract(db, db_url, tmp_path, monk
     assert oriented["id"] == str(wid)
     assert oriented["attempt"] == "1"
     assert oriented["focus_dir"] == oriented["pwd"]
-    assert Path(oriented["focus_dir"]).parent == run.foci_root
+    assert Path(oriented["focus_dir"]).parent.parent == run.foci_root  # in the engine's own
     assert oriented["planted"] == "unset"
     assert oriented["declared"] == "passed-through"
     assert str(Path(sys.executable).parent) in oriented["path"].split(os.pathsep)

@@ -110,6 +110,74 @@ async def test_engine_killed_mid_focus_work_is_redelivered_after_the_lease(
     assert await second.wait(30) == 0
 
 
+def existing(paths: list[str]) -> list[str]:
+    return [p for p in paths if Path(p).exists()]
+
+
+def attempt_one_hook(pids: Path, runs: Path) -> str:
+    """Attempt 1 starts a child in its process group and one that leaves it for a session of
+    its own, and waits (five minutes), noting the three pids; attempt 2 notes which of those
+    processes still run, then succeeds."""
+    return f"""
+        if [ "$ANIMUS_ATTEMPT" = 1 ]; then
+            sleep 300 &
+            child=$!
+            python3 -c 'import os; os.setsid(); os.execvp("sleep", ["sleep", "300"])' &
+            echo "$ANIMUS_FOCUS_DIR" >> {pids.with_suffix(".dirs")}
+            echo "$$ $child $!" >> {pids}
+            wait
+        fi
+        alive=""
+        for pid in $(cat {pids}); do
+            stat=$(cat /proc/$pid/stat 2>/dev/null || true)
+            state=${{stat##*) }}
+            if [ -n "$stat" ] && [ "${{state%% *}}" != Z ]; then alive="$alive $pid"; fi
+        done
+        echo "$ANIMUS_WORK_ID $ANIMUS_ATTEMPT alive:$alive" >> {runs}
+        echo '{{"attempt": '"$ANIMUS_ATTEMPT"'}}' > engage-out.json
+    """
+
+
+async def test_hooks_die_with_a_killed_engine_before_attempt_2_starts(db, db_url, tmp_path,
+                                                                      engines):
+    pids, runs = tmp_path / "attempt-1.pids", tmp_path / "runs.log"
+    faculty(tmp_path, "stubborn", fields={"max_concurrent": 4},
+            hooks={"engage": attempt_one_hook(pids, runs)})
+    first = engines("--lease", "2", "--poll", "0.5")
+    await wait_listening(db_url, [first])
+    wids = [await submit(db, NewWorkItem("stubborn").params({"i": i})) for i in range(4)]
+    await wait_until(lambda: pids.exists() and len(pids.read_text().splitlines()) == 4,
+                     message="four first attempts to start their children")
+    hook_pids = [int(p) for p in pids.read_text().split()]
+    focus_dirs = pids.with_suffix(".dirs").read_text().split()
+    assert len(focus_dirs) == 4
+    try:
+        first.signal(signal.SIGKILL)
+        assert await first.wait(10) == -signal.SIGKILL
+        assert existing(focus_dirs) == focus_dirs
+        second = engines("--lease", "2", "--poll", "0.5")
+        await wait_listening(db_url, [second])
+        # the engine that starts next removes what the killed attempts left
+        assert existing(focus_dirs) == []
+        for wid in wids:
+            item = await wait_finished(db, wid, timeout=30)
+            assert item.state == State.COMPLETED, item.reason
+            assert item.outcome.data == {"attempt": 2}
+            # one execution record per attempt, the killed one's too
+            records = [(r.attempt, r.result) for r in await db.executions(wid)]
+            assert records == [(1, "lost"), (2, "completed")]
+        seen = sorted(runs.read_text().splitlines())
+        assert seen == sorted(f"{wid} 2 alive:" for wid in wids), \
+            "attempt 2 ran while processes of attempt 1 still ran:\n" + "\n".join(seen)
+        await wait_until(lambda: all(process_gone(p) for p in hook_pids), 10,
+                         message="every process of the killed engine's hooks to be gone")
+        second.signal(signal.SIGTERM)
+        assert await second.wait(30) == 0
+    finally:
+        for pid in hook_pids:
+            kill_group(pid)
+
+
 async def test_two_engines_share_work_without_running_an_item_twice(
         db, db_url, tmp_path, engines):
     log = tmp_path / "foci.log"

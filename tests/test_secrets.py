@@ -30,6 +30,8 @@ hooks note what they saw (which is how the test knows they did see the declared 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -47,11 +49,13 @@ import animus_core.engine
 from animus_core import Created, Faculty, NewWorkItem, State
 from animus_core.engine import EngineOptions
 from animus_core.focus import Focus
+from animus_core.toml_faculties import STDERR_TAIL
 from tests.engine_helpers import (
     EngineProcess,
     run_engine,
     wait_finished,
     wait_listening,
+    wait_until,
     write_toml_faculty,
 )
 from tests.otlp_receiver import OtlpReceiver
@@ -297,3 +301,169 @@ async def test_a_real_engine_leaks_no_secret_to_stderr_or_otlp(db, db_url, cli_e
     assert checked >= 1, "the failed foci were not kept"
     leaks += found
     assert not leaks, "secret values leaked:\n" + "\n".join(leaks)
+
+
+# -- cuts and encodings -------------------------------------------------------------------------
+
+#: Mixed case, digits: no uuid, path or English word holds four of its characters in a row.
+CUT_CANARY = "Qv8ZkW3xJt7PmR2nLc9H"
+#: A secret JSON and Python cannot write as it is: a quote, a backslash, a tab, non-ASCII.
+ODD_CANARY = 'Kp"7\\Wq\tzé-Xr4'
+
+
+def fragments(text: str, secret: str, shortest: int = 4) -> list[str]:
+    """The prefixes and suffixes of ``secret`` (``shortest`` characters or more, the whole
+    of it included) that occur in ``text``."""
+    parts = {secret[:n] for n in range(shortest, len(secret) + 1)}
+    parts |= {secret[-n:] for n in range(shortest, len(secret) + 1)}
+    return sorted(p for p in parts if p in text)
+
+
+async def test_a_secret_cut_anywhere_by_the_tail_leaks_no_fragment(db, db_url, tmp_path,
+                                                                   monkeypatch, caplog):
+    """The failure reason keeps the end of a hook's standard error. A secret placed at every
+    offset around where that tail begins must leave no prefix or suffix of itself in the
+    reason, the audit trail, the execution record or the log (stdout is logged the same way)."""
+    monkeypatch.setenv("CUT_TOKEN", CUT_CANARY)
+    write_toml_faculty(tmp_path, "cut", fields={"max_concurrent": 8, "max_attempts": 1,
+                                               "env": ["CUT_TOKEN"]}, hooks={"engage": """
+        after=$(sed -n 's/.*"after": *\\([0-9]*\\).*/\\1/p' work.json)
+        line="$(head -c 100 /dev/zero | tr '\\0' x)$CUT_TOKEN$(head -c "$after" /dev/zero | tr '\\0' y)"
+        printf '%s\\n' "$line"
+        printf '%s\\n' "$line" >&2
+        exit 3
+    """})
+    caplog.set_level(logging.DEBUG)
+    size = len(CUT_CANARY)
+    # the tail (the output's last STDERR_TAIL characters) starts `shift` characters into the
+    # secret: before it, at each of its characters, after it
+    shifts = range(-2, size + 3)
+    async with run_engine(db_url, tmp_path / "home", faculties_dir=tmp_path / "faculties"):
+        results = await db.submit_many([
+            NewWorkItem("cut").params({"after": STDERR_TAIL - (size - shift) - 1})
+            for shift in shifts])
+        items = [await wait_finished(db, r.id) for r in results]
+
+    leaks: list[str] = []
+    for shift, item in zip(shifts, items, strict=True):
+        assert item.state == State.DEAD, item.reason
+        assert "exited with status 3" in (item.reason or "")
+        texts = {"reason": item.reason or "", "outcome.error": item.outcome.error or ""}
+        for event in await db.history(item.id):
+            texts[f"audit {event.event}"] = json.dumps(event.payload, ensure_ascii=False)
+        for record in await db.executions(item.id):
+            texts[f"execution record {record.attempt}"] = record.error or ""
+        leaks += [f"shift {shift}, {where}: {found}" for where, text in texts.items()
+                  if (found := fragments(text, CUT_CANARY))]
+        # the tail was cut where it should be: the filler after the secret is all there
+        assert "y" * max(0, STDERR_TAIL - size - 3) in (item.reason or "")
+    for record in caplog.records:
+        if found := fragments(record.getMessage(), CUT_CANARY):
+            leaks.append(f"log {record.name}:{record.lineno}: {found}")
+    assert any("stdout" in r.getMessage() for r in caplog.records), "no stdout was logged"
+    assert not leaks, "secret fragments leaked:\n" + "\n".join(leaks)
+
+
+def odd_forms() -> dict[str, str]:
+    """How the odd secret looks in JSON text, one and two levels deep, and in Python text."""
+    once_ascii = json.dumps(ODD_CANARY)[1:-1]
+    once = json.dumps(ODD_CANARY, ensure_ascii=False)[1:-1]
+    return {"as it is": ODD_CANARY, "JSON": once, "JSON, ASCII only": once_ascii,
+            "JSON in JSON": json.dumps(once, ensure_ascii=False)[1:-1],
+            "JSON in JSON, ASCII only": json.dumps(once_ascii)[1:-1],
+            "Python repr": repr(ODD_CANARY)[1:-1]}
+
+
+def odd_leaks(text: str, where: str) -> list[str]:
+    return [f"{where}: {name} ({form!r})" for name, form in odd_forms().items() if form in text]
+
+
+def strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, and in the JSON documents those strings hold."""
+    if isinstance(value, str):
+        yield value
+        with contextlib.suppress(ValueError):
+            inner = json.loads(value)
+            if not isinstance(inner, str):
+                yield from strings(inner)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+
+
+class Escaper(Faculty):
+    """Puts the secret into its outcome inside JSON text (once and twice encoded, ASCII-only
+    or not) and Python text; ``escaper-fail`` raises with it JSON-encoded."""
+
+    name = "escaper"
+    accepts = ("escaper", "escaper-fail")
+    max_attempts = 1
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        secret = os.environ["ODD_TOKEN"]
+        doc = {"token": secret}
+        if focus.work.work_type == "escaper-fail":
+            raise RuntimeError(f"upstream said {json.dumps(doc)}")
+        return {"json": json.dumps(doc), "json_utf8": json.dumps(doc, ensure_ascii=False),
+                "json_in_json": json.dumps({"body": json.dumps(doc)}),
+                "repr": f"got {secret!r}", "plain": f"token={secret}"}
+
+
+async def test_a_secret_in_json_or_python_text_is_redacted(db, db_url, tmp_path, monkeypatch,
+                                                           caplog):
+    monkeypatch.setenv("ODD_TOKEN", ODD_CANARY)
+    write_toml_faculty(tmp_path, "odd-hook", fields={"secrets": ["ODD_TOKEN"],
+                                                    "max_attempts": 1}, hooks={"engage": """
+        python3 -c 'import json, os, sys; print(json.dumps({"t": os.environ["ODD_TOKEN"]}), file=sys.stderr)'
+        exit 1
+    """})
+    caplog.set_level(logging.DEBUG)
+    async with run_engine(db_url, tmp_path / "home", faculties=[Escaper()],
+                          faculties_dir=tmp_path / "faculties"):
+        items = {}
+        for work_type in ("escaper", "escaper-fail", "odd-hook"):
+            result = await db.submit_work(NewWorkItem(work_type, source="test"))
+            items[work_type] = await wait_finished(db, result.id)
+
+    done = items["escaper"]
+    assert done.state == State.COMPLETED, done.reason
+    assert set(done.outcome.data) == {"json", "json_utf8", "json_in_json", "repr", "plain"}
+    assert "[redacted ODD_TOKEN]" in done.outcome.data["json"]
+    assert all(odd not in s for s in strings(done.outcome.data)
+               for odd in odd_forms().values()), done.outcome.data
+    for work_type in ("escaper-fail", "odd-hook"):
+        assert items[work_type].state == State.DEAD
+        assert "[redacted ODD_TOKEN]" in (items[work_type].reason or ""), items[work_type].reason
+    leaks: list[str] = []
+    for record in caplog.records:
+        leaks += odd_leaks(record.getMessage(), f"log {record.name}:{record.lineno}")
+    async with raw(db_url) as conn:
+        for table in ("work_items", "audit_log", "execution_records"):
+            for row in await conn.fetch(f"SELECT r::text AS t FROM animus.{table} AS r"):
+                leaks += odd_leaks(row["t"], f"animus.{table}")
+    assert not leaks, "the secret leaked in an encoded form:\n" + "\n".join(leaks)
+
+
+async def test_a_secret_in_a_malformed_notification_leaks_no_fragment_to_the_log(
+        db, db_url, tmp_path, monkeypatch, caplog):
+    """The engine logs the start of a notification it cannot read; a secret placed across
+    where that start is cut leaves nothing of itself in the log."""
+    monkeypatch.setenv("CUT_TOKEN", CUT_CANARY)
+    caplog.set_level(logging.DEBUG)
+    size = len(CUT_CANARY)
+    shifts = range(-2, size + 3)
+    async with run_engine(db_url, tmp_path / "home") as run:
+        async with raw(db_url) as conn:
+            for shift in shifts:  # the logged start ends `shift` characters into the secret
+                payload = f"not json {shift:>3} " + "x" * (200 - 13 - shift) + CUT_CANARY
+                await conn.execute("SELECT pg_notify('animus_work', $1)", payload)
+        await run.wait_quiet()
+        await wait_until(lambda: sum("malformed" in r.getMessage() for r in caplog.records)
+                         == len(shifts), message="every notification to be logged")
+    leaks = [f"log: {found}" for r in caplog.records
+             if (found := fragments(r.getMessage(), CUT_CANARY))]
+    assert not leaks, "secret fragments leaked:\n" + "\n".join(leaks)

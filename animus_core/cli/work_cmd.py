@@ -80,12 +80,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 async def _last_record(db: Any, work_id: Any) -> Any:
+    """The record of the item's last attempt that ran to its end: nothing is known of what a
+    lost attempt was bound to."""
     records = await db.executions(work_id)
     if not records:
         item = await db.get_work_item(work_id)
         raise InvalidInput(f"work item {item.id} ({item.state}) has no execution record yet: "
                            "it has not run")
-    return records[-1]
+    ended = [r for r in records if r.result != "lost"]
+    if not ended:
+        raise InvalidInput(
+            f"work item {work_id}: every attempt was lost with its engine ({len(records)}), "
+            "so what they were bound to is not known: nothing to compare (see animus work "
+            "explain)")
+    return ended[-1]
 
 
 async def explain(args: argparse.Namespace) -> int:
@@ -99,8 +107,12 @@ async def explain(args: argparse.Namespace) -> int:
     for r in records:
         env = r.environment or {}
         print(f"\nattempt {r.attempt}: {r.result}  {r.started_at.isoformat()}")
-        print(f"  params        {r.params_hash}")
         fac = r.faculty
+        if fac is None:  # a lost attempt, recorded by the claim that took its item back
+            print("  inputs        not known: the engine that ran it was lost with its lease")
+            print(f"  error         {r.error}")
+            continue
+        print(f"  params        {r.params_hash}")
         if fac.get("kind") == "toml":
             print(f"  faculty       {fac.get('file')} {fac.get('file_sha256')}")
             for phase, hook in sorted(fac.get("hooks", {}).items()):

@@ -420,6 +420,9 @@ ALTER FUNCTION animus.claim(text, int, int, text[], bool) SET search_path = pg_c
 ALTER FUNCTION animus.complete(uuid[], bigint[], int[], jsonb[], bigint[]) SECURITY DEFINER;
 ALTER FUNCTION animus.complete(uuid[], bigint[], int[], jsonb[], bigint[])
     SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION animus.extend_leases(text, uuid[], bigint[], int[], int) SECURITY DEFINER;
+ALTER FUNCTION animus.extend_leases(text, uuid[], bigint[], int[], int)
+    SET search_path = pg_catalog, pg_temp;
 
 -- New functions are callable by PUBLIC until revoked: revoke at once, and on a database whose
 -- roles are set up already, apply the new rules now rather than at the next `roles setup`.
@@ -431,7 +434,8 @@ REVOKE EXECUTE ON FUNCTION
     animus.requeue_message(animus.work_items, float8), animus.drop_message(animus.work_items),
     animus.start(uuid, bigint, int), animus.fail(uuid, bigint, int, text, bigint),
     animus.release(uuid, bigint, int, text), animus.retry(uuid, float8, text),
-    animus.dead_letter(uuid, text), animus.cancel(uuid, text), animus.add_usage(uuid, jsonb)
+    animus.dead_letter(uuid, text), animus.cancel(uuid, text), animus.add_usage(uuid, jsonb),
+    animus.extend_leases(text, uuid[], bigint[], int[], int)
   FROM PUBLIC;
 
 DO $$
@@ -449,7 +453,7 @@ BEGIN
             animus.start(uuid, bigint, int), animus.fail(uuid, bigint, int, text, bigint),
             animus.release(uuid, bigint, int, text), animus.retry(uuid, float8, text),
             animus.dead_letter(uuid, text), animus.cancel(uuid, text),
-            animus.add_usage(uuid, jsonb)
+            animus.add_usage(uuid, jsonb), animus.extend_leases(text, uuid[], bigint[], int[], int)
           TO animus_operator;
     END IF;
 END
