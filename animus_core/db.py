@@ -130,7 +130,7 @@ _GONE = ("57P01", "57P02", "57P03", "53300")
 def _translate(e: asyncpg.PostgresError) -> Exception:
     """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
     msg = getattr(e, "message", None) or str(e)
-    if e.sqlstate in _GONE or (e.sqlstate or "").startswith("08"):
+    if _broken(e):
         return DatabaseUnavailable(f"lost the database connection: {msg}")
     bad_argument = _BAD_ARGUMENT.match(msg)
     if bad_argument:  # asyncpg's message repeats the value, which may be a secret
@@ -175,7 +175,8 @@ def _broken(e: BaseException) -> bool:
     a protocol state asyncpg cannot leave (``cannot switch to state ...``, after a backend
     was terminated in the middle of an operation)."""
     if isinstance(e, asyncpg.PostgresError):
-        return e.sqlstate in _GONE or (e.sqlstate or "").startswith("08")
+        return (e.sqlstate in _GONE or (e.sqlstate or "").startswith("08")
+                or "not currently accepting connections" in str(e))  # ALLOW_CONNECTIONS false
     return (isinstance(e, OSError | TimeoutError | asyncpg.ConnectionDoesNotExistError
                        | asyncpg.InternalClientError)
             or (isinstance(e, asyncpg.InterfaceError) and "closed" in str(e)))

@@ -112,6 +112,9 @@ class _InFlight:
     claimed: Claimed
     task: asyncio.Task[None]
     slot: _Slot
+    #: until when the lease surely holds (monotonic): when the claim or the last extension
+    #: that succeeded was asked for, plus the lease time; see Engine._fence
+    held_until: float
     #: when the running coroutine phase times out (loop time); see Engine._enforce_deadlines
     deadline: float | None = None
     timed_out: bool = False
@@ -362,12 +365,13 @@ class Engine:
             # sets it again, and is not lost.
             slot.dirty = False
             for queue in self.options.queues:
+                asked = time.monotonic()
                 claimed = await self.db.claim(
                     queue, limit=allowed - got, lease_seconds=self.options.lease_seconds,
                     work_types=slot.faculty.accepts, start=True,
                 )
                 for c in claimed:
-                    self._start_focus(slot, c)
+                    self._start_focus(slot, c, asked + self.options.lease_seconds)
                 got += len(claimed)
                 if got >= allowed:
                     break
@@ -380,10 +384,10 @@ class Engine:
             if got:
                 self._activity = True
 
-    def _start_focus(self, slot: _Slot, claimed: Claimed) -> None:
+    def _start_focus(self, slot: _Slot, claimed: Claimed, held_until: float) -> None:
         slot.running += 1
         task = asyncio.create_task(self._focus(slot, claimed), name=f"focus-{claimed.item.id}")
-        self.inflight[claimed.item.id] = _InFlight(claimed, task, slot)
+        self.inflight[claimed.item.id] = _InFlight(claimed, task, slot, held_until)
 
     def _finished(self, slot: _Slot, work_id: UUID) -> None:
         if self.inflight.pop(work_id, None) is not None:
@@ -701,19 +705,56 @@ class Engine:
             self._activity = True
 
     async def _keep_leases(self) -> None:
+        """Extend the leases of running foci every third of the lease time, and fence: a
+        focus whose lease could not be extended is stopped before that lease can run out."""
         every = max(1.0, self.options.lease_seconds / 3)
+        next_extension = time.monotonic() + every
         while True:
-            await asyncio.sleep(every)
-            leases = [f.claimed.lease for f in self.inflight.values()]
-            if leases:
-                try:
-                    for lease in await self.db.extend_lease(leases, self.options.lease_seconds):
-                        self._lose(lease)
-                    # a cancel request whose notification this engine missed
-                    for work_id in await self.db.cancel_requests([le.work_id for le in leases]):
-                        self._cancel(work_id)
-                except AnimusError as e:
-                    _log.warning("could not extend %d leases: %s", len(leases), e)
+            now = time.monotonic()
+            fence_at = min((f.held_until - self._fence_margin for f in self.inflight.values()),
+                           default=next_extension)
+            await asyncio.sleep(max(0.05, min(next_extension, fence_at) - now))
+            if time.monotonic() >= next_extension:
+                next_extension = time.monotonic() + every
+                await self._extend_leases(timeout=every)
+            self._fence()
+
+    @property
+    def _fence_margin(self) -> float:
+        return max(0.5, self.options.lease_seconds / 6)
+
+    async def _extend_leases(self, timeout: float) -> None:
+        flights = list(self.inflight.values())
+        leases = [f.claimed.lease for f in flights]
+        if not leases:
+            return
+        asked = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):  # a hung call must not delay the fence
+                lost = await self.db.extend_lease(leases, self.options.lease_seconds)
+                # a cancel request whose notification this engine missed
+                requested = await self.db.cancel_requests([le.work_id for le in leases])
+        except (AnimusError, TimeoutError) as e:
+            _log.warning("could not extend %d leases: %s", len(leases), e)
+            return
+        for flight in flights:
+            if flight.claimed.lease not in lost:
+                flight.held_until = asked + self.options.lease_seconds
+        for lease in lost:
+            self._lose(lease, "it was taken back after the lease ran out")
+        for work_id in requested:
+            self._cancel(work_id)
+
+    def _fence(self) -> None:
+        """Stop each focus whose lease may run out before this engine can extend it (the
+        database is unreachable or too slow): once it runs out, another engine (or this one,
+        reconnected) may claim the item, and two attempts must never run at once."""
+        now = time.monotonic()
+        for flight in list(self.inflight.values()):
+            if flight.held_until - now <= self._fence_margin:
+                self._lose(flight.claimed.lease,
+                           f"its lease could not be extended and ends in "
+                           f"{max(0.0, flight.held_until - now):.1f}s")
 
     async def _seal_loop(self) -> None:
         while True:
@@ -786,17 +827,16 @@ class Engine:
             self._cancelling.add(work_id)
             flight.task.cancel()
 
-    def _lose(self, lease: Lease) -> None:
-        """The item was taken back after this engine's lease ran out (the engine stalled or
-        was cut off): stop its focus now, killing its hooks, rather than run on beside the
-        next attempt. The focus records nothing: the claim that took the item back recorded
-        the attempt as lost, and the lease no longer lets this engine finish it."""
+    def _lose(self, lease: Lease, why: str) -> None:
+        """The lease is lost, or about to be (the engine stalled or was cut off): stop the
+        focus now, killing its hooks, rather than run on beside the next attempt. The focus
+        records nothing: the claim that takes the item back records the attempt as lost, and
+        the lease no longer lets this engine finish it."""
         flight = self.inflight.get(lease.work_id)
         if flight is None or flight.claimed.lease != lease or lease.work_id in self._lost:
             return  # finished meanwhile, or already being stopped
-        _log.warning("lease lost on work item %s (attempt %d): it was taken back after the "
-                     "lease ran out; stopping its focus", lease.work_id,
-                     flight.claimed.item.attempts)
+        _log.warning("lease lost on work item %s (attempt %d): %s; stopping its focus",
+                     lease.work_id, flight.claimed.item.attempts, why)
         self._lost.add(lease.work_id)
         flight.task.cancel()
 

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import pytest
@@ -147,3 +148,72 @@ async def test_a_poison_item_written_around_animus_is_dead_lettered_not_fatal(
     assert dead.state == "dead"
     assert "params cannot be read" in (dead.reason or "")
     assert done.state == "completed"
+
+
+class Stubborn(Faculty):
+    """Attempt 1 runs long; later attempts are quick. Notes each attempt's run interval."""
+
+    name = "stubborn"
+    accepts = ("stubborn",)
+
+    def __init__(self) -> None:
+        self.running: set[UUID] = set()
+        self.overlaps = 0
+        self.started = asyncio.Event()
+
+    async def engage(self, focus: Any, oriented: Any) -> Any:
+        work_id = focus.work.id
+        if work_id in self.running:
+            self.overlaps += 1
+        self.running.add(work_id)
+        self.started.set()
+        try:
+            await asyncio.sleep(20 if focus.attempt == 1 else 0.05)
+        finally:
+            self.running.discard(work_id)
+        return {"attempt": focus.attempt}
+
+
+async def test_an_engine_cut_off_from_the_database_stops_its_foci_before_their_leases_end(
+        db, db_url, server_url, tmp_path):
+    """Fencing: an engine that cannot reach the database cannot extend its leases, and once a
+    lease ran out another engine may claim the item. So the engine stops a focus whose lease
+    it could not extend before that lease ends: the other engine's attempt never runs beside
+    it. Engine A is cut off (its connections terminated, new ones refused); B, connected
+    before, keeps claiming."""
+    faculty = Stubborn()
+    options = EngineOptions(poll_interval=0.5, lease_seconds=3, grace=5.0, seal_interval=0.2)
+    database = urlsplit(db_url).path.lstrip("/")
+    other = await Db.connect(db_url, min_size=1, max_size=1, actor="engine-b")
+    try:
+        async with other.connection() as conn:
+            other_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        async with run_engine(db_url, tmp_path, faculties=[faculty], options=options), \
+                raw(server_url) as admin:  # ALTER DATABASE from another database
+            work_id = (await db.submit_work(NewWorkItem("stubborn", source="test"))).id
+            await asyncio.wait_for(faculty.started.wait(), 15)
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            try:
+                await admin.execute(
+                    """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                        WHERE datname = $1 AND pid <> $2
+                          AND application_name IN ('animus', 'animus-listener')""",
+                    database, other_pid)
+                taken: list[Any] = []
+                for _ in range(100):  # until A's lease runs out (3 s) and B can claim it
+                    taken = await other.claim(work_types=["stubborn"], lease_seconds=30,
+                                              start=True)
+                    if taken:
+                        break
+                    await asyncio.sleep(0.1)
+                assert taken, "the lease of the cut-off engine never ran out"
+                beside = work_id in faculty.running  # is A's attempt still running?
+                await other.complete(taken[0].lease, {"by": "b"})
+            finally:
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    finally:
+        await other.close()
+    assert not beside, "engine B's attempt started while engine A's attempt 1 still ran"
+    item = await db.get_work_item(work_id)
+    assert (item.state, item.attempts, item.outcome.data) == ("completed", 2, {"by": "b"})
+    assert [r.result for r in await db.executions(work_id)] == ["lost"]
