@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.bench_engine import CpuMeter, CpuUse
+from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
 
 
@@ -30,3 +31,79 @@ def test_cpu_per_item_without_the_server():
     own, server = use.per_item()
     assert round(own) == 500
     assert server is None
+
+
+# -- the chaos suite's bookkeeping (benchmarks/chaos.py) ------------------------------------------
+
+
+def test_markers_pair_each_start_with_its_end_and_skip_torn_lines():
+    runs = parse_markers([
+        "S w1 1 100 10.0", "S w2 1 101 10.5", "E w1 1 100 10.2",
+        "E w2 1 10",  # torn: a hook killed mid-write
+        "S w1 2 102 13.0", "garbage", "E w1 2 102 13.1",
+    ])
+    assert runs["w1"] == [Run("w1", 1, 100, 10.0, 10.2), Run("w1", 2, 102, 13.0, 13.1)]
+    assert runs["w2"] == [Run("w2", 1, 101, 10.5, None)]
+
+
+def test_runs_one_after_the_other_do_not_overlap():
+    assert overlaps([Run("w", 1, 1, 0.0, 1.0), Run("w", 2, 2, 1.0, 2.0)]) == []
+
+
+def test_a_run_starting_inside_another_overlaps_it():
+    a, b, c = Run("w", 1, 1, 0.0, 5.0), Run("w", 2, 2, 3.0, 4.0), Run("w", 3, 3, 4.5, 6.0)
+    assert overlaps([c, b, a]) == [(a, b), (a, c)]
+
+
+def test_a_killed_run_counts_only_where_it_certainly_overlapped():
+    killed = Run("w", 1, 1, 0.0, None)  # no end marker: when it died is unknown
+    after = Run("w", 2, 2, 3.0, 4.0)
+    assert overlaps([killed, after]) == []
+    inside = Run("w", 1, 3, 3.5, None)  # but it started while another run was going on
+    assert overlaps([after, inside]) == [(after, inside)]
+
+
+def test_classify_counts_lost_stuck_dead_and_twice_per_acknowledged_key():
+    acked = {"k1": "a", "k2": "b", "k3": "c", "k4": "d", "k5": "e", "k6": "f"}
+    items = [
+        ItemRow("a", "k1", "completed"),
+        ItemRow("b", "k2", "completed"),
+        ItemRow("c", "k3", "queued"),  # stuck
+        ItemRow("d", "k4", "dead"),
+        ItemRow("e", "k5", "completed"), ItemRow("e2", "k5", "completed"),  # resubmitted
+        ItemRow("m", "k1", "merged", merged_into="a"),  # a retry that found k1 live
+        # k6: acknowledged, never stored
+    ]
+    completions = {"a": 1, "b": 2, "e": 1, "e2": 1}
+    t = classify(acked, items, completions)
+    assert (t.submitted, t.completed, t.lost, t.completed_twice, t.stuck, t.dead,
+            t.duplicate_items) == (6, 3, 2, 2, 1, 1, 1)
+    assert t.examples["lost"] == ["k6"]
+    assert t.examples["stuck"] == ["k3"]
+    assert sorted(t.examples["completed_twice"]) == ["k2", "k5"]
+    assert not t.met
+
+
+def test_classify_meets_the_target_when_everything_completed_once():
+    t = classify({"k": "a"}, [ItemRow("a", "k", "completed")], {"a": 1})
+    assert t.met
+    assert (t.completed, t.lost, t.completed_twice, t.stuck) == (1, 0, 0, 0)
+
+
+def test_window_rate_counts_events_in_a_half_open_window():
+    assert window_rate([0.5, 1.0, 1.5, 2.0, 3.0], 1.0, 3.0) == 1.5
+
+
+def test_digest_log_counts_kinds_of_warnings_not_their_ids():
+    log = "\n".join([
+        "05:05:20 WARNING animus.engine: could not complete 01a23524-6d72-7e33-89a5-2337be8ea348:"
+        " lease lost",
+        "05:05:21 WARNING animus.engine: could not complete 01a23524-6d81-731a-95f9-44495134c50d:"
+        " lease lost",
+        "05:05:21 INFO    animus.engine: listener reconnected",
+        "05:05:22 ERROR   animus.engine: claim failed, retrying in 0.5s",
+    ])
+    d = digest_log(log)
+    assert d["levels"] == {"WARNING": 2, "ERROR": 1}
+    assert d["lease_lost"] == 2
+    assert d["top"][0] == "2 x WARNING could not complete <id>: lease lost"
