@@ -137,6 +137,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._completions: list[tuple[Lease, Any, int | None]] = []
+        #: the batch being written right now (its leases are held until it is recorded)
+        self._recording: list[tuple[Lease, Any, int | None]] = []
         self._executions: list[ExecutionRecord] = []
         self.environment_hash = ""
         self._completions_ready = asyncio.Event()
@@ -343,8 +345,9 @@ class Engine:
                 await self._fill()
                 backoff = 0.5
             except AnimusError as e:  # unreachable, or refused: the loop must go on either way
-                _log.warning("claim failed, retrying in %.1fs: %s", backoff, e)
-                await asyncio.sleep(backoff)
+                delay = backoff * random.uniform(0.5, 1.5)  # jittered, as the completer's
+                _log.warning("claim failed, retrying in %.1fs: %s", delay, e)
+                await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 10.0)
                 self._mark_dirty()
 
@@ -677,6 +680,7 @@ class Engine:
         while self._completions:
             batch, self._completions = self._completions, []
             records, self._executions = self._executions, []
+            self._recording = batch
             try:
                 await self.db.complete_many(batch, executions=records)
             except DatabaseUnavailable as e:
@@ -691,7 +695,11 @@ class Engine:
                     self._completions, self._executions = [], []
                     return
                 _log.warning("completing %d items failed, retrying: %s", len(batch), e)
-                await asyncio.sleep(0.5 if self._stop_deadline is not None else 1.0)
+                self._recording = []  # back in _completions, where the lease keeper sees them
+                # Jittered: a fixed delay can fall into step with a periodic fault (backends
+                # terminated every 250 ms) and meet it on every retry.
+                delay = 0.5 if self._stop_deadline is not None else 1.0
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 continue
             except AnimusError:
                 for one, rec in zip(batch, records, strict=True):  # keep the others
@@ -702,6 +710,8 @@ class Engine:
                         self._executions.append(rec)
                     except AnimusError as e1:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
+            finally:
+                self._recording = []
             self._activity = True
 
     async def _keep_leases(self) -> None:
@@ -726,12 +736,16 @@ class Engine:
     async def _extend_leases(self, timeout: float) -> None:
         flights = list(self.inflight.values())
         leases = [f.claimed.lease for f in flights]
-        if not leases:
+        # A finished focus whose completion is not recorded yet still holds its item:
+        # were its lease to run out, the work would be claimed and done again.
+        recording = [c[0] for c in (*self._recording, *self._completions)]
+        if not leases and not recording:
             return
         asked = time.monotonic()
         try:
             async with asyncio.timeout(timeout):  # a hung call must not delay the fence
-                lost = await self.db.extend_lease(leases, self.options.lease_seconds)
+                lost = await self.db.extend_lease(leases + recording,
+                                                  self.options.lease_seconds)
                 # a cancel request whose notification this engine missed
                 requested = await self.db.cancel_requests([le.work_id for le in leases])
         except (AnimusError, TimeoutError) as e:

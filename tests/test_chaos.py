@@ -217,3 +217,37 @@ async def test_an_engine_cut_off_from_the_database_stops_its_foci_before_their_l
     item = await db.get_work_item(work_id)
     assert (item.state, item.attempts, item.outcome.data) == ("completed", 2, {"by": "b"})
     assert [r.result for r in await db.executions(work_id)] == ["lost"]
+
+
+async def test_a_finished_focus_keeps_its_lease_until_its_completion_is_recorded(db_url, tmp_path):
+    """The database refuses completions for longer than the lease (as it does while backends
+    are terminated faster than a completion's transaction can finish): the finished focus
+    must keep its item, not see it claimed again, run again and cost an attempt."""
+    tally = Tally()
+    options = EngineOptions(poll_interval=0.5, lease_seconds=2, grace=5.0, seal_interval=0.1)
+    producer = await Db.connect(db_url, max_size=2, actor="chaos-producer")
+    try:
+        async with run_engine(db_url, tmp_path, faculties=[tally], options=options) as running:
+            record = running.db.complete_many
+            refuse_until = asyncio.get_running_loop().time() + 5.0  # 2.5 leases
+
+            async def unreachable(*args: Any, **kwargs: Any) -> None:
+                if asyncio.get_running_loop().time() < refuse_until:
+                    raise DatabaseUnavailable("lost the database connection: (test) refused")
+                await record(*args, **kwargs)
+
+            setattr(running.db, "complete_many", unreachable)  # noqa: B010 - this instance only
+            result = await producer.submit_work(NewWorkItem("tally", source="chaos")
+                                                .params({"n": 1}))
+
+            async def done() -> bool:
+                return (await producer.get_work_item(result.canonical_id)).state == "completed"
+
+            await wait_until(done, 30, message="the item to complete")
+        item = await producer.get_work_item(result.canonical_id)
+        events = [e.event for e in await producer.history(result.canonical_id)]
+    finally:
+        await producer.close()
+    assert tally.runs[result.canonical_id] == 1, events
+    assert item.attempts == 1
+    assert "failed" not in events
