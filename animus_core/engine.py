@@ -719,6 +719,7 @@ class Engine:
         focus whose lease could not be extended is stopped before that lease can run out."""
         every = max(1.0, self.options.lease_seconds / 3)
         next_extension = time.monotonic() + every
+        retry = 0.1
         while True:
             now = time.monotonic()
             fence_at = min((f.held_until - self._fence_margin for f in self.inflight.values()),
@@ -726,21 +727,31 @@ class Engine:
             await asyncio.sleep(max(0.05, min(next_extension, fence_at) - now))
             if time.monotonic() >= next_extension:
                 next_extension = time.monotonic() + every
-                await self._extend_leases(timeout=every)
+                if await self._extend_leases(timeout=every):
+                    retry = 0.1
+                else:
+                    # Waiting the usual period after a failure would leave a third of the
+                    # lease to spare, or none after two, and the fence would stop the foci:
+                    # try again soon (a fresh connection often works at once), backing off
+                    # to the usual period.
+                    retry = min(every, retry * 2)
+                    next_extension = time.monotonic() + min(
+                        every, retry * random.uniform(0.5, 1.5))
             self._fence()
 
     @property
     def _fence_margin(self) -> float:
         return max(0.5, self.options.lease_seconds / 6)
 
-    async def _extend_leases(self, timeout: float) -> None:
+    async def _extend_leases(self, timeout: float) -> bool:
+        """Whether the leases held (if any) were extended."""
         flights = list(self.inflight.values())
         leases = [f.claimed.lease for f in flights]
         # A finished focus whose completion is not recorded yet still holds its item:
         # were its lease to run out, the work would be claimed and done again.
         recording = [c[0] for c in (*self._recording, *self._completions)]
         if not leases and not recording:
-            return
+            return True
         asked = time.monotonic()
         try:
             async with asyncio.timeout(timeout):  # a hung call must not delay the fence
@@ -749,8 +760,8 @@ class Engine:
                 # a cancel request whose notification this engine missed
                 requested = await self.db.cancel_requests([le.work_id for le in leases])
         except (AnimusError, TimeoutError) as e:
-            _log.warning("could not extend %d leases: %s", len(leases), e)
-            return
+            _log.warning("could not extend %d leases: %s", len(leases) + len(recording), e)
+            return False
         for flight in flights:
             if flight.claimed.lease not in lost:
                 flight.held_until = asked + self.options.lease_seconds
@@ -758,6 +769,7 @@ class Engine:
             self._lose(lease, "it was taken back after the lease ran out")
         for work_id in requested:
             self._cancel(work_id)
+        return True
 
     def _fence(self) -> None:
         """Stop each focus whose lease may run out before this engine can extend it (the

@@ -251,3 +251,54 @@ async def test_a_finished_focus_keeps_its_lease_until_its_completion_is_recorded
     assert tally.runs[result.canonical_id] == 1, events
     assert item.attempts == 1
     assert "failed" not in events
+
+
+class Slow(Faculty):
+    """Runs longer than the lease, so only the lease keeper keeps it to one run."""
+
+    name = "slow"
+    accepts = ("slow",)
+    max_concurrent = 2
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def engage(self, focus: Any, oriented: Any) -> Any:
+        self.runs += 1
+        await asyncio.sleep(7)
+        return {}
+
+
+async def test_a_failed_lease_extension_is_tried_again_before_the_lease_runs_out(db_url, tmp_path):
+    """Three extensions in a row fail (their connections were terminated): the keeper must not
+    wait a third of the lease after each, or the fence stops the focus before its lease runs
+    out, and the item runs again."""
+    slow = Slow()
+    options = EngineOptions(poll_interval=0.5, lease_seconds=6, grace=5.0, seal_interval=0.1)
+    producer = await Db.connect(db_url, max_size=2, actor="chaos-producer")
+    try:
+        async with run_engine(db_url, tmp_path, faculties=[slow], options=options) as running:
+            extend = running.db.extend_lease
+            failures = 0
+
+            async def flaky(*args: Any, **kwargs: Any) -> Any:
+                nonlocal failures
+                if failures < 3:
+                    failures += 1
+                    raise DatabaseUnavailable("lost the database connection: (test) terminated")
+                return await extend(*args, **kwargs)
+
+            setattr(running.db, "extend_lease", flaky)  # noqa: B010 - this instance only
+            result = await producer.submit_work(NewWorkItem("slow", source="chaos"))
+
+            async def done() -> bool:
+                return (await producer.get_work_item(result.canonical_id)).state == "completed"
+
+            await wait_until(done, 30, message="the item to complete")
+        item = await producer.get_work_item(result.canonical_id)
+        events = [e.event for e in await producer.history(result.canonical_id)]
+    finally:
+        await producer.close()
+    assert failures == 3
+    assert slow.runs == 1, events
+    assert item.attempts == 1
