@@ -227,21 +227,23 @@ def window_rate(times: Iterable[float], start: float, end: float) -> float:
 
 def digest_log(text: str, keep: int = 6) -> dict[str, Any]:
     """Warnings and errors of an engine's log: counts per level, the commonest messages (ids
-    and numbers blanked so that one kind of message counts once), and the completions that
-    found their lease lost."""
+    and numbers blanked so that one kind of message counts once), the completions refused
+    because the lease was lost, and the foci the engine stopped because their lease was lost
+    or about to be (fenced)."""
     levels: Counter[str] = Counter()
     shapes: Counter[str] = Counter()
-    lease_lost = 0
+    refused = fenced = 0
     for line in text.splitlines():
         m = re.match(r"^\S+ (WARNING|ERROR|CRITICAL)\s+\S+: (.*)$", line)
         if not m:
             continue
         levels[m[1]] += 1
-        lease_lost += "lease lost" in m[2]
+        refused += "could not complete" in m[2] and "lease lost" in m[2]
+        fenced += "stopping its focus" in m[2]
         shape = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<id>", m[2])
         shape = re.sub(r"\d+(\.\d+)?", "<n>", shape)[:160]
         shapes[f"{m[1]} {shape}"] += 1
-    return {"levels": dict(levels), "lease_lost": lease_lost,
+    return {"levels": dict(levels), "completions_refused": refused, "foci_fenced": fenced,
             "top": [f"{n} x {s}" for s, n in shapes.most_common(keep)]}
 
 
@@ -1042,10 +1044,15 @@ def render(report: dict[str, Any]) -> str:
         if s["hook_runs_cut_short"]:
             extra.append(f"{s['hook_runs']} hook runs, {s['hook_runs_cut_short']} cut short "
                          "(no end marker)")
-        lost_leases = sum(log["lease_lost"] for log in s["details"]["engine_logs"].values())
-        if lost_leases:
-            extra.append(f"engines logged {lost_leases} finished foci whose completion came "
-                         "after their lease was lost (the item ran again)")
+        logs = s["details"]["engine_logs"].values()
+        refused = sum(log["completions_refused"] for log in logs)
+        fenced = sum(log["foci_fenced"] for log in logs)
+        if refused:
+            extra.append(f"engines logged {refused} finished foci whose completion came after "
+                         "their lease was lost (the item ran again)")
+        if fenced:
+            extra.append(f"engines stopped {fenced} foci whose lease was lost or about to run "
+                         "out (fenced; the item ran again)")
         if s["dead"]:
             extra.append("not completed: " + "; ".join(
                 f"{n} x {r[:100]}" for r, n in s["details"]["not_completed_reasons"].items()))

@@ -101,9 +101,12 @@ def test_digest_log_counts_kinds_of_warnings_not_their_ids():
         "05:05:21 WARNING animus.engine: could not complete 01a23524-6d81-731a-95f9-44495134c50d:"
         " lease lost",
         "05:05:21 INFO    animus.engine: listener reconnected",
+        "05:05:21 WARNING animus.engine: lease lost on work item 01a23524-6d81-731a-95f9-44495134"
+        "c50d (attempt 1): its lease could not be extended and ends in 0.4s; stopping its focus",
         "05:05:22 ERROR   animus.engine: claim failed, retrying in 0.5s",
     ])
     d = digest_log(log)
-    assert d["levels"] == {"WARNING": 2, "ERROR": 1}
-    assert d["lease_lost"] == 2
+    assert d["levels"] == {"WARNING": 3, "ERROR": 1}
+    assert d["completions_refused"] == 2
+    assert d["foci_fenced"] == 1
     assert d["top"][0] == "2 x WARNING could not complete <id>: lease lost"
