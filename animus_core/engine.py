@@ -115,6 +115,9 @@ class _InFlight:
     #: until when the lease surely holds (monotonic): when the claim or the last extension
     #: that succeeded was asked for, plus the lease time; see Engine._fence
     held_until: float
+    #: stopped because its lease is lost (or about to be): it records nothing
+    lost: bool = False
+    finished: bool = False
     #: when the running coroutine phase times out (loop time); see Engine._enforce_deadlines
     deadline: float | None = None
     timed_out: bool = False
@@ -148,7 +151,6 @@ class Engine:
         self._stop_deadline: float | None = None
         self._cancelling: set[UUID] = set()
         self._checks: set[asyncio.Task[None]] = set()  # cancel notifications being verified
-        self._lost: set[UUID] = set()  # foci stopped because their lease was lost
         self._activity = False
         self.foci_root = settings.home / "foci"
         self._foci: EngineFoci | None = None  # this engine's own directory in foci_root
@@ -388,15 +390,26 @@ class Engine:
                 self._activity = True
 
     def _start_focus(self, slot: _Slot, claimed: Claimed, held_until: float) -> None:
+        old = self.inflight.get(claimed.item.id)
+        if old is not None:  # its lease ran out and this engine claimed the item again
+            self._lose(old.claimed.lease, "this engine claimed the item again")
         slot.running += 1
         task = asyncio.create_task(self._focus(slot, claimed), name=f"focus-{claimed.item.id}")
+        # in place before the task takes its first step: _focus finds its own record here
         self.inflight[claimed.item.id] = _InFlight(claimed, task, slot, held_until)
 
-    def _finished(self, slot: _Slot, work_id: UUID) -> None:
-        if self.inflight.pop(work_id, None) is not None:
-            slot.running -= 1
-            if slot.dirty:  # its backlog was not drained: use the freed slot
-                self._wake.set()
+    def _finished(self, flight: _InFlight) -> None:
+        """Once per focus: free its slot, and forget it (unless a newer attempt of the same
+        item replaced it)."""
+        if flight.finished:
+            return
+        flight.finished = True
+        flight.slot.running -= 1
+        work_id = flight.claimed.item.id
+        if self.inflight.get(work_id) is flight:
+            del self.inflight[work_id]
+        if flight.slot.dirty:  # its backlog was not drained: use the freed slot
+            self._wake.set()
 
     # -- foci ------------------------------------------------------------------------------
 
@@ -518,6 +531,7 @@ class Engine:
 
     async def _focus(self, slot: _Slot, claimed: Claimed) -> None:
         fac, item, lease = slot.faculty, claimed.item, claimed.lease
+        flight = self.inflight[item.id]  # this focus's own record (see _start_focus)
         focus = Focus(item, self.db, attempt=item.attempts, log=_log,
                       root=self._foci.path if self._foci else self.foci_root,
                       keep_root=self.foci_root, hook_env=self.hook_env)
@@ -571,7 +585,7 @@ class Engine:
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
-                if item.id in self._lost:  # its record (lost) came with the new claim
+                if flight.lost:  # its record (lost) comes with the claim that takes it back
                     self._cancelling.discard(item.id)  # a cancel request is moot now
                     failed, result = True, "lost"
                 elif item.id not in self._cancelling:
@@ -618,8 +632,7 @@ class Engine:
                                                   or getattr(fac, "keep_failed", False)))
             if kept:
                 _log.info("kept focus directory of failed %s: %s", item.id, kept)
-            self._lost.discard(item.id)
-            self._finished(slot, item.id)
+            self._finished(flight)
 
     async def _failed(self, fac: Faculty, focus: Focus, lease: Lease, error: str,
                       phase: str, ms: int, record: ExecutionRecord, *,
@@ -859,11 +872,11 @@ class Engine:
         records nothing: the claim that takes the item back records the attempt as lost, and
         the lease no longer lets this engine finish it."""
         flight = self.inflight.get(lease.work_id)
-        if flight is None or flight.claimed.lease != lease or lease.work_id in self._lost:
+        if flight is None or flight.claimed.lease != lease or flight.lost:
             return  # finished meanwhile, or already being stopped
         _log.warning("lease lost on work item %s (attempt %d): %s; stopping its focus",
                      lease.work_id, flight.claimed.item.attempts, why)
-        self._lost.add(lease.work_id)
+        flight.lost = True
         flight.task.cancel()
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
@@ -928,7 +941,7 @@ class Engine:
             except AnimusError as e:
                 _log.warning("could not release %s (its lease will expire): %s",
                              f.claimed.item.id, e)
-            self._finished(f.slot, f.claimed.item.id)
+            self._finished(f)
 
     async def _report_unroutable_backlog(self) -> None:
         accepted = list(self.faculties.by_type)

@@ -302,3 +302,54 @@ async def test_a_failed_lease_extension_is_tried_again_before_the_lease_runs_out
     assert failures == 3
     assert slow.runs == 1, events
     assert item.attempts == 1
+
+
+class SlowCleanup(Faculty):
+    """The first focus takes seconds to clean up when it is stopped; the others are quick."""
+
+    name = "slowclean"
+    accepts = ("slowclean",)
+    max_concurrent = 2
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def engage(self, focus: Any, oriented: Any) -> Any:
+        if not self.started.is_set():  # the first focus of the test only
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(4)  # cleanup that outlives the lease
+                raise
+        return {"attempt": focus.attempt}
+
+
+async def test_an_engine_that_claims_again_an_item_it_still_runs_keeps_count(
+        db, db_url, server_url, tmp_path):
+    """The fence stopped attempt 1, but its cleanup outlives the lease and this engine claims
+    the item again: both foci must be counted apart, and the slot of each freed once, or the
+    faculty loses a slot for good (and one with max_concurrent = 1 would never claim again)."""
+    faculty = SlowCleanup()
+    options = EngineOptions(poll_interval=0.5, lease_seconds=2, grace=10.0, seal_interval=0.2)
+    database = urlsplit(db_url).path.lstrip("/")
+    async with run_engine(db_url, tmp_path, faculties=[faculty], options=options) as running, \
+            raw(server_url) as admin:
+        work_id = (await db.submit_work(NewWorkItem("slowclean", source="test"))).id
+        await asyncio.wait_for(faculty.started.wait(), 15)
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            await admin.execute(_KILL.replace("current_database()", "$1"), database)
+            await asyncio.sleep(2.5)
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        from tests.engine_helpers import wait_finished
+
+        item = await wait_finished(db, work_id, timeout=30)
+        await wait_until(lambda: not running.engine.inflight, 15, message="foci to end")
+        await asyncio.sleep(0.5)
+        slot = running.engine.slots["slowclean"]
+        assert slot.running == 0, f"{slot.running} foci counted running, none in flight"
+        later = (await db.submit_work(NewWorkItem("slowclean", source="test"))).id
+        assert (await wait_finished(db, later, timeout=15)).state == "completed"
+    assert item.state == "completed"
