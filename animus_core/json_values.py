@@ -190,6 +190,6 @@ def _member(path: str, key: str) -> str:
 def _size(n: int) -> str:
     if n < 10_000:
         return f"{n} bytes"
-    if n < 10 * 2**20:
+    if n < 2**20:
         return f"{n / 2**10:.0f} KiB"
-    return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.1f}".removesuffix(".0") + " MiB"
