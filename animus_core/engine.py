@@ -13,7 +13,8 @@ One asyncio task per concern:
   dead-letter;
 * the **lease keeper** extends the leases of running foci, so a long focus never runs twice;
 * the **completer** batches completions into one round trip;
-* the **sealer** chains new audit rows shortly after they commit.
+* the **sealer** chains new audit rows shortly after they commit, and now and then writes a
+  checkpoint of the chain's head outside the database (:mod:`animus_core.witness`).
 
 Several engines on one database cooperate through it alone: claims skip locked rows, and a
 lease that runs out makes the item claimable again.
@@ -22,6 +23,7 @@ lease that runs out makes the item claimable again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -32,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -40,7 +43,7 @@ import msgspec
 import pluggy
 from opentelemetry import context, trace
 
-from animus_core import __version__, json_values
+from animus_core import __version__, json_values, witness
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
 from animus_core.db import DEFAULT_QUEUE, Db
@@ -67,6 +70,7 @@ from animus_core.work import (
 __all__ = ["Engine", "EngineOptions"]
 
 _log = logging.getLogger("animus.engine")
+_audit_log = logging.getLogger("animus.audit")
 CHANNEL = "animus_work"
 CANCEL_CHANNEL = "animus_cancel"
 DEADLINE_TICK = 0.05  # how often running phases are checked against their timeout (s)
@@ -81,6 +85,9 @@ class EngineOptions:
     queues: tuple[str, ...] = (DEFAULT_QUEUE,)
     keep_foci: bool = False
     seal_interval: float = 1.0
+    #: at most this often (seconds) a checkpoint of the audit chain's head is written under
+    #: ANIMUS_HOME and logged; and when the engine stops
+    checkpoint_interval: float = 60.0
 
 
 @dataclass
@@ -166,6 +173,14 @@ class Engine:
                 _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
                            self.disabled[fac.name])
         self.memory_problem = "memory is not configured for this engine"
+        for key in db.audit_keys.keys:  # a Python faculty could print one; nobody may see it
+            for text in (key.hex(), base64.b64encode(key).decode(),
+                         base64.urlsafe_b64encode(key).decode()):
+                redactor.learn({"ANIMUS_AUDIT_KEY": text})
+        self._unwitnessed = True
+        self._witnessed_at = -1e18
+        self._witnessed_seq = -1
+        self._checkpoint_file: Path | None = None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -219,6 +234,7 @@ class Engine:
             await self._flush_completions()
             with contextlib.suppress(AnimusError):
                 await self.db.seal_audit()
+                await self._witness()
             for impl in self.pm.hook.shutdown.get_hookimpls():
                 try:
                     await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
@@ -690,10 +706,40 @@ class Engine:
             if self._activity:
                 self._activity = False
                 try:
-                    await self.db.seal_audit()
+                    if await self.db.seal_audit():
+                        self._unwitnessed = True
                 except AnimusError as e:
                     _log.warning("audit sealing failed (will retry): %s", e)
                     self._activity = True
+                    continue
+            if (self._unwitnessed and time.monotonic() - self._witnessed_at
+                    >= self.options.checkpoint_interval):
+                await self._witness()
+
+    async def _witness(self) -> None:
+        """Write a checkpoint of the audit chain's head under ANIMUS_HOME and log it (to the
+        OTLP log stream too, when telemetry exports): copies the database cannot rewrite."""
+        try:
+            cp = await self.db.audit_checkpoint(seal=False)
+        except AnimusError as e:
+            _log.warning("could not take an audit checkpoint (will retry): %s", e)
+            return
+        self._unwitnessed = False
+        self._witnessed_at = time.monotonic()
+        if cp.seq == self._witnessed_seq:
+            return
+        self._witnessed_seq = cp.seq
+        path = witness.checkpoint_path(self.settings.home, cp.database)
+        try:
+            await asyncio.to_thread(witness.append_checkpoint, path, cp)
+        except OSError as e:
+            _log.warning("could not write an audit checkpoint to %s: %s", path, e)
+        else:
+            if path != self._checkpoint_file:
+                self._checkpoint_file = path
+                _log.info("writing audit checkpoints to %s", path)
+        line = cp.line()
+        _audit_log.info("audit checkpoint %s", line, extra={"animus.audit.checkpoint": line})
 
     async def _tick(self, schedule: Schedule) -> None:
         """Submit the schedule's work at each tick; the database lets one engine win a tick."""
