@@ -262,8 +262,10 @@ def _chain(rows: list[Any], seq: int, prev: bytes, key: bytes | None, kid: str |
 class _Walk:
     """What verification has seen so far of the chain, in order."""
 
-    def __init__(self, keys: AuditKeys, checkpoints: Sequence[tuple[str, Checkpoint]]) -> None:
+    def __init__(self, keys: AuditKeys, checkpoints: Sequence[tuple[str, Checkpoint]],
+                 database: str) -> None:
         self.keys = keys
+        self.database = database
         self.prev, self.seq, self.checked = GENESIS, 0, 0
         self.findings: list[str] = []
         self.findings_total = 0
@@ -271,9 +273,11 @@ class _Walk:
         self.key_ids: list[str] = []
         self.first_keyed: int | None = None
         self.wanted: dict[int, list[tuple[str, Checkpoint]]] = {}
+        # a checkpoint of the empty chain holds for every chain
+        self.matched = [(where, cp) for where, cp in checkpoints if cp.seq == 0]
         for where, cp in checkpoints:
-            self.wanted.setdefault(cp.seq, []).append((where, cp))
-        self.matched: list[tuple[str, Checkpoint]] = []
+            if cp.seq > 0:
+                self.wanted.setdefault(cp.seq, []).append((where, cp))
 
     def step(self, r: Any) -> str | None:
         """Check one seal and its row; the problem, if any."""
@@ -318,11 +322,12 @@ class _Walk:
         self.prev, self.seq, self.checked = bytes(r["hash"]), seq, self.checked + 1
         for cp_where, cp in self.wanted.pop(seq, ()):
             if cp.hash != self.prev.hex() or cp.audit_id != sealed_id:
-                since = (f" after position {self.matched[-1][1].seq}, which still matches the "
-                         f"checkpoint of {self.matched[-1][1].at}" if self.matched else "")
+                last = self.matched[-1][1] if self.matched else None
+                since = (f" after position {last.seq}, which still matches the checkpoint of "
+                         f"{last.at}" if last is not None and last.seq > 0 else "")
                 return (f"chain position {seq} (audit row {sealed_id}) no longer has the hash "
                         f"the checkpoint of {cp.at} ({cp_where}) recorded: rows at or before "
-                        f"it were changed, deleted or replaced{since}")
+                        f"it were changed, deleted or replaced{since}{self._elsewhere(cp)}")
             self.matched.append((cp_where, cp))
         return None
 
@@ -337,7 +342,14 @@ class _Walk:
                f"the chain has shrunk: it ends at position {self.seq}, but the checkpoint of "
                f"{cp.at} ({where}) recorded position {cp.seq}: the rows after position "
                f"{self.seq} were deleted with their seals")
-        return cp, end
+        return cp, end + self._elsewhere(cp)
+
+    def _elsewhere(self, cp: Checkpoint) -> str:
+        """A note when the checkpoint names another database (a restore into another
+        cluster, or the wrong file)."""
+        if cp.database == self.database:
+            return ""
+        return f" (the checkpoint is of {cp.database}, and this database is {self.database})"
 
 
 async def verify(conn: Any, page: int = 20_000, *, keys: AuditKeys = NO_KEYS,
@@ -353,7 +365,7 @@ async def verify(conn: Any, page: int = 20_000, *, keys: AuditKeys = NO_KEYS,
                                         "it was written, or forged")
         if signed is None and cp.mac is not None:
             unchecked += 1
-    walk = _Walk(keys, checkpoints)
+    walk = _Walk(keys, checkpoints, await database_name(conn) if checkpoints else "")
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         while True:
             rows = await conn.fetch(

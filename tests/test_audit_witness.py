@@ -205,6 +205,28 @@ async def test_checkpoints_that_still_match_are_reported(db, cli, tmp_path):
     assert result["authenticated"] == result["checked"] == 36
 
 
+async def test_a_checkpoint_of_another_database_says_so(db, cli, tmp_path):
+    """Checked against the wrong file (or after a restore into another cluster), a chain
+    that differs says whose checkpoint it was compared with."""
+    await _work(db)
+    cp = await _checkpoint(cli, tmp_path / "cp.jsonl")
+    (tmp_path / "other.jsonl").write_text(json.dumps(
+        {**cp, "database": "animus@1", "seq": cp["seq"] + 5, "audit_id": cp["audit_id"] + 5})
+        + "\n")
+    code, out, _ = await cli("audit", "verify", "--against", str(tmp_path / "other.jsonl"))
+    assert code == 1, out
+    assert f"the checkpoint is of animus@1, and this database is {cp['database']}" in out
+
+
+async def test_a_checkpoint_of_an_empty_chain_holds_for_any_chain(db, cli, tmp_path):
+    await _checkpoint(cli, tmp_path / "cp.jsonl", KEY)
+    await _work(db)
+    code, out, err = await cli("audit", "verify", "--against", str(tmp_path / "cp.jsonl"),
+                               "--json", key=KEY)
+    assert code == 0, out + err
+    assert json.loads(out)["checkpoints"] == 1
+
+
 async def test_a_forged_checkpoint_is_refused(db, db_url, cli, tmp_path):
     """To hide a truncation, the attacker rewrites the stored checkpoint to the new head: its
     signature, made with the key, no longer matches."""
