@@ -214,13 +214,17 @@ class Engine:
             _log.error("%s", self.memory_problem)
 
     async def run(self) -> None:
-        await self._open_memory()
-        self.environment_hash, env = await asyncio.to_thread(environment)
-        await self._until_reachable("record the environment",
-                                    lambda: self.db.record_environment(self.environment_hash, env))
-        for impl in self.pm.hook.startup.get_hookimpls():
-            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
-        await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
+        # the keeper first: the start-up steps below wait for the database too
+        keeper = (self._supervise("animus-embedded", self._keep_embedded_server)
+                  if self.settings.database_url is None and embedded.holds(self.settings.home)
+                  else None)
+        try:
+            await self._start_up()
+        except BaseException:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+            raise
         helpers = [
             self._supervise("animus-listener", self._listen),
             self._supervise("animus-leases", self._keep_leases),
@@ -231,8 +235,8 @@ class Engine:
         ]
         if self.settings.otel_endpoint:
             helpers.append(self._supervise("animus-depths", self._sample_depths))
-        if self.settings.database_url is None and embedded.holds(self.settings.home):
-            helpers.append(self._supervise("animus-embedded", self._keep_embedded_server))
+        if keeper is not None:
+            helpers.append(keeper)
         completer = self._supervise("animus-completer", self._complete_loop)
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
@@ -261,6 +265,15 @@ class Engine:
                 except Exception:
                     _log.exception("shutdown hook of %s failed", impl.plugin_name)
             _log.info("engine stopped")
+
+    async def _start_up(self) -> None:
+        await self._open_memory()
+        self.environment_hash, env = await asyncio.to_thread(environment)
+        await self._until_reachable("record the environment",
+                                    lambda: self.db.record_environment(self.environment_hash, env))
+        for impl in self.pm.hook.startup.get_hookimpls():
+            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
+        await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
 
     def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """Run a helper loop as a task that outlives its failures: a lost connection, or any
@@ -336,6 +349,7 @@ class Engine:
             except DatabaseUnavailable as e:
                 if self._stopping.is_set():
                     raise
+                self._db_trouble.set()
                 _log.warning("cannot %s yet, retrying in %.1fs: %s", what, backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
