@@ -10,6 +10,7 @@ import msgspec
 import platformdirs
 
 from animus_core.errors import ConfigError
+from animus_core.witness import NO_KEYS, AuditKeys
 
 __all__ = ["Settings"]
 
@@ -37,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embedder_model: str | None = None
     embedder_key: str | None = None
     embedder_dimensions: int | None = None
+    #: ANIMUS_AUDIT_KEY or ANIMUS_AUDIT_KEY_FILE (see :mod:`animus_core.witness`)
+    audit_keys: AuditKeys = NO_KEYS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +70,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             embedder_model=env.get("ANIMUS_EMBEDDER_MODEL") or None,
             embedder_key=env.get("ANIMUS_EMBEDDER_KEY") or None,
             embedder_dimensions=_positive_int(env, "ANIMUS_EMBEDDER_DIMENSIONS"),
+            audit_keys=AuditKeys.from_env(env),
         )
 
 

@@ -45,6 +45,7 @@ from animus_core.records import ExecutionRecord
 from animus_core.rules import RuleSet
 from animus_core.states import State
 from animus_core.telemetry import current_traceparent, instruments
+from animus_core.witness import AuditKeys, Checkpoint
 from animus_core.work import (
     Claimed,
     Created,
@@ -188,11 +189,14 @@ class Db:
     Use :meth:`connect`; close with :meth:`close` or ``async with``.
     """
 
-    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, url: str, audit_keys: AuditKeys | None = None) -> None:
         self.pool = pool
         self.url = url
         #: rules evaluated at submit (see :mod:`animus_core.rules`); none: everything allowed
         self.rules: RuleSet | None = None
+        #: the keys this process seals the audit chain with and verifies it by
+        #: (:mod:`animus_core.witness`); none: keyless seals, and keyed ones go unchecked
+        self.audit_keys = audit_keys if audit_keys is not None else AuditKeys()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -207,9 +211,12 @@ class Db:
         actor: str | None = None,
         timeout: float = 10.0,
     ) -> Self:
-        """Connect to ``url``, or to ``DATABASE_URL``, or to the embedded server."""
+        """Connect to ``url``, or to ``DATABASE_URL``, or to the embedded server. The audit
+        keys come from ``settings``, or from the environment."""
         if url is None:
-            url = await resolve_url(settings or Settings.from_env())
+            settings = settings or Settings.from_env()
+            url = await resolve_url(settings)
+        keys = settings.audit_keys if settings is not None else AuditKeys.from_env(os.environ)
         actor = actor or f"{os.path.basename(sys.argv[0]) or 'python'}@{socket.gethostname()}:{os.getpid()}"
         try:
             pool = await asyncpg.create_pool(
@@ -229,7 +236,7 @@ class Db:
                 "(check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "
                 "to use the embedded server)"
             ) from e
-        return cls(pool, url)
+        return cls(pool, url, keys)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -700,13 +707,23 @@ class Db:
     async def seal_audit(self) -> int:
         """Chain every committed, unsealed audit row; return how many were sealed."""
         async with self.connection() as conn:
-            return await audit.seal(conn)
+            return await audit.seal(conn, keys=self.audit_keys)
 
-    async def verify_audit(self) -> audit.Verification:
-        """Seal what is pending, then recompute the whole chain."""
+    async def verify_audit(self, checkpoints: Sequence[tuple[str, Checkpoint]] = ()
+                           ) -> audit.Verification:
+        """Seal what is pending, then recompute the whole chain, and check that it still
+        holds each of ``checkpoints`` (``(where, checkpoint)`` pairs)."""
         async with self.connection() as conn:
-            await audit.seal(conn)
-            return await audit.verify(conn)
+            await audit.seal(conn, keys=self.audit_keys)
+            return await audit.verify(conn, keys=self.audit_keys, checkpoints=checkpoints)
+
+    async def audit_checkpoint(self, *, seal: bool = True) -> Checkpoint:
+        """A checkpoint of the audit chain's head (after sealing what is pending), signed
+        with the audit key when this process holds one."""
+        async with self.connection() as conn:
+            if seal:
+                await audit.seal(conn, keys=self.audit_keys)
+            return await audit.checkpoint(conn, self.audit_keys)
 
 
 _EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash", "faculty",

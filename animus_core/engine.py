@@ -13,7 +13,12 @@ One asyncio task per concern:
   dead-letter;
 * the **lease keeper** extends the leases of running foci, so a long focus never runs twice;
 * the **completer** batches completions into one round trip;
-* the **sealer** chains new audit rows shortly after they commit.
+* the **sealer** chains new audit rows shortly after they commit, and now and then writes a
+  checkpoint of the chain's head outside the database (:mod:`animus_core.witness`);
+* on the embedded server, a **keeper** starts the server again if it dies under the engine.
+
+When the database cannot be reached, every task retries with backoff; the engine says so
+once when the outage begins and once when it ends, not on every retry.
 
 Several engines on one database cooperate through it alone: claims skip locked rows, and a
 lease that runs out makes the item claimable again.
@@ -22,6 +27,7 @@ lease that runs out makes the item claimable again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -32,7 +38,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
@@ -40,10 +48,10 @@ import msgspec
 import pluggy
 from opentelemetry import context, trace
 
-from animus_core import __version__, json_values
+from animus_core import __version__, embedded, json_values, witness
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
-from animus_core.db import DEFAULT_QUEUE, Db
+from animus_core.db import DEFAULT_QUEUE, Db, _broken
 from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import EngineFoci, Focus, sweep_foci
@@ -67,6 +75,7 @@ from animus_core.work import (
 __all__ = ["Engine", "EngineOptions"]
 
 _log = logging.getLogger("animus.engine")
+_audit_log = logging.getLogger("animus.audit")
 CHANNEL = "animus_work"
 CANCEL_CHANNEL = "animus_cancel"
 DEADLINE_TICK = 0.05  # how often running phases are checked against their timeout (s)
@@ -81,6 +90,9 @@ class EngineOptions:
     queues: tuple[str, ...] = (DEFAULT_QUEUE,)
     keep_foci: bool = False
     seal_interval: float = 1.0
+    #: at most this often (seconds) a checkpoint of the audit chain's head is written under
+    #: ANIMUS_HOME and logged; and when the engine stops
+    checkpoint_interval: float = 60.0
 
 
 @dataclass
@@ -176,6 +188,18 @@ class Engine:
                 _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
                            self.disabled[fac.name])
         self.memory_problem = "memory is not configured for this engine"
+        for key in db.audit_keys.keys:  # a Python faculty could print one; nobody may see it
+            for text in (key.hex(), base64.b64encode(key).decode(),
+                         base64.urlsafe_b64encode(key).decode()):
+                redactor.learn({"ANIMUS_AUDIT_KEY": text})
+        #: when the database became unreachable (monotonic), while it is
+        self._outage_since: float | None = None
+        self._holding_reported = False
+        self._db_trouble = asyncio.Event()  # a task saw the database fail: the keeper looks
+        self._unwitnessed = True
+        self._witnessed_at = -1e18
+        self._witnessed_seq = -1
+        self._checkpoint_file: Path | None = None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -183,6 +207,12 @@ class Engine:
         """Ask the engine to drain and return from :meth:`run`."""
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.options.grace
+            if self._completions:
+                _log.warning(
+                    "stopping while %d finished foci wait for the database: they are recorded "
+                    "if it answers within the grace period (%.0fs); otherwise these items run "
+                    "again once their leases expire: %s", len(self._completions),
+                    self.options.grace, ", ".join(str(c[0].work_id) for c in self._completions))
         self._stopping.set()
         self._wake.set()
 
@@ -194,14 +224,17 @@ class Engine:
             _log.error("%s", self.memory_problem)
 
     async def run(self) -> None:
-        await self._open_memory()
-        self.environment_hash, env = await asyncio.to_thread(environment)
-        await self._until_reachable("record the environment",
-                                    lambda: self.db.record_environment(self.environment_hash, env))
-        for impl in self.pm.hook.startup.get_hookimpls():
-            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
-        await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
-        self._foci = await asyncio.to_thread(self._claim_foci)
+        # the keeper first: the start-up steps below wait for the database too
+        keeper = (self._supervise("animus-embedded", self._keep_embedded_server)
+                  if self.settings.database_url is None and embedded.holds(self.settings.home)
+                  else None)
+        try:
+            await self._start_up()
+        except BaseException:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+            raise
         helpers = [
             self._supervise("animus-listener", self._listen),
             self._supervise("animus-leases", self._keep_leases),
@@ -212,10 +245,14 @@ class Engine:
         ]
         if self.settings.otel_endpoint:
             helpers.append(self._supervise("animus-depths", self._sample_depths))
+        if keeper is not None:
+            helpers.append(keeper)
         completer = self._supervise("animus-completer", self._complete_loop)
         self.started.set()
         _log.info("engine started: %d faculties, concurrency %d, queues %s",
                   len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
+        quiet_pool = _DuringOutage(self)
+        logging.getLogger("asyncpg.pool").addFilter(quiet_pool)
         try:
             await self._schedule_loop()
         finally:
@@ -230,6 +267,8 @@ class Engine:
             await self._flush_completions()
             with contextlib.suppress(AnimusError):
                 await self.db.seal_audit()
+                await self._witness()
+            logging.getLogger("asyncpg.pool").removeFilter(quiet_pool)
             for impl in self.pm.hook.shutdown.get_hookimpls():
                 try:
                     await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
@@ -238,6 +277,16 @@ class Engine:
             if self._foci is not None:
                 self._foci.close()
             _log.info("engine stopped")
+
+    async def _start_up(self) -> None:
+        await self._open_memory()
+        self.environment_hash, env = await asyncio.to_thread(environment)
+        await self._until_reachable("record the environment",
+                                    lambda: self.db.record_environment(self.environment_hash, env))
+        for impl in self.pm.hook.startup.get_hookimpls():
+            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
+        await self._until_reachable("look for unroutable work", self._report_unroutable_backlog)
+        self._foci = await asyncio.to_thread(self._claim_foci)
 
     def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """Run a helper loop as a task that outlives its failures: a lost connection, or any
@@ -254,7 +303,10 @@ class Engine:
                 except Exception as e:
                     if time.monotonic() - started > 60:
                         backoff = 1.0  # it ran a good while: not failing at once
-                    level = logging.WARNING if isinstance(e, DatabaseUnavailable) else logging.ERROR
+                    level = logging.ERROR
+                    if isinstance(e, DatabaseUnavailable):
+                        self._unreachable(e)
+                        level = logging.DEBUG
                     _log.log(level, "engine task %s failed (%s: %s); restarting it in %.0fs",
                              name, type(e).__name__, redactor.text(str(e))[:300], backoff,
                              exc_info=level == logging.ERROR)
@@ -283,6 +335,32 @@ class Engine:
                       task.get_name())
         self.stop()
 
+    def _unreachable(self, e: BaseException) -> None:
+        """A task could not reach the database: the first one to see it in an outage says
+        so (the others retry quietly, at DEBUG), and the embedded server's keeper looks."""
+        self._db_trouble.set()
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            _log.warning("the database is unreachable (%s); the engine retries with backoff "
+                         "and logs when it answers again", redactor.text(str(e))[:300])
+
+    def _reachable(self) -> None:
+        """A round trip to the database succeeded: the outage, if there was one, is over."""
+        if self._outage_since is not None:
+            _log.info("the database answers again, after %.0fs",
+                      time.monotonic() - self._outage_since)
+            self._outage_since = None
+            self._holding_reported = False
+
+    def _retrying(self, e: AnimusError, message: str, *args: Any) -> None:
+        """Log a failure that will be retried: a warning, or, when it is the database being
+        unreachable, a note of the outage and a DEBUG line."""
+        if isinstance(e, DatabaseUnavailable):
+            self._unreachable(e)
+            _log.debug(message, *args)
+        else:
+            _log.warning(message, *args)
+
     async def _until_reachable(self, what: str, step: Callable[[], Awaitable[Any]]) -> None:
         """Run a start-up ``step``, retrying while the database is unreachable."""
         backoff = 0.5
@@ -293,6 +371,7 @@ class Engine:
             except DatabaseUnavailable as e:
                 if self._stopping.is_set():
                     raise
+                self._db_trouble.set()
                 _log.warning("cannot %s yet, retrying in %.1fs: %s", what, backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -348,7 +427,7 @@ class Engine:
                 backoff = 0.5
             except AnimusError as e:  # unreachable, or refused: the loop must go on either way
                 delay = backoff * random.uniform(0.5, 1.5)  # jittered, as the completer's
-                _log.warning("claim failed, retrying in %.1fs: %s", delay, e)
+                self._retrying(e, "claim failed, retrying in %.1fs: %s", delay, e)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 10.0)
                 self._mark_dirty()
@@ -375,6 +454,7 @@ class Engine:
                     queue, limit=allowed - got, lease_seconds=self.options.lease_seconds,
                     work_types=slot.faculty.accepts, start=True,
                 )
+                self._reachable()
                 for c in claimed:
                     self._start_focus(slot, c, asked + self.options.lease_seconds)
                 got += len(claimed)
@@ -690,6 +770,7 @@ class Engine:
                 return
 
     async def _flush_completions(self) -> None:
+        held = 0
         while self._completions:
             batch, self._completions = self._completions, []
             records, self._executions = self._executions, []
@@ -707,7 +788,14 @@ class Engine:
                         "again once their leases expire: %s", len(self._completions), e, ids)
                     self._completions, self._executions = [], []
                     return
-                _log.warning("completing %d items failed, retrying: %s", len(batch), e)
+                self._unreachable(e)
+                held = len(self._completions)
+                if not self._holding_reported:
+                    self._holding_reported = True
+                    _log.warning("holding finished foci until the database answers (or, if the "
+                                 "engine is stopping, until its grace period ends): %s",
+                                 ", ".join(str(c[0].work_id) for c in self._completions))
+                _log.debug("completing %d items failed, retrying: %s", len(batch), e)
                 self._recording = []  # back in _completions, where the lease keeper sees them
                 # Jittered: a fixed delay can fall into step with a periodic fault (backends
                 # terminated every 250 ms) and meet it on every retry.
@@ -725,6 +813,10 @@ class Engine:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             finally:
                 self._recording = []
+            self._reachable()
+            if held:
+                _log.info("recorded the finished foci held while the database was unreachable")
+                held = 0
             self._activity = True
 
     async def _keep_leases(self) -> None:
@@ -773,7 +865,11 @@ class Engine:
                 # a cancel request whose notification this engine missed
                 requested = await self.db.cancel_requests([le.work_id for le in leases])
         except (AnimusError, TimeoutError) as e:
-            _log.warning("could not extend %d leases: %s", len(leases) + len(recording), e)
+            n = len(leases) + len(recording)
+            if isinstance(e, AnimusError):
+                self._retrying(e, "could not extend %d leases: %s", n, e)
+            else:
+                _log.warning("could not extend %d leases: %s", n, e)
             return False
         for flight in flights:
             if flight.claimed.lease not in lost:
@@ -801,10 +897,40 @@ class Engine:
             if self._activity:
                 self._activity = False
                 try:
-                    await self.db.seal_audit()
+                    if await self.db.seal_audit():
+                        self._unwitnessed = True
                 except AnimusError as e:
-                    _log.warning("audit sealing failed (will retry): %s", e)
+                    self._retrying(e, "audit sealing failed (will retry): %s", e)
                     self._activity = True
+                    continue
+            if (self._unwitnessed and time.monotonic() - self._witnessed_at
+                    >= self.options.checkpoint_interval):
+                await self._witness()
+
+    async def _witness(self) -> None:
+        """Write a checkpoint of the audit chain's head under ANIMUS_HOME and log it (to the
+        OTLP log stream too, when telemetry exports): copies the database cannot rewrite."""
+        try:
+            cp = await self.db.audit_checkpoint(seal=False)
+        except AnimusError as e:
+            self._retrying(e, "could not take an audit checkpoint (will retry): %s", e)
+            return
+        self._unwitnessed = False
+        self._witnessed_at = time.monotonic()
+        if cp.seq == self._witnessed_seq:
+            return
+        self._witnessed_seq = cp.seq
+        path = witness.checkpoint_path(self.settings.home, cp.database)
+        try:
+            await asyncio.to_thread(witness.append_checkpoint, path, cp)
+        except OSError as e:
+            _log.warning("could not write an audit checkpoint to %s: %s", path, e)
+        else:
+            if path != self._checkpoint_file:
+                self._checkpoint_file = path
+                _log.info("writing audit checkpoints to %s", path)
+        line = cp.line()
+        _audit_log.info("audit checkpoint %s", line, extra={"animus.audit.checkpoint": line})
 
     async def _tick(self, schedule: Schedule) -> None:
         """Submit the schedule's work at each tick; the database lets one engine win a tick."""
@@ -816,8 +942,8 @@ class Engine:
             try:
                 result = await self.db.submit_scheduled(schedule.name, tick, item)
             except AnimusError as e:
-                _log.warning("schedule %s could not submit its %s tick: %s", schedule.name,
-                             tick.isoformat(), e)
+                self._retrying(e, "schedule %s could not submit its %s tick: %s", schedule.name,
+                               tick.isoformat(), e)
                 continue
             if result is not None:
                 instruments.schedule_ticks.add(1, {"schedule": schedule.name})
@@ -902,15 +1028,21 @@ class Engine:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
                 self.listener_connected.set()
+                self._reachable()
                 if backoff > 0.2:
                     _log.info("listener reconnected")
                 backoff = 0.2
                 self._mark_dirty()  # catch up on anything sent while not listening
                 await lost.wait()
                 _log.warning("listener connection lost; reconnecting")
+                self._db_trouble.set()  # the server may have gone: the keeper looks
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     asyncpg.InternalClientError) as e:
-                _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
+                if _broken(e):
+                    self._unreachable(e)
+                    _log.debug("listener cannot connect (retrying in %.1fs): %s", backoff, e)
+                else:
+                    _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
             finally:
                 self.listener_connected.clear()
                 if conn is not None and not conn.is_closed():
@@ -919,6 +1051,41 @@ class Engine:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             self._mark_dirty()
+
+    # -- the embedded server -------------------------------------------------------------------
+
+    async def _keep_embedded_server(self) -> None:
+        """On the embedded default this engine holds the server (with the other animus
+        processes of its ANIMUS_HOME). If the server dies under it (its postmaster killed,
+        ``pg_ctl stop``), nothing else would start it again: work would wait for the next
+        animus command. Look whenever a task loses the database, and every few seconds."""
+        home = self.settings.home
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._db_trouble.wait(), 5.0)
+            self._db_trouble.clear()
+            if not await asyncio.to_thread(embedded.server_running, home):
+                await self._restart_embedded(home)
+
+    async def _restart_embedded(self, home: Path) -> None:
+        began, attempts, backoff = time.monotonic(), 0, 0.5
+        _log.warning("the embedded Postgres in %s stopped under this engine; starting it again "
+                     "(retrying with backoff until it starts)", home / "pgdata")
+        while True:
+            attempts += 1
+            try:
+                url = await asyncio.to_thread(embedded.embedded_url, home)
+                break
+            except DatabaseUnavailable as e:
+                _log.debug("the embedded Postgres did not start yet (attempt %d): %s", attempts, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        _log.info("the embedded Postgres is back: started again after %.1fs (%d attempt%s)",
+                  time.monotonic() - began, attempts, "" if attempts == 1 else "s")
+        if urlsplit(url).query != urlsplit(self.db.url).query:
+            _log.error("the embedded Postgres came back on another socket (%s, was %s): restart "
+                       "this engine to reach it", url, self.db.url)
+        self._mark_dirty()
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -939,8 +1106,8 @@ class Engine:
             try:
                 await self.db.release(f.claimed.lease, "released at shutdown (grace period over)")
             except AnimusError as e:
-                _log.warning("could not release %s (its lease will expire): %s",
-                             f.claimed.item.id, e)
+                _log.warning("could not release %s: it will run again once its lease expires "
+                             "(%s)", f.claimed.item.id, e)
             self._finished(f)
 
     async def _report_unroutable_backlog(self) -> None:
@@ -952,6 +1119,22 @@ class Engine:
                     GROUP BY work_type""", accepted)
         for r in rows:
             self._note_unroutable(r["work_type"])
+
+
+class _DuringOutage(logging.Filter):
+    """asyncpg's pool logs each failed reconnect with a traceback: a lost server is the
+    engine's outage, which it reports once, so those records are dropped (and the first one
+    may be what tells the engine)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and _broken(error):
+            self.engine._unreachable(error)
+        return self.engine._outage_since is None
 
 
 class RuleRefused(Exception):

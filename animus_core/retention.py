@@ -34,6 +34,7 @@ import msgspec
 from animus_core import audit
 from animus_core.db import Db
 from animus_core.errors import DatabaseError, InvalidInput
+from animus_core.witness import AuditKeys
 
 __all__ = ["PurgeReport", "parse_age", "purge"]
 
@@ -133,7 +134,7 @@ def _export_line(row: Any) -> bytes:
         "payload": row["payload"],
         "seal": None if row["seq"] is None else {
             "seq": row["seq"], "prev_hash": bytes(row["prev_hash"]).hex(),
-            "hash": bytes(row["hash"]).hex(),
+            "hash": bytes(row["hash"]).hex(), "key_id": row["key_id"],
             "sealed_at": row["sealed_at"].astimezone(UTC).isoformat(timespec="microseconds"),
         },
     }
@@ -151,10 +152,11 @@ def _export_name(directory: Path) -> Path:
     return final
 
 
-async def _export_audit(conn: asyncpg.Connection, directory: Path) -> tuple[Path, str, int]:
+async def _export_audit(conn: asyncpg.Connection, directory: Path, keys: AuditKeys
+                        ) -> tuple[Path, str, int]:
     """Write the audit rows of the items in the purge set to a new JSON-lines file (written
     to a temporary name, synced, then renamed: a file with the final name is complete)."""
-    await audit.seal(conn)  # so that every exported row carries its hashes
+    await audit.seal(conn, keys=keys)  # so that every exported row carries its hashes
     final = _export_name(directory)
     tmp = directory / f".{final.name}.partial"
     digest = hashlib.sha256()
@@ -165,7 +167,7 @@ async def _export_audit(conn: asyncpg.Connection, directory: Path) -> tuple[Path
                 async for row in conn.cursor(
                     """SELECT a.id, a.work_id, a.event, a.from_state::text, a.to_state::text,
                               a.provenance, a.db_user, a.at, a.payload,
-                              s.seq, s.prev_hash, s.hash, s.sealed_at
+                              s.seq, s.prev_hash, s.hash, s.key_id, s.sealed_at
                          FROM animus.audit_log a
                          LEFT JOIN animus.audit_seal s ON s.audit_id = a.id
                         WHERE a.work_id IN (SELECT id FROM pg_temp.animus_purge)
@@ -220,7 +222,7 @@ async def purge(db: Db, *, older_than: timedelta, dry_run: bool = False,
             export: tuple[Path, str, int] | None = None
             if not dry_run:
                 if audit_export is not None and audit_rows:
-                    export = await _export_audit(conn, audit_export)
+                    export = await _export_audit(conn, audit_export, db.audit_keys)
                 by_state, ticks = await _delete_items(conn, cutoff, batch_size)
                 archived = {q: await _delete_archived(conn, q, cutoff, batch_size)
                             for q in queues}

@@ -222,7 +222,7 @@ async def test_tampered_payload_is_detected_at_its_row(db, db_url, animus):
          "changed after it was sealed"),
         ("UPDATE animus.audit_seal SET hash = sha256(hash) WHERE audit_id = $1",
          "changed after it was sealed"),
-        ("DELETE FROM animus.audit_log WHERE id = $1", "seals a missing row"),
+        ("DELETE FROM animus.audit_log WHERE id = $1", "is missing: sealed, then deleted"),
     ],
 )
 async def test_other_tampering_is_detected(db, db_url, sql, problem):
@@ -230,8 +230,17 @@ async def test_other_tampering_is_detected(db, db_url, sql, problem):
     result = await db.verify_audit()
     assert not result.ok
     assert problem in (result.problem or "")
-    # a deleted row has no id left to name: the problem names its chain position instead
-    assert result.first_bad_id == (None if "missing" in problem else target)
+    assert result.first_bad_id == target
+
+
+async def test_a_deleted_middle_row_is_named_by_its_seal(db, db_url, animus):
+    """The row is gone, but its seal still says which row it sealed."""
+    target = await _seal_and_tamper(db, db_url, "DELETE FROM animus.audit_log WHERE id = $1")
+    proc = animus("audit", "verify")
+    assert proc.returncode == 1, proc
+    assert proc.stdout.strip() == (
+        f"audit chain BROKEN at row {target}: audit row {target} (chain position 3) is missing: "
+        "sealed, then deleted (2 rows before it verified)")
 
 
 async def test_row_slipped_in_below_the_sealed_range_is_detected(db, db_url):

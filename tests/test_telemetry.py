@@ -18,6 +18,7 @@ leak into the other tests. Its faculties:
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import socket
@@ -289,6 +290,13 @@ async def test_a_focus_is_traced_measured_and_logged_end_to_end(
     assert warned, [r.body for r in logs]
     assert warned[0].severity in ("WARN", "WARNING")
     assert (warned[0].trace_id, warned[0].span_id) == (broken_span.trace_id, broken_span.span_id)
+    # the audit chain's head leaves the database through the log stream too (the engine
+    # writes a checkpoint when it stops)
+    checkpoints = [r for r in logs if "animus.audit.checkpoint" in r.attributes]
+    assert checkpoints, [r.body for r in logs]
+    last = json.loads(checkpoints[-1].attributes["animus.audit.checkpoint"])
+    assert last["seq"] > 0
+    assert str(last["seq"]) in str(checkpoints[-1].body)
     # no exporter chatter was fed back into the exported logs
     assert not [r for r in logs if r.scope.startswith(("opentelemetry", "grpc"))
                 or "export" in str(r.body).lower()]

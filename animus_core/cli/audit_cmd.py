@@ -1,20 +1,31 @@
-"""``animus audit``: verify the hash chain, show one item's history."""
+"""``animus audit``: verify the hash chain, checkpoint its head, show one item's history."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from animus_core import witness
+from animus_core.audit import Verification
 from animus_core.cli import open_db
 from animus_core.cli.output import print_json, print_table
+
+_NO_KEY = "set ANIMUS_AUDIT_KEY or ANIMUS_AUDIT_KEY_FILE"
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the append-only, hash-chained audit trail")
     cmds = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("verify", help="seal pending rows, then recompute the whole chain")
+    p.add_argument("--against", metavar="FILE", type=Path,
+                   help="also check the chain still holds every checkpoint in FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=verify)
+    p = cmds.add_parser("checkpoint", help="seal pending rows, then print the chain's head, "
+                                           "signed with the audit key, to keep elsewhere")
+    p.add_argument("--json", action="store_true", help="print it as one line of JSON")
+    p.set_defaults(handler=checkpoint)
     p = cmds.add_parser("show", help="one work item's history")
     p.add_argument("id", metavar="WORK_ID")
     p.add_argument("--json", action="store_true")
@@ -22,24 +33,62 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 async def verify(args: argparse.Namespace) -> int:
+    checkpoints = witness.read_checkpoints(args.against) if args.against else []
     async with await open_db() as db:
-        result = await db.verify_audit()
+        result = await db.verify_audit(checkpoints)
     if args.json:
         print_json(result)
     elif result.ok:
-        print(f"audit chain intact: {result.checked} rows verified")
-        if result.findings_total:
-            print(f"{result.findings_total} rows hold JSON that animus's value model excludes "
-                  "(written around animus, e.g. by hand with SQL); each is sealed over the text "
-                  "Postgres stores, so a change to it is still detected:")
-            for finding in result.findings:
-                print(f"  {finding}")
-            if result.findings_total > len(result.findings):
-                print(f"  ... and {result.findings_total - len(result.findings)} more")
+        _print_intact(result, args.against)
     else:
         print(f"audit chain BROKEN at row {result.first_bad_id}: {result.problem} "
               f"({result.checked} rows before it verified)")
     return 0 if result.ok else 1
+
+
+def _print_intact(result: Verification, against: Path | None) -> None:
+    keys = ", ".join(result.key_ids)
+    line = f"audit chain intact: {result.checked} rows verified"
+    if result.authenticated:
+        line += f" ({result.authenticated} authenticated with key {keys}"
+        if result.unkeyed:
+            line += f"; {result.unkeyed} sealed before a key was set"
+        line += ")"
+    print(line)
+    if result.unauthenticated:
+        print(f"{result.unauthenticated} of them are sealed with key {keys} and were not "
+              f"authenticated: this process holds no audit key ({_NO_KEY}); their links were "
+              "checked, not their contents")
+    if against is not None:
+        print(f"the chain still holds every checkpoint in {against} ({result.checkpoints} "
+              f"checked; the newest: {result.newest_checkpoint})")
+        if result.signatures_unchecked:
+            print(f"{result.signatures_unchecked} of them are signed with a key this process "
+                  "does not hold: their signatures were not checked")
+    if result.waiting_for_key:
+        print(f"{result.unsealed} rows wait to be sealed: the chain is sealed with key "
+              f"{result.waiting_for_key}, and this process holds no audit key ({_NO_KEY})")
+    if result.findings_total:
+        print(f"{result.findings_total} rows hold JSON that animus's value model excludes "
+              "(written around animus, e.g. by hand with SQL); each is sealed over the text "
+              "Postgres stores, so a change to it is still detected:")
+        for finding in result.findings:
+            print(f"  {finding}")
+        if result.findings_total > len(result.findings):
+            print(f"  ... and {result.findings_total - len(result.findings)} more")
+
+
+async def checkpoint(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        cp = await db.audit_checkpoint()
+    if args.json:
+        print(cp.line())
+        return 0
+    signed = (f"signed with key {cp.key_id}" if cp.key_id
+              else f"not signed: this process holds no audit key ({_NO_KEY})")
+    print(f"audit checkpoint of {cp.database}: chain position {cp.seq} (audit row "
+          f"{cp.audit_id}), hash {cp.hash}, at {cp.at}; {signed}")
+    return 0
 
 
 async def show(args: argparse.Namespace) -> int:
