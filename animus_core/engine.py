@@ -476,7 +476,9 @@ class Engine:
         slot.running += 1
         task = asyncio.create_task(self._focus(slot, claimed), name=f"focus-{claimed.item.id}")
         # in place before the task takes its first step: _focus finds its own record here
-        self.inflight[claimed.item.id] = _InFlight(claimed, task, slot, held_until)
+        flight = self.inflight[claimed.item.id] = _InFlight(claimed, task, slot, held_until)
+        # a task cancelled before its first step never runs _focus's own clean-up
+        task.add_done_callback(lambda _: self._finished(flight))
 
     def _finished(self, flight: _InFlight) -> None:
         """Once per focus: free its slot, and forget it (unless a newer attempt of the same
