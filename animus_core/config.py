@@ -1,4 +1,4 @@
-"""Configuration from the environment (ARCHITECTURE 3.6), read once into :class:`Settings`."""
+"""Configuration from the environment (docs/configuration.md), read once into :class:`Settings`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The data plane: a connection pool and the work API (ARCHITECTURE 3.2).
+"""The data plane: a connection pool and the work API (docs/python-api.md).
 
 Every write to work items is one SQL function call (one round trip): submit, claim and
 complete, and the moves of single items (start, fail, release, retry, dead-letter, cancel,
@@ -668,8 +668,8 @@ class Db:
 
     async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
         """``queued -> cancelled``. A claimed or running item cannot go to ``cancelled``
-        (ARCHITECTURE 3.1): the request is recorded and audited, and the engine running it
-        stops the focus and ends the item ``dead`` with ``reason``."""
+        (docs/concepts.md, States and transitions): the request is recorded and audited, and
+        the engine running it stops the focus and ends the item ``dead`` with ``reason``."""
         wid = _uuid(work_id)
         _check_reason(reason)
         async with self.connection() as conn:

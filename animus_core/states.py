@@ -1,4 +1,4 @@
-"""The work item state machine (ARCHITECTURE 3.1).
+"""The work item state machine (docs/concepts.md, States and transitions).
 
 The database holds the same table (``animus.transitions``) and refuses anything else with a
 trigger; ``tests/test_states.py`` keeps the two equal.

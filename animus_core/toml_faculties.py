@@ -1,7 +1,7 @@
 """Built-in plugin: faculties declared in TOML files whose phases are shell commands.
 
-The file format is the first seed's (ARCHITECTURE 3.3), extended with optional fields; the
-hook contract is ARCHITECTURE 3.4. Files are decoded strictly: an unknown field, a wrong
+The file format is docs/writing-faculties.md's, extended with optional fields; the
+hook contract is docs/hook-contract.md. Files are decoded strictly: an unknown field, a wrong
 type, a missing or non-executable command is an error naming the file and the field.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
     "load_file",
 ]
 
-#: Variables every hook gets (ARCHITECTURE 3.4), plus what lets ``animus`` run inside a hook.
+#: Variables every hook gets (docs/hook-contract.md), plus what lets ``animus`` run inside a hook.
 CONTRACT_ENV = ("ANIMUS_FOCUS_DIR", "ANIMUS_WORK_TYPE", "ANIMUS_WORK_ID", "ANIMUS_PHASE",
                 "ANIMUS_ATTEMPT", "TRACEPARENT", "DATABASE_URL", "ANIMUS_HOME", MARK_VARIABLE)
 #: Passed through from the engine's environment so that ordinary scripts work.

@@ -2,7 +2,7 @@
 
 Records are frozen msgspec structs decoded once at the edge (database rows, JSON from the CLI,
 NOTIFY payloads); inside animus code trusts their types. :class:`NewWorkItem` is the builder
-submitters use (ARCHITECTURE 3.2); it validates as it builds, so a bad value is reported
+submitters use (docs/python-api.md); it validates as it builds, so a bad value is reported
 where it was given.
 """
 
@@ -59,7 +59,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
-    """A unit of work and its whole state (ARCHITECTURE 3.1)."""
+    """A unit of work and its whole state (docs/concepts.md, Work items)."""
 
     id: UUID
     work_type: str

@@ -2,7 +2,7 @@
 
 Everything that can be known from the files is checked here: both compose files, the
 Dockerfile and every service's configuration parse; the services, ports, mounts, volumes,
-health checks and dependencies are the ones ARCHITECTURE 3.7 and the README describe; the
+health checks and dependencies are the ones the README's Appliance section describes; the
 collector, Tempo, Loki, Prometheus and Grafana point at each other consistently; every PromQL
 query of the dashboard names a metric animus really emits (derived from
 ``animus_core.telemetry.METRICS`` by the collector's naming rule). Whether the images start
@@ -30,7 +30,7 @@ from animus_core.telemetry import METRICS
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 
-#: ARCHITECTURE 3.7 (and the first seed for Postgres's 5432): service -> published ports.
+#: the README's Appliance section (and Postgres's usual 5432): service -> published ports.
 SERVICES = {
     "animus": set(),
     "postgres": {5432},

@@ -1,4 +1,4 @@
-"""Configuration from the environment (ARCHITECTURE 3.6): wrong settings are one clear line."""
+"""Configuration from the environment (docs/configuration.md): wrong settings are one clear line."""
 
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def ids(results: list[Any]) -> list[UUID]:
     return out
 
 
-# -- the command hook contract (ARCHITECTURE 3.4) ---------------------------------------------------
+# -- the command hook contract (docs/hook-contract.md) ---------------------------------------------------
 
 CONTRACT_ORIENT = r"""
 test -f work.json

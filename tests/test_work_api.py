@@ -1,4 +1,4 @@
-"""The Python work API (ARCHITECTURE 3.2): reading, claiming, retrying, cancelling, replaying,
+"""The Python work API (docs/python-api.md): reading, claiming, retrying, cancelling, replaying,
 and refusing bad input before anything is written."""
 
 from __future__ import annotations
