@@ -58,7 +58,7 @@ from animus_core.work import (
     dump_json,
 )
 
-__all__ = ["DEFAULT_QUEUE", "Db", "describe_url", "resolve_url"]
+__all__ = ["DEFAULT_QUEUE", "Db", "connection_lost", "describe_url", "resolve_url"]
 
 DEFAULT_QUEUE = "work"
 _DUPLICATE_DATABASE = "42P04"
@@ -131,7 +131,7 @@ _GONE = ("57P01", "57P02", "57P03", "53300")
 def _translate(e: asyncpg.PostgresError) -> Exception:
     """Our SQL raises with SQLSTATEs ANI01 (transition), ANI02 (lease), ANI04 (not found)."""
     msg = getattr(e, "message", None) or str(e)
-    if _broken(e):
+    if connection_lost(e):
         return DatabaseUnavailable(f"lost the database connection: {msg}")
     bad_argument = _BAD_ARGUMENT.match(msg)
     if bad_argument:  # asyncpg's message repeats the value, which may be a secret
@@ -166,12 +166,12 @@ def _errors() -> Any:
             raise e.__cause__ from None
         raise _translate(e) from e
     except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
-        if _broken(e):
+        if connection_lost(e):
             raise DatabaseUnavailable(f"lost the database connection: {e}") from e
         raise DatabaseError(f"the database client refused the operation: {e}") from e
 
 
-def _broken(e: BaseException) -> bool:
+def connection_lost(e: BaseException) -> bool:
     """Whether ``e`` leaves the connection it happened on unusable: closed, timed out, or in
     a protocol state asyncpg cannot leave (``cannot switch to state ...``, after a backend
     was terminated in the middle of an operation)."""
@@ -256,7 +256,7 @@ class Db:
                     yield conn
                 except BaseException as e:
                     # cancelled in the middle of a query, the connection may still be busy
-                    if _broken(e) or isinstance(e, asyncio.CancelledError):
+                    if connection_lost(e) or isinstance(e, asyncio.CancelledError):
                         with contextlib.suppress(asyncpg.InterfaceError):  # already released
                             conn.terminate()
                     raise

@@ -51,7 +51,7 @@ from opentelemetry import context, trace
 from animus_core import __version__, embedded, json_values, witness
 from animus_core.canonical import canonical_hash
 from animus_core.config import Settings
-from animus_core.db import DEFAULT_QUEUE, Db, _broken
+from animus_core.db import DEFAULT_QUEUE, Db, connection_lost
 from animus_core.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
 from animus_core.faculty import Faculty
 from animus_core.focus import EngineFoci, Focus, sweep_foci
@@ -865,7 +865,8 @@ class Engine:
                 lost = await self.db.extend_lease(leases + recording,
                                                   self.options.lease_seconds)
                 # a cancel request whose notification this engine missed
-                requested = await self.db.cancel_requests([le.work_id for le in leases])
+                requested = (await self.db.cancel_requests([le.work_id for le in leases])
+                             if leases else [])
         except (AnimusError, TimeoutError) as e:
             n = len(leases) + len(recording)
             if isinstance(e, AnimusError):
@@ -1040,7 +1041,7 @@ class Engine:
                 self._db_trouble.set()  # the server may have gone: the keeper looks
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     asyncpg.InternalClientError) as e:
-                if _broken(e):
+                if connection_lost(e):
                     self._unreachable(e)
                     _log.debug("listener cannot connect (retrying in %.1fs): %s", backoff, e)
                 else:
@@ -1134,7 +1135,7 @@ class _DuringOutage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and _broken(error):
+        if error is not None and connection_lost(error):
             self.engine._unreachable(error)
         return self.engine._outage_since is None
 
