@@ -347,9 +347,11 @@ async def test_an_engine_that_claims_again_an_item_it_still_runs_keeps_count(
 
         item = await wait_finished(db, work_id, timeout=30)
         await wait_until(lambda: not running.engine.inflight, 15, message="foci to end")
-        await asyncio.sleep(0.5)
         slot = running.engine.slots["slowclean"]
-        assert slot.running == 0, f"{slot.running} foci counted running, none in flight"
+        # the replaced focus may still be in its cleanup (not in flight, yet running): wait
+        # for it, and for its slot to come back (on the old code it never did)
+        await wait_until(lambda: slot.running == 0, 15,
+                         message="the slots of both foci to be freed")
         later = (await db.submit_work(NewWorkItem("slowclean", source="test"))).id
         assert (await wait_finished(db, later, timeout=15)).state == "completed"
     assert item.state == "completed"
