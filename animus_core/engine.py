@@ -922,7 +922,10 @@ class Engine:
         self._witnessed_at = time.monotonic()
         if cp.seq == self._witnessed_seq:
             return
-        self._witnessed_seq = cp.seq
+        # logged first: the write below runs in a thread, and a stop may cancel the wait for
+        # it; the checkpoint then counts as unwritten and the stop writes (and logs) it again
+        line = cp.line()
+        _audit_log.info("audit checkpoint %s", line, extra={"animus.audit.checkpoint": line})
         path = witness.checkpoint_path(self.settings.home, cp.database)
         try:
             await asyncio.to_thread(witness.append_checkpoint, path, cp)
@@ -932,8 +935,7 @@ class Engine:
             if path != self._checkpoint_file:
                 self._checkpoint_file = path
                 _log.info("writing audit checkpoints to %s", path)
-        line = cp.line()
-        _audit_log.info("audit checkpoint %s", line, extra={"animus.audit.checkpoint": line})
+        self._witnessed_seq = cp.seq
 
     async def _tick(self, schedule: Schedule) -> None:
         """Submit the schedule's work at each tick; the database lets one engine win a tick."""
