@@ -1,7 +1,10 @@
 """animus: a substrate for long-running AI agents that lives on Postgres."""
 
-from animus_core.db import Db
-from animus_core.errors import (
+from animus_core.faculties.contract import hookimpl
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.focus import Focus
+from animus_core.store.db import Db
+from animus_core.values.errors import (
     AnimusError,
     ConfigError,
     DatabaseError,
@@ -12,11 +15,9 @@ from animus_core.errors import (
     MigrationError,
     WorkNotFound,
 )
-from animus_core.faculty import Faculty
-from animus_core.focus import Focus
-from animus_core.plugins import hookimpl
-from animus_core.states import State
-from animus_core.work import (
+from animus_core.values.states import State
+from animus_core.values.version import __version__
+from animus_core.values.work import (
     Claimed,
     Created,
     Lease,
@@ -27,8 +28,6 @@ from animus_core.work import (
     SubmitResult,
     WorkItem,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AnimusError",

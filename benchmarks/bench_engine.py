@@ -45,14 +45,14 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from animus_core.audit import UNSEALED_SQL
-from animus_core.config import Settings
-from animus_core.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
-from animus_core.engine import Engine, EngineOptions
-from animus_core.faculty import Faculty
-from animus_core.focus import Focus
-from animus_core.plugins import collect_faculties, hookimpl, make_plugin_manager
-from animus_core.work import Claimed, Created, Lease, NewWorkItem
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.focus import Focus
+from animus_core.faculties.plugins import collect_faculties, hookimpl, make_plugin_manager
+from animus_core.infra.config import Settings
+from animus_core.runtime.engine import Engine, EngineOptions
+from animus_core.store.audit import UNSEALED_SQL
+from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
+from animus_core.values.work import Claimed, Created, Lease, NewWorkItem
 from benchmarks.bench_work import describe_server, fresh_database
 
 clock = time.perf_counter

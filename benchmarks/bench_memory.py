@@ -42,10 +42,10 @@ from typing import Any
 
 import asyncpg
 
-from animus_core.config import Settings
-from animus_core.db import Db, describe_url, resolve_url
-from animus_core.embedders import HashingEmbedder
-from animus_core.memory import BULK_MIN, Memory, NewMemory
+from animus_core.faculties.embedders import HashingEmbedder
+from animus_core.infra.config import Settings
+from animus_core.store.db import Db, describe_url, resolve_url
+from animus_core.store.memory import BULK_MIN, Memory, NewMemory
 from benchmarks.bench_work import POSTGRES_DEFAULTS, fresh_database
 
 BENCH_DATABASE = "animus_bench_memory"
@@ -211,7 +211,7 @@ async def insert_phase(db: Db, memory: Memory, data: Dataset, batch: int
 
 async def bulk_phase(url: str, data: Dataset, recall_queries: int) -> tuple[Rate, dict[str, Any]]:
     """Every row in one ``store_many`` into an empty store: the HNSW index is built once,
-    after the rows (``animus_core.memory.BULK_MIN``); then recall of that index."""
+    after the rows (``animus_core.store.memory.BULK_MIN``); then recall of that index."""
     how = "index built after" if len(data.items) >= BULK_MIN else f"under {BULK_MIN}: indexed as inserted"
     rate = Rate(f"animus store_many, all {len(data.items)} in one call ({how})")
     db = await Db.connect(url, min_size=1, max_size=2, actor="bench")

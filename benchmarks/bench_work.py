@@ -29,9 +29,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from animus_core.config import Settings
-from animus_core.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
-from animus_core.work import NewWorkItem
+from animus_core.infra.config import Settings
+from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
+from animus_core.values.work import NewWorkItem
 
 BENCH_DATABASE = "animus_bench"
 WORK_QUEUE = DEFAULT_QUEUE  # batched submits and the animus drain

@@ -48,11 +48,11 @@ from typing import Any
 
 import asyncpg
 
-from animus_core.config import Settings
-from animus_core.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
-from animus_core.embedded import pg_bin_dir
-from animus_core.errors import AnimusError, DatabaseUnavailable
-from animus_core.work import Merged, NewWorkItem
+from animus_core.infra.config import Settings
+from animus_core.infra.embedded import pg_bin_dir
+from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
+from animus_core.values.errors import AnimusError, DatabaseUnavailable
+from animus_core.values.work import Merged, NewWorkItem
 from benchmarks.bench_engine import Server, fresh_animus_db, percentile
 from benchmarks.bench_work import describe_server
 from tests.engine_helpers import EngineProcess, process_gone, wait_listening, write_toml_faculty

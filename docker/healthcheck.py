@@ -14,8 +14,8 @@ import sys
 
 import asyncpg
 
-from animus_core.config import Settings
-from animus_core.db import resolve_url
+from animus_core.infra.config import Settings
+from animus_core.store.db import resolve_url
 
 
 async def listening() -> bool:

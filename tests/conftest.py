@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from animus_core.config import Settings
-from animus_core.db import Db, resolve_url
+from animus_core.infra.config import Settings
+from animus_core.store.db import Db, resolve_url
 
 TEMPLATE = "animus_test_template"
 _counter = itertools.count()

@@ -3,7 +3,7 @@
 ``POST /v1/embeddings`` with ``{"model": ..., "input": [...]}`` (Voyage also sends
 ``"input_type"``) answers ``{"object": "list", "data": [{"object": "embedding", "index": i,
 "embedding": [...]}], "model": ..., "usage": {...}}``. The vectors are deterministic: the
-:class:`~animus_core.embedders.HashingEmbedder` of each input, so a test can compute what a
+:class:`~animus_core.faculties.embedders.HashingEmbedder` of each input, so a test can compute what a
 stored memory's embedding must be.
 
 Every request is recorded (path, headers, JSON body). Behaviour is scripted per request:
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from animus_core.embedders import HashingEmbedder
+from animus_core.faculties.embedders import HashingEmbedder
 
 __all__ = [
     "OK",

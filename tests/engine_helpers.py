@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end engine tests.
 
-* :func:`run_engine` runs a real :class:`~animus_core.engine.Engine` in this event loop, with
+* :func:`run_engine` runs a real :class:`~animus_core.runtime.engine.Engine` in this event loop, with
   Python faculties registered through the real plugin path and TOML faculties from a
   directory, on its own connection pool;
 * :func:`wait_until` polls a (sync or async) predicate with a deadline, never sleeps and hopes;
@@ -29,10 +29,10 @@ from uuid import UUID
 import asyncpg
 
 from animus_core import Claimed, Db, Faculty, WorkItem, hookimpl
-from animus_core.config import Settings
-from animus_core.engine import Engine, EngineOptions
-from animus_core.plugins import PluginProblem, collect_faculties, make_plugin_manager
-from animus_core.states import TERMINAL
+from animus_core.faculties.plugins import PluginProblem, collect_faculties, make_plugin_manager
+from animus_core.infra.config import Settings
+from animus_core.runtime.engine import Engine, EngineOptions
+from animus_core.values.states import TERMINAL
 
 PHASE_ORDER = ("orient", "engage", "consolidate", "recover")
 #: The origin of faculties animus itself provides (left out of the tests' comparisons).

@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from animus_core.db import Db
-from animus_core.roles import add_user, setup_roles
+from animus_core.store.db import Db
+from animus_core.store.roles import add_user, setup_roles
 from tests.support import raw
 
 __all__ = ["People", "as_user", "people"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from animus_core.audit import UNSEALED_SQL
+from animus_core.store.audit import UNSEALED_SQL
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ Dockerfile and every service's configuration parse; the services, ports, mounts,
 health checks and dependencies are the ones the README's Appliance section describes; the
 collector, Tempo, Loki, Prometheus and Grafana point at each other consistently; every PromQL
 query of the dashboard names a metric animus really emits (derived from
-``animus_core.telemetry.METRICS`` by the collector's naming rule). Whether the images start
+``animus_core.infra.telemetry.METRICS`` by the collector's naming rule). Whether the images start
 and accept these files is not known until ``docker compose up`` runs somewhere with Docker.
 """
 
@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 import yaml
 
-from animus_core.telemetry import METRICS
+from animus_core.infra.telemetry import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from animus_core import Created, Db, IllegalTransition, Merged, NewWorkItem
-from animus_core.audit import UNSEALED_SQL, record_hash, row_hash
-from animus_core.canonical import canonical_json
+from animus_core.store.audit import UNSEALED_SQL, record_hash, row_hash
+from animus_core.values.canonical import canonical_json
 from tests.support import raw
 from tests.test_canonical import json_objects
 

@@ -3,7 +3,7 @@ checkpoints of the chain's head kept elsewhere.
 
 The attacker in these tests is the database superuser: they switch the append-only triggers
 off (``session_replication_role = replica``), delete, truncate and rewrite rows, and reseal
-with animus's own public hash function (:func:`animus_core.audit.record_hash`). What each
+with animus's own public hash function (:func:`animus_core.store.audit.record_hash`). What each
 of them can get past, and what they cannot, is the table in docs/governance.md.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from animus_core import Db, NewWorkItem, State
-from animus_core.audit import _HASHED_COLUMNS, GENESIS, record_hash
-from animus_core.config import Settings
-from animus_core.errors import ConfigError
+from animus_core.infra.config import Settings
+from animus_core.store.audit import _HASHED_COLUMNS, GENESIS, record_hash
+from animus_core.values.errors import ConfigError
 from tests.engine_helpers import run_cli, run_engine, wait_finished
 from tests.support import console_examples, raw
 

@@ -20,14 +20,14 @@ import asyncpg
 import pytest
 
 from animus_core import Created, Db, Merged, NewWorkItem
-from animus_core.audit import UNSEALED_SQL, row_hash
-from animus_core.backup import DUMP, MANIFEST, SUMS, backup, find_tool, restore, verify_backup
-from animus_core.embedded import pg_bin_dir
-from animus_core.embedders import HashingEmbedder
-from animus_core.errors import DatabaseError, InvalidInput
-from animus_core.memory import Memory
-from animus_core.retention import parse_age, purge
-from animus_core.roles import setup_roles
+from animus_core.faculties.embedders import HashingEmbedder
+from animus_core.infra.embedded import pg_bin_dir
+from animus_core.store.audit import UNSEALED_SQL, row_hash
+from animus_core.store.backup import DUMP, MANIFEST, SUMS, backup, find_tool, restore, verify_backup
+from animus_core.store.memory import Memory
+from animus_core.store.retention import parse_age, purge
+from animus_core.store.roles import setup_roles
+from animus_core.values.errors import DatabaseError, InvalidInput
 from tests.conftest import ROOT
 from tests.support import one_error_line, raw
 

@@ -8,7 +8,7 @@ from typing import Any
 import psutil
 
 from animus_core import Faculty, Focus, NewWorkItem, State
-from animus_core.engine import EngineOptions
+from animus_core.runtime.engine import EngineOptions
 from tests.engine_helpers import run_engine, wait_finished, wait_until, write_toml_faculty
 from tests.support import raw
 

@@ -30,8 +30,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from animus_core import canonical
-from animus_core.canonical import canonical_hash, canonical_json, canonical_text
+from animus_core.values import canonical
+from animus_core.values.canonical import canonical_hash, canonical_json, canonical_text
 
 SAFE_INT = 2**53  # integers beyond +-2**53 are not exact as IEEE doubles (the RFC's numbers)
 

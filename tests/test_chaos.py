@@ -22,8 +22,8 @@ from uuid import UUID
 import pytest
 
 from animus_core import Db, Faculty, NewWorkItem
-from animus_core.engine import EngineOptions
-from animus_core.errors import DatabaseUnavailable
+from animus_core.runtime.engine import EngineOptions
+from animus_core.values.errors import DatabaseUnavailable
 from tests.engine_helpers import run_engine, wait_until
 from tests.support import raw
 

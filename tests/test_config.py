@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from animus_core import ConfigError
-from animus_core.config import Settings
+from animus_core.infra.config import Settings
 from tests.conftest import ROOT
 from tests.support import one_error_line
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from animus_core import hookspecs, toml_faculties
-from animus_core.config import Settings
+from animus_core.faculties import contract as hookspecs
+from animus_core.faculties import toml as toml_faculties
+from animus_core.infra.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -97,7 +98,7 @@ def hook_specs() -> dict[str, tuple[str, ...]]:
 
 def test_hook_specs_are_found() -> None:
     marked = {n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "animus_spec")}
-    assert marked, "no function in animus_core.hookspecs carries the animus_spec marker"
+    assert marked, "no function in animus_core.faculties.contract carries the animus_spec marker"
     assert set(hook_specs()) == marked
 
 

@@ -27,10 +27,10 @@ import asyncpg
 import pytest
 
 from animus_core import NewWorkItem, State
-from animus_core.db import Db
-from animus_core.errors import IllegalTransition, PermissionDenied
-from animus_core.migrations import apply, load
-from animus_core.roles import ROLES, setup_roles
+from animus_core.store.db import Db
+from animus_core.store.migrations import apply, load
+from animus_core.store.roles import ROLES, setup_roles
+from animus_core.values.errors import IllegalTransition, PermissionDenied
 from tests.conftest import scratch_database
 from tests.governance_helpers import People, as_user, database_name
 from tests.governance_helpers import people as team

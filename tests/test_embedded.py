@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 from animus_core import Created, DatabaseUnavailable, Db, NewWorkItem, State
-from animus_core.config import Settings
-from animus_core.db import resolve_url
-from animus_core.embedded import pg_bin_dir
+from animus_core.infra.config import Settings
+from animus_core.infra.embedded import pg_bin_dir
+from animus_core.store.db import resolve_url
 from tests.engine_helpers import (
     EngineProcess,
     listeners,

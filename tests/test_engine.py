@@ -21,10 +21,10 @@ from uuid import UUID
 import pytest
 
 from animus_core import ConfigError, Created, Faculty, Focus, NewWorkItem, State, hookimpl
-from animus_core.engine import EngineOptions
-from animus_core.errors import DatabaseUnavailable
-from animus_core.schedules import Schedule
-from animus_core.toml_faculties import load_dir, load_file
+from animus_core.faculties.toml import load_dir, load_file
+from animus_core.runtime.engine import EngineOptions
+from animus_core.values.errors import DatabaseUnavailable
+from animus_core.values.schedules import Schedule
 from tests.engine_helpers import (
     SLOW_POLL,
     events,
@@ -886,7 +886,7 @@ async def _at_least(fetch: Any, n: int) -> bool:
 async def test_a_work_type_with_slashes_cannot_place_its_focus_directory(db, tmp_path):
     """Work types may contain "/" and "..": the focus directory stays directly under the
     foci root whatever the type says."""
-    from animus_core.focus import Focus
+    from animus_core.faculties.focus import Focus
 
     await db.submit_work(NewWorkItem("a/../../../escape", source="test"))
     [claimed] = await db.claim(start=True)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from animus_core import Created, Faculty, NewWorkItem, State
-from animus_core.plugins import collect_faculties, make_plugin_manager
+from animus_core.faculties.plugins import collect_faculties, make_plugin_manager
 from tests.engine_helpers import (
     EngineProcess,
     engine_settings,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from animus_core.errors import ConfigError
-from animus_core.faculty import Faculty
-from animus_core.plugins import Faculties
-from animus_core.toml_faculties import load_file
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.plugins import Faculties
+from animus_core.faculties.toml import load_file
+from animus_core.values.errors import ConfigError
 from tests.engine_helpers import run_cli, write_script
 
 LONG = "x" * 10_000

@@ -18,7 +18,7 @@ from tests.engine_helpers import kill_group, process_gone, wait_until
 
 ENGINE = textwrap.dedent('''
     import json, os, signal, subprocess, sys, time
-    from animus_core.hookguard import MARK_VARIABLE, HookGuard
+    from animus_core.infra.hookguard import MARK_VARIABLE, HookGuard
 
     out = sys.argv[1]
     guard = HookGuard()

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from animus_core import InvalidInput, NewWorkItem, json_values
-from animus_core.canonical import canonical_json
+from animus_core import InvalidInput, NewWorkItem
+from animus_core.values import json_values
+from animus_core.values.canonical import canonical_json
 from tests.support import console_examples, one_error_line, raw
 
 BIG = int("9" * 320)
@@ -158,7 +159,7 @@ def test_the_cli_accepts_the_lowest_priority(animus):
 
 
 async def test_an_outcome_outside_the_model_fails_the_focus_with_its_path(db, db_url, tmp_path):
-    from animus_core.faculty import Faculty
+    from animus_core.faculties.faculty import Faculty
     from tests.engine_helpers import run_engine, wait_finished
 
     class Big(Faculty):
@@ -176,8 +177,8 @@ async def test_an_outcome_outside_the_model_fails_the_focus_with_its_path(db, db
 
 
 async def test_memory_metadata_outside_the_model_is_refused(db):
-    from animus_core.embedders import HashingEmbedder
-    from animus_core.memory import Memory
+    from animus_core.faculties.embedders import HashingEmbedder
+    from animus_core.store.memory import Memory
 
     memory = await Memory.open(db, HashingEmbedder())
     with pytest.raises(InvalidInput, match=r"metadata\.n: integer too large"):
@@ -274,8 +275,8 @@ async def test_the_documented_examples_run_as_shown(db, db_url, animus):
 
 
 async def test_memory_text_with_a_lone_surrogate_is_refused_by_name(db):
-    from animus_core.embedders import HashingEmbedder
-    from animus_core.memory import Memory
+    from animus_core.faculties.embedders import HashingEmbedder
+    from animus_core.store.memory import Memory
 
     memory = await Memory.open(db, HashingEmbedder())
     with pytest.raises(InvalidInput, match=r"memory 0: content: contains a lone surrogate"):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from animus_core import InvalidInput, NewWorkItem, State
-from animus_core.errors import ConfigError
-from animus_core.limits import Limits, clip
+from animus_core.values.errors import ConfigError
+from animus_core.values.limits import Limits, clip
 from tests.engine_helpers import run_engine, wait_finished, write_toml_faculty
 from tests.support import counts, one_error_line, raw
 

@@ -1,6 +1,6 @@
 """The Claude engage loop over the real ``anthropic`` SDK, against a local Messages API.
 
-Nothing of the SDK is patched: :func:`animus_core.llm.make_client` builds the real
+Nothing of the SDK is patched: :func:`animus_core.faculties.llm.make_client` builds the real
 ``AsyncAnthropic`` pointed at :class:`tests.messages_server.MessagesServer`, which answers
 scripted turns in JSON or as a real event stream, refuses malformed requests as the API
 does, and records what it was sent. Retries are the SDK's own, made fast by the server's
@@ -22,12 +22,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-import animus_core.llm as llm
+import animus_core.faculties.llm as llm
 from animus_core import ConfigError, Db, Faculty, NewWorkItem, State, hookimpl
-from animus_core.embedders import HashingEmbedder
-from animus_core.errors import InvalidInput, LLMError
-from animus_core.focus import Focus
-from animus_core.llm import (
+from animus_core.faculties.embedders import HashingEmbedder
+from animus_core.faculties.focus import Focus
+from animus_core.faculties.llm import (
     FIRST_MESSAGE,
     PRICES,
     AgentResult,
@@ -39,8 +38,9 @@ from animus_core.llm import (
     run_agent,
     tool_from_function,
 )
-from animus_core.memory import Memory
-from animus_core.plugins import make_plugin_manager
+from animus_core.faculties.plugins import make_plugin_manager
+from animus_core.store.memory import Memory
+from animus_core.values.errors import InvalidInput, LLMError
 from tests.engine_helpers import (
     engine_settings,
     run_engine,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
     # As plugin authors write it: the focus type only for the type checker. Tools must
     # still work, since ``focus`` is not part of the schema the model sees.
-    from animus_core.focus import Focus as TypeCheckingFocus
+    from animus_core.faculties.focus import Focus as TypeCheckingFocus
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The model .claude-sonnet-4-5. is deprecated:DeprecationWarning")
@@ -1001,7 +1001,7 @@ async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
         db: Db, tmp_path: Path) -> None:
     """A denied item is still created (dead, with the rule's reason): the reply says so, so
     the model does not take it for queued work."""
-    from animus_core.rules import RuleSet
+    from animus_core.governance.rules import RuleSet
 
     rules = tmp_path / "rules"
     rules.mkdir()

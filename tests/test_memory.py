@@ -23,12 +23,12 @@ import asyncpg
 import pytest
 
 from animus_core import ConfigError, Db, Faculty, Focus, InvalidInput, NewWorkItem, State
-from animus_core import memory as memory_module
-from animus_core.config import Settings
-from animus_core.embedders import Embedder, HashingEmbedder, OpenAIEmbedder, VoyageEmbedder
-from animus_core.errors import DatabaseError, EmbedderError
-from animus_core.memory import Memory, NewMemory, select_embedder
-from animus_core.plugins import make_plugin_manager
+from animus_core.faculties.embedders import Embedder, HashingEmbedder, OpenAIEmbedder, VoyageEmbedder
+from animus_core.faculties.plugins import make_plugin_manager
+from animus_core.infra.config import Settings
+from animus_core.store import memory as memory_module
+from animus_core.store.memory import Memory, NewMemory, select_embedder
+from animus_core.values.errors import DatabaseError, EmbedderError
 from tests.embedding_server import (
     EmbeddingServer,
     Fail,

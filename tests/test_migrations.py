@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 from pgmq.install import get_embedded_sql_version
 
-from animus_core import Db, MigrationError, NewWorkItem, migrations
-from animus_core.migrations import load
+from animus_core import Db, MigrationError, NewWorkItem
+from animus_core.store import migrations
+from animus_core.store.migrations import load
 from tests.conftest import scratch_database
 from tests.support import raw
 
@@ -126,8 +127,8 @@ async def test_upgrading_to_0009_keeps_roles_and_seals_what_was_waiting(empty_db
     `animus roles setup` does) and an audit row whose marker waits below the sealed range
     (it committed after a later row was sealed), upgrades in place: submit stays a definer
     function, and the new sealer seals the waiting row."""
-    from animus_core import audit
-    from animus_core.migrations import apply
+    from animus_core.store import audit
+    from animus_core.store.migrations import apply
 
     files = load()
     async with raw(empty_db_url) as conn:
@@ -168,8 +169,8 @@ async def test_upgrading_to_0010_keeps_create_queue_a_definer_and_reshapes_queue
     """`animus roles setup` makes create_queue a definer function (operators create queues
     without rights on schema pgmq); 0010 replaces it and must keep that. Existing queues lose
     the vt index and get room for in-place updates."""
-    from animus_core.migrations import apply
-    from animus_core.roles import setup_roles
+    from animus_core.store.migrations import apply
+    from animus_core.store.roles import setup_roles
 
     files = load()
     async with raw(empty_db_url) as conn:

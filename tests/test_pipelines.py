@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from animus_core import NewWorkItem, State
-from animus_core.db import Db
-from animus_core.errors import ConfigError, InvalidInput
-from animus_core.pipelines import load, order, parse, plan, resolve
-from animus_core.plugins import Faculties
-from animus_core.rules import RuleSet
-from animus_core.toml_faculties import load_dir
+from animus_core.faculties.pipelines import load, order, parse, plan, resolve
+from animus_core.faculties.plugins import Faculties
+from animus_core.faculties.toml import load_dir
+from animus_core.governance.rules import RuleSet
+from animus_core.store.db import Db
+from animus_core.values.errors import ConfigError, InvalidInput
 from tests.engine_helpers import (
     RunningEngine,
     run_cli,

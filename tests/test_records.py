@@ -21,9 +21,9 @@ import asyncpg
 import pytest
 
 from animus_core import Created, NewWorkItem, State, __version__
-from animus_core.canonical import canonical_hash
-from animus_core.db import Db
-from animus_core.records import environment, file_digest
+from animus_core.store.db import Db
+from animus_core.values.canonical import canonical_hash
+from animus_core.values.records import environment, file_digest
 from tests.conftest import ROOT
 from tests.engine_helpers import RunningEngine, run_cli, run_engine, wait_finished, write_toml_faculty
 from tests.support import raw
@@ -285,7 +285,7 @@ def test_root_has_no_rules_directory() -> None:
 def test_a_hook_run_by_an_interpreter_is_identified_by_its_script(tmp_path: Path) -> None:
     """For `bash /abs/script.sh` the executable is bash: the script an absolute argument
     names is in the identity too, so editing it shows up in the next record."""
-    from animus_core.toml_faculties import load_file
+    from animus_core.faculties.toml import load_file
 
     script = tmp_path / "engage.sh"
     script.write_text("echo '{}' > engage-out.json\n")
@@ -303,7 +303,7 @@ def test_a_hook_run_by_an_interpreter_is_identified_by_its_script(tmp_path: Path
 
 def test_a_settled_file_is_hashed_once_and_a_changed_one_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from animus_core import records
+    from animus_core.values import records
 
     monkeypatch.setattr(records, "_SETTLED_NS", 0)  # every file counts as settled
     path = tmp_path / "big"

@@ -32,8 +32,8 @@ import asyncpg
 import pytest
 
 from animus_core import Created, NewWorkItem, State
-from animus_core.errors import ConfigError, IllegalTransition, PermissionDenied
-from animus_core.rules import RuleSet
+from animus_core.governance.rules import RuleSet
+from animus_core.values.errors import ConfigError, IllegalTransition, PermissionDenied
 from tests.engine_helpers import (
     EngineProcess,
     events,

@@ -37,7 +37,7 @@ from animus_core import (
     NewWorkItem,
     State,
 )
-from animus_core.states import TERMINAL, TRANSITIONS, require_transition
+from animus_core.values.states import TERMINAL, TRANSITIONS, require_transition
 from tests.support import raw
 
 _exact_ints = st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from animus_core import Created, NewWorkItem, State, __version__
-from animus_core.telemetry import METRICS
+from animus_core.infra.telemetry import METRICS
 from tests.engine_helpers import (
     EngineProcess,
     wait_finished,

@@ -2,7 +2,7 @@
 
 Each command group lives in its own module and adds its sub-commands with ``add_commands``.
 Handlers are ``async def handler(args) -> int``. Errors derived from
-:class:`animus_core.errors.AnimusError` become one line on stderr and their ``exit_code``;
+:class:`animus_core.values.errors.AnimusError` become one line on stderr and their ``exit_code``;
 a traceback only with ``--debug``.
 """
 
@@ -16,11 +16,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from animus_core import __version__
-from animus_core.config import Settings
-from animus_core.db import Db, describe_url
-from animus_core.errors import AnimusError, MigrationError
-from animus_core.rules import RuleSet
+from animus_core.governance.rules import RuleSet
+from animus_core.infra.config import Settings
+from animus_core.store.db import Db, describe_url
+from animus_core.values.errors import AnimusError, MigrationError
+from animus_core.values.version import __version__
 
 __all__ = ["ExitCode", "build_parser", "main", "open_db"]
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         pipeline_cmd,
         work_cmd,
     )
-    from animus_core.plugins import make_plugin_manager
+    from animus_core.faculties.plugins import make_plugin_manager
 
     parser = argparse.ArgumentParser(
         prog="animus", description="A substrate for long-running AI agents, on Postgres."

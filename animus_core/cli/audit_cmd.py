@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from animus_core import witness
-from animus_core.audit import Verification
 from animus_core.cli import open_db
 from animus_core.cli.output import print_json, print_table
+from animus_core.infra import witness
+from animus_core.store.audit import Verification
 
 _NO_KEY = "set ANIMUS_AUDIT_KEY or ANIMUS_AUDIT_KEY_FILE"
 

@@ -8,9 +8,9 @@ import os
 import sys
 
 from animus_core.cli.output import print_json, print_table
-from animus_core.config import Settings
-from animus_core.db import Db, resolve_url
-from animus_core.embedded import pg_bin_dir
+from animus_core.infra.config import Settings
+from animus_core.infra.embedded import pg_bin_dir
+from animus_core.store.db import Db, resolve_url
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,15 +15,15 @@ from typing import Any
 
 from animus_core.cli import open_db
 from animus_core.cli.output import positive, print_json, print_table, seconds
-from animus_core.config import Settings
-from animus_core.db import Db
-from animus_core.engine import Engine, EngineOptions
-from animus_core.errors import ConfigError
-from animus_core.logs import setup_logging
-from animus_core.plugins import Faculties, PluginProblem, collect_faculties, make_plugin_manager
-from animus_core.states import TERMINAL, State
-from animus_core.telemetry import setup_telemetry
-from animus_core.work import Created, NewWorkItem
+from animus_core.faculties.plugins import Faculties, PluginProblem, collect_faculties, make_plugin_manager
+from animus_core.infra.config import Settings
+from animus_core.infra.logs import setup_logging
+from animus_core.infra.telemetry import setup_telemetry
+from animus_core.runtime.engine import Engine, EngineOptions
+from animus_core.store.db import Db
+from animus_core.values.errors import ConfigError
+from animus_core.values.states import TERMINAL, State
+from animus_core.values.work import Created, NewWorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from animus_core.cli.output import print_json, print_table
-from animus_core.config import Settings
-from animus_core.errors import ConfigError, InvalidInput
+from animus_core.infra.config import Settings
+from animus_core.values.errors import ConfigError, InvalidInput
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,7 +6,7 @@ import argparse
 import getpass
 
 from animus_core.cli import open_db
-from animus_core.roles import ROLES, add_user, setup_roles
+from animus_core.store.roles import ROLES, add_user, setup_roles
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 from animus_core.cli import open_db
 from animus_core.cli.output import print_json, print_table
-from animus_core.config import Settings
-from animus_core.errors import InvalidInput
-from animus_core.memory import Memory, select_embedder
-from animus_core.plugins import make_plugin_manager
+from animus_core.faculties.plugins import make_plugin_manager
+from animus_core.infra.config import Settings
+from animus_core.store.memory import Memory, select_embedder
+from animus_core.values.errors import InvalidInput
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

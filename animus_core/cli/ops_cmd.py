@@ -7,7 +7,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-from animus_core.backup import (
+from animus_core.cli import open_db
+from animus_core.cli.output import positive, print_json
+from animus_core.infra.config import Settings
+from animus_core.store.backup import (
     Manifest,
     Tool,
     backup,
@@ -15,12 +18,9 @@ from animus_core.backup import (
     restore,
     verify_backup,
 )
-from animus_core.cli import open_db
-from animus_core.cli.output import positive, print_json
-from animus_core.config import Settings
-from animus_core.db import describe_url, resolve_url
-from animus_core.errors import InvalidInput
-from animus_core.retention import PurgeReport, parse_age, purge
+from animus_core.store.db import describe_url, resolve_url
+from animus_core.store.retention import PurgeReport, parse_age, purge
+from animus_core.values.errors import InvalidInput
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

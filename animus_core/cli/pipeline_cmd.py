@@ -11,10 +11,10 @@ import msgspec
 
 from animus_core.cli import open_db
 from animus_core.cli.output import print_json, print_table, seconds
-from animus_core.config import Settings
-from animus_core.pipelines import Pipeline, load, order, parse, plan
-from animus_core.rules import RuleSet
-from animus_core.work import Created, NewWorkItem
+from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan
+from animus_core.governance.rules import RuleSet
+from animus_core.infra.config import Settings
+from animus_core.values.work import Created, NewWorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,13 +7,13 @@ import json
 import sys
 from typing import Any
 
-from animus_core import json_values
 from animus_core.cli import open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
-from animus_core.db import DEFAULT_QUEUE
-from animus_core.errors import InvalidInput
-from animus_core.states import State
-from animus_core.work import Created, NewWorkItem, WorkItem
+from animus_core.store.db import DEFAULT_QUEUE
+from animus_core.values import json_values
+from animus_core.values.errors import InvalidInput
+from animus_core.values.states import State
+from animus_core.values.work import Created, NewWorkItem, WorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -133,8 +133,8 @@ async def explain(args: argparse.Namespace) -> int:
 
 
 async def diff(args: argparse.Namespace) -> int:
-    from animus_core.records import diff as diff_records
-    from animus_core.records import verdict
+    from animus_core.values.records import diff as diff_records
+    from animus_core.values.records import verdict
 
     async with await open_db() as db:
         a, b = await db.get_work_item(args.a), await db.get_work_item(args.b)
@@ -152,8 +152,8 @@ async def diff(args: argparse.Namespace) -> int:
 
 async def rerun(args: argparse.Namespace) -> int:
     from animus_core.cli.engine_cmd import wait_for_outcome
-    from animus_core.records import diff as diff_records
-    from animus_core.records import verdict
+    from animus_core.values.records import diff as diff_records
+    from animus_core.values.records import verdict
 
     async with await open_db() as db:
         old = await db.get_work_item(args.id)

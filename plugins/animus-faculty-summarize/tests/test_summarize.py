@@ -359,8 +359,8 @@ def test_the_plugin_registers_the_faculty() -> None:
 
 def test_the_engine_loads_the_plugin(tmp_path: Path) -> None:
     """Through animus's own plugin manager: entry point, hook and phase signatures."""
-    from animus_core.config import Settings
-    from animus_core.plugins import collect_faculties, make_plugin_manager
+    from animus_core.faculties.plugins import collect_faculties, make_plugin_manager
+    from animus_core.infra.config import Settings
 
     settings = Settings(home=tmp_path, faculties_dir=tmp_path, plugins_allow=("summarize",))
     pm, problems = make_plugin_manager(settings, load_entry_points=True)

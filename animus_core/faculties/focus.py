@@ -1,0 +1,205 @@
+"""A focus: one activation of a faculty on one work item, as the faculty sees it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from animus_core.faculties.llm import Usage
+from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
+
+if TYPE_CHECKING:
+    from animus_core.faculties.llm import AgentResult
+    from animus_core.store.db import Db
+    from animus_core.store.memory import Memory
+
+__all__ = ["EngineFoci", "Focus", "sweep_foci"]
+
+#: Engines make their foci in ``$ANIMUS_HOME/foci/engine-<pid>-<random>/``.
+ENGINE_PREFIX = "engine-"
+
+
+class EngineFoci:
+    """The directory one engine makes its foci in, under the shared foci root, locked
+    (``flock``) for as long as the engine process holds it open. The lock, not a pid, tells
+    a live engine: it is released when the process ends however it ends, it cannot be
+    mistaken for a reused pid, and it holds across containers that share the directory."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def open(cls, root: Path) -> EngineFoci:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=f"{ENGINE_PREFIX}{os.getpid()}-", dir=root))
+            fd = _lock(path)
+            if fd is not None:
+                return cls(path, fd)
+            # swept by an engine starting meanwhile, before it was locked: take another
+
+    def close(self) -> None:
+        """Unlock; remove the directory when no focus left anything in it (the next engine
+        to start removes what is left)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding the lock on directory ``path``, or None when another
+    process holds it or the directory is gone (or was replaced) meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def sweep_foci(root: Path) -> list[Path]:
+    """Remove the engine directories under ``root`` that no live engine holds: those of
+    engines that died with foci running (killed, out of memory, power lost). Returns the
+    focus directories that were in them. Kept focus directories live in ``root`` itself
+    and are not touched."""
+    removed: list[Path] = []
+    try:
+        candidates = sorted(p for p in root.iterdir() if p.name.startswith(ENGINE_PREFIX))
+    except OSError:
+        return removed
+    for path in candidates:
+        fd = _lock(path)
+        if fd is None:
+            continue  # a live engine's
+        try:
+            with contextlib.suppress(OSError):
+                removed += sorted(path.iterdir())
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class Focus:
+    """What a faculty phase receives: the work item, its attempt, a place to work, and
+    ways to act (submit child work).
+
+    ``directory`` is a fresh private directory for this focus (the command hook contract's
+    focus directory) under ``root``, made on first use and removed when the focus ends,
+    unless kept for debugging after a failure: then it moves to ``keep_root``, if given.
+    """
+
+    def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
+                 root: Path, traceparent: str | None = None,
+                 hook_env: dict[str, str] | None = None,
+                 keep_root: Path | None = None) -> None:
+        self.work = work
+        self.attempt = attempt
+        self.log = log
+        self.traceparent = traceparent
+        self.hook_env = hook_env or {}
+        self._db = db
+        self._root = root
+        self._keep_root = keep_root
+        self._directory: Path | None = None
+        self._memory: Memory | None = None
+        #: set by the engine: returns (Anthropic client, tools by name)
+        self._llm: Callable[[], tuple[Any, dict[str, Any]]] | None = None
+        #: model -> token usage of this focus's model calls
+        self.llm_usage: dict[str, Usage] = {}
+        self.llm_cost_usd = 0.0
+        self.memory_unavailable = "memory is not configured for this engine"
+
+    @property
+    def memory(self) -> Memory:
+        """Semantic memory (:class:`animus_core.store.memory.Memory`). During consolidate, what is
+        written here commits together with the item's completion, or not at all."""
+        if self._memory is None:
+            from animus_core.values.errors import ConfigError
+
+            raise ConfigError(self.memory_unavailable)
+        return self._memory
+
+    @property
+    def db(self) -> Db:
+        """The engine's database (for faculties that coordinate other work)."""
+        return self._db
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.work.params
+
+    @property
+    def directory(self) -> Path:
+        if self._directory is None:
+            self._root.mkdir(parents=True, exist_ok=True)
+            # a work type may contain "/" (and ".."): never a path of its own
+            label = self.work.work_type.replace("/", "_")
+            self._directory = Path(tempfile.mkdtemp(
+                prefix=f"{label}-{self.work.id}-{self.attempt}-", dir=self._root))
+        return self._directory
+
+    def cleanup(self, *, keep: bool) -> Path | None:
+        """Remove the directory (if one was made); return it instead when ``keep``."""
+        if self._directory is None:
+            return None
+        if keep:
+            if self._keep_root is None or self._keep_root == self._directory.parent:
+                return self._directory
+            # out of the engine's directory, which an engine starting after this one's
+            # death would remove
+            kept = self._keep_root / self._directory.name
+            try:
+                self._directory.rename(kept)
+            except OSError:
+                return self._directory
+            return kept
+        shutil.rmtree(self._directory, ignore_errors=True)
+        return None
+
+    async def agent(self, *, model: str, system: str = "", tools: Sequence[str] = (),
+                    max_turns: int = 20, max_tokens: int = 4096,
+                    token_budget: int | None = None, stream: bool = True,
+                    message: str | None = None, oriented: Any = None) -> AgentResult:
+        """Run the Claude agent loop (:mod:`animus_core.faculties.llm`) for this focus. ``message`` is
+        the first user message; by default the documented template over the work's params
+        and ``oriented``. Usage and cost are recorded with the item's outcome."""
+        from animus_core.faculties.llm import AgentSpec, first_message, run_agent
+
+        if self._llm is None:
+            from animus_core.values.errors import ConfigError
+
+            raise ConfigError("the Claude engage loop is not available in this focus")
+        client, registry = self._llm()
+        spec = AgentSpec(model=model, system=system, tools=list(tools), max_turns=max_turns,
+                         max_tokens=max_tokens, token_budget=token_budget, stream=stream)
+        result = await run_agent(client, spec, message or first_message(self, oriented),
+                                 tools=registry, focus=self)
+        total = self.llm_usage.setdefault(model, Usage())
+        total.add(result.usage)
+        self.llm_cost_usd += result.cost_usd or 0.0
+        return result
+
+    async def submit(self, item: NewWorkItem) -> SubmitResult:
+        """Submit child work: ``item`` with this focus's work item as its parent."""
+        return await self._db.submit_work(item.parent(self.work.id), queue=self.work.queue)
+
+    def __repr__(self) -> str:
+        return f"<Focus {self.work.work_type} {self.work.id} attempt {self.attempt}>"

@@ -1,0 +1,1 @@
+"""Policy above the store: rules and approval gates, and the governed way to submit work."""

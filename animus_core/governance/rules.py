@@ -1,0 +1,115 @@
+"""Rules and approval gates, declared in files (``ANIMUS_RULES``, default ``rules/``).
+
+    [[rule]]
+    name = "production deploys need two approvers"
+    work_type = "deploy"          # fnmatch pattern; omitted: any type
+    source = "*"                  # fnmatch pattern on the submitter's source; omitted: any
+    params = { env = "prod" }     # the params must contain this (JSON containment)
+    effect = "require_approval"   # allow | deny | require_approval
+    role = "approver"             # who may approve (a database role, see animus roles)
+    quorum = 2                    # how many distinct people
+    reason = "two people look at every production deploy"
+
+Rules are checked in order (files by name, rules in file order); the first that matches
+decides. When rule files exist and none matches, the work is denied: governance fails
+closed. Rules are evaluated when work is submitted and again before its engage phase.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from animus_core.store.roles import check_gate_role
+from animus_core.values.errors import ConfigError
+
+__all__ = ["Decision", "Rule", "RuleSet"]
+
+Effect = Literal["allow", "deny", "require_approval"]
+
+
+class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    effect: Effect
+    work_type: str = "*"
+    source: str = "*"
+    params: dict[str, Any] = {}
+    reason: str = ""
+    role: str = "approver"
+    quorum: int = 1
+
+
+class _RuleFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rule: list[Rule] = []
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    effect: Effect
+    rule: str | None
+    reason: str
+    role: str | None = None
+    quorum: int = 1
+
+    def gate(self) -> dict[str, Any]:
+        return {"rule": self.rule, "role": self.role, "quorum": self.quorum,
+                "reason": self.reason}
+
+
+def _contains(have: Any, want: Any) -> bool:
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and _contains(have[k], v)
+                                              for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and all(any(_contains(h, w) for h in have) for w in want)
+    return bool(have == want)
+
+
+class RuleSet:
+    def __init__(self, rules: list[tuple[str, Rule]]) -> None:
+        self.rules = rules
+
+    @classmethod
+    def load(cls, directory: Path) -> RuleSet:
+        rules: list[tuple[str, Rule]] = []
+        if not directory.is_dir():
+            return cls(rules)
+        for path in sorted(directory.glob("*.toml")):
+            try:
+                data = tomllib.loads(path.read_text("utf-8"))
+                parsed = msgspec.convert(data, _RuleFile)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: malformed TOML: {e}") from None
+            except msgspec.ValidationError as e:
+                raise ConfigError(f"{path}: {str(e).replace('`$.', '`')}") from None
+            for i, rule in enumerate(parsed.rule):
+                where = f"{path}: rule[{i}] ({rule.name})"
+                if rule.effect == "deny" and not rule.reason:
+                    raise ConfigError(f"{where}: a deny rule needs a reason")
+                if rule.quorum < 1:
+                    raise ConfigError(f"{where}: quorum must be at least 1")
+                check_gate_role(rule.role, where)
+                rules.append((str(path), rule))
+        return cls(rules)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rules)
+
+    def evaluate(self, work_type: str, params: dict[str, Any], source: str) -> Decision:
+        if not self.rules:
+            return Decision(effect="allow", rule=None, reason="no rules configured")
+        for _, rule in self.rules:
+            if (fnmatch.fnmatchcase(work_type, rule.work_type)
+                    and fnmatch.fnmatchcase(source, rule.source)
+                    and _contains(params, rule.params)):
+                reason = rule.reason or f"{rule.effect} by rule {rule.name!r}"
+                if rule.effect == "require_approval":
+                    return Decision(effect=rule.effect, rule=rule.name, reason=reason,
+                                    role=rule.role, quorum=rule.quorum)
+                return Decision(effect=rule.effect, rule=rule.name, reason=reason)
+        return Decision(effect="deny", rule=None,
+                        reason=f"no rule allows {work_type!r} from {source!r} (rules fail closed)")

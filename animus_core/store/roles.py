@@ -1,0 +1,182 @@
+"""Postgres roles for animus: the database itself refuses what a role may not do.
+
+``animus roles setup`` creates five group roles (NOLOGIN); people and services get login
+roles that are members of one of them (``animus roles add-user``):
+
+    animus_reader     read work, audit, memories
+    animus_submitter  reader + submit work (through animus.submit only)
+    animus_approver   reader + approve/reject gated work (through animus.decide only)
+    animus_operator   submitter + run engines: claim, complete, retry, memories, sealing
+    animus_admin      operator + approver + purge finished work
+
+No role, admin included, writes work items or audit rows directly: every change goes
+through a SECURITY DEFINER function that checks the rules (see 0012_separation_of_duties.sql).
+Nobody can alter, delete or truncate the audit trail, the execution records or the
+approvals: triggers refuse it for every role. Row-level security on approvals lets a person
+record only their own decisions. Audit rows record the connected database user
+(session_user), whatever an INSERT says.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from animus_core.values.errors import ConfigError, InvalidInput
+
+__all__ = ["ROLES", "add_user", "setup_roles"]
+
+ROLES = ("reader", "submitter", "approver", "operator", "admin")
+
+
+def check_gate_role(role: str, where: str) -> None:
+    """A gate's role must be one of :data:`ROLES`: approvals are checked against
+    ``animus_<role>``, and no other such role exists."""
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role {role!r} is not an animus role; use one of "
+                          f"{', '.join(ROLES)}")
+
+
+SETUP_SQL = """
+DO $$
+DECLARE r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['animus_reader', 'animus_submitter', 'animus_approver',
+                             'animus_operator', 'animus_admin'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$$;
+
+GRANT animus_reader TO animus_submitter, animus_approver;
+GRANT animus_submitter TO animus_operator;
+GRANT animus_operator, animus_approver TO animus_admin;
+
+-- Start from nothing (PUBLIC's default rights, and whatever an earlier version of this
+-- setup granted), then grant each role exactly its own. None of them is ever granted
+-- INSERT or UPDATE on work_items, INSERT on audit_log, nor UPDATE, DELETE or TRUNCATE on
+-- the audit trail, seals, approvals or execution records (triggers refuse those anyway).
+REVOKE ALL ON SCHEMA animus FROM PUBLIC, animus_reader, animus_submitter, animus_approver,
+       animus_operator, animus_admin;
+REVOKE ALL ON ALL TABLES IN SCHEMA animus FROM PUBLIC, animus_reader, animus_submitter,
+       animus_approver, animus_operator, animus_admin;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA animus FROM PUBLIC, animus_reader, animus_submitter,
+       animus_approver, animus_operator, animus_admin;
+
+GRANT USAGE ON SCHEMA animus, pgmq TO animus_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA animus TO animus_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA pgmq TO animus_reader;
+GRANT EXECUTE ON FUNCTION animus.actor() TO animus_reader;
+
+-- Every write to work items and every decision goes through these functions. They run as
+-- their owner with a fixed search_path, and check who calls (session_user), the transition
+-- and the lease themselves. Migrations create them so; asserting it here sets right one that
+-- a later migration replaced without these attributes. A function a migration not applied
+-- yet would create is skipped (and granted to nobody).
+DO $$
+DECLARE
+    d record;
+    f regprocedure;
+BEGIN
+    FOR d IN SELECT * FROM (VALUES
+        ('animus.submit(text, jsonb)', 'animus_submitter'),
+        -- operators may call decide(): it refuses them unless the gate names their role,
+        -- and says which role it wanted
+        ('animus.decide(uuid, text, text)', 'animus_approver, animus_operator'),
+        -- engines: claim, and the moves of the items they hold; people: retry, dead-letter,
+        -- cancel (animus work ...)
+        ('animus.claim(text, int, int, text[], bool)', 'animus_operator'),
+        ('animus.complete(uuid[], bigint[], int[], jsonb[], bigint[])', 'animus_operator'),
+        ('animus.start(uuid, bigint, int)', 'animus_operator'),
+        ('animus.extend_leases(text, uuid[], bigint[], int[], int)', 'animus_operator'),
+        ('animus.fail(uuid, bigint, int, text, bigint)', 'animus_operator'),
+        ('animus.release(uuid, bigint, int, text)', 'animus_operator'),
+        ('animus.retry(uuid, float8, text)', 'animus_operator'),
+        ('animus.dead_letter(uuid, text)', 'animus_operator'),
+        ('animus.cancel(uuid, text)', 'animus_operator'),
+        ('animus.add_usage(uuid, jsonb)', 'animus_operator'),
+        -- engines create the queues they serve (animus up) without rights on schema pgmq
+        ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
+        f := to_regprocedure(d.fn);
+        CONTINUE WHEN f IS NULL;
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', f);
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, d.grantees);
+    END LOOP;
+END
+$$;
+-- Engines fix the memory embedding dimension the first time they open memory (DDL on
+-- animus.memories, which only its owner may do); the vector type is found in its schema.
+ALTER FUNCTION animus.memory_configure(text, int) SECURITY DEFINER;
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION animus.memory_configure(text, int) '
+                   'SET search_path = pg_catalog, %I, pg_temp',
+                   (SELECT n.nspname FROM pg_extension e
+                      JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'));
+END
+$$;
+GRANT EXECUTE ON FUNCTION animus.memory_configure(text, int),
+      animus.new_id()  -- the default id of a memory
+   TO animus_operator;
+
+-- Engines also seal the audit trail, write memories, schedule ticks and execution records.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO animus_operator;
+GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA pgmq TO animus_operator;
+GRANT DELETE ON ALL TABLES IN SCHEMA pgmq TO animus_operator;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA pgmq TO animus_operator;
+GRANT SELECT, INSERT, UPDATE ON animus.schedule_ticks, animus.memories, animus.memory_config
+   TO animus_operator;
+GRANT DELETE ON animus.memories TO animus_operator;
+GRANT INSERT ON animus.audit_seal, animus.audit_gaps, animus.execution_records,
+      animus.environments TO animus_operator;
+GRANT DELETE ON animus.audit_gaps TO animus_operator;
+
+GRANT DELETE ON animus.work_items, animus.schedule_ticks TO animus_admin;  -- animus purge
+
+-- A person may only record their own decisions (decide() runs as owner and checks).
+ALTER TABLE animus.approvals ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS approvals_read ON animus.approvals;
+DROP POLICY IF EXISTS approvals_own ON animus.approvals;
+CREATE POLICY approvals_read ON animus.approvals FOR SELECT USING (true);
+CREATE POLICY approvals_own ON animus.approvals FOR INSERT
+    WITH CHECK (approver = session_user);
+
+-- Work items: everyone with a role reads; admins delete finished ones (a trigger keeps
+-- live work). Nobody writes them but the functions above, which run as the owner.
+ALTER TABLE animus.work_items ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS work_items_read ON animus.work_items;
+DROP POLICY IF EXISTS work_items_operate ON animus.work_items;
+DROP POLICY IF EXISTS work_items_purge ON animus.work_items;
+CREATE POLICY work_items_read ON animus.work_items FOR SELECT USING (true);
+CREATE POLICY work_items_purge ON animus.work_items FOR DELETE TO animus_admin USING (true);
+"""
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+async def setup_roles(conn: Any) -> None:
+    """Create or refresh the five roles and their grants (idempotent)."""
+    async with conn.transaction():
+        await conn.execute(SETUP_SQL)
+
+
+async def add_user(conn: Any, name: str, role: str, password: str | None = None) -> None:
+    """Create login role ``name`` (if missing) as a member of ``animus_<role>``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"user name {name!r}: use lowercase letters, digits and _")
+    if role not in ROLES:
+        raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
+    async with conn.transaction():
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE ROLE "{name}" LOGIN')
+        if password is not None:
+            await conn.execute(f"ALTER ROLE \"{name}\" PASSWORD {_literal(password)}")
+        await conn.execute(f'GRANT animus_{role} TO "{name}"')
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

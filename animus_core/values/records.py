@@ -1,0 +1,156 @@
+"""Execution records: every focus attempt bound to explicit, hashed inputs.
+
+A record holds the hash of the canonical params (RFC 8785 with Unicode NFC, see
+:mod:`animus_core.values.canonical`), the faculty's identity (distribution and version for Python
+faculties; the TOML file and each hook script's digest for command faculties), the engine
+version, the environment (Python, platform, installed distributions: stored once, by hash),
+the models called, and the hash of the outcome. Two runs of "the same" work can then be
+compared field by field (:func:`diff`), and a rerun can say whether its inputs changed or
+the faculty is nondeterministic (:func:`verdict`).
+
+An attempt whose lease ran out while it ran is recorded by the database when the item is
+taken back, with result ``lost``: the engine that ran it may be gone, so the inputs only it
+knew (params hash, faculty, engine version, environment) are ``None`` in that record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from animus_core.values.canonical import canonical_hash
+
+__all__ = ["ExecutionRecord", "diff", "environment", "file_digest", "verdict"]
+
+
+class ExecutionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    work_id: UUID
+    attempt: int
+    #: ``completed``, ``failed`` or ``lost``
+    result: str
+    work_type: str
+    # None only in a lost attempt's record: what the engine that ran it knew
+    params_hash: str | None
+    faculty: dict[str, Any] | None
+    faculty_hash: str | None
+    engine_version: str | None
+    environment_hash: str | None
+    models: list[str]
+    outcome_hash: str | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None = None
+    environment: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ExecutionRecord:
+        keys = set(row.keys())  # asyncpg records test values with `in`
+        return cls(**{f: row[f] for f in cls.__struct_fields__ if f in keys})
+
+
+def environment() -> tuple[str, dict[str, Any]]:
+    """This process's environment and its hash."""
+    dists = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            dists[name.lower()] = dist.version
+    env = {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "distributions": dict(sorted(dists.items())),
+    }
+    return canonical_hash(env), env
+
+
+# Digests by (path, inode, size, mtime, ctime): a hook's interpreter or script is hashed once,
+# not at every attempt. A file changed within the last seconds is not remembered, as its
+# timestamps may not tell a second change within the same clock tick apart ("racy" files).
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_SETTLED_NS = 2_000_000_000
+
+
+def file_digest(path: Path) -> str:
+    try:
+        st = path.stat()
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if (known := _DIGESTS.get(key)) is not None:
+            return known
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+        if len(_DIGESTS) > 4096:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def diff(a: ExecutionRecord, b: ExecutionRecord, *, params_a: dict[str, Any] | None = None,
+         params_b: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Field -> (a, b) for every input or output that differs (nested fields dotted)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    if a.work_type != b.work_type:
+        out["work_type"] = (a.work_type, b.work_type)
+    if a.params_hash != b.params_hash:
+        if params_a is not None and params_b is not None:
+            fa, fb = _flatten(params_a), _flatten(params_b)
+            for key in sorted(fa.keys() | fb.keys()):
+                if canonical_hash(fa.get(key), nfc=True) != canonical_hash(fb.get(key), nfc=True):
+                    out[f"params.{key}"] = (fa.get(key), fb.get(key))
+        if not any(k.startswith("params") for k in out):
+            out["params_hash"] = (a.params_hash, b.params_hash)
+    fa, fb = _flatten(a.faculty or {}), _flatten(b.faculty or {})
+    for key in sorted(fa.keys() | fb.keys()):
+        if fa.get(key) != fb.get(key):
+            out[f"faculty.{key}"] = (fa.get(key), fb.get(key))
+    if a.engine_version != b.engine_version:
+        out["engine_version"] = (a.engine_version, b.engine_version)
+    if a.environment_hash != b.environment_hash:
+        ea, eb = _flatten(a.environment or {}), _flatten(b.environment or {})
+        for key in sorted(ea.keys() | eb.keys()):
+            if ea.get(key) != eb.get(key):
+                out[f"environment.{key}"] = (ea.get(key), eb.get(key))
+        if not any(k.startswith("environment.") for k in out):
+            out["environment_hash"] = (a.environment_hash, b.environment_hash)
+    if sorted(a.models) != sorted(b.models):
+        out["models"] = (a.models, b.models)
+    if a.result != b.result:
+        out["result"] = (a.result, b.result)
+    if a.outcome_hash != b.outcome_hash:
+        out["outcome_hash"] = (a.outcome_hash, b.outcome_hash)
+    return out
+
+
+OUTPUTS = ("result", "outcome_hash")
+
+
+def verdict(differences: dict[str, tuple[Any, Any]]) -> str:
+    """``identical``, ``changed inputs: ...`` or ``nondeterministic: ...``."""
+    inputs = [k for k in differences if k not in OUTPUTS]
+    outputs = [k for k in differences if k in OUTPUTS]
+    if not differences:
+        return "identical: same inputs, same output"
+    if inputs:
+        return "changed inputs: " + ", ".join(inputs) + (
+            " (output changed too)" if outputs else " (output unchanged)")
+    return "nondeterministic: same inputs, different output (" + ", ".join(outputs) + ")"
