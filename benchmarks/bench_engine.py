@@ -307,11 +307,9 @@ class Provides:
 
 
 class CompletionCounter:
-    """Stands in for the engine's ``Db.complete_many``: counts items whose completion
-    committed, and notes when ``target`` of them had."""
+    """Counts items whose completion committed, and notes when ``target`` of them had."""
 
-    def __init__(self, db: Db, target: int, meter: CpuMeter | None = None) -> None:
-        self.inner = db.complete_many
+    def __init__(self, target: int = 0, meter: CpuMeter | None = None) -> None:
         self.target = target
         self.meter = meter
         self.items = 0
@@ -320,11 +318,9 @@ class CompletionCounter:
         self.cpu_at: tuple[float, float | None] | None = None
         self.reached = asyncio.Event()
 
-    async def __call__(self, done: Sequence[tuple[Lease, Any, int | None]], *args: Any,
-                       **kwargs: Any) -> None:
-        await self.inner(done, *args, **kwargs)
+    def count(self, items: int) -> None:
         self.calls += 1
-        self.items += len(done)
+        self.items += items
         if self.target and self.items >= self.target and self.at is None:
             self.at = clock()
             if self.meter is not None:
@@ -333,23 +329,37 @@ class CompletionCounter:
 
 
 class ClaimCounter:
-    """Stands in for the engine's ``Db.claim``: counts calls and items claimed."""
+    """Counts claims, the items they returned and the time they took."""
 
-    def __init__(self, db: Db) -> None:
-        self.inner = db.claim
+    def __init__(self) -> None:
         self.calls = 0
         self.empty = 0
         self.items = 0
         self.seconds = 0.0
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> list[Claimed]:
-        t0 = clock()
-        claimed = await self.inner(*args, **kwargs)
-        self.seconds += clock() - t0
+    def count(self, items: int, seconds: float) -> None:
+        self.seconds += seconds
         self.calls += 1
-        self.items += len(claimed)
-        self.empty += not claimed
+        self.items += items
+        self.empty += not items
+
+
+class MeteredDb(Db):
+    """The real store, counting the engine's claims and completions as they return."""
+
+    claims: ClaimCounter
+    completions: CompletionCounter
+
+    async def claim(self, *args: Any, **kwargs: Any) -> list[Claimed]:
+        t0 = clock()
+        claimed = await super().claim(*args, **kwargs)
+        self.claims.count(len(claimed), clock() - t0)
         return claimed
+
+    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]], *args: Any,
+                            **kwargs: Any) -> None:
+        await super().complete_many(done, *args, **kwargs)
+        self.completions.count(len(done))
 
 
 @dataclass
@@ -386,10 +396,9 @@ async def running_engine(url: str, home: Path, options: EngineOptions, *,
     registered, more = await collect_faculties(pm, settings)
     if problems or more:
         raise RuntimeError(f"faculties did not load: {problems + more}")
-    db = await Db.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
-    completions, claims = CompletionCounter(db, expect, meter), ClaimCounter(db)
-    setattr(db, "complete_many", completions)  # noqa: B010 - on this instance only
-    setattr(db, "claim", claims)  # noqa: B010
+    db = await MeteredDb.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
+    completions, claims = CompletionCounter(expect, meter), ClaimCounter()
+    db.completions, db.claims = completions, claims
     engine = Engine(db, pm, registered, settings, options)
     cpu_started = meter.read() if meter is not None else None
     started_at = clock()

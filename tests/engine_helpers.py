@@ -28,7 +28,7 @@ from uuid import UUID
 
 import asyncpg
 
-from animus_core import Claimed, Db, Faculty, WorkItem, hookimpl
+from animus_core import Claimed, Db, Faculty, Lease, WorkItem, hookimpl
 from animus_core.faculties.plugins import PluginProblem, collect_faculties, make_plugin_manager
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import Engine, EngineOptions
@@ -115,35 +115,48 @@ class Provides:
             register(faculty)
 
 
-class ClaimSpy:
-    """Stands in for the engine's ``Db.claim``: counts claims in flight, and can run
-    ``after(kwargs, claimed)`` once a claim returned but before the engine sees the result."""
+class ObservedDb(Db):
+    """The real store with the seams the engine tests need: claims in flight are counted,
+    ``after_claim(kwargs, claimed)`` runs once a claim returned but before the engine sees
+    the result, and ``faults[method]()`` runs before that method (to raise, as an outage
+    would: ``complete_many``, ``extend_lease``)."""
 
-    def __init__(self, db: Db) -> None:
-        self.inner = db.claim
-        self.in_flight = 0
-        self.calls = 0
-        self.after: Callable[[dict[str, Any], list[Claimed]], Awaitable[None]] | None = None
+    claims_in_flight = 0
+    claim_calls = 0
+    after_claim: Callable[[dict[str, Any], list[Claimed]], Awaitable[None]] | None = None
+    faults: dict[str, Callable[[], None]]
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> list[Claimed]:
-        self.in_flight += 1
+    async def claim(self, *args: Any, **kwargs: Any) -> list[Claimed]:
+        self.claims_in_flight += 1
         try:
-            claimed = await self.inner(*args, **kwargs)
-            if self.after is not None:
-                await self.after(kwargs, claimed)
+            claimed = await super().claim(*args, **kwargs)
+            if self.after_claim is not None:
+                await self.after_claim(kwargs, claimed)
             return claimed
         finally:
-            self.in_flight -= 1
-            self.calls += 1
+            self.claims_in_flight -= 1
+            self.claim_calls += 1
+
+    def _fault(self, method: str) -> None:
+        fault = getattr(self, "faults", {}).get(method)
+        if fault is not None:
+            fault()
+
+    async def complete_many(self, *args: Any, **kwargs: Any) -> None:
+        self._fault("complete_many")
+        await super().complete_many(*args, **kwargs)
+
+    async def extend_lease(self, *args: Any, **kwargs: Any) -> list[Lease]:
+        self._fault("extend_lease")
+        return await super().extend_lease(*args, **kwargs)
 
 
 @dataclass
 class RunningEngine:
     engine: Engine
-    db: Db
+    db: ObservedDb
     settings: Settings
     problems: list[PluginProblem]
-    claims: ClaimSpy
 
     @property
     def foci_root(self) -> Path:
@@ -157,7 +170,7 @@ class RunningEngine:
     def quiet(self) -> bool:
         """No claim in flight and no faculty waiting for one: only a wake-up (NOTIFY, a
         timer, the fallback poll) makes this engine claim again."""
-        return self.claims.in_flight == 0 and not any(s.dirty for s in self.engine.slots.values())
+        return self.db.claims_in_flight == 0 and not any(s.dirty for s in self.engine.slots.values())
 
     async def wait_quiet(self, timeout: float = 10.0) -> None:
         await wait_until(self.quiet, timeout, interval=0.01, message="the engine to be idle")
@@ -189,10 +202,9 @@ async def run_engine(
     if faculties:
         pm.register(Provides(faculties), name="test-faculties")
     registered, more = await collect_faculties(pm, settings)
-    db = await Db.connect(db_url, max_size=10, actor="test-engine")
+    db = await ObservedDb.connect(db_url, max_size=10, actor="test-engine")
+    db.faults = {}
     try:
-        spy = ClaimSpy(db)
-        setattr(db, "claim", spy)  # noqa: B010 - shadow the method on this instance only
         engine = Engine(db, pm, registered, settings, options or DEFAULT_OPTIONS)
         task = asyncio.create_task(engine.run(), name="test-engine")
         try:
@@ -203,7 +215,7 @@ async def run_engine(
                 task.result()  # raises what made the engine stop
             assert engine.started.is_set(), "engine did not start within 15s"
             await asyncio.wait_for(engine.listener_connected.wait(), 15)
-            running = RunningEngine(engine, db, settings, problems + more, spy)
+            running = RunningEngine(engine, db, settings, problems + more)
             if settle:
                 # Let the start-up claims finish, so that what the test submits next is
                 # noticed through NOTIFY (a notification that lands during a claim can be

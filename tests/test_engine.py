@@ -392,7 +392,7 @@ async def test_a_python_phase_past_its_timeout_is_cancelled_and_retried(db, db_u
     async with run_engine(db_url, tmp_path / "home", faculties=[slow]) as run:
         wid = (await db.submit_work(NewWorkItem("slowpoke"))).id
         item = await wait_finished(db, wid, timeout=15)
-        assert not run.engine._deadlines.is_set()  # nothing left to watch
+        assert not run.engine.deadlines.watching.is_set()  # nothing left to watch
     assert item.state == State.COMPLETED, item.reason
     assert item.attempts == 2
     assert item.outcome.data == {"attempt": 2}
@@ -467,11 +467,11 @@ async def test_an_engine_stops_when_the_database_refuses_its_last_completions(
                           stop_timeout=10) as run:
         refused: list[int] = []
 
-        async def refuse(done: Any, *args: Any, **kwargs: Any) -> None:
-            refused.append(len(done))
+        def refuse() -> None:
+            refused.append(1)
             raise DatabaseUnavailable("lost the database connection: test")
 
-        setattr(run.db, "complete_many", refuse)  # noqa: B010 - this instance only
+        run.db.faults["complete_many"] = refuse
         wid = (await db.submit_work(NewWorkItem("echo"))).id
         await wait_until(lambda: refused, 10, message="a completion refused")
     assert (await db.get_work_item(wid)).state == State.RUNNING  # until its lease expires
@@ -810,7 +810,7 @@ async def test_notification_during_a_claim_is_not_lost(db, db_url, tmp_path, mon
             late.append((await db.submit_work(NewWorkItem("pair").params({"n": 2}))).id)
             await wait_until(lambda: slot.dirty, message="the notification of the late item")
 
-        run.claims.after = submit_during_claim
+        run.db.after_claim = submit_during_claim
         first = (await db.submit_work(NewWorkItem("pair").params({"n": 1}))).id
         assert (await wait_finished(db, first, timeout=10)).state == State.COMPLETED
         assert late, "the late item was not submitted"

@@ -22,6 +22,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+from animus_core.faculties.retry import RetryPolicy
 from animus_core.values import json_values
 from animus_core.values.errors import ConfigError, InvalidInput
 from animus_core.values.schedules import Schedule
@@ -61,6 +62,13 @@ class Faculty:
     #: Sample params for ``animus demo`` (``None``: the demo skips this faculty).
     example: ClassVar[dict[str, object] | None] = None
 
+    #: Environment variables whose values are secret: redacted wherever they could appear
+    #: (logs, spans, audit rows, outcomes).
+    secrets: tuple[str, ...] = ()
+    #: Keep the focus directory of a failed attempt for debugging (as ``animus up
+    #: --keep-foci`` does for every faculty).
+    keep_failed: bool = False
+
     #: Where the faculty came from; set by the engine when registering it.
     origin: str = ""
 
@@ -75,6 +83,11 @@ class Faculty:
 
     def recover(self, focus: Focus, error: str, phase: str) -> bool | None:
         return None
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """What follows a failed attempt (override for a policy of your own)."""
+        return RetryPolicy(self.retry_base, self.retry_max, self.max_attempts)
 
     def identity(self) -> dict[str, Any]:
         """What this faculty is, for execution records: for a Python faculty its class and

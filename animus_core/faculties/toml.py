@@ -29,7 +29,7 @@ from animus_core.infra.hookguard import MARK_VARIABLE, guard
 from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import ConfigError, InvalidInput
+from animus_core.values.errors import ConfigError, InvalidInput, PhaseFailed
 from animus_core.values.limits import limits
 from animus_core.values.records import file_digest
 from animus_core.values.schedules import Cron, Schedule, parse_every
@@ -102,8 +102,9 @@ class FacultyFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     faculty: FacultySpec
 
 
-class HookFailed(Exception):
-    """A command hook failed: non-zero exit, timeout, or unreadable output."""
+class HookFailed(PhaseFailed):
+    """A command hook failed: it could not start, exited non-zero, timed out, or wrote
+    unreadable output."""
 
 
 def _where(path: Path, field: str) -> str:
@@ -273,6 +274,7 @@ class CommandFaculty(Faculty):
         self.retry_base = spec.retry_base  # type: ignore[misc]
         self.retry_max = spec.retry_max  # type: ignore[misc]
         self.keep_failed = spec.keep_failed
+        self.secrets = tuple(spec.secrets)
         self.example = spec.example  # type: ignore[misc]
 
     def describe(self) -> str:
@@ -388,7 +390,8 @@ class CommandFaculty(Faculty):
         except TimeoutError:
             _kill_group(proc)
             await proc.wait()
-            raise HookFailed(f"{phase} hook {argv[0]} timed out after {timeout:g}s") from None
+            raise HookFailed(f"{phase} hook {argv[0]} timed out after {timeout:g}s",
+                             kind="timeout") from None
         except asyncio.CancelledError:
             _kill_group(proc)
             raise
@@ -401,7 +404,8 @@ class CommandFaculty(Faculty):
             tail = redactor.tail(stderr, STDERR_TAIL).strip()
             status = (f"was killed by signal {-code}" if code < 0
                       else f"exited with status {code}")
-            raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""))
+            raise HookFailed(f"{phase} hook {argv[0]} {status}" + (f": {tail}" if tail else ""),
+                             kind="exit_status")
 
     def _read_out(self, focus: Focus, phase: str) -> Any:
         out = focus.directory / f"{phase}-out.json"
@@ -412,11 +416,12 @@ class CommandFaculty(Faculty):
         limit = limits().outcome_bytes
         if size > limit:  # not read at all: the file may be huge
             raise HookFailed(f"{phase} hook wrote unreadable output: {out.name} is {size} bytes, "
-                             f"over the limit of {limit} (ANIMUS_MAX_OUTCOME_BYTES)")
+                             f"over the limit of {limit} (ANIMUS_MAX_OUTCOME_BYTES)", kind="bad_output")
         try:
             return json_values.decode(out.read_bytes(), out.name)
         except InvalidInput as e:
-            raise HookFailed(f"{phase} hook wrote unreadable output: {e}") from None
+            raise HookFailed(f"{phase} hook wrote unreadable output: {e}",
+                             kind="bad_output") from None
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

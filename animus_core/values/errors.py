@@ -31,6 +31,7 @@ __all__ = [
     "LeaseLost",
     "MigrationError",
     "PermissionDenied",
+    "PhaseFailed",
     "WorkNotFound",
 ]
 
@@ -39,6 +40,17 @@ class AnimusError(Exception):
     """Root of every error animus raises on purpose."""
 
     exit_code = 1
+
+
+class PhaseFailed(AnimusError):
+    """A faculty phase failed in a way the faculty has already put in words: the message is
+    the whole failure reason (the exception's class name is not added to it). ``kind`` says
+    what went wrong, for metrics: ``exit_status``, ``timeout``, ``bad_output`` or
+    ``exception``."""
+
+    def __init__(self, message: str, *, kind: str = "exception") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ConfigError(AnimusError):

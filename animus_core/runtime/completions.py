@@ -1,0 +1,125 @@
+"""The completer: finished foci are recorded in batches, one round trip for many.
+
+While the database is unreachable, finished foci are held (their leases kept by the lease
+keeper) and recorded when it answers, or dropped at the end of a stop's grace period (their
+items then run again once their leases expire)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from animus_core.runtime.health import Health
+from animus_core.store.db import Db
+from animus_core.values.errors import AnimusError, DatabaseUnavailable
+from animus_core.values.records import ExecutionRecord
+from animus_core.values.work import Lease
+
+__all__ = ["Completions"]
+
+_log = logging.getLogger("animus.engine")
+Done = tuple[Lease, Any, int | None]
+
+
+class Completions:
+    def __init__(self, store: Db, health: Health, *,
+                 stop_deadline: Callable[[], float | None],
+                 on_recorded: Callable[[], None]) -> None:
+        self.store = store
+        self.health = health
+        self._stop_deadline = stop_deadline
+        self._on_recorded = on_recorded
+        self._pending: list[Done] = []
+        self._executions: list[ExecutionRecord] = []
+        #: the batch being written right now (its leases are held until it is recorded)
+        self._recording: list[Done] = []
+        self._ready = asyncio.Event()
+        self._closing = False
+
+    def add(self, lease: Lease, outcome: Any, ms: int, record: ExecutionRecord) -> None:
+        self._pending.append((lease, outcome, ms))
+        self._executions.append(record)
+        self._ready.set()
+
+    def held(self) -> list[Lease]:
+        """The leases of finished foci not recorded yet: they still hold their items."""
+        return [c[0] for c in (*self._recording, *self._pending)]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Let :meth:`run` finish the batch it writes and return."""
+        self._closing = True
+        self._ready.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            await self.flush()
+            if self._closing:  # the engine flushes once more after this; then it is over
+                return
+
+    async def flush(self) -> None:
+        held = 0
+        while self._pending:
+            batch, self._pending = self._pending, []
+            records, self._executions = self._executions, []
+            self._recording = batch
+            try:
+                await self.store.complete_many(batch, executions=records)
+            except DatabaseUnavailable as e:
+                self._pending = batch + self._pending
+                self._executions = records + self._executions
+                deadline = self._stop_deadline()
+                if deadline is not None and time.monotonic() >= deadline:
+                    ids = ", ".join(str(c[0].work_id) for c in self._pending)
+                    _log.error(
+                        "stopping without recording %d finished foci: the database is still "
+                        "unreachable at the end of the grace period (%s). These items will run "
+                        "again once their leases expire: %s", len(self._pending), e, ids)
+                    self._pending, self._executions = [], []
+                    return
+                self.health.unreachable(e)
+                held = len(self._pending)
+                if not self.health.holding_reported:
+                    self.health.holding_reported = True
+                    _log.warning("holding finished foci until the database answers (or, if the "
+                                 "engine is stopping, until its grace period ends): %s",
+                                 ", ".join(str(c[0].work_id) for c in self._pending))
+                _log.debug("completing %d items failed, retrying: %s", len(batch), e)
+                self._recording = []  # back in _pending, where the lease keeper sees them
+                # Jittered: a fixed delay can fall into step with a periodic fault (backends
+                # terminated every 250 ms) and meet it on every retry.
+                delay = 0.5 if deadline is not None else 1.0
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                continue
+            except AnimusError:
+                for one, rec in zip(batch, records, strict=True):  # keep the others
+                    try:
+                        await self.store.complete_many([one], executions=[rec])
+                    except DatabaseUnavailable:
+                        self._pending.append(one)  # tried again with the next batch
+                        self._executions.append(rec)
+                    except AnimusError as e1:
+                        _log.warning("could not complete %s: %s", one[0].work_id, e1)
+            finally:
+                self._recording = []
+            self.health.reachable()
+            if held:
+                _log.info("recorded the finished foci held while the database was unreachable")
+                held = 0
+            self._on_recorded()
+
+    def report_stopping(self, grace: float) -> None:
+        if self._pending:
+            _log.warning(
+                "stopping while %d finished foci wait for the database: they are recorded "
+                "if it answers within the grace period (%.0fs); otherwise these items run "
+                "again once their leases expire: %s", len(self._pending), grace,
+                ", ".join(str(c[0].work_id) for c in self._pending))

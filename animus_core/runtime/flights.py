@@ -1,0 +1,60 @@
+"""What the engine keeps per faculty (a slot: capacity and rate) and per running focus
+(a flight: its claim, task and lease)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from animus_core.faculties.faculty import Faculty
+from animus_core.values.work import Claimed
+
+__all__ = ["Flight", "Slot"]
+
+
+@dataclass
+class Slot:
+    """One faculty's capacity in this engine: foci running, whether its queue may hold
+    claimable work (*dirty*), and a token bucket for its rate limit."""
+
+    faculty: Faculty
+    running: int = 0
+    dirty: bool = True
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+    def take_tokens(self, want: int) -> int:
+        rate = self.faculty.rate_limit
+        if not rate:
+            return want
+        now = time.monotonic()
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        allowed = min(want, int(self.tokens))
+        self.tokens -= allowed
+        return allowed
+
+    def seconds_to_token(self) -> float:
+        rate = self.faculty.rate_limit or 1.0
+        return max(0.01, (1 - self.tokens) / rate)
+
+
+@dataclass
+class Flight:
+    """A running focus."""
+
+    claimed: Claimed
+    task: asyncio.Task[None]
+    slot: Slot
+    #: until when the lease surely holds (monotonic): when the claim or the last extension
+    #: that succeeded was asked for, plus the lease time; see LeaseKeeper.fence
+    held_until: float
+    #: stopped because its lease is lost (or about to be): it records nothing
+    lost: bool = False
+    #: stopped because a cancellation was requested
+    cancelling: bool = False
+    finished: bool = False
+    #: when the running coroutine phase times out (loop time); see Deadlines
+    deadline: float | None = None
+    timed_out: bool = False

@@ -1,0 +1,332 @@
+"""The focus runner: one focus of one faculty on one claimed item, orient -> engage ->
+consolidate, or recover on failure. It records the attempt (its execution record, and the
+failure, retry or dead letter) and hands completions to the completer, which records them in
+batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from opentelemetry import context, trace
+
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.focus import Focus
+from animus_core.faculties.retry import DeadLetter
+from animus_core.governance.rules import RuleSet
+from animus_core.infra.secrets import redactor
+from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
+from animus_core.runtime.completions import Completions
+from animus_core.runtime.deadlines import Deadlines
+from animus_core.runtime.failures import (
+    NO_PARAMS_HASH,
+    RuleRefused,
+    Unrunnable,
+    describe,
+    failure_kind,
+    params_hash,
+)
+from animus_core.runtime.flights import Flight, Slot
+from animus_core.store.db import Db
+from animus_core.store.memory import Memory, TxScope
+from animus_core.values import json_values
+from animus_core.values.canonical import canonical_hash
+from animus_core.values.errors import AnimusError, LeaseLost
+from animus_core.values.limits import clip, limits
+from animus_core.values.records import ExecutionRecord
+from animus_core.values.version import __version__
+from animus_core.values.work import Lease, WorkItem
+
+__all__ = ["FocusRunner", "Workspace"]
+
+_log = logging.getLogger("animus.engine")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where foci work: ``root`` is this engine's own directory for focus directories;
+    a kept one moves to ``keep_root``. Hooks see ``hook_env``."""
+
+    root: Path
+    keep_root: Path
+    hook_env: dict[str, str]
+    keep_failed: bool = False
+
+
+class FocusRunner:
+    def __init__(self, store: Db, rules: RuleSet, deadlines: Deadlines,
+                 completions: Completions, *, recorded: Callable[[], None],
+                 retry_later: Callable[[Slot, float], None],
+                 llm: Callable[[], tuple[Any, dict[str, Any]]]) -> None:
+        self.store = store
+        self.rules = rules
+        self.deadlines = deadlines
+        self.completions = completions
+        self._recorded = recorded
+        self._retry_later = retry_later
+        self._llm = llm
+        #: set at start-up
+        self.workspace: Workspace | None = None
+        self.memory: Memory | None = None
+        self.memory_problem = "memory is not configured for this engine"
+        self.environment_hash = ""
+
+    # -- phases ------------------------------------------------------------------------------
+
+    async def _call(self, fac: Faculty, hook: str, focus: Focus, flight: Flight, /,
+                    **kwargs: Any) -> Any:
+        method = getattr(fac, hook)
+        timeout = fac.timeout
+        if not _is_async(method):
+            return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
+        if timeout is None:
+            return await method(focus, **kwargs)
+        return await self.deadlines.within(flight, timeout, hook, method(focus, **kwargs))
+
+    async def _phase(self, fac: Faculty, phase: str, focus: Focus, flight: Flight,
+                     traced: bool, /, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        if not traced:
+            focus.traceparent = focus.work.traceparent
+            try:
+                return await self._call(fac, phase, focus, flight, **kwargs)
+            finally:
+                instruments.phase_duration.record(time.perf_counter() - started,
+                                                  {"faculty": fac.name, "phase": phase})
+        # the SDK would record the exception's own (unredacted) text: the status says it instead
+        with tracer.start_as_current_span(phase, attributes={
+                "animus.faculty": fac.name, "animus.phase": phase},
+                record_exception=False, set_status_on_exception=False) as s:
+            focus.traceparent = current_traceparent()
+            try:
+                return await self._call(fac, phase, focus, flight, **kwargs)
+            except Exception as e:
+                s.set_status(trace.StatusCode.ERROR, redactor.text(str(e))[:500])
+                raise
+            finally:
+                instruments.phase_duration.record(time.perf_counter() - started,
+                                                  {"faculty": fac.name, "phase": phase})
+
+    async def _check_rules(self, item: WorkItem) -> None:
+        """Rules again, right before engage: they may have changed since submit."""
+        if not self.rules.active:
+            return
+        decision = self.rules.evaluate(item.work_type, item.params, item.provenance.source)
+        if decision.effect == "deny":
+            raise RuleRefused(f"denied before engage: {decision.reason}")
+        if decision.effect == "require_approval":
+            # Only approvals by people who hold the rule's role count (whatever the stored
+            # gate says: a submitter with raw SQL access could have written it).
+            approvers = await self.store.approvers(item.id, decision.role or "approver")
+            if item.gate is None or len(approvers) < decision.quorum:
+                raise RuleRefused(
+                    f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
+                    f"{decision.role} before engage; this item has {len(approvers)}")
+
+    def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str,
+                params_hash: str, *, outcome: Any = None,
+                error: str | None = None) -> ExecutionRecord:
+        identity = fac.identity()
+        return ExecutionRecord(
+            work_id=focus.work.id, attempt=focus.attempt, result=result,
+            work_type=focus.work.work_type, params_hash=params_hash,
+            faculty=identity, faculty_hash=canonical_hash(identity),
+            engine_version=__version__, environment_hash=self.environment_hash,
+            models=sorted(focus.llm_usage), error=error, started_at=started_at,
+            outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
+
+    # -- one focus ---------------------------------------------------------------------------
+
+    def _focus_for(self, fac: Faculty, item: WorkItem) -> Focus:
+        ws = self.workspace
+        assert ws is not None, "the runner runs foci only once the engine started"
+        focus = Focus(item, self.store, attempt=item.attempts, log=_log, root=ws.root,
+                      keep_root=ws.keep_root, hook_env=ws.hook_env)
+        focus._memory = (self.memory.for_work(source=fac.name, work_id=item.id)
+                         if self.memory else None)
+        focus.memory_unavailable = self.memory_problem
+        focus._llm = self._llm
+        return focus
+
+    async def run(self, flight: Flight) -> None:
+        """Run the focus of ``flight`` (as its task) to its end, and record it."""
+        fac, item, lease = flight.slot.faculty, flight.claimed.item, flight.claimed.lease
+        focus = self._focus_for(fac, item)
+        started = time.perf_counter()
+        started_at = datetime.now(UTC)
+        phase, failed, result = "orient", False, "completed"
+        hashed = ""
+        scope = TxScope(self.store)
+        # Nobody records spans without a tracer provider: skip building them (a third of the
+        # per-item cost of a trivial focus). Hooks still continue the item's own trace.
+        traced = _traced()
+        token = None
+        if traced:
+            focus_span = tracer.start_span(
+                f"focus {item.work_type}", context=extract(item.traceparent), attributes={
+                    "animus.work.id": str(item.id), "animus.work.type": item.work_type,
+                    "animus.faculty": fac.name, "animus.attempt": item.attempts})
+            focus_span.add_event("running", {"from": "claimed", "to": "running"})
+            token = context.attach(trace.set_span_in_context(focus_span))
+        else:
+            focus_span = trace.INVALID_SPAN
+        try:
+            try:
+                hashed = params_hash(item.params)
+                oriented = await self._phase(fac, "orient", focus, flight, traced)
+                phase = "engage"
+                await self._check_rules(item)
+                engaged = await self._phase(fac, "engage", focus, flight, traced,
+                                            oriented=oriented)
+                phase = "consolidate"
+                if self.memory is not None:
+                    focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
+                outcome = redactor.json(
+                    await self._phase(fac, "consolidate", focus, flight, traced, engaged=engaged))
+                # what the completion will store: within the JSON model and the size limit
+                json_values.encode(outcome, "outcome", limit=limits().outcome_bytes,
+                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
+                ms = int((time.perf_counter() - started) * 1000)
+                if focus.llm_usage:
+                    conn = await scope.connection()
+                    await self.store.record_usage(item.id, _usage_record(focus), conn=conn)
+                record = self._record(fac, focus, started_at, "completed", hashed,
+                                      outcome=outcome)
+                if scope.conn is not None:
+                    # consolidate wrote memories: they commit with the completion, or not at all
+                    await self.store.complete_many([(lease, outcome, ms)], conn=scope.conn,
+                                                   executions=[record])
+                    await scope.finish(commit=True)
+            except asyncio.CancelledError:
+                await scope.finish(commit=False)
+                if flight.lost:  # its record (lost) comes with the claim that takes it back
+                    failed, result = True, "lost"
+                elif not flight.cancelling:
+                    raise  # shutdown: the drain releases it
+                else:
+                    failed, result = True, "dead"
+                    await self._cancelled(fac, focus, lease, started, started_at,
+                                          hashed or NO_PARAMS_HASH)
+            except Exception as e:
+                await scope.finish(commit=False)
+                failed, result = True, "failed"
+                ms = int((time.perf_counter() - started) * 1000)
+                error = redactor.text(describe(e, phase, fac))
+                instruments.hook_failures.add(1, {"faculty": fac.name, "phase": phase,
+                                                  "reason": failure_kind(e, phase)})
+                focus_span.set_status(trace.StatusCode.ERROR, error[:500])
+                focus_span.add_event("failed", {"from": "running", "to": "failed",
+                                                "phase": phase, "error": error[:500]})
+                if focus.llm_usage:  # what a failed attempt spent is kept too
+                    try:
+                        await self.store.record_usage(item.id, _usage_record(focus))
+                    except AnimusError as e2:
+                        _log.warning("could not record the usage of %s: %s", item.id, e2)
+                record = self._record(fac, focus, started_at, "failed",
+                                      hashed or NO_PARAMS_HASH, error=error)
+                result = await self._failed(flight, focus, error, phase, ms, record,
+                                            final=isinstance(e, RuleRefused | Unrunnable))
+            else:
+                focus_span.add_event("completed", {"from": "running", "to": "completed"})
+                if not scope.used:  # the usual path: batched with other completions
+                    self.completions.add(lease, outcome, ms, record)
+                else:
+                    self._recorded()
+        finally:
+            # recorded while the focus span is current, so the histogram gets exemplars
+            instruments.focus_duration.record(time.perf_counter() - started,
+                                              {"faculty": fac.name, "result": result})
+            if token is not None:
+                context.detach(token)
+                focus_span.set_attribute("animus.result", result)
+                focus_span.end()
+            ws = self.workspace
+            kept = focus.cleanup(keep=failed and ws is not None
+                                 and (ws.keep_failed or fac.keep_failed))
+            if kept:
+                _log.info("kept focus directory of failed %s: %s", item.id, kept)
+
+    async def _cancelled(self, fac: Faculty, focus: Focus, lease: Lease, started: float,
+                         started_at: datetime, hashed: str) -> None:
+        """A requested cancellation stopped the focus: end the item failed -> dead."""
+        ms = int((time.perf_counter() - started) * 1000)
+        try:
+            item = await self.store.get_work_item(lease.work_id)
+            reason = clip(f"cancelled while {item.state}: {item.cancel_requested or 'by request'}")
+            await self.store.fail(lease, reason, duration_ms=ms, execution=self._record(
+                fac, focus, started_at, "failed", hashed, error=reason))
+            await self.store.dead_letter(lease.work_id, reason)
+        except AnimusError as e:
+            _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
+        self._recorded()
+
+    async def _failed(self, flight: Flight, focus: Focus, error: str, phase: str, ms: int,
+                      record: ExecutionRecord, *, final: bool = False) -> str:
+        """Run recover, record the failure (with the attempt's execution record, while the
+        lease is held), then retry or dead-letter as the faculty's policy says; returns
+        which."""
+        fac, lease = flight.slot.faculty, flight.claimed.lease
+        note = ""
+        verdict: bool | None = None
+        try:
+            if not final:  # retrying cannot change a rule's answer
+                verdict = await self._phase(fac, "recover", focus, flight, _traced(),
+                                            error=error, phase=phase)
+        except Exception as e:
+            note = f" (recover failed too: {redactor.text(describe(e, 'recover', fac))})"
+        reason = clip(f"{phase} failed: {error}{note}")
+        result = "failed"
+        _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
+        try:
+            item = await self.store.fail(lease, reason, duration_ms=ms, execution=record)
+            then = fac.retry_policy.decide(reason, attempts=item.attempts,
+                                           item_max_attempts=item.max_attempts,
+                                           recover=verdict, final=final)
+            if isinstance(then, DeadLetter):
+                await self.store.dead_letter(item.id, then.reason)
+                result = "dead"
+            else:
+                result = "retry"
+                await self.store.retry(item.id, delay=then.delay, reason=then.reason)
+                self._retry_later(flight.slot, then.delay + 0.05)
+        except LeaseLost as e:
+            _log.warning("%s", e)
+        except AnimusError as e:
+            _log.error("could not record the failure of %s (its lease will expire and it "
+                       "will be retried): %s", lease.work_id, e)
+        self._recorded()
+        trace.get_current_span().add_event(result, {"reason": reason[:500]})
+        return result
+
+
+def _usage_record(focus: Focus) -> dict[str, Any]:
+    return {"models": {m: msgspec.structs.asdict(u) for m, u in focus.llm_usage.items()},
+            "cost_usd": round(focus.llm_cost_usd, 6)}
+
+
+def _traced() -> bool:
+    """Whether spans are recorded: a tracer provider is installed (or the module's tracer
+    was made by one)."""
+    return not (isinstance(tracer, trace.ProxyTracer) and not tracing())
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
+def _is_async(method: Any) -> bool:
+    """``asyncio.iscoroutinefunction``, remembered per function (it costs microseconds)."""
+    func = getattr(method, "__func__", method)
+    try:
+        return _ASYNC[func]
+    except KeyError:
+        answer = _ASYNC[func] = asyncio.iscoroutinefunction(method)
+        return answer
+    except TypeError:  # an unhashable callable object
+        return asyncio.iscoroutinefunction(method)
