@@ -45,13 +45,14 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from animus_core.app import Animus
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
-from animus_core.faculties.plugins import collect_faculties, hookimpl, make_plugin_manager
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.store.audit import UNSEALED_SQL
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
+from animus_core.testing import Provides
 from animus_core.values.work import Claimed, Created, Lease, NewWorkItem
 from benchmarks.bench_work import describe_server, fresh_database
 
@@ -294,18 +295,6 @@ def package_version(name: str) -> str:
 # -- running an engine in this process ---------------------------------------------------------
 
 
-class Provides:
-    """A plugin registering the given faculty instances: the real registration path."""
-
-    def __init__(self, faculties: Sequence[Faculty]) -> None:
-        self.faculties = list(faculties)
-
-    @hookimpl
-    def register_faculties(self, register: Callable[[Faculty], None]) -> None:
-        for faculty in self.faculties:
-            register(faculty)
-
-
 class CompletionCounter:
     """Counts items whose completion committed, and notes when ``target`` of them had."""
 
@@ -390,16 +379,16 @@ async def running_engine(url: str, home: Path, options: EngineOptions, *,
     ``started_at`` is the clock just before ``Engine.run`` was scheduled."""
     settings = Settings(database_url=url, home=home, plugins_autoload=False,
                         faculties_dir=faculties_dir or home / "no-toml-faculties")
-    pm, problems = make_plugin_manager(settings, load_entry_points=False)
-    if faculties:
-        pm.register(Provides(faculties), name="bench-faculties")
-    registered, more = await collect_faculties(pm, settings)
-    if problems or more:
-        raise RuntimeError(f"faculties did not load: {problems + more}")
     db = await MeteredDb.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
     completions, claims = CompletionCounter(expect, meter), ClaimCounter()
     db.completions, db.claims = completions, claims
-    engine = Engine(db, pm, registered, settings, options)
+    animus = Animus(settings, db=db, load_entry_points=False,
+                    plugins={"bench-faculties": Provides(faculties)} if faculties else None)
+    await animus.load_faculties()
+    if animus.problems:
+        await db.close()
+        raise RuntimeError(f"faculties did not load: {animus.problems}")
+    engine = animus.engine(options)
     cpu_started = meter.read() if meter is not None else None
     started_at = clock()
     task = asyncio.create_task(engine.run(), name="bench-engine")

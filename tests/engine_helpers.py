@@ -28,10 +28,12 @@ from uuid import UUID
 
 import asyncpg
 
-from animus_core import Claimed, Db, Faculty, Lease, WorkItem, hookimpl
-from animus_core.faculties.plugins import PluginProblem, collect_faculties, make_plugin_manager
+from animus_core import Claimed, Db, Faculty, Lease, WorkItem
+from animus_core.app import Animus
+from animus_core.faculties.plugins import PluginProblem
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import Engine, EngineOptions
+from animus_core.testing import Provides
 from animus_core.values.states import TERMINAL
 
 PHASE_ORDER = ("orient", "engage", "consolidate", "recover")
@@ -101,18 +103,6 @@ def engine_settings(db_url: str, home: Path, faculties_dir: Path | None = None, 
     if not autoload:
         env["ANIMUS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     return Settings.from_env(env)
-
-
-class Provides:
-    """A plugin registering the given faculty instances: the real registration path."""
-
-    def __init__(self, faculties: Sequence[Faculty]) -> None:
-        self.faculties = list(faculties)
-
-    @hookimpl
-    def register_faculties(self, register: Callable[[Faculty], None]) -> None:
-        for faculty in self.faculties:
-            register(faculty)
 
 
 class ObservedDb(Db):
@@ -196,35 +186,23 @@ async def run_engine(
     ``plugins`` extra plugin objects by name (registered before faculties are collected).
     """
     settings = engine_settings(db_url, home, faculties_dir, autoload=autoload)
-    pm, problems = make_plugin_manager(settings)
-    for name, plugin in (plugins or {}).items():
-        pm.register(plugin, name=name)
+    extra = dict(plugins or {})
     if faculties:
-        pm.register(Provides(faculties), name="test-faculties")
-    registered, more = await collect_faculties(pm, settings)
+        extra["test-faculties"] = Provides(faculties)
     db = await ObservedDb.connect(db_url, max_size=10, actor="test-engine")
     db.faults = {}
     try:
-        engine = Engine(db, pm, registered, settings, options or DEFAULT_OPTIONS)
-        task = asyncio.create_task(engine.run(), name="test-engine")
-        try:
-            started = asyncio.create_task(engine.started.wait())
-            await asyncio.wait([task, started], timeout=15, return_when=asyncio.FIRST_COMPLETED)
-            started.cancel()
-            if task.done():
-                task.result()  # raises what made the engine stop
-            assert engine.started.is_set(), "engine did not start within 15s"
-            await asyncio.wait_for(engine.listener_connected.wait(), 15)
-            running = RunningEngine(engine, db, settings, problems + more)
-            if settle:
-                # Let the start-up claims finish, so that what the test submits next is
-                # noticed through NOTIFY (a notification that lands during a claim can be
-                # lost: see test_notification_during_a_claim_is_not_lost).
-                await running.wait_quiet()
-            yield running
-        finally:
-            engine.stop()
-            await asyncio.wait_for(task, stop_timeout)
+        async with Animus(settings, db=db, plugins=extra) as animus:
+            await animus.load_faculties()
+            async with animus.running(options or DEFAULT_OPTIONS, start_timeout=15,
+                                     stop_timeout=stop_timeout) as engine:
+                running = RunningEngine(engine, db, settings, animus.problems)
+                if settle:
+                    # Let the start-up claims finish, so that what the test submits next is
+                    # noticed through NOTIFY (a notification that lands during a claim can be
+                    # lost: see test_notification_during_a_claim_is_not_lost).
+                    await running.wait_quiet()
+                yield running
     finally:
         await db.close()
 

@@ -71,11 +71,10 @@ async def shared_database(server_url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]]]:
-    """The ``console`` examples of one section of ``docs/<page>``: for each ``$ animus ...``
-    line, its arguments and the lines shown after it (until the next command)."""
+def doc_section(page: str, heading: str) -> str:
+    """The text of one section of ``docs/<page>``: from ``heading`` (a whole line) to the
+    next heading of its level or above (headings inside code blocks do not count)."""
     import re
-    import shlex
     from pathlib import Path
 
     lines = (Path(__file__).resolve().parent.parent / "docs" / page).read_text("utf-8") \
@@ -89,9 +88,26 @@ def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]
         elif not fenced and re.match(rf"#{{1,{level}}} ", lines[i]):
             end = i
             break
-    section = "\n".join(lines[start:end]) + "\n"
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def code_blocks(page: str, heading: str, language: str) -> list[str]:
+    """The ``language`` code blocks of one section of ``docs/<page>``."""
+    import re
+
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", doc_section(page, heading),
+                        re.MULTILINE | re.DOTALL)
+    assert blocks, f"no {language} block under {heading!r} in docs/{page}"
+    return blocks
+
+
+def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]]]:
+    """The ``console`` examples of one section of ``docs/<page>``: for each ``$ animus ...``
+    line, its arguments and the lines shown after it (until the next command)."""
+    import shlex
+
     examples: list[tuple[list[str], list[str]]] = []
-    for block in re.findall(r"^```console\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+    for block in code_blocks(page, heading, "console"):
         for line in block.splitlines():
             if line.startswith("$ animus "):
                 examples.append((shlex.split(line[len("$ animus "):]), []))

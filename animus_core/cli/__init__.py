@@ -16,13 +16,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from animus_core.governance.rules import RuleSet
+from animus_core.app import Animus, Migrate
 from animus_core.infra.config import Settings
-from animus_core.store.db import Db, describe_url
-from animus_core.values.errors import AnimusError, MigrationError
+from animus_core.store.db import Db
+from animus_core.values.errors import AnimusError
 from animus_core.values.version import __version__
 
-__all__ = ["ExitCode", "build_parser", "main", "open_db"]
+__all__ = ["ExitCode", "build_parser", "cli_animus", "main", "open_db"]
 
 
 class ExitCode(enum.IntEnum):
@@ -32,25 +32,18 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130
 
 
+def cli_animus(*, pool_size: int = 2, migrate: Migrate = "embedded",
+               actor: str | None = None) -> Animus:
+    """The animus a command works on, configured from the environment. The embedded
+    database is migrated on first use; another server must be migrated on purpose
+    (``animus db migrate``)."""
+    return Animus(Settings.from_env(), actor=actor or f"cli:{getpass.getuser()}",
+                  pool_size=pool_size, migrate=migrate)
+
+
 async def open_db(max_size: int = 2) -> Db:
-    """Connect for a CLI command. The embedded database is migrated on first use; another
-    server must be migrated on purpose (``animus db migrate``)."""
-    settings = Settings.from_env()
-    db = await Db.connect(settings=settings, max_size=max_size, actor=f"cli:{getpass.getuser()}")
-    try:
-        db.rules = RuleSet.load(settings.rules_dir)
-        status = await db.migration_status()
-        if status.pending:
-            if settings.database_url:
-                raise MigrationError(
-                    f"the database at {describe_url(db.url)} has pending animus migrations "
-                    f"({', '.join(f'{v:04d}' for v in status.pending)}): run `animus db migrate`"
-                )
-            await db.migrate()
-    except BaseException:
-        await db.close()
-        raise
-    return db
+    """Connect for a command that needs only the database (the caller closes it)."""
+    return await cli_animus(pool_size=max_size).open_db()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import os
 import signal
 import socket
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-from animus_core.cli import open_db
+from animus_core.app import Animus
+from animus_core.cli import cli_animus, open_db
 from animus_core.cli.output import positive, print_json, print_table, seconds
-from animus_core.faculties.plugins import Faculties, PluginProblem, collect_faculties, make_plugin_manager
+from animus_core.faculties.plugins import Faculties, PluginProblem
 from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
 from animus_core.infra.telemetry import setup_telemetry
-from animus_core.runtime.engine import Engine, EngineOptions
-from animus_core.store.db import Db
+from animus_core.runtime.engine import EngineOptions
 from animus_core.values.errors import ConfigError
-from animus_core.values.states import TERMINAL, State
+from animus_core.values.states import State
 from animus_core.values.work import Created, NewWorkItem
 
 
@@ -54,53 +51,35 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[PluginProblem]]:
-    pm, problems = make_plugin_manager(settings)
-    faculties, more = await collect_faculties(pm, settings)
-    return pm, faculties, problems + more
-
-
-@contextlib.asynccontextmanager
-async def running_engine(db: Db, settings: Settings, options: EngineOptions
-                         ) -> AsyncIterator[Engine]:
-    pm, faculties, _problems = await load_faculties(settings)
-    engine = Engine(db, pm, faculties, settings, options)
-    task = asyncio.create_task(engine.run())
-    started = asyncio.create_task(engine.started.wait())
-    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-        await task
+    """The plugin manager, faculties and plugin problems of ``settings``' animus."""
+    animus = Animus(settings)
+    faculties = await animus.load_faculties()
+    return animus.pm, faculties, animus.problems
 
 
 async def up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     telemetry = setup_telemetry(settings)
-    db = await Db.connect(settings=settings, max_size=10,
-                          actor=f"engine@{socket.gethostname()}:{os.getpid()}")
+    options = EngineOptions(
+        concurrency=args.concurrency, lease_seconds=args.lease, poll_interval=args.poll,
+        grace=args.grace, queues=tuple(args.queue or ("work",)), keep_foci=args.keep_foci)
     try:
-        await db.migrate()
-        for q in args.queue or ():
-            await db.create_queue(q)
-        pm, faculties, problems = await load_faculties(settings)
-        for problem in problems:
-            print(f"animus: plugin problem: {problem.plugin}: {problem.error}")
-        if not len(faculties):
-            print(f"animus: no faculties: add TOML files to {settings.faculties_dir}/ or "
-                  "install a faculty package; work stays queued until then")
-        engine = Engine(db, pm, faculties, settings, EngineOptions(
-            concurrency=args.concurrency, lease_seconds=args.lease, poll_interval=args.poll,
-            grace=args.grace, queues=tuple(args.queue or ("work",)), keep_foci=args.keep_foci))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, engine.stop)
-        await engine.run()
+        async with Animus(settings, actor=f"engine@{socket.gethostname()}:{os.getpid()}",
+                          migrate="always") as animus:
+            for q in args.queue or ():
+                await animus.db.create_queue(q)
+            await animus.load_faculties()
+            for problem in animus.problems:
+                print(f"animus: plugin problem: {problem.plugin}: {problem.error}")
+            if not len(animus.faculties):
+                print(f"animus: no faculties: add TOML files to {settings.faculties_dir}/ or "
+                      "install a faculty package; work stays queued until then")
+            engine = animus.engine(options)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, engine.stop)
+            await engine.run()
     finally:
-        await db.close()
         telemetry.shutdown()
     return 0
 
@@ -186,50 +165,37 @@ async def _schedules(conn: Any) -> list[dict[str, Any]]:
     return out
 
 
-async def wait_for_outcome(db: Db, work_id: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        item = await db.get_work_item(work_id)
-        if item.state in TERMINAL:
-            return item
-        if time.monotonic() > deadline:
-            return item
-        await asyncio.sleep(0.1)
-
-
 async def demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     setup_logging("warning" if settings.log_level == "info" else settings.log_level)
-    db = await open_db(max_size=10)
-    try:
-        async with running_engine(db, settings, EngineOptions(poll_interval=2.0)) as engine:
-            examples = [f for f in engine.faculties if f.example is not None]
-            if not examples:
-                raise ConfigError(
-                    f"no faculty has an example to run: add TOML faculties to "
-                    f"{settings.faculties_dir}/ or install plugins/animus-faculty-summarize")
-            print(f"engine running with {len(engine.faculties)} faculties: "
-                  + ", ".join(f"{f.name} ({f.origin})" for f in engine.faculties))
-            submitted = []
-            for fac in examples:
-                res = await db.submit_work(
-                    NewWorkItem(fac.accepts[0], source=f"demo:{getpass.getuser()}")
-                    .params(fac.example or {}))
-                assert isinstance(res, Created)
-                print(f"submitted {fac.accepts[0]} -> {fac.name}: {res.id}")
-                submitted.append((fac, res.id))
-            ok = True
-            for fac, wid in submitted:
-                item = await wait_for_outcome(db, wid, args.timeout)
-                ok &= item.state == State.COMPLETED
-                print(f"\n{fac.name}: {item.state} in {item.outcome.duration_ms} ms "
-                      f"(attempt {item.attempts})")
-                if item.outcome.data is not None:
-                    print_json(item.outcome.data)
-                if item.state != State.COMPLETED:
-                    print(f"reason: {item.reason}")
-        result = await db.verify_audit()
-        print(f"\naudit chain: {'intact' if result.ok else 'BROKEN'} ({result.checked} rows)")
-    finally:
-        await db.close()
+    async with cli_animus(pool_size=10) as animus, \
+            animus.running(EngineOptions(poll_interval=2.0)) as engine:
+        examples = [f for f in engine.faculties if f.example is not None]
+        if not examples:
+            raise ConfigError(
+                f"no faculty has an example to run: add TOML faculties to "
+                f"{settings.faculties_dir}/ or install plugins/animus-faculty-summarize")
+        print(f"engine running with {len(engine.faculties)} faculties: "
+              + ", ".join(f"{f.name} ({f.origin})" for f in engine.faculties))
+        submitted = []
+        for fac in examples:
+            res = await animus.db.submit_work(
+                NewWorkItem(fac.accepts[0], source=f"demo:{getpass.getuser()}")
+                .params(fac.example or {}))
+            assert isinstance(res, Created)
+            print(f"submitted {fac.accepts[0]} -> {fac.name}: {res.id}")
+            submitted.append((fac, res.id))
+        ok = True
+        for fac, wid in submitted:
+            item = await animus.wait_finished(wid, args.timeout)
+            ok &= item.state == State.COMPLETED
+            print(f"\n{fac.name}: {item.state} in {item.outcome.duration_ms} ms "
+                  f"(attempt {item.attempts})")
+            if item.outcome.data is not None:
+                print_json(item.outcome.data)
+            if item.state != State.COMPLETED:
+                print(f"reason: {item.reason}")
+    async with cli_animus() as animus:
+        result = await animus.db.verify_audit()
+    print(f"\naudit chain: {'intact' if result.ok else 'BROKEN'} ({result.checked} rows)")
     return 0 if ok else 1

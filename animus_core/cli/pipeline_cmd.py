@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from animus_core.cli import open_db
+from animus_core.cli import cli_animus, open_db
 from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan
 from animus_core.governance.rules import RuleSet
@@ -61,12 +61,12 @@ async def plan_cmd(args: argparse.Namespace) -> int:
 
 
 async def run_cmd(args: argparse.Namespace) -> int:
-    from animus_core.cli.engine_cmd import wait_for_outcome
     from animus_core.cli.work_cmd import _describe
 
     pipeline = load(args.file)
     raw = msgspec.to_builtins(pipeline)
-    async with await open_db() as db:
+    async with cli_animus() as animus:
+        db = animus.db
         result = await db.submit_work(
             NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
             .params({"pipeline": raw}).max_attempts(3))
@@ -77,7 +77,7 @@ async def run_cmd(args: argparse.Namespace) -> int:
         print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}"
               + ("" if state == "queued" else f" ({state}: {result.item.reason})"))
         if args.wait:
-            item = await wait_for_outcome(db, result.id, args.timeout)
+            item = await animus.wait_finished(result.id, args.timeout)
             _describe(item)
             return 0 if item.state == "completed" else 1
     return 0

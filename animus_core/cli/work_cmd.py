@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from animus_core.cli import open_db
+from animus_core.cli import cli_animus, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE
 from animus_core.values import json_values
@@ -151,11 +151,11 @@ async def diff(args: argparse.Namespace) -> int:
 
 
 async def rerun(args: argparse.Namespace) -> int:
-    from animus_core.cli.engine_cmd import wait_for_outcome
     from animus_core.values.records import diff as diff_records
     from animus_core.values.records import verdict
 
-    async with await open_db() as db:
+    async with cli_animus() as animus:
+        db = animus.db
         old = await db.get_work_item(args.id)
         if not old.state.terminal or old.state == State.MERGED:
             raise InvalidInput(f"work item {old.id} is {old.state}: rerun a finished item")
@@ -166,7 +166,7 @@ async def rerun(args: argparse.Namespace) -> int:
             print(f"rerun {created.id} submitted; compare with: animus work diff {old.id} "
                   f"{created.id}")
             return 0
-        item = await wait_for_outcome(db, created.id, args.timeout)
+        item = await animus.wait_finished(created.id, args.timeout)
         if not item.state.terminal:
             print(f"rerun {created.id} is still {item.state} after {args.timeout:g}s "
                   "(is an engine running?)", file=sys.stderr)
@@ -216,14 +216,13 @@ async def submit(args: argparse.Namespace) -> int:
         new = new.dedup_key(args.dedup_key)
     if args.parent:
         new = new.parent(args.parent)
-    async with await open_db() as db:
+    async with cli_animus() as animus:
+        db = animus.db
         if args.parent:
             await db.get_work_item(args.parent)
         result = await db.submit_work(new, queue=args.queue)
         if args.wait:
-            from animus_core.cli.engine_cmd import wait_for_outcome
-
-            item = await wait_for_outcome(db, result.canonical_id, args.timeout)
+            item = await animus.wait_finished(result.canonical_id, args.timeout)
             if args.json:
                 print_json(item)
             else:
