@@ -23,11 +23,17 @@ import asyncpg
 import pytest
 
 from animus_core import ConfigError, Db, Faculty, Focus, InvalidInput, NewWorkItem, State
-from animus_core.faculties.embedders import Embedder, HashingEmbedder, OpenAIEmbedder, VoyageEmbedder
+from animus_core.faculties.embedders import (
+    Embedder,
+    HashingEmbedder,
+    OpenAIEmbedder,
+    VoyageEmbedder,
+    select_embedder,
+)
 from animus_core.faculties.plugins import make_plugin_manager
 from animus_core.infra.config import Settings
 from animus_core.store import memory as memory_module
-from animus_core.store.memory import Memory, NewMemory, select_embedder
+from animus_core.store.memory import Memory, NewMemory
 from animus_core.values.errors import DatabaseError, EmbedderError
 from tests.embedding_server import (
     EmbeddingServer,

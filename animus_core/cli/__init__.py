@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
-import getpass
 import sys
 import traceback
 from collections.abc import Sequence
 
-from animus_core.app import Animus, Migrate
-from animus_core.infra.config import Settings
-from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 from animus_core.values.version import __version__
 
-__all__ = ["ExitCode", "build_parser", "cli_animus", "main", "open_db"]
+__all__ = ["ExitCode", "build_parser", "main"]
 
 
 class ExitCode(enum.IntEnum):
@@ -30,20 +26,6 @@ class ExitCode(enum.IntEnum):
     ERROR = 1
     USAGE = 2
     INTERRUPTED = 130
-
-
-def cli_animus(*, pool_size: int = 2, migrate: Migrate = "embedded",
-               actor: str | None = None) -> Animus:
-    """The animus a command works on, configured from the environment. The embedded
-    database is migrated on first use; another server must be migrated on purpose
-    (``animus db migrate``)."""
-    return Animus(Settings.from_env(), actor=actor or f"cli:{getpass.getuser()}",
-                  pool_size=pool_size, migrate=migrate)
-
-
-async def open_db(max_size: int = 2) -> Db:
-    """Connect for a command that needs only the database (the caller closes it)."""
-    return await cli_animus(pool_size=max_size).open_db()
 
 
 def build_parser() -> argparse.ArgumentParser:

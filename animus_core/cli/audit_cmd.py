@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from animus_core.cli import open_db
+from animus_core.cli.context import open_db
 from animus_core.cli.output import print_json, print_table
 from animus_core.infra import witness
 from animus_core.store.audit import Verification

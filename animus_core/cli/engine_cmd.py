@@ -11,9 +11,8 @@ import socket
 from typing import Any
 
 from animus_core.app import Animus
-from animus_core.cli import cli_animus, open_db
+from animus_core.cli.context import cli_animus, load_faculties, open_db
 from animus_core.cli.output import positive, print_json, print_table, seconds
-from animus_core.faculties.plugins import Faculties, PluginProblem
 from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
 from animus_core.infra.telemetry import setup_telemetry
@@ -48,13 +47,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", action="append", help="queues to serve (default: work)")
     p.add_argument("--keep-foci", action="store_true",
                    help="keep focus directories of failed foci for debugging")
-
-
-async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[PluginProblem]]:
-    """The plugin manager, faculties and plugin problems of ``settings``' animus."""
-    animus = Animus(settings)
-    faculties = await animus.load_faculties()
-    return animus.pm, faculties, animus.problems
 
 
 async def up(args: argparse.Namespace) -> int:

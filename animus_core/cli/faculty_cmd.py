@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 async def list_(args: argparse.Namespace) -> int:
-    from animus_core.cli.engine_cmd import load_faculties
+    from animus_core.cli.context import load_faculties
 
     _, faculties, problems = await load_faculties(Settings.from_env())
     if args.json:
@@ -43,7 +43,7 @@ async def list_(args: argparse.Namespace) -> int:
 
 
 async def check(args: argparse.Namespace) -> int:
-    from animus_core.cli.engine_cmd import load_faculties
+    from animus_core.cli.context import load_faculties
 
     settings = Settings.from_env()
     _, faculties, problems = await load_faculties(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 
-from animus_core.cli import open_db
+from animus_core.cli.context import open_db
 from animus_core.store.roles import ROLES, add_user, setup_roles
 
 

@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from animus_core.cli import open_db
+from animus_core.cli.context import open_db
 from animus_core.cli.output import print_json, print_table
+from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.plugins import make_plugin_manager
 from animus_core.infra.config import Settings
-from animus_core.store.memory import Memory, select_embedder
+from animus_core.store.memory import Memory
 from animus_core.values.errors import InvalidInput
 
 

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from animus_core.cli import open_db
+from animus_core.cli.context import open_db
 from animus_core.cli.output import positive, print_json
 from animus_core.infra.config import Settings
 from animus_core.store.backup import (

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from animus_core.cli import cli_animus, open_db
+from animus_core.cli.context import cli_animus, open_db
 from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan
 from animus_core.governance.rules import RuleSet
@@ -40,7 +40,7 @@ def _source() -> str:
 
 
 async def plan_cmd(args: argparse.Namespace) -> int:
-    from animus_core.cli.engine_cmd import load_faculties
+    from animus_core.cli.context import load_faculties
 
     settings = Settings.from_env()
     pipeline = load(args.file)

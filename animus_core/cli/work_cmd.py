@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from animus_core.cli import cli_animus, open_db
+from animus_core.cli.context import cli_animus, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE
 from animus_core.values import json_values

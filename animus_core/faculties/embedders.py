@@ -25,10 +25,13 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any
+
+import pluggy
 
 from animus_core.faculties.contract import hookimpl
 from animus_core.infra.config import Settings
+from animus_core.store.memory import Embedder, Kind
 from animus_core.values.errors import ConfigError, EmbedderError
 
 __all__ = [
@@ -38,21 +41,8 @@ __all__ = [
     "SentenceTransformersEmbedder",
     "VoyageEmbedder",
     "register_embedders",
+    "select_embedder",
 ]
-
-Kind = Literal["document", "query"]
-
-
-class Embedder(Protocol):
-    """What an embedder provides. ``name`` identifies the vectors it makes (model and
-    settings), so memories embedded by one are never compared with another's."""
-
-    name: str
-    dimension: int
-
-    async def embed(self, texts: Sequence[str], *, kind: Kind = "document") -> list[list[float]]:
-        ...
-
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -226,3 +216,20 @@ def register_embedders(register: Callable[[str, Callable[[Settings], Embedder]],
     register("openai", openai)
     register("voyage", voyage)
     register("sentence-transformers", local)
+
+
+def select_embedder(pm: pluggy.PluginManager, settings: Settings) -> Embedder:
+    """The embedder ``settings.embedder`` names, from every plugin's ``register_embedders``."""
+    factories: dict[str, Callable[[Settings], Embedder]] = {}
+
+    def register(name: str, factory: Callable[[Settings], Embedder]) -> None:
+        if name in factories:
+            raise ConfigError(f"embedder name {name!r} is registered twice")
+        factories[name] = factory
+
+    pm.hook.register_embedders(register=register)
+    factory = factories.get(settings.embedder)
+    if factory is None:
+        raise ConfigError(f"ANIMUS_EMBEDDER={settings.embedder!r} is not a known embedder; "
+                          f"known: {', '.join(sorted(factories))}")
+    return factory(settings)

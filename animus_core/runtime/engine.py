@@ -39,6 +39,7 @@ from uuid import UUID
 
 import pluggy
 
+from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.focus import EngineFoci, sweep_foci
 from animus_core.faculties.llm import collect_tools, make_client
 from animus_core.faculties.plugins import Faculties, await_me_maybe
@@ -58,7 +59,7 @@ from animus_core.runtime.runner import FocusRunner, Workspace
 from animus_core.runtime.sealer import Sealer
 from animus_core.runtime.ticks import tick
 from animus_core.store.db import DEFAULT_QUEUE, Db
-from animus_core.store.memory import Memory, select_embedder
+from animus_core.store.memory import Memory
 from animus_core.values.errors import AnimusError
 from animus_core.values.records import environment
 from animus_core.values.work import Claimed, Lease

@@ -19,22 +19,34 @@ from array import array
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
 import msgspec
-import pluggy
 from pgvector import Vector
 
-from animus_core.faculties.embedders import Embedder
-from animus_core.infra.config import Settings
 from animus_core.store.db import Db, _errors, _uuid
 from animus_core.values import json_values
 from animus_core.values.errors import ConfigError, InvalidInput
 from animus_core.values.work import dump_json
 
-__all__ = ["Memory", "MemoryRecord", "MemoryStats", "NewMemory", "TxScope", "select_embedder"]
+__all__ = ["Embedder", "Kind", "Memory", "MemoryRecord", "MemoryStats", "NewMemory", "TxScope"]
+
+Kind = Literal["document", "query"]
+
+
+class Embedder(Protocol):
+    """What an embedder provides (the built-in ones and plugins' are in
+    :mod:`animus_core.faculties.embedders`). ``name`` identifies the vectors it makes (model
+    and settings), so memories embedded by one are never compared with another's."""
+
+    name: str
+    dimension: int
+
+    async def embed(self, texts: Sequence[str], *, kind: Kind = "document") -> list[list[float]]:
+        ...
+
 
 Mode = Literal["hybrid", "vector", "text"]
 RRF_K = 60
@@ -79,23 +91,6 @@ class MemoryStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _COLUMNS = "id, content, memory_type, source, metadata, work_id, created_at, updated_at"
-
-
-def select_embedder(pm: pluggy.PluginManager, settings: Settings) -> Embedder:
-    """The embedder ``settings.embedder`` names, from every plugin's ``register_embedders``."""
-    factories: dict[str, Callable[[Settings], Embedder]] = {}
-
-    def register(name: str, factory: Callable[[Settings], Embedder]) -> None:
-        if name in factories:
-            raise ConfigError(f"embedder name {name!r} is registered twice")
-        factories[name] = factory
-
-    pm.hook.register_embedders(register=register)
-    factory = factories.get(settings.embedder)
-    if factory is None:
-        raise ConfigError(f"ANIMUS_EMBEDDER={settings.embedder!r} is not a known embedder; "
-                          f"known: {', '.join(sorted(factories))}")
-    return factory(settings)
 
 
 def _check_content(content: object, where: str) -> str:

@@ -1,0 +1,34 @@
+"""What every command works with: the animus of the environment's settings."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Any
+
+from animus_core.app import Animus, Migrate
+from animus_core.faculties.plugins import Faculties, PluginProblem
+from animus_core.infra.config import Settings
+from animus_core.store.db import Db
+
+__all__ = ["cli_animus", "load_faculties", "open_db"]
+
+
+def cli_animus(*, pool_size: int = 2, migrate: Migrate = "embedded",
+               actor: str | None = None) -> Animus:
+    """The animus a command works on, configured from the environment. The embedded
+    database is migrated on first use; another server must be migrated on purpose
+    (``animus db migrate``)."""
+    return Animus(Settings.from_env(), actor=actor or f"cli:{getpass.getuser()}",
+                  pool_size=pool_size, migrate=migrate)
+
+
+async def open_db(max_size: int = 2) -> Db:
+    """Connect for a command that needs only the database (the caller closes it)."""
+    return await cli_animus(pool_size=max_size).open_db()
+
+
+async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[PluginProblem]]:
+    """The plugin manager, faculties and plugin problems of ``settings``' animus."""
+    animus = Animus(settings)
+    faculties = await animus.load_faculties()
+    return animus.pm, faculties, animus.problems
