@@ -55,14 +55,16 @@ from animus_core.runtime.health import Health, QuietPool
 from animus_core.runtime.keeper import EmbeddedKeeper
 from animus_core.runtime.leases import LeaseKeeper
 from animus_core.runtime.listener import Listener
+from animus_core.runtime.routing import Routing
 from animus_core.runtime.runner import FocusRunner, Workspace
 from animus_core.runtime.sealer import Sealer
+from animus_core.runtime.stops import FocusStops
 from animus_core.runtime.ticks import tick
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.store.memory import Memory
 from animus_core.values.errors import AnimusError
 from animus_core.values.records import environment
-from animus_core.values.work import Claimed, Lease
+from animus_core.values.work import Claimed
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -96,17 +98,15 @@ class Engine:
         self.rules = RuleSet.load(settings.rules_dir)
         db.rules = self.rules
         _learn_secrets(faculties, db)
-        #: faculties switched off at start (name -> why); their work stays queued
-        self.disabled, self.disabled_types = _disable_unconfigured(faculties)
+        self.routing = Routing(faculties)
         self.slots = {f.name: Slot(f) for f in faculties}
         self.inflight: dict[UUID, Flight] = {}
-        self.unroutable: dict[str, float] = {}
+        self.stops = FocusStops(db, self.inflight)
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         #: when a stop was asked for, plus the grace period: the last moment to record work
         self._stop_deadline: float | None = None
-        self._checks: set[asyncio.Task[None]] = set()  # cancel notifications being verified
         self.foci_root = settings.home / "foci"
         self._foci: EngineFoci | None = None  # this engine's own directory in foci_root
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
@@ -118,14 +118,14 @@ class Engine:
         self.completions = Completions(db, self.health, on_recorded=self.sealer.touch,
                                        stop_deadline=lambda: self._stop_deadline)
         self.leases = LeaseKeeper(db, self.health, self.inflight, self.completions,
-                                  lease_seconds=opts.lease_seconds, lose=self._lose,
-                                  cancel=self._cancel)
+                                  lease_seconds=opts.lease_seconds, lose=self.stops.lose,
+                                  cancel=self.stops.cancel)
         self.deadlines = Deadlines(self.inflight.values())
         self.runner = FocusRunner(db, self.rules, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   llm=self._llm_access)
         self.listener = Listener(db.url, self.health, opts.queues, on_work=self._mark_dirty,
-                                 on_cancel=self._on_cancel)
+                                 on_cancel=self.stops.cancel_noticed)
 
     @property
     def listener_connected(self) -> asyncio.Event:
@@ -134,6 +134,15 @@ class Engine:
     @property
     def memory(self) -> Memory | None:
         return self.runner.memory
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """Faculties switched off at start (name -> why); their work stays queued."""
+        return self.routing.disabled
+
+    @property
+    def unroutable(self) -> dict[str, float]:
+        return self.routing.unroutable
 
     # -- running -----------------------------------------------------------------------------
 
@@ -187,9 +196,10 @@ class Engine:
             # The completer is not cancelled mid-batch: it is told to finish and exit.
             self.completions.close()
             await asyncio.gather(completer, return_exceptions=True)
-            for task in (*helpers, *self._checks):
+            checks = list(self.stops.checks)
+            for task in (*helpers, *checks):
                 task.cancel()
-            await asyncio.gather(*helpers, *self._checks, return_exceptions=True)
+            await asyncio.gather(*helpers, *checks, return_exceptions=True)
             await self.completions.flush()
             await self.sealer.final()
             logging.getLogger("asyncpg.pool").removeFilter(quiet_pool)
@@ -248,26 +258,10 @@ class Engine:
                 slot.dirty = True
         else:
             for t in work_types:
-                fac = self.faculties.by_type.get(t)
-                if fac is None:
-                    self._note_unroutable(t)
-                else:
+                fac = self.routing.route(t)
+                if fac is not None:
                     self.slots[fac.name].dirty = True
         self._wake.set()
-
-    def _note_unroutable(self, work_type: str) -> None:
-        instruments.unroutable.add(1, {"work_type": work_type})
-        now = time.monotonic()
-        if now - self.unroutable.get(work_type, -1e9) > 300:
-            if work_type in self.disabled_types:
-                name = self.disabled_types[work_type]
-                _log.warning("work type %r belongs to faculty %s, which is disabled (%s): its "
-                             "items stay queued until it is enabled", work_type, name,
-                             self.disabled[name])
-            else:
-                _log.warning("work type %r has no faculty: its items stay queued until a "
-                             "faculty that accepts it is installed", work_type)
-        self.unroutable[work_type] = now
 
     def _wake_later(self, slot: Slot, delay: float) -> None:
         def fire() -> None:
@@ -336,7 +330,7 @@ class Engine:
     def _start_focus(self, slot: Slot, claimed: Claimed, held_until: float) -> None:
         old = self.inflight.get(claimed.item.id)
         if old is not None:  # its lease ran out and this engine claimed the item again
-            self._lose(old.claimed.lease, "this engine claimed the item again")
+            self.stops.lose(old.claimed.lease, "this engine claimed the item again")
         slot.running += 1
         task = asyncio.create_task(self._run_focus(claimed.item.id),
                                    name=f"focus-{claimed.item.id}")
@@ -364,46 +358,6 @@ class Engine:
             del self.inflight[work_id]
         if flight.slot.dirty:  # its backlog was not drained: use the freed slot
             self._wake.set()
-
-    # -- stopping foci -----------------------------------------------------------------------
-
-    def _on_cancel(self, work_id: UUID) -> None:
-        flight = self.inflight.get(work_id)
-        if flight is not None and not flight.cancelling:
-            # Any database user may NOTIFY: only a request recorded (and audited) by
-            # Db.cancel stops a focus, so look it up before acting.
-            check = asyncio.create_task(self._confirm_cancel(work_id))
-            self._checks.add(check)
-            check.add_done_callback(self._checks.discard)
-
-    async def _confirm_cancel(self, work_id: UUID) -> None:
-        try:
-            confirmed = await self.db.cancel_requests([work_id])
-        except AnimusError as e:  # the lease keeper asks again shortly
-            _log.warning("could not look up the cancel request of %s: %s", work_id, e)
-            return
-        if work_id in confirmed:
-            self._cancel(work_id)
-
-    def _cancel(self, work_id: UUID) -> None:
-        flight = self.inflight.get(work_id)
-        if flight is not None and not flight.cancelling:
-            _log.info("cancelling the running focus of %s on request", work_id)
-            flight.cancelling = True
-            flight.task.cancel()
-
-    def _lose(self, lease: Lease, why: str) -> None:
-        """The lease is lost, or about to be (the engine stalled or was cut off): stop the
-        focus now, killing its hooks, rather than run on beside the next attempt. The focus
-        records nothing: the claim that takes the item back records the attempt as lost, and
-        the lease no longer lets this engine finish it."""
-        flight = self.inflight.get(lease.work_id)
-        if flight is None or flight.claimed.lease != lease or flight.lost:
-            return  # finished meanwhile, or already being stopped
-        _log.warning("lease lost on work item %s (attempt %d): %s; stopping its focus",
-                     lease.work_id, flight.claimed.item.attempts, why)
-        flight.lost = True
-        flight.task.cancel()
 
     async def _drain(self) -> None:
         if not self.inflight:
@@ -448,7 +402,7 @@ class Engine:
                     WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
                     GROUP BY work_type""", accepted)
         for r in rows:
-            self._note_unroutable(r["work_type"])
+            self.routing.note_unroutable(r["work_type"])
 
 
 def _learn_secrets(faculties: Faculties, db: Db) -> None:
@@ -460,18 +414,3 @@ def _learn_secrets(faculties: Faculties, db: Db) -> None:
                      base64.urlsafe_b64encode(key).decode()):
             redactor.learn({"ANIMUS_AUDIT_KEY": text})
 
-
-def _disable_unconfigured(faculties: Faculties) -> tuple[dict[str, str], dict[str, str]]:
-    """Take out the faculties that miss an environment variable they require: their work
-    stays queued. Returns (faculty -> why, work type -> faculty)."""
-    disabled: dict[str, str] = {}
-    types: dict[str, str] = {}
-    for fac in list(faculties):
-        missing = [v for v in fac.requires_env if not os.environ.get(v)]
-        if missing:
-            disabled[fac.name] = f"{', '.join(missing)} not set"
-            types.update(dict.fromkeys(fac.accepts, fac.name))
-            faculties.remove(fac.name)
-            _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
-                       disabled[fac.name])
-    return disabled, types
