@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import animus_core.runtime.engine
+import animus_core.runtime.runner
 from animus_core import Created, Faculty, NewWorkItem, State
 from animus_core.faculties.focus import Focus
 from animus_core.faculties.toml import STDERR_TAIL
@@ -203,7 +203,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(animus_core.runtime.engine, "tracer", provider.get_tracer("test-secrets"))
+    monkeypatch.setattr(animus_core.runtime.runner, "tracer", provider.get_tracer("test-secrets"))
     yield exporter
     provider.shutdown()
 
