@@ -1002,6 +1002,7 @@ async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
     """A denied item is still created (dead, with the rule's reason): the reply says so, so
     the model does not take it for queued work."""
     from animus_core.governance.rules import RuleSet
+    from animus_core.governance.work import GovernedWork
 
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -1009,8 +1010,9 @@ async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
         "[[rule]]\nname = 'no deploys'\neffect = 'deny'\nwork_type = 'deploy'\n"
         "reason = 'deploys are frozen'\n")
     item = await db.get_work_item((await db.submit_work(NewWorkItem("research"))).id)
-    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path)
-    db.rules = RuleSet.load(rules)
+    db_work = GovernedWork(db, RuleSet.load(rules))
+    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path,
+                  submitter=db_work.child_submitter(item))
     reply = await llm.submit_work(focus, "deploy", {"to": "prod"})
     assert reply["status"] == "created"
     assert reply["state"] == "dead"

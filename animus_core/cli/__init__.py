@@ -17,12 +17,13 @@ import traceback
 from collections.abc import Sequence
 
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db, describe_url
 from animus_core.values.errors import AnimusError, MigrationError
 from animus_core.values.version import __version__
 
-__all__ = ["ExitCode", "build_parser", "main", "open_db"]
+__all__ = ["ExitCode", "build_parser", "governed", "main", "open_db"]
 
 
 class ExitCode(enum.IntEnum):
@@ -38,7 +39,6 @@ async def open_db(max_size: int = 2) -> Db:
     settings = Settings.from_env()
     db = await Db.connect(settings=settings, max_size=max_size, actor=f"cli:{getpass.getuser()}")
     try:
-        db.rules = RuleSet.load(settings.rules_dir)
         status = await db.migration_status()
         if status.pending:
             if settings.database_url:
@@ -51,6 +51,11 @@ async def open_db(max_size: int = 2) -> Db:
         await db.close()
         raise
     return db
+
+
+def governed(db: Db) -> GovernedWork:
+    """Submissions from the command line, with the rules of ``ANIMUS_RULES`` applied."""
+    return GovernedWork(db, RuleSet.load(Settings.from_env().rules_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:

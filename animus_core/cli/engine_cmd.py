@@ -212,7 +212,7 @@ async def demo(args: argparse.Namespace) -> int:
                   + ", ".join(f"{f.name} ({f.origin})" for f in engine.faculties))
             submitted = []
             for fac in examples:
-                res = await db.submit_work(
+                res = await engine.governed.submit(
                     NewWorkItem(fac.accepts[0], source=f"demo:{getpass.getuser()}")
                     .params(fac.example or {}))
                 assert isinstance(res, Created)

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from animus_core.cli import open_db
+from animus_core.cli import governed, open_db
 from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan
 from animus_core.governance.rules import RuleSet
@@ -67,7 +67,7 @@ async def run_cmd(args: argparse.Namespace) -> int:
     pipeline = load(args.file)
     raw = msgspec.to_builtins(pipeline)
     async with await open_db() as db:
-        result = await db.submit_work(
+        result = await governed(db).submit(
             NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
             .params({"pipeline": raw}).max_attempts(3))
         if not isinstance(result, Created):

@@ -53,6 +53,7 @@ from animus_core.faculties.focus import EngineFoci, Focus, sweep_foci
 from animus_core.faculties.llm import collect_tools, make_client
 from animus_core.faculties.plugins import Faculties, await_me_maybe
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork, RuleRefused
 from animus_core.infra import embedded, witness
 from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
@@ -70,7 +71,6 @@ from animus_core.values.work import (
     Claimed,
     Lease,
     NewWorkItem,
-    WorkItem,
     WorkNotification,
 )
 
@@ -175,7 +175,8 @@ class Engine:
         self.rules = RuleSet.load(settings.rules_dir)
         redactor.learn(os.environ, [n for f in faculties
                                     for n in getattr(getattr(f, "spec", None), "secrets", ())])
-        db.rules = self.rules
+        #: every submission of this engine, and the check before engage, go through it
+        self.governed = GovernedWork(db, self.rules)
         self._client: Any = None
         #: faculties switched off at start (name -> why); their work stays queued
         self.disabled: dict[str, str] = {}
@@ -541,22 +542,6 @@ class Engine:
             if not waiting:
                 self._deadlines.clear()
 
-    async def _check_rules(self, item: WorkItem) -> None:
-        """Rules again, right before engage: they may have changed since submit."""
-        if not self.rules.active:
-            return
-        decision = self.rules.evaluate(item.work_type, item.params, item.provenance.source)
-        if decision.effect == "deny":
-            raise RuleRefused(f"denied before engage: {decision.reason}")
-        if decision.effect == "require_approval":
-            # Only approvals by people who hold the rule's role count (whatever the stored
-            # gate says: a submitter with raw SQL access could have written it).
-            approvers = await self.db.approvers(item.id, decision.role or "approver")
-            if item.gate is None or len(approvers) < decision.quorum:
-                raise RuleRefused(
-                    f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
-                    f"{decision.role} before engage; this item has {len(approvers)}")
-
     def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str,
                 params_hash: str, *, outcome: Any = None,
                 error: str | None = None) -> ExecutionRecord:
@@ -618,7 +603,8 @@ class Engine:
         flight = self.inflight[item.id]  # this focus's own record (see _start_focus)
         focus = Focus(item, self.db, attempt=item.attempts, log=_log,
                       root=self._foci.path if self._foci else self.foci_root,
-                      keep_root=self.foci_root, hook_env=self.hook_env)
+                      keep_root=self.foci_root, hook_env=self.hook_env,
+                      submitter=self.governed.child_submitter(item))
         memory = self.memory.for_work(source=fac.name, work_id=item.id) if self.memory else None
         focus._memory = memory
         focus.memory_unavailable = self.memory_problem
@@ -646,7 +632,7 @@ class Engine:
                 params_hash = _params_hash(item.params)
                 oriented = await self._phase(fac, "orient", focus, traced)
                 phase = "engage"
-                await self._check_rules(item)
+                await self.governed.check_before_engage(item)
                 engaged = await self._phase(fac, "engage", focus, traced, oriented=oriented)
                 phase = "consolidate"
                 if self.memory is not None:
@@ -947,7 +933,7 @@ class Engine:
             item = (NewWorkItem(schedule.work_type, source="schedule", trigger=schedule.name)
                     .params(schedule.params).priority(schedule.priority))
             try:
-                result = await self.db.submit_scheduled(schedule.name, tick, item)
+                result = await self.governed.submit_scheduled(schedule.name, tick, item)
             except AnimusError as e:
                 self._retrying(e, "schedule %s could not submit its %s tick: %s", schedule.name,
                                tick.isoformat(), e)
@@ -1142,10 +1128,6 @@ class _DuringOutage(logging.Filter):
         if error is not None and connection_lost(error):
             self.engine._unreachable(error)
         return self.engine._outage_since is None
-
-
-class RuleRefused(Exception):
-    """A rule refused the work before engage: it is dead-lettered, not retried."""
 
 
 class Unrunnable(Exception):
