@@ -71,11 +71,10 @@ async def shared_database(server_url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]]]:
-    """The ``console`` examples of one section of ``docs/<page>``: for each ``$ animus ...``
-    line, its arguments and the lines shown after it (until the next command)."""
+def doc_blocks(page: str, heading: str, lang: str) -> list[str]:
+    """The fenced ``lang`` code blocks of one section of ``docs/<page>`` (from ``heading``
+    to the next heading of its level or higher), in order."""
     import re
-    import shlex
     from pathlib import Path
 
     lines = (Path(__file__).resolve().parent.parent / "docs" / page).read_text("utf-8") \
@@ -90,8 +89,16 @@ def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]
             end = i
             break
     section = "\n".join(lines[start:end]) + "\n"
+    return re.findall(rf"^```{lang}\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+
+
+def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]]]:
+    """The ``console`` examples of one section of ``docs/<page>``: for each ``$ animus ...``
+    line, its arguments and the lines shown after it (until the next command)."""
+    import shlex
+
     examples: list[tuple[list[str], list[str]]] = []
-    for block in re.findall(r"^```console\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+    for block in doc_blocks(page, heading, "console"):
         for line in block.splitlines():
             if line.startswith("$ animus "):
                 examples.append((shlex.split(line[len("$ animus "):]), []))
