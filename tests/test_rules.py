@@ -23,15 +23,16 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from animus_core import Created, NewWorkItem, State
+from animus_core import Created, Faculty, Focus, NewWorkItem, State
 from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
 from animus_core.values.errors import ConfigError, IllegalTransition, PermissionDenied
@@ -40,13 +41,15 @@ from tests.engine_helpers import (
     events,
     run_cli,
     run_engine,
+    run_process,
     wait_finished,
     wait_listening,
+    wait_until,
     write_toml_faculty,
 )
 from tests.governance_helpers import People, database_name
 from tests.governance_helpers import people as team
-from tests.support import raw
+from tests.support import doc_blocks, raw
 
 RULES = """
 [[rule]]
@@ -397,14 +400,15 @@ async def test_a_gate_asks_for_its_role(db, tmp_path, people):
 
 
 @contextlib.asynccontextmanager
-async def engine_with_rules(db_url: str, tmp_path: Path, rules: str) -> AsyncIterator[Any]:
+async def engine_with_rules(db_url: str, tmp_path: Path, rules: str,
+                            faculties: Sequence[Faculty] = ()) -> AsyncIterator[Any]:
     """An in-process engine whose rules directory (``./rules``, the default of
-    ``ANIMUS_RULES``) holds ``rules``."""
+    ``ANIMUS_RULES``) holds ``rules``, with the Python ``faculties`` given."""
     write_rules(tmp_path / "rules", rules, "10-rules.toml")
     previous = os.getcwd()
     os.chdir(tmp_path)
     try:
-        async with run_engine(db_url, tmp_path / "home",
+        async with run_engine(db_url, tmp_path / "home", faculties=faculties,
                               faculties_dir=tmp_path / "faculties") as running:
             yield running
     finally:
@@ -647,3 +651,88 @@ async def test_approvals_by_the_wrong_role_do_not_satisfy_a_rule(db, db_url, tmp
     async with engine_with_rules(db_url, tmp_path, RULES):
         item = await wait_finished(db, forged.id)
     assert item.state == State.DEAD, "the rule asks for two members of animus_approver"
+
+
+# -- every submit path --------------------------------------------------------------------------
+
+
+FROZEN = """
+    [[rule]]
+    name = "no deploys"
+    work_type = "deploy"
+    effect = "deny"
+    reason = "deploys are frozen"
+
+    [[rule]]
+    name = "the rest"
+    effect = "allow"
+"""
+
+
+async def test_every_submit_path_applies_the_rules(db, db_url, cli_env, tmp_path):
+    """A deny rule refuses work whichever way it is submitted: the CLI, a faculty's child
+    work, the submit_work tool of a Claude engage, a schedule tick, a pipeline stage."""
+    from animus_core.faculties import llm
+    from animus_core.values.schedules import Schedule
+
+    class Submitter(Faculty):
+        name = "submitter"
+        accepts = ("submitter",)
+        schedules = (Schedule(name="deploys", work_type="deploy", every=1.0),)
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            child = await focus.submit(NewWorkItem("deploy", source="submitter"))
+            tool = await llm.submit_work(focus, "deploy", {"via": "tool"})
+            return {"child": str(child.id), "tool": tool["id"]}
+
+    rules = write_rules(tmp_path / "rules", FROZEN).parent
+    env = {**cli_env, "ANIMUS_RULES": str(rules)}
+    code, out, err = await run_cli(env, tmp_path, "work", "submit", "deploy", "--json")
+    assert code == 0, err
+    by_cli = json.loads(out)["item"]["id"]
+    pipeline = tmp_path / "ship.toml"
+    pipeline.write_text(textwrap.dedent("""
+        [pipeline]
+        name = "ship"
+
+        [[stage]]
+        name = "deploy"
+        work_type = "deploy"
+    """))
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "run", str(pipeline))
+    assert code == 0, err
+    pipeline_id = out.split(": ")[1].split()[0]
+    async with engine_with_rules(db_url, tmp_path, FROZEN, faculties=[Submitter()]):
+        parent = await wait_finished(db, (await db.submit_work(NewWorkItem("submitter"))).id)
+        assert parent.state == State.COMPLETED, parent.reason
+
+        async def ticked() -> list[Any]:
+            return [i for i in await db.list_work(work_type="deploy", limit=1000)
+                    if i.provenance.source == "schedule"]
+
+        by_tick = await wait_until(ticked, message="a schedule tick")
+        assert (await wait_finished(db, pipeline_id)).state == State.DEAD
+    (stage,) = await db.list_work(parent_id=pipeline_id)
+    paths = {"cli": by_cli, "child work": parent.outcome.data["child"],
+             "submit_work tool": parent.outcome.data["tool"], "schedule tick": by_tick[0].id,
+             "pipeline stage": stage.id}
+    for path, wid in paths.items():
+        item = await db.get_work_item(wid)
+        assert (item.work_type, item.state, item.reason) == (
+            "deploy", State.DEAD, "denied at submit: deploys are frozen"), path
+        assert item.attempts == 0, path
+
+
+async def test_the_governed_api_example_in_the_docs_runs_as_shown(db, cli_env, tmp_path):
+    heading = "### Submitting with the rules from Python"
+    (rule_file,) = doc_blocks("governance.md", "## Rules", "toml")[:1]
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "10-deploys.toml").write_text(rule_file)
+    (program,) = doc_blocks("governance.md", heading, "python")
+    (tmp_path / "governed.py").write_text(program)
+    (console,) = doc_blocks("governance.md", heading, "console")
+    command, *shown = console.splitlines()
+    assert command == "$ python governed.py"
+    code, out, err = await run_process([sys.executable, "governed.py"], cli_env, tmp_path)
+    assert code == 0, err
+    assert out.splitlines() == shown
