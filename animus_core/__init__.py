@@ -3,6 +3,8 @@
 from animus_core.faculties.contract import hookimpl
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
+from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.store.db import Db
 from animus_core.values.errors import (
     AnimusError,
@@ -39,6 +41,7 @@ __all__ = [
     "Db",
     "Faculty",
     "Focus",
+    "GovernedWork",
     "IllegalTransition",
     "InvalidInput",
     "Lease",
@@ -48,6 +51,7 @@ __all__ = [
     "NewWorkItem",
     "Outcome",
     "Provenance",
+    "RuleSet",
     "State",
     "SubmitResult",
     "WorkItem",

@@ -29,6 +29,7 @@ from animus_core.faculties.plugins import (
     make_plugin_manager,
 )
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.store.db import Db, describe_url
@@ -83,7 +84,6 @@ class Animus:
         if self._db is None:
             self._db = await Db.connect(settings=self.settings, max_size=self._pool_size,
                                         actor=self._actor)
-            self._db.rules = self.rules
         try:
             await self._check_migrations(self._db)
         except BaseException:
@@ -139,6 +139,11 @@ class Animus:
         return self._db
 
     @property
+    def governed(self) -> GovernedWork:
+        """Submissions with this animus's rules applied (see :mod:`animus_core.governance`)."""
+        return GovernedWork(self.db, self.rules)
+
+    @property
     def pm(self) -> pluggy.PluginManager:
         if self._pm is None:
             raise RuntimeError("load the faculties first (Animus.open or load_faculties)")
@@ -155,7 +160,8 @@ class Animus:
     def engine(self, options: EngineOptions | None = None) -> Engine:
         """The engine of this animus (made once, with ``options`` the first time)."""
         if self._engine is None:
-            self._engine = Engine(self.db, self.pm, self.faculties, self.settings, options)
+            self._engine = Engine(self.db, self.pm, self.faculties, self.settings, options,
+                                  rules=self.rules)
         return self._engine
 
     async def run(self, options: EngineOptions | None = None) -> None:

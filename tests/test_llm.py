@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import animus_core.faculties.llm as llm
-from animus_core import ConfigError, Db, Faculty, NewWorkItem, State, hookimpl
+from animus_core import ConfigError, Db, Faculty, GovernedWork, NewWorkItem, RuleSet, State, hookimpl
 from animus_core.faculties.embedders import HashingEmbedder
 from animus_core.faculties.focus import Focus
 from animus_core.faculties.llm import (
@@ -633,7 +633,8 @@ async def make_focus(db: Db, tmp_path: Path, client: anthropic.AsyncAnthropic,
                      work_type: str = "research", **params: Any) -> Focus:
     created = await db.submit_work(NewWorkItem(work_type).params(params))
     item = await db.get_work_item(created.id)
-    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path)
+    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path,
+                  submitter=GovernedWork(db, RuleSet()).child_submitter(item))
     memory = await Memory.open(db, HashingEmbedder(64))
     focus._memory = memory.for_work(source="researcher", work_id=item.id)
     pm, _ = make_plugin_manager(engine_settings(db.url, tmp_path))
@@ -1001,7 +1002,6 @@ async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
         db: Db, tmp_path: Path) -> None:
     """A denied item is still created (dead, with the rule's reason): the reply says so, so
     the model does not take it for queued work."""
-    from animus_core.governance.rules import RuleSet
 
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -1009,8 +1009,9 @@ async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(
         "[[rule]]\nname = 'no deploys'\neffect = 'deny'\nwork_type = 'deploy'\n"
         "reason = 'deploys are frozen'\n")
     item = await db.get_work_item((await db.submit_work(NewWorkItem("research"))).id)
-    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path)
-    db.rules = RuleSet.load(rules)
+    db_work = GovernedWork(db, RuleSet.load(rules))
+    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path,
+                  submitter=db_work.child_submitter(item))
     reply = await llm.submit_work(focus, "deploy", {"to": "prod"})
     assert reply["status"] == "created"
     assert reply["state"] == "dead"

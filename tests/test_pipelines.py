@@ -25,6 +25,7 @@ from animus_core.faculties.pipelines import load, order, parse, plan, resolve
 from animus_core.faculties.plugins import Faculties
 from animus_core.faculties.toml import load_dir
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.store.db import Db
 from animus_core.values.errors import ConfigError, InvalidInput
 from tests.engine_helpers import (
@@ -504,9 +505,10 @@ async def test_a_stage_gate_does_not_weaken_a_rule_gate(db, tmp_path):
         quorum = 2
         reason = "two people"
     """))
-    db.rules = RuleSet.load(rules)
-    result = await db.submit_gated(NewWorkItem("echo", source="pipeline:p"), "approver", 1,
-                                   "pipeline p stage s")
+    db_work = GovernedWork(db, RuleSet.load(rules))
+    gate = "pipeline p stage s"
+    result = await db_work.submit(NewWorkItem("echo", source="pipeline:p").gated(
+        rule=gate, role="approver", quorum=1, reason=gate))
     item = await db.get_work_item(result.id)
     assert item.gate is not None
     assert item.gate["quorum"] >= 2

@@ -23,29 +23,33 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from animus_core import Created, NewWorkItem, State
+from animus_core import Created, Faculty, Focus, NewWorkItem, State
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.values.errors import ConfigError, IllegalTransition, PermissionDenied
 from tests.engine_helpers import (
     EngineProcess,
     events,
     run_cli,
     run_engine,
+    run_process,
     wait_finished,
     wait_listening,
+    wait_until,
     write_toml_faculty,
 )
 from tests.governance_helpers import People, database_name
 from tests.governance_helpers import people as team
-from tests.support import raw
+from tests.support import code_blocks, raw
 
 RULES = """
 [[rule]]
@@ -131,7 +135,7 @@ async def test_the_cli_reports_a_broken_rule_file_in_one_line(cli_env, tmp_path)
 def test_no_rule_files_allow_everything(tmp_path: Path) -> None:
     rules = RuleSet.load(tmp_path / "absent")
     assert not rules.active
-    assert rules.evaluate("anything", {}, "anyone").effect == "allow"
+    assert rules.decide("anything", {}, "anyone").effect == "allow"
     (tmp_path / "empty").mkdir()
     assert not RuleSet.load(tmp_path / "empty").active
 
@@ -142,18 +146,18 @@ def test_no_rule_files_allow_everything(tmp_path: Path) -> None:
 def test_the_first_matching_rule_decides(tmp_path: Path) -> None:
     rules = rules_from(tmp_path, RULES)
     # matches both the deny and the approval rule: the first one (deny) wins
-    d = rules.evaluate("deploy", {"env": "prod", "day": "friday"}, "cli")
+    d = rules.decide("deploy", {"env": "prod", "day": "friday"}, "cli")
     assert (d.effect, d.rule, d.reason) == ("deny", "no friday deploys",
                                             "we do not deploy on fridays")
-    d = rules.evaluate("deploy", {"env": "prod", "day": "monday", "extra": 1}, "cli")
+    d = rules.decide("deploy", {"env": "prod", "day": "monday", "extra": 1}, "cli")
     assert (d.effect, d.rule, d.role, d.quorum) == ("require_approval", "prod needs two",
                                                     "approver", 2)
     assert d.gate() == {"rule": "prod needs two", "role": "approver", "quorum": 2,
                         "reason": "two people look at every production deploy"}
-    d = rules.evaluate("deploy", {"env": "staging"}, "cli")
+    d = rules.decide("deploy", {"env": "staging"}, "cli")
     assert (d.effect, d.rule, d.reason) == ("allow", "other deploys",
                                             "allow by rule 'other deploys'")
-    assert rules.evaluate("ping-fast", {}, "tests").effect == "allow"
+    assert rules.decide("ping-fast", {}, "tests").effect == "allow"
 
 
 def test_files_are_read_in_name_order(tmp_path: Path) -> None:
@@ -171,14 +175,14 @@ def test_files_are_read_in_name_order(tmp_path: Path) -> None:
     """, "10-first.toml")
     rules = RuleSet.load(tmp_path / "rules")
     assert [r.name for _, r in rules.rules] == ["early deny", "late allow"]
-    assert rules.evaluate("x", {}, "s").rule == "early deny"
-    assert rules.evaluate("y", {}, "s").rule == "late allow"
+    assert rules.decide("x", {}, "s").rule == "early deny"
+    assert rules.decide("y", {}, "s").rule == "late allow"
 
 
 def test_rules_fail_closed_when_none_matches(tmp_path: Path) -> None:
     rules = rules_from(tmp_path, RULES)
     for work_type, source in (("unknown", "cli"), ("ping", "cli"), ("pingx", "other")):
-        d = rules.evaluate(work_type, {}, source)
+        d = rules.decide(work_type, {}, source)
         assert d.effect == "deny"
         assert d.rule is None
         assert d.reason == f"no rule allows {work_type!r} from {source!r} (rules fail closed)"
@@ -191,22 +195,22 @@ def test_params_match_by_json_containment(tmp_path: Path) -> None:
         params = { target = { region = "eu" }, tags = ["gpu"] }
         effect = "allow"
     """)
-    assert rules.evaluate("t", {"target": {"region": "eu", "zone": 2},
+    assert rules.decide("t", {"target": {"region": "eu", "zone": 2},
                                 "tags": ["big", "gpu"]}, "s").effect == "allow"
     for params in ({"target": {"region": "us"}, "tags": ["gpu"]},
                    {"target": {"region": "eu"}, "tags": ["cpu"]},
                    {"target": "eu", "tags": ["gpu"]}, {}):
-        assert rules.evaluate("t", params, "s").effect == "deny", params
+        assert rules.decide("t", params, "s").effect == "deny", params
 
 
 # -- at submit ----------------------------------------------------------------------------------
 
 
 async def test_a_denied_submission_is_dead_unqueued_and_audited(db, db_url, tmp_path):
-    db.rules = rules_from(tmp_path, RULES)
-    friday = await db.submit_work(NewWorkItem("deploy", source="cli").params(
+    db_work = GovernedWork(db, rules_from(tmp_path, RULES))
+    friday = await db_work.submit(NewWorkItem("deploy", source="cli").params(
         {"env": "prod", "day": "friday"}))
-    unknown = await db.submit_work(NewWorkItem("launch-rockets", source="cli"))
+    unknown = await db_work.submit(NewWorkItem("launch-rockets", source="cli"))
     for result, reason in ((friday, "denied at submit: we do not deploy on fridays"),
                            (unknown, "denied at submit: no rule allows 'launch-rockets' from "
                                      "'cli' (rules fail closed)")):
@@ -218,7 +222,7 @@ async def test_a_denied_submission_is_dead_unqueued_and_audited(db, db_url, tmp_
         assert (submitted.event, submitted.from_state, submitted.to_state) == (
             "submitted", None, State.DEAD)
         assert submitted.payload["reason"] == reason
-    allowed = await db.submit_work(NewWorkItem("deploy", source="cli").params({"env": "dev"}))
+    allowed = await db_work.submit(NewWorkItem("deploy", source="cli").params({"env": "dev"}))
     async with raw(db_url) as conn:
         messages = await conn.fetch("SELECT message->>'id' AS id FROM pgmq.q_work")
     assert [m["id"] for m in messages] == [str(allowed.id)]
@@ -245,8 +249,8 @@ async def test_the_cli_submits_under_the_rules(db, cli_env, tmp_path):
 
 
 async def test_a_gated_submission_waits_without_a_message(db, db_url, tmp_path):
-    db.rules = rules_from(tmp_path, RULES)
-    result = await db.submit_work(NewWorkItem("deploy", source="cli").params({"env": "prod"}))
+    db_work = GovernedWork(db, rules_from(tmp_path, RULES))
+    result = await db_work.submit(NewWorkItem("deploy", source="cli").params({"env": "prod"}))
     item = await db.get_work_item(result.id)
     assert item.state == State.AWAITING_APPROVAL
     assert item.reason == ("awaiting approval (2 x approver): two people look at every "
@@ -275,8 +279,8 @@ async def people(db_url: str, server_url: str) -> AsyncIterator[People]:
 async def test_approval_needs_a_quorum_of_other_people(db, db_url, tmp_path, people):
     rules = rules_from(tmp_path, RULES)
     ada = await people.db("ada")  # an admin: may submit and approve, but not her own work
-    ada.rules = rules
-    submitted = await ada.submit_work(NewWorkItem("deploy", source="cli").params(
+    ada_work = GovernedWork(ada, rules)
+    submitted = await ada_work.submit(NewWorkItem("deploy", source="cli").params(
         {"env": "prod", "version": "1.2"}))
     wid = submitted.id
     item = await db.get_work_item(wid)
@@ -342,8 +346,8 @@ async def test_approval_needs_a_quorum_of_other_people(db, db_url, tmp_path, peo
 
 async def test_a_rejection_ends_the_item_with_the_reason(db, tmp_path, people):
     sam = await people.db("sam")
-    sam.rules = rules_from(tmp_path, RULES)
-    wid = (await sam.submit_work(NewWorkItem("deploy", source="cli").params(
+    sam_work = GovernedWork(sam, rules_from(tmp_path, RULES))
+    wid = (await sam_work.submit(NewWorkItem("deploy", source="cli").params(
         {"env": "prod"}))).id
     ann = await people.db("ann")
     await ann.decide(wid, "approve", "fine by me")
@@ -376,14 +380,14 @@ async def test_a_rejection_ends_the_item_with_the_reason(db, tmp_path, people):
 async def test_a_gate_asks_for_its_role(db, tmp_path, people):
     # a gate for admins: approvers may not decide it, an admin may
     sam = await people.db("sam")
-    sam.rules = rules_from(tmp_path, """
+    sam_work = GovernedWork(sam, rules_from(tmp_path, """
         [[rule]]
         name = "admins only"
         effect = "require_approval"
         role = "admin"
         reason = "only admins"
-    """)
-    wid = (await sam.submit_work(NewWorkItem("drop-table", source="cli"))).id
+    """))
+    wid = (await sam_work.submit(NewWorkItem("drop-table", source="cli"))).id
     ann = await people.db("ann")
     with pytest.raises(PermissionDenied, match="requires role animus_admin"):
         await ann.decide(wid, "approve", "sure")
@@ -396,14 +400,15 @@ async def test_a_gate_asks_for_its_role(db, tmp_path, people):
 
 
 @contextlib.asynccontextmanager
-async def engine_with_rules(db_url: str, tmp_path: Path, rules: str) -> AsyncIterator[Any]:
+async def engine_with_rules(db_url: str, tmp_path: Path, rules: str,
+                            faculties: Sequence[Faculty] = ()) -> AsyncIterator[Any]:
     """An in-process engine whose rules directory (``./rules``, the default of
-    ``ANIMUS_RULES``) holds ``rules``."""
+    ``ANIMUS_RULES``) holds ``rules``, with the Python ``faculties`` given."""
     write_rules(tmp_path / "rules", rules, "10-rules.toml")
     previous = os.getcwd()
     os.chdir(tmp_path)
     try:
-        async with run_engine(db_url, tmp_path / "home",
+        async with run_engine(db_url, tmp_path / "home", faculties=faculties,
                               faculties_dir=tmp_path / "faculties") as running:
             yield running
     finally:
@@ -415,8 +420,8 @@ async def test_rules_are_evaluated_again_before_engage(db, db_url, tmp_path):
         "engage": "touch ran; echo '{\"deployed\": true}' > engage-out.json"},
         fields={"max_attempts": 3})
     # submitted while the rules allowed it
-    db.rules = rules_from(tmp_path / "then", RULES)
-    wid = (await db.submit_work(NewWorkItem("deploy", source="cli").params(
+    db_work = GovernedWork(db, rules_from(tmp_path / "then", RULES))
+    wid = (await db_work.submit(NewWorkItem("deploy", source="cli").params(
         {"env": "staging"}))).id
     assert (await db.get_work_item(wid)).state == State.QUEUED
     # the rules changed before an engine took it: now it is a friday deploy for everyone
@@ -646,3 +651,88 @@ async def test_approvals_by_the_wrong_role_do_not_satisfy_a_rule(db, db_url, tmp
     async with engine_with_rules(db_url, tmp_path, RULES):
         item = await wait_finished(db, forged.id)
     assert item.state == State.DEAD, "the rule asks for two members of animus_approver"
+
+
+# -- every submit path --------------------------------------------------------------------------
+
+
+FROZEN = """
+    [[rule]]
+    name = "no deploys"
+    work_type = "deploy"
+    effect = "deny"
+    reason = "deploys are frozen"
+
+    [[rule]]
+    name = "the rest"
+    effect = "allow"
+"""
+
+
+async def test_every_submit_path_applies_the_rules(db, db_url, cli_env, tmp_path):
+    """A deny rule refuses work whichever way it is submitted: the CLI, a faculty's child
+    work, the submit_work tool of a Claude engage, a schedule tick, a pipeline stage."""
+    from animus_core.faculties import llm
+    from animus_core.values.schedules import Schedule
+
+    class Submitter(Faculty):
+        name = "submitter"
+        accepts = ("submitter",)
+        schedules = (Schedule(name="deploys", work_type="deploy", every=1.0),)
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            child = await focus.submit(NewWorkItem("deploy", source="submitter"))
+            tool = await llm.submit_work(focus, "deploy", {"via": "tool"})
+            return {"child": str(child.id), "tool": tool["id"]}
+
+    rules = write_rules(tmp_path / "rules", FROZEN).parent
+    env = {**cli_env, "ANIMUS_RULES": str(rules)}
+    code, out, err = await run_cli(env, tmp_path, "work", "submit", "deploy", "--json")
+    assert code == 0, err
+    by_cli = json.loads(out)["item"]["id"]
+    pipeline = tmp_path / "ship.toml"
+    pipeline.write_text(textwrap.dedent("""
+        [pipeline]
+        name = "ship"
+
+        [[stage]]
+        name = "deploy"
+        work_type = "deploy"
+    """))
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "run", str(pipeline))
+    assert code == 0, err
+    pipeline_id = out.split(": ")[1].split()[0]
+    async with engine_with_rules(db_url, tmp_path, FROZEN, faculties=[Submitter()]):
+        parent = await wait_finished(db, (await db.submit_work(NewWorkItem("submitter"))).id)
+        assert parent.state == State.COMPLETED, parent.reason
+
+        async def ticked() -> list[Any]:
+            return [i for i in await db.list_work(work_type="deploy", limit=1000)
+                    if i.provenance.source == "schedule"]
+
+        by_tick = await wait_until(ticked, message="a schedule tick")
+        assert (await wait_finished(db, pipeline_id)).state == State.DEAD
+    (stage,) = await db.list_work(parent_id=pipeline_id)
+    paths = {"cli": by_cli, "child work": parent.outcome.data["child"],
+             "submit_work tool": parent.outcome.data["tool"], "schedule tick": by_tick[0].id,
+             "pipeline stage": stage.id}
+    for path, wid in paths.items():
+        item = await db.get_work_item(wid)
+        assert (item.work_type, item.state, item.reason) == (
+            "deploy", State.DEAD, "denied at submit: deploys are frozen"), path
+        assert item.attempts == 0, path
+
+
+async def test_the_governed_api_example_in_the_docs_runs_as_shown(db, cli_env, tmp_path):
+    heading = "### Submitting with the rules from Python"
+    (rule_file,) = code_blocks("governance.md", "## Rules", "toml")[:1]
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "10-deploys.toml").write_text(rule_file)
+    (program,) = code_blocks("governance.md", heading, "python")
+    (tmp_path / "governed.py").write_text(program)
+    (console,) = code_blocks("governance.md", heading, "console")
+    command, *shown = console.splitlines()
+    assert command == "$ python governed.py"
+    code, out, err = await run_process([sys.executable, "governed.py"], cli_env, tmp_path)
+    assert code == 0, err
+    assert out.splitlines() == shown

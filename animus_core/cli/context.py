@@ -7,10 +7,12 @@ from typing import Any
 
 from animus_core.app import Animus, Migrate
 from animus_core.faculties.plugins import Faculties, PluginProblem
+from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db
 
-__all__ = ["cli_animus", "load_faculties", "open_db"]
+__all__ = ["cli_animus", "governed", "load_faculties", "open_db"]
 
 
 def cli_animus(*, pool_size: int = 2, migrate: Migrate = "embedded",
@@ -32,3 +34,8 @@ async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[Plugi
     animus = Animus(settings)
     faculties = await animus.load_faculties()
     return animus.pm, faculties, animus.problems
+
+
+def governed(db: Db) -> GovernedWork:
+    """Submissions from the command line, with the rules of ``ANIMUS_RULES`` applied."""
+    return GovernedWork(db, RuleSet.load(Settings.from_env().rules_dir))

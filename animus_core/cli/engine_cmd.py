@@ -171,7 +171,7 @@ async def demo(args: argparse.Namespace) -> int:
               + ", ".join(f"{f.name} ({f.origin})" for f in engine.faculties))
         submitted = []
         for fac in examples:
-            res = await animus.db.submit_work(
+            res = await animus.governed.submit(
                 NewWorkItem(fac.accepts[0], source=f"demo:{getpass.getuser()}")
                 .params(fac.example or {}))
             assert isinstance(res, Created)

@@ -66,8 +66,7 @@ async def run_cmd(args: argparse.Namespace) -> int:
     pipeline = load(args.file)
     raw = msgspec.to_builtins(pipeline)
     async with cli_animus() as animus:
-        db = animus.db
-        result = await db.submit_work(
+        result = await animus.governed.submit(
             NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
             .params({"pipeline": raw}).max_attempts(3))
         if not isinstance(result, Created):

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from animus_core.cli.context import cli_animus, open_db
+from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE
 from animus_core.values import json_values
@@ -160,8 +160,8 @@ async def rerun(args: argparse.Namespace) -> int:
         if not old.state.terminal or old.state == State.MERGED:
             raise InvalidInput(f"work item {old.id} is {old.state}: rerun a finished item")
         # no dedup key (a rerun must run, not merge into live work) and no parent
-        created = await db.submit_work(old.again(source="cli", trigger=f"rerun of {old.id}"),
-                                       queue=old.queue)
+        created = await animus.governed.submit(
+            old.again(source="cli", trigger=f"rerun of {old.id}"), queue=old.queue)
         if args.no_wait:
             print(f"rerun {created.id} submitted; compare with: animus work diff {old.id} "
                   f"{created.id}")
@@ -220,7 +220,7 @@ async def submit(args: argparse.Namespace) -> int:
         db = animus.db
         if args.parent:
             await db.get_work_item(args.parent)
-        result = await db.submit_work(new, queue=args.queue)
+        result = await animus.governed.submit(new, queue=args.queue)
         if args.wait:
             item = await animus.wait_finished(result.canonical_id, args.timeout)
             if args.json:
@@ -309,7 +309,7 @@ async def retry(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
         if item.state == State.DEAD:
-            result = await db.replay(item.id, source="cli")
+            result = await governed(db).replay(item.id, source="cli")
             print(f"replayed {item.id} as {result.id}")
         else:
             await db.retry(item.id, reason="retried from the command line")

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,13 +109,18 @@ class Focus:
     def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
                  root: Path, traceparent: str | None = None,
                  hook_env: dict[str, str] | None = None,
-                 keep_root: Path | None = None) -> None:
+                 keep_root: Path | None = None,
+                 submitter: Callable[[NewWorkItem], Awaitable[SubmitResult]] | None = None
+                 ) -> None:
         self.work = work
         self.attempt = attempt
         self.log = log
         self.traceparent = traceparent
         self.hook_env = hook_env or {}
         self._db = db
+        #: submits child work of this focus's item with the rules applied (the engine gives
+        #: :meth:`animus_core.governance.work.GovernedWork.child_submitter`)
+        self._submitter = submitter
         self._root = root
         self._keep_root = keep_root
         self._directory: Path | None = None
@@ -198,8 +203,14 @@ class Focus:
         return result
 
     async def submit(self, item: NewWorkItem) -> SubmitResult:
-        """Submit child work: ``item`` with this focus's work item as its parent."""
-        return await self._db.submit_work(item.parent(self.work.id), queue=self.work.queue)
+        """Submit child work: ``item`` with this focus's work item as its parent, in its
+        queue, the rules applied (a denied item comes back dead, a gated one awaiting
+        approval)."""
+        if self._submitter is None:
+            from animus_core.values.errors import ConfigError
+
+            raise ConfigError("submitting child work is not available in this focus")
+        return await self._submitter(item.parent(self.work.id))
 
     def __repr__(self) -> str:
         return f"<Focus {self.work.work_type} {self.work.id} attempt {self.attempt}>"

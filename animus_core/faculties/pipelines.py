@@ -178,7 +178,7 @@ def plan(p: Pipeline, faculties: Faculties, rules: RuleSet, *, source: str) -> l
         fac = faculties.by_type.get(s.work_type)
         if fac is None:
             unknown.append(f"{name} ({s.work_type})")
-        decision: Decision = rules.evaluate(s.work_type, s.params, source)
+        decision: Decision = rules.decide(s.work_type, s.params, source)
         effect, reason = decision.effect, decision.reason
         if s.gate is not None and effect == "allow":
             effect, reason = "require_approval", f"stage gate: {s.gate.quorum} x {s.gate.role}"
@@ -268,24 +268,21 @@ class PipelineFaculty(Faculty):
                 bad = [d for d in s.depends_on if d in failed]
                 if bad:
                     why = failed[bad[0]].reason or failed[bad[0]].state
-                    await db.record_skipped(self._item(p, s, focus, {}),
-                                            f"not run: stage {bad[0]!r} failed ({why})",
-                                            queue=focus.work.queue)
+                    await focus.submit(self._item(p, s, focus, {}).refused(
+                        f"not run: stage {bad[0]!r} failed ({why})"))
                     continue
                 if all(d in outcomes for d in s.depends_on):
                     try:
                         params = resolve(s.params, outcomes)
                     except InvalidInput as e:
-                        await db.record_skipped(self._item(p, s, focus, {}), f"not run: {e}",
-                                                queue=focus.work.queue)
+                        await focus.submit(self._item(p, s, focus, {}).refused(f"not run: {e}"))
                         continue
                     item = self._item(p, s, focus, params)
-                    if s.gate is not None:
-                        await db.submit_gated(item, s.gate.role, s.gate.quorum,
-                                              f"pipeline {p.pipeline.name} stage {s.name}",
-                                              queue=focus.work.queue)
-                    else:
-                        await focus.submit(item)
+                    if s.gate is not None:  # a rule's denial or gate takes precedence
+                        gate = f"pipeline {p.pipeline.name} stage {s.name}"
+                        item = item.gated(rule=gate, role=s.gate.role, quorum=s.gate.quorum,
+                                          reason=gate)
+                    await focus.submit(item)
             if len(by_stage) == len(names) and all(c.state.terminal for c in by_stage.values()):
                 return {"pipeline": p.pipeline.name, "stages": {
                     n: {"id": str(c.id), "state": str(c.state), "outcome": c.outcome.data,

@@ -12,13 +12,16 @@
 
 Rules are checked in order (files by name, rules in file order); the first that matches
 decides. When rule files exist and none matches, the work is denied: governance fails
-closed. Rules are evaluated when work is submitted and again before its engage phase.
+closed. :meth:`RuleSet.decide` is the one evaluation: when work is submitted (through
+:mod:`animus_core.governance.work`), again before its engage phase, and when a pipeline is
+planned.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +51,9 @@ class _RuleFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """What the rules say of one item: ``allow``, ``deny`` (with the reason), or
+    ``require_approval`` (with the rule, the role whose members approve and the quorum)."""
+
     effect: Effect
     rule: str | None
     reason: str
@@ -69,8 +75,16 @@ def _contains(have: Any, want: Any) -> bool:
 
 
 class RuleSet:
-    def __init__(self, rules: list[tuple[str, Rule]]) -> None:
-        self.rules = rules
+    """The rules, in order, each with the file it came from; immutable once loaded."""
+
+    __slots__ = ("_rules",)
+
+    def __init__(self, rules: Iterable[tuple[str, Rule]] = ()) -> None:
+        self._rules = tuple(rules)
+
+    @property
+    def rules(self) -> tuple[tuple[str, Rule], ...]:
+        return self._rules
 
     @classmethod
     def load(cls, directory: Path) -> RuleSet:
@@ -99,7 +113,9 @@ class RuleSet:
     def active(self) -> bool:
         return bool(self.rules)
 
-    def evaluate(self, work_type: str, params: dict[str, Any], source: str) -> Decision:
+    def decide(self, work_type: str, params: dict[str, Any], source: str) -> Decision:
+        """The decision for work of ``work_type`` with ``params`` from ``source``: the first
+        rule that matches decides; no rules allow everything; rules and no match deny."""
         if not self.rules:
             return Decision(effect="allow", rule=None, reason="no rules configured")
         for _, rule in self.rules:

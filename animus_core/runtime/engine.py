@@ -44,6 +44,7 @@ from animus_core.faculties.focus import EngineFoci, sweep_foci
 from animus_core.faculties.llm import collect_tools, make_client
 from animus_core.faculties.plugins import Faculties, await_me_maybe
 from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork
 from animus_core.infra import embedded
 from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
@@ -89,14 +90,17 @@ class Engine:
     """Runs faculties against the work in one database until asked to stop."""
 
     def __init__(self, db: Db, pm: pluggy.PluginManager, faculties: Faculties,
-                 settings: Settings, options: EngineOptions | None = None) -> None:
+                 settings: Settings, options: EngineOptions | None = None, *,
+                 rules: RuleSet | None = None) -> None:
+        """``rules`` default to those of ``settings.rules_dir``."""
         self.db = db
         self.pm = pm
         self.faculties = faculties
         self.settings = settings
         self.options = opts = options or EngineOptions()
-        self.rules = RuleSet.load(settings.rules_dir)
-        db.rules = self.rules
+        self.rules = rules if rules is not None else RuleSet.load(settings.rules_dir)
+        #: every submission of this engine, and the check before engage, go through it
+        self.governed = GovernedWork(db, self.rules)
         _learn_secrets(faculties, db)
         self.routing = Routing(faculties)
         self.slots = {f.name: Slot(f) for f in faculties}
@@ -121,7 +125,7 @@ class Engine:
                                   lease_seconds=opts.lease_seconds, lose=self.stops.lose,
                                   cancel=self.stops.cancel)
         self.deadlines = Deadlines(self.inflight.values())
-        self.runner = FocusRunner(db, self.rules, self.deadlines, self.completions,
+        self.runner = FocusRunner(db, self.governed, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   llm=self._llm_access)
         self.listener = Listener(db.url, self.health, opts.queues, on_work=self._mark_dirty,
@@ -173,7 +177,7 @@ class Engine:
             supervise("animus-leases", self.leases.run),
             supervise("animus-sealer", self.sealer.run),
             supervise("animus-deadlines", self.deadlines.run),
-            *[supervise(f"schedule-{s.name}", functools.partial(tick, self.db, self.health, s))
+            *[supervise(f"schedule-{s.name}", functools.partial(tick, self.governed, self.health, s))
               for f in self.faculties for s in f.schedules],
         ]
         if self.settings.otel_endpoint:

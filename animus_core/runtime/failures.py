@@ -10,15 +10,10 @@ from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import InvalidInput, PhaseFailed
 
-__all__ = ["NO_PARAMS_HASH", "RuleRefused", "Unrunnable", "describe", "failure_kind",
+__all__ = ["NO_PARAMS_HASH", "Unrunnable", "describe", "failure_kind",
            "params_hash"]
 
 NO_PARAMS_HASH = "none: the params cannot be read"  # an attempt refused before it ran
-
-
-class RuleRefused(Exception):
-    """A rule refused the work before engage: it is dead-lettered, not retried (its reason
-    is documented as ``RuleRefused: ...``)."""
 
 
 class Unrunnable(PhaseFailed):

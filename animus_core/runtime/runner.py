@@ -20,14 +20,13 @@ from opentelemetry import context, trace
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
 from animus_core.faculties.retry import DeadLetter
-from animus_core.governance.rules import RuleSet
+from animus_core.governance.work import GovernedWork, RuleRefused
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
 from animus_core.runtime.completions import Completions
 from animus_core.runtime.deadlines import Deadlines
 from animus_core.runtime.failures import (
     NO_PARAMS_HASH,
-    RuleRefused,
     Unrunnable,
     describe,
     failure_kind,
@@ -61,12 +60,12 @@ class Workspace:
 
 
 class FocusRunner:
-    def __init__(self, store: Db, rules: RuleSet, deadlines: Deadlines,
+    def __init__(self, store: Db, governed: GovernedWork, deadlines: Deadlines,
                  completions: Completions, *, recorded: Callable[[], None],
                  retry_later: Callable[[Slot, float], None],
                  llm: Callable[[], tuple[Any, dict[str, Any]]]) -> None:
         self.store = store
-        self.rules = rules
+        self.governed = governed
         self.deadlines = deadlines
         self.completions = completions
         self._recorded = recorded
@@ -114,22 +113,6 @@ class FocusRunner:
                 instruments.phase_duration.record(time.perf_counter() - started,
                                                   {"faculty": fac.name, "phase": phase})
 
-    async def _check_rules(self, item: WorkItem) -> None:
-        """Rules again, right before engage: they may have changed since submit."""
-        if not self.rules.active:
-            return
-        decision = self.rules.evaluate(item.work_type, item.params, item.provenance.source)
-        if decision.effect == "deny":
-            raise RuleRefused(f"denied before engage: {decision.reason}")
-        if decision.effect == "require_approval":
-            # Only approvals by people who hold the rule's role count (whatever the stored
-            # gate says: a submitter with raw SQL access could have written it).
-            approvers = await self.store.approvers(item.id, decision.role or "approver")
-            if item.gate is None or len(approvers) < decision.quorum:
-                raise RuleRefused(
-                    f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
-                    f"{decision.role} before engage; this item has {len(approvers)}")
-
     def _record(self, fac: Faculty, focus: Focus, started_at: datetime, result: str,
                 params_hash: str, *, outcome: Any = None,
                 error: str | None = None) -> ExecutionRecord:
@@ -148,7 +131,8 @@ class FocusRunner:
         ws = self.workspace
         assert ws is not None, "the runner runs foci only once the engine started"
         focus = Focus(item, self.store, attempt=item.attempts, log=_log, root=ws.root,
-                      keep_root=ws.keep_root, hook_env=ws.hook_env)
+                      keep_root=ws.keep_root, hook_env=ws.hook_env,
+                      submitter=self.governed.child_submitter(item))
         focus._memory = (self.memory.for_work(source=fac.name, work_id=item.id)
                          if self.memory else None)
         focus.memory_unavailable = self.memory_problem
@@ -182,7 +166,7 @@ class FocusRunner:
                 hashed = params_hash(item.params)
                 oriented = await self._phase(fac, "orient", focus, flight, traced)
                 phase = "engage"
-                await self._check_rules(item)
+                await self.governed.check_before_engage(item)
                 engaged = await self._phase(fac, "engage", focus, flight, traced,
                                             oriented=oriented)
                 phase = "consolidate"

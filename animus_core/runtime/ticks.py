@@ -7,9 +7,9 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
+from animus_core.governance.work import GovernedWork
 from animus_core.infra.telemetry import instruments
 from animus_core.runtime.health import Health
-from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 from animus_core.values.schedules import Schedule
 from animus_core.values.work import NewWorkItem
@@ -19,7 +19,7 @@ __all__ = ["tick"]
 _log = logging.getLogger("animus.engine")
 
 
-async def tick(store: Db, health: Health, schedule: Schedule) -> None:
+async def tick(work: GovernedWork, health: Health, schedule: Schedule) -> None:
     """Submit ``schedule``'s work at each of its ticks, forever."""
     while True:
         at = schedule.next_tick(datetime.now(UTC))
@@ -27,7 +27,7 @@ async def tick(store: Db, health: Health, schedule: Schedule) -> None:
         item = (NewWorkItem(schedule.work_type, source="schedule", trigger=schedule.name)
                 .params(schedule.params).priority(schedule.priority))
         try:
-            result = await store.submit_scheduled(schedule.name, at, item)
+            result = await work.submit_scheduled(schedule.name, at, item)
         except AnimusError as e:
             health.retrying(e, "schedule %s could not submit its %s tick: %s", schedule.name,
                             at.isoformat(), e)

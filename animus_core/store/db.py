@@ -1,5 +1,10 @@
 """The data plane: a connection pool and the work API (docs/python-api.md).
 
+:class:`Db` is the raw store, and ungoverned: it writes what it is given and evaluates no
+rule. Policy (rules, gates, the trace context of submissions) lives above it, in
+:mod:`animus_core.governance`: submit through :class:`animus_core.governance.work.GovernedWork`
+for work to be governed; use the raw store from tools and tests.
+
 Every write to work items is one SQL function call (one round trip): submit, claim and
 complete, and the moves of single items (start, fail, release, retry, dead-letter, cancel,
 usage totals). The functions run as the schema's owner, so that no role needs write access
@@ -27,10 +32,9 @@ import asyncpg
 import msgspec
 from pgvector.asyncpg import register_vector
 
-from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
 from animus_core.infra.embedded import EMBEDDED_DATABASE, embedded_url
-from animus_core.infra.telemetry import current_traceparent, instruments
+from animus_core.infra.telemetry import instruments
 from animus_core.infra.witness import AuditKeys, Checkpoint
 from animus_core.store import audit, migrations
 from animus_core.values import json_values
@@ -185,7 +189,9 @@ def connection_lost(e: BaseException) -> bool:
 
 
 class Db:
-    """A pool of connections to one animus database and the operations on its work.
+    """A pool of connections to one animus database and the operations on its work: the
+    raw store. It applies no rule: submit through
+    :class:`animus_core.governance.work.GovernedWork` for that.
 
     Use :meth:`connect`; close with :meth:`close` or ``async with``.
     """
@@ -193,8 +199,6 @@ class Db:
     def __init__(self, pool: asyncpg.Pool, url: str, audit_keys: AuditKeys | None = None) -> None:
         self.pool = pool
         self.url = url
-        #: rules evaluated at submit (see :mod:`animus_core.governance.rules`); none: everything allowed
-        self.rules: RuleSet | None = None
         #: the keys this process seals the audit chain with and verifies it by
         #: (:mod:`animus_core.infra.witness`); none: keyless seals, and keyed ones go unchecked
         self.audit_keys = audit_keys if audit_keys is not None else AuditKeys()
@@ -298,46 +302,24 @@ class Db:
     ) -> list[SubmitResult]:
         """Submit a batch in one round trip and one transaction; results in input order.
 
-        With rules configured (:attr:`rules`), a denied item is recorded ``dead`` with the
-        rule's reason and a gated one waits in ``awaiting_approval``."""
+        Each item starts as it was built (queued, or :meth:`NewWorkItem.refused` /
+        :meth:`NewWorkItem.gated`), with the trace context it carries: no rule applies."""
         if not items:
             return []
-        traceparent = current_traceparent()  # one trace context for the whole batch
-        payload = [i.entry(traceparent) for i in items]
-        for entry in payload:
-            self._apply_rules(entry)
-        return await self._submit(payload, queue)
+        return await self._submit([i.to_json() for i in items], queue)
 
     async def submit_gated(self, item: NewWorkItem, role: str, quorum: int, rule: str, *,
                            queue: str = DEFAULT_QUEUE) -> SubmitResult:
-        """Submit ``item`` to wait for ``quorum`` approvals by ``role`` (unless a rule
-        denies it outright)."""
-        entry = item.to_json()
-        self._apply_rules(entry)
-        if entry.get("state") is None:  # a rule's own gate (or denial) takes precedence
-            entry.update(state="awaiting_approval",
-                         gate={"rule": rule, "role": role, "quorum": quorum, "reason": rule},
-                         reason=f"awaiting approval ({quorum} x {role}): {rule}")
-        return (await self._submit([entry], queue))[0]
+        """Submit ``item`` to wait for ``quorum`` approvals by ``role``, the gate named
+        ``rule``."""
+        return await self.submit_work(item.gated(rule=rule, role=role, quorum=quorum,
+                                                 reason=rule), queue=queue)
 
     async def record_skipped(self, item: NewWorkItem, reason: str, *,
                              queue: str = DEFAULT_QUEUE) -> SubmitResult:
         """Record work that will not run (for example a pipeline stage after a failed one)
         as ``dead`` with ``reason``, so that it is visible and audited."""
-        entry = item.to_json()
-        entry.update(state="dead", reason=reason)
-        return (await self._submit([entry], queue))[0]
-
-    def _apply_rules(self, entry: dict[str, Any]) -> None:
-        if self.rules is None or not self.rules.active:
-            return
-        decision = self.rules.evaluate(entry["work_type"], entry["params"], entry["source"])
-        if decision.effect == "deny":
-            entry.update(state="dead", reason=f"denied at submit: {decision.reason}")
-        elif decision.effect == "require_approval":
-            entry.update(state="awaiting_approval", gate=decision.gate(),
-                         reason=f"awaiting approval ({decision.quorum} x "
-                                f"{decision.role}): {decision.reason}")
+        return await self.submit_work(item.refused(reason), queue=queue)
 
     async def _submit(self, payload: list[dict[str, Any]], queue: str) -> list[SubmitResult]:
         _check_queue(queue)
@@ -369,9 +351,8 @@ class Db:
                    ON CONFLICT DO NOTHING RETURNING true""", name, tick)
             if not fresh:
                 return None
-            entry = item.to_json()
-            self._apply_rules(entry)
-            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue, [entry])
+            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue,
+                                      [item.to_json()])
             await conn.execute(
                 "UPDATE animus.schedule_ticks SET work_id = $3 WHERE name = $1 AND tick = $2",
                 name, tick, row["id"])
@@ -692,16 +673,7 @@ class Db:
     async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
         """Submit a fresh copy of a dead item (linked by ``replay_of``)."""
         old = await self.get_work_item(work_id)
-        if old.state != State.DEAD:
-            raise IllegalTransition(
-                f"work item {old.id} is {old.state}: only dead items can be replayed"
-            )
-        new = old.again(source=source, trigger=f"replay of {old.id}")
-        if old.dedup_key:
-            new = new.dedup_key(old.dedup_key)
-        if old.parent_id:
-            new = new.parent(old.parent_id)
-        return await self.submit_work(new, queue=old.queue)
+        return await self.submit_work(old.replayed(source=source), queue=old.queue)
 
     # -- audit ---------------------------------------------------------------------------------
 

@@ -16,9 +16,8 @@ from uuid import UUID
 
 import msgspec
 
-from animus_core.infra.telemetry import current_traceparent
 from animus_core.values import json_values
-from animus_core.values.errors import InvalidInput
+from animus_core.values.errors import IllegalTransition, InvalidInput
 from animus_core.values.limits import check_text, limits
 from animus_core.values.states import State
 
@@ -84,6 +83,20 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     updated_at: datetime
     resolved_at: datetime | None
+
+    def replayed(self, *, source: str) -> NewWorkItem:
+        """A fresh copy of this dead item (linked by ``replay_of``, same dedup key and
+        parent); :class:`IllegalTransition` unless the item is dead."""
+        if self.state != State.DEAD:
+            raise IllegalTransition(
+                f"work item {self.id} is {self.state}: only dead items can be replayed"
+            )
+        new = self.again(source=source, trigger=f"replay of {self.id}")
+        if self.dedup_key:
+            new = new.dedup_key(self.dedup_key)
+        if self.parent_id:
+            new = new.parent(self.parent_id)
+        return new
 
     def again(self, *, source: str, trigger: str) -> NewWorkItem:
         """A fresh submission of the same work (type, params, priority, attempts), linked
@@ -189,6 +202,11 @@ class NewWorkItem:
     """Builder for a submission: ``NewWorkItem("transform", source="user").params({...})``.
 
     Every builder method returns a new builder; the original is unchanged.
+
+    An item starts ``queued``, unless built with :meth:`refused` (recorded ``dead``) or
+    :meth:`gated` (``awaiting_approval``). It carries the trace context given with
+    :meth:`with_trace`; the governed submit (:mod:`animus_core.governance.work`) gives an
+    item without one the submitter's current trace.
     """
 
     __slots__ = (
@@ -199,6 +217,8 @@ class NewWorkItem:
         "_priority",
         "_replay_of",
         "_source",
+        "_start",
+        "_traceparent",
         "_trigger",
         "work_type",
     )
@@ -215,6 +235,9 @@ class NewWorkItem:
         self._parent_id: UUID | None = None
         self._replay_of: UUID | None = None
         self._max_attempts = 3
+        self._traceparent: str | None = None
+        #: how the item starts when not ``queued``: state, reason and gate
+        self._start: dict[str, Any] | None = None
 
     def _copy(self, **changes: Any) -> NewWorkItem:
         new = object.__new__(NewWorkItem)
@@ -259,12 +282,34 @@ class NewWorkItem:
     def trigger(self, trigger: str) -> NewWorkItem:
         return self._copy(_trigger=_provenance(trigger, "trigger"))
 
+    def with_trace(self, traceparent: str | None) -> NewWorkItem:
+        """The item carrying the W3C ``traceparent`` of the trace it continues."""
+        return self._copy(_traceparent=traceparent)
+
+    def refused(self, reason: str) -> NewWorkItem:
+        """The item recorded ``dead`` with ``reason`` instead of queued: work that will not
+        run, kept visible and audited."""
+        return self._copy(_start={"state": "dead", "reason": reason})
+
+    def gated(self, *, rule: str | None, role: str, quorum: int, reason: str) -> NewWorkItem:
+        """The item waiting in ``awaiting_approval`` for ``quorum`` approvals by members of
+        ``role`` (docs/governance.md, Approval gates) instead of queued."""
+        return self._copy(_start={
+            "state": "awaiting_approval",
+            "gate": {"rule": rule, "role": role, "quorum": quorum, "reason": reason},
+            "reason": f"awaiting approval ({quorum} x {role}): {reason}"})
+
+    @property
+    def traceparent(self) -> str | None:
+        return self._traceparent
+
+    @property
+    def starts(self) -> str:
+        """The state the item starts in: ``queued``, ``dead`` or ``awaiting_approval``."""
+        return "queued" if self._start is None else str(self._start["state"])
+
     def to_json(self) -> dict[str, Any]:
         """The submission as the database's ``animus.submit`` reads it."""
-        return self.entry(current_traceparent())
-
-    def entry(self, traceparent: str | None) -> dict[str, Any]:
-        """:meth:`to_json` with the trace context given (a batch looks it up once)."""
         return {
             "work_type": self.work_type,
             "dedup_key": self._dedup_key,
@@ -275,7 +320,8 @@ class NewWorkItem:
             "parent_id": str(self._parent_id) if self._parent_id else None,
             "replay_of": str(self._replay_of) if self._replay_of else None,
             "max_attempts": self._max_attempts,
-            "traceparent": traceparent,
+            "traceparent": self._traceparent,
+            **(self._start or {}),
         }
 
     def __repr__(self) -> str:

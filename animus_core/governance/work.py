@@ -1,0 +1,101 @@
+"""The governed way to submit work: the rules applied, the submitter's trace carried.
+
+:class:`GovernedWork` is built from a :class:`~animus_core.store.db.Db` (the raw store, which
+applies no rule) and a :class:`~animus_core.governance.rules.RuleSet`, and does not change
+after. Every submission it makes goes through :meth:`RuleSet.decide` first: a denied item is
+recorded ``dead`` with the rule's reason (``denied at submit: ...``), a gated one waits in
+``awaiting_approval`` with the rule's role and quorum, an allowed one starts as it was built.
+Items without a trace context get the submitter's current one. See docs/governance.md,
+Rules, and docs/python-api.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from animus_core.governance.rules import RuleSet
+from animus_core.infra.telemetry import current_traceparent
+from animus_core.store.db import DEFAULT_QUEUE, Db
+from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
+
+__all__ = ["GovernedWork", "RuleRefused", "Submitter"]
+
+#: Submits one item (as :meth:`GovernedWork.child_submitter` returns, bound to a parent).
+Submitter = Callable[[NewWorkItem], Awaitable[SubmitResult]]
+
+
+class RuleRefused(Exception):
+    """A rule refused the work before engage: it is dead-lettered, not retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class GovernedWork:
+    """Submit work with the rules applied; check an item's rules again before engage."""
+
+    db: Db
+    rules: RuleSet
+
+    def govern(self, item: NewWorkItem, traceparent: str | None) -> NewWorkItem:
+        """``item`` as the rules let it start, carrying ``traceparent`` unless it carries a
+        trace of its own. A rule's denial or gate takes precedence over the item's own gate;
+        an item already refused (recorded as not run) has nothing left to decide."""
+        if item.traceparent is None:
+            item = item.with_trace(traceparent)
+        if item.starts == "dead":
+            return item
+        entry = item.to_json()
+        decision = self.rules.decide(entry["work_type"], entry["params"], entry["source"])
+        if decision.effect == "deny":
+            return item.refused(f"denied at submit: {decision.reason}")
+        if decision.effect == "require_approval":
+            return item.gated(rule=decision.rule, role=decision.role or "approver",
+                              quorum=decision.quorum, reason=decision.reason)
+        return item
+
+    async def submit(self, item: NewWorkItem, *, queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Submit one item: :class:`Created` (queued, or dead or awaiting approval as a rule
+        said) or :class:`Merged`."""
+        return (await self.submit_many([item], queue=queue))[0]
+
+    async def submit_many(self, items: Sequence[NewWorkItem], *,
+                          queue: str = DEFAULT_QUEUE) -> list[SubmitResult]:
+        """Submit a batch in one round trip and one transaction; results in input order."""
+        traceparent = current_traceparent()  # one trace context for the whole batch
+        return await self.db.submit_many([self.govern(i, traceparent) for i in items],
+                                         queue=queue)
+
+    async def submit_scheduled(self, name: str, tick: datetime, item: NewWorkItem, *,
+                               queue: str = DEFAULT_QUEUE) -> SubmitResult | None:
+        """Submit ``item`` for one tick of schedule ``name``, unless any engine already did
+        (``None``)."""
+        return await self.db.submit_scheduled(name, tick, self.govern(item, current_traceparent()),
+                                              queue=queue)
+
+    async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
+        """Submit a fresh copy of a dead item (linked by ``replay_of``), in its queue."""
+        old = await self.db.get_work_item(work_id)
+        return await self.submit(old.replayed(source=source), queue=old.queue)
+
+    def child_submitter(self, parent: WorkItem) -> Submitter:
+        """Submits child work of ``parent``: into its queue, with it as the parent."""
+        async def submit(item: NewWorkItem) -> SubmitResult:
+            return await self.submit(item.parent(parent.id), queue=parent.queue)
+        return submit
+
+    async def check_before_engage(self, item: WorkItem) -> None:
+        """The rules again, right before engage (they may have changed since submit):
+        :class:`RuleRefused` when they deny the item, or gate it and it lacks the approvals."""
+        decision = self.rules.decide(item.work_type, item.params, item.provenance.source)
+        if decision.effect == "deny":
+            raise RuleRefused(f"denied before engage: {decision.reason}")
+        if decision.effect == "require_approval":
+            # Only approvals by people who hold the rule's role count (whatever the stored
+            # gate says: a submitter with raw SQL access could have written it).
+            approvers = await self.db.approvers(item.id, decision.role or "approver")
+            if item.gate is None or len(approvers) < decision.quorum:
+                raise RuleRefused(
+                    f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
+                    f"{decision.role} before engage; this item has {len(approvers)}")
