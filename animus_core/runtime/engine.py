@@ -43,7 +43,6 @@ from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import asyncpg
 import msgspec
 import pluggy
 from opentelemetry import context, trace
@@ -57,8 +56,9 @@ from animus_core.infra import embedded, witness
 from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
-from animus_core.store.db import DEFAULT_QUEUE, Db, connection_lost
-from animus_core.store.memory import Memory, TxScope, select_embedder
+from animus_core.store import read
+from animus_core.store.db import DEFAULT_QUEUE, Db, DeadLetter, Retry, connection_lost
+from animus_core.store.memory import Memory, select_embedder
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import AnimusError, DatabaseUnavailable, InvalidInput, LeaseLost
@@ -574,12 +574,9 @@ class Engine:
         """A requested cancellation stopped the focus: end the item failed -> dead."""
         self._cancelling.discard(lease.work_id)
         ms = int((time.perf_counter() - started) * 1000)
-        try:
-            item = await self.db.get_work_item(lease.work_id)
-            reason = clip(f"cancelled while {item.state}: {item.cancel_requested or 'by request'}")
-            await self.db.fail(lease, reason, duration_ms=ms, execution=self._record(
-                fac, focus, started_at, "failed", params_hash, error=reason))
-            await self.db.dead_letter(lease.work_id, reason)
+        try:  # the database writes the reason (and the record's error): who asked
+            await self.db.cancel_attempt(lease, duration_ms=ms, execution=self._record(
+                fac, focus, started_at, "failed", params_hash))
         except AnimusError as e:
             _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
         self._activity = True
@@ -627,7 +624,7 @@ class Engine:
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
         params_hash = ""
-        scope = TxScope(self.db)
+        scope = self.db.transaction()
         # Nobody records spans without a tracer provider: skip building them (a third of the
         # per-item cost of a trivial focus). Hooks still continue the item's own trace.
         traced = _traced()
@@ -688,11 +685,6 @@ class Engine:
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])
                 focus_span.add_event("failed", {"from": "running", "to": "failed",
                                                 "phase": phase, "error": error[:500]})
-                if focus.llm_usage:  # what a failed attempt spent is kept too
-                    try:
-                        await self.db.record_usage(item.id, _usage_record(focus))
-                    except AnimusError as e2:
-                        _log.warning("could not record the usage of %s: %s", item.id, e2)
                 record = self._record(fac, focus, started_at, "failed",
                                       params_hash or _NO_PARAMS_HASH, error=error)
                 result = await self._failed(fac, focus, lease, error, phase, ms, record,
@@ -736,24 +728,23 @@ class Engine:
         reason = clip(f"{phase} failed: {error}{note}")
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
-        try:
-            item = await self.db.fail(lease, reason, duration_ms=ms, execution=record)
-            limit = fac.max_attempts or item.max_attempts
-            if verdict is False:
-                await self.db.dead_letter(item.id, reason if final  # a rule; recover not asked
-                                          else clip(f"recover chose to dead-letter: {reason}"))
-                result = "dead"
-            elif item.attempts >= limit:
-                await self.db.dead_letter(
-                    item.id, clip(f"attempts exhausted ({item.attempts}/{limit}): {reason}"))
-                result = "dead"
-            else:
-                result = "retry"
-                delay = min(fac.retry_max, fac.retry_base * 2 ** (item.attempts - 1))
-                delay *= random.uniform(0.5, 1.5)
-                await self.db.retry(item.id, delay=delay, reason=clip(
-                    f"retry {item.attempts + 1}/{limit} in {delay:.1f}s after {reason}"))
-                self._wake_later(delay + 0.05, self.slots[fac.name])
+        attempts, limit = focus.attempt, fac.max_attempts or focus.work.max_attempts
+        then: Retry | DeadLetter
+        if verdict is False:
+            then = DeadLetter(reason if final  # a rule; recover not asked
+                              else clip(f"recover chose to dead-letter: {reason}"))
+        elif attempts >= limit:
+            then = DeadLetter(clip(f"attempts exhausted ({attempts}/{limit}): {reason}"))
+        else:
+            delay = min(fac.retry_max, fac.retry_base * 2 ** (attempts - 1))
+            delay *= random.uniform(0.5, 1.5)
+            then = Retry(delay, clip(f"retry {attempts + 1}/{limit} in {delay:.1f}s after {reason}"))
+        try:  # what a failed attempt spent is kept too
+            await self.db.fail_attempt(lease, reason, then=then, duration_ms=ms, execution=record,
+                                       usage=_usage_record(focus) if focus.llm_usage else None)
+            result = "retry" if isinstance(then, Retry) else "dead"
+            if isinstance(then, Retry):
+                self._wake_later(then.delay + 0.05, self.slots[fac.name])
         except LeaseLost as e:
             _log.warning("%s", e)
         except AnimusError as e:
@@ -961,10 +952,8 @@ class Engine:
         """Queue depth for the animus.queue.depth gauge (only while telemetry exports)."""
         while True:
             try:
-                async with self.db.connection() as conn:
-                    for r in await conn.fetch(
-                            "SELECT queue_name, queue_length FROM pgmq.metrics_all()"):
-                        instruments.set_queue_depth(r["queue_name"], r["queue_length"])
+                for q in await read.queue_depths(self.db):
+                    instruments.set_queue_depth(q.queue, q.depth)
             except AnimusError as e:
                 _log.debug("queue depth sample failed: %s", e)
             await asyncio.sleep(every)
@@ -1028,33 +1017,27 @@ class Engine:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(
-                    self.db.url, server_settings={"application_name": "animus-listener"})
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                conn = await self.db.listen({CHANNEL: self._on_notify,
+                                             CANCEL_CHANNEL: self._on_cancel})
                 self.listener_connected.set()
                 self._reachable()
                 if backoff > 0.2:
                     _log.info("listener reconnected")
                 backoff = 0.2
                 self._mark_dirty()  # catch up on anything sent while not listening
-                await lost.wait()
+                await conn.wait_lost()
                 _log.warning("listener connection lost; reconnecting")
                 self._db_trouble.set()  # the server may have gone: the keeper looks
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    asyncpg.InternalClientError) as e:
-                if connection_lost(e):
+            except AnimusError as e:
+                if isinstance(e, DatabaseUnavailable):
                     self._unreachable(e)
                     _log.debug("listener cannot connect (retrying in %.1fs): %s", backoff, e)
                 else:
                     _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
             finally:
                 self.listener_connected.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=2)
+                if conn is not None:
+                    await conn.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             self._mark_dirty()
@@ -1119,13 +1102,8 @@ class Engine:
 
     async def _report_unroutable_backlog(self) -> None:
         accepted = list(self.faculties.by_type)
-        async with self.db.connection() as conn:
-            rows = await conn.fetch(
-                """SELECT work_type, count(*) FROM animus.work_items
-                    WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
-                    GROUP BY work_type""", accepted)
-        for r in rows:
-            self._note_unroutable(r["work_type"])
+        for r in await read.unroutable_backlog(self.db, accepted):
+            self._note_unroutable(r.work_type)
 
 
 class _DuringOutage(logging.Filter):
