@@ -650,9 +650,11 @@ class Engine:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = redactor.json(
                     await self._phase(fac, "consolidate", focus, traced, engaged=engaged))
-                # what the completion will store: within the JSON model and the size limit
-                json_values.encode(outcome, "outcome", limit=limits().outcome_bytes,
-                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
+                # what the completion will store (encoded once): within the JSON model and
+                # the size limit
+                stored = msgspec.Raw(json_values.encode(outcome, "outcome",
+                                                        limit=limits().outcome_bytes,
+                                                        setting="ANIMUS_MAX_OUTCOME_BYTES"))
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
                     conn = await scope.connection()
@@ -661,7 +663,7 @@ class Engine:
                                       outcome=outcome)
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
-                    await self.db.complete_many([(lease, outcome, ms)], conn=scope.conn,
+                    await self.db.complete_many([(lease, stored, ms)], conn=scope.conn,
                                                 executions=[record])
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
@@ -692,7 +694,7 @@ class Engine:
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
-                    self._completions.append((lease, outcome, ms))
+                    self._completions.append((lease, stored, ms))
                     self._executions.append(record)
                     self._completions_ready.set()
                 self._activity = True

@@ -21,8 +21,10 @@ from animus_core.infra.config import Settings
 from animus_core.infra.embedded import EMBEDDED_DATABASE, embedded_url
 from animus_core.values import json_values
 from animus_core.values.errors import DatabaseUnavailable
+from animus_core.values.limits import limits
+from animus_core.values.work import Params
 
-__all__ = ["describe_url", "init_connection", "keep_session", "resolve_url"]
+__all__ = ["describe_url", "init_connection", "keep_session", "resolve_url", "submission_json"]
 
 _DUPLICATE_DATABASE = "42P04"
 
@@ -66,6 +68,22 @@ def _jsonb_encode(value: Any) -> str:
     if isinstance(value, msgspec.Raw):  # encoded (and checked) once already
         return bytes(value).decode()
     return json_values.encode(value, "value")
+
+
+def submission_json(entries: list[dict[str, Any]]) -> msgspec.Raw:
+    """The ``jsonb`` argument of ``animus.submit``: the entries encoded once, their params as
+    the text they were checked as (:class:`~animus_core.values.work.Params`)."""
+    wire = []
+    for i, entry in enumerate(entries):
+        params = entry["params"]
+        rest = {k: v for k, v in entry.items() if k != "params"}
+        json_values.check(rest, f"submission {i}")  # names, provenance, a rule's gate
+        if not isinstance(params, Params):  # made without NewWorkItem.params
+            params = Params(params, json_values.encode(
+                params, "params", limit=limits().params_bytes, setting="ANIMUS_MAX_PARAMS_BYTES"))
+        rest["params"] = msgspec.Raw(params.json)
+        wire.append(rest)
+    return msgspec.Raw(msgspec.json.encode(wire))
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:

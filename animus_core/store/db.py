@@ -39,7 +39,13 @@ from animus_core.infra.witness import AuditKeys
 from animus_core.store.base import DEFAULT_QUEUE, Listener
 from animus_core.store.base import check_queue as _check_queue
 from animus_core.store.base import transition as _transition
-from animus_core.store.connect import describe_url, init_connection, keep_session, resolve_url
+from animus_core.store.connect import (
+    describe_url,
+    init_connection,
+    keep_session,
+    resolve_url,
+    submission_json,
+)
 from animus_core.store.errors import connection_lost
 from animus_core.store.moves import DeadLetter, Retry, WorkMoves
 from animus_core.store.tx import TxScope
@@ -162,7 +168,8 @@ class Db(WorkMoves):
     async def _submit(self, payload: list[dict[str, Any]], queue: str) -> list[SubmitResult]:
         _check_queue(queue)
         async with self.connection() as conn:  # one statement: atomic on its own
-            rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue, payload)
+            rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue,
+                                    submission_json(payload))
         out: list[SubmitResult] = []
         merged = sum(1 for r in rows if r["merged_into"] is not None)
         if merged:
@@ -191,7 +198,8 @@ class Db(WorkMoves):
                 return None
             entry = item.to_json()
             self._apply_rules(entry)
-            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue, [entry])
+            row = await conn.fetchrow("SELECT * FROM animus.submit($1, $2)", queue,
+                                      submission_json([entry]))
             await conn.execute(
                 "UPDATE animus.schedule_ticks SET work_id = $3 WHERE name = $1 AND tick = $2",
                 name, tick, row["id"])
