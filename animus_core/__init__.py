@@ -3,7 +3,7 @@
 from animus_core.faculties.contract import hookimpl
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
-from animus_core.store.db import Db
+from animus_core.store.db import Db, DeadLetter, Retry
 from animus_core.values.errors import (
     AnimusError,
     ConfigError,
@@ -37,6 +37,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "Db",
+    "DeadLetter",
     "Faculty",
     "Focus",
     "IllegalTransition",
@@ -48,6 +49,7 @@ __all__ = [
     "NewWorkItem",
     "Outcome",
     "Provenance",
+    "Retry",
     "State",
     "SubmitResult",
     "WorkItem",

@@ -14,7 +14,7 @@ from animus_core.values.errors import InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["DeadLetter", "QueueDepth", "ScheduleTick", "Status", "WorkCount", "WorkReads",
+__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WorkCount", "WorkReads",
            "queue_depths", "status", "unroutable_backlog"]
 
 
@@ -30,7 +30,7 @@ class WorkCount(msgspec.Struct, frozen=True, kw_only=True):
     n: int
 
 
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+class DeadItem(msgspec.Struct, frozen=True, kw_only=True):
     id: UUID
     work_type: str
     reason: str | None
@@ -51,7 +51,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
 
     queues: list[QueueDepth]
     work: list[WorkCount]
-    dead: list[DeadLetter]
+    dead: list[DeadItem]
     schedules: list[ScheduleTick]
 
 
@@ -89,7 +89,7 @@ async def status(db: DbBase, *, dead_letters: int = 5) -> Status:
     return Status(
         queues=[QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in queues],
         work=[WorkCount(work_type=r[0], state=r[1], n=r[2]) for r in counts],
-        dead=[DeadLetter(id=r[0], work_type=r[1], reason=r[2], resolved_at=r[3]) for r in dead],
+        dead=[DeadItem(id=r[0], work_type=r[1], reason=r[2], resolved_at=r[3]) for r in dead],
         schedules=[ScheduleTick(name=r[0], last_tick=r[1], work_type=r[2]) for r in ticks])
 
 
