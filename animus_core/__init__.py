@@ -5,7 +5,7 @@ from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
 from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
-from animus_core.store.db import Db
+from animus_core.store.db import Db, DeadLetter, Retry
 from animus_core.values.errors import (
     AnimusError,
     ConfigError,
@@ -39,6 +39,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "Db",
+    "DeadLetter",
     "Faculty",
     "Focus",
     "GovernedWork",
@@ -51,6 +52,7 @@ __all__ = [
     "NewWorkItem",
     "Outcome",
     "Provenance",
+    "Retry",
     "RuleSet",
     "State",
     "SubmitResult",

@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 
 from animus_core import NewWorkItem, State
-from animus_core.store.db import Db
+from animus_core.store.db import Db, DeadLetter, Retry
 from animus_core.store.migrations import apply, load
 from animus_core.store.roles import ROLES, setup_roles
 from animus_core.values.errors import IllegalTransition, PermissionDenied
@@ -425,13 +425,16 @@ async def _approve_own(b: Bench, who: str) -> bool:
 @action("run an engine: claim, start, complete, fail, release, extend leases, record usage")
 async def _engine(b: Bench, who: str) -> bool:
     t = b.fresh()
-    for _ in range(5):
+    for _ in range(8):
         await b.queued(t)
     p = await b.person(who)
     # Leases the owner took, so that each step can be tried whatever the others answered.
     [to_start] = await b.db.claim(work_types=[t], lease_seconds=300)
     [to_complete] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     [to_fail] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    [to_retry] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    [to_end] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    [to_cancel] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     [to_release] = await b.db.claim(work_types=[t], lease_seconds=300)
     usage = {"models": {"m": {"input_tokens": 1}}, "cost_usd": 0.5}
     return await same_answer(
@@ -439,6 +442,10 @@ async def _engine(b: Bench, who: str) -> bool:
         lambda: p.start(to_start.lease),
         lambda: p.complete(to_complete.lease, {"ok": True}, duration_ms=1),
         lambda: p.fail(to_fail.lease, "on purpose"),
+        lambda: p.fail_attempt(to_retry.lease, "on purpose", then=Retry(0, "again"),
+                               usage=usage),
+        lambda: p.fail_attempt(to_end.lease, "on purpose", then=DeadLetter("enough")),
+        lambda: p.cancel_attempt(to_cancel.lease),
         lambda: p.release(to_release.lease, "later"),
         lambda: p.extend_lease([to_start.lease], 300),
         lambda: p.record_usage(to_start.item.id, usage),

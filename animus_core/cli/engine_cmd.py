@@ -17,6 +17,7 @@ from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
 from animus_core.infra.telemetry import setup_telemetry
 from animus_core.runtime.engine import EngineOptions
+from animus_core.store import read
 from animus_core.values.errors import ConfigError
 from animus_core.values.states import State
 from animus_core.values.work import Created, NewWorkItem
@@ -81,37 +82,29 @@ async def status(args: argparse.Namespace) -> int:
     _, faculties, problems = await load_faculties(settings)
     db = await open_db()
     try:
-        async with db.connection() as conn:
-            queues = await conn.fetch(
-                "SELECT queue_name, queue_length, oldest_msg_age_sec FROM pgmq.metrics_all()")
-            counts = await conn.fetch(
-                """SELECT work_type, state::text, count(*) AS n FROM animus.work_items
-                    WHERE state NOT IN ('completed', 'merged', 'cancelled')
-                    GROUP BY 1, 2 ORDER BY 1, 2""")
-            dead = await conn.fetch(
-                """SELECT id, work_type, reason, resolved_at FROM animus.work_items
-                    WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST LIMIT 5""")
-            schedules = await _schedules(conn)
+        view = await read.status(db)
     finally:
         await db.close()
+    schedules = [{"name": t.name, "last_tick": t.last_tick.isoformat(), "work_type": t.work_type}
+                 for t in view.schedules]
     by_state: dict[str, dict[str, int]] = {}
-    for r in counts:
-        by_state.setdefault(r["work_type"], {})[r["state"]] = r["n"]
+    for c in view.work:
+        by_state.setdefault(c.work_type, {})[c.state] = c.n
     running = {f.name: sum(by_state.get(t, {}).get("running", 0) for t in f.accepts)
                for f in faculties}
     unroutable = sorted(t for t, s in by_state.items()
                         if s.get("queued") and t not in faculties.by_type)
     report: dict[str, Any] = {
-        "queues": [{"queue": r["queue_name"], "depth": r["queue_length"],
-                    "oldest_seconds": r["oldest_msg_age_sec"]} for r in queues],
+        "queues": [{"queue": q.queue, "depth": q.depth, "oldest_seconds": q.oldest_seconds}
+                   for q in view.queues],
         "faculties": [{"name": f.name, "accepts": list(f.accepts), "running": running[f.name],
                        "max_concurrent": f.max_concurrent, "origin": f.origin}
                       for f in faculties],
         "work": by_state,
         "unroutable": {t: by_state[t]["queued"] for t in unroutable},
         "dead_letters": {"total": sum(s.get("dead", 0) for s in by_state.values()),
-                         "latest": [{"id": str(r["id"]), "work_type": r["work_type"],
-                                     "reason": r["reason"]} for r in dead]},
+                         "latest": [{"id": str(d.id), "work_type": d.work_type,
+                                     "reason": d.reason} for d in view.dead]},
         "schedules": schedules,
         "plugin_problems": [{"plugin": p.plugin, "error": p.error} for p in problems],
     }
@@ -135,26 +128,13 @@ async def status(args: argparse.Namespace) -> int:
                     [(s["name"], s["last_tick"], s["work_type"]) for s in schedules])
     total_dead = report["dead_letters"]["total"]
     print(f"\ndead letters: {total_dead}")
-    for r in dead:
-        print(f"  {r['id']}  {r['work_type']}  {(r['reason'] or '')[:90]}")
+    for d in view.dead:
+        print(f"  {d.id}  {d.work_type}  {(d.reason or '')[:90]}")
     for p in problems:
         print(f"\nplugin problem: {p.plugin}: {p.error}")
     return 0
 
 
-async def _schedules(conn: Any) -> list[dict[str, Any]]:
-    exists = await conn.fetchval("SELECT to_regclass('animus.schedule_ticks') IS NOT NULL")
-    if not exists:
-        return []
-    rows = await conn.fetch(
-        """SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
-            ORDER BY name, tick DESC""")
-    out = []
-    for r in rows:
-        wt = await conn.fetchval("SELECT work_type FROM animus.work_items WHERE id = $1",
-                                 r["work_id"])
-        out.append({"name": r["name"], "last_tick": r["tick"].isoformat(), "work_type": wt})
-    return out
 
 
 async def demo(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from animus_core.cli.output import print_json, print_table
 from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.plugins import make_plugin_manager
 from animus_core.infra.config import Settings
-from animus_core.store.memory import Memory
+from animus_core.store.memory import Memory, configured_embedder
 from animus_core.values.errors import InvalidInput
 
 
@@ -138,8 +138,7 @@ async def reembed(args: argparse.Namespace) -> int:
     target = select_embedder(pm, settings)
     db = await open_db()
     try:
-        async with db.connection() as conn:
-            cfg = await conn.fetchrow("SELECT embedder FROM animus.memory_config")
+        before = await configured_embedder(db)
         memory = Memory(db, target)
 
         def progress(done: int, total: int) -> None:
@@ -149,6 +148,6 @@ async def reembed(args: argparse.Namespace) -> int:
     finally:
         await db.close()
     print(file=sys.stderr)
-    print(f"{n} memories re-embedded: {cfg['embedder'] if cfg else 'none'} -> {target.name}"
+    print(f"{n} memories re-embedded: {before or 'none'} -> {target.name}"
           if n else f"memories already use {target.name}")
     return 0

@@ -6,22 +6,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from animus_core.store.moves import DeadLetter, Retry
 from animus_core.values.limits import clip
 
-__all__ = ["DeadLetter", "Retry", "RetryPolicy"]
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Queue the item again, visible after ``delay`` seconds."""
-
-    delay: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    reason: str
+__all__ = ["RetryPolicy"]
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from animus_core.runtime.runner import FocusRunner, Workspace
 from animus_core.runtime.sealer import Sealer
 from animus_core.runtime.stops import FocusStops
 from animus_core.runtime.ticks import tick
+from animus_core.store import read
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.store.memory import Memory
 from animus_core.values.errors import AnimusError
@@ -128,7 +129,7 @@ class Engine:
         self.runner = FocusRunner(db, self.governed, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   llm=self._llm_access)
-        self.listener = Listener(db.url, self.health, opts.queues, on_work=self._mark_dirty,
+        self.listener = Listener(db, self.health, opts.queues, on_work=self._mark_dirty,
                                  on_cancel=self.stops.cancel_noticed)
 
     @property
@@ -390,23 +391,16 @@ class Engine:
         """Queue depth for the animus.queue.depth gauge (only while telemetry exports)."""
         while True:
             try:
-                async with self.db.connection() as conn:
-                    for r in await conn.fetch(
-                            "SELECT queue_name, queue_length FROM pgmq.metrics_all()"):
-                        instruments.set_queue_depth(r["queue_name"], r["queue_length"])
+                for q in await read.queue_depths(self.db):
+                    instruments.set_queue_depth(q.queue, q.depth)
             except AnimusError as e:
                 _log.debug("queue depth sample failed: %s", e)
             await asyncio.sleep(every)
 
     async def _report_unroutable_backlog(self) -> None:
         accepted = list(self.faculties.by_type)
-        async with self.db.connection() as conn:
-            rows = await conn.fetch(
-                """SELECT work_type, count(*) FROM animus.work_items
-                    WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
-                    GROUP BY work_type""", accepted)
-        for r in rows:
-            self.routing.note_unroutable(r["work_type"])
+        for r in await read.unroutable_backlog(self.db, accepted):
+            self.routing.note_unroutable(r.work_type)
 
 
 def _learn_secrets(faculties: Faculties, db: Db) -> None:

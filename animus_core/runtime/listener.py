@@ -4,17 +4,15 @@ reports what woke it: work of some types in some queue, or a cancel request for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
 from uuid import UUID
 
-import asyncpg
-
 from animus_core.infra.secrets import redactor
 from animus_core.runtime.health import Health
-from animus_core.store.db import connection_lost
+from animus_core.store.db import Db
+from animus_core.values.errors import AnimusError, DatabaseUnavailable
 from animus_core.values.work import WorkNotification
 
 __all__ = ["CANCEL_CHANNEL", "CHANNEL", "Listener"]
@@ -25,13 +23,13 @@ CANCEL_CHANNEL = "animus_cancel"
 
 
 class Listener:
-    def __init__(self, url: str, health: Health, queues: Iterable[str], *,
+    def __init__(self, store: Db, health: Health, queues: Iterable[str], *,
                  on_work: Callable[[Iterable[str] | None], None],
                  on_cancel: Callable[[UUID], None]) -> None:
         """``on_work(work_types)`` when work may be waiting (``None``: of any type, as after
         a reconnect); ``on_cancel(work_id)`` when a cancellation may have been requested
         (anyone may NOTIFY: the receiver checks the request before acting)."""
-        self.url = url
+        self.store = store
         self.health = health
         self.queues = frozenset(queues)
         self._on_work = on_work
@@ -61,33 +59,27 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(
-                    self.url, server_settings={"application_name": "animus-listener"})
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._notified)
-                await conn.add_listener(CANCEL_CHANNEL, self._cancel_notified)
+                conn = await self.store.listen({CHANNEL: self._notified,
+                                                CANCEL_CHANNEL: self._cancel_notified})
                 self.connected.set()
                 self.health.reachable()
                 if backoff > 0.2:
                     _log.info("listener reconnected")
                 backoff = 0.2
                 self._on_work(None)  # catch up on anything sent while not listening
-                await lost.wait()
+                await conn.wait_lost()
                 _log.warning("listener connection lost; reconnecting")
                 self.health.trouble.set()  # the server may have gone: the keeper looks
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    asyncpg.InternalClientError) as e:
-                if connection_lost(e):
+            except AnimusError as e:
+                if isinstance(e, DatabaseUnavailable):
                     self.health.unreachable(e)
                     _log.debug("listener cannot connect (retrying in %.1fs): %s", backoff, e)
                 else:
                     _log.warning("listener cannot connect (retrying in %.1fs): %s", backoff, e)
             finally:
                 self.connected.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=2)
+                if conn is not None:
+                    await conn.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             self._on_work(None)

@@ -19,7 +19,6 @@ from opentelemetry import context, trace
 
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
-from animus_core.faculties.retry import DeadLetter
 from animus_core.governance.work import GovernedWork, RuleRefused
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
@@ -33,8 +32,8 @@ from animus_core.runtime.failures import (
     params_hash,
 )
 from animus_core.runtime.flights import Flight, Slot
-from animus_core.store.db import Db
-from animus_core.store.memory import Memory, TxScope
+from animus_core.store.db import Db, Retry
+from animus_core.store.memory import Memory
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import AnimusError, LeaseLost
@@ -147,7 +146,7 @@ class FocusRunner:
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
         hashed = ""
-        scope = TxScope(self.store)
+        scope = self.store.transaction()
         # Nobody records spans without a tracer provider: skip building them (a third of the
         # per-item cost of a trivial focus). Hooks still continue the item's own trace.
         traced = _traced()
@@ -174,9 +173,11 @@ class FocusRunner:
                     focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
                 outcome = redactor.json(
                     await self._phase(fac, "consolidate", focus, flight, traced, engaged=engaged))
-                # what the completion will store: within the JSON model and the size limit
-                json_values.encode(outcome, "outcome", limit=limits().outcome_bytes,
-                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
+                # what the completion will store (encoded once): within the JSON model and
+                # the size limit
+                stored = msgspec.Raw(json_values.encode(outcome, "outcome",
+                                                        limit=limits().outcome_bytes,
+                                                        setting="ANIMUS_MAX_OUTCOME_BYTES"))
                 ms = int((time.perf_counter() - started) * 1000)
                 if focus.llm_usage:
                     conn = await scope.connection()
@@ -185,7 +186,7 @@ class FocusRunner:
                                       outcome=outcome)
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
-                    await self.store.complete_many([(lease, outcome, ms)], conn=scope.conn,
+                    await self.store.complete_many([(lease, stored, ms)], conn=scope.conn,
                                                    executions=[record])
                     await scope.finish(commit=True)
             except asyncio.CancelledError:
@@ -208,11 +209,6 @@ class FocusRunner:
                 focus_span.set_status(trace.StatusCode.ERROR, error[:500])
                 focus_span.add_event("failed", {"from": "running", "to": "failed",
                                                 "phase": phase, "error": error[:500]})
-                if focus.llm_usage:  # what a failed attempt spent is kept too
-                    try:
-                        await self.store.record_usage(item.id, _usage_record(focus))
-                    except AnimusError as e2:
-                        _log.warning("could not record the usage of %s: %s", item.id, e2)
                 record = self._record(fac, focus, started_at, "failed",
                                       hashed or NO_PARAMS_HASH, error=error)
                 result = await self._failed(flight, focus, error, phase, ms, record,
@@ -220,7 +216,7 @@ class FocusRunner:
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
-                    self.completions.add(lease, outcome, ms, record)
+                    self.completions.add(lease, stored, ms, record)
                 else:
                     self._recorded()
         finally:
@@ -241,12 +237,9 @@ class FocusRunner:
                          started_at: datetime, hashed: str) -> None:
         """A requested cancellation stopped the focus: end the item failed -> dead."""
         ms = int((time.perf_counter() - started) * 1000)
-        try:
-            item = await self.store.get_work_item(lease.work_id)
-            reason = clip(f"cancelled while {item.state}: {item.cancel_requested or 'by request'}")
-            await self.store.fail(lease, reason, duration_ms=ms, execution=self._record(
-                fac, focus, started_at, "failed", hashed, error=reason))
-            await self.store.dead_letter(lease.work_id, reason)
+        try:  # the database writes the reason (and the record's error): who asked
+            await self.store.cancel_attempt(lease, duration_ms=ms, execution=self._record(
+                fac, focus, started_at, "failed", hashed))
         except AnimusError as e:
             _log.warning("could not record the cancellation of %s: %s", lease.work_id, e)
         self._recorded()
@@ -268,17 +261,15 @@ class FocusRunner:
         reason = clip(f"{phase} failed: {error}{note}")
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
-        try:
-            item = await self.store.fail(lease, reason, duration_ms=ms, execution=record)
-            then = fac.retry_policy.decide(reason, attempts=item.attempts,
-                                           item_max_attempts=item.max_attempts,
-                                           recover=verdict, final=final)
-            if isinstance(then, DeadLetter):
-                await self.store.dead_letter(item.id, then.reason)
-                result = "dead"
-            else:
-                result = "retry"
-                await self.store.retry(item.id, delay=then.delay, reason=then.reason)
+        then = fac.retry_policy.decide(reason, attempts=focus.attempt,
+                                       item_max_attempts=focus.work.max_attempts,
+                                       recover=verdict, final=final)
+        try:  # one round trip; what a failed attempt spent is kept too
+            await self.store.fail_attempt(lease, reason, then=then, duration_ms=ms,
+                                          execution=record,
+                                          usage=_usage_record(focus) if focus.llm_usage else None)
+            result = "retry" if isinstance(then, Retry) else "dead"
+            if isinstance(then, Retry):
                 self._retry_later(flight.slot, then.delay + 0.05)
         except LeaseLost as e:
             _log.warning("%s", e)

@@ -26,12 +26,15 @@ import asyncpg
 import msgspec
 from pgvector import Vector
 
-from animus_core.store.db import Db, _errors, _uuid
+from animus_core.store.base import work_id as _uuid
+from animus_core.store.db import Db
+from animus_core.store.errors import errors as _errors
+from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.errors import ConfigError, InvalidInput
-from animus_core.values.work import dump_json
 
-__all__ = ["Embedder", "Kind", "Memory", "MemoryRecord", "MemoryStats", "NewMemory", "TxScope"]
+__all__ = ["Embedder", "Kind", "Memory", "MemoryRecord", "MemoryStats", "NewMemory",
+           "configured_embedder"]
 
 Kind = Literal["document", "query"]
 
@@ -93,6 +96,12 @@ class MemoryStats(msgspec.Struct, frozen=True, kw_only=True):
 _COLUMNS = "id, content, memory_type, source, metadata, work_id, created_at, updated_at"
 
 
+async def configured_embedder(db: Db) -> str | None:
+    """The embedder the stored memories were made with (``None``: memory not opened yet)."""
+    async with db.connection() as conn:
+        return await conn.fetchval("SELECT embedder FROM animus.memory_config")  # type: ignore[no-any-return]
+
+
 def _check_content(content: object, where: str) -> str:
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(f"{where}: content must be a non-empty string")
@@ -128,44 +137,12 @@ def _check_vector(vec: Sequence[float], dimension: int, embedder: str, where: st
 def _check_metadata(metadata: object, where: str) -> dict[str, Any]:
     if not isinstance(metadata, Mapping):
         raise InvalidInput(f"{where} must be a JSON object, got {type(metadata).__name__}")
-    dump_json(dict(metadata), where)
     return dict(metadata)
 
 
-class TxScope:
-    """A transaction opened on first use and finished by its owner (the engine, around a
-    consolidate phase): everything written through it commits or rolls back together."""
-
-    def __init__(self, db: Db) -> None:
-        self.db = db
-        self.conn: asyncpg.Connection | None = None
-        self.used = False  # a transaction was opened and committed through this scope
-        self._tx: Any = None
-
-    async def connection(self) -> asyncpg.Connection:
-        if self.conn is None:
-            conn = await self.db.pool.acquire()
-            try:
-                tx = conn.transaction()
-                await tx.start()
-            except BaseException:
-                await self.db.pool.release(conn)
-                raise
-            self.conn, self._tx = conn, tx
-        return self.conn
-
-    async def finish(self, *, commit: bool) -> None:
-        if self.conn is None:
-            return
-        conn, self.conn = self.conn, None
-        try:
-            if commit:
-                await self._tx.commit()
-                self.used = True
-            else:
-                await self._tx.rollback()
-        finally:
-            await self.db.pool.release(conn)
+def _metadata_json(metadata: object, where: str) -> msgspec.Raw:
+    """``metadata`` checked and encoded once, as the ``jsonb`` argument that stores it."""
+    return msgspec.Raw(json_values.encode(_check_metadata(metadata, where), where))
 
 
 class Memory:
@@ -252,11 +229,12 @@ class Memory:
         several times faster than adding each row to the index."""
         dim, name = self.embedder.dimension, self.embedder.name
         missing = []
+        metadata: list[msgspec.Raw] = []
         vectors: dict[int, list[float]] = {}
         for i, m in enumerate(items):
             where = f"memory {i}"
             _check_content(m.content, where)
-            _check_metadata(m.metadata, f"{where}: metadata")
+            metadata.append(_metadata_json(m.metadata, f"{where}: metadata"))
             _check_memory_type(m.memory_type, where)
             if m.embedding is None:
                 missing.append(i)
@@ -268,7 +246,7 @@ class Memory:
                 vectors[i] = _check_vector(vec, dim, name, f"memory {i} (from {name})")
         columns: list[list[Any]] = [  # in the order of _INSERT's parameters
             [m.content for m in items], [m.memory_type for m in items],
-            [m.source or self.default_source for m in items], [m.metadata for m in items],
+            [m.source or self.default_source for m in items], metadata,
             [Vector(vectors[i]) for i in range(len(items))], [name] * len(items),
             [m.work_id or self.work_id for m in items]]
         if self._scope is None and self._conn is None and len(items) >= BULK_MIN:
@@ -295,8 +273,7 @@ class Memory:
         vec = None
         if content is not None:
             _check_content(content, f"memory {mid}")
-        if metadata is not None:
-            _check_metadata(metadata, f"memory {mid}: metadata")
+        meta = None if metadata is None else _metadata_json(metadata, f"memory {mid}: metadata")
         if memory_type is not None:
             _check_memory_type(memory_type, f"memory {mid}")
         if content is not None:
@@ -309,7 +286,7 @@ class Memory:
                            metadata = coalesce($4::jsonb, metadata),
                            memory_type = coalesce($5, memory_type), updated_at = now()
                      WHERE id = $1 RETURNING {_COLUMNS}""",
-                mid, content, vec, dict(metadata) if metadata is not None else None, memory_type)
+                mid, content, vec, meta, memory_type)
             if row is not None and content is not None and await conn.fetchval(
                     "SELECT next_embedder IS NOT NULL FROM animus.memory_config"):
                 # a re-embed is under way: its vector for the old content is stale now
@@ -344,8 +321,7 @@ class Memory:
                 isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in weights):
             raise InvalidInput(f"weights must be two finite numbers >= 0 (vector, text), "
                                f"got {weights!r}")
-        if metadata is not None:
-            metadata = _check_metadata(metadata, "metadata filter")
+        meta_filter = None if metadata is None else _metadata_json(metadata, "metadata filter")
         if query is not None:
             json_values.check(query, "query")
         if mode in ("hybrid", "text") and not (query and query.strip()):
@@ -358,7 +334,7 @@ class Memory:
                 [vec] = await self.embedder.embed([query], kind="query")
             else:
                 raise InvalidInput("vector search needs query text or an embedding")
-        params: list[Any] = [memory_type, metadata, source, since, until]
+        params: list[Any] = [memory_type, meta_filter, source, since, until]
         filters = """($1::text IS NULL OR m.memory_type = $1)
                  AND ($2::jsonb IS NULL OR m.metadata @> $2)
                  AND ($3::text IS NULL OR m.source = $3)

@@ -97,6 +97,10 @@ BEGIN
         ('animus.dead_letter(uuid, text)', 'animus_operator'),
         ('animus.cancel(uuid, text)', 'animus_operator'),
         ('animus.add_usage(uuid, jsonb)', 'animus_operator'),
+        -- a failed or cancelled attempt in one call (0014_one_trip_failure.sql)
+        ('animus.fail_attempt(uuid, bigint, int, text, bigint, jsonb, jsonb, float8, text)',
+         'animus_operator'),
+        ('animus.cancel_attempt(uuid, bigint, int, bigint, jsonb, int)', 'animus_operator'),
         -- engines create the queues they serve (animus up) without rights on schema pgmq
         ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);

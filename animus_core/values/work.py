@@ -28,12 +28,12 @@ __all__ = [
     "Merged",
     "NewWorkItem",
     "Outcome",
+    "Params",
     "Provenance",
     "SubmitResult",
     "WorkItem",
     "WorkNotification",
     "as_uuid",
-    "dump_json",
 ]
 
 NAME_GRAMMAR: Final = "1-128 letters, digits or _ . : / -, starting with a letter or digit"
@@ -183,10 +183,16 @@ class WorkNotification(msgspec.Struct, frozen=True, kw_only=True):
     work_types: list[str]
 
 
-def dump_json(value: Any, where: str) -> str:
-    """JSON text for ``value``, refusing what is outside animus's JSON model (see
-    :mod:`animus_core.values.json_values`), with the path of the offending part below ``where``."""
-    return json_values.encode(value, where)
+class Params(dict[str, Any]):
+    """A submission's params, with the JSON text they were checked as (``json``): they are
+    encoded once, when they come in, and sent to the database as that text. Do not change
+    them in place (a builder makes new ones)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, params: Mapping[str, Any], json: str) -> None:
+        super().__init__(params)
+        self.json = json
 
 
 def check_name(value: object, what: str) -> str:
@@ -230,7 +236,7 @@ class NewWorkItem:
         self._source = _provenance(source, "source")
         self._trigger = None if trigger is None else _provenance(trigger, "trigger")
         self._dedup_key: str | None = None
-        self._params: dict[str, Any] = {}
+        self._params: dict[str, Any] = Params({}, "{}")
         self._priority = 0
         self._parent_id: UUID | None = None
         self._replay_of: UUID | None = None
@@ -257,9 +263,9 @@ class NewWorkItem:
     def params(self, params: Mapping[str, Any]) -> NewWorkItem:
         if not isinstance(params, Mapping):
             raise InvalidInput(f"params must be a JSON object, got {type(params).__name__}")
-        json_values.encode(dict(params), "params", limit=limits().params_bytes,
-                           setting="ANIMUS_MAX_PARAMS_BYTES")
-        return self._copy(_params=dict(params))
+        encoded = json_values.encode(dict(params), "params", limit=limits().params_bytes,
+                                     setting="ANIMUS_MAX_PARAMS_BYTES")
+        return self._copy(_params=Params(params, encoded))
 
     def priority(self, priority: int) -> NewWorkItem:
         if (isinstance(priority, bool) or not isinstance(priority, int)

@@ -1,0 +1,277 @@
+"""The moves of work items: claim, start, lease extension, and how an attempt ends
+(complete, fail, release, retry, dead-letter, cancel).
+
+Each move is one SQL function call (one round trip, one transaction). The functions run as
+the schema's owner, check the lease and the transition themselves, and the database writes
+the audit rows in the same transaction (see docs/governance.md, Roles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from animus_core.store.base import DEFAULT_QUEUE, check_reason, transition, work_id
+from animus_core.store.errors import errors
+from animus_core.store.records import WorkRecords, copy_executions, execution_json
+from animus_core.values import json_values
+from animus_core.values.errors import InvalidInput, LeaseLost
+from animus_core.values.limits import limits
+from animus_core.values.records import ExecutionRecord
+from animus_core.values.states import State
+from animus_core.values.work import Claimed, Lease, WorkItem
+
+__all__ = ["DeadLetter", "Retry", "WorkMoves"]
+
+_MAX_DELAY = 7 * 86_400
+
+
+class Retry(msgspec.Struct, frozen=True):
+    """After a failed attempt: queue the item again, visible after ``delay`` seconds."""
+
+    delay: float
+    reason: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """After a failed attempt: end the item ``dead`` with ``reason``."""
+
+    reason: str
+
+
+class WorkMoves(WorkRecords):
+    """Claiming work and ending attempts."""
+
+    async def claim(
+        self,
+        queue: str = DEFAULT_QUEUE,
+        *,
+        limit: int = 1,
+        lease_seconds: int = 30,
+        work_types: Sequence[str] | None = None,
+        start: bool = False,
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` visible items, highest priority first.
+
+        The lease is the pgmq visibility timeout: unless extended, the item is claimable again
+        after ``lease_seconds``. With ``start=True`` the items also move to ``running`` (one
+        attempt each) in the same UPDATE, audited as both steps.
+        """
+        if limit < 1 or lease_seconds < 1:
+            raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
+        async with self.connection() as conn:  # one statement: atomic without BEGIN/COMMIT
+            rows = await conn.fetch(
+                "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
+                queue, limit, lease_seconds, list(work_types) if work_types else None, start,
+            )
+        # items taken back from expired leases come after the rest: one order for all
+        rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
+        if rows:
+            transition("queued", "claimed", len(rows))
+            if start:
+                transition("claimed", "running", len(rows))
+        return [
+            Claimed(
+                item=WorkItem.from_row(r),
+                lease=Lease(work_id=r["id"], queue=r["queue"], msg_id=r["msg_id"], token=r["lease"]),
+            )
+            for r in rows
+        ]
+
+    async def start(self, lease: Lease) -> WorkItem:
+        """``claimed -> running``: the focus begins; counts one attempt."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.start($1, $2, $3)",
+                                      lease.work_id, lease.msg_id, lease.token)
+        transition("claimed", "running")
+        return WorkItem.from_row(row)
+
+    async def extend_lease(self, leases: Sequence[Lease], seconds: int) -> list[Lease]:
+        """Push the visibility timeout of held items ``seconds`` from now. Returns the leases
+        that are lost (not extended): the item was claimed again after the lease ran out, or
+        its attempt was taken back as lost."""
+        if not leases:
+            return []
+        lost: list[Lease] = []
+        async with self.connection() as conn:
+            for queue in {lease.queue for lease in leases}:
+                mine = [le for le in leases if le.queue == queue]
+                rows = await conn.fetch(
+                    "SELECT * FROM animus.extend_leases($1, $2, $3, $4, $5)",
+                    queue, [le.work_id for le in mine], [le.msg_id for le in mine],
+                    [le.token for le in mine], seconds,
+                )
+                gone = {r[0] for r in rows}
+                lost += [le for le in mine if le.work_id in gone]
+        return lost
+
+    async def complete(
+        self, lease: Lease, data: Any = None, *, duration_ms: int | None = None
+    ) -> None:
+        """``running -> completed`` with the outcome; the message is archived."""
+        await self.complete_many([(lease, data, duration_ms)])
+
+    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]],
+                            *, conn: asyncpg.Connection | None = None,
+                            executions: Sequence[ExecutionRecord] = ()) -> None:
+        """Complete a batch in one round trip. Raises :class:`LeaseLost` or
+        :class:`IllegalTransition` (and completes none) if any lease is not held.
+
+        An outcome may be given encoded already (a :class:`msgspec.Raw` of JSON text that
+        :func:`animus_core.values.json_values.encode` made, within the outcome limit).
+        With ``conn``, the completion joins that connection's open transaction."""
+        if not done:
+            return
+        # The outcomes go as JSON text: in a jsonb[] argument asyncpg would take a list
+        # outcome for a nested array dimension (and keep only its first element).
+        data = [_outcome_json(d[1]) for d in done]
+        args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
+                [d[0].token for d in done], data, [d[2] for d in done])
+        sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
+        if conn is not None:
+            with errors():
+                await conn.execute(sql, *args)
+                await copy_executions(conn, executions)
+        else:
+            async with self.connection() as c:
+                if not executions:  # one statement: atomic without BEGIN/COMMIT round trips
+                    await c.execute(sql, *args)
+                else:
+                    async with c.transaction():
+                        await c.execute(sql, *args)
+                        await copy_executions(c, executions)
+        transition("running", "completed", len(done))  # counted once it is done
+
+    async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None,
+                   execution: ExecutionRecord | None = None) -> WorkItem:
+        """``running -> failed`` with the reason. Follow with :meth:`retry` or :meth:`dead_letter`
+        (or use :meth:`fail_attempt`, which does both in one call).
+
+        ``execution``, the attempt's record, is appended in the same transaction: only while
+        the lease is held, so that an attempt taken back as lost keeps its one record."""
+        check_reason(error)
+        async with self.connection() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM animus.fail($1, $2, $3, $4, $5)",
+                                      lease.work_id, lease.msg_id, lease.token, error,
+                                      duration_ms)
+            if execution is not None:
+                await copy_executions(conn, [execution])
+        transition("running", "failed")
+        return WorkItem.from_row(row)
+
+    async def fail_attempt(self, lease: Lease, error: str, *, then: Retry | DeadLetter,
+                           duration_ms: int | None = None,
+                           execution: ExecutionRecord | None = None,
+                           usage: dict[str, Any] | None = None) -> WorkItem:
+        """End a failed attempt in one round trip and one transaction: add its model
+        ``usage`` to the item's totals, record ``running -> failed`` with ``error`` and the
+        attempt's ``execution`` record, then :class:`Retry` or :class:`DeadLetter` as
+        ``then`` says. Returns the item as it is left (queued or dead).
+
+        A lost lease raises :class:`LeaseLost` and changes nothing but the usage totals:
+        what the attempt spent is kept."""
+        check_reason(error)
+        delay = None
+        if isinstance(then, Retry):
+            delay = _check_delay(then.delay)
+        if then.reason is not None:
+            check_reason(then.reason)
+        try:
+            async with self.connection() as conn:
+                row = await conn.fetchrow(
+                    "SELECT * FROM animus.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    lease.work_id, lease.msg_id, lease.token, error, duration_ms,
+                    execution_json(execution), usage, delay, then.reason)
+        except LeaseLost:
+            if usage:
+                await self.record_usage(lease.work_id, usage)
+            raise
+        transition("running", "failed")
+        transition("failed", "queued" if delay is not None else "dead")
+        return WorkItem.from_row(row)
+
+    async def cancel_attempt(self, lease: Lease, *, duration_ms: int | None = None,
+                             execution: ExecutionRecord | None = None) -> WorkItem:
+        """A requested cancellation stopped the attempt: ``running -> failed -> dead`` in
+        one round trip, the reason (and the execution record's error) saying who asked,
+        as ``cancelled while running: <request>``. Returns the dead item."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM animus.cancel_attempt($1, $2, $3, $4, $5, $6)",
+                lease.work_id, lease.msg_id, lease.token, duration_ms,
+                execution_json(execution), limits().reason_chars)
+        transition("running", "failed")
+        transition("failed", "dead")
+        return WorkItem.from_row(row)
+
+    async def release(self, lease: Lease, reason: str) -> WorkItem:
+        """``claimed|running -> queued`` without counting a failure (shutdown, could not start).
+
+        An attempt already counted by :meth:`start` is given back."""
+        check_reason(reason)
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT r.was, (r.item).* FROM animus.release($1, $2, $3, $4) r",
+                lease.work_id, lease.msg_id, lease.token, reason)
+        transition(row["was"], "queued")
+        return WorkItem.from_row(row)
+
+    async def retry(
+        self, work_id: UUID | str, *, delay: float = 0.0, reason: str | None = None
+    ) -> WorkItem:
+        """``failed -> queued``, visible again after ``delay`` seconds."""
+        wid = _id(work_id)
+        delay = _check_delay(delay)
+        if reason is not None:
+            check_reason(reason)
+        async with self.connection() as conn:
+            updated = await conn.fetchrow("SELECT * FROM animus.retry($1, $2, $3)",
+                                          wid, delay, reason)
+        transition("failed", "queued")
+        return WorkItem.from_row(updated)
+
+    async def dead_letter(self, work_id: UUID | str, reason: str) -> WorkItem:
+        """End an item as ``dead`` with a reason (from queued, failed, or running via failed).
+        An item awaiting approval is refused: a decision ends it (:meth:`decide`)."""
+        wid = _id(work_id)
+        check_reason(reason)
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT r.was, (r.item).* FROM animus.dead_letter($1, $2) r", wid, reason)
+        transition(row["was"], "dead")
+        return WorkItem.from_row(row)
+
+    async def cancel(self, work_id: UUID | str, reason: str = "cancelled") -> WorkItem:
+        """``queued -> cancelled``. A claimed or running item cannot go to ``cancelled``
+        (docs/concepts.md, States and transitions): the request is recorded and audited, and
+        the engine running it stops the focus and ends the item ``dead`` with ``reason``."""
+        wid = _id(work_id)
+        check_reason(reason)
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.cancel($1, $2)", wid, reason)
+        item = WorkItem.from_row(row)
+        if item.state == State.CANCELLED:  # otherwise it was a request
+            transition("queued", "cancelled")
+        return item
+
+
+_id = work_id
+
+
+def _check_delay(delay: float) -> float:
+    if not 0 <= delay <= _MAX_DELAY:  # also refuses NaN
+        raise InvalidInput(f"retry delay must be from 0 to {_MAX_DELAY} seconds, got {delay}")
+    return float(delay)
+
+
+def _outcome_json(data: Any) -> str | None:
+    if data is None:
+        return None
+    if isinstance(data, msgspec.Raw):  # checked and encoded by the caller
+        return bytes(data).decode()
+    return json_values.encode(data, "outcome", limit=limits().outcome_bytes,
+                              setting="ANIMUS_MAX_OUTCOME_BYTES")

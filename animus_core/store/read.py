@@ -1,0 +1,167 @@
+"""The read model: what ``animus status``, ``animus work list`` and the engine's reports
+read, as msgspec structs, one query per view."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from uuid import UUID
+
+import msgspec
+
+from animus_core.store.base import DbBase, work_id
+from animus_core.values.errors import InvalidInput, WorkNotFound
+from animus_core.values.states import State
+from animus_core.values.work import WorkItem
+
+__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WorkCount", "WorkReads",
+           "queue_depths", "status", "unroutable_backlog"]
+
+
+class QueueDepth(msgspec.Struct, frozen=True, kw_only=True):
+    queue: str
+    depth: int
+    oldest_seconds: int | None
+
+
+class WorkCount(msgspec.Struct, frozen=True, kw_only=True):
+    work_type: str
+    state: str
+    n: int
+
+
+class DeadItem(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    work_type: str
+    reason: str | None
+    resolved_at: datetime | None
+
+
+class ScheduleTick(msgspec.Struct, frozen=True, kw_only=True):
+    """A schedule's latest tick, and the type of the work it submitted."""
+
+    name: str
+    last_tick: datetime
+    work_type: str | None
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``animus status`` shows: queues, live work by type and state (finished work
+    left out, dead work kept), the latest dead letters, each schedule's latest tick."""
+
+    queues: list[QueueDepth]
+    work: list[WorkCount]
+    dead: list[DeadItem]
+    schedules: list[ScheduleTick]
+
+
+_QUEUE_DEPTHS = "SELECT queue_name, queue_length, oldest_msg_age_sec FROM pgmq.metrics_all()"
+_LIVE_COUNTS = """
+    SELECT work_type, state::text, count(*) AS n FROM animus.work_items
+     WHERE state NOT IN ('completed', 'merged', 'cancelled')
+     GROUP BY 1, 2 ORDER BY 1, 2"""
+_LATEST_DEAD = """
+    SELECT id, work_type, reason, resolved_at FROM animus.work_items
+     WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST LIMIT $1"""
+_LATEST_TICKS = """
+    SELECT t.name, t.tick, w.work_type
+      FROM (SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
+             ORDER BY name, tick DESC) t
+      LEFT JOIN animus.work_items w ON w.id = t.work_id
+     ORDER BY t.name"""
+
+
+async def queue_depths(db: DbBase) -> list[QueueDepth]:
+    """Every pgmq queue's depth and the age of its oldest message."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(_QUEUE_DEPTHS)
+    return [QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in rows]
+
+
+async def status(db: DbBase, *, dead_letters: int = 5) -> Status:
+    """The :class:`Status` view, read on one connection."""
+    async with db.connection() as conn:
+        queues = await conn.fetch(_QUEUE_DEPTHS)
+        counts = await conn.fetch(_LIVE_COUNTS)
+        dead = await conn.fetch(_LATEST_DEAD, dead_letters)
+        ticks = await conn.fetch(_LATEST_TICKS) if await conn.fetchval(
+            "SELECT to_regclass('animus.schedule_ticks') IS NOT NULL") else []
+    return Status(
+        queues=[QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in queues],
+        work=[WorkCount(work_type=r[0], state=r[1], n=r[2]) for r in counts],
+        dead=[DeadItem(id=r[0], work_type=r[1], reason=r[2], resolved_at=r[3]) for r in dead],
+        schedules=[ScheduleTick(name=r[0], last_tick=r[1], work_type=r[2]) for r in ticks])
+
+
+async def unroutable_backlog(db: DbBase, accepted: Sequence[str]) -> list[WorkCount]:
+    """Queued work of each type not in ``accepted``, by type."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            """SELECT work_type, count(*) FROM animus.work_items
+                WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
+                GROUP BY work_type""", list(accepted))
+    return [WorkCount(work_type=r[0], state="queued", n=r[1]) for r in rows]
+
+
+class WorkReads(DbBase):
+    """Reading work items."""
+
+    async def get_work_item(self, work_id: UUID | str) -> WorkItem:
+        wid = _id(work_id)
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1", wid)
+        if row is None:
+            raise WorkNotFound(f"no work item with id {wid}")
+        return WorkItem.from_row(row)
+
+    async def list_work(
+        self,
+        *,
+        state: State | str | Iterable[State | str] | None = None,
+        work_type: str | None = None,
+        parent_id: UUID | str | None = None,
+        created_since: datetime | None = None,
+        limit: int = 100,
+        before: UUID | str | None = None,
+    ) -> list[WorkItem]:
+        """Newest first. Page with ``before=<id of the last item of the previous page>``."""
+        states: list[str] | None = None
+        if state is not None:
+            raw = [state] if isinstance(state, str) else list(state)
+            try:
+                states = [State(s).value for s in raw]
+            except ValueError:
+                raise InvalidInput(
+                    f"unknown state in {raw!r}: states are {', '.join(s.value for s in State)}"
+                ) from None
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be from 1 to 10000, got {limit}")
+        cursor = _id(before) if before is not None else None
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT * FROM animus.work_items
+                    WHERE ($1::animus.work_state[] IS NULL OR state = ANY ($1))
+                      AND ($2::text IS NULL OR work_type = $2)
+                      AND ($3::uuid IS NULL OR parent_id = $3)
+                      AND ($4::timestamptz IS NULL OR created_at >= $4)
+                      AND ($5::uuid IS NULL OR (created_at, id) <
+                           (SELECT c.created_at, c.id FROM animus.work_items c WHERE c.id = $5))
+                    ORDER BY created_at DESC, id DESC LIMIT $6""",
+                states, work_type, _id(parent_id) if parent_id else None, created_since,
+                cursor, limit,
+            )
+        if not rows and cursor is not None:
+            await self.get_work_item(cursor)  # raises WorkNotFound for an unknown cursor
+        return [WorkItem.from_row(r) for r in rows]
+
+    async def cancel_requests(self, work_ids: Sequence[UUID]) -> list[UUID]:
+        """Which of these items someone asked to cancel while they run."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT id FROM animus.work_items WHERE id = ANY($1::uuid[])
+                      AND cancel_requested IS NOT NULL AND state IN ('claimed', 'running')""",
+                list(work_ids))
+        return [r[0] for r in rows]
+
+
+_id = work_id

@@ -1,0 +1,159 @@
+"""What is recorded about work besides its state: decisions on gated work, the audit trail
+(history, sealing, verification), execution records, environments and model usage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from animus_core.infra.witness import Checkpoint
+from animus_core.store import audit
+from animus_core.store.base import check_reason, work_id
+from animus_core.store.errors import errors
+from animus_core.store.read import WorkReads
+from animus_core.values.records import ExecutionRecord
+from animus_core.values.work import WorkItem
+
+__all__ = ["WorkRecords", "copy_executions", "execution_json"]
+
+
+class WorkRecords(WorkReads):
+    """Approvals, history and audit, execution records and usage."""
+
+    # -- approvals and history ---------------------------------------------------------------
+
+    async def decide(self, work_id: UUID | str, decision: str, reason: str) -> WorkItem:
+        """Approve or reject an item awaiting approval, as the connected database user.
+        The database checks the role the rule asked for, refuses the requester, and moves
+        the item to queued once the quorum is reached (or to dead on a rejection)."""
+        wid = _id(work_id)
+        check_reason(reason)
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
+                                      wid, decision, reason)
+        return WorkItem.from_row(row)
+
+    async def approvals(self, work_id: UUID | str) -> list[dict[str, Any]]:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT approver, decision, reason, at FROM animus.approvals WHERE work_id = $1 "
+                "ORDER BY id", _id(work_id))
+        return [dict(r) for r in rows]
+
+    async def approvers(self, work_id: UUID | str, role: str) -> list[str]:
+        """Who approved the item while holding ``animus_<role>`` (or as a superuser)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT a.approver FROM animus.approvals a
+                     LEFT JOIN pg_roles r ON r.rolname = a.approver
+                    WHERE a.work_id = $1 AND a.decision = 'approve'
+                      AND (r.rolsuper OR CASE WHEN EXISTS (
+                               SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $2)
+                           THEN pg_has_role(r.oid, 'animus_' || $2, 'MEMBER')
+                           ELSE false END)""", _id(work_id), role)
+        return [r[0] for r in rows]
+
+    async def history(self, work_id: UUID | str) -> list[audit.AuditEvent]:
+        """Every audit event of one item, oldest first."""
+        wid = _id(work_id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT a.*, s.seq IS NOT NULL AS sealed FROM animus.audit_log a
+                     LEFT JOIN animus.audit_seal s ON s.audit_id = a.id
+                    WHERE a.work_id = $1 ORDER BY a.id""",
+                wid,
+            )
+        if not rows:
+            await self.get_work_item(wid)  # raises WorkNotFound
+        return [audit.AuditEvent.from_row(r) for r in rows]
+
+    # -- execution records and usage ---------------------------------------------------------
+
+    async def record_executions(self, executions: Sequence[ExecutionRecord]) -> None:
+        """Append execution records (see :mod:`animus_core.values.records`)."""
+        async with self.connection() as conn:
+            await copy_executions(conn, executions)
+
+    async def record_usage(self, work_id: UUID, usage: dict[str, Any], *,
+                           conn: asyncpg.Connection | None = None) -> None:
+        """Add one attempt's model usage (``{"models": {model: tokens}, "cost_usd": x}``) to
+        the item's totals, failed attempts included."""
+        sql = "SELECT animus.add_usage($1, $2)"
+        if conn is not None:
+            with errors():
+                await conn.execute(sql, work_id, usage)
+            return
+        async with self.connection() as c:
+            await c.execute(sql, work_id, usage)
+
+    async def record_environment(self, env_hash: str, environment: dict[str, Any]) -> None:
+        async with self.connection() as conn:
+            await conn.execute(
+                """INSERT INTO animus.environments (hash, environment) VALUES ($1, $2)
+                   ON CONFLICT (hash) DO NOTHING""", env_hash, environment)
+
+    async def executions(self, work_id: UUID | str) -> list[ExecutionRecord]:
+        """Every execution record of an item, oldest first, with its environment."""
+        wid = _id(work_id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT r.*, e.environment FROM animus.execution_records r
+                     LEFT JOIN animus.environments e ON e.hash = r.environment_hash
+                    WHERE r.work_id = $1 ORDER BY r.id""", wid)
+        return [ExecutionRecord.from_row(r) for r in rows]
+
+    # -- the audit chain ---------------------------------------------------------------------
+
+    async def seal_audit(self) -> int:
+        """Chain every committed, unsealed audit row; return how many were sealed."""
+        async with self.connection() as conn:
+            return await audit.seal(conn, keys=self.audit_keys)
+
+    async def verify_audit(self, checkpoints: Sequence[tuple[str, Checkpoint]] = ()
+                           ) -> audit.Verification:
+        """Seal what is pending, then recompute the whole chain, and check that it still
+        holds each of ``checkpoints`` (``(where, checkpoint)`` pairs)."""
+        async with self.connection() as conn:
+            await audit.seal(conn, keys=self.audit_keys)
+            return await audit.verify(conn, keys=self.audit_keys, checkpoints=checkpoints)
+
+    async def audit_checkpoint(self, *, seal: bool = True) -> Checkpoint:
+        """A checkpoint of the audit chain's head (after sealing what is pending), signed
+        with the audit key when this process holds one."""
+        async with self.connection() as conn:
+            if seal:
+                await audit.seal(conn, keys=self.audit_keys)
+            return await audit.checkpoint(conn, self.audit_keys)
+
+
+_id = work_id
+
+_EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash", "faculty",
+                      "faculty_hash", "engine_version", "environment_hash", "models",
+                      "outcome_hash", "error", "started_at"]
+
+_INSERT_EXECUTIONS = f"""
+    INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})
+    SELECT {", ".join(_EXECUTION_COLUMNS)}
+      FROM json_populate_recordset(NULL::animus.execution_records, $1::json)"""
+
+
+def execution_json(execution: ExecutionRecord | None) -> msgspec.Raw | None:
+    """One execution record as a ``jsonb`` argument, encoded once (its fields name the
+    columns of ``animus.execution_records``)."""
+    return None if execution is None else msgspec.Raw(msgspec.json.encode(execution))
+
+
+async def copy_executions(conn: asyncpg.Connection,
+                          executions: Sequence[ExecutionRecord]) -> None:
+    """Append execution records on ``conn`` (in its transaction, if one is open)."""
+    if not executions:
+        return
+    # One statement and one JSON parameter for the batch (cheaper to build than an array
+    # per column); the records' own fields name the columns.
+    with errors():
+        await conn.execute(_INSERT_EXECUTIONS, msgspec.json.encode(executions).decode())

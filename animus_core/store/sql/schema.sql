@@ -1,0 +1,1265 @@
+-- The animus schema as the migrations leave it (sql/migrations/), for reading: made by
+-- scripts/schema from a freshly migrated database (pg_dump --schema-only --schema=animus).
+-- Do not edit: change the schema with a new migration, then run scripts/schema.
+-- Not shown: ownership, and the grants to the animus_* roles, which `animus roles setup`
+-- makes (animus_core/store/roles.py).
+
+CREATE SCHEMA animus;
+
+CREATE TYPE animus.work_state AS ENUM (
+    'created',
+    'queued',
+    'awaiting_approval',
+    'claimed',
+    'running',
+    'failed',
+    'completed',
+    'dead',
+    'merged',
+    'cancelled'
+);
+
+CREATE FUNCTION animus.actor() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT nullif(current_setting('animus.actor', true), '')
+$$;
+
+CREATE FUNCTION animus.add_usage(p_id uuid, p_usage jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_old jsonb;
+BEGIN
+    SELECT coalesce(w.usage, '{}') INTO v_old FROM animus.work_items w
+     WHERE w.id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE animus.work_items w SET usage = jsonb_build_object(
+        'models', (
+            WITH entries AS (
+                SELECT e.model, e.tokens
+                  FROM jsonb_each(coalesce(v_old->'models', '{}')) AS e(model, tokens)
+                UNION ALL
+                SELECT e.model, e.tokens
+                  FROM jsonb_each(coalesce(p_usage->'models', '{}')) AS e(model, tokens)
+            ), sums AS (
+                SELECT x.model, jsonb_object_agg(x.kind, x.n) AS tokens
+                  FROM (SELECT e.model, k.kind, sum(k.n::numeric) AS n
+                          FROM entries e CROSS JOIN LATERAL jsonb_each_text(e.tokens) AS k(kind, n)
+                         GROUP BY e.model, k.kind) x
+                 GROUP BY x.model
+            )
+            SELECT coalesce(jsonb_object_agg(m.model, coalesce(s.tokens, '{}')), '{}')
+              FROM (SELECT DISTINCT e.model FROM entries e) m
+              LEFT JOIN sums s ON s.model = m.model),
+        'cost_usd', trim_scale(round(coalesce((v_old->>'cost_usd')::numeric, 0)
+                                     + coalesce((p_usage->>'cost_usd')::numeric, 0), 6)))
+     WHERE w.id = p_id;
+END
+$$;
+
+CREATE FUNCTION animus.audit_log_session_user() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.db_user := session_user;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION animus.new_id() RETURNS uuid
+    LANGUAGE sql
+    AS $$ SELECT uuidv7() $$;
+
+CREATE TABLE animus.work_items (
+    id uuid DEFAULT animus.new_id() NOT NULL,
+    work_type text NOT NULL,
+    dedup_key text,
+    params jsonb DEFAULT '{}'::jsonb NOT NULL,
+    source text NOT NULL,
+    trigger text,
+    priority integer DEFAULT 0 NOT NULL,
+    state animus.work_state NOT NULL,
+    reason text,
+    queue text DEFAULT 'work'::text NOT NULL,
+    parent_id uuid,
+    merged_into uuid,
+    replay_of uuid,
+    traceparent text,
+    gate jsonb,
+    requested_by text DEFAULT SESSION_USER NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    max_attempts integer DEFAULT 3 NOT NULL,
+    outcome_data jsonb,
+    outcome_error text,
+    duration_ms bigint,
+    msg_id bigint,
+    lease integer,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    resolved_at timestamp with time zone,
+    usage jsonb,
+    cancel_requested text,
+    CONSTRAINT work_items_check CHECK (((state = 'merged'::animus.work_state) = (merged_into IS NOT NULL))),
+    CONSTRAINT work_items_dedup_key_check CHECK ((dedup_key <> ''::text)),
+    CONSTRAINT work_items_max_attempts_check CHECK ((max_attempts >= 1)),
+    CONSTRAINT work_items_params_check CHECK ((jsonb_typeof(params) = 'object'::text)),
+    CONSTRAINT work_items_source_check CHECK ((source <> ''::text)),
+    CONSTRAINT work_items_work_type_check CHECK ((work_type <> ''::text))
+);
+
+CREATE FUNCTION animus.cancel(p_id uuid, p_reason text) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_id);
+BEGIN
+    IF v_item.state IN ('claimed', 'running') THEN
+        -- first, so that the update below is known to be this request
+        INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+        VALUES (p_id, 'cancel_requested', v_item.state, v_item.state,
+                JSON_OBJECT('source': v_item.source, 'actor': animus.actor()
+                            ABSENT ON NULL RETURNING jsonb),
+                jsonb_build_object('reason', p_reason));
+        PERFORM pg_notify('animus_cancel', p_id::text);
+        RETURN QUERY UPDATE animus.work_items w
+                        SET cancel_requested = p_reason, updated_at = now()
+                      WHERE w.id = p_id RETURNING w.*;
+        RETURN;
+    END IF;
+    PERFORM animus.require_transition(p_id, v_item.state, 'cancelled');
+    UPDATE animus.work_items w
+       SET state = 'cancelled', reason = p_reason, resolved_at = now(), updated_at = now()
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM animus.drop_message(v_item);
+    RETURN NEXT v_item;
+END
+$$;
+
+CREATE FUNCTION animus.cancel_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_duration_ms bigint, p_execution jsonb, p_reason_chars integer) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_reason text := format('cancelled while %s: %s', v_item.state,
+                            coalesce(v_item.cancel_requested, 'by request'));
+BEGIN
+    IF length(v_reason) > p_reason_chars THEN
+        v_reason := format('%s [... %s more characters cut]', left(v_reason, p_reason_chars - 40),
+                           length(v_reason) - (p_reason_chars - 40));
+    END IF;
+    PERFORM animus.fail(p_id, p_msg_id, p_lease, v_reason, p_duration_ms);
+    IF p_execution IS NOT NULL THEN
+        PERFORM animus.record_execution(jsonb_set(p_execution, '{error}', to_jsonb(v_reason)));
+    END IF;
+    RETURN QUERY SELECT (d.item).* FROM animus.dead_letter(p_id, v_reason) d;
+END
+$$;
+
+CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_ids uuid[];
+    v_msgs bigint[];
+    v_reads int[];
+    v_claimed int;
+    v_stale uuid[];
+BEGIN
+    EXECUTE format($q$
+        WITH cte AS (
+            SELECT msg_id FROM pgmq.%1$I
+             WHERE vt <= clock_timestamp()
+               AND ($2::text[] IS NULL OR message->>'t' = ANY ($2))
+             ORDER BY ((message->>'p')::int) DESC, msg_id
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+        ), upd AS (
+            UPDATE pgmq.%1$I m
+               SET last_read_at = clock_timestamp(),
+                   vt = clock_timestamp() + make_interval(secs => $3),
+                   read_ct = read_ct + 1
+              FROM cte WHERE m.msg_id = cte.msg_id
+            RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
+        )
+        SELECT array_agg(msg_id), array_agg(read_ct), array_agg(id) FROM upd
+    $q$, 'q_' || p_queue) INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- the usual case: every message's item is plainly queued
+    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_ids, p_start);
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    IF v_claimed = cardinality(v_ids) THEN
+        RETURN;
+    END IF;
+
+    -- Messages left over: their item's lease expired (claimed or running), it failed and
+    -- waits for a retry, it finished, or it is missing. Items claimed just above are not
+    -- among them (whichever of their messages they were claimed through).
+    SELECT array_agg(c.id) INTO v_stale
+      FROM unnest(v_ids) AS c(id)
+      LEFT JOIN animus.work_items w ON w.id = c.id
+     WHERE w.id IS NULL
+        OR NOT EXISTS (SELECT 1 FROM unnest(v_msgs, v_reads) AS m(msg_id, read_ct)
+                        WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
+
+    UPDATE animus.work_items w
+       SET state = 'queued', reason = 'lease expired before the focus started',
+           updated_at = now()
+     WHERE w.id = ANY (v_stale) AND w.state = 'claimed';
+    WITH lost AS (
+        UPDATE animus.work_items w
+           SET state = 'failed', outcome_error = 'lease expired while running (engine lost)',
+               reason = 'lease expired while running (engine lost)', updated_at = now()
+         WHERE w.id = ANY (v_stale) AND w.state = 'running'
+        RETURNING w.id, w.attempts, w.work_type, w.outcome_error)
+    INSERT INTO animus.execution_records (work_id, attempt, result, work_type, error,
+                                          started_at)
+    SELECT l.id, l.attempts, 'lost', l.work_type, l.outcome_error,
+           coalesce((SELECT max(a.at) FROM animus.audit_log a
+                      WHERE a.work_id = l.id AND a.event = 'running'), now())
+      FROM lost l
+     WHERE NOT EXISTS (SELECT 1 FROM animus.execution_records r
+                        WHERE r.work_id = l.id AND r.attempt = l.attempts);
+    UPDATE animus.work_items w
+       SET state = CASE WHEN w.attempts < w.max_attempts THEN 'queued'
+                        ELSE 'dead' END::animus.work_state,
+           reason = CASE WHEN w.attempts < w.max_attempts
+                         THEN 'retry after: ' || coalesce(w.outcome_error, 'failure')
+                         ELSE 'attempts exhausted (' || w.attempts || '/' || w.max_attempts
+                              || '): ' || coalesce(w.outcome_error, 'failure') END,
+           resolved_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
+           updated_at = now()
+     WHERE w.id = ANY (v_stale) AND w.state = 'failed';
+    -- a message whose item is still not queued has nothing left to deliver
+    PERFORM pgmq.archive(p_queue, array_agg(c.msg_id))
+       FROM unnest(v_ids, v_msgs) AS c(id, msg_id)
+       LEFT JOIN animus.work_items w ON w.id = c.id
+      WHERE c.id = ANY (v_stale) AND (w.id IS NULL OR w.state <> 'queued')
+     HAVING count(*) > 0;
+
+    -- the items the bookkeeping put back in the queue are claimed through these messages
+    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_stale, p_start);
+END
+$_$;
+
+CREATE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_data jsonb[], p_duration_ms bigint[]) RETURNS SETOF uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_done uuid[];
+    v_queues text[];
+    v_msgs bigint[];
+    bad record;
+BEGIN
+    WITH x AS (
+        SELECT * FROM unnest(p_ids, p_msg_ids, p_leases, p_data, p_duration_ms)
+                 AS x(id, msg_id, lease, data, duration_ms)
+    ), upd AS (
+        UPDATE animus.work_items w
+           SET state = 'completed', outcome_data = x.data, outcome_error = NULL,
+               duration_ms = x.duration_ms, reason = 'completed', resolved_at = now(),
+               updated_at = now()
+          FROM x
+         WHERE w.id = x.id AND w.id = ANY (p_ids) AND w.msg_id = x.msg_id AND w.lease = x.lease
+           AND w.state = 'running'
+        RETURNING w.id, w.queue, w.msg_id
+    )
+    SELECT array_agg(upd.id), array_agg(upd.queue), array_agg(upd.msg_id)
+      INTO v_done, v_queues, v_msgs FROM upd;
+
+    PERFORM pgmq.archive(t.queue, array_agg(t.msg_id))
+       FROM unnest(v_queues, v_msgs) AS t(queue, msg_id) GROUP BY t.queue;
+
+    IF coalesce(array_length(v_done, 1), 0) <> coalesce(array_length(p_ids, 1), 0) THEN
+        SELECT x.id, w.state,
+               (w.msg_id, w.lease) IS NOT DISTINCT FROM (x.msg_id, x.lease) AS same_lease
+          INTO bad
+          FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
+          LEFT JOIN animus.work_items w ON w.id = x.id
+         WHERE v_done IS NULL OR NOT x.id = ANY (v_done)
+         LIMIT 1;
+        IF bad.state IS NULL THEN
+            RAISE EXCEPTION 'work item % does not exist', bad.id USING ERRCODE = 'ANI04';
+        ELSIF NOT bad.same_lease THEN  -- whatever became of the item since
+            RAISE EXCEPTION 'lease lost on work item %: it was claimed again after the lease expired', bad.id
+                USING ERRCODE = 'ANI02';
+        ELSE
+            RAISE EXCEPTION 'illegal transition for work item %: % -> completed', bad.id, bad.state
+                USING ERRCODE = 'ANI01';
+        END IF;
+    END IF;
+    RETURN QUERY SELECT unnest(v_done);
+END
+$$;
+
+CREATE FUNCTION animus.create_queue(p_queue text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_prio')) IS NOT NULL THEN
+        RETURN;
+    END IF;
+    PERFORM pgmq.create(p_queue);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (((message->>''p'')::int) DESC, msg_id)',
+                   'q_' || p_queue || '_prio', 'q_' || p_queue);
+    EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_vt_idx');
+    EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', 'q_' || p_queue);
+END
+$$;
+
+CREATE FUNCTION animus.dead_letter(p_id uuid, p_reason text) RETURNS TABLE(was animus.work_state, item animus.work_items)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_id);
+    v_was animus.work_state := v_item.state;
+BEGIN
+    IF v_was = 'awaiting_approval' THEN
+        RAISE EXCEPTION 'work item % is awaiting_approval: only a decision ends it '
+                        '(animus approve or animus reject)', p_id
+            USING ERRCODE = 'ANI01';
+    END IF;
+    IF v_was = 'running' THEN
+        UPDATE animus.work_items w
+           SET state = 'failed', outcome_error = p_reason, reason = p_reason, updated_at = now()
+         WHERE w.id = p_id;
+        v_was := 'failed';
+    END IF;
+    PERFORM animus.require_transition(p_id, v_was, 'dead');
+    UPDATE animus.work_items w
+       SET state = 'dead', reason = p_reason, outcome_error = coalesce(w.outcome_error, p_reason),
+           resolved_at = now(), updated_at = now()
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM animus.drop_message(v_item);
+    RETURN QUERY SELECT v_was, v_item;
+END
+$$;
+
+CREATE FUNCTION animus.decide(p_work_id uuid, p_decision text, p_reason text) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    item animus.work_items;
+    v_role text;
+    v_quorum int;
+    v_approvers text[];
+    v_super bool;
+BEGIN
+    IF p_decision NOT IN ('approve', 'reject') THEN
+        RAISE EXCEPTION 'decision must be approve or reject, not %', p_decision
+            USING ERRCODE = 'ANI03';
+    END IF;
+    IF p_reason IS NULL OR btrim(p_reason) = '' THEN
+        RAISE EXCEPTION 'a decision needs a reason' USING ERRCODE = 'ANI03';
+    END IF;
+    SELECT * INTO item FROM animus.work_items WHERE id = p_work_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'work item % does not exist', p_work_id USING ERRCODE = 'ANI04';
+    END IF;
+    IF item.state <> 'awaiting_approval' THEN
+        RAISE EXCEPTION 'work item % is %: only items awaiting approval can be decided',
+            p_work_id, item.state USING ERRCODE = 'ANI01';
+    END IF;
+    IF item.requested_by = session_user THEN
+        RAISE EXCEPTION '% requested work item % and cannot % it: another person must',
+            session_user, p_work_id, p_decision USING ERRCODE = 'ANI03';
+    END IF;
+    v_role := 'animus_' || coalesce(item.gate->>'role', 'approver');
+    v_quorum := coalesce((item.gate->>'quorum')::int, 1);
+    SELECT rolsuper INTO v_super FROM pg_roles WHERE rolname = session_user;
+    IF NOT coalesce(v_super, false) THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
+            RAISE EXCEPTION 'role % does not exist: run animus roles setup', v_role
+                USING ERRCODE = 'ANI03';
+        END IF;
+        IF NOT pg_has_role(session_user, v_role, 'MEMBER') THEN
+            RAISE EXCEPTION '% may not decide work item %: the rule % requires role %',
+                session_user, p_work_id, coalesce(item.gate->>'rule', '?'), v_role
+                USING ERRCODE = 'ANI03';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM animus.approvals WHERE work_id = p_work_id
+                                                AND approver = session_user) THEN
+        RAISE EXCEPTION '% already decided work item %', session_user, p_work_id
+            USING ERRCODE = 'ANI03';
+    END IF;
+
+    INSERT INTO animus.approvals (work_id, approver, decision, reason)
+    VALUES (p_work_id, session_user, p_decision, p_reason);
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (p_work_id, CASE p_decision WHEN 'approve' THEN 'approval' ELSE 'rejection' END,
+            item.state, item.state,
+            jsonb_strip_nulls(jsonb_build_object('source', item.source, 'actor', animus.actor())),
+            jsonb_build_object('approver', session_user, 'decision', p_decision,
+                               'reason', p_reason, 'gate', item.gate));
+
+    IF p_decision = 'reject' THEN
+        RETURN QUERY UPDATE animus.work_items
+           SET state = 'dead', reason = 'rejected by ' || session_user || ': ' || p_reason,
+               resolved_at = now(), updated_at = now()
+         WHERE id = p_work_id RETURNING *;
+        RETURN;
+    END IF;
+    SELECT array_agg(approver ORDER BY at) INTO v_approvers FROM animus.approvals
+     WHERE work_id = p_work_id AND decision = 'approve';
+    IF cardinality(v_approvers) >= v_quorum THEN
+        PERFORM pgmq.send(item.queue, jsonb_build_object('id', item.id, 't', item.work_type,
+                                                         'p', item.priority));
+        PERFORM pg_notify('animus_work', json_build_object(
+                    'queue', item.queue, 'work_types', json_build_array(item.work_type))::text);
+        RETURN QUERY UPDATE animus.work_items
+           SET state = 'queued', updated_at = now(),
+               reason = 'approved by ' || array_to_string(v_approvers, ', ')
+         WHERE id = p_work_id RETURNING *;
+        RETURN;
+    END IF;
+    RETURN QUERY UPDATE animus.work_items
+       SET reason = format('approved by %s of %s needed', cardinality(v_approvers), v_quorum),
+           updated_at = now()
+     WHERE id = p_work_id RETURNING *;
+END
+$$;
+
+CREATE FUNCTION animus.drop_message(p_item animus.work_items) RETURNS void
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    v_ids bigint[];
+BEGIN
+    IF p_item.msg_id IS NOT NULL THEN
+        v_ids := ARRAY[p_item.msg_id];
+    ELSE
+        EXECUTE format('SELECT array_agg(msg_id) FROM pgmq.%I WHERE message->>''id'' = $1',
+                       'q_' || p_item.queue) INTO v_ids USING p_item.id::text;
+    END IF;
+    IF v_ids IS NOT NULL THEN
+        PERFORM pgmq.archive(p_item.queue, v_ids);
+    END IF;
+END
+$_$;
+
+CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_seconds integer) RETURNS SETOF uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+BEGIN
+    EXECUTE format($q$
+        UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
+          FROM unnest($1::bigint[], $2::int[]) AS x(msg_id, lease)
+         WHERE m.msg_id = x.msg_id AND m.read_ct = x.lease
+    $q$, 'q_' || p_queue) USING p_msg_ids, p_leases, p_seconds;
+    RETURN QUERY
+        SELECT x.id FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
+          LEFT JOIN animus.work_items w ON w.id = x.id
+         WHERE w.id IS NULL
+            OR (w.msg_id, w.lease) IS DISTINCT FROM (x.msg_id, x.lease)
+            OR EXISTS (SELECT 1 FROM animus.execution_records r
+                        WHERE r.work_id = x.id AND r.attempt = w.attempts
+                          AND r.result = 'lost');
+END
+$_$;
+
+CREATE FUNCTION animus.fail(p_id uuid, p_msg_id bigint, p_lease integer, p_error text, p_duration_ms bigint) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+BEGIN
+    PERFORM animus.require_transition(p_id, v_item.state, 'failed');
+    RETURN QUERY UPDATE animus.work_items w
+                    SET state = 'failed', outcome_error = p_error, reason = p_error,
+                        duration_ms = p_duration_ms, updated_at = now()
+                  WHERE w.id = p_id RETURNING w.*;
+END
+$$;
+
+CREATE FUNCTION animus.fail_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_error text, p_duration_ms bigint, p_execution jsonb, p_usage jsonb, p_retry_delay double precision, p_reason text) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    PERFORM animus.held_item(p_id, p_msg_id, p_lease);  -- a lost lease changes nothing
+    IF p_usage IS NOT NULL THEN
+        PERFORM animus.add_usage(p_id, p_usage);
+    END IF;
+    PERFORM animus.fail(p_id, p_msg_id, p_lease, p_error, p_duration_ms);
+    PERFORM animus.record_execution(p_execution);
+    IF p_retry_delay IS NULL THEN
+        RETURN QUERY SELECT (d.item).* FROM animus.dead_letter(p_id, p_reason) d;
+    ELSE
+        RETURN QUERY SELECT * FROM animus.retry(p_id, p_retry_delay, p_reason);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease integer) RETURNS animus.work_items
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_id);
+BEGIN
+    IF v_item.msg_id IS DISTINCT FROM p_msg_id OR v_item.lease IS DISTINCT FROM p_lease THEN
+        RAISE EXCEPTION 'lease lost on work item %: it was claimed again after the lease expired',
+            p_id USING ERRCODE = 'ANI02';
+    END IF;
+    RETURN v_item;
+END
+$$;
+
+CREATE FUNCTION animus.lock_item(p_id uuid) RETURNS animus.work_items
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_item animus.work_items;
+BEGIN
+    SELECT * INTO v_item FROM animus.work_items WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no work item with id %', p_id USING ERRCODE = 'ANI04';
+    END IF;
+    RETURN v_item;
+END
+$$;
+
+CREATE FUNCTION animus.memory_configure(p_embedder text, p_dimension integer) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    current animus.memory_config;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('animus.memory_configure'));
+    SELECT * INTO current FROM animus.memory_config;
+    IF FOUND THEN
+        IF current.embedder = p_embedder AND current.dimension = p_dimension THEN
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'memories are embedded with % (% dimensions), not % (% dimensions)',
+            current.embedder, current.dimension, p_embedder, p_dimension
+            USING ERRCODE = 'ANI05',
+                  HINT = 'configure the same embedder, or move memories with: animus memory reembed';
+    END IF;
+    EXECUTE format('ALTER TABLE animus.memories ALTER COLUMN embedding TYPE vector(%s)', p_dimension);
+    EXECUTE 'CREATE INDEX memories_embedding ON animus.memories
+             USING hnsw (embedding vector_cosine_ops)';
+    INSERT INTO animus.memory_config (embedder, dimension) VALUES (p_embedder, p_dimension);
+END
+$$;
+
+CREATE FUNCTION animus.record_execution(p_execution jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO animus.execution_records (work_id, attempt, result, work_type, params_hash,
+                                          faculty, faculty_hash, engine_version,
+                                          environment_hash, models, outcome_hash, error,
+                                          started_at)
+    SELECT r.work_id, r.attempt, r.result, r.work_type, r.params_hash, r.faculty,
+           r.faculty_hash, r.engine_version, r.environment_hash, r.models, r.outcome_hash,
+           r.error, r.started_at
+      FROM jsonb_populate_record(NULL::animus.execution_records, p_execution) r
+     WHERE p_execution IS NOT NULL
+$$;
+
+CREATE FUNCTION animus.refuse_change() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION '% on %.% is refused: the audit trail is append-only',
+        TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'audit rows can only be added; verify the chain with: animus audit verify';
+END
+$$;
+
+CREATE FUNCTION animus.refuse_transition(p_id uuid, p_from animus.work_state, p_to animus.work_state) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'illegal transition for work item %: % -> %', p_id, p_from, p_to
+        USING ERRCODE = 'ANI01',
+              HINT = 'legal transitions are listed in animus.transitions';
+END
+$$;
+
+CREATE FUNCTION animus.release(p_id uuid, p_msg_id bigint, p_lease integer, p_reason text) RETURNS TABLE(was animus.work_state, item animus.work_items)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_was animus.work_state := v_item.state;
+BEGIN
+    PERFORM animus.require_transition(p_id, v_was, 'queued');
+    IF v_was NOT IN ('claimed', 'running') THEN
+        RAISE EXCEPTION 'work item % is %: only claimed or running items can be released '
+                        '(retry or dead-letter a failed one)', p_id, v_was
+            USING ERRCODE = 'ANI01';
+    END IF;
+    UPDATE animus.work_items w
+       SET state = 'queued', reason = p_reason, updated_at = now(),
+           attempts = w.attempts - CASE WHEN v_was = 'running' THEN 1 ELSE 0 END
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM pgmq.set_vt(v_item.queue, p_msg_id, 0);
+    RETURN QUERY SELECT v_was, v_item;
+END
+$$;
+
+CREATE FUNCTION animus.requeue_message(p_item animus.work_items, p_delay double precision) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_at timestamptz := clock_timestamp() + make_interval(secs => greatest(p_delay, 0));
+BEGIN
+    IF p_item.msg_id IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pgmq.set_vt(p_item.queue, p_item.msg_id, v_at)) THEN
+        RETURN;
+    END IF;
+    PERFORM pgmq.send(p_item.queue, jsonb_build_object('id', p_item.id, 't', p_item.work_type,
+                                                       'p', p_item.priority), v_at);
+    PERFORM pg_notify('animus_work', json_build_object(
+                'queue', p_item.queue, 'work_types', json_build_array(p_item.work_type))::text);
+END
+$$;
+
+CREATE FUNCTION animus.require_transition(p_id uuid, p_from animus.work_state, p_to animus.work_state) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_allowed text;
+BEGIN
+    IF EXISTS (SELECT 1 FROM animus.transitions t
+                WHERE t.from_state = p_from AND t.to_state = p_to) THEN
+        RETURN;
+    END IF;
+    SELECT string_agg(t.to_state::text, ', ' ORDER BY t.to_state::text) INTO v_allowed
+      FROM animus.transitions t WHERE t.from_state = p_from;
+    RAISE EXCEPTION 'illegal transition for work item %: % -> % (from % the item may go to: %)',
+        p_id, p_from, p_to, p_from, coalesce(v_allowed, 'none: it is finished')
+        USING ERRCODE = 'ANI01';
+END
+$$;
+
+CREATE FUNCTION animus.retry(p_id uuid, p_delay double precision, p_reason text) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_id);
+BEGIN
+    PERFORM animus.require_transition(p_id, v_item.state, 'queued');
+    IF v_item.state <> 'failed' THEN
+        RAISE EXCEPTION 'work item % is %: only failed items retry', p_id, v_item.state
+            USING ERRCODE = 'ANI01';
+    END IF;
+    UPDATE animus.work_items w
+       SET state = 'queued', updated_at = now(),
+           reason = coalesce(nullif(p_reason, ''),
+                             format('retry %s/%s', w.attempts + 1, w.max_attempts))
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM animus.requeue_message(v_item, p_delay);
+    RETURN NEXT v_item;
+END
+$$;
+
+CREATE FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+BEGIN
+    PERFORM animus.require_transition(p_id, v_item.state, 'running');
+    RETURN QUERY UPDATE animus.work_items w
+                    SET state = 'running', attempts = w.attempts + 1, updated_at = now()
+                  WHERE w.id = p_id RETURNING w.*;
+END
+$$;
+
+CREATE FUNCTION animus.submission_items(p_items jsonb) RETURNS TABLE(ord bigint, work_type text, dedup_key text, params jsonb, source text, trigger text, priority integer, parent_id uuid, replay_of uuid, max_attempts integer, traceparent text, state animus.work_state, reason text, gate jsonb)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT e.ord, x.work_type, x.dedup_key, coalesce(x.params, '{}'), x.source, x.trigger,
+           coalesce(x.priority, 0), x.parent_id, x.replay_of, coalesce(x.max_attempts, 3),
+           x.traceparent, coalesce(x.state, 'queued')::animus.work_state,
+           coalesce(x.reason, 'submitted'), x.gate
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(j, ord),
+           jsonb_to_record(e.j) AS x(work_type text, dedup_key text, params jsonb,
+                                     source text, trigger text, priority int,
+                                     parent_id uuid, replay_of uuid, max_attempts int,
+                                     traceparent text, state text, reason text, gate jsonb)
+$$;
+
+CREATE FUNCTION animus.submit(p_queue text, p_items jsonb) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    r record;
+    v_id uuid;
+    v_canonical uuid;
+    v_rows animus.work_items[];
+    v_ords bigint[];
+    v_missing bigint[];
+    v_row animus.work_items;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
+        RAISE EXCEPTION 'queue "%" does not exist', p_queue
+            USING ERRCODE = 'ANI04', HINT = 'create it with Db.create_queue or animus db migrate';
+    END IF;
+    -- Rules may start an item awaiting approval or dead (denied); nothing else.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_items) AS e(j)
+                WHERE coalesce(e.j->>'state', 'queued')
+                      NOT IN ('queued', 'awaiting_approval', 'dead')) THEN
+        RAISE EXCEPTION 'a submitted item can start queued, awaiting_approval or dead'
+            USING ERRCODE = 'ANI01';
+    END IF;
+
+    WITH input AS MATERIALIZED (
+        SELECT animus.new_id() AS id, x.* FROM animus.submission_items(p_items) AS x
+    ), ins AS (
+        INSERT INTO animus.work_items AS w
+               (id, work_type, dedup_key, params, source, trigger, priority, state, reason,
+                queue, parent_id, replay_of, max_attempts, traceparent, gate, resolved_at)
+        SELECT i.id, i.work_type, i.dedup_key, i.params, i.source, i.trigger, i.priority,
+               i.state, i.reason, p_queue, i.parent_id, i.replay_of, i.max_attempts,
+               i.traceparent, i.gate, CASE WHEN i.state = 'dead' THEN now() END
+          FROM input i ORDER BY i.ord
+        ON CONFLICT (work_type, dedup_key)
+           WHERE dedup_key IS NOT NULL
+             AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+        DO NOTHING
+        RETURNING w.*
+    )
+    SELECT array_agg(ROW(ins.*)::animus.work_items ORDER BY i.ord)
+               FILTER (WHERE ins.id IS NOT NULL),
+           array_agg(i.ord ORDER BY i.ord) FILTER (WHERE ins.id IS NOT NULL),
+           array_agg(i.ord ORDER BY i.ord) FILTER (WHERE ins.id IS NULL)
+      INTO v_rows, v_ords, v_missing
+      FROM input i LEFT JOIN ins ON ins.id = i.id;
+
+    FOR r IN
+        SELECT * FROM animus.submission_items(p_items) AS x
+         WHERE x.ord = ANY (v_missing)
+         ORDER BY x.ord
+    LOOP
+        LOOP
+            SELECT w.id INTO v_canonical FROM animus.work_items w
+             WHERE w.work_type = r.work_type AND w.dedup_key = r.dedup_key
+               AND w.state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+             FOR SHARE;
+            IF FOUND THEN
+                INSERT INTO animus.work_items
+                       (work_type, dedup_key, params, source, trigger, priority, state,
+                        reason, queue, parent_id, replay_of, max_attempts, merged_into,
+                        resolved_at, traceparent)
+                VALUES (r.work_type, r.dedup_key, r.params, r.source, r.trigger,
+                        r.priority, 'merged', 'duplicate of ' || v_canonical, p_queue,
+                        r.parent_id, r.replay_of, r.max_attempts, v_canonical, now(),
+                        r.traceparent)
+                RETURNING * INTO v_row;
+                EXIT;
+            END IF;
+            INSERT INTO animus.work_items AS w
+                   (work_type, dedup_key, params, source, trigger, priority, state, reason,
+                    queue, parent_id, replay_of, max_attempts, traceparent, gate)
+            VALUES (r.work_type, r.dedup_key, r.params, r.source, r.trigger, r.priority,
+                    r.state, r.reason, p_queue, r.parent_id, r.replay_of, r.max_attempts,
+                    r.traceparent, r.gate)
+            ON CONFLICT (work_type, dedup_key)
+               WHERE dedup_key IS NOT NULL
+                 AND state NOT IN ('completed', 'dead', 'merged', 'cancelled')
+            DO NOTHING
+            RETURNING * INTO v_row;
+            EXIT WHEN FOUND;
+        END LOOP;
+        v_rows := v_rows || v_row;
+        v_ords := v_ords || r.ord;
+    END LOOP;
+
+    IF v_missing IS NOT NULL THEN  -- back to input order
+        SELECT array_agg(v_rows[g.i] ORDER BY v_ords[g.i]) INTO v_rows
+          FROM generate_subscripts(v_rows, 1) AS g(i);
+    END IF;
+
+    PERFORM pgmq.send_batch(p_queue, m.msgs)
+       FROM (SELECT array_agg(jsonb_build_object('id', w.id, 't', w.work_type, 'p', w.priority)
+                              ORDER BY w.ordinality) AS msgs
+               FROM unnest(v_rows) WITH ORDINALITY AS w
+              WHERE w.state = 'queued') m
+      WHERE m.msgs IS NOT NULL;
+
+    RETURN QUERY SELECT * FROM unnest(v_rows);
+END
+$$;
+
+CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads integer[], p_only uuid[], p_start boolean) RETURNS SETOF animus.work_items
+    LANGUAGE sql
+    AS $$
+    WITH claimed AS (
+        UPDATE animus.work_items w
+           SET state = CASE WHEN p_start THEN 'running' ELSE 'claimed' END::animus.work_state,
+               attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
+               msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
+          FROM unnest(p_ids, p_msgs, p_reads) AS c(id, msg_id, read_ct)
+         WHERE w.id = c.id AND w.id = ANY (p_only) AND w.state = 'queued'
+        RETURNING w.*)
+    SELECT * FROM claimed ORDER BY priority DESC, msg_id
+$$;
+
+CREATE FUNCTION animus.work_items_inserted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    bad record;
+    v_actor text := animus.actor();
+BEGIN
+    SELECT id, state INTO bad FROM new_rows
+     WHERE state NOT IN ('created', 'queued', 'merged', 'awaiting_approval', 'dead') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'illegal transition for work item %: a new item cannot start in state %',
+            bad.id, bad.state
+            USING ERRCODE = 'ANI01',
+                  HINT = 'a new item starts in one of: created, queued, merged, awaiting_approval, dead';
+    END IF;
+
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT n.id,
+           CASE n.state WHEN 'merged' THEN 'merged' ELSE 'submitted' END,
+           NULL, n.state,
+           JSON_OBJECT('source': n.source, 'trigger': n.trigger, 'actor': v_actor
+                       ABSENT ON NULL RETURNING jsonb),
+           JSON_OBJECT('work_type': n.work_type, 'dedup_key': n.dedup_key, 'params': n.params,
+                       'priority': n.priority, 'queue': n.queue, 'parent_id': n.parent_id,
+                       'merged_into': n.merged_into, 'replay_of': n.replay_of,
+                       'max_attempts': n.max_attempts, 'reason': n.reason
+                       ABSENT ON NULL RETURNING jsonb)
+      FROM new_rows n ORDER BY n.created_at, n.id;
+
+    PERFORM pg_notify('animus_work', json_build_object(
+                'queue', q.queue, 'work_types', q.types)::text)
+       FROM (SELECT queue, array_agg(DISTINCT work_type ORDER BY work_type) AS types
+               FROM new_rows WHERE state = 'queued' GROUP BY queue) q;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF OLD.state NOT IN ('completed', 'dead', 'merged', 'cancelled') THEN
+        RAISE EXCEPTION 'work item % is %: only finished work can be deleted', OLD.id, OLD.state
+            USING ERRCODE = 'ANI01';
+    END IF;
+    RETURN OLD;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_refuse_rewrite() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION '% of work item % cannot change',
+        CASE WHEN OLD.id IS DISTINCT FROM NEW.id THEN 'the id' ELSE 'requested_by' END, OLD.id
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'requested_by is the database user who submitted the item';
+END
+$$;
+
+CREATE FUNCTION animus.work_items_session_user() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.requested_by := session_user;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_updated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_actor text := animus.actor();
+BEGIN
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT n.id, s.to_state::text, s.from_state, s.to_state,
+           JSON_OBJECT('source': n.source, 'trigger': n.trigger, 'actor': v_actor
+                       ABSENT ON NULL RETURNING jsonb),
+           JSON_OBJECT('reason': n.reason, 'attempts': s.attempts,
+                       'error': CASE WHEN n.state IN ('failed', 'dead') THEN n.outcome_error END,
+                       'outcome': CASE WHEN n.state = 'completed' THEN n.outcome_data END,
+                       'duration_ms': CASE WHEN n.state IN ('completed', 'failed')
+                                           THEN n.duration_ms END
+                       ABSENT ON NULL RETURNING jsonb)
+      FROM (SELECT n.*, o.state AS old_state, o.attempts AS old_attempts,
+                   o.state = 'queued' AND n.state = 'running'
+                   AND (n.msg_id, n.lease) IS DISTINCT FROM (o.msg_id, o.lease) AS claim_and_start
+              FROM new_rows n JOIN old_rows o USING (id)
+             WHERE o.state IS DISTINCT FROM n.state) n
+     CROSS JOIN (VALUES (1), (2)) AS steps(step)  -- a claim-and-start is two steps
+     CROSS JOIN LATERAL (
+         SELECT CASE WHEN steps.step = 1 THEN n.old_state ELSE 'claimed' END
+                    ::animus.work_state AS from_state,
+                CASE WHEN steps.step = 1 AND n.claim_and_start THEN 'claimed' ELSE n.state END
+                    ::animus.work_state AS to_state,
+                CASE WHEN steps.step = 1 AND n.claim_and_start THEN n.old_attempts
+                     ELSE n.attempts END AS attempts) s
+      LEFT JOIN animus.transitions t
+        ON t.from_state = s.from_state AND t.to_state = s.to_state
+     WHERE (steps.step = 1 OR n.claim_and_start)
+       AND (t.from_state IS NOT NULL
+            OR animus.refuse_transition(n.id, s.from_state, s.to_state))
+     ORDER BY n.id, steps.step;
+
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT n.id, 'changed', n.state, n.state,
+           JSON_OBJECT('source': n.source, 'trigger': n.trigger, 'actor': v_actor
+                       ABSENT ON NULL RETURNING jsonb),
+           jsonb_build_object('columns', c.columns)
+      FROM new_rows n
+      JOIN old_rows o
+        ON o.id = n.id
+       AND (o.state = n.state
+            OR (o.work_type, o.dedup_key, o.params, o.source, o.trigger, o.priority, o.queue,
+                o.parent_id, o.merged_into, o.replay_of, o.traceparent, o.gate, o.max_attempts,
+                o.created_at, o.usage, o.cancel_requested)
+               IS DISTINCT FROM
+               (n.work_type, n.dedup_key, n.params, n.source, n.trigger, n.priority, n.queue,
+                n.parent_id, n.merged_into, n.replay_of, n.traceparent, n.gate, n.max_attempts,
+                n.created_at, n.usage, n.cancel_requested))
+     CROSS JOIN LATERAL (
+         SELECT jsonb_object_agg(nc.key, jsonb_build_object('old', oc.value, 'new', nc.value))
+                AS columns
+           FROM jsonb_each(to_jsonb(n)) AS nc
+           JOIN jsonb_each(to_jsonb(o)) AS oc ON oc.key = nc.key
+          WHERE nc.value IS DISTINCT FROM oc.value
+            AND nc.key <> ALL (CASE WHEN o.state = n.state THEN ARRAY['updated_at']
+                                    ELSE ARRAY['state', 'reason', 'attempts', 'outcome_data',
+                                               'outcome_error', 'duration_ms', 'msg_id',
+                                               'lease', 'resolved_at', 'updated_at'] END)) c
+     WHERE c.columns IS NOT NULL
+       AND NOT (o.state = n.state AND EXISTS (
+               SELECT 1 FROM animus.audit_log a
+                WHERE a.work_id = n.id AND a.at = now() AND a.db_user = session_user
+                  AND CASE a.event
+                          WHEN 'approval' THEN c.columns - 'reason' = '{}'
+                          WHEN 'cancel_requested' THEN c.columns - 'cancel_requested' = '{}'
+                          ELSE false END))
+     ORDER BY n.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE TABLE animus.approvals (
+    id bigint NOT NULL,
+    work_id uuid NOT NULL,
+    approver text DEFAULT SESSION_USER NOT NULL,
+    decision text NOT NULL,
+    reason text NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT approvals_decision_check CHECK ((decision = ANY (ARRAY['approve'::text, 'reject'::text]))),
+    CONSTRAINT approvals_reason_check CHECK ((btrim(reason) <> ''::text))
+);
+
+ALTER TABLE animus.approvals ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME animus.approvals_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE animus.audit_gaps (
+    audit_id bigint NOT NULL,
+    seen_at timestamp with time zone DEFAULT now() NOT NULL,
+    horizon xid8 DEFAULT pg_snapshot_xmax(pg_current_snapshot()) NOT NULL
+);
+
+CREATE TABLE animus.audit_log (
+    id bigint NOT NULL,
+    work_id uuid NOT NULL,
+    event text NOT NULL,
+    from_state animus.work_state,
+    to_state animus.work_state,
+    provenance jsonb NOT NULL,
+    db_user text DEFAULT SESSION_USER NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    payload jsonb DEFAULT '{}'::jsonb NOT NULL
+);
+
+ALTER TABLE animus.audit_log ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME animus.audit_log_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE animus.audit_seal (
+    seq bigint NOT NULL,
+    audit_id bigint NOT NULL,
+    prev_hash bytea NOT NULL,
+    hash bytea NOT NULL,
+    sealed_at timestamp with time zone DEFAULT now() NOT NULL,
+    key_id text
+);
+
+COMMENT ON COLUMN animus.audit_seal.key_id IS 'NULL: hash = sha256(prev_hash || row); else hash = HMAC-SHA256(key, prev_hash || row) with the audit key whose fingerprint this is (animus_core.witness.key_id)';
+
+CREATE TABLE animus.components (
+    name text NOT NULL,
+    install text NOT NULL,
+    version text NOT NULL,
+    installed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE animus.environments (
+    hash text NOT NULL,
+    environment jsonb NOT NULL,
+    first_seen timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE animus.execution_records (
+    id bigint NOT NULL,
+    work_id uuid NOT NULL,
+    attempt integer NOT NULL,
+    result text NOT NULL,
+    work_type text NOT NULL,
+    params_hash text,
+    faculty jsonb,
+    faculty_hash text,
+    engine_version text,
+    environment_hash text,
+    models jsonb DEFAULT '[]'::jsonb NOT NULL,
+    outcome_hash text,
+    error text,
+    started_at timestamp with time zone NOT NULL,
+    finished_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT execution_records_known_inputs CHECK (((result = 'lost'::text) OR ((params_hash IS NOT NULL) AND (faculty IS NOT NULL) AND (faculty_hash IS NOT NULL) AND (engine_version IS NOT NULL) AND (environment_hash IS NOT NULL)))),
+    CONSTRAINT execution_records_result_check CHECK ((result = ANY (ARRAY['completed'::text, 'failed'::text, 'lost'::text])))
+);
+
+ALTER TABLE animus.execution_records ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME animus.execution_records_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE animus.memories (
+    id uuid DEFAULT animus.new_id() NOT NULL,
+    content text NOT NULL,
+    memory_type text DEFAULT 'semantic'::text NOT NULL,
+    source text,
+    metadata jsonb DEFAULT '{}'::jsonb NOT NULL,
+    embedding public.vector,
+    embedder text,
+    work_id uuid,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    fts tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, content)) STORED,
+    CONSTRAINT memories_content_check CHECK ((btrim(content) <> ''::text)),
+    CONSTRAINT memories_memory_type_check CHECK ((memory_type ~ '^[a-z][a-z0-9_]*$'::text)),
+    CONSTRAINT memories_metadata_check CHECK ((jsonb_typeof(metadata) = 'object'::text))
+);
+
+CREATE TABLE animus.memory_config (
+    singleton boolean DEFAULT true NOT NULL,
+    embedder text NOT NULL,
+    dimension integer NOT NULL,
+    configured_at timestamp with time zone DEFAULT now() NOT NULL,
+    next_embedder text,
+    next_dimension integer,
+    CONSTRAINT memory_config_dimension_check CHECK (((dimension >= 1) AND (dimension <= 2000))),
+    CONSTRAINT memory_config_singleton_check CHECK (singleton)
+);
+
+CREATE TABLE animus.schedule_ticks (
+    name text NOT NULL,
+    tick timestamp with time zone NOT NULL,
+    work_id uuid,
+    fired_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE animus.schema_migrations (
+    version integer NOT NULL,
+    name text NOT NULL,
+    checksum text NOT NULL,
+    applied_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE animus.transitions (
+    from_state animus.work_state NOT NULL,
+    to_state animus.work_state NOT NULL
+);
+
+ALTER TABLE ONLY animus.approvals
+    ADD CONSTRAINT approvals_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY animus.approvals
+    ADD CONSTRAINT approvals_work_id_approver_key UNIQUE (work_id, approver);
+
+ALTER TABLE ONLY animus.audit_gaps
+    ADD CONSTRAINT audit_gaps_pkey PRIMARY KEY (audit_id);
+
+ALTER TABLE ONLY animus.audit_log
+    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY animus.audit_seal
+    ADD CONSTRAINT audit_seal_audit_id_key UNIQUE (audit_id);
+
+ALTER TABLE ONLY animus.audit_seal
+    ADD CONSTRAINT audit_seal_pkey PRIMARY KEY (seq);
+
+ALTER TABLE ONLY animus.components
+    ADD CONSTRAINT components_pkey PRIMARY KEY (name);
+
+ALTER TABLE ONLY animus.environments
+    ADD CONSTRAINT environments_pkey PRIMARY KEY (hash);
+
+ALTER TABLE ONLY animus.execution_records
+    ADD CONSTRAINT execution_records_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY animus.memories
+    ADD CONSTRAINT memories_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY animus.memory_config
+    ADD CONSTRAINT memory_config_pkey PRIMARY KEY (singleton);
+
+ALTER TABLE ONLY animus.schedule_ticks
+    ADD CONSTRAINT schedule_ticks_pkey PRIMARY KEY (name, tick);
+
+ALTER TABLE ONLY animus.schema_migrations
+    ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+ALTER TABLE ONLY animus.transitions
+    ADD CONSTRAINT transitions_pkey PRIMARY KEY (from_state, to_state);
+
+ALTER TABLE ONLY animus.work_items
+    ADD CONSTRAINT work_items_pkey PRIMARY KEY (id);
+
+CREATE INDEX audit_log_work ON animus.audit_log USING btree (work_id, id);
+
+CREATE INDEX execution_records_work ON animus.execution_records USING btree (work_id, attempt);
+
+CREATE INDEX memories_fts ON animus.memories USING gin (fts);
+
+CREATE INDEX memories_metadata ON animus.memories USING gin (metadata jsonb_path_ops);
+
+CREATE INDEX memories_source ON animus.memories USING btree (source);
+
+CREATE INDEX memories_type_created ON animus.memories USING btree (memory_type, created_at);
+
+CREATE INDEX schedule_ticks_work ON animus.schedule_ticks USING btree (work_id) WHERE (work_id IS NOT NULL);
+
+CREATE INDEX work_items_created ON animus.work_items USING btree (created_at);
+
+CREATE UNIQUE INDEX work_items_dedup ON animus.work_items USING btree (work_type, dedup_key) WHERE ((dedup_key IS NOT NULL) AND (state <> ALL (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'merged'::animus.work_state, 'cancelled'::animus.work_state])));
+
+CREATE INDEX work_items_finished_resolved ON animus.work_items USING btree (resolved_at) WHERE (state = ANY (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'merged'::animus.work_state, 'cancelled'::animus.work_state]));
+
+CREATE INDEX work_items_merged_into ON animus.work_items USING btree (merged_into) WHERE (merged_into IS NOT NULL);
+
+CREATE INDEX work_items_parent ON animus.work_items USING btree (parent_id) WHERE (parent_id IS NOT NULL);
+
+CREATE INDEX work_items_replay_of ON animus.work_items USING btree (replay_of) WHERE (replay_of IS NOT NULL);
+
+CREATE INDEX work_items_state ON animus.work_items USING btree (state, work_type);
+
+CREATE TRIGGER approvals_append_only BEFORE DELETE OR UPDATE ON animus.approvals FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER approvals_no_truncate BEFORE TRUNCATE ON animus.approvals FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER audit_log_append_only BEFORE DELETE OR UPDATE ON animus.audit_log FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER audit_log_db_user BEFORE INSERT ON animus.audit_log FOR EACH ROW WHEN ((new.db_user IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.audit_log_session_user();
+
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON animus.audit_log FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER audit_seal_append_only BEFORE DELETE OR UPDATE ON animus.audit_seal FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER audit_seal_no_truncate BEFORE TRUNCATE ON animus.audit_seal FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER environments_append_only BEFORE DELETE OR UPDATE ON animus.environments FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER execution_records_append_only BEFORE DELETE OR UPDATE ON animus.execution_records FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER execution_records_no_truncate BEFORE TRUNCATE ON animus.execution_records FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER work_items_audit_insert AFTER INSERT ON animus.work_items REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_inserted();
+
+CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_updated();
+
+CREATE TRIGGER work_items_fixed_columns BEFORE UPDATE OF id, requested_by ON animus.work_items FOR EACH ROW WHEN (((old.id IS DISTINCT FROM new.id) OR (old.requested_by IS DISTINCT FROM new.requested_by))) EXECUTE FUNCTION animus.work_items_refuse_rewrite();
+
+CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR EACH ROW EXECUTE FUNCTION animus.work_items_refuse_delete();
+
+CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
+
+ALTER TABLE ONLY animus.approvals
+    ADD CONSTRAINT approvals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.schedule_ticks
+    ADD CONSTRAINT schedule_ticks_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.work_items
+    ADD CONSTRAINT work_items_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.work_items
+    ADD CONSTRAINT work_items_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.work_items
+    ADD CONSTRAINT work_items_replay_of_fkey FOREIGN KEY (replay_of) REFERENCES animus.work_items(id);
+
+REVOKE ALL ON FUNCTION animus.add_usage(p_id uuid, p_usage jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.audit_log_session_user() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.cancel(p_id uuid, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.cancel_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_duration_ms bigint, p_execution jsonb, p_reason_chars integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.dead_letter(p_id uuid, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.drop_message(p_item animus.work_items) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_seconds integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.fail(p_id uuid, p_msg_id bigint, p_lease integer, p_error text, p_duration_ms bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.fail_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_error text, p_duration_ms bigint, p_execution jsonb, p_usage jsonb, p_retry_delay double precision, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.release(p_id uuid, p_msg_id bigint, p_lease integer, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.requeue_message(p_item animus.work_items, p_delay double precision) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.require_transition(p_id uuid, p_from animus.work_state, p_to animus.work_state) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.retry(p_id uuid, p_delay double precision, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_session_user() FROM PUBLIC;
