@@ -31,6 +31,7 @@ from animus_core.faculties.llm import (
     PRICES,
     AgentResult,
     AgentSpec,
+    ClaudeRunner,
     Tool,
     Usage,
     collect_tools,
@@ -630,17 +631,20 @@ def test_an_unpriced_model_has_no_cost() -> None:
 
 
 async def make_focus(db: Db, tmp_path: Path, client: anthropic.AsyncAnthropic,
-                     work_type: str = "research", **params: Any) -> Focus:
+                     work_type: str = "research", *, unavailable: str | None = None,
+                     **params: Any) -> Focus:
+    """A focus built as the engine builds one; without memory, saying ``unavailable``."""
     created = await db.submit_work(NewWorkItem(work_type).params(params))
     item = await db.get_work_item(created.id)
-    focus = Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path,
-                  submitter=GovernedWork(db, RuleSet()).child_submitter(item))
     memory = await Memory.open(db, HashingEmbedder(64))
-    focus._memory = memory.for_work(source="researcher", work_id=item.id)
     pm, _ = make_plugin_manager(engine_settings(db.url, tmp_path))
     registry = collect_tools(pm)
-    focus._llm = lambda: (client, registry)
-    return focus
+    return Focus(item, db, attempt=1, log=logging.getLogger("test"), root=tmp_path,
+                 memory=None if unavailable else memory.for_work(source="researcher",
+                                                                 work_id=item.id),
+                 memory_unavailable=unavailable or "", agent=ClaudeRunner(
+                     lambda: (client, registry)),
+                 submitter=GovernedWork(db, RuleSet()).child_submitter(item))
 
 
 async def test_builtin_tools_remember_recall_and_submit(server: MessagesServer,
@@ -702,9 +706,8 @@ async def test_builtin_tools_remember_recall_and_submit(server: MessagesServer,
 
 async def test_builtin_memory_tools_without_memory_report_an_error(
         server: MessagesServer, client: anthropic.AsyncAnthropic, db: Db, tmp_path: Path) -> None:
-    focus = await make_focus(db, tmp_path, client)
-    focus._memory = None
-    focus.memory_unavailable = "memory is unavailable: the embedder is down"
+    focus = await make_focus(db, tmp_path, client,
+                             unavailable="memory is unavailable: the embedder is down")
     server.script(Reply(tool_uses=[ToolUse("memory_search", {"query": "x"})]), Reply(text="ok"))
     await focus.agent(model=MODEL, tools=["memory_search"], message="remember?")
     [res] = server.requests[1].tool_results()

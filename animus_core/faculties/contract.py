@@ -1,42 +1,65 @@
 """Every hook animus defines, in one place (pluggy project name ``animus``).
 
-Implement hooks with :data:`animus_core.hookimpl`. All hooks are called with keyword
-arguments; an implementation may accept any subset of them. Lifecycle and focus hooks may
-be ``async def``: the engine awaits whatever an implementation returns through one helper
-(:func:`animus_core.faculties.plugins.await_me_maybe`). Registration hooks run while the engine or
-the command line is being assembled and must be plain functions, except
-``register_faculties``, which may also be async.
+Implement hooks with :data:`animus_core.hookimpl`. pluggy calls every hook with keyword
+arguments and hands each implementation the ones it names, so a registration or lifecycle
+hook may accept any subset of them. Lifecycle and focus hooks may be ``async def``.
+Registration hooks run while the engine or the command line is being assembled and must be
+plain functions, except ``register_faculties``, which may also be async.
 
 There are three kinds of hooks:
 
 * **registration** hooks, called once when the engine or CLI starts, which hand the plugin a
   ``register`` callback so that the rules (unique names, one faculty per work type) stay in
-  the core: :func:`register_faculties`, :func:`register_commands`;
-* **lifecycle** hooks around the engine's life: :func:`startup`, :func:`shutdown`;
+  the core: :func:`register_faculties`, :func:`register_commands`, ...;
+* **lifecycle** hooks around the engine's life: :func:`startup`, :func:`shutdown`. Each
+  implementation is called on its own, through pluggy (``startup(engine=...)``, its wrappers
+  included), and what it returns is awaited before the next one is called;
 * **focus** hooks, the four phases of a faculty's work: :func:`orient`, :func:`engage`,
-  :func:`consolidate`, :func:`recover`. These are *not* broadcast to every plugin: the engine
-  calls them on the one faculty that accepts the work item's type. A faculty is a plugin
-  object (usually a :class:`animus_core.Faculty` subclass) registered through
-  :func:`register_faculties`; its phase methods are checked against these specs when it is
-  registered, so a misspelt argument is reported then, not at run time.
+  :func:`consolidate`, :func:`recover` (``firstresult`` specs). They are *not* broadcast: the
+  engine calls them through pluggy on the one faculty that accepts the work item's type,
+  with keyword arguments (``engage(focus=..., oriented=...)``), leaving out every other
+  faculty's implementations but not the wrappers. A faculty is a plugin object (a
+  :class:`animus_core.Faculty` subclass) registered through :func:`register_faculties`; its
+  phase methods are hook implementations without the marker, and each must take the whole
+  signature of its spec: a faculty whose ``engage(self, focus)`` lacks ``oriented`` is
+  refused when it is registered, not at its first item.
+
+Any other plugin may **wrap** the phases of every faculty, TOML and Python alike, with
+``@hookimpl(wrapper=True)`` (or pluggy's old-style ``hookwrapper=True``); a plain
+implementation of a phase hook in a plugin that is not a faculty is refused when it is
+registered (it would answer for every faculty). A wrapper runs where the phase runs: in a
+worker thread for a faculty's sync method, on the event loop for an ``async def`` one.
+Around an async phase, ``yield`` gives the wrapper the awaitable the faculty returned, not
+its value: :func:`after` applies a function to the phase's result either way::
+
+    @hookimpl(wrapper=True)
+    def engage(focus, oriented):
+        result = yield
+        return after(result, lambda engaged: redact(engaged))
+
+See docs/hooks.md ("Wrapping the phases").
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
-    from animus_core.faculties.embedders import Embedder
     from animus_core.faculties.faculty import Faculty
     from animus_core.faculties.focus import Focus
     from animus_core.infra.config import Settings
-    from animus_core.runtime.engine import Engine
+    from animus_core.store.db import Db
+    from animus_core.store.memory import Embedder, Memory
 
 __all__ = [
+    "EngineView",
+    "FacultyRegistry",
+    "after",
     "consolidate",
     "engage",
     "hookimpl",
@@ -109,25 +132,64 @@ def register_commands(cli: argparse._SubParsersAction[argparse.ArgumentParser]) 
 # -- lifecycle -----------------------------------------------------------------------------
 
 
+class FacultyRegistry(Protocol):
+    """The registered faculties, as :class:`EngineView` shows them: iterable, and by name
+    and by the work types they accept."""
+
+    by_name: dict[str, Faculty]
+    by_type: dict[str, Faculty]
+
+    def __iter__(self) -> Iterator[Faculty]: ...
+
+    def __len__(self) -> int: ...
+
+
+class EngineView(Protocol):
+    """What a lifecycle hook may use of the engine it is given (``engine``)."""
+
+    @property
+    def db(self) -> Db: ...
+
+    @property
+    def faculties(self) -> FacultyRegistry: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def pm(self) -> pluggy.PluginManager: ...
+
+    @property
+    def memory(self) -> Memory | None: ...
+
+    def stop(self) -> None:
+        """Ask the engine to drain and stop."""
+
+
 @hookspec
-def startup(engine: Engine) -> None:
+def startup(engine: EngineView) -> None:
     """The engine is connected and its faculties are registered; it has not claimed work yet.
 
-    A place to open clients or warm caches. An exception here is reported and stops the
-    engine from starting.
+    A place to open clients or warm caches. Each implementation is called on its own, with
+    ``engine=``, and awaited if it is async. An exception here is reported and stops the
+    engine from starting (the implementations after it are not called).
     """
 
 
 @hookspec
-def shutdown(engine: Engine) -> None:
+def shutdown(engine: EngineView) -> None:
     """The engine has drained (in-flight foci finished or released) and is about to close
-    its database pool. Exceptions are reported and ignored."""
+    its database pool. Each implementation is called on its own, with ``engine=``, and
+    awaited if it is async; an exception is reported and ignored, and the next
+    implementation is called."""
 
 
 # -- focus phases (called on the routed faculty only) ------------------------------------
+#
+# firstresult: the one faculty's implementation answers; wrappers see (and may replace) it.
 
 
-@hookspec
+@hookspec(firstresult=True)
 def orient(focus: Focus) -> Any:
     """First phase: gather what the work needs (recall memories, read inputs).
 
@@ -136,7 +198,7 @@ def orient(focus: Focus) -> Any:
     """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def engage(focus: Focus, oriented: Any) -> Any:
     """Second phase: do the work (call a model, run a tool).
 
@@ -145,7 +207,7 @@ def engage(focus: Focus, oriented: Any) -> Any:
     """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def consolidate(focus: Focus, engaged: Any) -> Any:
     """Third phase: keep what matters (store memories, submit follow-up work).
 
@@ -154,7 +216,7 @@ def consolidate(focus: Focus, engaged: Any) -> Any:
     """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def recover(focus: Focus, error: str, phase: str) -> bool | None:
     """Called after any phase failed (exception, timeout, non-zero exit, unreadable output).
 
@@ -163,3 +225,26 @@ def recover(focus: Focus, error: str, phase: str) -> bool | None:
     attempts remain. If recover itself fails, the item is retried as if it returned ``None``
     and the recover failure is added to the reason.
     """
+
+
+# -- wrapping the phases ---------------------------------------------------------------------
+
+
+def after(result: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to a phase's result, whatever kind of faculty produced it.
+
+    In a phase wrapper, ``result = yield`` is the value itself around a sync phase method,
+    but the awaitable the method returned around an ``async def`` one. ``after`` returns
+    ``fn(result)`` at once in the first case; in the second, a coroutine that awaits
+    ``result`` and returns ``fn`` of its value (the engine awaits it in place of the
+    phase's own). ``fn`` is a plain function: what it returns becomes the phase's result,
+    what it raises fails the phase. It is not called when the phase raises.
+    """
+    if inspect.isawaitable(result):
+        awaitable = result
+
+        async def then() -> Any:
+            return fn(await awaitable)
+
+        return then()
+    return fn(result)

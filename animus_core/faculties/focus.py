@@ -12,15 +12,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from animus_core.faculties.llm import Usage
+from animus_core.values.agents import AgentResult, AgentSpec, Usage
+from animus_core.values.errors import ConfigError
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
-    from animus_core.faculties.llm import AgentResult
     from animus_core.store.db import Db
     from animus_core.store.memory import Memory
 
-__all__ = ["EngineFoci", "Focus", "sweep_foci"]
+__all__ = ["AgentRunner", "EngineFoci", "Focus", "Submitter", "sweep_foci"]
+
+#: What :meth:`Focus.agent` runs: ``runner(focus, spec, message, oriented)`` runs an agent
+#: loop (the Claude loop of :mod:`animus_core.faculties.llm`) with the first user
+#: ``message``, or when it is ``None`` one made from the work and ``oriented``.
+AgentRunner = Callable[["Focus", AgentSpec, "str | None", Any], Awaitable[AgentResult]]
+#: What :meth:`Focus.submit` hands child work to (the item's parent already set).
+Submitter = Callable[[NewWorkItem], Awaitable[SubmitResult]]
 
 #: Engines make their foci in ``$ANIMUS_HOME/foci/engine-<pid>-<random>/``.
 ENGINE_PREFIX = "engine-"
@@ -99,18 +106,26 @@ def sweep_foci(root: Path) -> list[Path]:
 
 class Focus:
     """What a faculty phase receives: the work item, its attempt, a place to work, and
-    ways to act (submit child work).
+    ways to act (memory, the agent loop, child work).
 
     ``directory`` is a fresh private directory for this focus (the command hook contract's
     focus directory) under ``root``, made on first use and removed when the focus ends,
     unless kept for debugging after a failure: then it moves to ``keep_root``, if given.
+
+    The focus is built whole: ``memory`` is its memory store (``None``: unavailable, and
+    ``memory_unavailable`` says why), ``consolidate_memory`` the one that replaces it
+    once :meth:`consolidating` is called (writing in the completion's transaction),
+    ``agent`` what :meth:`agent` runs (``None``: no agent loop), and ``submitter`` what
+    :meth:`submit` hands child work to (``None``: no child work).
     """
 
     def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
                  root: Path, traceparent: str | None = None,
                  hook_env: dict[str, str] | None = None,
-                 keep_root: Path | None = None,
-                 submitter: Callable[[NewWorkItem], Awaitable[SubmitResult]] | None = None
+                 keep_root: Path | None = None, memory: Memory | None = None,
+                 consolidate_memory: Memory | None = None,
+                 memory_unavailable: str = "memory is not configured for this engine",
+                 agent: AgentRunner | None = None, submitter: Submitter | None = None
                  ) -> None:
         self.work = work
         self.attempt = attempt
@@ -124,23 +139,27 @@ class Focus:
         self._root = root
         self._keep_root = keep_root
         self._directory: Path | None = None
-        self._memory: Memory | None = None
-        #: set by the engine: returns (Anthropic client, tools by name)
-        self._llm: Callable[[], tuple[Any, dict[str, Any]]] | None = None
+        self._memory = memory
+        self._consolidate_memory = consolidate_memory
+        self._memory_unavailable = memory_unavailable
+        self._agent = agent
         #: model -> token usage of this focus's model calls
         self.llm_usage: dict[str, Usage] = {}
         self.llm_cost_usd = 0.0
-        self.memory_unavailable = "memory is not configured for this engine"
 
     @property
     def memory(self) -> Memory:
         """Semantic memory (:class:`animus_core.store.memory.Memory`). During consolidate, what is
         written here commits together with the item's completion, or not at all."""
         if self._memory is None:
-            from animus_core.values.errors import ConfigError
-
-            raise ConfigError(self.memory_unavailable)
+            raise ConfigError(self._memory_unavailable)
         return self._memory
+
+    def consolidating(self) -> None:
+        """The consolidate phase begins: from now on :attr:`memory` is the
+        ``consolidate_memory`` the focus was built with (when there is one)."""
+        if self._consolidate_memory is not None:
+            self._memory = self._consolidate_memory
 
     @property
     def db(self) -> Db:
@@ -186,17 +205,11 @@ class Focus:
         """Run the Claude agent loop (:mod:`animus_core.faculties.llm`) for this focus. ``message`` is
         the first user message; by default the documented template over the work's params
         and ``oriented``. Usage and cost are recorded with the item's outcome."""
-        from animus_core.faculties.llm import AgentSpec, first_message, run_agent
-
-        if self._llm is None:
-            from animus_core.values.errors import ConfigError
-
+        if self._agent is None:
             raise ConfigError("the Claude engage loop is not available in this focus")
-        client, registry = self._llm()
         spec = AgentSpec(model=model, system=system, tools=list(tools), max_turns=max_turns,
                          max_tokens=max_tokens, token_budget=token_budget, stream=stream)
-        result = await run_agent(client, spec, message or first_message(self, oriented),
-                                 tools=registry, focus=self)
+        result = await self._agent(self, spec, message, oriented)
         total = self.llm_usage.setdefault(model, Usage())
         total.add(result.usage)
         self.llm_cost_usd += result.cost_usd or 0.0
@@ -207,8 +220,6 @@ class Focus:
         queue, the rules applied (a denied item comes back dead, a gated one awaiting
         approval)."""
         if self._submitter is None:
-            from animus_core.values.errors import ConfigError
-
             raise ConfigError("submitting child work is not available in this focus")
         return await self._submitter(item.parent(self.work.id))
 

@@ -28,6 +28,7 @@ from animus_core.faculties.contract import hookimpl
 from animus_core.faculties.plugins import await_me_maybe
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import instruments, tracer
+from animus_core.values.agents import PRICES, AgentResult, AgentSpec, Usage
 from animus_core.values.errors import ConfigError, InvalidInput, LLMError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ __all__ = [
     "PRICES",
     "AgentResult",
     "AgentSpec",
+    "ClaudeRunner",
     "Tool",
     "Usage",
     "collect_tools",
@@ -47,16 +49,6 @@ __all__ = [
     "run_agent",
     "tool_from_function",
 ]
-
-#: USD per million tokens: (input, output), by model-name prefix (the longest matching
-#: prefix wins). Cache writes cost 1.25x input, reads 0.1x.
-PRICES: dict[str, tuple[float, float]] = {
-    "claude-opus-4": (15.0, 75.0),
-    "claude-opus-4-5": (5.0, 25.0),
-    "claude-sonnet-4": (3.0, 15.0),
-    "claude-haiku-4": (1.0, 5.0),
-    "claude-3-5-haiku": (0.8, 4.0),
-}
 
 FIRST_MESSAGE = """Work item {work_type} ({work_id}), attempt {attempt}.
 
@@ -78,55 +70,6 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,
                 "input_schema": self.input_schema}
-
-
-class Usage(msgspec.Struct, kw_only=True):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-
-    @property
-    def total(self) -> int:
-        return (self.input_tokens + self.output_tokens + self.cache_creation_input_tokens
-                + self.cache_read_input_tokens)
-
-    def add(self, usage: Any) -> None:
-        self.input_tokens += getattr(usage, "input_tokens", 0) or 0
-        self.output_tokens += getattr(usage, "output_tokens", 0) or 0
-        self.cache_creation_input_tokens += getattr(usage, "cache_creation_input_tokens", 0) or 0
-        self.cache_read_input_tokens += getattr(usage, "cache_read_input_tokens", 0) or 0
-
-    def cost_usd(self, model: str) -> float | None:
-        prefixes = [prefix for prefix in PRICES if model.startswith(prefix)]
-        if not prefixes:
-            return None
-        inp, out = PRICES[max(prefixes, key=len)]
-        return round((self.input_tokens * inp + self.output_tokens * out
-                      + self.cache_creation_input_tokens * inp * 1.25
-                      + self.cache_read_input_tokens * inp * 0.1) / 1e6, 6)
-
-
-class AgentSpec(msgspec.Struct, frozen=True, kw_only=True):
-    model: str
-    system: str = ""
-    tools: list[str] = []
-    max_turns: int = 20
-    max_tokens: int = 4096
-    #: stop the loop cleanly once this many tokens (all kinds) are spent; None: no budget
-    token_budget: int | None = None
-    stream: bool = True
-    temperature: float | None = None
-
-
-class AgentResult(msgspec.Struct, kw_only=True):
-    text: str
-    stop_reason: str
-    turns: int
-    usage: Usage
-    cost_usd: float | None
-    model: str
-    transcript: list[dict[str, Any]]
 
 
 def _schema_for(annotation: Any, defs: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +263,22 @@ async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_mes
     return AgentResult(text=text, stop_reason=stop_reason, turns=turns, usage=usage,
                        cost_usd=usage.cost_usd(spec.model), model=spec.model,
                        transcript=messages)
+
+
+class ClaudeRunner:
+    """The agent runner a focus is built with (:data:`animus_core.faculties.focus.AgentRunner`):
+    runs :func:`run_agent` with the client and tools ``access()`` returns, made on first use
+    (so an engine without ``ANTHROPIC_API_KEY`` fails only the foci that engage Claude)."""
+
+    def __init__(self, access: Callable[[], tuple[anthropic.AsyncAnthropic, dict[str, Tool]]]
+                 ) -> None:
+        self._access = access
+
+    async def __call__(self, focus: Focus, spec: AgentSpec, message: str | None,
+                       oriented: Any) -> AgentResult:
+        client, tools = self._access()
+        return await run_agent(client, spec, message or first_message(focus, oriented),
+                               tools=tools, focus=focus)
 
 
 def _api_error(e: Any, model: str) -> Exception:

@@ -41,8 +41,8 @@ import pluggy
 
 from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.focus import EngineFoci, sweep_foci
-from animus_core.faculties.llm import collect_tools, make_client
-from animus_core.faculties.plugins import Faculties, await_me_maybe
+from animus_core.faculties.llm import ClaudeRunner, collect_tools, make_client
+from animus_core.faculties.plugins import Faculties, call_lifecycle
 from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
 from animus_core.infra import embedded
@@ -128,7 +128,8 @@ class Engine:
         self.deadlines = Deadlines(self.inflight.values())
         self.runner = FocusRunner(db, self.governed, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
-                                  llm=self._llm_access)
+                                  phases=faculties.phases,
+                                  agent=ClaudeRunner(self._llm_access))
         self.listener = Listener(db, self.health, opts.queues, on_work=self._mark_dirty,
                                  on_cancel=self.stops.cancel_noticed)
 
@@ -208,11 +209,8 @@ class Engine:
             await self.completions.flush()
             await self.sealer.final()
             logging.getLogger("asyncpg.pool").removeFilter(quiet_pool)
-            for impl in self.pm.hook.shutdown.get_hookimpls():
-                try:
-                    await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
-                except Exception:
-                    _log.exception("shutdown hook of %s failed", impl.plugin_name)
+            await call_lifecycle(self.pm, "shutdown", engine=self, failed=lambda plugin, e:
+                                 _log.error("shutdown hook of %s failed", plugin, exc_info=e))
             if self._foci is not None:
                 self._foci.close()
             _log.info("engine stopped")
@@ -229,8 +227,7 @@ class Engine:
         await until("record the environment",
                     lambda: self.db.record_environment(runner.environment_hash, env),
                     self.stopping)
-        for impl in self.pm.hook.startup.get_hookimpls():
-            await await_me_maybe(impl.function(*[self for _ in impl.argnames]))
+        await call_lifecycle(self.pm, "startup", engine=self)
         await until("look for unroutable work", self._report_unroutable_backlog, self.stopping)
         removed = await asyncio.to_thread(sweep_foci, self.foci_root)
         if removed:

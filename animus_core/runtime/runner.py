@@ -6,6 +6,7 @@ batches."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ import msgspec
 from opentelemetry import context, trace
 
 from animus_core.faculties.faculty import Faculty
-from animus_core.faculties.focus import Focus
+from animus_core.faculties.focus import AgentRunner, Focus
+from animus_core.faculties.plugins import Phases
 from animus_core.governance.work import GovernedWork, RuleRefused
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
@@ -34,6 +36,7 @@ from animus_core.runtime.failures import (
 from animus_core.runtime.flights import Flight, Slot
 from animus_core.store.db import Db, Retry
 from animus_core.store.memory import Memory
+from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import AnimusError, LeaseLost
@@ -62,14 +65,15 @@ class FocusRunner:
     def __init__(self, store: Db, governed: GovernedWork, deadlines: Deadlines,
                  completions: Completions, *, recorded: Callable[[], None],
                  retry_later: Callable[[Slot, float], None],
-                 llm: Callable[[], tuple[Any, dict[str, Any]]]) -> None:
+                 phases: Callable[[Faculty], Phases], agent: AgentRunner) -> None:
         self.store = store
         self.governed = governed
         self.deadlines = deadlines
         self.completions = completions
         self._recorded = recorded
         self._retry_later = retry_later
-        self._llm = llm
+        self._phases = phases
+        self._agent = agent
         #: set at start-up
         self.workspace: Workspace | None = None
         self.memory: Memory | None = None
@@ -80,13 +84,19 @@ class FocusRunner:
 
     async def _call(self, fac: Faculty, hook: str, focus: Focus, flight: Flight, /,
                     **kwargs: Any) -> Any:
-        method = getattr(fac, hook)
+        # through pluggy, wrappers included (see Phases): a sync method's whole call runs in
+        # a worker thread; an async one's returns the awaitable (or a wrapper's value)
+        phases = self._phases(fac)
         timeout = fac.timeout
-        if not _is_async(method):
-            return await asyncio.wait_for(asyncio.to_thread(method, focus, **kwargs), timeout)
+        if not phases.is_async(hook):
+            return await asyncio.wait_for(
+                asyncio.to_thread(phases.call, hook, focus=focus, **kwargs), timeout)
+        result = phases.call(hook, focus=focus, **kwargs)
+        if not inspect.isawaitable(result):
+            return result
         if timeout is None:
-            return await method(focus, **kwargs)
-        return await self.deadlines.within(flight, timeout, hook, method(focus, **kwargs))
+            return await result
+        return await self.deadlines.within(flight, timeout, hook, result)
 
     async def _phase(self, fac: Faculty, phase: str, focus: Focus, flight: Flight,
                      traced: bool, /, **kwargs: Any) -> Any:
@@ -126,27 +136,27 @@ class FocusRunner:
 
     # -- one focus ---------------------------------------------------------------------------
 
-    def _focus_for(self, fac: Faculty, item: WorkItem) -> Focus:
+    def _focus_for(self, fac: Faculty, item: WorkItem, scope: TxScope) -> Focus:
         ws = self.workspace
         assert ws is not None, "the runner runs foci only once the engine started"
-        focus = Focus(item, self.store, attempt=item.attempts, log=_log, root=ws.root,
-                      keep_root=ws.keep_root, hook_env=ws.hook_env,
-                      submitter=self.governed.child_submitter(item))
-        focus._memory = (self.memory.for_work(source=fac.name, work_id=item.id)
-                         if self.memory else None)
-        focus.memory_unavailable = self.memory_problem
-        focus._llm = self._llm
-        return focus
+        memory = self.memory
+        return Focus(item, self.store, attempt=item.attempts, log=_log, root=ws.root,
+                     keep_root=ws.keep_root, hook_env=ws.hook_env,
+                     memory=memory.for_work(source=fac.name, work_id=item.id) if memory else None,
+                     consolidate_memory=memory.scoped(scope, source=fac.name, work_id=item.id)
+                     if memory else None,
+                     memory_unavailable=self.memory_problem, agent=self._agent,
+                     submitter=self.governed.child_submitter(item))
 
     async def run(self, flight: Flight) -> None:
         """Run the focus of ``flight`` (as its task) to its end, and record it."""
         fac, item, lease = flight.slot.faculty, flight.claimed.item, flight.claimed.lease
-        focus = self._focus_for(fac, item)
+        scope = self.store.transaction()
+        focus = self._focus_for(fac, item, scope)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
         hashed = ""
-        scope = self.store.transaction()
         # Nobody records spans without a tracer provider: skip building them (a third of the
         # per-item cost of a trivial focus). Hooks still continue the item's own trace.
         traced = _traced()
@@ -169,8 +179,7 @@ class FocusRunner:
                 engaged = await self._phase(fac, "engage", focus, flight, traced,
                                             oriented=oriented)
                 phase = "consolidate"
-                if self.memory is not None:
-                    focus._memory = self.memory.scoped(scope, source=fac.name, work_id=item.id)
+                focus.consolidating()
                 outcome = redactor.json(
                     await self._phase(fac, "consolidate", focus, flight, traced, engaged=engaged))
                 # what the completion will store (encoded once): within the JSON model and
@@ -290,18 +299,3 @@ def _traced() -> bool:
     """Whether spans are recorded: a tracer provider is installed (or the module's tracer
     was made by one)."""
     return not (isinstance(tracer, trace.ProxyTracer) and not tracing())
-
-
-_ASYNC: dict[Any, bool] = {}
-
-
-def _is_async(method: Any) -> bool:
-    """``asyncio.iscoroutinefunction``, remembered per function (it costs microseconds)."""
-    func = getattr(method, "__func__", method)
-    try:
-        return _ASYNC[func]
-    except KeyError:
-        answer = _ASYNC[func] = asyncio.iscoroutinefunction(method)
-        return answer
-    except TypeError:  # an unhashable callable object
-        return asyncio.iscoroutinefunction(method)
