@@ -90,8 +90,10 @@ def check_phases(faculty: Faculty, where: str) -> None:
             params = inspect.signature(method).parameters
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {phase} has no signature to check") from None
-        shown = ", ".join(["self"] * inspect.ismethod(method) + [
-            str(p.replace(annotation=inspect.Parameter.empty)) for p in params.values()])
+        shown = str(inspect.Signature([p.replace(annotation=p.empty)
+                                       for p in params.values()]))[1:-1]
+        if inspect.ismethod(method):
+            shown = f"self, {shown}" if shown else "self"
         spec = _SPEC_ARGS[phase]
         for arg in spec:
             if arg not in params or params[arg].kind not in _POSITIONAL:
