@@ -24,7 +24,7 @@ import pluggy
 import pytest
 
 from animus_core import ConfigError, Faculty, Focus, NewWorkItem, State, hookimpl
-from animus_core.faculties.contract import after
+from animus_core.faculties.contract import EngineView, after
 from animus_core.faculties.plugins import (
     Faculties,
     PluginManager,
@@ -364,6 +364,8 @@ async def test_a_faculty_with_a_wrong_signature_is_refused_at_start(db: Any, db_
             "argument 'oriented' of the engage hook spec")]
         assert sorted(run.origins()) == ["async-echo"]
         assert events == ["startup: echo True, lacks False"]
+        view: EngineView = run.engine  # what plugins are told of the engine, checked by mypy
+        assert view.faculties.by_type["async-echo"].name == "async-echo"
         item = await wait_finished(db, (await db.submit_work(NewWorkItem("async-echo"))).id)
         assert item.state == State.COMPLETED
     # a failing shutdown hook is reported and the others still run
