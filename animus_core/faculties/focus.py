@@ -17,17 +17,16 @@ from animus_core.values.errors import ConfigError
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
+    from animus_core.governance.work import Submitter
     from animus_core.store.db import Db
     from animus_core.store.memory import Memory
 
-__all__ = ["AgentRunner", "EngineFoci", "Focus", "Submitter", "sweep_foci"]
+__all__ = ["AgentRunner", "EngineFoci", "Focus", "sweep_foci"]
 
 #: What :meth:`Focus.agent` runs: ``runner(focus, spec, message, oriented)`` runs an agent
 #: loop (the Claude loop of :mod:`animus_core.faculties.llm`) with the first user
 #: ``message``, or when it is ``None`` one made from the work and ``oriented``.
 AgentRunner = Callable[["Focus", AgentSpec, "str | None", Any], Awaitable[AgentResult]]
-#: What :meth:`Focus.submit` hands child work to (the item's parent already set).
-Submitter = Callable[[NewWorkItem], Awaitable[SubmitResult]]
 
 #: Engines make their foci in ``$ANIMUS_HOME/foci/engine-<pid>-<random>/``.
 ENGINE_PREFIX = "engine-"
