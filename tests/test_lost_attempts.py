@@ -19,8 +19,9 @@ from uuid import UUID
 import pytest
 
 from animus_core import Claimed, Created, Db, Faculty, Lease, NewWorkItem, State
-from animus_core.faculties.focus import EngineFoci, Focus, sweep_foci
+from animus_core.faculties.focus import Focus
 from animus_core.runtime.engine import EngineOptions
+from animus_core.runtime.workspace import EngineFoci, sweep_foci
 from tests.engine_helpers import (
     kill_group,
     process_gone,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,87 +18,12 @@ if TYPE_CHECKING:
     from animus_core.store.db import Db
     from animus_core.store.memory import Memory
 
-__all__ = ["AgentRunner", "EngineFoci", "Focus", "sweep_foci"]
+__all__ = ["AgentRunner", "Focus"]
 
 #: What :meth:`Focus.agent` runs: ``runner(focus, spec, message, oriented)`` runs an agent
 #: loop (the Claude loop of :mod:`animus_core.faculties.llm`) with the first user
 #: ``message``, or when it is ``None`` one made from the work and ``oriented``.
 AgentRunner = Callable[["Focus", AgentSpec, "str | None", Any], Awaitable[AgentResult]]
-
-#: Engines make their foci in ``$ANIMUS_HOME/foci/engine-<pid>-<random>/``.
-ENGINE_PREFIX = "engine-"
-
-
-class EngineFoci:
-    """The directory one engine makes its foci in, under the shared foci root, locked
-    (``flock``) for as long as the engine process holds it open. The lock, not a pid, tells
-    a live engine: it is released when the process ends however it ends, it cannot be
-    mistaken for a reused pid, and it holds across containers that share the directory."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    @classmethod
-    def open(cls, root: Path) -> EngineFoci:
-        root.mkdir(parents=True, exist_ok=True)
-        while True:
-            path = Path(tempfile.mkdtemp(prefix=f"{ENGINE_PREFIX}{os.getpid()}-", dir=root))
-            fd = _lock(path)
-            if fd is not None:
-                return cls(path, fd)
-            # swept by an engine starting meanwhile, before it was locked: take another
-
-    def close(self) -> None:
-        """Unlock; remove the directory when no focus left anything in it (the next engine
-        to start removes what is left)."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
-        os.close(self._fd)
-        self._fd = None
-
-
-def _lock(path: Path) -> int | None:
-    """An open descriptor holding the lock on directory ``path``, or None when another
-    process holds it or the directory is gone (or was replaced) meanwhile."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def sweep_foci(root: Path) -> list[Path]:
-    """Remove the engine directories under ``root`` that no live engine holds: those of
-    engines that died with foci running (killed, out of memory, power lost). Returns the
-    focus directories that were in them. Kept focus directories live in ``root`` itself
-    and are not touched."""
-    removed: list[Path] = []
-    try:
-        candidates = sorted(p for p in root.iterdir() if p.name.startswith(ENGINE_PREFIX))
-    except OSError:
-        return removed
-    for path in candidates:
-        fd = _lock(path)
-        if fd is None:
-            continue  # a live engine's
-        try:
-            with contextlib.suppress(OSError):
-                removed += sorted(path.iterdir())
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
-    return removed
-
 
 class Focus:
     """What a faculty phase receives: the work item, its attempt, a place to work, and

@@ -39,8 +39,6 @@ from uuid import UUID
 
 import pluggy
 
-from animus_core.faculties.embedders import select_embedder
-from animus_core.faculties.focus import EngineFoci, sweep_foci
 from animus_core.faculties.llm import ClaudeRunner, collect_tools, make_client
 from animus_core.faculties.plugins import Faculties, call_lifecycle
 from animus_core.governance.rules import RuleSet
@@ -57,10 +55,11 @@ from animus_core.runtime.keeper import EmbeddedKeeper
 from animus_core.runtime.leases import LeaseKeeper
 from animus_core.runtime.listener import Listener
 from animus_core.runtime.routing import Routing
-from animus_core.runtime.runner import FocusRunner, Workspace
+from animus_core.runtime.runner import FocusRunner, open_memory
 from animus_core.runtime.sealer import Sealer
 from animus_core.runtime.stops import FocusStops
 from animus_core.runtime.ticks import tick
+from animus_core.runtime.workspace import EngineFoci, open_workspace
 from animus_core.store import read
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.store.memory import Memory
@@ -183,7 +182,7 @@ class Engine:
               for f in self.faculties for s in f.schedules],
         ]
         if self.settings.otel_endpoint:
-            helpers.append(supervise("animus-depths", self._sample_depths))
+            helpers.append(supervise("animus-depths", functools.partial(_sample_depths, self.db)))
         if keeper is not None:
             helpers.append(keeper)
         for task in helpers:
@@ -217,11 +216,7 @@ class Engine:
 
     async def _start_up(self) -> None:
         runner = self.runner
-        try:
-            runner.memory = await Memory.open(self.db, select_embedder(self.pm, self.settings))
-        except AnimusError as e:
-            runner.memory_problem = f"memory is unavailable: {e}"
-            _log.error("%s", runner.memory_problem)
+        runner.memory, runner.memory_problem = await open_memory(self.db, self.pm, self.settings)
         runner.environment_hash, env = await asyncio.to_thread(environment)
         until = self.health.until_reachable
         await until("record the environment",
@@ -229,14 +224,8 @@ class Engine:
                     self.stopping)
         await call_lifecycle(self.pm, "startup", engine=self)
         await until("look for unroutable work", self._report_unroutable_backlog, self.stopping)
-        removed = await asyncio.to_thread(sweep_foci, self.foci_root)
-        if removed:
-            _log.info("removed %d focus directories of attempts whose engine is gone: %s",
-                      len(removed), ", ".join(p.name for p in removed))
-        # several engines may share one ANIMUS_HOME: each makes its foci in its own directory
-        self._foci = await asyncio.to_thread(EngineFoci.open, self.foci_root)
-        runner.workspace = Workspace(self._foci.path, self.foci_root, self.hook_env,
-                                     keep_failed=self.options.keep_foci)
+        self._foci, runner.workspace = await asyncio.to_thread(
+            open_workspace, self.foci_root, self.hook_env, keep_failed=self.options.keep_foci)
 
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
         """A helper must not end while the engine runs (its loop is restarted on failure):
@@ -384,20 +373,21 @@ class Engine:
 
     # -- what the database holds -------------------------------------------------------------
 
-    async def _sample_depths(self, every: float = 10.0) -> None:
-        """Queue depth for the animus.queue.depth gauge (only while telemetry exports)."""
-        while True:
-            try:
-                for q in await read.queue_depths(self.db):
-                    instruments.set_queue_depth(q.queue, q.depth)
-            except AnimusError as e:
-                _log.debug("queue depth sample failed: %s", e)
-            await asyncio.sleep(every)
-
     async def _report_unroutable_backlog(self) -> None:
         accepted = list(self.faculties.by_type)
         for r in await read.unroutable_backlog(self.db, accepted):
             self.routing.note_unroutable(r.work_type)
+
+
+async def _sample_depths(store: Db, every: float = 10.0) -> None:
+    """Queue depth for the animus.queue.depth gauge (only while telemetry exports)."""
+    while True:
+        try:
+            for q in await read.queue_depths(store):
+                instruments.set_queue_depth(q.queue, q.depth)
+        except AnimusError as e:
+            _log.debug("queue depth sample failed: %s", e)
+        await asyncio.sleep(every)
 
 
 def _learn_secrets(faculties: Faculties, db: Db) -> None:

@@ -10,18 +10,19 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
+import pluggy
 from opentelemetry import context, trace
 
+from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import AgentRunner, Focus
 from animus_core.faculties.plugins import Phases
 from animus_core.governance.work import GovernedWork, RuleRefused
+from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import current_traceparent, extract, instruments, tracer, tracing
 from animus_core.runtime.completions import Completions
@@ -34,6 +35,7 @@ from animus_core.runtime.failures import (
     params_hash,
 )
 from animus_core.runtime.flights import Flight, Slot
+from animus_core.runtime.workspace import Workspace
 from animus_core.store.db import Db, Retry
 from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
@@ -45,20 +47,9 @@ from animus_core.values.records import ExecutionRecord
 from animus_core.values.version import __version__
 from animus_core.values.work import Lease, WorkItem
 
-__all__ = ["FocusRunner", "Workspace"]
+__all__ = ["FocusRunner", "open_memory"]
 
 _log = logging.getLogger("animus.engine")
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Where foci work: ``root`` is this engine's own directory for focus directories;
-    a kept one moves to ``keep_root``. Hooks see ``hook_env``."""
-
-    root: Path
-    keep_root: Path
-    hook_env: dict[str, str]
-    keep_failed: bool = False
 
 
 class FocusRunner:
@@ -299,3 +290,15 @@ def _traced() -> bool:
     """Whether spans are recorded: a tracer provider is installed (or the module's tracer
     was made by one)."""
     return not (isinstance(tracer, trace.ProxyTracer) and not tracing())
+
+
+async def open_memory(store: Db, pm: pluggy.PluginManager,
+                      settings: Settings) -> tuple[Memory | None, str]:
+    """The engine's memory with the embedder the settings select, or None and why not (foci
+    then get that reason when they use ``focus.memory``)."""
+    try:
+        return await Memory.open(store, select_embedder(pm, settings)), ""
+    except AnimusError as e:
+        problem = f"memory is unavailable: {e}"
+        _log.error("%s", problem)
+        return None, problem
