@@ -398,73 +398,81 @@ class Memory:
                       progress: Callable[[int, int], None] | None = None) -> int:
         """Re-embed every memory with ``target``; resumable (run again after an interruption).
         Returns how many memories were embedded in this run."""
-        probe = getattr(target, "probe", None)
-        if probe is not None:
-            await probe()
-        async with self.db.connection() as conn, conn.transaction():
-            cfg = await conn.fetchrow("SELECT * FROM animus.memory_config FOR UPDATE")
-            if cfg is None:
-                raise ConfigError("no memories are configured yet: nothing to re-embed")
-            if cfg["embedder"] == target.name and cfg["dimension"] == target.dimension:
-                return 0
-            if cfg["next_embedder"] is not None and (
-                    cfg["next_embedder"], cfg["next_dimension"]) != (target.name, target.dimension):
-                raise ConfigError(f"a re-embed to {cfg['next_embedder']} "
-                                  f"({cfg['next_dimension']} dimensions) is in progress: "
-                                  "finish it first")
-            if cfg["next_embedder"] is None:
-                await conn.execute(
-                    f"ALTER TABLE animus.memories ADD COLUMN embedding_next vector({target.dimension})")
-                await conn.execute(
-                    "UPDATE animus.memory_config SET next_embedder = $1, next_dimension = $2",
-                    target.name, target.dimension)
-        done = 0
-        async with self.db.connection() as conn:
-            total = await conn.fetchval("SELECT count(*) FROM animus.memories")
-            # In id order from where the last batch ended, so each batch reads only its own
-            # rows; then once more from the start, for memories stored meanwhile below it.
-            after: UUID | None = None
-            swept_again = False
-            while True:
-                rows = await conn.fetch(
-                    """SELECT id, content FROM animus.memories
-                        WHERE embedding_next IS NULL AND ($2::uuid IS NULL OR id > $2)
-                        ORDER BY id LIMIT $1""", batch, after)
-                if not rows:
-                    if after is None or swept_again:
-                        break
-                    after, swept_again = None, True
-                    continue
-                after = rows[-1]["id"]
-                vectors = [Vector(_check_vector(vec, target.dimension, target.name, "re-embed"))
-                           for vec in await target.embed([r["content"] for r in rows])]
-                await conn.execute(
-                    """UPDATE animus.memories m SET embedding_next = x.v, embedder = $3
-                         FROM unnest($1::uuid[], $2::vector[]) AS x(id, v) WHERE m.id = x.id""",
-                    [r["id"] for r in rows], vectors, target.name)
-                done += len(rows)
-                if progress:
-                    progress(done, max(total, done))
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE animus.memories IN ACCESS EXCLUSIVE MODE")
-                left = await conn.fetchval(
-                    "SELECT count(*) FROM animus.memories WHERE embedding_next IS NULL")
-                if left:
-                    raise ConfigError(f"{left} memories were added during the re-embed: run it again")
-                await conn.execute("DROP INDEX IF EXISTS animus.memories_embedding")
-                await conn.execute("ALTER TABLE animus.memories DROP COLUMN embedding")
-                await conn.execute(
-                    "ALTER TABLE animus.memories RENAME COLUMN embedding_next TO embedding")
-                await conn.execute("""CREATE INDEX memories_embedding ON animus.memories
-                                      USING hnsw (embedding vector_cosine_ops)""")
-                await conn.execute(
-                    """UPDATE animus.memory_config SET embedder = next_embedder,
-                              dimension = next_dimension, next_embedder = NULL,
-                              next_dimension = NULL, configured_at = now()""")
-        await self.db.pool.expire_connections()
+        done = await _reembed(self.db, target, batch=batch, progress=progress)
         self.embedder = target
         return done
 
+
+
+async def _reembed(db: Db, target: Embedder, *, batch: int = 256,
+                  progress: Callable[[int, int], None] | None = None) -> int:
+    """Re-embed every memory with ``target``; resumable (run again after an interruption).
+    Returns how many memories were embedded in this run."""
+    probe = getattr(target, "probe", None)
+    if probe is not None:
+        await probe()
+    async with db.connection() as conn, conn.transaction():
+        cfg = await conn.fetchrow("SELECT * FROM animus.memory_config FOR UPDATE")
+        if cfg is None:
+            raise ConfigError("no memories are configured yet: nothing to re-embed")
+        if cfg["embedder"] == target.name and cfg["dimension"] == target.dimension:
+            return 0
+        if cfg["next_embedder"] is not None and (
+                cfg["next_embedder"], cfg["next_dimension"]) != (target.name, target.dimension):
+            raise ConfigError(f"a re-embed to {cfg['next_embedder']} "
+                              f"({cfg['next_dimension']} dimensions) is in progress: "
+                              "finish it first")
+        if cfg["next_embedder"] is None:
+            await conn.execute(
+                f"ALTER TABLE animus.memories ADD COLUMN embedding_next vector({target.dimension})")
+            await conn.execute(
+                "UPDATE animus.memory_config SET next_embedder = $1, next_dimension = $2",
+                target.name, target.dimension)
+    done = 0
+    async with db.connection() as conn:
+        total = await conn.fetchval("SELECT count(*) FROM animus.memories")
+        # In id order from where the last batch ended, so each batch reads only its own
+        # rows; then once more from the start, for memories stored meanwhile below it.
+        after: UUID | None = None
+        swept_again = False
+        while True:
+            rows = await conn.fetch(
+                """SELECT id, content FROM animus.memories
+                    WHERE embedding_next IS NULL AND ($2::uuid IS NULL OR id > $2)
+                    ORDER BY id LIMIT $1""", batch, after)
+            if not rows:
+                if after is None or swept_again:
+                    break
+                after, swept_again = None, True
+                continue
+            after = rows[-1]["id"]
+            vectors = [Vector(_check_vector(vec, target.dimension, target.name, "re-embed"))
+                       for vec in await target.embed([r["content"] for r in rows])]
+            await conn.execute(
+                """UPDATE animus.memories m SET embedding_next = x.v, embedder = $3
+                     FROM unnest($1::uuid[], $2::vector[]) AS x(id, v) WHERE m.id = x.id""",
+                [r["id"] for r in rows], vectors, target.name)
+            done += len(rows)
+            if progress:
+                progress(done, max(total, done))
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE animus.memories IN ACCESS EXCLUSIVE MODE")
+            left = await conn.fetchval(
+                "SELECT count(*) FROM animus.memories WHERE embedding_next IS NULL")
+            if left:
+                raise ConfigError(f"{left} memories were added during the re-embed: run it again")
+            await conn.execute("DROP INDEX IF EXISTS animus.memories_embedding")
+            await conn.execute("ALTER TABLE animus.memories DROP COLUMN embedding")
+            await conn.execute(
+                "ALTER TABLE animus.memories RENAME COLUMN embedding_next TO embedding")
+            await conn.execute("""CREATE INDEX memories_embedding ON animus.memories
+                                  USING hnsw (embedding vector_cosine_ops)""")
+            await conn.execute(
+                """UPDATE animus.memory_config SET embedder = next_embedder,
+                          dimension = next_dimension, next_embedder = NULL,
+                          next_dimension = NULL, configured_at = now()""")
+    await db.pool.expire_connections()
+    return done
 
 _INSERT = """
     INSERT INTO animus.memories (content, memory_type, source, metadata, embedding, embedder,
