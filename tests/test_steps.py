@@ -62,6 +62,10 @@ class Steps(Faculty):
                 results.append(await focus.step(name, self._hit_async, name))
             if focus.attempt == 1 and focus.params.get("fail_after") == i:
                 raise RuntimeError(f"failing after step {i}")
+        once = self.tally.root / "failed-once"
+        if focus.params.get("fail_once") and not once.exists():
+            once.write_text("")
+            raise RuntimeError("failing once")
         return {"results": results, "attempt": focus.attempt}
 
     async def _hit_async(self, name: str) -> int:
@@ -268,3 +272,49 @@ async def test_purge_removes_steps_with_their_item(db):
     report = await purge(db, older_than=timedelta(0))
     assert report.items == {"completed": 1}
     assert await db.steps(claimed.item.id) == []
+
+
+async def test_the_cli_shows_steps_and_replays_a_dead_item_from_a_step(db_url, tmp_path,
+                                                                       animus):
+    tally = Tally(tmp_path)
+    async with run_faculties([Steps(tally)], home=tmp_path, database_url=db_url) as running:
+        dead = await running.run(steps_item(["fetch", "think", "write"], fail_once=True)
+                                 .max_attempts(1))
+        assert dead.state == State.DEAD
+        shown = animus("work", "show", str(dead.id))
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.split("steps:\n", 1)[1].splitlines()
+        assert [line.split()[:4] for line in lines] == [
+            ["1", "fetch", "attempt", "1"], ["2", "think", "attempt", "1"],
+            ["3", "write", "attempt", "1"]]
+        assert all(line.split()[-1].startswith("sha256:") for line in lines)
+
+        refused = animus("work", "retry", str(dead.id), "--from-step", "nope")
+        assert refused.returncode == 2
+        assert "no recorded step named 'nope'" in refused.stderr
+        out = animus("work", "retry", str(dead.id), "--from-step", "think")
+        assert out.returncode == 0, out.stderr
+        new_id = out.stdout.split()[3]
+        assert out.stdout.strip().endswith("from step think")
+        again = await running.animus.wait_finished(new_id, 30)
+        assert again.state == State.COMPLETED
+        assert again.outcome.data == {"results": [1, 2, 2], "attempt": 1}
+        explained = animus("work", "explain", new_id)
+        assert explained.returncode == 0, explained.stderr
+        assert f"copied from {dead.id}" in explained.stdout
+        assert "stepsreplayed1:fetch" in explained.stdout.replace(" ", "")
+        assert "stepsran2:think,3:write" in explained.stdout.replace(" ", "")
+
+        # (the CLI runs in this event loop's thread: it may not wait for the engine here)
+        rerun = animus("work", "rerun", new_id, "--from-step", "write", "--no-wait")
+        assert rerun.returncode == 0, rerun.stderr
+        rerun_id = rerun.stdout.split()[1]
+        assert (await running.animus.wait_finished(rerun_id, 30)).state == State.COMPLETED
+        diff = animus("work", "diff", new_id, rerun_id, "--json")
+        assert diff.returncode == 0, diff.stderr
+        # the replayed steps gave the same results; write ran again and counted 3
+        assert json.loads(diff.stdout)["verdict"] == (
+            "nondeterministic: same inputs, different output (outcome_hash)")
+        assert (await running.db.get_work_item(rerun_id)).outcome.data == {
+            "results": [1, 2, 3], "attempt": 1}
+    assert [tally.runs(n) for n in ("fetch", "think", "write")] == [1, 2, 3]
