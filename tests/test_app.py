@@ -65,3 +65,11 @@ async def test_parts_are_refused_before_they_exist(tmp_path):
         _ = animus.db
     with pytest.raises(RuntimeError, match="load the faculties first"):
         _ = animus.faculties
+
+
+async def test_the_documented_durable_steps_example_runs(db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    (example,) = code_blocks("writing-faculties.md", "### Durable steps", "python")
+    namespace: dict[str, Any] = {}
+    exec(compile(example, "writing-faculties.md", "exec"), namespace)
+    await namespace["test_digest"](tmp_path)
