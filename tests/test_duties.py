@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
