@@ -1188,15 +1188,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def publish(text: str, report: dict[str, Any], path: Path | None) -> int:
+    """Print a report's text, and write its JSON to ``path`` when one is given."""
+    print(text)
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"  json        {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.make(args.n, args.big)
     report = asyncio.run(run(cfg, args.only, args.database))
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"  json        {args.json}")
-    return 0
+    return publish(render(report), report, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from benchmarks.bench_engine import (
     latency_lines,
     machine,
     package_version,
+    publish,
     rate_line,
     ratio_check,
     render_section,
@@ -242,11 +242,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(run(Config(n=args.n, k=args.steps), args.database))
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"  json        {args.json}")
-    return 0
+    return publish(render(report), report, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import pytest
 
 from animus_core import Created, NewWorkItem, State
 from tests.conftest import ROOT
-from tests.engine_helpers import EngineProcess, events, wait_finished, wait_listening, wait_until
+from tests.engine_helpers import (
+    engine_processes,
+    events,
+    wait_finished,
+    wait_listening,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +39,8 @@ def engines(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),
                ANIMUS_PLUGINS="teststeps", LOG_LEVEL="info",
                PYTHONPATH=f"{site}:{ROOT}")
-    started: list[EngineProcess] = []
-
-    def start(*args: str) -> EngineProcess:
-        p = EngineProcess(args, env, tmp_path, tmp_path / f"engine-{len(started)}.log")
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.close()
+    with engine_processes(env, tmp_path) as start:
+        yield start
 
 
 def counts(root: Path, names: list[str]) -> list[int]:
