@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from animus_core import Faculty, Focus, LeaseLost, NewWorkItem, State, StepPolicy
+from animus_core import Db, Faculty, Focus, LeaseLost, NewWorkItem, State, StepPolicy
 from animus_core.store.retention import purge
 from animus_core.testing import run_faculties
 from animus_core.values.canonical import canonical_hash
@@ -101,24 +101,30 @@ async def test_steps_run_once_and_a_retry_after_a_failure_replays_them(db_url, t
         (1, "fetch", 1), (2, "think", 1), (3, "write", 2)]
 
 
-async def test_a_focus_without_steps_reads_no_steps_and_records_none(db_url, tmp_path):
+async def test_steps_are_read_once_per_focus_and_never_without_a_step(db_url, tmp_path,
+                                                                      monkeypatch):
     class Plain(Faculty):
         name = "plain"
         accepts = ("plain",)
 
-    async with run_faculties([Plain()], home=tmp_path, database_url=db_url) as animus:
-        async with raw(db_url) as conn:
-            await conn.execute("SELECT pg_stat_reset()")
-        item = await animus.run(NewWorkItem("plain", source="test"))
-        [record] = await animus.db.executions(item.id)
-        await asyncio.sleep(0.6)  # the statistics collector reports every 500 ms
-        async with raw(db_url) as conn:
-            scans = await conn.fetchval(
-                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) "
-                "FROM pg_stat_user_tables WHERE relid = 'animus.steps'::regclass")
-    assert item.state == State.COMPLETED
+    reads: list[Any] = []
+    real = Db.steps
+
+    async def counted(self: Db, work_id: Any) -> Any:  # the real query, counted
+        reads.append(work_id)
+        return await real(self, work_id)
+
+    monkeypatch.setattr(Db, "steps", counted)
+    tally = Tally(tmp_path)
+    async with run_faculties([Plain(), Steps(tally)], home=tmp_path,
+                             database_url=db_url) as animus:
+        plain = await animus.run(NewWorkItem("plain", source="test"))
+        assert reads == []
+        stepped = await animus.run(steps_item(["a", "b", "c"]))
+        [record] = await animus.db.executions(plain.id)
+    assert plain.state == stepped.state == State.COMPLETED
     assert record.steps is None
-    assert scans == 0
+    assert reads == [stepped.id]  # three steps, one query
 
 
 async def test_a_changed_step_order_is_named_and_dead_letters(db_url, tmp_path):

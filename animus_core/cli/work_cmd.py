@@ -14,7 +14,7 @@ from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.states import State
 from animus_core.values.steps import Step
-from animus_core.values.work import Created, NewWorkItem, WorkItem
+from animus_core.values.work import Created, Merged, NewWorkItem, WorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -347,8 +347,12 @@ async def retry(args: argparse.Namespace) -> int:
         if item.state == State.DEAD:
             result = await governed(db).replay(item.id, source="cli",
                                                from_step=args.from_step)
-            print(f"replayed {item.id} as {result.id}"
-                  + (f" from step {args.from_step}" if args.from_step else ""))
+            if args.from_step and isinstance(result, Merged):  # live work holds its key
+                print(f"replayed {item.id}: merged into {result.canonical_id} (no steps "
+                      "copied)")
+            else:
+                print(f"replayed {item.id} as {result.id}"
+                      + (f" from step {args.from_step}" if args.from_step else ""))
         elif args.from_step:
             raise InvalidInput(
                 f"work item {item.id} is {item.state}: --from-step replays a dead item (a "
