@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 from tests.engine_helpers import (
     engine_processes,
     events,
+    run_cli,
     wait_finished,
     wait_listening,
     wait_until,
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def engines(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    """``engines("--lease", "2")``: an engine process that loads tests/step_faculty.py."""
+def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The environment of an engine (or CLI) process that loads tests/step_faculty.py."""
     site = tmp_path / "site"
     dist = site / "animus_test_steps-0.1.dist-info"
     dist.mkdir(parents=True)
@@ -39,7 +40,13 @@ def engines(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),
                ANIMUS_PLUGINS="teststeps", LOG_LEVEL="info",
                PYTHONPATH=f"{site}:{ROOT}")
-    with engine_processes(env, tmp_path) as start:
+    return env
+
+
+@pytest.fixture
+def engines(proc_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """``engines("--lease", "2")`` starts an engine process; all are killed at the end."""
+    with engine_processes(proc_env, tmp_path) as start:
         yield start
 
 
@@ -53,7 +60,7 @@ def counts(root: Path, names: list[str]) -> list[int]:
     (["between", "b"], [1, 1, 1]),  # a and b were recorded: both are replayed
 ])
 async def test_an_engine_killed_in_a_focus_resumes_at_the_step_it_was_in(
-        db, db_url, tmp_path, engines, hold, expected):
+        db, db_url, tmp_path, engines, proc_env, hold, expected):
     root = tmp_path / "effects"
     root.mkdir()
     first = engines("--lease", "2", "--poll", "0.5")
@@ -83,3 +90,10 @@ async def test_an_engine_killed_in_a_focus_resumes_at_the_step_it_was_in(
     assert [r.result for r in records] == ["lost", "completed"]
     assert records[-1].steps is not None
     assert [m["name"] for m in records[-1].steps["replayed"]] == recorded
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "explain", str(wid))
+    assert code == 0, err
+    lost, completed = out.split("\nattempt ")[1:]
+    assert "steps ran     " + ", ".join(f"{i}:{n}" for i, n in enumerate(recorded, 1)) in lost
+    assert "steps replayed" + ", ".join(f"{i}:{n}" for i, n in enumerate(recorded, 1)) \
+        in completed
+
