@@ -17,7 +17,7 @@ from animus_core import Db, Faculty, Focus, LeaseLost, NewWorkItem, State, StepP
 from animus_core.store.retention import purge
 from animus_core.testing import run_faculties
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import IllegalTransition, WorkNotFound
+from animus_core.values.errors import IllegalTransition, InvalidInput, WorkNotFound
 from tests.support import raw
 
 
@@ -324,3 +324,43 @@ async def test_the_cli_shows_steps_and_replays_a_dead_item_from_a_step(db_url, t
         assert (await running.db.get_work_item(rerun_id)).outcome.data == {
             "results": [1, 2, 3], "attempt": 1}
     assert [tally.runs(n) for n in ("fetch", "think", "write")] == [1, 2, 3]
+
+
+class Gathered(Faculty):
+    """Starts three steps together; the last finishes first. Fails its first attempt."""
+
+    name = "gathered"
+    accepts = ("gathered",)
+    retry_base = 0.0
+    retry_max = 0.0
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        async def slow(name: str, delay: float) -> str:
+            await asyncio.sleep(delay)
+            return f"{name} after run {self.tally.hit(name)}"
+        results = await asyncio.gather(*(focus.step(n, slow, n, d) for n, d in
+                                         (("x", 0.2), ("y", 0.1), ("z", 0.0))))
+        if focus.attempt == 1:
+            raise RuntimeError("once more")
+        return results
+
+
+async def test_steps_started_together_take_positions_in_call_order(db_url, tmp_path):
+    tally = Tally(tmp_path)
+    async with run_faculties([Gathered(tally)], home=tmp_path, database_url=db_url) as animus:
+        item = await animus.run(NewWorkItem("gathered", source="t"))
+        steps = await animus.db.steps(item.id)
+    assert item.outcome.data == ["x after run 1", "y after run 1", "z after run 1"]
+    assert [(s.position, s.name, s.attempt) for s in steps] == [
+        (1, "x", 1), (2, "y", 1), (3, "z", 1)]
+    assert steps[2].finished_at < steps[1].finished_at < steps[0].finished_at
+
+
+def test_a_step_policy_doubles_its_backoff_up_to_its_ceiling():
+    policy = StepPolicy(attempts=5, backoff=0.5, max_backoff=1.5)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
+    with pytest.raises(InvalidInput, match="backoff"):
+        StepPolicy(backoff=float("nan"))
