@@ -93,7 +93,7 @@ async def test_an_engine_killed_in_a_focus_resumes_at_the_step_it_was_in(
     code, out, err = await run_cli(proc_env, tmp_path, "work", "explain", str(wid))
     assert code == 0, err
     lost, completed = out.split("\nattempt ")[1:]
-    assert "steps ran     " + ", ".join(f"{i}:{n}" for i, n in enumerate(recorded, 1)) in lost
-    assert "steps replayed" + ", ".join(f"{i}:{n}" for i, n in enumerate(recorded, 1)) \
-        in completed
+    marks = ", ".join(f"{i}:{n}" for i, n in enumerate(recorded, 1))
+    assert f"steps ran      {marks}\n" in lost
+    assert f"steps replayed {marks}\n" in completed
 

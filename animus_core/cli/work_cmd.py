@@ -123,7 +123,7 @@ async def explain(args: argparse.Namespace) -> int:
             ran = [f"{s.position}:{s.name}" for s in steps
                    if s.attempt == r.attempt and s.copied_from is None]
             if ran:  # what it recorded before it was lost
-                print(f"  steps ran     {', '.join(ran)}")
+                print(f"  steps ran      {', '.join(ran)}")
             continue
         print(f"  params        {r.params_hash}")
         if fac.get("kind") == "toml":
@@ -141,7 +141,7 @@ async def explain(args: argparse.Namespace) -> int:
         if r.steps:
             for kind in ("replayed", "ran"):
                 marks = [f"{m['position']}:{m['name']}" for m in r.steps.get(kind, [])]
-                print(f"  steps {kind:8}{', '.join(marks) or 'none'}")
+                print(f"  steps {kind:<8} {', '.join(marks) or 'none'}")
         if r.outcome_hash:
             print(f"  outcome       {r.outcome_hash}")
         if r.error:
