@@ -268,6 +268,14 @@ async def test_steps_are_copied_only_into_a_fresh_rerun_by_its_submitter(db):
         with pytest.raises(Exception, match="not a rerun or replay"):
             await conn.fetchval("SELECT animus.copy_steps($1, $2, 'a')", other.id,
                                 claimed.item.id)
+    await db.complete(claimed.lease, None)
+    done = await db.get_work_item(claimed.item.id)
+    earlier = await db.submit_work(done.again(source="t", trigger="rerun"))
+    async with db.connection() as conn:
+        with pytest.raises(Exception, match="not submitted in this transaction"):
+            await conn.fetchval("SELECT animus.copy_steps($1, $2, 'a')", earlier.id,
+                                claimed.item.id)
+    assert await db.steps(earlier.id) == []
 
 
 async def test_purge_removes_steps_with_their_item(db):
