@@ -15,9 +15,11 @@ from animus_core.values.errors import (
     InvalidInput,
     LeaseLost,
     MigrationError,
+    StepOrderChanged,
     WorkNotFound,
 )
 from animus_core.values.states import State
+from animus_core.values.steps import Step, StepPolicy
 from animus_core.values.version import __version__
 from animus_core.values.work import (
     Claimed,
@@ -55,6 +57,9 @@ __all__ = [
     "Retry",
     "RuleSet",
     "State",
+    "Step",
+    "StepOrderChanged",
+    "StepPolicy",
     "SubmitResult",
     "WorkItem",
     "WorkNotFound",

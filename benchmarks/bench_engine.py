@@ -1064,12 +1064,7 @@ async def run(cfg: Config, only: Sequence[str], prefix: str) -> dict[str, Any]:
     sections: dict[str, Section] = {}
     with tempfile.TemporaryDirectory(prefix="animus-bench-engine-") as tmp:
         home = Path(tmp)
-        info_url = await fresh_animus_db(server, f"{prefix}_info")
-        info_db = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
-        try:
-            database = await describe_server(info_db)
-        finally:
-            await info_db.close()
+        database = await describe_database(server, prefix)
         for key in only:
             t0 = clock()
             section: Section = await RUNNERS[key](server, cfg, prefix, home / key)
@@ -1079,9 +1074,7 @@ async def run(cfg: Config, only: Sequence[str], prefix: str) -> dict[str, Any]:
         "benchmark": "engine",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": {**cfg.to_json(), "only": list(only), "database_prefix": prefix},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "event_loop": type(asyncio.get_running_loop()).__name__},
+        "machine": machine(),
         "database": {"where": where, "server": describe_url(url), **database},
         "peers": {"pgqueuer": package_version("pgqueuer"),
                   "procrastinate": package_version("procrastinate")},
@@ -1090,52 +1083,82 @@ async def run(cfg: Config, only: Sequence[str], prefix: str) -> dict[str, Any]:
     }
 
 
+async def describe_database(server: Server, prefix: str) -> dict[str, Any]:
+    """The server's version, pgmq and durability settings, read from a fresh database."""
+    info_url = await fresh_animus_db(server, f"{prefix}_info")
+    info_db = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
+    try:
+        return await describe_server(info_db)
+    finally:
+        await info_db.close()
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "event_loop": type(asyncio.get_running_loop()).__name__}
+
+
 def _num(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
     if unit == "ms":
         return f"{value:.3f}"
-    if unit in ("items/s", "spawns/s"):
+    if unit in ("items/s", "spawns/s", "steps/s"):
         return f"{value:,.0f}"
     if unit == "per s":
         return f"{value:.2f}"
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.2f}"
 
 
-def render(report: dict[str, Any]) -> str:
+def context_lines(report: dict[str, Any]) -> list[str]:
+    """Where a report was measured: the machine, the server and its durability settings."""
     machine, dbi = report["machine"], report["database"]
     dur = dbi["durability"]
     default = ("Postgres defaults, never changed here" if dbi["durability_is_postgres_default"]
                else "NOT the Postgres defaults")
-    lines = [
-        "animus engine benchmarks (bench_engine)",
+    return [
         f"  machine     {machine['cpu_count']} cores, {machine['platform']}, Python "
         f"{machine['python']} ({machine['event_loop']})",
         f"  postgres    {dbi['version']} ({dbi['where']}), pgmq {dbi['pgmq']}",
         f"  durability  fsync={dur['fsync']} synchronous_commit={dur['synchronous_commit']} "
         f"({default})",
+    ]
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        "animus engine benchmarks (bench_engine)",
+        *context_lines(report),
         f"  peers       pgqueuer {report['peers']['pgqueuer']}, procrastinate "
         f"{report['peers']['procrastinate']}",
     ]
     for s in report["sections"].values():
-        lines += ["", s["title"]]
-        lines += [f"  {x}" for x in s["setup"]]
-        lines += ["", f"  {'measure':<58} {'n':>7} {'seconds':>8} {'value':>10}  unit"]
-        for r in s["results"]:
-            items = "" if r["items"] is None else f"{r['items']}"
-            secs = "" if r["seconds"] is None else f"{r['seconds']:.3f}"
-            value = _num(r["value"], r["unit"]) if r["note"] is None else "not run"
-            lines.append(f"  {r['label']:<58} {items:>7} {secs:>8} {value:>10}  {r['unit']}")
-        lines += ["", f"  {'check (same run)':<58} {'value':>7} {'target':>8} {'met':>10}"]
-        for c in s["checks"]:
-            target = "-" if c["target"] is None else f"{c['op']} {c['target']:g}"
-            met = "-" if c["met"] is None else ("yes" if c["met"] else "NO")
-            value = "-" if c["value"] is None else f"{c['value']:.3f}"
-            lines.append(f"  {c['label']:<58} {value:>7} {target:>8} {met:>10}")
-        lines += [f"  note: {n}" for n in s["notes"]]
-        lines.append(f"  ({s['seconds']:.1f} s)")
+        lines += render_section(s)
     lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
     return "\n".join(lines)
+
+
+def render_section(s: dict[str, Any]) -> list[str]:
+    """The lines of one section (as :meth:`Section.to_json` gives it): setup, results,
+    checks and notes."""
+    lines = ["", s["title"]]
+    lines += [f"  {x}" for x in s["setup"]]
+    lines += ["", f"  {'measure':<58} {'n':>7} {'seconds':>8} {'value':>10}  unit"]
+    for r in s["results"]:
+        items = "" if r["items"] is None else f"{r['items']}"
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.3f}"
+        value = _num(r["value"], r["unit"]) if r["note"] is None else "not run"
+        lines.append(f"  {r['label']:<58} {items:>7} {secs:>8} {value:>10}  {r['unit']}")
+    lines += ["", f"  {'check (same run)':<58} {'value':>7} {'target':>8} {'met':>10}"]
+    for c in s["checks"]:
+        target = "-" if c["target"] is None else f"{c['op']} {c['target']:g}"
+        met = "-" if c["met"] is None else ("yes" if c["met"] else "NO")
+        value = "-" if c["value"] is None else f"{c['value']:.3f}"
+        lines.append(f"  {c['label']:<58} {value:>7} {target:>8} {met:>10}")
+    lines += [f"  note: {n}" for n in s["notes"]]
+    lines.append(f"  ({s['seconds']:.1f} s)")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1165,15 +1188,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def publish(text: str, report: dict[str, Any], path: Path | None) -> int:
+    """Print a report's text, and write its JSON to ``path`` when one is given."""
+    print(text)
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"  json        {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.make(args.n, args.big)
     report = asyncio.run(run(cfg, args.only, args.database))
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"  json        {args.json}")
-    return 0
+    return publish(render(report), report, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,24 @@ class EngineProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def engine_processes(env: Mapping[str, str], cwd: Path) -> Iterator[Callable[..., EngineProcess]]:
+    """``start(*args)`` starts ``animus up ARGS`` in ``cwd`` (its log ``engine-<n>.log``);
+    every process started is killed when the block ends."""
+    started: list[EngineProcess] = []
+
+    def start(*args: str) -> EngineProcess:
+        p = EngineProcess(args, env, cwd, cwd / f"engine-{len(started)}.log")
+        started.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in started:
+            p.close()
 
 
 async def listeners(db_url: str) -> int:

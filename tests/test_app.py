@@ -16,12 +16,14 @@ from tests.support import code_blocks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_the_documented_faculty_test_runs(db_url, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("heading", "test"), [("### Testing a faculty", "test_shout"),
+                                               ("### Durable steps", "test_digest")])
+async def test_the_documented_faculty_tests_run(db_url, tmp_path, monkeypatch, heading, test):
     monkeypatch.setenv("DATABASE_URL", db_url)
-    (example,) = code_blocks("writing-faculties.md", "### Testing a faculty", "python")
+    (example,) = code_blocks("writing-faculties.md", heading, "python")
     namespace: dict[str, Any] = {}
     exec(compile(example, "writing-faculties.md", "exec"), namespace)
-    await namespace["test_shout"](tmp_path)
+    await namespace[test](tmp_path)
 
 
 async def test_the_documented_program_runs_an_engine(db_url, tmp_path, monkeypatch, capsys):
@@ -65,3 +67,4 @@ async def test_parts_are_refused_before_they_exist(tmp_path):
         _ = animus.db
     with pytest.raises(RuntimeError, match="load the faculties first"):
         _ = animus.faculties
+

@@ -19,11 +19,13 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import pytest
 
 from animus_core import NewWorkItem, State
@@ -422,10 +424,11 @@ async def _approve_own(b: Bench, who: str) -> bool:
     return await allowed(p.decide(wid, "approve", "mine"))
 
 
-@action("run an engine: claim, start, complete, fail, release, extend leases, record usage")
+@action("run an engine: claim, start, complete, fail, release, extend leases, record usage "
+        "and steps")
 async def _engine(b: Bench, who: str) -> bool:
     t = b.fresh()
-    for _ in range(8):
+    for _ in range(9):
         await b.queued(t)
     p = await b.person(who)
     # Leases the owner took, so that each step can be tried whatever the others answered.
@@ -436,6 +439,7 @@ async def _engine(b: Bench, who: str) -> bool:
     [to_end] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     [to_cancel] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     [to_release] = await b.db.claim(work_types=[t], lease_seconds=300)
+    [to_step] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     usage = {"models": {"m": {"input_tokens": 1}}, "cost_usd": 0.5}
     return await same_answer(
         lambda: p.claim(work_types=[t], lease_seconds=300),
@@ -449,6 +453,8 @@ async def _engine(b: Bench, who: str) -> bool:
         lambda: p.release(to_release.lease, "later"),
         lambda: p.extend_lease([to_start.lease], 300),
         lambda: p.record_usage(to_start.item.id, usage),
+        lambda: p.record_step(to_step.lease, 1, "fetch", msgspec.Raw(b"1"), result_hash="h",
+                              started_at=datetime.now(UTC), duration_ms=1),
         lambda: p.create_queue("matrix_" + t.replace("-", "_")))
 
 
@@ -464,6 +470,37 @@ async def _manage(b: Bench, who: str) -> bool:
     p = await b.person(who)
     return await same_answer(lambda: p.retry(failed), lambda: p.dead_letter(queued, "no"),
                              lambda: p.cancel(cancelled), lambda: p.cancel(running))
+
+
+@action("rerun or replay work from a recorded step (--from-step)")
+async def _from_step(b: Bench, who: str) -> bool:
+    t = b.fresh()
+    await b.queued(t)
+    [c] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    await b.db.record_step(c.lease, 1, "fetch", msgspec.Raw(b"1"), result_hash="h",
+                           started_at=datetime.now(UTC), duration_ms=1)
+    await b.db.record_step(c.lease, 2, "think", msgspec.Raw(b"2"), result_hash="h",
+                           started_at=datetime.now(UTC), duration_ms=1)
+    await b.db.complete(c.lease, None)
+    p = await b.person(who)
+    old = await b.db.get_work_item(c.item.id)
+    done = await allowed(p.submit_from_step(old.again(source="matrix", trigger="rerun"),
+                                            from_id=old.id, step="think"))
+    if done:
+        [rerun] = await b.db.list_work(work_type=t, state=["queued"])
+        assert [s.name for s in await b.db.steps(rerun.id)] == ["fetch"]
+    return done
+
+
+@action("write or change steps directly")
+async def _steps(b: Bench, who: str) -> bool:
+    wid = await b.queued()
+    return await same_answer(
+        lambda: b.sql(who, """INSERT INTO animus.steps (work_id, position, name, attempt,
+                                  result, result_hash, started_at, duration_ms)
+                              VALUES ($1, 1, 'forged', 1, '1', 'h', now(), 1)""", wid),
+        lambda: b.sql(who, "UPDATE animus.steps SET name = 'forged'"),
+        lambda: b.sql(who, "DELETE FROM animus.steps"))
 
 
 @action("change a work item directly (UPDATE)")

@@ -21,7 +21,7 @@ import pytest
 from animus_core import Created, Faculty, NewWorkItem, State
 from animus_core.faculties.plugins import collect_faculties, make_plugin_manager
 from tests.engine_helpers import (
-    EngineProcess,
+    engine_processes,
     engine_settings,
     events,
     kill_group,
@@ -48,16 +48,8 @@ def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def engines(proc_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     """``engines("--lease", "2")`` starts an engine process; all are killed at the end."""
-    started: list[EngineProcess] = []
-
-    def start(*args: str) -> EngineProcess:
-        p = EngineProcess(args, proc_env, tmp_path, tmp_path / f"engine-{len(started)}.log")
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.close()
+    with engine_processes(proc_env, tmp_path) as start:
+        yield start
 
 
 def faculty(tmp_path: Path, name: str, **kwargs: Any) -> Path:

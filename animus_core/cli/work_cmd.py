@@ -13,7 +13,8 @@ from animus_core.store.db import DEFAULT_QUEUE
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.states import State
-from animus_core.values.work import Created, NewWorkItem, WorkItem
+from animus_core.values.steps import Step
+from animus_core.values.work import Created, Merged, NewWorkItem, WorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,6 +59,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("retry", help="retry a failed item now, or replay a dead one")
     p.add_argument("id", metavar="ID")
+    p.add_argument("--from-step", metavar="NAME",
+                   help="replay a dead item from its recorded step NAME: the steps before "
+                        "it are copied and replayed, NAME and after run afresh")
     p.set_defaults(handler=retry)
 
     p = cmds.add_parser("explain", help="what each attempt was bound to (execution records)")
@@ -75,6 +79,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("id", metavar="ID")
     p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to wait for the rerun")
     p.add_argument("--no-wait", action="store_true", help="submit and return")
+    p.add_argument("--from-step", metavar="NAME",
+                   help="resume from the original's recorded step NAME: the steps before it "
+                        "are copied and replayed, NAME and after run afresh")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=rerun)
 
@@ -100,10 +107,12 @@ async def explain(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
         records = await db.executions(item.id)
+        steps = await db.steps(item.id)
     if args.json:
-        print_json({"work_id": str(item.id), "records": records})
+        print_json({"work_id": str(item.id), "records": records, "steps": steps})
         return 0
     print(f"{item.id}  {item.work_type}  {item.state}  ({len(records)} attempts recorded)")
+    _print_steps(steps)
     for r in records:
         env = r.environment or {}
         print(f"\nattempt {r.attempt}: {r.result}  {r.started_at.isoformat()}")
@@ -111,6 +120,10 @@ async def explain(args: argparse.Namespace) -> int:
         if fac is None:  # a lost attempt, recorded by the claim that took its item back
             print("  inputs        not known: the engine that ran it was lost with its lease")
             print(f"  error         {r.error}")
+            ran = [f"{s.position}:{s.name}" for s in steps
+                   if s.attempt == r.attempt and s.copied_from is None]
+            if ran:  # what it recorded before it was lost
+                print(f"  steps ran      {', '.join(ran)}")
             continue
         print(f"  params        {r.params_hash}")
         if fac.get("kind") == "toml":
@@ -125,6 +138,10 @@ async def explain(args: argparse.Namespace) -> int:
         print(f"  environment   {r.environment_hash}  Python {env.get('python')} on "
               f"{env.get('platform')}, {len(env.get('distributions', {}))} distributions")
         print(f"  models        {', '.join(r.models) or 'none'}")
+        if r.steps:
+            for kind in ("replayed", "ran"):
+                marks = [f"{m['position']}:{m['name']}" for m in r.steps.get(kind, [])]
+                print(f"  steps {kind:<8} {', '.join(marks) or 'none'}")
         if r.outcome_hash:
             print(f"  outcome       {r.outcome_hash}")
         if r.error:
@@ -160,8 +177,13 @@ async def rerun(args: argparse.Namespace) -> int:
         if not old.state.terminal or old.state == State.MERGED:
             raise InvalidInput(f"work item {old.id} is {old.state}: rerun a finished item")
         # no dedup key (a rerun must run, not merge into live work) and no parent
-        created = await animus.governed.submit(
-            old.again(source="cli", trigger=f"rerun of {old.id}"), queue=old.queue)
+        again = old.again(source="cli", trigger=f"rerun of {old.id}"
+                          + (f" from step {args.from_step}" if args.from_step else ""))
+        if args.from_step:
+            created = await animus.governed.submit_from_step(again, old.id, args.from_step,
+                                                             queue=old.queue)
+        else:
+            created = await animus.governed.submit(again, queue=old.queue)
         if args.no_wait:
             print(f"rerun {created.id} submitted; compare with: animus work diff {old.id} "
                   f"{created.id}")
@@ -287,11 +309,25 @@ def _describe(item: WorkItem) -> None:
 async def show(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
+        steps = await db.steps(item.id)
     if args.json:
         print_json(item)
     else:
         _describe(item)
+        _print_steps(steps)
     return 0
+
+
+def _print_steps(steps: list[Step]) -> None:
+    """The item's recorded steps: position, name, the attempt that ran it (or the item it
+    was copied from), duration and result hash."""
+    if not steps:
+        return
+    print("steps:")
+    for s in steps:
+        by = (f"copied from {s.copied_from}" if s.copied_from
+              else f"attempt {s.attempt}")
+        print(f"  {s.position:>3}  {s.name:24} {by:14} {s.duration_ms:>7} ms  {s.result_hash}")
 
 
 async def cancel(args: argparse.Namespace) -> int:
@@ -309,8 +345,19 @@ async def retry(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
         if item.state == State.DEAD:
-            result = await governed(db).replay(item.id, source="cli")
-            print(f"replayed {item.id} as {result.id}")
+            result = await governed(db).replay(item.id, source="cli",
+                                               from_step=args.from_step)
+            if args.from_step and isinstance(result, Merged):  # live work holds its key
+                print(f"replayed {item.id}: merged into {result.canonical_id} (no steps "
+                      "copied)")
+            else:
+                print(f"replayed {item.id} as {result.id}"
+                      + (f" from step {args.from_step}" if args.from_step else ""))
+        elif args.from_step:
+            raise InvalidInput(
+                f"work item {item.id} is {item.state}: --from-step replays a dead item (a "
+                "retried item replays all of its recorded steps; rerun a finished one with "
+                "animus work rerun --from-step)")
         else:
             await db.retry(item.id, reason="retried from the command line")
             print(f"queued {item.id} for another attempt")

@@ -9,8 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from animus_core.faculties.steps import StepJournal
 from animus_core.values.agents import AgentResult, AgentSpec, Usage
 from animus_core.values.errors import ConfigError
+from animus_core.values.steps import StepPolicy
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ class Focus:
     ``memory_unavailable`` says why), ``consolidate_memory`` the one that replaces it
     once :meth:`consolidating` is called (writing in the completion's transaction),
     ``agent`` what :meth:`agent` runs (``None``: no agent loop), and ``submitter`` what
-    :meth:`submit` hands child work to (``None``: no child work).
+    :meth:`submit` hands child work to (``None``: no child work), and ``steps`` the
+    journal :meth:`step` records in (``None``: no durable steps).
     """
 
     def __init__(self, work: WorkItem, db: Db, *, attempt: int, log: logging.Logger,
@@ -46,8 +49,8 @@ class Focus:
                  keep_root: Path | None = None, memory: Memory | None = None,
                  consolidate_memory: Memory | None = None,
                  memory_unavailable: str = "memory is not configured for this engine",
-                 agent: AgentRunner | None = None, submitter: Submitter | None = None
-                 ) -> None:
+                 agent: AgentRunner | None = None, submitter: Submitter | None = None,
+                 steps: StepJournal | None = None) -> None:
         self.work = work
         self.attempt = attempt
         self.log = log
@@ -64,6 +67,8 @@ class Focus:
         self._consolidate_memory = consolidate_memory
         self._memory_unavailable = memory_unavailable
         self._agent = agent
+        #: the durable steps of this attempt (``None``: not available)
+        self.steps = steps
         #: model -> token usage of this focus's model calls
         self.llm_usage: dict[str, Usage] = {}
         self.llm_cost_usd = 0.0
@@ -135,6 +140,20 @@ class Focus:
         total.add(result.usage)
         self.llm_cost_usd += result.cost_usd or 0.0
         return result
+
+    async def step(self, name: str, fn: Callable[..., Any], /, *args: Any,
+                   policy: StepPolicy | None = None, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` once per work item, as the durable step ``name``: an
+        async ``fn`` is awaited, a sync one runs in a worker thread. Its result (a JSON
+        value, within ``ANIMUS_MAX_OUTCOME_BYTES``) is committed before ``step`` returns it,
+        and every later attempt of the item is given the stored result without running
+        ``fn``. The n-th call of an attempt must have the name recorded at position n, else
+        :class:`~animus_core.values.errors.StepOrderChanged` (the item is dead-lettered).
+        ``policy`` (:class:`~animus_core.values.steps.StepPolicy`) retries ``fn`` within the
+        attempt; a step that raises is not recorded. See docs/writing-faculties.md."""
+        if self.steps is None:
+            raise ConfigError("durable steps are not available in this focus")
+        return await self.steps.run(name, fn, args, kwargs, policy or StepPolicy())
 
     async def submit(self, item: NewWorkItem) -> SubmitResult:
         """Submit child work: ``item`` with this focus's work item as its parent, in its

@@ -74,10 +74,23 @@ class GovernedWork:
         return await self.db.submit_scheduled(name, tick, self.govern(item, current_traceparent()),
                                               queue=queue)
 
-    async def replay(self, work_id: UUID | str, *, source: str = "replay") -> SubmitResult:
-        """Submit a fresh copy of a dead item (linked by ``replay_of``), in its queue."""
+    async def replay(self, work_id: UUID | str, *, source: str = "replay",
+                     from_step: str | None = None) -> SubmitResult:
+        """Submit a fresh copy of a dead item (linked by ``replay_of``), in its queue; with
+        ``from_step``, resuming at that step (see :meth:`submit_from_step`)."""
         old = await self.db.get_work_item(work_id)
-        return await self.submit(old.replayed(source=source), queue=old.queue)
+        new = old.replayed(source=source)
+        if from_step is not None:
+            return await self.submit_from_step(new, old.id, from_step, queue=old.queue)
+        return await self.submit(new, queue=old.queue)
+
+    async def submit_from_step(self, item: NewWorkItem, from_id: UUID, step: str, *,
+                               queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Submit ``item``, a rerun or replay of ``from_id``, with the rules applied and the
+        steps ``from_id`` recorded before ``step`` copied into it: it replays them and runs
+        ``step`` and the steps after it afresh."""
+        return await self.db.submit_from_step(self.govern(item, current_traceparent()),
+                                              from_id=from_id, step=step, queue=queue)
 
     def child_submitter(self, parent: WorkItem) -> Submitter:
         """Submits child work of ``parent``: into its queue, with it as the parent."""

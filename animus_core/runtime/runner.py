@@ -21,6 +21,7 @@ from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import AgentRunner, Focus
 from animus_core.faculties.plugins import Phases
+from animus_core.faculties.steps import StepJournal
 from animus_core.governance.work import GovernedWork, RuleRefused
 from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
@@ -41,7 +42,7 @@ from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import AnimusError, LeaseLost
+from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.version import __version__
@@ -123,11 +124,12 @@ class FocusRunner:
             faculty=identity, faculty_hash=canonical_hash(identity),
             engine_version=__version__, environment_hash=self.environment_hash,
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
+            steps=focus.steps.summary() if focus.steps is not None else None,
             outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
 
     # -- one focus ---------------------------------------------------------------------------
 
-    def _focus_for(self, fac: Faculty, item: WorkItem, scope: TxScope) -> Focus:
+    def _focus_for(self, fac: Faculty, item: WorkItem, lease: Lease, scope: TxScope) -> Focus:
         ws = self.workspace
         assert ws is not None, "the runner runs foci only once the engine started"
         memory = self.memory
@@ -137,13 +139,14 @@ class FocusRunner:
                      consolidate_memory=memory.scoped(scope, source=fac.name, work_id=item.id)
                      if memory else None,
                      memory_unavailable=self.memory_problem, agent=self._agent,
-                     submitter=self.governed.child_submitter(item))
+                     submitter=self.governed.child_submitter(item),
+                     steps=StepJournal(self.store, lease))
 
     async def run(self, flight: Flight) -> None:
         """Run the focus of ``flight`` (as its task) to its end, and record it."""
         fac, item, lease = flight.slot.faculty, flight.claimed.item, flight.claimed.lease
         scope = self.store.transaction()
-        focus = self._focus_for(fac, item, scope)
+        focus = self._focus_for(fac, item, lease, scope)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"
@@ -212,7 +215,8 @@ class FocusRunner:
                 record = self._record(fac, focus, started_at, "failed",
                                       hashed or NO_PARAMS_HASH, error=error)
                 result = await self._failed(flight, focus, error, phase, ms, record,
-                                            final=isinstance(e, RuleRefused | Unrunnable))
+                                            final=isinstance(e, RuleRefused | Unrunnable
+                                                             | StepOrderChanged))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions

@@ -9,6 +9,7 @@ concern, each in its own module:
 * :mod:`~animus_core.store.records`: approvals, history and the audit chain, execution
   records and usage;
 * :mod:`~animus_core.store.moves`: claim, start, leases, and how an attempt ends;
+* :mod:`~animus_core.store.steps`: durable steps (recording one, reading an item's);
 * this module: connecting, and submitting work.
 
 :class:`Db` is the raw store, and ungoverned: it writes what it is given and evaluates no
@@ -51,7 +52,8 @@ from animus_core.store.connect import (
     submission_json,
 )
 from animus_core.store.errors import connection_lost
-from animus_core.store.moves import DeadLetter, Retry, WorkMoves
+from animus_core.store.moves import DeadLetter, Retry
+from animus_core.store.steps import WorkSteps
 from animus_core.store.tx import TxScope
 from animus_core.values.errors import DatabaseUnavailable
 from animus_core.values.work import Created, Merged, NewWorkItem, SubmitResult, WorkItem
@@ -60,7 +62,7 @@ __all__ = ["DEFAULT_QUEUE", "Db", "DeadLetter", "Listener", "Retry", "TxScope",
            "connection_lost", "describe_url", "resolve_url"]
 
 
-class Db(WorkMoves):
+class Db(WorkSteps):
     """A pool of connections to one animus database and the operations on its work: the
     raw store. It applies no rule: submit through
     :class:`animus_core.governance.work.GovernedWork` for that.
@@ -146,11 +148,31 @@ class Db(WorkMoves):
         as ``dead`` with ``reason``, so that it is visible and audited."""
         return await self.submit_work(item.refused(reason), queue=queue)
 
-    async def _submit(self, payload: list[dict[str, Any]], queue: str) -> list[SubmitResult]:
+    async def submit_from_step(self, item: NewWorkItem, *, from_id: UUID, step: str,
+                               queue: str = DEFAULT_QUEUE) -> SubmitResult:
+        """Submit ``item``, a rerun or replay of ``from_id`` (its ``replay_of``), with the
+        steps ``from_id`` recorded before its step named ``step`` copied into it, in one
+        transaction: its first attempt replays them and runs ``step`` and what follows
+        afresh. :class:`~animus_core.values.errors.WorkNotFound` when ``from_id`` recorded
+        no step of that name (nothing is submitted)."""
         _check_queue(queue)
-        async with self.connection() as conn:  # one statement: atomic on its own
+        async with self.connection() as conn, conn.transaction():
+            [result] = await self._submit([item.to_json()], queue, conn=conn)
+            if isinstance(result, Created):
+                await conn.fetchval("SELECT animus.copy_steps($1, $2, $3)", result.id,
+                                    from_id, step)
+        return result
+
+    async def _submit(self, payload: list[dict[str, Any]], queue: str,
+                      conn: asyncpg.Connection | None = None) -> list[SubmitResult]:
+        _check_queue(queue)
+        if conn is not None:
             rows = await conn.fetch("SELECT * FROM animus.submit($1, $2)", queue,
                                     submission_json(payload))
+        else:
+            async with self.connection() as c:  # one statement: atomic on its own
+                rows = await c.fetch("SELECT * FROM animus.submit($1, $2)", queue,
+                                     submission_json(payload))
         out: list[SubmitResult] = []
         merged = sum(1 for r in rows if r["merged_into"] is not None)
         if merged:

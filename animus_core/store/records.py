@@ -134,7 +134,7 @@ _id = work_id
 
 _EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash", "faculty",
                       "faculty_hash", "engine_version", "environment_hash", "models",
-                      "outcome_hash", "error", "started_at"]
+                      "outcome_hash", "error", "started_at", "steps"]
 
 _INSERT_EXECUTIONS = f"""
     INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})

@@ -101,6 +101,11 @@ BEGIN
         ('animus.fail_attempt(uuid, bigint, int, text, bigint, jsonb, jsonb, float8, text)',
          'animus_operator'),
         ('animus.cancel_attempt(uuid, bigint, int, bigint, jsonb, int)', 'animus_operator'),
+        -- durable steps (0015_steps.sql): the lease holder records one; whoever submits a
+        -- rerun or replay copies the original's steps into it (--from-step)
+        ('animus.record_step(uuid, bigint, int, int, text, jsonb, text, timestamptz, bigint)',
+         'animus_operator'),
+        ('animus.copy_steps(uuid, uuid, text)', 'animus_submitter'),
         -- engines create the queues they serve (animus up) without rights on schema pgmq
         ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);

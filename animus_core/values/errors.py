@@ -32,6 +32,7 @@ __all__ = [
     "MigrationError",
     "PermissionDenied",
     "PhaseFailed",
+    "StepOrderChanged",
     "WorkNotFound",
 ]
 
@@ -51,6 +52,14 @@ class PhaseFailed(AnimusError):
     def __init__(self, message: str, *, kind: str = "exception") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class StepOrderChanged(PhaseFailed):
+    """An attempt called its steps in another order than the item's record: the record
+    cannot be replayed, and retrying cannot help (the item is dead-lettered)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="step_order")
 
 
 class ConfigError(AnimusError):

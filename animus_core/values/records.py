@@ -50,6 +50,9 @@ class ExecutionRecord(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime
     finished_at: datetime | None = None
     environment: dict[str, Any] | None = None
+    #: the durable steps the attempt ran and replayed, ``{"ran": [{"position": 1, "name":
+    #: "fetch"}, ...], "replayed": [...]}``; ``None`` when it called none (or was lost)
+    steps: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ExecutionRecord:

@@ -302,6 +302,55 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.copy_steps(p_to uuid, p_from uuid, p_before text) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_to);
+    v_position int;
+    v_names text;
+    v_count int;
+BEGIN
+    IF v_item.replay_of IS DISTINCT FROM p_from THEN
+        RAISE EXCEPTION 'work item % is not a rerun or replay of %: its steps cannot be copied',
+            p_to, p_from USING ERRCODE = 'ANI03';
+    END IF;
+    IF v_item.requested_by IS DISTINCT FROM session_user THEN
+        RAISE EXCEPTION '% did not submit work item %: only its submitter copies steps into it',
+            session_user, p_to USING ERRCODE = 'ANI03';
+    END IF;
+    IF v_item.attempts > 0 OR v_item.created_at <> now()
+       OR EXISTS (SELECT 1 FROM animus.steps s WHERE s.work_id = p_to) THEN
+        RAISE EXCEPTION 'work item % was not submitted in this transaction, or has run: '
+                        'steps are copied only into the item as it is submitted', p_to
+            USING ERRCODE = 'ANI01';
+    END IF;
+    SELECT min(s.position) INTO v_position FROM animus.steps s
+     WHERE s.work_id = p_from AND s.name = p_before;
+    IF v_position IS NULL THEN
+        SELECT string_agg(quote_literal(s.name), ', ' ORDER BY s.position) INTO v_names
+          FROM animus.steps s WHERE s.work_id = p_from;
+        RAISE EXCEPTION 'work item % has no recorded step named %: its steps are %',
+            p_from, quote_literal(p_before), coalesce(v_names, 'none')
+            USING ERRCODE = 'ANI04';
+    END IF;
+    INSERT INTO animus.steps (work_id, position, name, attempt, result, result_hash,
+                              started_at, finished_at, duration_ms, copied_from)
+    SELECT p_to, s.position, s.name, s.attempt, s.result, s.result_hash, s.started_at,
+           s.finished_at, s.duration_ms, coalesce(s.copied_from, p_from)
+      FROM animus.steps s
+     WHERE s.work_id = p_from AND s.position < v_position;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (p_to, 'steps_copied', v_item.state, v_item.state,
+            JSON_OBJECT('source': v_item.source, 'actor': animus.actor()
+                        ABSENT ON NULL RETURNING jsonb),
+            jsonb_build_object('from', p_from, 'before', p_before, 'steps', v_count));
+    RETURN v_count;
+END
+$$;
+
 CREATE FUNCTION animus.create_queue(p_queue text) RETURNS void
     LANGUAGE plpgsql
     AS $$
@@ -563,12 +612,44 @@ CREATE FUNCTION animus.record_execution(p_execution jsonb) RETURNS void
     INSERT INTO animus.execution_records (work_id, attempt, result, work_type, params_hash,
                                           faculty, faculty_hash, engine_version,
                                           environment_hash, models, outcome_hash, error,
-                                          started_at)
+                                          started_at, steps)
     SELECT r.work_id, r.attempt, r.result, r.work_type, r.params_hash, r.faculty,
            r.faculty_hash, r.engine_version, r.environment_hash, r.models, r.outcome_hash,
-           r.error, r.started_at
+           r.error, r.started_at, r.steps
       FROM jsonb_populate_record(NULL::animus.execution_records, p_execution) r
      WHERE p_execution IS NOT NULL
+$$;
+
+CREATE FUNCTION animus.record_step(p_id uuid, p_msg_id bigint, p_lease integer, p_position integer, p_name text, p_result jsonb, p_result_hash text, p_started_at timestamp with time zone, p_duration_ms bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_known text;
+BEGIN
+    IF v_item.state <> 'running' THEN
+        RAISE EXCEPTION 'work item % is %: only a running attempt records steps',
+            p_id, v_item.state USING ERRCODE = 'ANI01';
+    END IF;
+    SELECT s.name INTO v_known FROM animus.steps s
+     WHERE s.work_id = p_id AND s.position = p_position;
+    IF FOUND THEN
+        RAISE EXCEPTION 'step % of work item % is recorded already (as %)',
+            p_position, p_id, quote_literal(v_known) USING ERRCODE = 'ANI01';
+    END IF;
+    INSERT INTO animus.steps (work_id, position, name, attempt, result, result_hash,
+                              started_at, duration_ms)
+    VALUES (p_id, p_position, p_name, v_item.attempts, p_result, p_result_hash, p_started_at,
+            p_duration_ms);
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (p_id, 'step', v_item.state, v_item.state,
+            JSON_OBJECT('source': v_item.source, 'actor': animus.actor()
+                        ABSENT ON NULL RETURNING jsonb),
+            jsonb_build_object('position', p_position, 'name', p_name,
+                               'attempt', v_item.attempts, 'result_hash', p_result_hash,
+                               'duration_ms', p_duration_ms));
+END
 $$;
 
 CREATE FUNCTION animus.refuse_change() RETURNS trigger
@@ -1048,6 +1129,7 @@ CREATE TABLE animus.execution_records (
     error text,
     started_at timestamp with time zone NOT NULL,
     finished_at timestamp with time zone DEFAULT now() NOT NULL,
+    steps jsonb,
     CONSTRAINT execution_records_known_inputs CHECK (((result = 'lost'::text) OR ((params_hash IS NOT NULL) AND (faculty IS NOT NULL) AND (faculty_hash IS NOT NULL) AND (engine_version IS NOT NULL) AND (environment_hash IS NOT NULL)))),
     CONSTRAINT execution_records_result_check CHECK ((result = ANY (ARRAY['completed'::text, 'failed'::text, 'lost'::text])))
 );
@@ -1103,6 +1185,20 @@ CREATE TABLE animus.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE animus.steps (
+    work_id uuid NOT NULL,
+    "position" integer NOT NULL,
+    name text NOT NULL,
+    attempt integer NOT NULL,
+    result jsonb,
+    result_hash text NOT NULL,
+    started_at timestamp with time zone NOT NULL,
+    finished_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    duration_ms bigint NOT NULL,
+    copied_from uuid,
+    CONSTRAINT steps_position_check CHECK (("position" >= 1))
+);
+
 CREATE TABLE animus.transitions (
     from_state animus.work_state NOT NULL,
     to_state animus.work_state NOT NULL
@@ -1146,6 +1242,9 @@ ALTER TABLE ONLY animus.schedule_ticks
 
 ALTER TABLE ONLY animus.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+ALTER TABLE ONLY animus.steps
+    ADD CONSTRAINT steps_pkey PRIMARY KEY (work_id, "position");
 
 ALTER TABLE ONLY animus.transitions
     ADD CONSTRAINT transitions_pkey PRIMARY KEY (from_state, to_state);
@@ -1201,6 +1300,10 @@ CREATE TRIGGER execution_records_append_only BEFORE DELETE OR UPDATE ON animus.e
 
 CREATE TRIGGER execution_records_no_truncate BEFORE TRUNCATE ON animus.execution_records FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
 
+CREATE TRIGGER steps_append_only BEFORE UPDATE ON animus.steps FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER steps_no_truncate BEFORE TRUNCATE ON animus.steps FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
 CREATE TRIGGER work_items_audit_insert AFTER INSERT ON animus.work_items REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_inserted();
 
 CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_updated();
@@ -1216,6 +1319,9 @@ ALTER TABLE ONLY animus.approvals
 
 ALTER TABLE ONLY animus.schedule_ticks
     ADD CONSTRAINT schedule_ticks_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.steps
+    ADD CONSTRAINT steps_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY animus.work_items
     ADD CONSTRAINT work_items_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES animus.work_items(id);
@@ -1234,6 +1340,8 @@ REVOKE ALL ON FUNCTION animus.cancel(p_id uuid, p_reason text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.cancel_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_duration_ms bigint, p_execution jsonb, p_reason_chars integer) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.copy_steps(p_to uuid, p_from uuid, p_before text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.dead_letter(p_id uuid, p_reason text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.drop_message(p_item animus.work_items) FROM PUBLIC;
@@ -1249,6 +1357,8 @@ REVOKE ALL ON FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease inte
 REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.record_step(p_id uuid, p_msg_id bigint, p_lease integer, p_position integer, p_name text, p_result jsonb, p_result_hash text, p_started_at timestamp with time zone, p_duration_ms bigint) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.release(p_id uuid, p_msg_id bigint, p_lease integer, p_reason text) FROM PUBLIC;
 
