@@ -372,3 +372,26 @@ def test_a_step_policy_doubles_its_backoff_up_to_its_ceiling():
     assert [policy.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
     with pytest.raises(InvalidInput, match="backoff"):
         StepPolicy(backoff=float("nan"))
+
+
+class Leaky(Faculty):
+    """Returns a declared secret's value from a step."""
+
+    name = "leaky-step"
+    accepts = ("leaky-step",)
+    secrets = ("STEP_PASSPHRASE",)
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        import os
+
+        return {"seen": await focus.step("read", lambda: os.environ["STEP_PASSPHRASE"])}
+
+
+async def test_a_step_result_is_redacted_before_it_is_stored(db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEP_PASSPHRASE", "correct-horse-battery-staple")
+    async with run_faculties([Leaky()], home=tmp_path, database_url=db_url) as animus:
+        item = await animus.run(NewWorkItem("leaky-step"))
+        steps = await animus.db.steps(item.id)
+    assert item.state == State.COMPLETED, item.reason
+    assert [s.result for s in steps] == ["[redacted STEP_PASSPHRASE]"]
+    assert item.outcome.data == {"seen": "[redacted STEP_PASSPHRASE]"}

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import InvalidInput, StepOrderChanged
@@ -94,7 +95,8 @@ class StepJournal:
             self.replayed.append((position, name))
             return known.result
         started_at, started = datetime.now(UTC), time.perf_counter()
-        result = await _with_retries(name, position, fn, args, kwargs, policy)
+        # stored like an outcome: a secret's value never reaches the database
+        result = redactor.json(await _with_retries(name, position, fn, args, kwargs, policy))
         text = json_values.encode(result, f"step {position} {name!r} result",
                                   limit=limits().outcome_bytes,
                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
