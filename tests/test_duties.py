@@ -243,7 +243,7 @@ async def test_a_superuser_that_is_not_the_owner_is_held_to_the_same_rules(db, d
 #: The columns a state move sets: its audit rows account for them (see the trigger in
 #: 0012_separation_of_duties.sql).
 MOVED = {"state", "reason", "attempts", "outcome_data", "outcome_error", "duration_ms",
-         "msg_id", "lease", "resolved_at", "updated_at"}
+         "msg_id", "lease", "resolved_at", "updated_at", "wait", "wake_at", "suspensions"}
 #: The columns the trigger compares before it looks for other changes beside a state move.
 COMPARED = {"work_type", "dedup_key", "params", "source", "trigger", "priority", "queue",
             "parent_id", "merged_into", "replay_of", "traceparent", "gate", "max_attempts",

@@ -10,6 +10,7 @@ concern, each in its own module:
   records and usage;
 * :mod:`~animus_core.store.moves`: claim, start, leases, and how an attempt ends;
 * :mod:`~animus_core.store.steps`: durable steps (recording one, reading an item's);
+* :mod:`~animus_core.store.waits`: suspending an attempt, signals;
 * this module: connecting, and submitting work.
 
 :class:`Db` is the raw store, and ungoverned: it writes what it is given and evaluates no
@@ -53,16 +54,16 @@ from animus_core.store.connect import (
 )
 from animus_core.store.errors import connection_lost
 from animus_core.store.moves import DeadLetter, Retry
-from animus_core.store.steps import WorkSteps
 from animus_core.store.tx import TxScope
+from animus_core.store.waits import Signalled, WorkWaits
 from animus_core.values.errors import DatabaseUnavailable
 from animus_core.values.work import Created, Merged, NewWorkItem, SubmitResult, WorkItem
 
-__all__ = ["DEFAULT_QUEUE", "Db", "DeadLetter", "Listener", "Retry", "TxScope",
+__all__ = ["DEFAULT_QUEUE", "Db", "DeadLetter", "Listener", "Retry", "Signalled", "TxScope",
            "connection_lost", "describe_url", "resolve_url"]
 
 
-class Db(WorkSteps):
+class Db(WorkWaits):
     """A pool of connections to one animus database and the operations on its work: the
     raw store. It applies no rule: submit through
     :class:`animus_core.governance.work.GovernedWork` for that.

@@ -119,7 +119,11 @@ async def _record(conn: Any, name: str, install: str, version: str) -> None:
 
 
 async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Migration]:
-    """Apply pending migrations in one transaction; return the ones applied."""
+    """Apply pending migrations in one transaction; return the ones applied.
+
+    A migration marked ``-- animus: commit after`` (one that adds a value to an enum, which
+    cannot be used in the transaction that adds it) is committed before the next one runs:
+    the migrations after it are applied in a transaction of their own."""
     migrations = load() if migrations is None else migrations
     if await _up_to_date(conn, migrations):
         return []  # no DDL at all: roles without CREATE rights can start engines
@@ -129,6 +133,27 @@ async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Mi
         raise MigrationError(
             f"animus needs Postgres {MIN_SERVER_VERSION // 10000} or newer; this server runs "
             f"{shown} (set DATABASE_URL to a newer server, or unset it for the embedded one)")
+    done: list[Migration] = []
+    for batch in _batches(migrations):
+        done += await _apply_batch(conn, migrations, batch)
+    return done
+
+
+def _batches(migrations: list[Migration]) -> list[list[Migration]]:
+    """The migrations, cut after each one marked ``-- animus: commit after``."""
+    batches: list[list[Migration]] = [[]]
+    for m in migrations:
+        batches[-1].append(m)
+        if _COMMIT_AFTER.search(m.sql):
+            batches.append([])
+    return [b for b in batches if b]
+
+
+_COMMIT_AFTER = re.compile(r"^-- animus: commit after$", re.MULTILINE)
+
+
+async def _apply_batch(conn: Any, known_files: list[Migration],
+                       batch: list[Migration]) -> list[Migration]:
     async with conn.transaction():
         await conn.execute(_LOCK)
         await conn.execute(_BOOTSTRAP)
@@ -136,7 +161,7 @@ async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Mi
         recorded = {
             r["version"]: r for r in await conn.fetch("SELECT * FROM animus.schema_migrations")
         }
-        known = {m.version for m in migrations}
+        known = {m.version for m in known_files}
         for version, row in sorted(recorded.items()):
             if version not in known:
                 raise MigrationError(
@@ -144,7 +169,7 @@ async def apply(conn: Any, migrations: list[Migration] | None = None) -> list[Mi
                     "version of animus does not know: upgrade animus before using this database"
                 )
         done = []
-        for m in migrations:
+        for m in batch:
             row = recorded.get(m.version)
             if row is not None:
                 if row["checksum"] != m.checksum:

@@ -111,8 +111,8 @@ async def _build_set(conn: asyncpg.Connection, cutoff: datetime) -> None:
         col = _ident(fk["col"])
         if fk["tbl"] == "animus.work_items":
             refs.append(f"SELECT {col}, id FROM animus.work_items WHERE {col} IS NOT NULL")
-        elif fk["tbl"] not in ("animus.schedule_ticks", "animus.steps"):
-            # ticks are deleted with their items, steps by their foreign key's cascade
+        elif fk["tbl"] not in ("animus.schedule_ticks", "animus.steps", "animus.signals"):
+            # ticks are deleted with their items, steps and signals by their foreign key's cascade
             pinned.append(f"SELECT {col} FROM {fk['tbl']} WHERE {col} IS NOT NULL")
     await conn.execute("DROP TABLE IF EXISTS pg_temp.animus_purge")
     await conn.execute(_PURGE_SET.format(

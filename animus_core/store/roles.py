@@ -3,8 +3,8 @@
 ``animus roles setup`` creates five group roles (NOLOGIN); people and services get login
 roles that are members of one of them (``animus roles add-user``):
 
-    animus_reader     read work, audit, memories
-    animus_submitter  reader + submit work (through animus.submit only)
+    animus_reader     read work, audit, memories, signals
+    animus_submitter  reader + submit work (through animus.submit only), signal work
     animus_approver   reader + approve/reject gated work (through animus.decide only)
     animus_operator   submitter + run engines: claim, complete, retry, memories, sealing
     animus_admin      operator + approver + purge finished work
@@ -106,6 +106,12 @@ BEGIN
         ('animus.record_step(uuid, bigint, int, int, text, jsonb, text, timestamptz, bigint)',
          'animus_operator'),
         ('animus.copy_steps(uuid, uuid, text)', 'animus_submitter'),
+        -- suspension (0017_waiting.sql): the lease holder suspends its attempt and takes
+        -- the signals its waits are woken by; whoever submits work signals it
+        ('animus.suspend(uuid, bigint, int, jsonb, timestamptz, bigint, jsonb)',
+         'animus_operator'),
+        ('animus.take_signal(uuid, bigint, int, text, int)', 'animus_operator'),
+        ('animus.signal(uuid, text, jsonb)', 'animus_submitter'),
         -- engines create the queues they serve (animus up) without rights on schema pgmq
         ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);

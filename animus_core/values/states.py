@@ -19,6 +19,7 @@ class State(enum.StrEnum):
     AWAITING_APPROVAL = "awaiting_approval"
     CLAIMED = "claimed"
     RUNNING = "running"
+    WAITING = "waiting"
     FAILED = "failed"
     COMPLETED = "completed"
     DEAD = "dead"
@@ -39,7 +40,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.AWAITING_APPROVAL: frozenset({State.QUEUED, State.DEAD}),
     State.QUEUED: frozenset({State.CLAIMED, State.DEAD, State.CANCELLED}),
     State.CLAIMED: frozenset({State.RUNNING, State.QUEUED}),
-    State.RUNNING: frozenset({State.COMPLETED, State.FAILED, State.QUEUED}),
+    State.RUNNING: frozenset({State.COMPLETED, State.FAILED, State.QUEUED, State.WAITING}),
+    State.WAITING: frozenset({State.QUEUED, State.CANCELLED, State.DEAD}),
     State.FAILED: frozenset({State.QUEUED, State.DEAD}),
     State.COMPLETED: frozenset(),
     State.DEAD: frozenset(),

@@ -80,6 +80,13 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int
     outcome: Outcome
     usage: dict[str, Any] | None = None
+    #: what a waiting item waits for (:class:`Wait` as JSON), kept after it is woken until
+    #: the next suspension; ``wake_at`` its timer while it waits (None: none, or not waiting)
+    wait: dict[str, Any] | None = None
+    wake_at: datetime | None = None
+    #: how many times its focus suspended: activations, not failures (the retry limit
+    #: counts ``attempts - suspensions``)
+    suspensions: int = 0
     created_at: datetime
     updated_at: datetime
     resolved_at: datetime | None
@@ -132,6 +139,9 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
                 duration_ms=row["duration_ms"],
             ),
             usage=row.get("usage"),
+            wait=row.get("wait"),
+            wake_at=row.get("wake_at"),
+            suspensions=row.get("suspensions") or 0,
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             resolved_at=row["resolved_at"],
@@ -181,6 +191,9 @@ class WorkNotification(msgspec.Struct, frozen=True, kw_only=True):
 
     queue: str
     work_types: list[str]
+    #: set when an item suspended with a timer: when it wakes (a claim of its queue then
+    #: finds it)
+    wake_at: datetime | None = None
 
 
 class Params(dict[str, Any]):

@@ -12,6 +12,7 @@ CREATE TYPE animus.work_state AS ENUM (
     'awaiting_approval',
     'claimed',
     'running',
+    'waiting',
     'failed',
     'completed',
     'dead',
@@ -103,11 +104,15 @@ CREATE TABLE animus.work_items (
     resolved_at timestamp with time zone,
     usage jsonb,
     cancel_requested text,
+    wait jsonb,
+    wake_at timestamp with time zone,
+    suspensions integer DEFAULT 0 NOT NULL,
     CONSTRAINT work_items_check CHECK (((state = 'merged'::animus.work_state) = (merged_into IS NOT NULL))),
     CONSTRAINT work_items_dedup_key_check CHECK ((dedup_key <> ''::text)),
     CONSTRAINT work_items_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT work_items_params_check CHECK ((jsonb_typeof(params) = 'object'::text)),
     CONSTRAINT work_items_source_check CHECK ((source <> ''::text)),
+    CONSTRAINT work_items_suspensions_check CHECK ((suspensions >= 0)),
     CONSTRAINT work_items_work_type_check CHECK ((work_type <> ''::text))
 );
 
@@ -201,9 +206,10 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Messages left over: their item's lease expired (claimed or running), it failed and
-    -- waits for a retry, it finished, or it is missing. Items claimed just above are not
-    -- among them (whichever of their messages they were claimed through).
+    -- Messages left over: their item's timer ran out (waiting), its lease expired (claimed
+    -- or running), it failed and waits for a retry, it finished, or it is missing. Items
+    -- claimed just above are not among them (whichever of their messages they were claimed
+    -- through).
     SELECT array_agg(c.id) INTO v_stale
       FROM unnest(v_ids) AS c(id)
       LEFT JOIN animus.work_items w ON w.id = c.id
@@ -211,6 +217,13 @@ BEGIN
         OR NOT EXISTS (SELECT 1 FROM unnest(v_msgs, v_reads) AS m(msg_id, read_ct)
                         WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
 
+    UPDATE animus.work_items w
+       SET state = 'queued', updated_at = now(),
+           reason = CASE WHEN w.wait->>'kind' = 'sleep'
+                         THEN format('woken: sleep until %s ended', w.wait->>'until')
+                         ELSE format('woken: wait for %s timed out',
+                                     quote_literal(coalesce(w.wait->>'event', '?'))) END
+     WHERE w.id = ANY (v_stale) AND w.state = 'waiting';
     UPDATE animus.work_items w
        SET state = 'queued', reason = 'lease expired before the focus started',
            updated_at = now()
@@ -230,13 +243,15 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM animus.execution_records r
                         WHERE r.work_id = l.id AND r.attempt = l.attempts);
     UPDATE animus.work_items w
-       SET state = CASE WHEN w.attempts < w.max_attempts THEN 'queued'
+       SET state = CASE WHEN w.attempts - w.suspensions < w.max_attempts THEN 'queued'
                         ELSE 'dead' END::animus.work_state,
-           reason = CASE WHEN w.attempts < w.max_attempts
+           reason = CASE WHEN w.attempts - w.suspensions < w.max_attempts
                          THEN 'retry after: ' || coalesce(w.outcome_error, 'failure')
-                         ELSE 'attempts exhausted (' || w.attempts || '/' || w.max_attempts
-                              || '): ' || coalesce(w.outcome_error, 'failure') END,
-           resolved_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
+                         ELSE 'attempts exhausted (' || (w.attempts - w.suspensions) || '/'
+                              || w.max_attempts || '): ' || coalesce(w.outcome_error, 'failure')
+                         END,
+           resolved_at = CASE WHEN w.attempts - w.suspensions < w.max_attempts THEN NULL
+                              ELSE now() END,
            updated_at = now()
      WHERE w.id = ANY (v_stale) AND w.state = 'failed';
     -- a message whose item is still not queued has nothing left to deliver
@@ -506,9 +521,10 @@ CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigin
 BEGIN
     EXECUTE format($q$
         UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
-          FROM unnest($1::bigint[], $2::int[]) AS x(msg_id, lease)
+          FROM unnest($1::bigint[], $2::int[], $4::uuid[]) AS x(msg_id, lease, id)
+          JOIN animus.work_items w ON w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
          WHERE m.msg_id = x.msg_id AND m.read_ct = x.lease
-    $q$, 'q_' || p_queue) USING p_msg_ids, p_leases, p_seconds;
+    $q$, 'q_' || p_queue) USING p_msg_ids, p_leases, p_seconds, p_ids;
     RETURN QUERY
         SELECT x.id FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
           LEFT JOIN animus.work_items w ON w.id = x.id
@@ -746,10 +762,44 @@ BEGIN
     UPDATE animus.work_items w
        SET state = 'queued', updated_at = now(),
            reason = coalesce(nullif(p_reason, ''),
-                             format('retry %s/%s', w.attempts + 1, w.max_attempts))
+                             format('retry %s/%s', w.attempts - w.suspensions + 1,
+                                    w.max_attempts))
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.requeue_message(v_item, p_delay);
     RETURN NEXT v_item;
+END
+$$;
+
+CREATE FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) RETURNS TABLE(signal_id bigint, woke boolean)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.lock_item(p_id);
+    v_signal bigint;
+BEGIN
+    IF v_item.state IN ('completed', 'dead', 'merged', 'cancelled') THEN
+        RAISE EXCEPTION 'work item % is %: a finished item takes no signals', p_id, v_item.state
+            USING ERRCODE = 'ANI01';
+    END IF;
+    INSERT INTO animus.signals (work_id, event, payload) VALUES (p_id, p_event, p_payload)
+    RETURNING id INTO v_signal;
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (p_id, 'signal', v_item.state, v_item.state,
+            JSON_OBJECT('source': v_item.source, 'actor': animus.actor()
+                        ABSENT ON NULL RETURNING jsonb),
+            jsonb_build_object('signal', v_signal, 'event', p_event, 'sent_by', session_user));
+    IF v_item.state = 'waiting' AND v_item.wait->>'kind' = 'event'
+       AND v_item.wait->>'event' = p_event THEN
+        UPDATE animus.work_items w
+           SET state = 'queued', updated_at = now(),
+               reason = format('woken: signal %s arrived', quote_literal(p_event))
+         WHERE w.id = p_id RETURNING w.* INTO v_item;
+        PERFORM animus.wake_message(v_item);
+        RETURN QUERY SELECT v_signal, true;
+    ELSE
+        RETURN QUERY SELECT v_signal, false;
+    END IF;
 END
 $$;
 
@@ -884,6 +934,39 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wait jsonb, p_wake_at timestamp with time zone, p_duration_ms bigint, p_execution jsonb) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+BEGIN
+    PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
+    IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
+       OR (p_wait->>'kind') IS DISTINCT FROM 'sleep' AND (p_wait->>'kind') IS DISTINCT FROM 'event'
+       OR (p_wait->>'kind' = 'sleep' AND p_wake_at IS NULL) THEN
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time) or '
+                        '"event", ...}, got %', p_id, coalesce(p_wait::text, 'null')
+            USING ERRCODE = 'ANI01';
+    END IF;
+    UPDATE animus.work_items w
+       SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
+           suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
+           reason = CASE WHEN p_wait->>'kind' = 'sleep'
+                         THEN format('sleeping until %s', p_wait->>'until')
+                         WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
+                         ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM animus.record_execution(p_execution);
+    PERFORM pgmq.set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'));
+    PERFORM pg_notify('animus_work', json_build_object(
+                'queue', v_item.queue, 'work_types', json_build_array(v_item.work_type),
+                'wake_at', p_wake_at)::text);
+    RETURN NEXT v_item;
+END
+$$;
+
 CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads integer[], p_only uuid[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE sql
     AS $$
@@ -897,6 +980,72 @@ CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads intege
         RETURNING w.*)
     SELECT * FROM claimed ORDER BY priority DESC, msg_id
 $$;
+
+CREATE TABLE animus.signals (
+    id bigint NOT NULL,
+    work_id uuid NOT NULL,
+    event text NOT NULL,
+    payload jsonb,
+    sent_by text DEFAULT SESSION_USER NOT NULL,
+    sent_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    consumed_by_position integer,
+    consumed_at timestamp with time zone,
+    CONSTRAINT signals_event_check CHECK ((event <> ''::text))
+);
+
+CREATE FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease integer, p_event text, p_position integer) RETURNS SETOF animus.signals
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_signal animus.signals;
+BEGIN
+    IF v_item.state <> 'running' THEN
+        RAISE EXCEPTION 'work item % is %: only a running attempt takes signals',
+            p_id, v_item.state USING ERRCODE = 'ANI01';
+    END IF;
+    SELECT * INTO v_signal FROM animus.signals s
+     WHERE s.work_id = p_id AND s.event = p_event AND s.consumed_by_position = p_position;
+    IF FOUND THEN
+        RETURN NEXT v_signal;
+        RETURN;
+    END IF;
+    RETURN QUERY
+        UPDATE animus.signals s SET consumed_by_position = p_position, consumed_at = now()
+         WHERE s.id = (SELECT f.id FROM animus.signals f
+                        WHERE f.work_id = p_id AND f.event = p_event
+                          AND f.consumed_by_position IS NULL
+                        ORDER BY f.id LIMIT 1)
+        RETURNING s.*;
+END
+$$;
+
+CREATE FUNCTION animus.wake_message(p_item animus.work_items) RETURNS void
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    v_free bigint;
+    v_held bool;
+BEGIN
+    IF p_item.msg_id IS NOT NULL THEN
+        EXECUTE format('SELECT msg_id FROM pgmq.%I WHERE msg_id = $1 FOR UPDATE SKIP LOCKED',
+                       'q_' || p_item.queue) INTO v_free USING p_item.msg_id;
+        IF v_free IS NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I WHERE msg_id = $1)',
+                           'q_' || p_item.queue) INTO v_held USING p_item.msg_id;
+            IF v_held THEN
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    PERFORM animus.requeue_message(p_item, 0);
+    IF v_free IS NOT NULL THEN  -- requeue_message told nobody: it sent no new message
+        PERFORM pg_notify('animus_work', json_build_object(
+                    'queue', p_item.queue, 'work_types', json_build_array(p_item.work_type))::text);
+    END IF;
+END
+$_$;
 
 CREATE FUNCTION animus.work_items_inserted() RETURNS trigger
     LANGUAGE plpgsql
@@ -932,6 +1081,15 @@ BEGIN
        FROM (SELECT queue, array_agg(DISTINCT work_type ORDER BY work_type) AS types
                FROM new_rows WHERE state = 'queued' GROUP BY queue) q;
     RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_left_waiting() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.wake_at := NULL;
+    RETURN NEW;
 END
 $$;
 
@@ -974,14 +1132,21 @@ DECLARE
     v_actor text := animus.actor();
 BEGIN
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
-    SELECT n.id, s.to_state::text, s.from_state, s.to_state,
+    SELECT n.id,
+           CASE WHEN s.from_state = 'running' AND s.to_state = 'waiting' THEN 'suspended'
+                WHEN s.from_state = 'waiting' AND s.to_state = 'queued' THEN 'woken'
+                ELSE s.to_state::text END,
+           s.from_state, s.to_state,
            JSON_OBJECT('source': n.source, 'trigger': n.trigger, 'actor': v_actor
                        ABSENT ON NULL RETURNING jsonb),
            JSON_OBJECT('reason': n.reason, 'attempts': s.attempts,
                        'error': CASE WHEN n.state IN ('failed', 'dead') THEN n.outcome_error END,
                        'outcome': CASE WHEN n.state = 'completed' THEN n.outcome_data END,
-                       'duration_ms': CASE WHEN n.state IN ('completed', 'failed')
-                                           THEN n.duration_ms END
+                       'duration_ms': CASE WHEN n.state IN ('completed', 'failed', 'waiting')
+                                           THEN n.duration_ms END,
+                       'wait': CASE WHEN n.state = 'waiting' THEN n.wait END,
+                       'wake_at': CASE WHEN n.state = 'waiting' THEN n.wake_at END,
+                       'suspensions': CASE WHEN n.state = 'waiting' THEN n.suspensions END
                        ABSENT ON NULL RETURNING jsonb)
       FROM (SELECT n.*, o.state AS old_state, o.attempts AS old_attempts,
                    o.state = 'queued' AND n.state = 'running'
@@ -1028,7 +1193,8 @@ BEGIN
             AND nc.key <> ALL (CASE WHEN o.state = n.state THEN ARRAY['updated_at']
                                     ELSE ARRAY['state', 'reason', 'attempts', 'outcome_data',
                                                'outcome_error', 'duration_ms', 'msg_id',
-                                               'lease', 'resolved_at', 'updated_at'] END)) c
+                                               'lease', 'resolved_at', 'updated_at', 'wait',
+                                               'wake_at', 'suspensions'] END)) c
      WHERE c.columns IS NOT NULL
        AND NOT (o.state = n.state AND EXISTS (
                SELECT 1 FROM animus.audit_log a
@@ -1131,7 +1297,7 @@ CREATE TABLE animus.execution_records (
     finished_at timestamp with time zone DEFAULT now() NOT NULL,
     steps jsonb,
     CONSTRAINT execution_records_known_inputs CHECK (((result = 'lost'::text) OR ((params_hash IS NOT NULL) AND (faculty IS NOT NULL) AND (faculty_hash IS NOT NULL) AND (engine_version IS NOT NULL) AND (environment_hash IS NOT NULL)))),
-    CONSTRAINT execution_records_result_check CHECK ((result = ANY (ARRAY['completed'::text, 'failed'::text, 'lost'::text])))
+    CONSTRAINT execution_records_result_check CHECK ((result = ANY (ARRAY['completed'::text, 'failed'::text, 'lost'::text, 'suspended'::text])))
 );
 
 ALTER TABLE animus.execution_records ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -1183,6 +1349,15 @@ CREATE TABLE animus.schema_migrations (
     name text NOT NULL,
     checksum text NOT NULL,
     applied_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE animus.signals ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME animus.signals_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
 );
 
 CREATE TABLE animus.steps (
@@ -1243,6 +1418,9 @@ ALTER TABLE ONLY animus.schedule_ticks
 ALTER TABLE ONLY animus.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+ALTER TABLE ONLY animus.signals
+    ADD CONSTRAINT signals_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY animus.steps
     ADD CONSTRAINT steps_pkey PRIMARY KEY (work_id, "position");
 
@@ -1265,6 +1443,8 @@ CREATE INDEX memories_source ON animus.memories USING btree (source);
 CREATE INDEX memories_type_created ON animus.memories USING btree (memory_type, created_at);
 
 CREATE INDEX schedule_ticks_work ON animus.schedule_ticks USING btree (work_id) WHERE (work_id IS NOT NULL);
+
+CREATE INDEX signals_work ON animus.signals USING btree (work_id, event, id);
 
 CREATE INDEX work_items_created ON animus.work_items USING btree (created_at);
 
@@ -1314,11 +1494,16 @@ CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR 
 
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
 
+CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
+
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
 
 ALTER TABLE ONLY animus.schedule_ticks
     ADD CONSTRAINT schedule_ticks_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
+
+ALTER TABLE ONLY animus.signals
+    ADD CONSTRAINT signals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY animus.steps
     ADD CONSTRAINT steps_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id) ON DELETE CASCADE;
@@ -1368,7 +1553,17 @@ REVOKE ALL ON FUNCTION animus.require_transition(p_id uuid, p_from animus.work_s
 
 REVOKE ALL ON FUNCTION animus.retry(p_id uuid, p_delay double precision, p_reason text) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wait jsonb, p_wake_at timestamp with time zone, p_duration_ms bigint, p_execution jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease integer, p_event text, p_position integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_left_waiting() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
 

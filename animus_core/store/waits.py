@@ -1,0 +1,93 @@
+"""Suspension in the store: a running attempt suspends (``running -> waiting``), signals are
+sent to items and taken by their waits. A waiting item's timer is its queue message's
+visibility: the claim that finds it visible wakes it (``waiting -> queued``) and claims it.
+See ``0017_waiting.sql`` and docs/concepts.md, Waiting."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from animus_core.store.base import transition, work_id
+from animus_core.store.records import execution_json
+from animus_core.store.steps import WorkSteps
+from animus_core.values import json_values
+from animus_core.values.errors import InvalidInput
+from animus_core.values.limits import limits
+from animus_core.values.records import ExecutionRecord
+from animus_core.values.waits import Signal, Wait
+from animus_core.values.work import Lease, WorkItem, check_name
+
+__all__ = ["Signalled", "WorkWaits"]
+
+_SIGNALS = """
+    SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
+      FROM animus.signals WHERE work_id = $1 ORDER BY id"""
+
+
+class Signalled(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`WorkWaits.signal` did: the signal's id, and whether it woke the item (it
+    was waiting for that event)."""
+
+    signal_id: int
+    woke: bool
+
+
+class WorkWaits(WorkSteps):
+    """Suspending attempts, and signals."""
+
+    async def suspend(self, lease: Lease, wait: Wait, *, wake_at: datetime | None,
+                      duration_ms: int | None = None,
+                      execution: ExecutionRecord | None = None) -> WorkItem:
+        """``running -> waiting`` for the attempt that holds ``lease``, in one round trip:
+        the item waits for ``wait`` until ``wake_at`` (None: no timer), gives up its lease,
+        counts one suspension (not a failure) and keeps the attempt's ``execution`` record
+        (result ``suspended``). Its message is hidden until ``wake_at``; engines are told on
+        ``animus_work``. A lost lease raises :class:`~animus_core.values.errors.LeaseLost`
+        and changes nothing."""
+        if wake_at is not None and wake_at.tzinfo is None:
+            raise InvalidInput("wake_at must be timezone-aware")
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM animus.suspend($1, $2, $3, $4, $5, $6, $7)",
+                lease.work_id, lease.msg_id, lease.token, msgspec.Raw(msgspec.json.encode(wait)),
+                wake_at, duration_ms, execution_json(execution))
+        transition("running", "waiting")
+        return WorkItem.from_row(row)
+
+    async def signal(self, work_id: UUID | str, event: str, payload: Any = None) -> Signalled:
+        """Send signal ``event`` (with a JSON ``payload``) to an item that has not finished:
+        kept until a wait of the item takes it, audited with the sender (the session's
+        database user). An item waiting for ``event`` is woken at once. A finished item
+        raises :class:`~animus_core.values.errors.IllegalTransition`."""
+        check_name(event, "event")
+        data = None if payload is None else msgspec.Raw(json_values.encode(
+            payload, "signal payload", limit=limits().outcome_bytes,
+            setting="ANIMUS_MAX_OUTCOME_BYTES").encode())
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.signal($1, $2, $3)",
+                                      _id(work_id), event, data)
+        if row["woke"]:
+            transition("waiting", "queued")
+        return Signalled(signal_id=row["signal_id"], woke=row["woke"])
+
+    async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None:
+        """For the running attempt that holds ``lease``: the signal ``event`` that the wait
+        at step ``position`` takes, the oldest not taken yet (the first wins; later ones stay
+        for later waits), or the one this position took already. None: none has arrived."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM animus.take_signal($1, $2, $3, $4, $5)",
+                                      lease.work_id, lease.msg_id, lease.token, event, position)
+        return None if row is None else Signal.from_row(row)
+
+    async def signals(self, work_id: UUID | str) -> list[Signal]:
+        """The signals sent to an item, oldest first (one query)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_SIGNALS, _id(work_id))
+        return [Signal.from_row(r) for r in rows]
+
+
+_id = work_id
