@@ -11,10 +11,12 @@ import asyncio
 import itertools
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -38,6 +40,7 @@ from animus_core import (
     State,
 )
 from animus_core.values.states import TERMINAL, TRANSITIONS, require_transition
+from animus_core.values.waits import Wait
 from tests.support import raw
 
 _exact_ints = st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)
@@ -112,6 +115,9 @@ async def _item_in(db: Db, state: State) -> UUID:
     if state == State.COMPLETED:
         await db.complete(claimed.lease, {"done": True})
         return wid
+    if state == State.WAITING:
+        await db.suspend(claimed.lease, Wait.for_event(1, "go"), wake_at=None)
+        return wid
     assert state == State.FAILED
     await db.fail(claimed.lease, "boom")
     return wid
@@ -151,7 +157,7 @@ async def test_illegal_transition_by_hand_in_sql_is_refused(db, db_url):
                 assert dict(after) == dict(before)
                 assert await conn.fetchval("SELECT count(*) FROM animus.audit_log") == audit_before
                 refused += 1
-    # 8 reachable states x the states each may not go to.
+    # 9 reachable states x the states each may not go to.
     assert refused == sum(len(State) - 1 - len(TRANSITIONS[s]) for s in _REACHABLE)
 
 
@@ -220,7 +226,8 @@ class Model:
     max_attempts: int
     seq: int | None  # order of the item's queue message (None: it has none)
     attempts: int = 0
-    token: int | None = None  # lease token of the latest claim
+    token: int | None = None  # lease token of the latest claim (None: it holds none)
+    timer: bool = False  # waiting on a timer that ran out (a sleep into the past)
 
     @property
     def live(self) -> bool:
@@ -315,7 +322,8 @@ async def test_lifecycle_state_machine(db: Db) -> None:
         @rule(target=leases, limit=st.integers(min_value=1, max_value=2), start=st.booleans())
         def claim(self, limit: int, start: bool) -> Any:
             visible = sorted(
-                (wid for wid, m in self.model.items() if m.state == State.QUEUED),
+                (wid for wid, m in self.model.items()
+                 if m.state == State.QUEUED or (m.state == State.WAITING and m.timer)),
                 key=lambda wid: self.model[wid].seq or 0,
             )
             claimed = run(db.claim(self.queue, limit=limit, lease_seconds=300, start=start))
@@ -389,6 +397,35 @@ async def test_lifecycle_state_machine(db: Db) -> None:
                     m.attempts -= 1  # the attempt never really happened
                 m.state = State.QUEUED
 
+        @rule(lease=leases, sleep=st.booleans())
+        def suspend(self, lease: Lease, sleep: bool) -> None:
+            """A sleep whose time is past (its timer has run out: the next claim wakes it),
+            or a wait for the signal ``go`` without a timer."""
+            m, current = self.holder(lease)
+            past = datetime.now(UTC) - timedelta(seconds=1)
+            wait = Wait.sleep(1, past) if sleep else Wait.for_event(1, "go")
+            suspend = db.suspend(lease, wait, wake_at=past if sleep else None)
+            if not current:
+                self.refused(suspend, LeaseLost)
+            elif m.state != State.RUNNING:
+                self.refused(suspend, IllegalTransition)
+            else:
+                item = run(suspend)
+                m.state, m.token, m.timer = State.WAITING, None, sleep
+                assert (item.state, item.lease, item.wait) == (
+                    State.WAITING, None, msgspec.to_builtins(wait))
+
+        @rule(item=items)
+        def signal(self, item: UUID) -> None:
+            m = self.model[item]
+            if not m.live:
+                self.refused(db.signal(item, "go"), IllegalTransition)
+                return
+            woke = m.state == State.WAITING and not m.timer
+            assert run(db.signal(item, "go")).woke == woke
+            if woke:
+                m.state = State.QUEUED
+
         @rule(item=items)
         def retry(self, item: UUID) -> None:
             m = self.model[item]
@@ -401,7 +438,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
         @rule(item=items)
         def dead_letter(self, item: UUID) -> None:
             m = self.model[item]
-            if m.state not in (State.QUEUED, State.FAILED, State.RUNNING):
+            if m.state not in (State.QUEUED, State.FAILED, State.RUNNING, State.WAITING):
                 self.refused(db.dead_letter(item, "given up"), IllegalTransition)
             else:
                 dead = run(db.dead_letter(item, "given up"))
@@ -417,7 +454,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
                 requested = run(db.cancel(item, "asked to stop"))
                 assert requested.state == m.state
                 assert requested.cancel_requested == "asked to stop"
-            elif m.state != State.QUEUED:
+            elif m.state not in (State.QUEUED, State.WAITING):
                 self.refused(db.cancel(item), IllegalTransition)
             else:
                 run(db.cancel(item))
