@@ -412,8 +412,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
             else:
                 item = run(suspend)
                 m.state, m.token, m.timer = State.WAITING, None, sleep
-                assert (item.state, item.lease, item.wait) == (
-                    State.WAITING, None, msgspec.to_builtins(wait))
+                assert (item.state, item.wait) == (State.WAITING, msgspec.to_builtins(wait))
 
         @rule(item=items)
         def signal(self, item: UUID) -> None:

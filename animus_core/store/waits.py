@@ -18,6 +18,7 @@ from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
+from animus_core.values.states import State
 from animus_core.values.waits import Signal, Wait
 from animus_core.values.work import Lease, WorkItem, check_name
 
@@ -46,7 +47,8 @@ class WorkWaits(WorkSteps):
         the item waits for ``wait`` until ``wake_at`` (None: no timer), gives up its lease,
         counts one suspension (not a failure) and keeps the attempt's ``execution`` record
         (result ``suspended``). Its message is hidden until ``wake_at``; engines are told on
-        ``animus_work``. A lost lease raises :class:`~animus_core.values.errors.LeaseLost`
+        ``animus_work``. A wait for an event whose signal has arrived already (and was not
+        taken) is woken in the same call: the item is returned ``queued``. A lost lease raises :class:`~animus_core.values.errors.LeaseLost`
         and changes nothing."""
         if wake_at is not None and wake_at.tzinfo is None:
             raise InvalidInput("wake_at must be timezone-aware")
@@ -56,7 +58,10 @@ class WorkWaits(WorkSteps):
                 lease.work_id, lease.msg_id, lease.token, msgspec.Raw(msgspec.json.encode(wait)),
                 wake_at, duration_ms, execution_json(execution))
         transition("running", "waiting")
-        return WorkItem.from_row(row)
+        item = WorkItem.from_row(row)
+        if item.state == State.QUEUED:  # its signal was there already: woken at once
+            transition("waiting", "queued")
+        return item
 
     async def signal(self, work_id: UUID | str, event: str, payload: Any = None) -> Signalled:
         """Send signal ``event`` (with a JSON ``payload``) to an item that has not finished:

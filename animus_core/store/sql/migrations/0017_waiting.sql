@@ -275,7 +275,8 @@ $$;
 -- and changes nothing). p_wait is what it waits for, p_wake_at its timer (NULL: none). The
 -- attempt's execution record is kept with result `suspended`; the item gives up its lease
 -- and its message is hidden until the timer (for good without one); engines are told of the
--- timer on animus_work. Audited as `suspended` by the trigger.
+-- timer on animus_work. Audited as `suspended` by the trigger. A wait for an event whose
+-- signal is there already (it arrived while the attempt ran on) is woken in the same call.
 CREATE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease int, p_wait jsonb,
                                p_wake_at timestamptz, p_duration_ms bigint, p_execution jsonb)
 RETURNS SETOF animus.work_items
@@ -301,6 +302,19 @@ BEGIN
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.record_execution(p_execution);
+    IF p_wait->>'kind' = 'event' AND EXISTS (
+           SELECT 1 FROM animus.signals s
+            WHERE s.work_id = p_id AND s.event = p_wait->>'event'
+              AND s.consumed_by_position IS NULL) THEN
+        -- the signal arrived after the attempt last looked for it: woken at once
+        UPDATE animus.work_items w
+           SET state = 'queued', updated_at = now(),
+               reason = format('woken: signal %s had arrived', v_event)
+         WHERE w.id = p_id RETURNING w.* INTO v_item;
+        PERFORM animus.wake_message(v_item);
+        RETURN NEXT v_item;
+        RETURN;
+    END IF;
     PERFORM pgmq.set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'));
     PERFORM pg_notify('animus_work', json_build_object(
                 'queue', v_item.queue, 'work_types', json_build_array(v_item.work_type),
