@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -33,6 +33,7 @@ from animus_core.store.db import Db, DeadLetter, Retry
 from animus_core.store.migrations import apply, load
 from animus_core.store.roles import ROLES, setup_roles
 from animus_core.values.errors import IllegalTransition, PermissionDenied
+from animus_core.values.waits import Signal, Wait
 from tests.conftest import scratch_database
 from tests.governance_helpers import People, as_user, database_name
 from tests.governance_helpers import people as team
@@ -373,12 +374,12 @@ def action(label: str) -> Callable[[Action], Action]:
     return register
 
 
-@action("read work items, approvals and execution records")
+@action("read work items, approvals, execution records and signals")
 async def _read_work(b: Bench, who: str) -> bool:
     wid = await b.queued()
     p = await b.person(who)
     return await same_answer(lambda: p.get_work_item(wid), lambda: p.approvals(wid),
-                             lambda: p.executions(wid))
+                             lambda: p.executions(wid), lambda: p.signals(wid))
 
 
 @action("read the audit trail")
@@ -425,10 +426,10 @@ async def _approve_own(b: Bench, who: str) -> bool:
 
 
 @action("run an engine: claim, start, complete, fail, release, extend leases, record usage "
-        "and steps")
+        "and steps, suspend, take signals")
 async def _engine(b: Bench, who: str) -> bool:
     t = b.fresh()
-    for _ in range(9):
+    for _ in range(11):
         await b.queued(t)
     p = await b.person(who)
     # Leases the owner took, so that each step can be tried whatever the others answered.
@@ -440,6 +441,10 @@ async def _engine(b: Bench, who: str) -> bool:
     [to_cancel] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     [to_release] = await b.db.claim(work_types=[t], lease_seconds=300)
     [to_step] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    [to_suspend] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    [to_take] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    await b.db.signal(to_take.item.id, "go", {"n": 1})
+    until = datetime.now(UTC) + timedelta(hours=1)
     usage = {"models": {"m": {"input_tokens": 1}}, "cost_usd": 0.5}
     return await same_answer(
         lambda: p.claim(work_types=[t], lease_seconds=300),
@@ -455,7 +460,13 @@ async def _engine(b: Bench, who: str) -> bool:
         lambda: p.record_usage(to_start.item.id, usage),
         lambda: p.record_step(to_step.lease, 1, "fetch", msgspec.Raw(b"1"), result_hash="h",
                               started_at=datetime.now(UTC), duration_ms=1),
+        lambda: p.suspend(to_suspend.lease, Wait.sleep(1, until), wake_at=until),
+        lambda: _took(p.take_signal(to_take.lease, "go", 1)),
         lambda: p.create_queue("matrix_" + t.replace("-", "_")))
+
+
+async def _took(taking: Awaitable[Signal | None]) -> None:
+    assert await taking is not None
 
 
 @action("retry, dead-letter and cancel work")
@@ -470,6 +481,21 @@ async def _manage(b: Bench, who: str) -> bool:
     p = await b.person(who)
     return await same_answer(lambda: p.retry(failed), lambda: p.dead_letter(queued, "no"),
                              lambda: p.cancel(cancelled), lambda: p.cancel(running))
+
+
+@action("signal work")
+async def _signal(b: Bench, who: str) -> bool:
+    t = b.fresh()
+    await b.queued(t)
+    [c] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    await b.db.suspend(c.lease, Wait.for_event(1, "go"), wake_at=None)
+    p = await b.person(who)
+    done = await allowed(p.signal(c.item.id, "go", {"from": who}))
+    if done:
+        [signal] = await b.db.signals(c.item.id)
+        assert signal.sent_by == b.people.name(who)
+        assert (await b.db.get_work_item(c.item.id)).state == State.QUEUED
+    return done
 
 
 @action("rerun or replay work from a recorded step (--from-step)")
