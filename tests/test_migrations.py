@@ -192,3 +192,25 @@ async def test_upgrading_to_0010_keeps_create_queue_a_definer_and_reshapes_queue
         await conn.execute("SELECT animus.create_queue('second')")  # a new queue, as definer
         assert await conn.fetchval("SELECT to_regclass('pgmq.q_second_prio')") is not None
         assert await conn.fetchval("SELECT to_regclass('pgmq.q_second_vt_idx')") is None
+
+
+async def test_upgrading_to_waiting_commits_the_new_state_before_using_it(empty_db_url):
+    """0016 adds the state `waiting` to the enum, which cannot be used in the transaction
+    that adds it: it is committed before 0017 (which uses it) runs, on a database in use
+    before as on a new one."""
+    from animus_core.store.migrations import apply
+    from animus_core.store.roles import setup_roles
+
+    files = load()
+    async with raw(empty_db_url) as conn:
+        await apply(conn, [m for m in files if m.version < 16])
+        await conn.execute("SELECT animus.create_queue('work')")
+        await setup_roles(conn)
+        applied = await apply(conn, files)
+        assert [m.version for m in applied] == [m.version for m in files if m.version >= 16]
+        assert await conn.fetchval(
+            "SELECT count(*) FROM animus.transitions WHERE 'waiting' IN (from_state, to_state)"
+        ) == 4
+        assert await conn.fetchval(
+            "SELECT has_function_privilege('animus_submitter', "
+            "'animus.signal(uuid, text, jsonb)', 'EXECUTE')")

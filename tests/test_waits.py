@@ -122,15 +122,16 @@ async def test_a_signal_that_arrives_before_the_wait_is_kept(db):
     c = await running(db, "early")
     assert not (await db.signal(c.item.id, "go", [1, 2])).woke  # running: nothing waits yet
     signal = await db.take_signal(c.lease, "go", 1)
-    assert signal is not None and signal.payload == [1, 2]
+    assert signal is not None
+    assert signal.payload == [1, 2]
     # A signal sent after the attempt last looked for it, before it suspends: the suspension
     # wakes at once rather than wait for a signal that came already.
     await db.signal(c.item.id, "go", "later")
     item = await db.suspend(c.lease, Wait.for_event(2, "go"), wake_at=None)
     assert (item.state, item.reason) == (State.QUEUED, "woken: signal 'go' had arrived")
     [again] = await db.claim(work_types=["early"], lease_seconds=60, start=True)
-    assert (await db.take_signal(again.lease, "go", 1)).payload == [1, 2]  # type: ignore[union-attr]
-    assert (await db.take_signal(again.lease, "go", 2)).payload == "later"  # type: ignore[union-attr]
+    assert (await db.take_signal(again.lease, "go", 1)).payload == [1, 2]
+    assert (await db.take_signal(again.lease, "go", 2)).payload == "later"
 
 
 async def test_the_first_signal_wins_and_the_next_stays_for_a_later_wait(db):
@@ -138,12 +139,15 @@ async def test_the_first_signal_wins_and_the_next_stays_for_a_later_wait(db):
     first = await db.signal(c.item.id, "go", "first")
     second = await db.signal(c.item.id, "go", "second")
     taken = await db.take_signal(c.lease, "go", 1)
-    assert taken is not None and (taken.id, taken.payload) == (first.signal_id, "first")
+    assert taken is not None
+    assert (taken.id, taken.payload) == (first.signal_id, "first")
     # the same wait asking again (an attempt that did not live to record it) gets the same
     again = await db.take_signal(c.lease, "go", 1)
-    assert again is not None and again.id == first.signal_id
+    assert again is not None
+    assert again.id == first.signal_id
     later = await db.take_signal(c.lease, "go", 2)
-    assert later is not None and (later.id, later.payload) == (second.signal_id, "second")
+    assert later is not None
+    assert (later.id, later.payload) == (second.signal_id, "second")
     assert await db.take_signal(c.lease, "go", 3) is None
     assert [(s.event, s.consumed_by_position) for s in await db.signals(c.item.id)] == [
         ("go", 1), ("go", 2)]

@@ -1,4 +1,4 @@
-"""``animus work``: submit, list, show, cancel and retry work items."""
+"""``animus work``: submit, list, show, cancel, signal and retry work items."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.states import State
 from animus_core.values.steps import Step
+from animus_core.values.waits import Signal
 from animus_core.values.work import Created, Merged, NewWorkItem, WorkItem
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    work = sub.add_parser("work", help="submit, list, show, cancel, retry work items")
+    work = sub.add_parser("work", help="submit, list, show, cancel, signal, retry work items")
     cmds = work.add_subparsers(dest="work_command", metavar="COMMAND", required=True)
 
     p = cmds.add_parser("submit", help="submit a work item")
@@ -52,10 +53,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=show)
 
-    p = cmds.add_parser("cancel", help="cancel a queued work item")
+    p = cmds.add_parser("cancel", help="cancel a queued or waiting work item")
     p.add_argument("id", metavar="ID")
     p.add_argument("--reason", default="cancelled from the command line")
     p.set_defaults(handler=cancel)
+
+    p = cmds.add_parser("signal", help="send a signal to a work item (wakes it if it waits "
+                                       "for that event)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("event", metavar="EVENT")
+    p.add_argument("--data", metavar="JSON", help="the signal's payload, as JSON")
+    p.set_defaults(handler=signal)
 
     p = cmds.add_parser("retry", help="retry a failed item now, or replay a dead one")
     p.add_argument("id", metavar="ID")
@@ -275,12 +283,27 @@ async def list_(args: argparse.Namespace) -> int:
     if args.json:
         print_json(items)
         return 0
+    waiting = any(i.state == State.WAITING for i in items)
     print_table(
-        ["id", "type", "state", "tries", "prio", "created", "reason"],
-        [(i.id, i.work_type, i.state, f"{i.attempts}/{i.max_attempts}", i.priority,
-          age(i.created_at), (i.reason or "")[:60]) for i in items],
+        ["id", "type", "state", "tries", "prio", "created"]
+        + (["waits for"] if waiting else []) + ["reason"],
+        [(i.id, i.work_type, i.state, f"{i.attempts - i.suspensions}/{i.max_attempts}",
+          i.priority, age(i.created_at))
+         + ((waits_for(i) or "",) if waiting else ()) + ((i.reason or "")[:60],)
+         for i in items],
     )
     return 0
+
+
+def waits_for(item: WorkItem) -> str | None:
+    """What a waiting item waits for, and until when: ``sleep until T``, ``'event' until T``
+    or ``'event'`` (no timeout). None for an item that is not waiting."""
+    if item.state != State.WAITING or not item.wait:
+        return None
+    until = f" until {item.wake_at.isoformat()}" if item.wake_at else ""
+    if item.wait.get("kind") == "sleep":
+        return f"sleep{until}"
+    return f"{item.wait.get('event')!r}{until}"
 
 
 def _describe(item: WorkItem) -> None:
@@ -290,7 +313,10 @@ def _describe(item: WorkItem) -> None:
         ("dedup key", item.dedup_key), ("source", item.provenance.source),
         ("trigger", item.provenance.trigger), ("parent", item.parent_id),
         ("merged into", item.merged_into), ("replay of", item.replay_of),
-        ("attempts", f"{item.attempts}/{item.max_attempts}"),
+        ("attempts", f"{item.attempts}/{item.max_attempts}" if not item.suspensions else
+         f"{item.attempts - item.suspensions}/{item.max_attempts} counted, "
+         f"{item.attempts} in all ({item.suspensions} suspended)"),
+        ("waits for", waits_for(item)),
         ("created", item.created_at.isoformat()), ("updated", item.updated_at.isoformat()),
         ("resolved", item.resolved_at.isoformat() if item.resolved_at else None),
         ("params", json.dumps(item.params, ensure_ascii=False)),
@@ -310,11 +336,34 @@ async def show(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
         steps = await db.steps(item.id)
+        signals = await db.signals(item.id)
     if args.json:
         print_json(item)
     else:
         _describe(item)
         _print_steps(steps)
+        _print_signals(signals)
+    return 0
+
+
+def _print_signals(signals: list[Signal]) -> None:
+    """The signals sent to the item: id, event, sender, when, and the wait that took it."""
+    if not signals:
+        return
+    print("signals:")
+    for s in signals:
+        taken = (f"taken by step {s.consumed_by_position}"
+                 if s.consumed_by_position is not None else "not taken yet")
+        print(f"  {s.id:>5}  {s.event:24} {s.sent_by:16} {s.sent_at.isoformat()}  {taken}")
+
+
+async def signal(args: argparse.Namespace) -> int:
+    data = None if args.data is None else json_values.decode(args.data, "--data")
+    async with await open_db() as db:
+        sent = await db.signal(args.id, args.event, data)
+    print(f"signal {sent.signal_id} {args.event!r} sent to {args.id}: "
+          + ("it was waiting for it and is queued again" if sent.woke
+             else "kept until a wait of the item takes it"))
     return 0
 
 

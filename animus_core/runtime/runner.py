@@ -265,7 +265,8 @@ class FocusRunner:
         reason = clip(f"{phase} failed: {error}{note}")
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)
-        then = fac.retry_policy.decide(reason, attempts=focus.attempt,
+        # suspensions count as activations, not failures
+        then = fac.retry_policy.decide(reason, attempts=focus.attempt - focus.work.suspensions,
                                        item_max_attempts=focus.work.max_attempts,
                                        recover=verdict, final=final)
         try:  # one round trip; what a failed attempt spent is kept too

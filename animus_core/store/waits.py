@@ -48,8 +48,8 @@ class WorkWaits(WorkSteps):
         counts one suspension (not a failure) and keeps the attempt's ``execution`` record
         (result ``suspended``). Its message is hidden until ``wake_at``; engines are told on
         ``animus_work``. A wait for an event whose signal has arrived already (and was not
-        taken) is woken in the same call: the item is returned ``queued``. A lost lease raises :class:`~animus_core.values.errors.LeaseLost`
-        and changes nothing."""
+        taken) is woken in the same call: the item is returned ``queued``. A lost lease
+        raises :class:`~animus_core.values.errors.LeaseLost` and changes nothing."""
         if wake_at is not None and wake_at.tzinfo is None:
             raise InvalidInput("wake_at must be timezone-aware")
         async with self.connection() as conn:
