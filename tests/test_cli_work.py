@@ -8,11 +8,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from animus_core import NewWorkItem, State
+from animus_core.values.waits import Wait
 from tests.conftest import ROOT
 from tests.support import counts, one_error_line, raw, shared_database
 
@@ -113,6 +115,43 @@ async def test_cancel_and_retry(db, animus):
     assert replay.state == State.QUEUED
     assert replay.params == {"x": 1}
     assert replay.provenance.source == "cli"
+
+
+async def test_signal_and_what_waiting_items_wait_for(db, animus):
+    wid = (await db.submit_work(NewWorkItem("waiter", source="s"))).id
+    [c] = await db.claim(start=True)
+    until = datetime.now(UTC) + timedelta(hours=2)
+    await db.suspend(c.lease, Wait.for_event(1, "approved", until), wake_at=until)
+    listed = ok(animus("work", "list", "--state", "waiting"))
+    assert "waits for" in listed.splitlines()[0]
+    assert f"'approved' until {until.isoformat()}" in listed
+    shown = ok(animus("work", "show", str(wid)))
+    assert f"waits for:   'approved' until {until.isoformat()}" in shown
+    assert "attempts:    0/3 counted, 1 in all (1 suspended)" in shown
+
+    out = ok(animus("work", "signal", str(wid), "rejected", "--data", '{"why": "no"}'))
+    assert out.strip().endswith("kept until a wait of the item takes it")
+    out = ok(animus("work", "signal", str(wid), "approved", "--data", '{"by": "ann"}'))
+    assert out.strip().endswith("it was waiting for it and is queued again")
+    assert (await db.get_work_item(wid)).state == State.QUEUED
+    assert [(s.event, s.payload) for s in await db.signals(wid)] == [
+        ("rejected", {"why": "no"}), ("approved", {"by": "ann"})]
+    shown = ok(animus("work", "show", str(wid)))
+    assert "signals:" in shown
+    assert "not taken yet" in shown
+
+    # a waiting item is cancelled at once
+    other = (await db.submit_work(NewWorkItem("waiter", source="s"))).id
+    [c] = await db.claim(start=True, work_types=["waiter"])
+    assert c.item.id in (wid, other)
+    await db.suspend(c.lease, Wait.for_event(1, "never"), wake_at=None)
+    assert ok(animus("work", "cancel", str(c.item.id))).strip() == f"cancelled {c.item.id}"
+    assert (await db.get_work_item(c.item.id)).state == State.CANCELLED
+
+    # a finished item takes no signals: one line, exit status 2
+    proc = animus("work", "signal", str(c.item.id), "approved")
+    assert proc.returncode == 2, proc
+    assert "a finished item takes no signals" in one_error_line(proc.stderr)
 
 
 _MISSING = "00000000-0000-0000-0000-00000000abcd"
