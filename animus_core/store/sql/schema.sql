@@ -959,6 +959,19 @@ BEGIN
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.record_execution(p_execution);
+    IF p_wait->>'kind' = 'event' AND EXISTS (
+           SELECT 1 FROM animus.signals s
+            WHERE s.work_id = p_id AND s.event = p_wait->>'event'
+              AND s.consumed_by_position IS NULL) THEN
+        -- the signal arrived after the attempt last looked for it: woken at once
+        UPDATE animus.work_items w
+           SET state = 'queued', updated_at = now(),
+               reason = format('woken: signal %s had arrived', v_event)
+         WHERE w.id = p_id RETURNING w.* INTO v_item;
+        PERFORM animus.wake_message(v_item);
+        RETURN NEXT v_item;
+        RETURN;
+    END IF;
     PERFORM pgmq.set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'));
     PERFORM pg_notify('animus_work', json_build_object(
                 'queue', v_item.queue, 'work_types', json_build_array(v_item.work_type),
