@@ -4,10 +4,11 @@ reports what woke it: work of some types in some queue, or a cancel request for 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Iterable
 from uuid import UUID
+
+import msgspec
 
 from animus_core.infra.secrets import redactor
 from animus_core.runtime.health import Health
@@ -38,7 +39,7 @@ class Listener:
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
-            note = WorkNotification(**json.loads(payload))
+            note = msgspec.json.decode(payload, type=WorkNotification)
         except (ValueError, TypeError):
             _log.warning("ignoring a malformed %s notification: %s", CHANNEL,
                          redactor.text(payload)[:200])  # a cut secret would no longer match
