@@ -187,6 +187,8 @@ async def test_a_lost_lease_cannot_suspend_nor_take_signals(db):
     assert (item.state, item.wake_at) == (State.WAITING, until)
     with pytest.raises(InvalidInput):
         Wait(kind="sleep", position=1)
+    with pytest.raises(InvalidInput, match="exactly when it has a timer"):
+        await db.suspend(c.lease, Wait.sleep(1, until), wake_at=None)
 
 
 async def test_cancel_or_dead_letter_a_waiting_item(db, db_url):

@@ -52,6 +52,9 @@ class WorkWaits(WorkSteps):
         raises :class:`~animus_core.values.errors.LeaseLost` and changes nothing."""
         if wake_at is not None and wake_at.tzinfo is None:
             raise InvalidInput("wake_at must be timezone-aware")
+        if (wait.until is None) != (wake_at is None):
+            raise InvalidInput("a wait has a time it ends (until) exactly when it has a timer "
+                               f"(wake_at): got until={wait.until!r}, wake_at={wake_at!r}")
         async with self.connection() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM animus.suspend($1, $2, $3, $4, $5, $6, $7)",
