@@ -46,7 +46,9 @@ ENGINE = textwrap.dedent('''
     late = group(plain, "late")
     guard.start()
     guard.watch(late.pid)
-    while not all(os.path.exists(f"{out}.{n}") for n in ("watched", "finished", "late")):
+    # the shell creates each file before it writes the pid: wait for the pid itself
+    while not all(os.path.exists(f"{out}.{n}") and os.path.getsize(f"{out}.{n}")
+                  for n in ("watched", "finished", "late")):
         time.sleep(0.01)
     pids = {n: p.pid for n, p in [("watched", watched), ("escaped", escaped),
                                    ("bystander", bystander), ("finished", finished),
