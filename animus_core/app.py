@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -67,7 +68,6 @@ class Animus:
         self._pm: pluggy.PluginManager | None = None
         self._faculties: Faculties | None = None
         self.problems: list[PluginProblem] = []
-        self.rules = RuleSet.load(self.settings.rules_dir)
         self._engine: Engine | None = None
 
     # -- opening -----------------------------------------------------------------------------
@@ -137,6 +137,12 @@ class Animus:
         if self._db is None:
             raise RuntimeError("open the Animus first (async with Animus(...) as animus)")
         return self._db
+
+    @functools.cached_property
+    def rules(self) -> RuleSet:
+        """The rules of ``settings.rules_dir``, read when first needed (a command that
+        submits nothing does not fail on a broken rules file)."""
+        return RuleSet.load(self.settings.rules_dir)
 
     @property
     def governed(self) -> GovernedWork:

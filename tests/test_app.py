@@ -68,3 +68,18 @@ async def test_parts_are_refused_before_they_exist(tmp_path):
     with pytest.raises(RuntimeError, match="load the faculties first"):
         _ = animus.faculties
 
+
+
+async def test_rules_are_read_only_when_something_needs_them(db, tmp_path):
+    """A broken rules file stops what submits, and nothing else."""
+    from animus_core.infra.config import Settings
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "broken.toml").write_text("[[rule]\n")
+    settings = Settings.from_env({"DATABASE_URL": db.url, "ANIMUS_HOME": str(tmp_path),
+                                  "ANIMUS_RULES": str(rules)})
+    async with Animus(settings, db=db) as animus:
+        assert await animus.db.queues()
+        with pytest.raises(ConfigError, match=r"broken\.toml: malformed TOML"):
+            _ = animus.governed

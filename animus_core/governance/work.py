@@ -101,6 +101,8 @@ class GovernedWork:
     async def check_before_engage(self, item: WorkItem) -> None:
         """The rules again, right before engage (they may have changed since submit):
         :class:`RuleRefused` when they deny the item, or gate it and it lacks the approvals."""
+        if not self.rules.active:  # the usual case, on every focus: nothing to decide
+            return
         decision = self.rules.decide(item.work_type, item.params, item.provenance.source)
         if decision.effect == "deny":
             raise RuleRefused(f"denied before engage: {decision.reason}")
