@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,9 +152,35 @@ class Focus:
         :class:`~animus_core.values.errors.StepOrderChanged` (the item is dead-lettered).
         ``policy`` (:class:`~animus_core.values.steps.StepPolicy`) retries ``fn`` within the
         attempt; a step that raises is not recorded. See docs/writing-faculties.md."""
+        return await self._journal("a durable step").run(name, fn, args, kwargs,
+                                                       policy or StepPolicy())
+
+    async def sleep(self, seconds: float | timedelta) -> None:
+        """Sleep durably: the focus suspends (its item goes ``waiting``, holding no slot,
+        lease or connection) and resumes after ``seconds``, on whichever engine claims it,
+        replaying its recorded steps up to here. The sleep is a step (named ``sleep``)."""
+        delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
+        await self.sleep_until(datetime.now(UTC) + delta)
+
+    async def sleep_until(self, until: datetime) -> None:
+        """Sleep durably until ``until`` (timezone-aware), as :meth:`sleep`."""
+        await self._journal("a durable sleep").sleep_until(until)
+
+    async def wait_for(self, event: str, *, timeout: float | timedelta | None = None) -> Any:
+        """Wait durably for the signal ``event`` (``animus work signal ID EVENT --data
+        JSON``, ``Db.signal``) and return its payload. A signal sent before the wait is
+        kept for it, and the first one not taken by an earlier wait wins. While it waits,
+        the focus is suspended as for :meth:`sleep`. After ``timeout`` (seconds; None:
+        none) without a signal it raises
+        :class:`~animus_core.values.errors.WaitTimedOut`, which the faculty may catch.
+        The wait is a step (named ``wait for EVENT``)."""
+        return await self._journal("a wait for a signal").wait_for(event, timeout)
+
+    def _journal(self, what: str) -> StepJournal:
         if self.steps is None:
-            raise ConfigError("durable steps are not available in this focus")
-        return await self.steps.run(name, fn, args, kwargs, policy or StepPolicy())
+            raise ConfigError(f"{what} is not available in this focus: it was built without "
+                              "durable steps (an engine gives every focus its steps)")
+        return self.steps
 
     async def submit(self, item: NewWorkItem) -> SubmitResult:
         """Submit child work: ``item`` with this focus's work item as its parent, in its

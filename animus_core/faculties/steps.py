@@ -8,6 +8,12 @@ not run. A step recorded under another name is :class:`StepOrderChanged`. Otherw
 runs (retried as its :class:`StepPolicy` says), and its result, within the JSON value model
 and the outcome size limit, is committed with an audit row before ``step`` returns: by the
 holder of the item's lease only.
+
+Sleeps and waits for signals are steps too: the first attempt that reaches one suspends the
+focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner turns into
+``running -> waiting``), and the attempt that resumes records its outcome at the same
+position (the ended sleep, the signal taken, or the timeout), reading the wait it resumes
+from the item (``WorkItem.wait``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import msgspec
@@ -25,19 +31,21 @@ import msgspec
 from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import InvalidInput, StepOrderChanged
+from animus_core.values.errors import InvalidInput, StepOrderChanged, WaitTimedOut
 from animus_core.values.limits import limits
 from animus_core.values.steps import Step, StepPolicy
-from animus_core.values.work import Lease
+from animus_core.values.waits import Signal, Suspended, Wait
+from animus_core.values.work import Lease, check_name
 
-__all__ = ["StepJournal", "StepStore"]
+__all__ = ["StepJournal", "StepStore", "WaitStore"]
 
 _log = logging.getLogger("animus.steps")
 _NAME_CHARS = 200
 
 
 class StepStore(Protocol):
-    """What the journal needs of the store (:class:`animus_core.store.db.Db` is one)."""
+    """What the journal needs of the store for steps (:class:`animus_core.store.db.Db` is
+    one)."""
 
     async def steps(self, work_id: Any) -> list[Step]: ...
 
@@ -46,12 +54,22 @@ class StepStore(Protocol):
                           duration_ms: int) -> None: ...
 
 
+class WaitStore(StepStore, Protocol):
+    """... and for waits."""
+
+    async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None: ...
+
+
 class StepJournal:
     """The steps of one attempt of one work item, held under ``lease``."""
 
-    def __init__(self, store: StepStore, lease: Lease) -> None:
+    def __init__(self, store: WaitStore, lease: Lease, *,
+                 wait: Mapping[str, Any] | None = None) -> None:
+        """``wait`` is the item's kept wait (``WorkItem.wait``): what the attempt this one
+        resumes was suspended for."""
         self._store = store
         self._lease = lease
+        self._kept = Wait.from_json(dict(wait)) if wait else None
         self._recorded: dict[int, Step] | None = None
         self._loading = asyncio.Lock()
         self._calls = 0
@@ -80,6 +98,69 @@ class StepJournal:
             raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
                                f"got {name!r:.80}")
         json_values.check(name, "a step's name")
+        position, known = await self._next(name)
+        if known is not None:
+            return known.result
+        started_at, started = datetime.now(UTC), time.perf_counter()
+        # stored like an outcome: a secret's value never reaches the database
+        result = await _with_retries(name, position, fn, args, kwargs, policy)
+        return await self._record(position, name, result, started_at,
+                                  int((time.perf_counter() - started) * 1000))
+
+    async def sleep_until(self, until: datetime) -> None:
+        """The durable sleep: suspend the focus until ``until`` (unless it has passed), and
+        record the sleep as a step once the attempt that resumes gets here."""
+        if until.tzinfo is None:
+            raise InvalidInput("sleep_until needs a timezone-aware datetime, got a naive one")
+        position, known = await self._next("sleep")
+        if known is not None:
+            return
+        kept = self._kept_at(position, "sleep")
+        if kept is not None or until <= datetime.now(UTC):
+            # resumed from this sleep: only its timer wakes a sleep, so it has ended
+            ended = kept.until if kept is not None else until.isoformat()
+            await self._record(position, "sleep", {"until": ended}, datetime.now(UTC), 0)
+            return
+        raise Suspended(Wait.sleep(position, until), until)
+
+    async def wait_for(self, event: str, timeout: float | timedelta | None) -> Any:
+        """The durable wait for signal ``event``: its payload, from the first signal of
+        that event not taken by an earlier wait (sent before the wait or during it);
+        :class:`WaitTimedOut` once ``timeout`` has passed without one. Suspends the focus
+        while it waits; the attempt that resumes records the outcome as a step."""
+        check_name(event, "event")
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
+            raise InvalidInput(f"wait_for timeout must be from 0 seconds to 10 years, "
+                               f"got {timeout!r}")
+        name = f"wait for {event}"
+        position, known = await self._next(name)
+        if known is not None:
+            return _waited(known.result, event)
+        signal = await self._store.take_signal(self._lease, event, position)
+        if signal is not None:
+            return _waited(await self._record(
+                position, name, {"event": event, "signal": signal.id, "sent_by": signal.sent_by,
+                                 "payload": signal.payload}, signal.sent_at, 0), event)
+        kept = self._kept_at(position, "event")
+        if kept is not None and kept.event == event:
+            # resumed from this very wait without its signal: its timer ran out
+            if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+                return _waited(await self._record(
+                    position, name, {"event": event, "timed_out": True, "until": kept.until},
+                    datetime.now(UTC), 0), event)
+            until = datetime.fromisoformat(kept.until) if kept.until else None
+            raise Suspended(kept, until)  # woken early (a clock behind the database's)
+        until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
+        raise Suspended(Wait.for_event(position, event, until), until)
+
+    def _kept_at(self, position: int, kind: str) -> Wait | None:
+        kept = self._kept
+        return kept if kept is not None and kept.position == position and kept.kind == kind \
+            else None
+
+    async def _next(self, name: str) -> tuple[int, Step | None]:
+        """The position of the next step call, and its record when it has one (replayed)."""
         self._calls += 1
         position = self._calls  # taken before any await: steps gathered keep call order
         known = (await self._load()).get(position)
@@ -93,20 +174,29 @@ class StepJournal:
                     f"help (rerun or replay the item, with --from-step {known.name} to keep "
                     "the steps before it)")
             self.replayed.append((position, name))
-            return known.result
-        started_at, started = datetime.now(UTC), time.perf_counter()
+        return position, known
+
+    async def _record(self, position: int, name: str, result: Any, started_at: datetime,
+                      duration_ms: int) -> Any:
+        """Commit step ``position``'s result; return it as every later attempt gets it."""
         # stored like an outcome: a secret's value never reaches the database
-        result = redactor.json(await _with_retries(name, position, fn, args, kwargs, policy))
-        text = json_values.encode(result, f"step {position} {name!r} result",
+        text = json_values.encode(redactor.json(result), f"step {position} {name!r} result",
                                   limit=limits().outcome_bytes,
                                   setting="ANIMUS_MAX_OUTCOME_BYTES")
         value = json_values.read_stored(text)  # what every later attempt will be given
         await self._store.record_step(
             self._lease, position, name, msgspec.Raw(text.encode()),
             result_hash=canonical_hash(value, nfc=True), started_at=started_at,
-            duration_ms=int((time.perf_counter() - started) * 1000))
+            duration_ms=duration_ms)
         self.ran.append((position, name))
         return value
+
+
+def _waited(result: Any, event: str) -> Any:
+    """What a recorded wait gives the focus: the signal's payload, or WaitTimedOut."""
+    if result.get("timed_out"):
+        raise WaitTimedOut(event, result.get("until"))
+    return result.get("payload")
 
 
 async def _with_retries(name: str, position: int, fn: Callable[..., Any], args: Sequence[Any],

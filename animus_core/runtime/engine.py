@@ -15,6 +15,7 @@ task that is restarted if it fails (:mod:`animus_core.runtime.health`):
 * the **completer** (:mod:`.completions`) records completions in batches;
 * the **lease keeper** (:mod:`.leases`) extends the leases of running foci and fences;
 * the **sealer** (:mod:`.sealer`) chains new audit rows and writes checkpoints;
+* **wake timers** (:mod:`.timers`) for waiting items whose timer runs out;
 * **schedule ticks** (:mod:`.ticks`), and on the embedded server a **keeper**
   (:mod:`.keeper`) that starts the server again if it dies under the engine.
 
@@ -59,6 +60,7 @@ from animus_core.runtime.runner import FocusRunner, open_memory
 from animus_core.runtime.sealer import Sealer
 from animus_core.runtime.stops import FocusStops
 from animus_core.runtime.ticks import tick
+from animus_core.runtime.timers import WakeTimers
 from animus_core.runtime.workspace import EngineFoci, open_workspace
 from animus_core.store import read
 from animus_core.store.db import DEFAULT_QUEUE, Db
@@ -129,7 +131,10 @@ class Engine:
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   phases=faculties.phases,
                                   agent=ClaudeRunner(self._llm_access))
+        self.timers = WakeTimers(db, opts.queues, lambda: list(self.faculties.by_type),
+                                 self._mark_dirty)
         self.listener = Listener(db, self.health, opts.queues, on_work=self._mark_dirty,
+                                 on_timer=self.timers.note,
                                  on_cancel=self.stops.cancel_noticed)
 
     @property
@@ -201,6 +206,7 @@ class Engine:
             # The completer is not cancelled mid-batch: it is told to finish and exit.
             self.completions.close()
             await asyncio.gather(completer, return_exceptions=True)
+            self.timers.close()
             checks = list(self.stops.checks)
             for task in (*helpers, *checks):
                 task.cancel()
@@ -247,6 +253,8 @@ class Engine:
         if work_types is None:
             for slot in self.slots.values():
                 slot.dirty = True
+            if self.started.is_set():  # timers missed while not listening, or not yet known
+                self.timers.refresh()
         else:
             for t in work_types:
                 fac = self.routing.route(t)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from uuid import UUID
 
 import msgspec
@@ -26,14 +27,18 @@ CANCEL_CHANNEL = "animus_cancel"
 class Listener:
     def __init__(self, store: Db, health: Health, queues: Iterable[str], *,
                  on_work: Callable[[Iterable[str] | None], None],
+                 on_timer: Callable[[Iterable[str], datetime], None],
                  on_cancel: Callable[[UUID], None]) -> None:
         """``on_work(work_types)`` when work may be waiting (``None``: of any type, as after
-        a reconnect); ``on_cancel(work_id)`` when a cancellation may have been requested
-        (anyone may NOTIFY: the receiver checks the request before acting)."""
+        a reconnect); ``on_timer(work_types, wake_at)`` when an item of those types
+        suspended until ``wake_at``; ``on_cancel(work_id)`` when a cancellation may have
+        been requested (anyone may NOTIFY: the receiver checks the request before
+        acting)."""
         self.store = store
         self.health = health
         self.queues = frozenset(queues)
         self._on_work = on_work
+        self._on_timer = on_timer
         self._on_cancel = on_cancel
         self.connected = asyncio.Event()
 
@@ -45,7 +50,11 @@ class Listener:
                          redactor.text(payload)[:200])  # a cut secret would no longer match
             self._on_work(None)
             return
-        if note.queue in self.queues:
+        if note.queue not in self.queues:
+            return
+        if note.wake_at is not None:  # a suspension: nothing is claimable before its timer
+            self._on_timer(note.work_types, note.wake_at)
+        else:
             self._on_work(note.work_types)
 
     def _cancel_notified(self, conn: object, pid: int, channel: str, payload: str) -> None:

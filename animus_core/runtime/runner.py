@@ -42,10 +42,11 @@ from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged
+from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged, WaitTimedOut
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.version import __version__
+from animus_core.values.waits import Suspended
 from animus_core.values.work import Lease, WorkItem
 
 __all__ = ["FocusRunner", "open_memory"]
@@ -140,7 +141,7 @@ class FocusRunner:
                      if memory else None,
                      memory_unavailable=self.memory_problem, agent=self._agent,
                      submitter=self.governed.child_submitter(item),
-                     steps=StepJournal(self.store, lease))
+                     steps=StepJournal(self.store, lease, wait=item.wait))
 
     async def run(self, flight: Flight) -> None:
         """Run the focus of ``flight`` (as its task) to its end, and record it."""
@@ -192,6 +193,13 @@ class FocusRunner:
                     await self.store.complete_many([(lease, stored, ms)], conn=scope.conn,
                                                    executions=[record])
                     await scope.finish(commit=True)
+            except Suspended as suspension:
+                await scope.finish(commit=False)
+                result = "suspended"
+                focus_span.add_event("suspended", {"from": "running", "to": "waiting",
+                                                   "wait": str(suspension)})
+                await self._suspend(fac, focus, lease, suspension, started, started_at,
+                                    hashed or NO_PARAMS_HASH)
             except asyncio.CancelledError:
                 await scope.finish(commit=False)
                 if flight.lost:  # its record (lost) comes with the claim that takes it back
@@ -216,7 +224,8 @@ class FocusRunner:
                                       hashed or NO_PARAMS_HASH, error=error)
                 result = await self._failed(flight, focus, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused | Unrunnable
-                                                             | StepOrderChanged))
+                                                             | StepOrderChanged
+                                                             | WaitTimedOut))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
@@ -236,6 +245,22 @@ class FocusRunner:
                                  and (ws.keep_failed or fac.keep_failed))
             if kept:
                 _log.info("kept focus directory of failed %s: %s", item.id, kept)
+
+    async def _suspend(self, fac: Faculty, focus: Focus, lease: Lease, suspension: Suspended,
+                       started: float, started_at: datetime, hashed: str) -> None:
+        """The focus suspended: end the attempt ``running -> waiting`` (its slot is freed)."""
+        ms = int((time.perf_counter() - started) * 1000)
+        try:
+            item = await self.store.suspend(
+                lease, suspension.wait, wake_at=suspension.wake_at, duration_ms=ms,
+                execution=self._record(fac, focus, started_at, "suspended", hashed))
+            _log.debug("%s %s suspended: %s", fac.name, lease.work_id, item.reason)
+        except LeaseLost as e:
+            _log.warning("%s", e)
+        except AnimusError as e:  # its lease will run out and a later attempt resumes it
+            _log.error("could not suspend %s (its lease will expire and it will be "
+                       "resumed): %s", lease.work_id, e)
+        self._recorded()
 
     async def _cancelled(self, fac: Faculty, focus: Focus, lease: Lease, started: float,
                          started_at: datetime, hashed: str) -> None:
@@ -262,6 +287,8 @@ class FocusRunner:
                                             error=error, phase=phase)
         except Exception as e:
             note = f" (recover failed too: {redactor.text(describe(e, 'recover', fac))})"
+        except Suspended:
+            note = " (recover tried to suspend the focus: only orient, engage and consolidate may)"
         reason = clip(f"{phase} failed: {error}{note}")
         result = "failed"
         _log.warning("%s %s attempt %d: %s", fac.name, lease.work_id, focus.attempt, reason)

@@ -15,7 +15,7 @@ from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
 __all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WorkCount", "WorkReads",
-           "queue_depths", "status", "unroutable_backlog"]
+           "next_wakes", "queue_depths", "status", "unroutable_backlog"]
 
 
 class QueueDepth(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +101,22 @@ async def unroutable_backlog(db: DbBase, accepted: Sequence[str]) -> list[WorkCo
                 WHERE state = 'queued' AND NOT (work_type = ANY ($1::text[]))
                 GROUP BY work_type""", list(accepted))
     return [WorkCount(work_type=r[0], state="queued", n=r[1]) for r in rows]
+
+
+async def next_wakes(db: DbBase, queues: Sequence[str],
+                     work_types: Sequence[str]) -> dict[str, datetime]:
+    """For each of ``work_types`` with waiting items in ``queues`` whose timer is still to
+    run out: the earliest such timer (one index-only query per type)."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            """SELECT t.work_type, w.wake_at
+                 FROM unnest($2::text[]) AS t(work_type)
+                 CROSS JOIN LATERAL (
+                     SELECT min(w.wake_at) AS wake_at FROM animus.work_items w
+                      WHERE w.state = 'waiting' AND w.wake_at > now()
+                        AND w.queue = ANY ($1::text[]) AND w.work_type = t.work_type) w
+                WHERE w.wake_at IS NOT NULL""", list(queues), list(work_types))
+    return {r[0]: r[1] for r in rows}
 
 
 class WorkReads(DbBase):

@@ -10,6 +10,9 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
     ├── IllegalTransition      the state machine forbids the change        (exit 2)
     ├── PermissionDenied       the database or a rule refuses this person  (exit 3)
     ├── LeaseLost              the claim expired and someone else holds it (exit 1)
+    ├── PhaseFailed            a faculty phase failed, in its own words    (exit 1)
+    │   ├── StepOrderChanged       steps called in another order than recorded
+    │   └── WaitTimedOut           a wait for a signal ended without one
     ├── EmbedderError          the embedding service failed or answered nonsense (exit 1)
     ├── LLMError               the model API failed after its retries        (exit 1)
     └── DatabaseError          the database said no                        (exit 1)
@@ -33,6 +36,7 @@ __all__ = [
     "PermissionDenied",
     "PhaseFailed",
     "StepOrderChanged",
+    "WaitTimedOut",
     "WorkNotFound",
 ]
 
@@ -60,6 +64,17 @@ class StepOrderChanged(PhaseFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="step_order")
+
+
+class WaitTimedOut(PhaseFailed):
+    """A focus's wait for a signal ended at its timeout without one (``event``, the time it
+    ended ``until`` as ISO 8601 text). A faculty may catch it and go on; uncaught, it fails
+    the phase and the item is dead-lettered (a retry replays the same timed-out wait)."""
+
+    def __init__(self, event: str, until: str | None) -> None:
+        super().__init__(f"wait for signal {event!r} timed out at {until}", kind="wait_timeout")
+        self.event = event
+        self.until = until
 
 
 class ConfigError(AnimusError):

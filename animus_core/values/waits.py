@@ -12,7 +12,7 @@ import msgspec
 from animus_core.values.errors import InvalidInput
 from animus_core.values.work import check_name
 
-__all__ = ["Signal", "Wait", "WaitKind"]
+__all__ = ["Signal", "Suspended", "Wait", "WaitKind"]
 
 WaitKind = Literal["sleep", "event"]
 
@@ -75,3 +75,17 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
                    payload=row["payload"], sent_by=row["sent_by"], sent_at=row["sent_at"],
                    consumed_by_position=row["consumed_by_position"],
                    consumed_at=row["consumed_at"])
+
+
+class Suspended(BaseException):
+    """Raised by a focus that suspends (``focus.sleep``, ``focus.wait_for``...): the runner
+    catches it and ends the attempt ``running -> waiting`` for ``wait``, with the timer
+    ``wake_at`` (None: none). A ``BaseException``, as ``asyncio.CancelledError`` is, so
+    that a faculty's ``except Exception`` does not swallow it; do not catch it."""
+
+    def __init__(self, wait: Wait, wake_at: datetime | None) -> None:
+        super().__init__(f"suspended at step {wait.position}: {wait.kind}"
+                         + (f" {wait.event!r}" if wait.event else "")
+                         + (f" until {wait.until}" if wait.until else ""))
+        self.wait = wait
+        self.wake_at = wake_at

@@ -1473,6 +1473,8 @@ CREATE INDEX work_items_replay_of ON animus.work_items USING btree (replay_of) W
 
 CREATE INDEX work_items_state ON animus.work_items USING btree (state, work_type);
 
+CREATE INDEX work_items_wake_at ON animus.work_items USING btree (queue, work_type, wake_at) WHERE ((state = 'waiting'::animus.work_state) AND (wake_at IS NOT NULL));
+
 CREATE TRIGGER approvals_append_only BEFORE DELETE OR UPDATE ON animus.approvals FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
 
 CREATE TRIGGER approvals_no_truncate BEFORE TRUNCATE ON animus.approvals FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
