@@ -420,7 +420,10 @@ async def test_a_pipeline_runs_stages_in_order_and_stops_what_depends_on_a_failu
     assert parent.state == State.DEAD
     assert "stage 'explode' dead: attempts exhausted (1/1)" in (parent.reason or ""), parent.reason
     assert "(and 1 more)" in (parent.reason or "")
-    assert parent.attempts == 1, "a failed stage does not make the pipeline retry"
+    # one attempt per wave of stages (each resumes from a suspension), and no retry
+    assert (parent.attempts, parent.suspensions) == (4, 3)
+    assert parent.attempts - parent.suspensions == 1, "a failed stage does not make the " \
+        "pipeline retry"
 
     # status draws the stages as a tree, with their states
     status = await animus(env, tmp_path, "pipeline", "status", pid)
@@ -463,7 +466,7 @@ async def run_gated(db: Db, env: dict[str, str], tmp_path: Path, people: People)
     assert ship.gate == {"rule": "pipeline gated stage ship", "role": "approver", "quorum": 1,
                          "reason": "pipeline gated stage ship"}
     status = await animus(env, tmp_path, "pipeline", "status", pid)
-    assert f"pipeline gated  {pid}  running" in status
+    assert f"pipeline gated  {pid}  waiting" in status  # for its stages, holding no slot
     assert "awaiting_approval" in status
     after_line = next(line for line in status.splitlines() if "└─ after" in line)
     assert " pending " in after_line + " "

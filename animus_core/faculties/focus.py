@@ -10,8 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from animus_core.faculties.children import run_children
 from animus_core.faculties.steps import StepJournal
+from animus_core.governance.work import ChildSubmitter
 from animus_core.values.agents import AgentResult, AgentSpec, Usage
+from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError
 from animus_core.values.steps import StepPolicy
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
@@ -175,6 +178,24 @@ class Focus:
         :class:`~animus_core.values.errors.WaitTimedOut`, which the faculty may catch.
         The wait is a step (named ``wait for EVENT``)."""
         return await self._journal("a wait for a signal").wait_for(event, timeout)
+
+    async def run_children(self, items: Sequence[NewWorkItem], *,
+                           timeout: float | timedelta | None = None) -> list[ChildResult]:
+        """Submit ``items`` as child work of this focus's item (as :meth:`submit` does: the
+        rules applied) and wait until every one has finished (completed, dead or cancelled;
+        a merged child follows the item it was merged into); how each ended, in the order
+        given (:class:`~animus_core.values.children.ChildResult`). A child that failed does
+        not raise: ``outcomes(results)`` (:mod:`animus_core.values.children`) does. While it
+        waits the focus is suspended as for :meth:`sleep`; the last child to finish wakes
+        it. The children are submitted once per work item, and both the submission and the
+        wait are steps (``submit children``, ``wait for children``). After ``timeout``
+        (seconds; None: none) with children unfinished it raises
+        :class:`~animus_core.values.children.ChildrenTimedOut`."""
+        if not isinstance(self._submitter, ChildSubmitter):
+            raise ConfigError("child work is not available in this focus: it was built "
+                              "without the engine's child submitter")
+        return await run_children(self._journal("a wait for child work"), self._db,
+                                  self._submitter, items, timeout)
 
     def _journal(self, what: str) -> StepJournal:
         if self.steps is None:

@@ -17,14 +17,16 @@
 
 ``plan`` resolves every stage to a faculty, evaluates the rules, rejects cycles, unknown
 work types and bad references, and writes nothing. ``run`` submits a parent item of type
-``pipeline``; the built-in pipeline faculty submits each stage as a child when its
-dependencies complete, passing outputs forward. A failed stage stops its dependents: they
-are recorded dead with a reason naming it, and the pipeline ends dead too.
+``pipeline``; the built-in pipeline faculty runs the stages in waves: each wave is every
+stage whose dependencies have all finished, submitted together as child work with
+``focus.run_children``, passing outputs forward. The pipeline waits for a wave suspended
+(no slot, no polling) and the last stage of the wave to end wakes it. A failed stage stops
+its dependents: they are recorded dead with a reason naming it, and the pipeline ends dead
+too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import tomllib
@@ -40,9 +42,9 @@ from animus_core.faculties.focus import Focus
 from animus_core.faculties.plugins import Faculties
 from animus_core.governance.rules import Decision, RuleSet
 from animus_core.store.roles import check_gate_role
+from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError, InvalidInput
-from animus_core.values.states import State
-from animus_core.values.work import NewWorkItem, WorkItem
+from animus_core.values.work import NewWorkItem
 
 __all__ = ["Pipeline", "PipelineFaculty", "Stage", "load", "order", "plan"]
 
@@ -233,61 +235,51 @@ class PipelineFailed(Exception):
 
 
 class PipelineFaculty(Faculty):
-    """Runs a declared pipeline: submits each stage as child work when its dependencies
-    complete, and ends with every stage's outcome."""
+    """Runs a declared pipeline: submits each wave of stages whose dependencies have
+    finished as child work, waits for it suspended, and ends with every stage's outcome."""
 
     name = "pipeline"
     accepts = ("pipeline",)
     max_concurrent = 16
     timeout = None
     max_attempts = 3
-    poll_seconds = 0.25
 
     async def orient(self, focus: Focus) -> Any:
         return parse(focus.params.get("pipeline"), f"pipeline item {focus.work.id}")
 
     async def engage(self, focus: Focus, oriented: Any) -> Any:
         p: Pipeline = oriented
-        db = focus.db
         names = order(p)
-        while True:
-            children = await db.list_work(parent_id=focus.work.id, limit=10_000)
-            by_stage: dict[str, WorkItem] = {}
-            for child in sorted(children, key=lambda c: c.created_at):
-                stage = (child.provenance.trigger or "").removeprefix("stage:")
-                if stage in p.stages and child.state != State.MERGED:
-                    by_stage[stage] = child
-            outcomes = {n: c.outcome.data for n, c in by_stage.items()
-                        if c.state == State.COMPLETED}
-            failed = {n: c for n, c in by_stage.items()
-                      if c.state in (State.DEAD, State.CANCELLED)}
-            for name in names:
-                if name in by_stage:
-                    continue
-                s = p.stages[name]
-                bad = [d for d in s.depends_on if d in failed]
-                if bad:
-                    why = failed[bad[0]].reason or failed[bad[0]].state
-                    await focus.submit(self._item(p, s, focus, {}).refused(
-                        f"not run: stage {bad[0]!r} failed ({why})"))
-                    continue
-                if all(d in outcomes for d in s.depends_on):
-                    try:
-                        params = resolve(s.params, outcomes)
-                    except InvalidInput as e:
-                        await focus.submit(self._item(p, s, focus, {}).refused(f"not run: {e}"))
-                        continue
-                    item = self._item(p, s, focus, params)
-                    if s.gate is not None:  # a rule's denial or gate takes precedence
-                        gate = f"pipeline {p.pipeline.name} stage {s.name}"
-                        item = item.gated(rule=gate, role=s.gate.role, quorum=s.gate.quorum,
-                                          reason=gate)
-                    await focus.submit(item)
-            if len(by_stage) == len(names) and all(c.state.terminal for c in by_stage.values()):
-                return {"pipeline": p.pipeline.name, "stages": {
-                    n: {"id": str(c.id), "state": str(c.state), "outcome": c.outcome.data,
-                        "reason": c.reason} for n, c in by_stage.items()}}
-            await asyncio.sleep(self.poll_seconds)
+        ended: dict[str, ChildResult] = {}
+        while len(ended) < len(names):
+            # a wave: every stage whose dependencies have all finished, submitted together
+            wave = [n for n in names
+                    if n not in ended and all(d in ended for d in p.stages[n].depends_on)]
+            items = [self._stage_item(p, p.stages[n], focus, ended) for n in wave]
+            # the pipeline waits holding no slot; the last stage of the wave to end wakes it
+            ended.update(zip(wave, await focus.run_children(items), strict=True))
+        return {"pipeline": p.pipeline.name, "stages": {
+            n: {"id": str(r.id), "state": str(r.state), "outcome": r.outcome,
+                "reason": r.reason} for n, r in ended.items()}}
+
+    def _stage_item(self, p: Pipeline, s: Stage, focus: Focus,
+                    ended: dict[str, ChildResult]) -> NewWorkItem:
+        """Stage ``s`` as it is to be submitted, its dependencies having ``ended``: recorded
+        as not run (dead) when one of them did not complete, or its references do not
+        resolve; gated when the stage declares a gate."""
+        bad = [d for d in s.depends_on if not ended[d].ok]
+        if bad:
+            why = ended[bad[0]].reason or ended[bad[0]].state
+            return self._item(p, s, focus, {}).refused(f"not run: stage {bad[0]!r} failed ({why})")
+        try:
+            params = resolve(s.params, {n: r.outcome for n, r in ended.items()})
+        except InvalidInput as e:
+            return self._item(p, s, focus, {}).refused(f"not run: {e}")
+        item = self._item(p, s, focus, params)
+        if s.gate is not None:  # a rule's denial or gate takes precedence
+            gate = f"pipeline {p.pipeline.name} stage {s.name}"
+            item = item.gated(rule=gate, role=s.gate.role, quorum=s.gate.quorum, reason=gate)
+        return item
 
     @staticmethod
     def _item(p: Pipeline, s: Stage, focus: Focus, params: dict[str, Any]) -> NewWorkItem:

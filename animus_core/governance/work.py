@@ -21,7 +21,7 @@ from animus_core.infra.telemetry import current_traceparent
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
-__all__ = ["GovernedWork", "RuleRefused", "Submitter"]
+__all__ = ["ChildSubmitter", "GovernedWork", "RuleRefused", "Submitter"]
 
 #: Submits one item (as :meth:`GovernedWork.child_submitter` returns, bound to a parent).
 Submitter = Callable[[NewWorkItem], Awaitable[SubmitResult]]
@@ -92,11 +92,9 @@ class GovernedWork:
         return await self.db.submit_from_step(self.govern(item, current_traceparent()),
                                               from_id=from_id, step=step, queue=queue)
 
-    def child_submitter(self, parent: WorkItem) -> Submitter:
+    def child_submitter(self, parent: WorkItem) -> ChildSubmitter:
         """Submits child work of ``parent``: into its queue, with it as the parent."""
-        async def submit(item: NewWorkItem) -> SubmitResult:
-            return await self.submit(item.parent(parent.id), queue=parent.queue)
-        return submit
+        return ChildSubmitter(self, parent)
 
     async def check_before_engage(self, item: WorkItem) -> None:
         """The rules again, right before engage (they may have changed since submit):
@@ -114,3 +112,26 @@ class GovernedWork:
                 raise RuleRefused(
                     f"rule {decision.rule!r} requires {decision.quorum} approval(s) by "
                     f"{decision.role} before engage; this item has {len(approvers)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSubmitter:
+    """A :data:`Submitter` of child work of ``parent`` (into its queue, with it as the
+    parent, the rules applied); :meth:`prepare` gives the items as they would be submitted,
+    for a caller that submits them in a transaction of its own (``Focus.run_children``)."""
+
+    governed: GovernedWork
+    parent: WorkItem
+
+    async def __call__(self, item: NewWorkItem) -> SubmitResult:
+        return await self.governed.submit(item.parent(self.parent.id), queue=self.parent.queue)
+
+    def prepare(self, items: Sequence[NewWorkItem]) -> list[NewWorkItem]:
+        """``items`` as children of the parent, with the rules applied (a denied item is
+        built to start dead, a gated one awaiting approval), carrying the current trace."""
+        traceparent = current_traceparent()
+        return [self.governed.govern(i.parent(self.parent.id), traceparent) for i in items]
+
+    @property
+    def queue(self) -> str:
+        return self.parent.queue

@@ -42,6 +42,7 @@ from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
+from animus_core.values.children import ChildFailed
 from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged, WaitTimedOut
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
@@ -225,7 +226,7 @@ class FocusRunner:
                 result = await self._failed(flight, focus, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused | Unrunnable
                                                              | StepOrderChanged
-                                                             | WaitTimedOut))
+                                                             | WaitTimedOut | ChildFailed))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions

@@ -45,6 +45,7 @@ from animus_core.infra.witness import AuditKeys
 from animus_core.store.base import DEFAULT_QUEUE, Listener
 from animus_core.store.base import check_queue as _check_queue
 from animus_core.store.base import transition as _transition
+from animus_core.store.children import WorkChildren
 from animus_core.store.connect import (
     describe_url,
     init_connection,
@@ -55,7 +56,7 @@ from animus_core.store.connect import (
 from animus_core.store.errors import connection_lost
 from animus_core.store.moves import DeadLetter, Retry
 from animus_core.store.tx import TxScope
-from animus_core.store.waits import Signalled, WorkWaits
+from animus_core.store.waits import Signalled
 from animus_core.values.errors import DatabaseUnavailable
 from animus_core.values.work import Created, Merged, NewWorkItem, SubmitResult, WorkItem
 
@@ -63,7 +64,7 @@ __all__ = ["DEFAULT_QUEUE", "Db", "DeadLetter", "Listener", "Retry", "Signalled"
            "connection_lost", "describe_url", "resolve_url"]
 
 
-class Db(WorkWaits):
+class Db(WorkChildren):
     """A pool of connections to one animus database and the operations on its work: the
     raw store. It applies no rule: submit through
     :class:`animus_core.governance.work.GovernedWork` for that.

@@ -14,25 +14,35 @@ from animus_core.values.work import check_name
 
 __all__ = ["Signal", "Suspended", "Wait", "WaitKind"]
 
-WaitKind = Literal["sleep", "event"]
+WaitKind = Literal["sleep", "event", "children"]
 
 
 class Wait(msgspec.Struct, frozen=True, kw_only=True):
-    """What a suspended focus waits for: a ``sleep`` until ``until``, or the signal
-    ``event`` (until ``until``, or without a timeout when it is None). ``position`` is the
-    step position the resumed attempt records the sleep or the wait at. Stored as the
-    item's ``wait`` column; ``until`` is the timer as ISO 8601 text."""
+    """What a suspended focus waits for: a ``sleep`` until ``until``, the signal ``event``
+    (until ``until``, or without a timeout when it is None), or its ``children`` to finish
+    (the ids of the child work items, until ``until`` or without a timeout). ``position`` is
+    the step position the resumed attempt records the sleep or the wait at. Stored as the
+    item's ``wait`` column; ``until`` is the timer as ISO 8601 text. ``children`` is left out
+    of the JSON of other waits (unset)."""
 
     kind: WaitKind
     position: int
     event: str | None = None
     until: str | None = None
+    children: list[str] | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sleep", "event"):
-            raise InvalidInput(f"a wait is a sleep or an event, got {self.kind!r}")
+        if self.kind not in ("sleep", "event", "children"):
+            raise InvalidInput(f"a wait is a sleep, an event or children, got {self.kind!r}")
         if self.position < 1:
             raise InvalidInput(f"a wait's step position is 1 or more, got {self.position}")
+        if self.kind == "children":
+            if self.event is not None:
+                raise InvalidInput("a wait for children waits for no event")
+            if not self.children:
+                raise InvalidInput("a wait for children lists at least one child work item")
+        elif self.children is not msgspec.UNSET:
+            raise InvalidInput(f"a {self.kind} wait lists no children")
         if self.kind == "event":
             if self.event is None:
                 raise InvalidInput("a wait for an event names the event")
@@ -49,6 +59,12 @@ class Wait(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def for_event(cls, position: int, event: str, until: datetime | None = None) -> Wait:
         return cls(kind="event", position=position, event=event,
+                   until=until.isoformat() if until else None)
+
+    @classmethod
+    def for_children(cls, position: int, children: list[str],
+                     until: datetime | None = None) -> Wait:
+        return cls(kind="children", position=position, children=list(children),
                    until=until.isoformat() if until else None)
 
     @classmethod
@@ -86,6 +102,7 @@ class Suspended(BaseException):
     def __init__(self, wait: Wait, wake_at: datetime | None) -> None:
         super().__init__(f"suspended at step {wait.position}: {wait.kind}"
                          + (f" {wait.event!r}" if wait.event else "")
+                         + (f" ({len(wait.children)})" if wait.children else "")
                          + (f" until {wait.until}" if wait.until else ""))
         self.wait = wait
         self.wake_at = wake_at

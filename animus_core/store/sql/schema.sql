@@ -166,6 +166,17 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.children_unfinished(p_wait jsonb) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM jsonb_array_elements_text(p_wait->'children') AS c(id)
+          JOIN animus.work_items w ON w.id = c.id::uuid
+          LEFT JOIN animus.work_items m ON m.id = w.merged_into
+         WHERE coalesce(m.state, w.state) NOT IN ('completed', 'dead', 'cancelled'))
+$$;
+
 CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -940,33 +951,63 @@ CREATE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wa
     AS $$
 DECLARE
     v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_kind text := p_wait->>'kind';
     v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+    v_children int;
+    v_woken text;
 BEGIN
     PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
     IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
-       OR (p_wait->>'kind') IS DISTINCT FROM 'sleep' AND (p_wait->>'kind') IS DISTINCT FROM 'event'
-       OR (p_wait->>'kind' = 'sleep' AND p_wake_at IS NULL) THEN
-        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time) or '
-                        '"event", ...}, got %', p_id, coalesce(p_wait::text, 'null')
+       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'children')
+       OR (v_kind = 'sleep' AND p_wake_at IS NULL)
+       OR (v_kind = 'children' AND (jsonb_typeof(p_wait->'children') IS DISTINCT FROM 'array'
+                                    OR jsonb_array_length(p_wait->'children') = 0)) THEN
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), "event" '
+                        'or "children" (with a list of child ids), ...}, got %',
+                        p_id, coalesce(p_wait::text, 'null')
             USING ERRCODE = 'ANI01';
+    END IF;
+    IF v_kind = 'children' THEN
+        v_children := jsonb_array_length(p_wait->'children');
     END IF;
     UPDATE animus.work_items w
        SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
            suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
-           reason = CASE WHEN p_wait->>'kind' = 'sleep'
+           reason = CASE WHEN v_kind = 'sleep'
                          THEN format('sleeping until %s', p_wait->>'until')
+                         WHEN v_kind = 'children' AND p_wake_at IS NULL
+                         THEN format('waiting for %s children', v_children)
+                         WHEN v_kind = 'children'
+                         THEN format('waiting for %s children until %s', v_children,
+                                     p_wait->>'until')
                          WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.record_execution(p_execution);
-    IF p_wait->>'kind' = 'event' AND EXISTS (
+    IF v_kind = 'event' AND EXISTS (
            SELECT 1 FROM animus.signals s
             WHERE s.work_id = p_id AND s.event = p_wait->>'event'
               AND s.consumed_by_position IS NULL) THEN
         -- the signal arrived after the attempt last looked for it: woken at once
+        v_woken := format('woken: signal %s had arrived', v_event);
+    ELSIF v_kind = 'children' THEN
+        -- a child being finished now is waited for (see the top of this file)
+        PERFORM 1 FROM animus.work_items w
+         WHERE w.id IN (SELECT c.id::uuid FROM jsonb_array_elements_text(p_wait->'children') c(id)
+                        UNION
+                        SELECT k.merged_into FROM animus.work_items k
+                         WHERE k.id IN (SELECT c.id::uuid
+                                          FROM jsonb_array_elements_text(p_wait->'children') c(id))
+                           AND k.merged_into IS NOT NULL)
+         ORDER BY w.id
+           FOR SHARE OF w;
+        IF NOT animus.children_unfinished(p_wait) THEN
+            v_woken := format('woken: its %s children had finished', v_children);
+        END IF;
+    END IF;
+    IF v_woken IS NOT NULL THEN
         UPDATE animus.work_items w
-           SET state = 'queued', updated_at = now(),
-               reason = format('woken: signal %s had arrived', v_event)
+           SET state = 'queued', updated_at = now(), reason = v_woken
          WHERE w.id = p_id RETURNING w.* INTO v_item;
         PERFORM animus.wake_message(v_item);
         RETURN NEXT v_item;
@@ -1059,6 +1100,16 @@ BEGIN
     END IF;
 END
 $_$;
+
+CREATE FUNCTION animus.work_items_children_timed_out() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.reason := format('woken: wait for %s children timed out',
+                         jsonb_array_length(OLD.wait->'children'));
+    RETURN NEW;
+END
+$$;
 
 CREATE FUNCTION animus.work_items_inserted() RETURNS trigger
     LANGUAGE plpgsql
@@ -1217,6 +1268,43 @@ BEGIN
                           WHEN 'cancel_requested' THEN c.columns - 'cancel_requested' = '{}'
                           ELSE false END))
      ORDER BY n.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_wake_parents() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_parent animus.work_items;
+BEGIN
+    FOR v_parent IN
+        SELECT p.* FROM animus.work_items p
+         WHERE p.id IN (
+                   WITH finished AS (
+                       SELECT n.id, n.parent_id
+                         FROM new_rows n JOIN old_rows o USING (id)
+                        WHERE n.state IN ('completed', 'dead', 'cancelled')
+                          AND o.state NOT IN ('completed', 'dead', 'cancelled'))
+                   SELECT f.parent_id FROM finished f WHERE f.parent_id IS NOT NULL
+                   UNION
+                   SELECT m.parent_id FROM finished f
+                     JOIN animus.work_items m ON m.merged_into = f.id
+                    WHERE m.parent_id IS NOT NULL)
+           AND p.state = 'waiting' AND p.wait->>'kind' = 'children'
+         ORDER BY p.id
+           FOR UPDATE OF p
+    LOOP
+        -- a statement of its own: it sees the siblings finished by whoever held the lock
+        IF NOT animus.children_unfinished(v_parent.wait) THEN
+            UPDATE animus.work_items w
+               SET state = 'queued', updated_at = now(),
+                   reason = format('woken: its %s children finished',
+                                   jsonb_array_length(w.wait->'children'))
+             WHERE w.id = v_parent.id RETURNING w.* INTO v_parent;
+            PERFORM animus.wake_message(v_parent);
+        END IF;
+    END LOOP;
     RETURN NULL;
 END
 $$;
@@ -1503,6 +1591,8 @@ CREATE TRIGGER work_items_audit_insert AFTER INSERT ON animus.work_items REFEREN
 
 CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_updated();
 
+CREATE TRIGGER work_items_children_timed_out BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state = 'queued'::animus.work_state) AND ((old.wait ->> 'kind'::text) = 'children'::text) AND (new.reason = 'woken: wait for ''?'' timed out'::text))) EXECUTE FUNCTION animus.work_items_children_timed_out();
+
 CREATE TRIGGER work_items_fixed_columns BEFORE UPDATE OF id, requested_by ON animus.work_items FOR EACH ROW WHEN (((old.id IS DISTINCT FROM new.id) OR (old.requested_by IS DISTINCT FROM new.requested_by))) EXECUTE FUNCTION animus.work_items_refuse_rewrite();
 
 CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR EACH ROW EXECUTE FUNCTION animus.work_items_refuse_delete();
@@ -1510,6 +1600,8 @@ CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR 
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
 
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
+
+CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_wake_parents();
 
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
@@ -1539,6 +1631,8 @@ REVOKE ALL ON FUNCTION animus.audit_log_session_user() FROM PUBLIC;
 REVOKE ALL ON FUNCTION animus.cancel(p_id uuid, p_reason text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.cancel_attempt(p_id uuid, p_msg_id bigint, p_lease integer, p_duration_ms bigint, p_execution jsonb, p_reason_chars integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.children_unfinished(p_wait jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.copy_steps(p_to uuid, p_from uuid, p_before text) FROM PUBLIC;
 
@@ -1578,8 +1672,12 @@ REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease in
 
 REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.work_items_children_timed_out() FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.work_items_left_waiting() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_session_user() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_wake_parents() FROM PUBLIC;

@@ -1,0 +1,167 @@
+-- Waiting for child work: focus.run_children submits child work items (their ids recorded as
+-- a step in the same transaction) and suspends its focus (running -> waiting, no slot, no
+-- lease) until every one of them has finished. The wait lists them:
+--     {"kind": "children", "position": n, "children": [id, ...], "until": T or null}
+-- A child has finished when it is completed, dead or cancelled; a child merged into live
+-- work (its dedup key) follows the item it was merged into. No polling: the transaction that
+-- finishes the last unfinished child wakes the parent (waiting -> queued), and a suspension
+-- whose children have all finished already is woken in the same call.
+--
+-- Concurrency. The transaction that finishes a child locks each parent that waits for
+-- children (FOR UPDATE, in id order) and only then looks at the siblings, in a statement of
+-- its own (a fresh snapshot): of two children finishing at once, the second to take the lock
+-- sees the first one finished. A suspension locks its children (FOR SHARE, and the items
+-- they were merged into) before it looks at them: a child being finished meanwhile is seen
+-- finished, or its transaction sees the parent waiting once the suspension commits.
+
+-- Whether any child listed in a wait for children has not finished.
+CREATE FUNCTION animus.children_unfinished(p_wait jsonb) RETURNS bool
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM jsonb_array_elements_text(p_wait->'children') AS c(id)
+          JOIN animus.work_items w ON w.id = c.id::uuid
+          LEFT JOIN animus.work_items m ON m.id = w.merged_into
+         WHERE coalesce(m.state, w.state) NOT IN ('completed', 'dead', 'cancelled'))
+$$;
+
+-- After items finished: wake each parent waiting for children none of which is unfinished
+-- any more (the items' own parents, and the parents of items merged into them).
+CREATE FUNCTION animus.work_items_wake_parents() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_parent animus.work_items;
+BEGIN
+    FOR v_parent IN
+        SELECT p.* FROM animus.work_items p
+         WHERE p.id IN (
+                   WITH finished AS (
+                       SELECT n.id, n.parent_id
+                         FROM new_rows n JOIN old_rows o USING (id)
+                        WHERE n.state IN ('completed', 'dead', 'cancelled')
+                          AND o.state NOT IN ('completed', 'dead', 'cancelled'))
+                   SELECT f.parent_id FROM finished f WHERE f.parent_id IS NOT NULL
+                   UNION
+                   SELECT m.parent_id FROM finished f
+                     JOIN animus.work_items m ON m.merged_into = f.id
+                    WHERE m.parent_id IS NOT NULL)
+           AND p.state = 'waiting' AND p.wait->>'kind' = 'children'
+         ORDER BY p.id
+           FOR UPDATE OF p
+    LOOP
+        -- a statement of its own: it sees the siblings finished by whoever held the lock
+        IF NOT animus.children_unfinished(v_parent.wait) THEN
+            UPDATE animus.work_items w
+               SET state = 'queued', updated_at = now(),
+                   reason = format('woken: its %s children finished',
+                                   jsonb_array_length(w.wait->'children'))
+             WHERE w.id = v_parent.id RETURNING w.* INTO v_parent;
+            PERFORM animus.wake_message(v_parent);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_wake_parents();
+
+-- The claim (0017) words a timer's wake-up for sleeps and events; a wait for children whose
+-- timer ran out is worded here.
+CREATE FUNCTION animus.work_items_children_timed_out() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.reason := format('woken: wait for %s children timed out',
+                         jsonb_array_length(OLD.wait->'children'));
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER work_items_children_timed_out BEFORE UPDATE ON animus.work_items
+    FOR EACH ROW WHEN (OLD.state = 'waiting' AND NEW.state = 'queued'
+                       AND OLD.wait->>'kind' = 'children'
+                       AND NEW.reason = 'woken: wait for ''?'' timed out')
+    EXECUTE FUNCTION animus.work_items_children_timed_out();
+
+-- As in 0017, and: a wait may be for children ({"kind": "children", "children": [id, ...]}),
+-- woken in the same call when none of them is unfinished.
+CREATE OR REPLACE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease int, p_wait jsonb,
+                                          p_wake_at timestamptz, p_duration_ms bigint,
+                                          p_execution jsonb)
+RETURNS SETOF animus.work_items
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_kind text := p_wait->>'kind';
+    v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+    v_children int;
+    v_woken text;
+BEGIN
+    PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
+    IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
+       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'children')
+       OR (v_kind = 'sleep' AND p_wake_at IS NULL)
+       OR (v_kind = 'children' AND (jsonb_typeof(p_wait->'children') IS DISTINCT FROM 'array'
+                                    OR jsonb_array_length(p_wait->'children') = 0)) THEN
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), "event" '
+                        'or "children" (with a list of child ids), ...}, got %',
+                        p_id, coalesce(p_wait::text, 'null')
+            USING ERRCODE = 'ANI01';
+    END IF;
+    IF v_kind = 'children' THEN
+        v_children := jsonb_array_length(p_wait->'children');
+    END IF;
+    UPDATE animus.work_items w
+       SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
+           suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
+           reason = CASE WHEN v_kind = 'sleep'
+                         THEN format('sleeping until %s', p_wait->>'until')
+                         WHEN v_kind = 'children' AND p_wake_at IS NULL
+                         THEN format('waiting for %s children', v_children)
+                         WHEN v_kind = 'children'
+                         THEN format('waiting for %s children until %s', v_children,
+                                     p_wait->>'until')
+                         WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
+                         ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
+     WHERE w.id = p_id RETURNING w.* INTO v_item;
+    PERFORM animus.record_execution(p_execution);
+    IF v_kind = 'event' AND EXISTS (
+           SELECT 1 FROM animus.signals s
+            WHERE s.work_id = p_id AND s.event = p_wait->>'event'
+              AND s.consumed_by_position IS NULL) THEN
+        -- the signal arrived after the attempt last looked for it: woken at once
+        v_woken := format('woken: signal %s had arrived', v_event);
+    ELSIF v_kind = 'children' THEN
+        -- a child being finished now is waited for (see the top of this file)
+        PERFORM 1 FROM animus.work_items w
+         WHERE w.id IN (SELECT c.id::uuid FROM jsonb_array_elements_text(p_wait->'children') c(id)
+                        UNION
+                        SELECT k.merged_into FROM animus.work_items k
+                         WHERE k.id IN (SELECT c.id::uuid
+                                          FROM jsonb_array_elements_text(p_wait->'children') c(id))
+                           AND k.merged_into IS NOT NULL)
+         ORDER BY w.id
+           FOR SHARE OF w;
+        IF NOT animus.children_unfinished(p_wait) THEN
+            v_woken := format('woken: its %s children had finished', v_children);
+        END IF;
+    END IF;
+    IF v_woken IS NOT NULL THEN
+        UPDATE animus.work_items w
+           SET state = 'queued', updated_at = now(), reason = v_woken
+         WHERE w.id = p_id RETURNING w.* INTO v_item;
+        PERFORM animus.wake_message(v_item);
+        RETURN NEXT v_item;
+        RETURN;
+    END IF;
+    PERFORM pgmq.set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'));
+    PERFORM pg_notify('animus_work', json_build_object(
+                'queue', v_item.queue, 'work_types', json_build_array(v_item.work_type),
+                'wake_at', p_wake_at)::text);
+    RETURN NEXT v_item;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION
+    animus.children_unfinished(jsonb),
+    animus.work_items_wake_parents(),
+    animus.work_items_children_timed_out()
+  FROM PUBLIC;
