@@ -109,10 +109,12 @@ class ObservedDb(Db):
     """The real store with the seams the engine tests need: claims in flight are counted,
     ``after_claim(kwargs, claimed)`` runs once a claim returned but before the engine sees
     the result, and ``faults[method]()`` runs before that method (to raise, as an outage
-    would: ``complete_many``, ``extend_lease``)."""
+    would: ``complete_many``, ``extend_lease``). ``list_work_calls`` counts the engine's
+    listings of work (nothing in it should poll them)."""
 
     claims_in_flight = 0
     claim_calls = 0
+    list_work_calls = 0
     after_claim: Callable[[dict[str, Any], list[Claimed]], Awaitable[None]] | None = None
     faults: dict[str, Callable[[], None]]
 
@@ -126,6 +128,10 @@ class ObservedDb(Db):
         finally:
             self.claims_in_flight -= 1
             self.claim_calls += 1
+
+    async def list_work(self, *args: Any, **kwargs: Any) -> list[WorkItem]:
+        self.list_work_calls += 1
+        return await super().list_work(*args, **kwargs)
 
     def _fault(self, method: str) -> None:
         fault = getattr(self, "faults", {}).get(method)

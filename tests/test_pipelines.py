@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -515,3 +516,54 @@ async def test_a_stage_gate_does_not_weaken_a_rule_gate(db, tmp_path):
     item = await db.get_work_item(result.id)
     assert item.gate is not None
     assert item.gate["quorum"] >= 2
+
+
+
+async def test_a_pipeline_waits_for_its_stages_holding_no_slot_and_polling_nothing(
+        db, db_url, env, tmp_path, faculties):
+    """While a stage runs, the pipeline item is waiting (suspended): it is not among the
+    engine's foci, and nothing lists work to see whether its stages have ended; the stage
+    that ends a wave wakes it."""
+    release = tmp_path / "release"
+    write_toml_faculty(tmp_path, "slow", hooks={"engage": f"""
+        while [ ! -e {release} ]; do sleep 0.05; done
+        python -c 'import json; print(json.dumps(json.load(open("work.json"))["params"]))' \\
+            > engage-out.json
+    """})
+    path = write(tmp_path, "slow.toml", """
+        [pipeline]
+        name = "slow"
+        [[stage]]
+        name = "fetch"
+        work_type = "fetch"
+        [[stage]]
+        name = "crawl"
+        work_type = "slow"
+        depends_on = ["fetch"]
+        params = { rows = "${fetch.rows}" }
+        [[stage]]
+        name = "after"
+        work_type = "echo"
+        depends_on = ["crawl"]
+        params = { crawled = "${crawl.rows}" }
+    """)
+    async with run_engine(db_url, tmp_path / "home", faculties_dir=faculties) as engine:
+        pid = (await animus(env, tmp_path, "pipeline", "run", str(path))).split()[-1]
+
+        async def crawling() -> Any:
+            crawl = (await stages(db, pid)).get("crawl")
+            parent = await db.get_work_item(pid)
+            return crawl if crawl is not None and crawl.state == State.RUNNING \
+                and parent.state == State.WAITING else None
+
+        crawl = await wait_until(crawling, 20, message="the slow stage to run")
+        assert crawl.id in engine.engine.inflight
+        assert UUID(pid) not in engine.engine.inflight  # the pipeline holds no slot
+        release.touch()
+        parent = await wait_finished(db, pid, timeout=30)
+        assert parent.state == State.COMPLETED, parent.reason
+        assert parent.outcome.data["stages"]["after"]["outcome"] == {"crawled": 3}
+        assert engine.db.list_work_calls == 0  # nothing polled the stages
+    history = await db.history(pid)
+    assert [e.payload["reason"] for e in history if e.event == "woken"] == [
+        "woken: its 1 child finished"] * 2

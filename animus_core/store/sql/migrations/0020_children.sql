@@ -8,11 +8,12 @@
 -- whose children have all finished already is woken in the same call.
 --
 -- Concurrency. The transaction that finishes a child locks each parent that waits for
--- children (FOR UPDATE, in id order) and only then looks at the siblings, in a statement of
--- its own (a fresh snapshot): of two children finishing at once, the second to take the lock
--- sees the first one finished. A suspension locks its children (FOR SHARE, and the items
--- they were merged into) before it looks at them: a child being finished meanwhile is seen
--- finished, or its transaction sees the parent waiting once the suspension commits.
+-- children (FOR NO KEY UPDATE, in id order) and only then looks at the siblings, in a
+-- statement of its own (a fresh snapshot): of two children finishing at once, the second to
+-- take the lock sees the first one finished. A suspension locks its children (FOR SHARE, and
+-- the items they were merged into) before the item and before it looks at them: a child being
+-- finished meanwhile is seen finished, or its transaction sees the parent waiting once the
+-- suspension commits.
 
 -- Whether any child listed in a wait for children has not finished.
 CREATE FUNCTION animus.children_unfinished(p_wait jsonb) RETURNS bool
@@ -22,6 +23,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
           JOIN animus.work_items w ON w.id = c.id::uuid
           LEFT JOIN animus.work_items m ON m.id = w.merged_into
          WHERE coalesce(m.state, w.state) NOT IN ('completed', 'dead', 'cancelled'))
+$$;
+
+-- "1 child", "3 children": how reasons count a wait's children.
+CREATE FUNCTION animus.children_text(p_wait jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE jsonb_array_length(p_wait->'children') WHEN 1 THEN '1 child'
+                ELSE jsonb_array_length(p_wait->'children') || ' children' END
 $$;
 
 -- After items finished: wake each parent waiting for children none of which is unfinished
@@ -45,14 +53,13 @@ BEGIN
                     WHERE m.parent_id IS NOT NULL)
            AND p.state = 'waiting' AND p.wait->>'kind' = 'children'
          ORDER BY p.id
-           FOR UPDATE OF p
+           FOR NO KEY UPDATE OF p
     LOOP
         -- a statement of its own: it sees the siblings finished by whoever held the lock
         IF NOT animus.children_unfinished(v_parent.wait) THEN
             UPDATE animus.work_items w
                SET state = 'queued', updated_at = now(),
-                   reason = format('woken: its %s children finished',
-                                   jsonb_array_length(w.wait->'children'))
+                   reason = format('woken: its %s finished', animus.children_text(w.wait))
              WHERE w.id = v_parent.id RETURNING w.* INTO v_parent;
             PERFORM animus.wake_message(v_parent);
         END IF;
@@ -69,8 +76,7 @@ CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items
 -- timer ran out is worded here.
 CREATE FUNCTION animus.work_items_children_timed_out() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.reason := format('woken: wait for %s children timed out',
-                         jsonb_array_length(OLD.wait->'children'));
+    NEW.reason := format('woken: wait for %s timed out', animus.children_text(OLD.wait));
     RETURN NEW;
 END
 $$;
@@ -89,13 +95,12 @@ CREATE OR REPLACE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease in
 RETURNS SETOF animus.work_items
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_item animus.work_items;
     v_kind text := p_wait->>'kind';
     v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
-    v_children int;
+    v_children text;
     v_woken text;
 BEGIN
-    PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
     IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
        OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'children')
        OR (v_kind = 'sleep' AND p_wake_at IS NULL)
@@ -107,18 +112,32 @@ BEGIN
             USING ERRCODE = 'ANI01';
     END IF;
     IF v_kind = 'children' THEN
-        v_children := jsonb_array_length(p_wait->'children');
+        v_children := animus.children_text(p_wait);
+        -- Its children (and the items they were merged into) are locked before the item:
+        -- a child being finished now is waited for, and one finished after this suspension
+        -- commits sees the item waiting. (The other way round would deadlock with a child
+        -- whose finish checks its parent key, a row it updated twice.)
+        PERFORM 1 FROM animus.work_items w
+         WHERE w.id IN (SELECT c.id::uuid FROM jsonb_array_elements_text(p_wait->'children') c(id)
+                        UNION
+                        SELECT k.merged_into FROM animus.work_items k
+                         WHERE k.id IN (SELECT c.id::uuid
+                                          FROM jsonb_array_elements_text(p_wait->'children') c(id))
+                           AND k.merged_into IS NOT NULL)
+         ORDER BY w.id
+           FOR SHARE OF w;
     END IF;
+    v_item := animus.held_item(p_id, p_msg_id, p_lease);
+    PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
     UPDATE animus.work_items w
        SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
            suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
            reason = CASE WHEN v_kind = 'sleep'
                          THEN format('sleeping until %s', p_wait->>'until')
                          WHEN v_kind = 'children' AND p_wake_at IS NULL
-                         THEN format('waiting for %s children', v_children)
+                         THEN format('waiting for %s', v_children)
                          WHEN v_kind = 'children'
-                         THEN format('waiting for %s children until %s', v_children,
-                                     p_wait->>'until')
+                         THEN format('waiting for %s until %s', v_children, p_wait->>'until')
                          WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
@@ -129,20 +148,9 @@ BEGIN
               AND s.consumed_by_position IS NULL) THEN
         -- the signal arrived after the attempt last looked for it: woken at once
         v_woken := format('woken: signal %s had arrived', v_event);
-    ELSIF v_kind = 'children' THEN
-        -- a child being finished now is waited for (see the top of this file)
-        PERFORM 1 FROM animus.work_items w
-         WHERE w.id IN (SELECT c.id::uuid FROM jsonb_array_elements_text(p_wait->'children') c(id)
-                        UNION
-                        SELECT k.merged_into FROM animus.work_items k
-                         WHERE k.id IN (SELECT c.id::uuid
-                                          FROM jsonb_array_elements_text(p_wait->'children') c(id))
-                           AND k.merged_into IS NOT NULL)
-         ORDER BY w.id
-           FOR SHARE OF w;
-        IF NOT animus.children_unfinished(p_wait) THEN
-            v_woken := format('woken: its %s children had finished', v_children);
-        END IF;
+    ELSIF v_kind = 'children' AND NOT animus.children_unfinished(p_wait) THEN
+        -- they finished after the attempt last looked: woken at once
+        v_woken := format('woken: its %s had finished', v_children);
     END IF;
     IF v_woken IS NOT NULL THEN
         UPDATE animus.work_items w
@@ -162,6 +170,7 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION
     animus.children_unfinished(jsonb),
+    animus.children_text(jsonb),
     animus.work_items_wake_parents(),
     animus.work_items_children_timed_out()
   FROM PUBLIC;
