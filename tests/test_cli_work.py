@@ -154,6 +154,21 @@ async def test_signal_and_what_waiting_items_wait_for(db, animus):
     assert "a finished item takes no signals" in one_error_line(proc.stderr)
 
 
+async def test_show_says_how_many_children_a_waiting_parent_has_seen_finish(db, animus):
+    wid = (await db.submit_work(NewWorkItem("brood", source="s"))).id
+    [c] = await db.claim(start=True, work_types=["brood"])
+    kids = await db.submit_children(c.lease, 1, "submit children", [
+        NewWorkItem("kid", source="s").parent(wid) for _ in range(3)], queue="work",
+        started_at=datetime.now(UTC))
+    await db.suspend(c.lease, Wait.for_children(2, [str(k.id) for k in kids]), wake_at=None)
+    await db.cancel(kids[0].id, "not needed")
+    shown = ok(animus("work", "show", str(wid)))
+    assert "waits for:   1 of 3 children finished" in shown
+    assert "reason:      waiting for 3 children" in shown
+    listed = ok(animus("work", "list", "--state", "waiting"))
+    assert "3 children" in listed
+
+
 _MISSING = "00000000-0000-0000-0000-00000000abcd"
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -25,8 +27,9 @@ from animus_core.testing import OPTIONS, run_faculties
 from animus_core.values.children import ChildFailed, ChildrenTimedOut, ChildResult, outcomes
 from animus_core.values.errors import InvalidInput
 from animus_core.values.waits import Wait
-from tests.engine_helpers import wait_until
-from tests.support import raw
+from tests.conftest import ROOT
+from tests.engine_helpers import engine_processes, wait_finished, wait_listening, wait_until
+from tests.support import code_blocks, raw
 from tests.test_failure import running
 from tests.test_waits import suspended_record
 
@@ -435,3 +438,68 @@ async def _finish_in_groups(db_url: str, plan: list[list[str]]) -> None:
         assert all(r is not None for r in ended)
     finally:
         await db.close()
+
+
+# -- an engine killed after it submitted the children -------------------------------------------
+
+
+@pytest.fixture
+def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The environment of an engine process that loads tests/children_faculty.py."""
+    site = tmp_path / "site"
+    dist = site / "animus_test_children-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-test-children\n"
+                                   "Version: 0.1\n")
+    (dist / "entry_points.txt").write_text("[animus]\ntestchildren = tests.children_faculty\n")
+    env = {k: v for k, v in cli_env.items() if k != "ANIMUS_DISABLE_PLUGIN_AUTOLOAD"}
+    env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),
+               ANIMUS_PLUGINS="testchildren", LOG_LEVEL="info",
+               PYTHONPATH=f"{site}:{ROOT}")
+    return env
+
+
+@pytest.mark.slow
+async def test_an_engine_killed_after_submitting_children_does_not_submit_them_again(
+        db, db_url, tmp_path, proc_env):
+    root = tmp_path / "effects"
+    root.mkdir()
+    with engine_processes(proc_env, tmp_path) as start:
+        first = start("--lease", "2", "--poll", "0.5")
+        await wait_listening(db_url, [first])
+        created = await db.submit_work(NewWorkItem("brood", source="test").params(
+            {"kids": 3, "hold": True, "dir": str(root)}))
+        assert isinstance(created, Created)
+        await wait_until(lambda: (root / "held").exists(), 30,
+                         message=f"the first attempt to submit its children\n{first.output()}")
+        first.signal(signal.SIGKILL)
+        assert await first.wait(10) == -signal.SIGKILL
+        kids = await db.list_work(parent_id=created.id)
+        assert len(kids) == 3
+        assert [s.name for s in await db.steps(created.id)] == ["submit children"]
+
+        second = start("--lease", "2", "--poll", "0.5")
+        await wait_listening(db_url, [second])
+        waiting = await until_state(db, created.id, State.WAITING)  # resumed, then suspended
+        assert sorted(waiting.wait["children"]) == sorted(str(k.id) for k in kids)
+        assert len(await db.list_work(parent_id=created.id)) == 3  # none submitted again
+        for claimed in await db.claim(work_types=["external"], limit=3, lease_seconds=60,
+                                      start=True):
+            await db.complete(claimed.lease, {"n": claimed.item.params["n"]})
+        item = await wait_finished(db, created.id, 60)
+    assert item.state == State.COMPLETED, second.output()
+    assert [r["outcome"] for r in item.outcome.data] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert len(await db.list_work(parent_id=created.id)) == 3
+    steps = await db.steps(created.id)
+    assert [(s.name, s.attempt) for s in steps] == [
+        ("submit children", 1), ("wait for children", 3)]
+    assert [r.result for r in await db.executions(created.id)] == [
+        "lost", "suspended", "completed"]
+
+
+async def test_the_documented_example_runs(db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    (example,) = code_blocks("writing-faculties.md", "### Waiting for child work", "python")
+    namespace: dict[str, Any] = {}
+    exec(compile(example, "writing-faculties.md", "exec"), namespace)
+    await namespace["test_survey"](tmp_path)

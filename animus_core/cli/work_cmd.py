@@ -9,7 +9,7 @@ from typing import Any
 
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
-from animus_core.store.db import DEFAULT_QUEUE
+from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.states import State
@@ -295,18 +295,33 @@ async def list_(args: argparse.Namespace) -> int:
     return 0
 
 
-def waits_for(item: WorkItem) -> str | None:
-    """What a waiting item waits for, and until when: ``sleep until T``, ``'event' until T``
-    or ``'event'`` (no timeout). None for an item that is not waiting."""
+def waits_for(item: WorkItem, finished: int | None = None) -> str | None:
+    """What a waiting item waits for, and until when: ``sleep until T``, ``'event' until T``,
+    ``'event'`` (no timeout), or ``N children`` (``K of N children finished`` when
+    ``finished`` is known). None for an item that is not waiting."""
     if item.state != State.WAITING or not item.wait:
         return None
     until = f" until {item.wake_at.isoformat()}" if item.wake_at else ""
     if item.wait.get("kind") == "sleep":
         return f"sleep{until}"
+    if item.wait.get("kind") == "children":
+        total = len(item.wait.get("children") or [])
+        if finished is None:
+            return f"{total} children{until}"
+        return f"{finished} of {total} children finished{until}"
     return f"{item.wait.get('event')!r}{until}"
 
 
-def _describe(item: WorkItem) -> None:
+async def _children_finished(db: Db, item: WorkItem) -> int | None:
+    """How many of the children a waiting item waits for have finished (None: it does not
+    wait for children)."""
+    if item.state != State.WAITING or not item.wait or item.wait.get("kind") != "children":
+        return None
+    ended = await db.children_results(item.wait.get("children") or [])
+    return sum(1 for r in ended if r is not None)
+
+
+def _describe(item: WorkItem, finished: int | None = None) -> None:
     fields: list[tuple[str, object]] = [
         ("id", item.id), ("type", item.work_type), ("state", item.state),
         ("reason", item.reason), ("queue", item.queue), ("priority", item.priority),
@@ -316,7 +331,7 @@ def _describe(item: WorkItem) -> None:
         ("attempts", f"{item.attempts}/{item.max_attempts}" if not item.suspensions else
          f"{item.attempts - item.suspensions}/{item.max_attempts} counted, "
          f"{item.attempts} in all ({item.suspensions} suspended)"),
-        ("waits for", waits_for(item)),
+        ("waits for", waits_for(item, finished)),
         ("created", item.created_at.isoformat()), ("updated", item.updated_at.isoformat()),
         ("resolved", item.resolved_at.isoformat() if item.resolved_at else None),
         ("params", json.dumps(item.params, ensure_ascii=False)),
@@ -337,10 +352,11 @@ async def show(args: argparse.Namespace) -> int:
         item = await db.get_work_item(args.id)
         steps = await db.steps(item.id)
         signals = await db.signals(item.id)
+        finished = await _children_finished(db, item)
     if args.json:
         print_json(item)
     else:
-        _describe(item)
+        _describe(item, finished)
         _print_steps(steps)
         _print_signals(signals)
     return 0
