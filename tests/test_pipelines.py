@@ -421,8 +421,8 @@ async def test_a_pipeline_runs_stages_in_order_and_stops_what_depends_on_a_failu
     assert parent.state == State.DEAD
     assert "stage 'explode' dead: attempts exhausted (1/1)" in (parent.reason or ""), parent.reason
     assert "(and 1 more)" in (parent.reason or "")
-    # one attempt per wave of stages (each resumes from a suspension), and no retry
-    assert (parent.attempts, parent.suspensions) == (4, 3)
+    # an attempt for each wave of stages it waited for (resumed from a suspension), no retry
+    assert parent.suspensions >= 1
     assert parent.attempts - parent.suspensions == 1, "a failed stage does not make the " \
         "pipeline retry"
 
@@ -565,5 +565,8 @@ async def test_a_pipeline_waits_for_its_stages_holding_no_slot_and_polling_nothi
         assert parent.outcome.data["stages"]["after"]["outcome"] == {"crawled": 3}
         assert engine.db.list_work_calls == 0  # nothing polled the stages
     history = await db.history(pid)
-    assert [e.payload["reason"] for e in history if e.event == "woken"] == [
-        "woken: its 1 child finished"] * 2
+    # each wave of one stage that suspended the pipeline was ended by that stage (a quick one
+    # may end before the pipeline suspends: then it does not, or is woken at once)
+    reasons = [e.payload["reason"] for e in history if e.event == "woken"]
+    assert "woken: its 1 child finished" in reasons  # the slow stage's wave, at least
+    assert set(reasons) <= {"woken: its 1 child finished", "woken: its 1 child had finished"}
