@@ -16,6 +16,7 @@ from animus_core.values.errors import (
     LeaseLost,
     MigrationError,
     StepOrderChanged,
+    WaitTimedOut,
     WorkNotFound,
 )
 from animus_core.values.states import State
@@ -60,6 +61,7 @@ __all__ = [
     "Step",
     "StepOrderChanged",
     "StepPolicy",
+    "WaitTimedOut",
     "SubmitResult",
     "WorkItem",
     "WorkNotFound",
