@@ -72,6 +72,14 @@ async def test_items_sleeping_or_waiting_when_their_engine_is_killed_resume_on_t
     assert done[0].outcome.data == ["s1 done", "s2 done"]
     assert done[1].outcome.data == ["w1 done", {"ok": True}, "w2 done"]
     assert counts(root, ["s1", "s2", "w1", "w2"]) == [1, 1, 1, 1]
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "show", waiter, "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert [(s["position"], s["name"], s["attempt"]) for s in shown["steps"]] == [
+        (1, "w1", 1), (2, "wait for go", 2), (3, "w2", 2)]
+    [sent] = shown["signals"]
+    assert (sent["event"], sent["payload"], sent["consumed_by_position"]) == (
+        "go", {"ok": True}, 2)
     for wid in (sleeper, waiter):
         assert (await events(db, wid)).count("completed") == 1
         records = await db.executions(wid)

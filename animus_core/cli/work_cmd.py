@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+import msgspec
+
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE
@@ -338,7 +340,7 @@ async def show(args: argparse.Namespace) -> int:
         steps = await db.steps(item.id)
         signals = await db.signals(item.id)
     if args.json:
-        print_json(item)
+        print_json({**msgspec.to_builtins(item), "steps": steps, "signals": signals})
     else:
         _describe(item)
         _print_steps(steps)
