@@ -19,6 +19,7 @@ from the item (``WorkItem.wait``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -40,6 +41,8 @@ from animus_core.values.work import Lease, check_name
 __all__ = ["StepJournal", "StepStore", "WaitStore"]
 
 _log = logging.getLogger("animus.steps")
+#: the name of the step whose body runs in this context, if one does
+_INSIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("animus_step", default=None)
 _NAME_CHARS = 200
 
 
@@ -103,7 +106,11 @@ class StepJournal:
             return known.result
         started_at, started = datetime.now(UTC), time.perf_counter()
         # stored like an outcome: a secret's value never reaches the database
-        result = await _with_retries(name, position, fn, args, kwargs, policy)
+        inside = _INSIDE.set(name)
+        try:
+            result = await _with_retries(name, position, fn, args, kwargs, policy)
+        finally:
+            _INSIDE.reset(inside)
         return await self._record(position, name, result, started_at,
                                   int((time.perf_counter() - started) * 1000))
 
@@ -161,6 +168,11 @@ class StepJournal:
 
     async def _next(self, name: str) -> tuple[int, Step | None]:
         """The position of the next step call, and its record when it has one (replayed)."""
+        outer = _INSIDE.get()
+        if outer is not None:  # a replay would skip the body, and what it called with it
+            raise InvalidInput(f"{name!r} was called inside the body of step {outer!r}: steps, "
+                               "sleeps and waits cannot nest; call them one after another in "
+                               "the phase")
         self._calls += 1
         position = self._calls  # taken before any await: steps gathered keep call order
         known = (await self._load()).get(position)
