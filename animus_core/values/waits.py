@@ -20,14 +20,14 @@ __all__ = ["Approval", "Decision", "Signal", "Suspended", "Wait", "WaitKind"]
 WaitKind = Literal["sleep", "event", "approval"]
 
 
-class Wait(msgspec.Struct, frozen=True, kw_only=True):
+class Wait(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a suspended focus waits for: a ``sleep`` until ``until``, the signal ``event``
     (until ``until``, or without a timeout when it is None), or an ``approval``: ``quorum``
     different members of ``animus_<role>`` approving, or one rejecting, the gate ``why``
     (until ``until``, or without a timeout). ``position`` is the step position the resumed
     attempt records the sleep, the wait or the decision at (and an approval's decisions are
-    kept under). Stored as the item's ``wait`` column; ``until`` is the timer as ISO 8601
-    text."""
+    kept under). Stored as the item's ``wait`` column, without the fields that are None;
+    ``until`` is the timer as ISO 8601 text."""
 
     kind: WaitKind
     position: int
