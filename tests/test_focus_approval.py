@@ -143,8 +143,19 @@ async def test_two_approvers_make_the_quorum_and_the_focus_resumes_after_the_gat
     assert (woken.db_user, woken.payload["reason"]) == (
         people.name("bob"), f"woken: approved by {people.name('ann')}, {people.name('bob')}")
     events = [e.event for e in history]
-    assert events.index("suspended") < events.index("approval") < events.index("woken")
     assert "changed" not in events  # "approved by 1 of 2 needed" is the approval's own row
+    # ... as docs/governance.md shows it
+    who = {people.name("ann"): "ann", people.name("bob"): "bob"}
+    shown = [(e.event, e.from_state, e.to_state, who.get(e.db_user or "", "postgres"))
+             for e in history[events.index("suspended"):events.index("woken") + 1]]
+    assert shown == documented_audit()
+
+
+def documented_audit() -> list[tuple[str, str, str, str]]:
+    """Event, from, to and db user of the audit example under "Approvals inside a focus"."""
+    (block,) = code_blocks("governance.md", "### Approvals inside a focus", "console")
+    rows = [line.split() for line in block.splitlines()[2:]]
+    return [(r[3], r[4], r[5], r[7]) for r in rows]
 
 
 async def test_a_rejection_wakes_the_focus_which_sees_the_reason(db_url, tmp_path, people):
