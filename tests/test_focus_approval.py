@@ -193,7 +193,7 @@ async def test_the_submitter_cannot_approve_and_a_member_of_another_role_does_no
         await until_state(animus.db, mine, State.WAITING)
         await until_state(animus.db, ops, State.WAITING)
 
-        with pytest.raises(PermissionDenied, match="requested work item .* cannot approve it"):
+        with pytest.raises(PermissionDenied, match=r"requested work item .* cannot approve it"):
             await ada.decide(mine, "approve", "looks fine to me")
         with pytest.raises(PermissionDenied, match="permission denied for function decide"):
             await sam.decide(mine, "approve", "I am no approver")  # submitters never decide
@@ -245,10 +245,12 @@ async def test_two_gates_in_one_focus_and_a_submit_gate_are_decided_separately(
         sent = (await sam.submit_gated(item, "approver", 1, "gated at submit")).id
         await ann.decide(sent, "approve", "may run")  # the submit gate
         first = await until_state(animus.db, sent, State.WAITING)
-        assert first.wait is not None and first.wait["position"] == 1
+        assert first.wait is not None
+        assert first.wait["position"] == 1
         await ann.decide(sent, "approve", "first is fine")  # the same person, another gate
         second = await until_state(animus.db, sent, State.WAITING)  # decide woke it first
-        assert second.wait is not None and second.wait["position"] == 3
+        assert second.wait is not None
+        assert second.wait["position"] == 3
         assert second.reason == "awaiting approval (1 x approver): second"
         await ann.decide(sent, "reject", "second is not")
         done = await animus.animus.wait_finished(sent, 20)
@@ -278,7 +280,7 @@ async def test_deciding_an_item_that_waits_for_a_sleep_or_a_signal_is_a_clear_er
                            match="is waiting for the signal 'go', not for an approval"):
             await ann.decide(signal, "approve", "go ahead")
         with pytest.raises(IllegalTransition,
-                           match="is waiting for a sleep until .*, not for an approval"):
+                           match=r"is waiting for a sleep until .*, not for an approval"):
             await ann.decide(sleep, "reject", "wake up")
         assert await animus.db.approvals(signal) == await animus.db.approvals(sleep) == []
         for wid in (signal, sleep):
@@ -313,7 +315,7 @@ async def test_bad_roles_quorums_and_whys_are_clear_errors(db_url, tmp_path):
                             ({"quorum": 0}, "a whole number of 1 or more, got 0"),
                             ({"quorum": True}, "a whole number of 1 or more, got True"),
                             ({"why": " "}, "an approval needs a why")):
-        args = {"why": "x", "role": "approver", "quorum": 1} | kwargs
+        args: dict[str, Any] = {"why": "x", "role": "approver", "quorum": 1} | kwargs
         with pytest.raises(InvalidInput, match=message):
             Wait.approval(1, args["why"], args["role"], args["quorum"])
     with pytest.raises(InvalidInput, match="only an approval has a why"):
@@ -342,10 +344,12 @@ def test_a_decision_is_one_rejection_or_the_quorum_of_approvals_that_count(decis
     rejections = [a for a in approvals if a.decision == "reject"]
     counted = [a for a in approvals if a.decision == "approve" and a.counts]
     if rejections:
-        assert decision is not None and not decision.approved
+        assert decision is not None
+        assert not decision.approved
         assert (decision.by, decision.reason) == ([rejections[0].approver], rejections[0].reason)
     elif len(counted) >= quorum:
-        assert decision is not None and decision.approved
+        assert decision is not None
+        assert decision.approved
         assert decision.by == [a.approver for a in counted[:quorum]]
         assert decision.decided_at == counted[quorum - 1].at
     else:
