@@ -45,8 +45,7 @@ async def test_a_sleep_hides_the_item_until_its_timer_and_the_claim_wakes_it(db,
     item = await db.suspend(c.lease, wait, wake_at=wake_at, duration_ms=7,
                             execution=suspended_record(c))
     assert (item.state, item.suspensions, item.attempts) == (State.WAITING, 1, 1)
-    assert item.wait == {"kind": "sleep", "position": 3, "event": None,
-                         "until": wake_at.isoformat()}
+    assert item.wait == {"kind": "sleep", "position": 3, "until": wake_at.isoformat()}
     assert item.wake_at == wake_at
     assert item.reason == f"sleeping until {wake_at.isoformat()}"
     [(_, vt)] = await messages(db_url)

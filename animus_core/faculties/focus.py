@@ -14,6 +14,7 @@ from animus_core.faculties.steps import StepJournal
 from animus_core.values.agents import AgentResult, AgentSpec, Usage
 from animus_core.values.errors import ConfigError
 from animus_core.values.steps import StepPolicy
+from animus_core.values.waits import Decision
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
@@ -175,6 +176,18 @@ class Focus:
         :class:`~animus_core.values.errors.WaitTimedOut`, which the faculty may catch.
         The wait is a step (named ``wait for EVENT``)."""
         return await self._journal("a wait for a signal").wait_for(event, timeout)
+
+    async def approval(self, why: str, *, role: str = "approver", quorum: int = 1,
+                       timeout: float | timedelta | None = None) -> Decision:
+        """An approval gate inside the focus: suspend it (as :meth:`sleep` does) until
+        ``quorum`` different members of ``animus_<role>`` approve, or one rejects, with
+        ``animus approve|reject ID --reason R`` (``Db.decide``), by the rules of a submit
+        gate (docs/governance.md). Returns the
+        :class:`~animus_core.values.waits.Decision`; a rejection does not raise: the
+        faculty decides what it means. After ``timeout`` (seconds; None: none) undecided it
+        raises :class:`~animus_core.values.errors.ApprovalTimedOut`, which the faculty may
+        catch. The decision is a step (named ``approval``)."""
+        return await self._journal("an approval").approval(why, role, quorum, timeout)
 
     def _journal(self, what: str) -> StepJournal:
         if self.steps is None:

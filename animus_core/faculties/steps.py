@@ -9,11 +9,11 @@ runs (retried as its :class:`StepPolicy` says), and its result, within the JSON 
 and the outcome size limit, is committed with an audit row before ``step`` returns: by the
 holder of the item's lease only.
 
-Sleeps and waits for signals are steps too: the first attempt that reaches one suspends the
-focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner turns into
-``running -> waiting``), and the attempt that resumes records its outcome at the same
-position (the ended sleep, the signal taken, or the timeout), reading the wait it resumes
-from the item (``WorkItem.wait``).
+Sleeps, waits for signals and approvals are steps too: the first attempt that reaches one
+suspends the focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner
+turns into ``running -> waiting``), and the attempt that resumes records its outcome at the
+same position (the ended sleep, the signal taken, the decision, or the timeout), reading the
+wait it resumes from the item (``WorkItem.wait``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,15 @@ import msgspec
 from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import InvalidInput, StepOrderChanged, WaitTimedOut
+from animus_core.values.errors import (
+    ApprovalTimedOut,
+    InvalidInput,
+    StepOrderChanged,
+    WaitTimedOut,
+)
 from animus_core.values.limits import limits
 from animus_core.values.steps import Step, StepPolicy
-from animus_core.values.waits import Signal, Suspended, Wait
+from animus_core.values.waits import Approval, Decision, Signal, Suspended, Wait, check_approval
 from animus_core.values.work import Lease, check_name
 
 __all__ = ["StepJournal", "StepStore", "WaitStore"]
@@ -61,6 +66,9 @@ class WaitStore(StepStore, Protocol):
     """... and for waits."""
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None: ...
+
+    async def gate_decisions(self, work_id: Any, position: int,
+                             role: str) -> list[Approval]: ...
 
 
 class StepJournal:
@@ -136,10 +144,7 @@ class StepJournal:
         :class:`WaitTimedOut` once ``timeout`` has passed without one. Suspends the focus
         while it waits; the attempt that resumes records the outcome as a step."""
         check_name(event, "event")
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
-            raise InvalidInput(f"wait_for timeout must be from 0 seconds to 10 years, "
-                               f"got {timeout!r}")
+        seconds = _timeout(timeout, "wait_for")
         name = f"wait for {event}"
         position, known = await self._next(name)
         if known is not None:
@@ -160,6 +165,42 @@ class StepJournal:
             raise Suspended(kept, until)  # woken early (a clock behind the database's)
         until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
         raise Suspended(Wait.for_event(position, event, until), until)
+
+    async def approval(self, why: str, role: str, quorum: int,
+                       timeout: float | timedelta | None) -> Decision:
+        """The durable approval gate: suspend the focus until people decide (``quorum``
+        approvals by members of ``animus_<role>``, or one rejection, through
+        ``animus.decide``) and return the :class:`Decision`; :class:`ApprovalTimedOut` once
+        ``timeout`` has passed undecided. The attempt that resumes records the decision as
+        a step (named ``approval``)."""
+        check_approval(why, role, quorum)
+        seconds = _timeout(timeout, "approval")
+        position, known = await self._next("approval")
+        if known is not None:
+            return _decided(known.result)
+        kept = self._kept_at(position, "approval")
+        if kept is None:
+            # Decisions are taken only while the item waits at this position, and an attempt
+            # gets past it only by recording the step: none can be there yet.
+            until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
+            raise Suspended(Wait.approval(position, why, role, quorum, until), until)
+        # resumed from this approval: decided, or its timer ran out (the gate is the kept
+        # one, as it was when people decided it)
+        gate_role, gate_quorum = kept.role or role, kept.quorum or quorum
+        decisions = await self._store.gate_decisions(self._lease.work_id, position, gate_role)
+        decision = Decision.of(decisions, gate_quorum)
+        if decision is not None:
+            return _decided(await self._record(
+                position, "approval", {**decision.to_json(), "role": gate_role,
+                                       "quorum": gate_quorum}, decision.decided_at, 0))
+        if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+            return _decided(await self._record(
+                position, "approval",
+                {"timed_out": True, "until": kept.until, "why": kept.why, "role": gate_role,
+                 "quorum": gate_quorum, "approvals": sum(1 for d in decisions if d.counts)},
+                datetime.now(UTC), 0))
+        until = datetime.fromisoformat(kept.until) if kept.until else None
+        raise Suspended(kept, until)  # woken early (a clock behind the database's)
 
     def _kept_at(self, position: int, kind: str) -> Wait | None:
         kept = self._kept
@@ -202,6 +243,23 @@ class StepJournal:
             duration_ms=duration_ms)
         self.ran.append((position, name))
         return value
+
+
+def _timeout(timeout: float | timedelta | None, what: str) -> float | None:
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
+        raise InvalidInput(f"{what} timeout must be from 0 seconds to 10 years, "
+                           f"got {timeout!r}")
+    return seconds
+
+
+def _decided(result: Any) -> Decision:
+    """What a recorded approval gives the focus: the decision, or ApprovalTimedOut."""
+    if result.get("timed_out"):
+        raise ApprovalTimedOut(result["why"], result["role"], result["quorum"],
+                               result["approvals"], result["until"])
+    return Decision.from_json({k: result[k] for k in ("approved", "reason", "by",
+                                                      "decided_at")})
 
 
 def _waited(result: Any, event: str) -> Any:

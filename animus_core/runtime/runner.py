@@ -42,7 +42,13 @@ from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged, WaitTimedOut
+from animus_core.values.errors import (
+    AnimusError,
+    ApprovalTimedOut,
+    LeaseLost,
+    StepOrderChanged,
+    WaitTimedOut,
+)
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.version import __version__
@@ -225,7 +231,8 @@ class FocusRunner:
                 result = await self._failed(flight, focus, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused | Unrunnable
                                                              | StepOrderChanged
-                                                             | WaitTimedOut))
+                                                             | WaitTimedOut
+                                                             | ApprovalTimedOut))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions

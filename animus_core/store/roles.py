@@ -23,10 +23,9 @@ import re
 from typing import Any
 
 from animus_core.values.errors import ConfigError, InvalidInput
+from animus_core.values.roles import ROLES
 
 __all__ = ["ROLES", "add_user", "setup_roles"]
-
-ROLES = ("reader", "submitter", "approver", "operator", "admin")
 
 
 def check_gate_role(role: str, where: str) -> None:

@@ -1,7 +1,8 @@
 """Suspension in the store: a running attempt suspends (``running -> waiting``), signals are
-sent to items and taken by their waits. A waiting item's timer is its queue message's
+sent to items and taken by their waits, and the decisions on an approval inside a focus are
+read by the attempt that resumes from it. A waiting item's timer is its queue message's
 visibility: the claim that finds it visible wakes it (``waiting -> queued``) and claims it.
-See ``0017_waiting.sql`` and docs/concepts.md, Waiting."""
+See ``0017_waiting.sql``, ``0019_focus_approvals.sql`` and docs/concepts.md, Waiting."""
 
 from __future__ import annotations
 
@@ -19,10 +20,23 @@ from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
-from animus_core.values.waits import Signal, Wait
+from animus_core.values.waits import Approval, Signal, Wait
 from animus_core.values.work import Lease, WorkItem, check_name
 
 __all__ = ["Signalled", "WorkWaits"]
+
+# Whether the approver counts: a superuser, or a member of the gate's role now (as
+# Db.approvers counts a submit gate's approvals before engage).
+_GATE_DECISIONS = """
+    SELECT a.approver, a.decision, a.reason, a.at, a.position,
+           coalesce(r.rolsuper OR CASE WHEN EXISTS (
+                        SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $3)
+                    THEN pg_has_role(r.oid, 'animus_' || $3, 'MEMBER') ELSE false END,
+                    false) AS counts
+      FROM animus.approvals a
+      LEFT JOIN pg_roles r ON r.rolname = a.approver
+     WHERE a.work_id = $1 AND a.position = $2
+     ORDER BY a.at, a.id"""
 
 _SIGNALS = """
     SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
@@ -90,6 +104,14 @@ class WorkWaits(WorkSteps):
             row = await conn.fetchrow("SELECT * FROM animus.take_signal($1, $2, $3, $4, $5)",
                                       lease.work_id, lease.msg_id, lease.token, event, position)
         return None if row is None else Signal.from_row(row)
+
+    async def gate_decisions(self, work_id: UUID | str, position: int,
+                             role: str) -> list[Approval]:
+        """The decisions on the item's approval at step ``position`` of its focus, oldest
+        first, each saying whether it counts for a gate of ``role`` (one query)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_GATE_DECISIONS, _id(work_id), position, role)
+        return [Approval.from_row(r) for r in rows]
 
     async def signals(self, work_id: UUID | str) -> list[Signal]:
         """The signals sent to an item, oldest first (one query)."""

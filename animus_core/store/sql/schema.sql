@@ -218,11 +218,7 @@ BEGIN
                         WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
 
     UPDATE animus.work_items w
-       SET state = 'queued', updated_at = now(),
-           reason = CASE WHEN w.wait->>'kind' = 'sleep'
-                         THEN format('woken: sleep until %s ended', w.wait->>'until')
-                         ELSE format('woken: wait for %s timed out',
-                                     quote_literal(coalesce(w.wait->>'event', '?'))) END
+       SET state = 'queued', updated_at = now(), reason = animus.timer_woke(w.wait)
      WHERE w.id = ANY (v_stale) AND w.state = 'waiting';
     UPDATE animus.work_items w
        SET state = 'queued', reason = 'lease expired before the focus started',
@@ -416,12 +412,15 @@ CREATE FUNCTION animus.decide(p_work_id uuid, p_decision text, p_reason text) RE
     AS $$
 DECLARE
     item animus.work_items;
+    v_gate jsonb;
+    v_position int;  -- NULL: the gate the item was submitted with; else the focus's approval
+    v_which text;
     v_role text;
     v_quorum int;
     v_approvers text[];
     v_super bool;
 BEGIN
-    IF p_decision NOT IN ('approve', 'reject') THEN
+    IF p_decision IS NULL OR p_decision NOT IN ('approve', 'reject') THEN
         RAISE EXCEPTION 'decision must be approve or reject, not %', p_decision
             USING ERRCODE = 'ANI03';
     END IF;
@@ -432,7 +431,23 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'work item % does not exist', p_work_id USING ERRCODE = 'ANI04';
     END IF;
-    IF item.state <> 'awaiting_approval' THEN
+    IF item.state = 'awaiting_approval' THEN
+        v_gate := item.gate;
+        v_which := format('the rule %s', coalesce(item.gate->>'rule', '?'));
+    ELSIF item.state = 'waiting' AND item.wait->>'kind' = 'approval' THEN
+        v_gate := item.wait;
+        v_position := (item.wait->>'position')::int;
+        v_which := format('the approval at step %s of its focus', v_position);
+    ELSIF item.state = 'waiting' THEN
+        RAISE EXCEPTION 'work item % is waiting for %, not for an approval: only items awaiting '
+                        'approval or waiting for one in their focus can be decided (signal it '
+                        'with animus work signal, or cancel it)', p_work_id,
+            CASE item.wait->>'kind'
+                WHEN 'sleep' THEN format('a sleep until %s', item.wait->>'until')
+                WHEN 'event' THEN format('the signal %s', quote_literal(item.wait->>'event'))
+                ELSE coalesce(item.wait->>'kind', 'nothing known') END
+            USING ERRCODE = 'ANI01';
+    ELSE
         RAISE EXCEPTION 'work item % is %: only items awaiting approval can be decided',
             p_work_id, item.state USING ERRCODE = 'ANI01';
     END IF;
@@ -440,8 +455,8 @@ BEGIN
         RAISE EXCEPTION '% requested work item % and cannot % it: another person must',
             session_user, p_work_id, p_decision USING ERRCODE = 'ANI03';
     END IF;
-    v_role := 'animus_' || coalesce(item.gate->>'role', 'approver');
-    v_quorum := coalesce((item.gate->>'quorum')::int, 1);
+    v_role := 'animus_' || coalesce(v_gate->>'role', 'approver');
+    v_quorum := coalesce((v_gate->>'quorum')::int, 1);
     SELECT rolsuper INTO v_super FROM pg_roles WHERE rolname = session_user;
     IF NOT coalesce(v_super, false) THEN
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
@@ -449,36 +464,61 @@ BEGIN
                 USING ERRCODE = 'ANI03';
         END IF;
         IF NOT pg_has_role(session_user, v_role, 'MEMBER') THEN
-            RAISE EXCEPTION '% may not decide work item %: the rule % requires role %',
-                session_user, p_work_id, coalesce(item.gate->>'rule', '?'), v_role
+            RAISE EXCEPTION '% may not decide work item %: % requires role %',
+                session_user, p_work_id, v_which, v_role
                 USING ERRCODE = 'ANI03';
         END IF;
     END IF;
-    IF EXISTS (SELECT 1 FROM animus.approvals WHERE work_id = p_work_id
-                                                AND approver = session_user) THEN
-        RAISE EXCEPTION '% already decided work item %', session_user, p_work_id
+    IF EXISTS (SELECT 1 FROM animus.approvals
+                WHERE work_id = p_work_id AND approver = session_user
+                  AND position IS NOT DISTINCT FROM v_position) THEN
+        RAISE EXCEPTION '% already decided %',
+            session_user, CASE WHEN v_position IS NULL THEN format('work item %s', p_work_id)
+                               ELSE format('the approval at step %s of work item %s',
+                                           v_position, p_work_id) END
             USING ERRCODE = 'ANI03';
     END IF;
 
-    INSERT INTO animus.approvals (work_id, approver, decision, reason)
-    VALUES (p_work_id, session_user, p_decision, p_reason);
+    INSERT INTO animus.approvals (work_id, approver, decision, reason, position)
+    VALUES (p_work_id, session_user, p_decision, p_reason, v_position);
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     VALUES (p_work_id, CASE p_decision WHEN 'approve' THEN 'approval' ELSE 'rejection' END,
             item.state, item.state,
             jsonb_strip_nulls(jsonb_build_object('source', item.source, 'actor', animus.actor())),
             jsonb_build_object('approver', session_user, 'decision', p_decision,
-                               'reason', p_reason, 'gate', item.gate));
+                               'reason', p_reason, 'gate', v_gate)
+            || CASE WHEN v_position IS NULL THEN '{}'::jsonb
+                    ELSE jsonb_build_object('position', v_position) END);
 
     IF p_decision = 'reject' THEN
+        IF v_position IS NOT NULL THEN  -- the focus decides what a rejection means
+            UPDATE animus.work_items
+               SET state = 'queued', updated_at = now(),
+                   reason = 'woken: rejected by ' || session_user || ': ' || p_reason
+             WHERE id = p_work_id RETURNING * INTO item;
+            PERFORM animus.wake_message(item);
+            RETURN NEXT item;
+            RETURN;
+        END IF;
         RETURN QUERY UPDATE animus.work_items
            SET state = 'dead', reason = 'rejected by ' || session_user || ': ' || p_reason,
                resolved_at = now(), updated_at = now()
          WHERE id = p_work_id RETURNING *;
         RETURN;
     END IF;
-    SELECT array_agg(approver ORDER BY at) INTO v_approvers FROM animus.approvals
-     WHERE work_id = p_work_id AND decision = 'approve';
+    SELECT array_agg(approver ORDER BY at, id) INTO v_approvers FROM animus.approvals
+     WHERE work_id = p_work_id AND decision = 'approve'
+       AND position IS NOT DISTINCT FROM v_position;
     IF cardinality(v_approvers) >= v_quorum THEN
+        IF v_position IS NOT NULL THEN
+            UPDATE animus.work_items
+               SET state = 'queued', updated_at = now(),
+                   reason = 'woken: approved by ' || array_to_string(v_approvers, ', ')
+             WHERE id = p_work_id RETURNING * INTO item;
+            PERFORM animus.wake_message(item);
+            RETURN NEXT item;
+            RETURN;
+        END IF;
         PERFORM pgmq.send(item.queue, jsonb_build_object('id', item.id, 't', item.work_type,
                                                          'p', item.priority));
         PERFORM pg_notify('animus_work', json_build_object(
@@ -941,25 +981,43 @@ CREATE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wa
 DECLARE
     v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
     v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+    v_kind text := p_wait->>'kind';
 BEGIN
     PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
     IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
-       OR (p_wait->>'kind') IS DISTINCT FROM 'sleep' AND (p_wait->>'kind') IS DISTINCT FROM 'event'
-       OR (p_wait->>'kind' = 'sleep' AND p_wake_at IS NULL) THEN
-        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time) or '
-                        '"event", ...}, got %', p_id, coalesce(p_wait::text, 'null')
+       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'approval')
+       OR (v_kind = 'sleep' AND p_wake_at IS NULL) THEN
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), '
+                        '"event" or "approval", ...}, got %', p_id, coalesce(p_wait::text, 'null')
+            USING ERRCODE = 'ANI01';
+    END IF;
+    IF v_kind = 'approval' AND (
+           jsonb_typeof(p_wait->'position') IS DISTINCT FROM 'number'
+           OR coalesce(btrim(p_wait->>'why'), '') = ''
+           OR coalesce(p_wait->>'role', '') NOT IN ('reader', 'submitter', 'approver',
+                                                    'operator', 'admin')
+           OR jsonb_typeof(p_wait->'quorum') IS DISTINCT FROM 'number'
+           OR (p_wait->>'quorum')::numeric < 1
+           OR (p_wait->>'quorum')::numeric <> trunc((p_wait->>'quorum')::numeric)) THEN
+        RAISE EXCEPTION 'work item %: an approval waits with a position, a why, a role (reader, '
+                        'submitter, approver, operator or admin) and a quorum of 1 or more, got %',
+                        p_id, p_wait::text
             USING ERRCODE = 'ANI01';
     END IF;
     UPDATE animus.work_items w
        SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
            suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
-           reason = CASE WHEN p_wait->>'kind' = 'sleep'
+           reason = CASE WHEN v_kind = 'sleep'
                          THEN format('sleeping until %s', p_wait->>'until')
+                         WHEN v_kind = 'approval'
+                         THEN format('awaiting approval (%s x %s): %s', p_wait->>'quorum',
+                                     p_wait->>'role', p_wait->>'why')
+                              || coalesce(' (until ' || (p_wait->>'until') || ')', '')
                          WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.record_execution(p_execution);
-    IF p_wait->>'kind' = 'event' AND EXISTS (
+    IF v_kind = 'event' AND EXISTS (
            SELECT 1 FROM animus.signals s
             WHERE s.work_id = p_id AND s.event = p_wait->>'event'
               AND s.consumed_by_position IS NULL) THEN
@@ -1032,6 +1090,17 @@ BEGIN
                         ORDER BY f.id LIMIT 1)
         RETURNING s.*;
 END
+$$;
+
+CREATE FUNCTION animus.timer_woke(p_wait jsonb) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT CASE p_wait->>'kind'
+               WHEN 'sleep' THEN format('woken: sleep until %s ended', p_wait->>'until')
+               WHEN 'approval' THEN format('woken: approval (%s x %s) timed out undecided',
+                                          p_wait->>'quorum', p_wait->>'role')
+               ELSE format('woken: wait for %s timed out',
+                           quote_literal(coalesce(p_wait->>'event', '?'))) END
 $$;
 
 CREATE FUNCTION animus.wake_message(p_item animus.work_items) RETURNS void
@@ -1228,7 +1297,9 @@ CREATE TABLE animus.approvals (
     decision text NOT NULL,
     reason text NOT NULL,
     at timestamp with time zone DEFAULT now() NOT NULL,
+    "position" integer,
     CONSTRAINT approvals_decision_check CHECK ((decision = ANY (ARRAY['approve'::text, 'reject'::text]))),
+    CONSTRAINT approvals_position_check CHECK (("position" >= 1)),
     CONSTRAINT approvals_reason_check CHECK ((btrim(reason) <> ''::text))
 );
 
@@ -1395,9 +1466,6 @@ CREATE TABLE animus.transitions (
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_pkey PRIMARY KEY (id);
 
-ALTER TABLE ONLY animus.approvals
-    ADD CONSTRAINT approvals_work_id_approver_key UNIQUE (work_id, approver);
-
 ALTER TABLE ONLY animus.audit_gaps
     ADD CONSTRAINT audit_gaps_pkey PRIMARY KEY (audit_id);
 
@@ -1442,6 +1510,8 @@ ALTER TABLE ONLY animus.transitions
 
 ALTER TABLE ONLY animus.work_items
     ADD CONSTRAINT work_items_pkey PRIMARY KEY (id);
+
+CREATE UNIQUE INDEX approvals_once_per_gate ON animus.approvals USING btree (work_id, COALESCE("position", 0), approver);
 
 CREATE INDEX audit_log_work ON animus.audit_log USING btree (work_id, id);
 
@@ -1575,6 +1645,8 @@ REVOKE ALL ON FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer)
 REVOKE ALL ON FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wait jsonb, p_wake_at timestamp with time zone, p_duration_ms bigint, p_execution jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease integer, p_event text, p_position integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.timer_woke(p_wait jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
 
