@@ -27,6 +27,7 @@ from tests.engine_helpers import (
     wait_until,
     write_toml_faculty,
 )
+from tests.support import code_blocks, console_examples, doc_section
 
 #: retried at once
 QUICK = {"retry_base": 0.0, "retry_max": 0.0}
@@ -104,9 +105,9 @@ async def test_without_resume_every_attempt_runs_every_phase_and_records_no_step
 async def test_resume_phase_restores_no_file_for_a_phase_that_wrote_none(db, db_url, tmp_path):
     toml = write_toml_faculty(tmp_path, "nofile", fields={"resume": "phase", **QUICK}, hooks={
         "orient": f"echo run >> {tmp_path}/orient.runs",
-        "engage": f"""
+        "engage": """
             if [ -e orient-out.json ]; then echo "orient-out.json appeared" >&2; exit 9; fi
-            echo '{{"attempt": '"$ANIMUS_ATTEMPT"'}}' > engage-out.json
+            echo '{"attempt": '"$ANIMUS_ATTEMPT"'}' > engage-out.json
             [ "$ANIMUS_ATTEMPT" != 1 ]
         """})
     item = await run_one(db, db_url, tmp_path, toml)
@@ -182,9 +183,9 @@ async def test_a_hook_waits_for_a_signal_sent_with_the_cli(db, db_url, tmp_path,
         wid = (await db.submit_work(NewWorkItem("waiter", source="test"))).id
 
         async def waiting() -> bool:
-            return (await db.get_work_item(wid)).state == State.WAITING
+            return bool((await db.get_work_item(wid)).state == State.WAITING)
         await wait_until(waiting, 20)
-        code, out, err = await run_cli(cli_env, tmp_path, "work", "signal", str(wid), "go",
+        code, _, err = await run_cli(cli_env, tmp_path, "work", "signal", str(wid), "go",
                                        "--data", '{"n": 1}')
         assert code == 0, err
         item = await wait_finished(db, wid)
@@ -210,7 +211,7 @@ async def test_a_signal_sent_before_the_hook_asks_resumes_it_without_suspending(
         db, db_url, tmp_path):
     toml = write_toml_faculty(tmp_path, "early", hooks=suspending(
         tmp_path, '{"wait_for": "go"}',
-        before=f'animus work signal "$ANIMUS_WORK_ID" go --data \'"early"\' > /dev/null'))
+        before='animus work signal "$ANIMUS_WORK_ID" go --data \'"early"\' > /dev/null'))
     item = await run_one(db, db_url, tmp_path, toml)
     assert item.state == State.COMPLETED, item.reason
     assert item.suspensions == 0
@@ -245,7 +246,7 @@ def test_suspend_json_requests_are_read_exactly():
     assert (approval.why, approval.role, approval.quorum) == ("deploy", "ops", 2)
     for bad in (b"[]", b'{"sleep": true}', b'{"wait_for": ""}', b'{"sleep": 1, "x": 2}',
                 b'{"approval": {"why": "x", "quorum": 0}}'):
-        with pytest.raises(InvalidInput, match="suspend.json"):
+        with pytest.raises(InvalidInput, match=r"suspend\.json"):
             parse_suspend(bad)
 
 
@@ -375,3 +376,45 @@ async def test_a_step_killed_with_its_engine_runs_again_and_once_recorded_is_rep
     assert lines(t / "engage.runs") == ["2", "3"]
     assert [(s.name, s.attempt, s.result) for s in steps] == [
         ("fetch", 2, {"stdout": "fetched\n", "status": 0})]
+
+
+# -- the documented example -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = "### A durable example"
+
+
+def test_the_documented_example_is_the_faculty_in_the_repository():
+    (toml,) = code_blocks("hook-contract.md", EXAMPLE, "toml")
+    (engage,) = code_blocks("hook-contract.md", EXAMPLE, "bash")
+    assert toml == (ROOT / "faculties" / "durable.toml").read_text()
+    assert engage == (ROOT / "faculties" / "durable" / "engage.sh").read_text()
+
+
+async def test_the_documented_example_runs(db, db_url, tmp_path, cli_env, monkeypatch):
+    monkeypatch.chdir(ROOT)  # its commands are relative to the repository
+    (submit, shown), (signal_args, _) = console_examples("hook-contract.md", EXAMPLE)
+    outcome = {"words": 3, "approved": True, "note": "ship it"}
+    assert json.dumps(outcome).replace("True", "true") in doc_section("hook-contract.md",
+                                                                      EXAMPLE)
+    async with run_engine(db_url, tmp_path / "home", faculties_dir=ROOT / "faculties",
+                          options=SLOW_POLL) as run:
+        assert run.problems == []
+        code, out, err = await run_cli(cli_env, tmp_path, *submit)
+        assert code == 0, err
+        assert out.split()[0] == shown[0].split()[0] == "created"
+        wid = out.split()[1]
+
+        async def waiting() -> bool:
+            return bool((await db.get_work_item(wid)).state == State.WAITING)
+        await wait_until(waiting, 20)
+        documented_id = shown[0].split()[1]
+        code, _, err = await run_cli(cli_env, tmp_path,
+                                     *[a.replace(documented_id, wid) for a in signal_args])
+        assert code == 0, err
+        item = await wait_finished(db, wid)
+        steps = await db.steps(wid)
+    assert item.state == State.COMPLETED, item.reason
+    assert item.outcome.data == outcome
+    assert [s.name for s in steps] == ["phase orient", "count", "suspend engage", "wait for go",
+                                       "phase engage"]
