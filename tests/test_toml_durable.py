@@ -238,6 +238,19 @@ async def test_a_bad_suspend_json_fails_the_phase_saying_what_is_wrong(
     assert reason in (item.reason or "")
 
 
+async def test_an_approval_without_focus_approval_fails_the_phase_saying_so(db, db_url, tmp_path):
+    from animus_core import Focus
+
+    if hasattr(Focus, "approval"):
+        pytest.skip("this engine's foci provide approvals")
+    toml = write_toml_faculty(tmp_path, "approver", fields={"max_attempts": 1}, hooks={
+        "engage": """echo '{"approval": {"why": "deploy", "quorum": 1}}' > suspend.json"""})
+    item = await run_one(db, db_url, tmp_path, toml)
+    assert item.state == State.DEAD
+    assert "suspend.json asks for an approval, which this engine does not provide" in (
+        item.reason or "")
+
+
 def test_suspend_json_requests_are_read_exactly():
     assert parse_suspend(b'{"sleep": 2}').seconds == 2.0
     wait = parse_suspend(b'{"wait_for": "go", "timeout": 5}')
