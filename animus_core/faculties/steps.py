@@ -96,6 +96,37 @@ class StepJournal:
         return {kind: [{"position": p, "name": n} for p, n in sorted(marks)]
                 for kind, marks in (("ran", self.ran), ("replayed", self.replayed))}
 
+    # -- for callers that place steps themselves (the command hooks' steps) ------------------
+
+    @property
+    def position(self) -> int:
+        """The position of the last step call (0: none yet)."""
+        return self._calls
+
+    def seek(self, position: int) -> None:
+        """Make the next step call step ``position + 1``."""
+        self._calls = position
+
+    async def recorded(self) -> dict[int, Step]:
+        """The item's recorded steps by position (read once, on first use)."""
+        return dict(await self._load())
+
+    def reload(self) -> None:
+        """Read the record again on the next step call (it holds what this attempt recorded)."""
+        self._recorded = None
+
+    async def begin(self, name: str) -> tuple[int, Step | None]:
+        """The next step call, named ``name``: its position, and its record when it has one
+        (to replay); :class:`StepOrderChanged` when another name is recorded there."""
+        _check_step_name(name)
+        return await self._next(name)
+
+    async def record(self, position: int, name: str, result: Any, *,
+                     started_at: datetime, duration_ms: int) -> Any:
+        """Commit ``result`` as step ``position`` (``name``), as :meth:`run` does; return it
+        as every later attempt gets it."""
+        return await self._record(position, name, result, started_at, duration_ms)
+
     async def _load(self) -> dict[int, Step]:
         async with self._loading:  # steps started together read the record once
             if self._recorded is None:
@@ -260,6 +291,13 @@ def _decided(result: Any) -> Decision:
                                result["approvals"], result["until"])
     return Decision.from_json({k: result[k] for k in ("approved", "reason", "by",
                                                       "decided_at")})
+
+
+def _check_step_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > _NAME_CHARS:
+        raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
+                           f"got {name!r:.80}")
+    json_values.check(name, "a step's name")
 
 
 def _waited(result: Any, event: str) -> Any:
