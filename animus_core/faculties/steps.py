@@ -58,8 +58,8 @@ class StepStore(Protocol):
     async def steps(self, work_id: Any) -> list[Step]: ...
 
     async def record_step(self, lease: Lease, position: int, name: str, result: msgspec.Raw,
-                          *, result_hash: str, started_at: datetime,
-                          duration_ms: int) -> None: ...
+                          *, result_hash: str, started_at: datetime, duration_ms: int,
+                          usage: dict[str, Any] | None = None) -> None: ...
 
 
 class WaitStore(StepStore, Protocol):
@@ -135,7 +135,11 @@ class StepJournal:
         return self._recorded
 
     async def run(self, name: str, fn: Callable[..., Any], args: Sequence[Any],
-                  kwargs: Mapping[str, Any], policy: StepPolicy) -> Any:
+                  kwargs: Mapping[str, Any], policy: StepPolicy, *,
+                  usage: Callable[[Any], dict[str, Any] | None] | None = None) -> Any:
+        """Step ``name``: its recorded result, or ``fn``'s, recorded. ``usage(result)`` is the
+        model usage the result cost, added to the item's totals as it is recorded (a model
+        call made by the step)."""
         if not isinstance(name, str) or not name.strip() or len(name) > _NAME_CHARS:
             raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
                                f"got {name!r:.80}")
@@ -151,7 +155,8 @@ class StepJournal:
         finally:
             _INSIDE.reset(inside)
         return await self._record(position, name, result, started_at,
-                                  int((time.perf_counter() - started) * 1000))
+                                  int((time.perf_counter() - started) * 1000),
+                                  usage=usage(result) if usage is not None else None)
 
     async def sleep_until(self, until: datetime) -> None:
         """The durable sleep: suspend the focus until ``until`` (unless it has passed), and
@@ -261,7 +266,7 @@ class StepJournal:
         return position, known
 
     async def _record(self, position: int, name: str, result: Any, started_at: datetime,
-                      duration_ms: int) -> Any:
+                      duration_ms: int, *, usage: dict[str, Any] | None = None) -> Any:
         """Commit step ``position``'s result; return it as every later attempt gets it."""
         # stored like an outcome: a secret's value never reaches the database
         text = json_values.encode(redactor.json(result), f"step {position} {name!r} result",
@@ -271,7 +276,7 @@ class StepJournal:
         await self._store.record_step(
             self._lease, position, name, msgspec.Raw(text.encode()),
             result_hash=canonical_hash(value, nfc=True), started_at=started_at,
-            duration_ms=duration_ms)
+            duration_ms=duration_ms, usage=usage)
         self.ran.append((position, name))
         return value
 
