@@ -281,7 +281,8 @@ class _Loop:
                 result["request"] = {**self._request(), "message": messages[0]["content"]}
             if self.journal is not None:
                 _check_size(result, f"the model's response of {name!r}",
-                            "raise it, or lower max_tokens so that a response fits")
+                            "raise ANIMUS_MAX_OUTCOME_BYTES, or lower max_tokens so that "
+                            "a response fits")
             return result
 
         def charge(_: Any) -> dict[str, Any]:
@@ -419,7 +420,7 @@ def _check_size(value: Any, what: str, advice: str) -> None:
     size = _json_bytes(value, what)
     if size > limit:
         raise InvalidInput(f"{what} is {size} bytes of JSON, over the limit of {limit} bytes "
-                           f"for a durable step's result (ANIMUS_MAX_OUTCOME_BYTES): {advice}")
+                           f"(ANIMUS_MAX_OUTCOME_BYTES) of what a step keeps: {advice}")
 
 
 def _fitted(out: str, is_error: bool, name: str) -> tuple[str, bool]:
