@@ -7,16 +7,22 @@ Messages API of tests/messages_server.py, which counts what it is asked."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from animus_core import Faculty, Focus, NewWorkItem, State, hookimpl
+from animus_core import Db, Faculty, Focus, NewWorkItem, State, hookimpl
+from animus_core.faculties.llm import AgentSpec, make_client, run_agent, tool_from_function
+from animus_core.faculties.steps import StepJournal
 from animus_core.testing import run_faculties
 from animus_core.values.agents import PRICES, Usage
+from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
 from tests.messages_server import Fail, MessagesServer, Reply, Tokens, ToolUse
 
@@ -313,3 +319,66 @@ async def test_what_the_steps_keep_is_redacted(db_url: str, tmp_path: Path,
         {"type": "text", "text": "The passphrase is [redacted LLM_PASSPHRASE]."}]
     # the model is sent what a replay would send: the kept result
     assert server.requests[1].tool_results()[0]["content"] == "it is [redacted LLM_PASSPHRASE]"
+
+
+# -- a property: a loop cut anywhere and resumed is the loop that was never cut ----------------
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(uses=st.lists(st.integers(min_value=1, max_value=2), min_size=0, max_size=3),
+       data=st.data())
+async def test_a_loop_cut_before_any_turn_resumes_to_the_same_conversation(
+        db: Db, tmp_path: Path, server: MessagesServer, uses: list[int],
+        data: st.DataObject) -> None:
+    """A loop of ``len(uses) + 1`` turns (turn t asks for ``uses[t-1]`` tools, the last
+    answers) whose first attempt is cut by a refused request (400) before turn ``cut``
+    resumes in a second attempt: together they make one request per turn, run each tool
+    once, charge each turn once, and give the conversation an uncut loop gives."""
+    turns = len(uses) + 1
+    cut = data.draw(st.integers(min_value=1, max_value=turns + 1), label="cut before turn")
+    ran: list[str] = []
+
+    def count(n: int) -> int:
+        """Count."""
+        ran.append(f"count {n}")
+        return n + 1
+
+    tools = {"count": tool_from_function(count)}
+    usages = [Tokens(10 * t, t) for t in range(1, turns + 1)]
+    replies = [Reply(text=f"turn {t}", usage=usages[t - 1], tool_uses=[
+        ToolUse("count", {"n": 10 * t + i}, f"toolu_{t}_{i}") for i in range(uses[t - 1])])
+        for t in range(1, turns)] + [Reply(text="done", usage=usages[-1])]
+    spec = AgentSpec(model=MODEL, tools=["count"], stream=False)
+    client = make_client(api_key=KEY, base_url=server.url, max_retries=0)
+    try:
+        server.reset()
+        server.script(*replies)
+        uncut = await run_agent(client, spec, "count", tools=tools)
+        server.reset()
+        ran.clear()
+        server.script(*replies[:cut - 1], Fail(400, "cut"), *replies[cut - 1:])
+        work_type = f"count-{len(server.state.requests)}-{id(ran)}"
+        await db.submit_work(NewWorkItem(work_type, source="t"))
+        [claimed] = await db.claim(lease_seconds=300, start=True, work_types=[work_type])
+        results = []
+        for attempt in (1, 2):
+            focus = Focus(claimed.item, db, attempt=attempt, log=logging.getLogger("test"),
+                          root=tmp_path, steps=StepJournal(db, claimed.lease))
+            try:
+                results.append(await run_agent(client, spec, "count", tools=tools,
+                                               focus=focus))
+            except InvalidInput:
+                assert attempt == 1
+    finally:
+        await client.close()
+    assert len(results) == (1 if cut <= turns else 2)  # the first attempt was cut, or not
+    assert [r.answered for r in server.requests].count("Reply") == turns
+    assert ran == [f"count {10 * t + i}" for t in range(1, turns) for i in range(uses[t - 1])]
+    item = await db.get_work_item(claimed.item.id)
+    assert item.usage is not None
+    assert item.usage["models"] == {MODEL: summed(*usages)}
+    resumed = results[-1]
+    assert (resumed.text, resumed.turns, resumed.usage) == (uncut.text, uncut.turns,
+                                                             uncut.usage)
+    assert resumed.transcript == uncut.transcript
