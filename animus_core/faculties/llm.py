@@ -3,7 +3,13 @@
 The loop sends the conversation, runs the tools the model asks for, sends their results
 back, and stops when the model ends its turn, when ``max_turns`` is reached, or when the
 token budget is spent. A tool that raises becomes an error tool result the model can react
-to; it never crashes the focus. Every model call is a GenAI span with token usage.
+to; it never crashes the focus (only the focus's own ``LeaseLost`` and ``StepOrderChanged``
+go through). Every model call is a GenAI span with token usage.
+
+In a focus, the loop is durable: each model response and each tool result is a step of the
+focus (``llm N turn T``, ``llm N tool T.I NAME``), so a later attempt replays the recorded
+turns instead of asking the API again and does not run recorded tool calls again. A turn's
+usage is added to the item's usage with its step, once (see :class:`_Loop`, docs/agents.md).
 
 Tools are plain functions (sync or async) registered through the ``register_tools`` hook;
 their JSON schema is derived from the typed signature unless given. The built-ins
