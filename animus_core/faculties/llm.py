@@ -286,7 +286,8 @@ class _Loop:
             if turn == 1:
                 result["request"] = {**self._request(), "message": messages[0]["content"]}
             if self.journal is not None:
-                _check_size(result, f"the model's response of {name!r}",
+                what = f"the model's response of {name!r}"
+                _check_size(result, what + (" with the first message" if turn == 1 else ""),
                             "raise ANIMUS_MAX_OUTCOME_BYTES, or lower max_tokens so that "
                             "a response fits")
             return result
