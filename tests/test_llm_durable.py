@@ -69,7 +69,11 @@ class Notebook:
 
             return f"it is {os.environ['LLM_PASSPHRASE']}"
 
-        for fn in (note, lookup, big, passphrase):
+        async def nested(focus: Focus) -> str:
+            """Try to run a step of its own."""
+            return str(await focus.step("inner", lambda: 1))
+
+        for fn in (note, lookup, big, passphrase, nested):
             register(fn)
 
 
@@ -382,3 +386,19 @@ async def test_a_loop_cut_before_any_turn_resumes_to_the_same_conversation(
     assert (resumed.text, resumed.turns, resumed.usage) == (uncut.text, uncut.turns,
                                                              uncut.usage)
     assert resumed.transcript == uncut.transcript
+
+
+async def test_a_tool_cannot_run_steps_of_its_own(db_url: str, tmp_path: Path,
+                                                 server: MessagesServer) -> None:
+    """A tool's call is one step: a step inside it is refused, and the model is told."""
+    server.script(Reply(tool_uses=[ToolUse("nested", {})]), Reply(text="I see."))
+    async with run_faculties([Researcher()], home=tmp_path, database_url=db_url,
+                             plugins={"notebook": Notebook()}) as animus:
+        item = await animus.run(NewWorkItem("research").params({"loops": [{"tools": ["nested"]}]}))
+        steps = await animus.db.steps(item.id)
+    assert item.state is State.COMPLETED, item.reason
+    [result] = server.requests[1].tool_results()
+    assert result["is_error"] is True
+    assert result["content"].startswith(
+        "InvalidInput: 'inner' was called inside the body of step 'llm 1 tool 1.1 nested'")
+    assert [s.name for s in steps] == ["llm 1 turn 1", "llm 1 tool 1.1 nested", "llm 1 turn 2"]
