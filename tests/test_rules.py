@@ -235,6 +235,16 @@ def test_tool_rules_govern_tool_calls_only_and_are_opt_in(tmp_path: Path) -> Non
         assert d.reason == f"no rule governs tool {tool!r}"
 
 
+def test_the_documented_tool_rules_decide_as_the_docs_say(tmp_path: Path) -> None:
+    (text,) = code_blocks("governance.md", "### Rules on tools", "toml")
+    rules = rules_from(tmp_path, text)
+    d = rules.decide_tool("refund", {"amount": 500}, work_type="clerk", source="cli")
+    assert (d.effect, d.reason) == ("deny", "refunds over 100 go through finance")
+    d = rules.decide_tool("refund_eu", {"amount": 5}, work_type="clerk", source="cli")
+    assert (d.effect, d.quorum) == ("require_approval", 2)
+    assert rules.decide_tool("pay", {}, work_type="clerk", source="cli").effect == "allow"
+
+
 def test_work_rules_do_not_decide_tool_calls(tmp_path: Path) -> None:
     rules = rules_from(tmp_path, RULES)
     assert rules.active

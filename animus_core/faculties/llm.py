@@ -33,6 +33,7 @@ from opentelemetry import trace
 
 from animus_core.faculties.contract import hookimpl
 from animus_core.faculties.plugins import await_me_maybe
+from animus_core.governance.rules import RuleSet
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import instruments, tracer
 from animus_core.values import json_values
@@ -46,6 +47,7 @@ from animus_core.values.errors import (
 )
 from animus_core.values.limits import limits
 from animus_core.values.steps import StepPolicy
+from animus_core.values.waits import check_approval
 
 if TYPE_CHECKING:
     import anthropic
@@ -82,6 +84,15 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     function: Callable[..., Any]
     #: the tool wants the focus as its ``focus`` keyword argument
     takes_focus: bool = False
+    #: each call waits for a person's approval (``focus.approval``) before it runs: by
+    #: ``approval_quorum`` members of ``animus_<approval_role>``
+    requires_approval: bool = False
+    approval_role: str = "approver"
+    approval_quorum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.requires_approval:
+            check_approval(f"tool {self.name}", self.approval_role, self.approval_quorum)
 
     def definition(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,
@@ -112,7 +123,9 @@ def _param_hints(function: Callable[..., Any]) -> dict[str, Any]:
 
 def tool_from_function(function: Callable[..., Any], *, name: str | None = None,
                        description: str | None = None,
-                       input_schema: dict[str, Any] | None = None) -> Tool:
+                       input_schema: dict[str, Any] | None = None,
+                       requires_approval: bool = False, approval_role: str = "approver",
+                       approval_quorum: int = 1) -> Tool:
     """A tool whose schema comes from ``function``'s typed signature (unless given)."""
     sig = inspect.signature(function)
     hints = _param_hints(function)
@@ -136,7 +149,9 @@ def tool_from_function(function: Callable[..., Any], *, name: str | None = None,
             input_schema["$defs"] = defs
     doc = inspect.getdoc(function) or ""
     return Tool(name=name or function.__name__, description=description or doc or function.__name__,
-                input_schema=input_schema, function=function, takes_focus=takes_focus)
+                input_schema=input_schema, function=function, takes_focus=takes_focus,
+                requires_approval=requires_approval, approval_role=approval_role,
+                approval_quorum=approval_quorum)
 
 
 def collect_tools(pm: pluggy.PluginManager) -> dict[str, Tool]:
@@ -189,13 +204,15 @@ async def _call_tool(tool: Tool, args: dict[str, Any], focus: Focus | None) -> t
 
 
 async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_message: str, *,
-                    tools: dict[str, Tool], focus: Focus | None = None) -> AgentResult:
+                    tools: dict[str, Tool], focus: Focus | None = None,
+                    rules: RuleSet | None = None) -> AgentResult:
     """Run the loop; see the module docstring. In a focus with durable steps each model
-    response and each tool result is a step (:class:`_Loop`)."""
+    response and each tool result is a step (:class:`_Loop`). ``rules``' tool rules decide
+    each tool call (allowed, refused, or waiting for an approval)."""
     unknown = [t for t in spec.tools if t not in tools]
     if unknown:
         raise ConfigError(f"unknown tools {unknown}; known: {sorted(tools)}")
-    return await _Loop(client, spec, tools, focus).run(first_message)
+    return await _Loop(client, spec, tools, focus, rules).run(first_message)
 
 
 class _Loop:
@@ -212,8 +229,10 @@ class _Loop:
     """
 
     def __init__(self, client: anthropic.AsyncAnthropic, spec: AgentSpec,
-                 tools: dict[str, Tool], focus: Focus | None) -> None:
+                 tools: dict[str, Tool], focus: Focus | None,
+                 rules: RuleSet | None = None) -> None:
         self.client = client
+        self.rules = rules
         self.spec = spec
         self.tools = tools
         self.focus = focus
@@ -383,10 +402,15 @@ class _Loop:
         tool_name = str(use.get("name", ""))
         tool = self.tools.get(tool_name) if tool_name in self.spec.tools else None
         name = f"{self.prefix} tool {turn}.{index} {tool_name[:64]}"
+        # decided before the tool's step (an approval is a step of its own), on every
+        # attempt: a replay meets the same decision, recorded
+        refusal = await self._gate(tool, tool_name, use) if tool is not None else None
 
         async def call() -> dict[str, Any]:
             if tool is None:
                 return {"content": f"unknown tool {tool_name!r}", "is_error": True}
+            if refusal is not None:
+                return {"content": refusal, "is_error": True}
             with tracer.start_as_current_span(f"execute_tool {tool_name}", attributes={
                     "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool_name,
                     "gen_ai.tool.call.id": use["id"]}) as span:
@@ -400,6 +424,35 @@ class _Loop:
         result = await self._durable(name, call)
         return {"type": "tool_result", "tool_use_id": use["id"], "content": result["content"],
                 "is_error": result["is_error"]}
+
+    async def _gate(self, tool: Tool, tool_name: str, use: dict[str, Any]) -> str | None:
+        """Whether the call ``use`` of ``tool`` may run: None, or why not (the tool result
+        the model gets). A tool rule denies it, or makes it wait for an approval, as
+        ``requires_approval`` on the tool does; a rejection is a refusal with its reason."""
+        args = use.get("input") or {}
+        role, quorum = tool.approval_role, tool.approval_quorum
+        needs = tool.requires_approval
+        if self.rules is not None and self.focus is not None:
+            work = self.focus.work
+            decision = self.rules.decide_tool(tool_name, args, work_type=work.work_type,
+                                              source=work.provenance.source)
+            if decision.effect == "deny":
+                return f"refused by rule {decision.rule!r}: {decision.reason}"
+            if decision.effect == "require_approval":
+                needs, role = True, decision.role or role
+                quorum = max(quorum if tool.requires_approval else 1, decision.quorum)
+        if not needs:
+            return None
+        if self.journal is None or self.focus is None:
+            return (f"tool {tool_name!r} needs a person's approval, which only a focus with "
+                    "durable steps can wait for")
+        shown = redactor.text(json.dumps(args, ensure_ascii=False, default=str))
+        why = f"the model calls tool {tool_name} with {shown[:500]}"
+        decision_made = await self.focus.approval(why, role=role, quorum=quorum)
+        if decision_made.approved:
+            return None
+        return (f"a person rejected this call ({', '.join(decision_made.by)}): "
+                f"{decision_made.reason}")
 
     async def _durable(self, name: str, fn: Callable[[], Awaitable[dict[str, Any]]],
                        usage: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -446,15 +499,16 @@ class ClaudeRunner:
     runs :func:`run_agent` with the client and tools ``access()`` returns, made on first use
     (so an engine without ``ANTHROPIC_API_KEY`` fails only the foci that engage Claude)."""
 
-    def __init__(self, access: Callable[[], tuple[anthropic.AsyncAnthropic, dict[str, Tool]]]
-                 ) -> None:
+    def __init__(self, access: Callable[[], tuple[anthropic.AsyncAnthropic, dict[str, Tool]]],
+                 *, rules: RuleSet | None = None) -> None:
         self._access = access
+        self._rules = rules
 
     async def __call__(self, focus: Focus, spec: AgentSpec, message: str | None,
                        oriented: Any) -> AgentResult:
         client, tools = self._access()
         return await run_agent(client, spec, message or first_message(focus, oriented),
-                               tools=tools, focus=focus)
+                               tools=tools, focus=focus, rules=self._rules)
 
 
 def _api_error(e: Any, model: str) -> Exception:
