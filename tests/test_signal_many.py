@@ -132,8 +132,10 @@ async def test_finished_and_missing_items_are_reported_and_the_rest_is_sent(db):
                                 (running, "go", [3])])
     assert got[0] == f"work item {done} is completed: a finished item takes no signals"
     assert got[2] == f"no work item with id {nobody}"
-    assert isinstance(got[1], Signalled) and got[1].woke
-    assert isinstance(got[3], Signalled) and not got[3].woke
+    assert isinstance(got[1], Signalled)
+    assert got[1].woke
+    assert isinstance(got[3], Signalled)
+    assert not got[3].woke
     assert (await db.get_work_item(waiting)).state == State.QUEUED
     assert [s.payload for s in await db.signals(waiting)] == [{"n": 2}]
     assert [s.payload for s in await db.signals(running)] == [[3]]
@@ -144,7 +146,8 @@ async def test_finished_and_missing_items_are_reported_and_the_rest_is_sent(db):
 async def test_each_signal_is_audited_with_its_sender_and_before_the_wake_it_causes(db):
     wid = await make(db, "wait a", "audited")
     first, second = await db.signal_many([(wid, "a", "one"), (wid, "a", "two")])
-    assert isinstance(first, Signalled) and isinstance(second, Signalled)
+    assert isinstance(first, Signalled)
+    assert isinstance(second, Signalled)
     assert (first.woke, second.woke) == (True, False)
     history = await db.history(wid)
     tail = [(e.event, e.from_state, e.to_state) for e in history[-3:]]
@@ -201,6 +204,6 @@ async def test_bad_input_names_its_place_and_sends_nothing(db):
                                            r"item id"):
         await db.signal_many([("nope", "a", None)])
     with pytest.raises(InvalidInput, match=r"signal 0 must be \(work_id, event, payload\)"):
-        await db.signal_many([(wid, "a")])  # type: ignore[list-item]
+        await db.signal_many([(wid, "a")])
     assert await db.signals(wid) == []
     assert await db.signal_many([]) == []
