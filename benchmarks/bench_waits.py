@@ -224,10 +224,10 @@ async def until_counted(conn: asyncpg.Connection, state: str, n: int, engine: En
 async def until_sealed(conn: asyncpg.Connection, timeout: float) -> None:
     """Until the engine's sealer has chained every audit row."""
     deadline = mono() + timeout
-    while (left := await conn.fetchval(UNSEALED_SQL)) and mono() < deadline:
+    while left := await conn.fetchval(UNSEALED_SQL):
+        if mono() > deadline:
+            raise RuntimeError(f"{left} audit rows still unsealed after {timeout:g} s")
         await asyncio.sleep(0.25)
-    if left:
-        raise RuntimeError(f"{left} audit rows still unsealed after {timeout:g} s")
 
 
 async def idle_claim_ms(db: Db, rounds: int = 20) -> float:
