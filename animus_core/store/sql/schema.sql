@@ -519,6 +519,7 @@ CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigin
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 BEGIN
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
     EXECUTE format($q$
         UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
           FROM unnest($1::bigint[], $2::int[], $4::uuid[]) AS x(msg_id, lease, id)

@@ -3,7 +3,8 @@
 -- for the signals, the audit rows, one UPDATE for the items they wake, then the woken items'
 -- messages made visible per queue, and one notification per queue and work type. A signal
 -- to an item that has finished (or does not exist) is not sent: its row says why, and the
--- rest of the batch goes on.
+-- rest of the batch goes on. And a lease extension waits for a suspension of the same item
+-- to commit (extend_leases, at the end).
 
 -- One row per signal, in the order given: the signal's id and whether it woke its item, or
 -- (signal_id NULL) why it was not sent. Items are locked in id order, as every batch locks
@@ -150,5 +151,33 @@ BEGIN
         GRANT EXECUTE ON FUNCTION animus.signal_many(uuid[], text[], jsonb[])
            TO animus_submitter;
     END IF;
+END
+$$;
+
+-- As in 0017, and: the items are locked (FOR SHARE, in id order, as every batch locks them)
+-- before their messages are extended. An attempt that suspends holds its item while it hides
+-- the message until its timer (infinity for a wait with none); an extension that read the
+-- item before that committed would otherwise wait for the message, then overwrite the timer
+-- with the lease, and the waiting item would wake for nothing once that lease ran out.
+CREATE OR REPLACE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[],
+                                                p_leases int[], p_seconds int)
+RETURNS SETOF uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
+    EXECUTE format($q$
+        UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
+          FROM unnest($1::bigint[], $2::int[], $4::uuid[]) AS x(msg_id, lease, id)
+          JOIN animus.work_items w ON w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
+         WHERE m.msg_id = x.msg_id AND m.read_ct = x.lease
+    $q$, 'q_' || p_queue) USING p_msg_ids, p_leases, p_seconds, p_ids;
+    RETURN QUERY
+        SELECT x.id FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
+          LEFT JOIN animus.work_items w ON w.id = x.id
+         WHERE w.id IS NULL
+            OR (w.msg_id, w.lease) IS DISTINCT FROM (x.msg_id, x.lease)
+            OR EXISTS (SELECT 1 FROM animus.execution_records r
+                        WHERE r.work_id = x.id AND r.attempt = w.attempts
+                          AND r.result = 'lost');
 END
 $$;
