@@ -225,3 +225,24 @@ async def test_a_focus_that_suspends_many_times_is_not_dead_lettered_for_it(db):
     item = await db.fail_attempt(c.lease, "boom", then=Retry(30))
     assert (item.state, item.reason) == (State.QUEUED, "retry 3/2")  # 6 - 4 + 1
     await db.dead_letter(item.id, "enough")
+
+
+async def test_a_lease_extension_racing_a_suspension_leaves_the_waiting_item_hidden(db, db_url):
+    """The lease keeper extends a focus's lease while that focus suspends: the extension
+    must not overwrite the suspension's timer (infinity for a wait with none), or the waiting
+    item wakes for nothing once the extended lease runs out."""
+    c = await running(db, "racer")
+    wait = msgspec.json.encode(Wait.for_event(1, "go")).decode()
+    async with raw(db_url) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.fetch("SELECT * FROM animus.suspend($1, $2, $3, $4::text::jsonb, NULL, NULL, "
+                         "NULL)", c.lease.work_id, c.lease.msg_id, c.lease.token, wait)
+        extending = asyncio.create_task(db.extend_lease([c.lease], 60))
+        await asyncio.sleep(0.5)  # the extension reaches the rows the suspension holds
+        await tx.commit()
+    assert await extending == [c.lease]  # the item has no lease any more
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT vt = 'infinity' FROM pgmq.q_work WHERE msg_id = $1",
+                                   c.lease.msg_id)
+    assert (await db.get_work_item(c.item.id)).state == State.WAITING

@@ -6,6 +6,7 @@ See ``0017_waiting.sql``, ``0019_focus_approvals.sql`` and docs/concepts.md, Wai
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -95,6 +96,46 @@ class WorkWaits(WorkSteps):
         if row["woke"]:
             transition("waiting", "queued")
         return Signalled(signal_id=row["signal_id"], woke=row["woke"])
+
+    async def signal_many(self, signals: Iterable[tuple[UUID | str, str, Any]],
+                          ) -> list[Signalled | str]:
+        """Send many signals in one round trip: ``(work_id, event, payload)`` each, with the
+        same meaning and audit rows as :meth:`signal` sent one after the other in the order
+        given (a second signal to an item the first one woke finds it ``queued`` and is
+        kept). Returns one entry per signal, in the same order: its :class:`Signalled`, or
+        the text of why it was not sent (the item has finished, or does not exist), where
+        :meth:`signal` would raise; the rest of the batch is sent all the same. A malformed
+        event name or payload raises :class:`InvalidInput` (naming its position) and sends
+        nothing."""
+        ids: list[UUID] = []
+        events: list[str] = []
+        payloads: list[msgspec.Raw | None] = []
+        for i, entry in enumerate(signals):
+            if not isinstance(entry, tuple | list) or len(entry) != 3:
+                raise InvalidInput(f"signal_many: signal {i} must be (work_id, event, payload), "
+                                   f"got {entry!r:.100}")
+            wid, event, payload = entry
+            try:
+                ids.append(_id(wid))
+                check_name(event, "event")
+                payloads.append(None if payload is None else msgspec.Raw(json_values.encode(
+                    payload, "signal payload", limit=limits().outcome_bytes,
+                    setting="ANIMUS_MAX_OUTCOME_BYTES").encode()))
+            except InvalidInput as e:
+                raise InvalidInput(f"signal_many: signal {i}: {e}") from None
+            events.append(event)
+        if not ids:
+            return []
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT * FROM animus.signal_many($1, $2, $3)",
+                                    ids, events, payloads)
+        out: list[Signalled | str] = [
+            Signalled(signal_id=r["signal_id"], woke=r["woke"]) if r["signal_id"] is not None
+            else r["error"] for r in rows]
+        woke = sum(1 for r in rows if r["woke"])
+        if woke:
+            transition("waiting", "queued", woke)
+        return out
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None:
         """For the running attempt that holds ``lease``: the signal ``event`` that the wait
