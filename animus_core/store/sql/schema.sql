@@ -1426,6 +1426,16 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    PERFORM pgmq.archive(NEW.queue, NEW.msg_id);
+    RETURN NULL;
+END
+$$;
+
 CREATE TABLE animus.approvals (
     id bigint NOT NULL,
     work_id uuid NOT NULL,
@@ -1715,6 +1725,8 @@ CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR 
 
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
 
+CREATE TRIGGER work_items_waiting_unqueued AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = 'waiting'::animus.work_state) AND (old.state <> 'waiting'::animus.work_state) AND (new.wake_at IS NULL) AND (new.msg_id IS NOT NULL))) EXECUTE FUNCTION animus.work_items_waiting_unqueued();
+
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
 
 ALTER TABLE ONLY animus.approvals
@@ -1793,3 +1805,5 @@ REVOKE ALL ON FUNCTION animus.work_items_left_waiting() FROM PUBLIC;
 REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_session_user() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_waiting_unqueued() FROM PUBLIC;
