@@ -16,6 +16,7 @@ from animus_core.values.errors import (
     LeaseLost,
     MigrationError,
     StepOrderChanged,
+    WaitTimedOut,
     WorkNotFound,
 )
 from animus_core.values.states import State
@@ -61,6 +62,7 @@ __all__ = [
     "StepOrderChanged",
     "StepPolicy",
     "SubmitResult",
+    "WaitTimedOut",
     "WorkItem",
     "WorkNotFound",
     "__version__",

@@ -18,6 +18,8 @@ an ``api_error`` saying so (a test that talks more than it scripted fails loudly
   ``retry-after-ms`` header, so the SDK's own retries are fast and deterministic.
 * :class:`StreamError` starts a streamed message and then sends an ``event: error`` (as
   the API does when it is overloaded mid-stream).
+* :class:`Hold` answers nothing until :meth:`MessagesServer.release`: a response held back
+  while a test kills its client (``holding`` says a request is being held).
 
 Like the real API, the server checks what it is sent (``strict``, on by default) and answers
 ``400 invalid_request_error`` naming the offending field: unknown keys in content blocks
@@ -51,6 +53,7 @@ from typing import Any
 
 __all__ = [
     "Fail",
+    "Hold",
     "MessagesServer",
     "Recorded",
     "Reply",
@@ -133,7 +136,15 @@ class StreamError:
     message: str = "Overloaded"
 
 
-Behaviour = Reply | Fail | StreamError
+@dataclass(frozen=True)
+class Hold:
+    """Take the request and answer nothing until :meth:`MessagesServer.release` (or
+    ``seconds``); then close the connection unanswered."""
+
+    seconds: float = 120.0
+
+
+Behaviour = Reply | Fail | StreamError | Hold
 
 
 @dataclass
@@ -178,6 +189,8 @@ class _State:
     script: deque[Behaviour] = field(default_factory=deque)
     requests: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    holding: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
 
 
 def _content_blocks(message: dict[str, Any]) -> list[Any]:
@@ -345,6 +358,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "api_error", "the test server has no scripted answer left",
                         {"x-should-retry": "false"})
             return
+        if isinstance(behaviour, Hold):
+            record.answered = "Hold"
+            state.holding.set()
+            state.released.wait(behaviour.seconds)
+            self.close_connection = True
+            return
         if isinstance(behaviour, Fail):
             record.answered = f"Fail {behaviour.status}"
             headers = dict(behaviour.headers)
@@ -463,6 +482,15 @@ class MessagesServer:
         with self.state.lock:
             return len(self.state.script)
 
+    @property
+    def holding(self) -> bool:
+        """A request is held (:class:`Hold`), until :meth:`release`."""
+        return self.state.holding.is_set()
+
+    def release(self) -> None:
+        """End every hold: their connections are closed unanswered."""
+        self.state.released.set()
+
     def script(self, *behaviours: Behaviour) -> None:
         """Queue answers for the next requests, in order."""
         with self.state.lock:
@@ -484,6 +512,7 @@ class MessagesServer:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

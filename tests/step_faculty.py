@@ -18,7 +18,7 @@ from typing import Any
 
 from animus_core import Faculty, Focus, hookimpl
 
-__all__ = ["Durable", "register_faculties"]
+__all__ = ["Durable", "Waiter", "register_faculties"]
 
 
 class Durable(Faculty):
@@ -49,6 +49,29 @@ def _body(root: Path, name: str, hold: bool) -> str:
     return f"{name} done"
 
 
+class Waiter(Faculty):
+    """Runs ``params["script"]``: ``["step", NAME]`` (its body appends to
+    ``<dir>/<NAME>.count``), ``["sleep", SECONDS]`` or ``["wait", EVENT]``; returns what
+    the steps and waits gave."""
+
+    name = "waiter"
+    accepts = ("waiter",)
+    max_concurrent = 8
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        root = Path(focus.params["dir"])
+        out: list[Any] = []
+        for op, arg in focus.params["script"]:
+            if op == "step":
+                out.append(await focus.step(arg, _body, root, arg, False))
+            elif op == "sleep":
+                await focus.sleep(arg)
+            else:
+                out.append(await focus.wait_for(arg))
+        return out
+
+
 @hookimpl
 def register_faculties(register: Callable[[Faculty], None]) -> None:
     register(Durable())
+    register(Waiter())

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(("heading", "test"), [("### Testing a faculty", "test_shout"),
-                                               ("### Durable steps", "test_digest")])
+                                               ("### Durable steps", "test_digest"),
+                                               ("### Sleeping and waiting", "test_reminder")])
 async def test_the_documented_faculty_tests_run(db_url, tmp_path, monkeypatch, heading, test):
     monkeypatch.setenv("DATABASE_URL", db_url)
     (example,) = code_blocks("writing-faculties.md", heading, "python")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from benchmarks import bench_waits
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -31,6 +36,38 @@ def test_cpu_per_item_without_the_server():
     own, server = use.per_item()
     assert round(own) == 500
     assert server is None
+
+
+async def test_the_waiting_benchmark_runs_in_its_quick_mode(server_url, monkeypatch, tmp_path):
+    """bench_waits --quick end to end on the test server: an engine process suspends items,
+    a signal_many resumes them all, signals and sleeps resume foci; every figure is there
+    and every item completed (the figures themselves are too small to judge by)."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    cfg = bench_waits.Config.small()
+    report = await bench_waits.run(cfg, "animus_bench_waits_smoke")
+    assert report["check"]["ok"], report["check"]
+    assert report["check"]["states"] == {"completed": cfg.n + cfg.k + bench_waits.WARMUP
+                                         + cfg.sleeps}
+    free, resume, sleep = (report["sections"][k] for k in ("free", "resume", "sleep"))
+    assert [c["label"] for c in free["checks"]] == [
+        f"RSS with {cfg.n} waiting / RSS idle", "engine queries per second while nothing wakes",
+        f"signal_many -> all {cfg.n} completed, seconds"]
+    assert all(c["value"] is not None and c["met"] is not None for c in free["checks"])
+    assert len(resume["details"]["resume_ms"]) == cfg.k
+    assert all(x > 0 for x in resume["details"]["resume_ms"])
+    assert len(sleep["details"]["late_ms"]) == cfg.sleeps
+    assert len(report["machine"]["load_average_start"]) == 3
+    text = bench_waits.render(report)
+    assert "QUICK smoke run" in text
+    assert "load avg" in text
+    json.dumps(report)  # the --json output
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--window", "0"], ["--database", "Bad-Name"]])
+def test_the_waiting_benchmark_refuses_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_waits.parse_args(argv)
+    assert "must be" in capsys.readouterr().err
 
 
 # -- the chaos suite's bookkeeping (benchmarks/chaos.py) ------------------------------------------

@@ -86,8 +86,8 @@ async def test_submit_list_show(db, db_url, animus):
     assert fields["source"].strip() == "me"
     assert json.loads(fields["params"]) == item["params"]
     assert json.loads(ok(animus("work", "show", wid, "--json"))) == {
-        **item, "updated_at": json.loads(ok(animus("work", "show", wid, "--json")))["updated_at"]
-    }
+        **item, "updated_at": json.loads(ok(animus("work", "show", wid, "--json")))["updated_at"],
+        "steps": [], "signals": []}
 
 
 async def test_cancel_and_retry(db, animus):

@@ -489,12 +489,17 @@ async def _signal(b: Bench, who: str) -> bool:
     await b.queued(t)
     [c] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
     await b.db.suspend(c.lease, Wait.for_event(1, "go"), wake_at=None)
+    await b.queued(t)
+    [d] = await b.db.claim(work_types=[t], lease_seconds=300, start=True)
+    await b.db.suspend(d.lease, Wait.for_event(1, "go"), wake_at=None)
     p = await b.person(who)
-    done = await allowed(p.signal(c.item.id, "go", {"from": who}))
+    done = await same_answer(lambda: p.signal(c.item.id, "go", {"from": who}),
+                             lambda: p.signal_many([(d.item.id, "go", {"from": who})]))
     if done:
-        [signal] = await b.db.signals(c.item.id)
-        assert signal.sent_by == b.people.name(who)
-        assert (await b.db.get_work_item(c.item.id)).state == State.QUEUED
+        for wid in (c.item.id, d.item.id):
+            [signal] = await b.db.signals(wid)
+            assert signal.sent_by == b.people.name(who)
+            assert (await b.db.get_work_item(wid)).state == State.QUEUED
     return done
 
 

@@ -243,3 +243,27 @@ async def test_bad_waits_are_refused_with_what_to_do(db_url, tmp_path):
     assert "timeout must be from 0 seconds" in reasons["timeout"]
     assert "event" in reasons["event"]
 
+
+
+async def test_steps_and_waits_cannot_nest(db_url, tmp_path):
+    class Nested(Faculty):
+        name = "nested"
+        accepts = ("nested",)
+        retry_base = 0.0
+        retry_max = 0.0
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            async def body() -> Any:
+                if focus.params["inner"] == "sleep":
+                    await focus.sleep(1)
+                return await focus.step("inner", lambda: 1)
+            return await focus.step("outer", body)
+
+    async with run_faculties([Nested()], home=tmp_path, database_url=db_url) as animus:
+        items = [await animus.run(NewWorkItem("nested", source="t").params({"inner": inner}))
+                 for inner in ("sleep", "step")]
+        recorded = [await animus.db.steps(i.id) for i in items]
+    assert [i.state for i in items] == [State.DEAD, State.DEAD]
+    assert "'sleep' was called inside the body of step 'outer'" in (items[0].reason or "")
+    assert "'inner' was called inside the body of step 'outer'" in (items[1].reason or "")
+    assert recorded == [[], []]

@@ -982,7 +982,7 @@ class FlakyThinker(Faculty):
         return {"text": result.text}
 
 
-async def test_usage_of_a_failed_attempt_counts_in_the_total(
+async def test_a_failed_attempt_pays_its_turn_once_and_the_retry_replays_it(
         db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with MessagesServer(api_key=KEY) as server:
         monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
@@ -992,13 +992,22 @@ async def test_usage_of_a_failed_attempt_counts_in_the_total(
         async with run_engine(db_url, tmp_path / "home", faculties=[FlakyThinker()]) as running:
             created = await running.db.submit_work(NewWorkItem("flaky-think"))
             item = await wait_finished(running.db, created.id)
+            records = await running.db.executions(created.id)
+        assert len(server.requests) == 1  # the retry replayed the recorded response
+        assert server.unused == 1
     assert item.state is State.COMPLETED, item.reason
     assert item.attempts == 2
-    assert item.usage is not None
-    assert item.usage["models"]["claude-haiku-4-5"]["input_tokens"] == 30
-    assert item.usage["models"]["claude-haiku-4-5"]["output_tokens"] == 3
-    assert item.usage["cost_usd"] == expected_cost(PRICES["claude-haiku-4"],
-                                                   summed(Tokens(10, 1), Tokens(20, 2)))
+    assert item.outcome.data == {"text": "first"}
+    assert item.usage == {"models": {"claude-haiku-4-5": {
+        "input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0}},
+        "cost_usd": expected_cost(PRICES["claude-haiku-4"], summed(Tokens(10, 1)))}
+    # the first attempt called the model and ran the step; the second only replayed it
+    assert [(r.result, r.models) for r in records] == [
+        ("failed", ["claude-haiku-4-5"]), ("completed", [])]
+    assert [r.steps for r in records] == [
+        {"ran": [{"position": 1, "name": "llm 1 turn 1"}], "replayed": []},
+        {"ran": [], "replayed": [{"position": 1, "name": "llm 1 turn 1"}]}]
 
 
 async def test_the_submit_tool_tells_the_model_when_a_rule_denied_the_work(

@@ -203,6 +203,55 @@ def test_params_match_by_json_containment(tmp_path: Path) -> None:
         assert rules.decide("t", params, "s").effect == "deny", params
 
 
+def test_tool_rules_govern_tool_calls_only_and_are_opt_in(tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, """
+        [[rule]]
+        name = "no wire transfers"
+        tool = "pay_*"
+        params = { method = "wire" }
+        effect = "deny"
+        reason = "wires are done by hand"
+
+        [[rule]]
+        name = "payments need two"
+        tool = "pay_*"
+        work_type = "billing*"
+        effect = "require_approval"
+        quorum = 2
+    """)
+    assert not rules.active  # tool rules alone govern no submitted work
+    assert rules.decide("billing", {"method": "wire"}, "cli").effect == "allow"
+    d = rules.decide_tool("pay_invoice", {"method": "wire", "n": 1}, work_type="billing",
+                          source="cli")
+    assert (d.effect, d.rule, d.reason) == ("deny", "no wire transfers",
+                                            "wires are done by hand")
+    d = rules.decide_tool("pay_invoice", {"method": "card"}, work_type="billing-eu",
+                          source="cli")
+    assert (d.effect, d.rule, d.role, d.quorum) == ("require_approval", "payments need two",
+                                                    "approver", 2)
+    for tool, work_type in (("pay_invoice", "support"), ("search", "billing")):
+        d = rules.decide_tool(tool, {"method": "card"}, work_type=work_type, source="cli")
+        assert (d.effect, d.rule) == ("allow", None)
+        assert d.reason == f"no rule governs tool {tool!r}"
+
+
+def test_the_documented_tool_rules_decide_as_the_docs_say(tmp_path: Path) -> None:
+    (text,) = code_blocks("governance.md", "### Rules on tools", "toml")
+    rules = rules_from(tmp_path, text)
+    d = rules.decide_tool("refund", {"amount": 500}, work_type="clerk", source="cli")
+    assert (d.effect, d.reason) == ("deny", "refunds over 100 go through finance")
+    d = rules.decide_tool("refund_eu", {"amount": 5}, work_type="clerk", source="cli")
+    assert (d.effect, d.quorum) == ("require_approval", 2)
+    assert rules.decide_tool("pay", {}, work_type="clerk", source="cli").effect == "allow"
+
+
+def test_work_rules_do_not_decide_tool_calls(tmp_path: Path) -> None:
+    rules = rules_from(tmp_path, RULES)
+    assert rules.active
+    d = rules.decide_tool("anything", {}, work_type="deploy", source="cli")
+    assert (d.effect, d.rule) == ("allow", None)
+
+
 # -- at submit ----------------------------------------------------------------------------------
 
 

@@ -380,7 +380,7 @@ def test_child_results_round_trip_and_raise_for_failures() -> None:
         outcomes([ok, bad])
     with pytest.raises(InvalidInput, match="lists at least one child"):
         Wait(kind="children", position=1, children=[])
-    with pytest.raises(InvalidInput, match="a sleep wait lists no children"):
+    with pytest.raises(InvalidInput, match="a wait of kind 'sleep' lists no children"):
         Wait(kind="sleep", position=1, until="2030-01-01T00:00:00+00:00", children=["x"])
 
 

@@ -45,8 +45,7 @@ async def test_a_sleep_hides_the_item_until_its_timer_and_the_claim_wakes_it(db,
     item = await db.suspend(c.lease, wait, wake_at=wake_at, duration_ms=7,
                             execution=suspended_record(c))
     assert (item.state, item.suspensions, item.attempts) == (State.WAITING, 1, 1)
-    assert item.wait == {"kind": "sleep", "position": 3, "event": None,
-                         "until": wake_at.isoformat()}
+    assert item.wait == {"kind": "sleep", "position": 3, "until": wake_at.isoformat()}
     assert item.wake_at == wake_at
     assert item.reason == f"sleeping until {wake_at.isoformat()}"
     [(_, vt)] = await messages(db_url)
@@ -116,6 +115,24 @@ async def test_a_signal_wakes_a_waiting_item_at_once_and_engines_are_told(db):
     assert [e.payload["event"] for e in signals] == ["rejected", "approved"]
     assert all(e.db_user == e.payload["sent_by"] for e in signals)
     assert [e.event for e in history].index("woken") > [e.event for e in history].index("signal")
+
+
+async def test_a_wait_without_a_timer_leaves_the_queue_and_its_wake_up_sends_a_message(
+        db, db_url):
+    c = await running(db, "patient")
+    assert [m for m, _ in await messages(db_url)] == [c.lease.msg_id]
+    item = await db.suspend(c.lease, Wait.for_event(1, "go"), wake_at=None)
+    assert item.state == State.WAITING
+    assert await messages(db_url) == []  # no claim walks past it while it waits
+    assert await db.claim(work_types=["patient"], lease_seconds=60, start=True) == []
+    assert (await db.signal(c.item.id, "go")).woke
+    [(msg_id, vt)] = await messages(db_url)
+    assert msg_id != c.lease.msg_id
+    assert vt <= datetime.now(UTC)
+    [again] = await db.claim(work_types=["patient"], lease_seconds=60, start=True)
+    assert (again.item.id, again.lease.msg_id) == (c.item.id, msg_id)
+    await db.complete(again.lease, None)
+    assert (await db.get_work_item(c.item.id)).state == State.COMPLETED
 
 
 async def test_a_signal_that_arrives_before_the_wait_is_kept(db):
@@ -226,3 +243,26 @@ async def test_a_focus_that_suspends_many_times_is_not_dead_lettered_for_it(db):
     item = await db.fail_attempt(c.lease, "boom", then=Retry(30))
     assert (item.state, item.reason) == (State.QUEUED, "retry 3/2")  # 6 - 4 + 1
     await db.dead_letter(item.id, "enough")
+
+
+async def test_a_lease_extension_racing_a_suspension_leaves_the_waiting_item_hidden(db, db_url):
+    """The lease keeper extends a focus's lease while that focus suspends: the extension
+    must not overwrite the suspension's timer (its message's visibility), or the waiting
+    item wakes before it (or, for a wait without a timer, a message comes back) once the
+    extended lease runs out."""
+    c = await running(db, "racer")
+    until = datetime.now(UTC) + timedelta(days=1)
+    wait = msgspec.json.encode(Wait.for_event(1, "go", until)).decode()
+    async with raw(db_url) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.fetch("SELECT * FROM animus.suspend($1, $2, $3, $4::text::jsonb, $5, NULL, "
+                         "NULL)", c.lease.work_id, c.lease.msg_id, c.lease.token, wait, until)
+        extending = asyncio.create_task(db.extend_lease([c.lease], 60))
+        await asyncio.sleep(0.5)  # the extension reaches the rows the suspension holds
+        await tx.commit()
+    assert await extending == [c.lease]  # the item has no lease any more
+    async with raw(db_url) as conn:
+        assert await conn.fetchval("SELECT vt FROM pgmq.q_work WHERE msg_id = $1",
+                                   c.lease.msg_id) == until
+    assert (await db.get_work_item(c.item.id)).state == State.WAITING

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         memory_cmd,
         ops_cmd,
         pipeline_cmd,
+        step_cmd,
         work_cmd,
     )
     from animus_core.faculties.plugins import make_plugin_manager
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (
         engine_cmd, work_cmd, governance_cmd, pipeline_cmd, faculty_cmd, memory_cmd,
-        db_cmd, audit_cmd, ops_cmd,
+        db_cmd, audit_cmd, ops_cmd, step_cmd,
     ):
         module.add_commands(sub)
     try:
@@ -66,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["step"]:  # runs inside hooks, often: no plugins to load
+        from animus_core.cli.step_cmd import run_fast
+
+        return run_fast(given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,6 +8,7 @@ import getpass
 import os
 import signal
 import socket
+from datetime import datetime
 from typing import Any
 
 from animus_core.app import Animus
@@ -106,6 +107,12 @@ async def status(args: argparse.Namespace) -> int:
                          "latest": [{"id": str(d.id), "work_type": d.work_type,
                                      "reason": d.reason} for d in view.dead]},
         "schedules": schedules,
+        "waiting": {"total": sum(k.n for k in view.waiting),
+                    "by_kind": {k.kind: {"n": k.n, "next_wake_at": _iso(k.next_wake_at)}
+                                for k in view.waiting},
+                    "next": [{"id": str(w.id), "work_type": w.work_type, "wait": w.wait,
+                              "wake_at": _iso(w.wake_at), "reason": w.reason}
+                             for w in view.next_waking]},
         "plugin_problems": [{"plugin": p.plugin, "error": p.error} for p in problems],
     }
     if args.json:
@@ -126,6 +133,11 @@ async def status(args: argparse.Namespace) -> int:
         print("\nschedules")
         print_table(["schedule", "last tick", "work type"],
                     [(s["name"], s["last_tick"], s["work_type"]) for s in schedules])
+    if view.waiting:
+        kinds = ", ".join(f"{k.kind} {k.n}" for k in view.waiting)
+        print(f"\nwaiting: {report['waiting']['total']} ({kinds}); first to wake:")
+        for w in view.next_waking:
+            print(f"  {w.id}  {w.work_type}  {(w.reason or '')[:90]}")
     total_dead = report["dead_letters"]["total"]
     print(f"\ndead letters: {total_dead}")
     for d in view.dead:
@@ -135,6 +147,10 @@ async def status(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
 
 
 async def demo(args: argparse.Namespace) -> int:

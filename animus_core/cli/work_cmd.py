@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+import msgspec
+
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE, Db
@@ -14,7 +16,7 @@ from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.states import State
 from animus_core.values.steps import Step
-from animus_core.values.waits import Signal
+from animus_core.values.waits import Signal, Wait
 from animus_core.values.work import Created, Merged, NewWorkItem, WorkItem
 
 
@@ -280,6 +282,7 @@ async def list_(args: argparse.Namespace) -> int:
             state=args.state, work_type=args.work_type, parent_id=args.parent,
             limit=args.limit, before=args.before,
         )
+        approved = await _approved(db, items)
     if args.json:
         print_json(items)
         return 0
@@ -289,27 +292,43 @@ async def list_(args: argparse.Namespace) -> int:
         + (["waits for"] if waiting else []) + ["reason"],
         [(i.id, i.work_type, i.state, f"{i.attempts - i.suspensions}/{i.max_attempts}",
           i.priority, age(i.created_at))
-         + ((waits_for(i) or "",) if waiting else ()) + ((i.reason or "")[:60],)
+         + ((waits_for(i, approved.get(i.id)) or "",) if waiting else ())
+         + ((i.reason or "")[:60],)
          for i in items],
     )
     return 0
 
 
-def waits_for(item: WorkItem, finished: int | None = None) -> str | None:
-    """What a waiting item waits for, and until when: ``sleep until T``, ``'event' until T``,
-    ``'event'`` (no timeout), or ``N children`` (``K of N children finished`` when
-    ``finished`` is known). None for an item that is not waiting."""
+def waits_for(item: WorkItem, so_far: int | None = None) -> str | None:
+    """What a waiting item waits for, and until when: ``sleep until T``, ``'event' until T``
+    or ``'event'`` (no timeout), ``approval by ROLE (k of n) until T`` (``so_far``: the
+    approvals that count so far), or ``N children`` (``K of N children finished`` when
+    ``so_far`` says how many have). None for an item that is not waiting."""
     if item.state != State.WAITING or not item.wait:
         return None
     until = f" until {item.wake_at.isoformat()}" if item.wake_at else ""
     if item.wait.get("kind") == "sleep":
         return f"sleep{until}"
+    if item.wait.get("kind") == "approval":
+        return (f"approval by {item.wait.get('role')} ({so_far or 0} of "
+                f"{item.wait.get('quorum')}){until}")
     if item.wait.get("kind") == "children":
         total = len(item.wait.get("children") or [])
-        if finished is None:
+        if so_far is None:
             return f"{total} children{until}"
-        return f"{finished} of {total} children finished{until}"
+        return f"{so_far} of {total} children finished{until}"
     return f"{item.wait.get('event')!r}{until}"
+
+
+async def _approved(db: Any, items: list[WorkItem]) -> dict[Any, int]:
+    """For each item waiting for an approval in its focus: how many approvals count."""
+    out: dict[Any, int] = {}
+    for i in items:
+        if i.state == State.WAITING and i.wait and i.wait.get("kind") == "approval":
+            gate = Wait.from_json(i.wait)
+            decisions = await db.gate_decisions(i.id, gate.position, gate.role)
+            out[i.id] = sum(1 for d in decisions if d.counts and d.decision == "approve")
+    return out
 
 
 async def _children_finished(db: Db, item: WorkItem) -> int | None:
@@ -321,7 +340,7 @@ async def _children_finished(db: Db, item: WorkItem) -> int | None:
     return sum(1 for r in ended if r is not None)
 
 
-def _describe(item: WorkItem, finished: int | None = None) -> None:
+def _describe(item: WorkItem, so_far: int | None = None) -> None:
     fields: list[tuple[str, object]] = [
         ("id", item.id), ("type", item.work_type), ("state", item.state),
         ("reason", item.reason), ("queue", item.queue), ("priority", item.priority),
@@ -331,7 +350,7 @@ def _describe(item: WorkItem, finished: int | None = None) -> None:
         ("attempts", f"{item.attempts}/{item.max_attempts}" if not item.suspensions else
          f"{item.attempts - item.suspensions}/{item.max_attempts} counted, "
          f"{item.attempts} in all ({item.suspensions} suspended)"),
-        ("waits for", waits_for(item, finished)),
+        ("waits for", waits_for(item, so_far)),
         ("created", item.created_at.isoformat()), ("updated", item.updated_at.isoformat()),
         ("resolved", item.resolved_at.isoformat() if item.resolved_at else None),
         ("params", json.dumps(item.params, ensure_ascii=False)),
@@ -352,14 +371,30 @@ async def show(args: argparse.Namespace) -> int:
         item = await db.get_work_item(args.id)
         steps = await db.steps(item.id)
         signals = await db.signals(item.id)
-        finished = await _children_finished(db, item)
+        approvals = await db.approvals(item.id)
+        so_far = (await _approved(db, [item])).get(item.id)
+        if so_far is None:
+            so_far = await _children_finished(db, item)
     if args.json:
-        print_json(item)
+        print_json({**msgspec.to_builtins(item), "steps": steps, "signals": signals})
     else:
-        _describe(item, finished)
+        _describe(item, so_far)
         _print_steps(steps)
         _print_signals(signals)
+        _print_approvals(approvals)
     return 0
+
+
+def _print_approvals(approvals: list[dict[str, Any]]) -> None:
+    """The decisions on the item: which gate (the submit gate, or the approval at step n of
+    its focus), who, what, when, and why."""
+    if not approvals:
+        return
+    print("decisions:")
+    for a in approvals:
+        gate = "submit gate" if a["position"] is None else f"step {a['position']}"
+        print(f"  {gate:11}  {a['decision']:8} {a['approver']:16} {a['at'].isoformat()}  "
+              f"{a['reason']}")
 
 
 def _print_signals(signals: list[Signal]) -> None:

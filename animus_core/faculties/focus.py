@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from animus_core.faculties.children import run_children
 from animus_core.faculties.steps import StepJournal
 from animus_core.governance.work import ChildSubmitter
@@ -17,6 +19,7 @@ from animus_core.values.agents import AgentResult, AgentSpec, Usage
 from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError
 from animus_core.values.steps import StepPolicy
+from animus_core.values.waits import Decision
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
 
 if TYPE_CHECKING:
@@ -28,7 +31,8 @@ __all__ = ["AgentRunner", "Focus"]
 
 #: What :meth:`Focus.agent` runs: ``runner(focus, spec, message, oriented)`` runs an agent
 #: loop (the Claude loop of :mod:`animus_core.faculties.llm`) with the first user
-#: ``message``, or when it is ``None`` one made from the work and ``oriented``.
+#: ``message``, or when it is ``None`` one made from the work and ``oriented``. It tells
+#: the focus what each model call it makes used (:meth:`Focus.spent`).
 AgentRunner = Callable[["Focus", AgentSpec, "str | None", Any], Awaitable[AgentResult]]
 
 class Focus:
@@ -73,9 +77,15 @@ class Focus:
         self._agent = agent
         #: the durable steps of this attempt (``None``: not available)
         self.steps = steps
-        #: model -> token usage of this focus's model calls
+        #: model -> token usage of the model calls this attempt made, and their cost (a
+        #: turn replayed from its durable step is no call)
         self.llm_usage: dict[str, Usage] = {}
         self.llm_cost_usd = 0.0
+        #: the part of them no durable step added to the item's usage (see :meth:`spent`)
+        self._unrecorded: dict[str, Usage] = {}
+        self._unrecorded_cost = 0.0
+        #: agent loops this focus started (each names its durable steps ``llm N ...``)
+        self.agent_loops = 0
 
     @property
     def memory(self) -> Memory:
@@ -134,16 +144,32 @@ class Focus:
                     message: str | None = None, oriented: Any = None) -> AgentResult:
         """Run the Claude agent loop (:mod:`animus_core.faculties.llm`) for this focus. ``message`` is
         the first user message; by default the documented template over the work's params
-        and ``oriented``. Usage and cost are recorded with the item's outcome."""
+        and ``oriented``. Each model response and tool result is a durable step (see
+        docs/agents.md); usage and cost are added to the item's usage once per call."""
         if self._agent is None:
             raise ConfigError("the Claude engage loop is not available in this focus")
         spec = AgentSpec(model=model, system=system, tools=list(tools), max_turns=max_turns,
                          max_tokens=max_tokens, token_budget=token_budget, stream=stream)
-        result = await self._agent(self, spec, message, oriented)
-        total = self.llm_usage.setdefault(model, Usage())
-        total.add(result.usage)
-        self.llm_cost_usd += result.cost_usd or 0.0
-        return result
+        return await self._agent(self, spec, message, oriented)
+
+    def spent(self, model: str, usage: Usage, *, recorded: bool) -> None:
+        """A model call of this attempt used ``usage``. ``recorded``: the durable step that
+        recorded the call added it to the item's usage already; otherwise the attempt's end
+        adds it (:meth:`unrecorded_usage`)."""
+        cost = usage.cost_usd(model) or 0.0
+        self.llm_usage.setdefault(model, Usage()).add(usage)
+        self.llm_cost_usd += cost
+        if not recorded:
+            self._unrecorded.setdefault(model, Usage()).add(usage)
+            self._unrecorded_cost += cost
+
+    def unrecorded_usage(self) -> dict[str, Any] | None:
+        """What the attempt's end adds to the item's usage (``{"models": {model: tokens},
+        "cost_usd": x}``): the model calls no durable step recorded; ``None``: none."""
+        if not self._unrecorded:
+            return None
+        return {"models": {m: msgspec.structs.asdict(u) for m, u in self._unrecorded.items()},
+                "cost_usd": round(self._unrecorded_cost, 6)}
 
     async def step(self, name: str, fn: Callable[..., Any], /, *args: Any,
                    policy: StepPolicy | None = None, **kwargs: Any) -> Any:
@@ -196,6 +222,17 @@ class Focus:
                               "without the engine's child submitter")
         return await run_children(self._journal("a wait for child work"), self._db,
                                   self._submitter, items, timeout)
+    async def approval(self, why: str, *, role: str = "approver", quorum: int = 1,
+                       timeout: float | timedelta | None = None) -> Decision:
+        """An approval gate inside the focus: suspend it (as :meth:`sleep` does) until
+        ``quorum`` different members of ``animus_<role>`` approve, or one rejects, with
+        ``animus approve|reject ID --reason R`` (``Db.decide``), by the rules of a submit
+        gate (docs/governance.md). Returns the
+        :class:`~animus_core.values.waits.Decision`; a rejection does not raise: the
+        faculty decides what it means. After ``timeout`` (seconds; None: none) undecided it
+        raises :class:`~animus_core.values.errors.ApprovalTimedOut`, which the faculty may
+        catch. The decision is a step (named ``approval``)."""
+        return await self._journal("an approval").approval(why, role, quorum, timeout)
 
     def _journal(self, what: str) -> StepJournal:
         if self.steps is None:

@@ -9,16 +9,17 @@ runs (retried as its :class:`StepPolicy` says), and its result, within the JSON 
 and the outcome size limit, is committed with an audit row before ``step`` returns: by the
 holder of the item's lease only.
 
-Sleeps and waits for signals are steps too: the first attempt that reaches one suspends the
-focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner turns into
-``running -> waiting``), and the attempt that resumes records its outcome at the same
-position (the ended sleep, the signal taken, or the timeout), reading the wait it resumes
-from the item (``WorkItem.wait``).
+Sleeps, waits for signals and approvals are steps too: the first attempt that reaches one
+suspends the focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner
+turns into ``running -> waiting``), and the attempt that resumes records its outcome at the
+same position (the ended sleep, the signal taken, the decision, or the timeout), reading the
+wait it resumes from the item (``WorkItem.wait``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -31,15 +32,22 @@ import msgspec
 from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.errors import InvalidInput, StepOrderChanged, WaitTimedOut
+from animus_core.values.errors import (
+    ApprovalTimedOut,
+    InvalidInput,
+    StepOrderChanged,
+    WaitTimedOut,
+)
 from animus_core.values.limits import limits
 from animus_core.values.steps import Step, StepPolicy
-from animus_core.values.waits import Signal, Suspended, Wait
+from animus_core.values.waits import Approval, Decision, Signal, Suspended, Wait, check_approval
 from animus_core.values.work import Lease, check_name
 
 __all__ = ["StepJournal", "StepStore", "WaitStore"]
 
 _log = logging.getLogger("animus.steps")
+#: the name of the step whose body runs in this context, if one does
+_INSIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("animus_step", default=None)
 _NAME_CHARS = 200
 
 
@@ -50,14 +58,17 @@ class StepStore(Protocol):
     async def steps(self, work_id: Any) -> list[Step]: ...
 
     async def record_step(self, lease: Lease, position: int, name: str, result: msgspec.Raw,
-                          *, result_hash: str, started_at: datetime,
-                          duration_ms: int) -> None: ...
+                          *, result_hash: str, started_at: datetime, duration_ms: int,
+                          usage: dict[str, Any] | None = None) -> None: ...
 
 
 class WaitStore(StepStore, Protocol):
     """... and for waits."""
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None: ...
+
+    async def gate_decisions(self, work_id: Any, position: int,
+                             role: str) -> list[Approval]: ...
 
 
 class StepJournal:
@@ -85,6 +96,37 @@ class StepJournal:
         return {kind: [{"position": p, "name": n} for p, n in sorted(marks)]
                 for kind, marks in (("ran", self.ran), ("replayed", self.replayed))}
 
+    # -- for callers that place steps themselves (the command hooks' steps) ------------------
+
+    @property
+    def position(self) -> int:
+        """The position of the last step call (0: none yet)."""
+        return self._calls
+
+    def seek(self, position: int) -> None:
+        """Make the next step call step ``position + 1``."""
+        self._calls = position
+
+    async def recorded(self) -> dict[int, Step]:
+        """The item's recorded steps by position (read once, on first use)."""
+        return dict(await self._load())
+
+    def reload(self) -> None:
+        """Read the record again on the next step call (it holds what this attempt recorded)."""
+        self._recorded = None
+
+    async def begin(self, name: str) -> tuple[int, Step | None]:
+        """The next step call, named ``name``: its position, and its record when it has one
+        (to replay); :class:`StepOrderChanged` when another name is recorded there."""
+        _check_step_name(name)
+        return await self._next(name)
+
+    async def record(self, position: int, name: str, result: Any, *,
+                     started_at: datetime, duration_ms: int) -> Any:
+        """Commit ``result`` as step ``position`` (``name``), as :meth:`run` does; return it
+        as every later attempt gets it."""
+        return await self._record(position, name, result, started_at, duration_ms)
+
     async def _load(self) -> dict[int, Step]:
         async with self._loading:  # steps started together read the record once
             if self._recorded is None:
@@ -93,7 +135,11 @@ class StepJournal:
         return self._recorded
 
     async def run(self, name: str, fn: Callable[..., Any], args: Sequence[Any],
-                  kwargs: Mapping[str, Any], policy: StepPolicy) -> Any:
+                  kwargs: Mapping[str, Any], policy: StepPolicy, *,
+                  usage: Callable[[Any], dict[str, Any] | None] | None = None) -> Any:
+        """Step ``name``: its recorded result, or ``fn``'s, recorded. ``usage(result)`` is the
+        model usage the result cost, added to the item's totals as it is recorded (a model
+        call made by the step)."""
         if not isinstance(name, str) or not name.strip() or len(name) > _NAME_CHARS:
             raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
                                f"got {name!r:.80}")
@@ -103,9 +149,14 @@ class StepJournal:
             return known.result
         started_at, started = datetime.now(UTC), time.perf_counter()
         # stored like an outcome: a secret's value never reaches the database
-        result = await _with_retries(name, position, fn, args, kwargs, policy)
+        inside = _INSIDE.set(name)
+        try:
+            result = await _with_retries(name, position, fn, args, kwargs, policy)
+        finally:
+            _INSIDE.reset(inside)
         return await self._record(position, name, result, started_at,
-                                  int((time.perf_counter() - started) * 1000))
+                                  int((time.perf_counter() - started) * 1000),
+                                  usage=usage(result) if usage is not None else None)
 
     async def sleep_until(self, until: datetime) -> None:
         """The durable sleep: suspend the focus until ``until`` (unless it has passed), and
@@ -129,10 +180,7 @@ class StepJournal:
         :class:`WaitTimedOut` once ``timeout`` has passed without one. Suspends the focus
         while it waits; the attempt that resumes records the outcome as a step."""
         check_name(event, "event")
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
-            raise InvalidInput(f"wait_for timeout must be from 0 seconds to 10 years, "
-                               f"got {timeout!r}")
+        seconds = _timeout(timeout, "wait_for")
         name = f"wait for {event}"
         position, known = await self._next(name)
         if known is not None:
@@ -154,6 +202,42 @@ class StepJournal:
         until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
         raise Suspended(Wait.for_event(position, event, until), until)
 
+    async def approval(self, why: str, role: str, quorum: int,
+                       timeout: float | timedelta | None) -> Decision:
+        """The durable approval gate: suspend the focus until people decide (``quorum``
+        approvals by members of ``animus_<role>``, or one rejection, through
+        ``animus.decide``) and return the :class:`Decision`; :class:`ApprovalTimedOut` once
+        ``timeout`` has passed undecided. The attempt that resumes records the decision as
+        a step (named ``approval``)."""
+        check_approval(why, role, quorum)
+        seconds = _timeout(timeout, "approval")
+        position, known = await self._next("approval")
+        if known is not None:
+            return _decided(known.result)
+        kept = self._kept_at(position, "approval")
+        if kept is None:
+            # Decisions are taken only while the item waits at this position, and an attempt
+            # gets past it only by recording the step: none can be there yet.
+            until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
+            raise Suspended(Wait.approval(position, why, role, quorum, until), until)
+        # resumed from this approval: decided, or its timer ran out (the gate is the kept
+        # one, as it was when people decided it)
+        gate_role, gate_quorum = kept.role or role, kept.quorum or quorum
+        decisions = await self._store.gate_decisions(self._lease.work_id, position, gate_role)
+        decision = Decision.of(decisions, gate_quorum)
+        if decision is not None:
+            return _decided(await self._record(
+                position, "approval", {**decision.to_json(), "role": gate_role,
+                                       "quorum": gate_quorum}, decision.decided_at, 0))
+        if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+            return _decided(await self._record(
+                position, "approval",
+                {"timed_out": True, "until": kept.until, "why": kept.why, "role": gate_role,
+                 "quorum": gate_quorum, "approvals": sum(1 for d in decisions if d.counts)},
+                datetime.now(UTC), 0))
+        until = datetime.fromisoformat(kept.until) if kept.until else None
+        raise Suspended(kept, until)  # woken early (a clock behind the database's)
+
     def _kept_at(self, position: int, kind: str) -> Wait | None:
         kept = self._kept
         return kept if kept is not None and kept.position == position and kept.kind == kind \
@@ -161,6 +245,11 @@ class StepJournal:
 
     async def _next(self, name: str) -> tuple[int, Step | None]:
         """The position of the next step call, and its record when it has one (replayed)."""
+        outer = _INSIDE.get()
+        if outer is not None:  # a replay would skip the body, and what it called with it
+            raise InvalidInput(f"{name!r} was called inside the body of step {outer!r}: steps, "
+                               "sleeps and waits cannot nest; call them one after another in "
+                               "the phase")
         self._calls += 1
         position = self._calls  # taken before any await: steps gathered keep call order
         known = (await self._load()).get(position)
@@ -177,7 +266,7 @@ class StepJournal:
         return position, known
 
     async def _record(self, position: int, name: str, result: Any, started_at: datetime,
-                      duration_ms: int) -> Any:
+                      duration_ms: int, *, usage: dict[str, Any] | None = None) -> Any:
         """Commit step ``position``'s result; return it as every later attempt gets it."""
         # stored like an outcome: a secret's value never reaches the database
         text = json_values.encode(redactor.json(result), f"step {position} {name!r} result",
@@ -187,9 +276,33 @@ class StepJournal:
         await self._store.record_step(
             self._lease, position, name, msgspec.Raw(text.encode()),
             result_hash=canonical_hash(value, nfc=True), started_at=started_at,
-            duration_ms=duration_ms)
+            duration_ms=duration_ms, usage=usage)
         self.ran.append((position, name))
         return value
+
+
+def _timeout(timeout: float | timedelta | None, what: str) -> float | None:
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
+        raise InvalidInput(f"{what} timeout must be from 0 seconds to 10 years, "
+                           f"got {timeout!r}")
+    return seconds
+
+
+def _decided(result: Any) -> Decision:
+    """What a recorded approval gives the focus: the decision, or ApprovalTimedOut."""
+    if result.get("timed_out"):
+        raise ApprovalTimedOut(result["why"], result["role"], result["quorum"],
+                               result["approvals"], result["until"])
+    return Decision.from_json({k: result[k] for k in ("approved", "reason", "by",
+                                                      "decided_at")})
+
+
+def _check_step_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > _NAME_CHARS:
+        raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
+                           f"got {name!r:.80}")
+    json_values.check(name, "a step's name")
 
 
 def _waited(result: Any, event: str) -> Any:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tomllib
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ from typing import Any
 import msgspec
 
 from animus_core.faculties.contract import hookimpl
+from animus_core.faculties.durable_hooks import (
+    ADDRESS_VAR,
+    RESUMED_VAR,
+    TOKEN_VAR,
+    DurableFocus,
+    StepServer,
+    parse_suspend,
+    remove,
+)
 from animus_core.faculties.faculty import Faculty, check_faculty, check_number, check_variable
 from animus_core.faculties.focus import Focus
 from animus_core.infra.config import Settings
@@ -49,6 +59,9 @@ CONTRACT_ENV = ("ANIMUS_FOCUS_DIR", "ANIMUS_WORK_TYPE", "ANIMUS_WORK_ID", "ANIMU
                 "ANIMUS_ATTEMPT", "TRACEPARENT", "DATABASE_URL", "ANIMUS_HOME", MARK_VARIABLE)
 #: Passed through from the engine's environment so that ordinary scripts work.
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+#: Set for some runs only: a resumed hook's, and those of orient, engage and consolidate
+#: (where ``animus step`` works).
+DURABLE_ENV = (RESUMED_VAR, ADDRESS_VAR, TOKEN_VAR)
 STDERR_TAIL = 2000
 
 
@@ -89,6 +102,8 @@ class FacultySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     #: like env, and their values are redacted from everything animus writes
     secrets: list[str] = []
     keep_failed: bool = False
+    #: "phase": a retry starts at the phase that failed (the outputs before it are steps)
+    resume: str | None = None
     description: str = ""
     example: dict[str, Any] | None = None
     orient: PhaseSpec | None = None
@@ -131,6 +146,10 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
         raise ConfigError(_where(path, "faculty.max_concurrent must be at least 1"))
     if spec.engage is None:
         raise ConfigError(_where(path, "faculty.engage is missing: a faculty needs an engage hook"))
+    if spec.resume not in (None, "phase"):
+        raise ConfigError(_where(
+            path, f'faculty.resume must be "phase" (a retry starts at the phase that failed) '
+                  f"or left out (every attempt starts at orient), got {spec.resume!r}"))
     commands: dict[str, list[str]] = {}
     system = ""
     for phase in ("orient", "engage", "consolidate", "recover"):
@@ -276,6 +295,8 @@ class CommandFaculty(Faculty):
         self.keep_failed = spec.keep_failed
         self.secrets = tuple(spec.secrets)
         self.example = spec.example  # type: ignore[misc]
+        self._durable: weakref.WeakKeyDictionary[Focus, DurableFocus] = \
+            weakref.WeakKeyDictionary()
 
     def describe(self) -> str:
         return self.spec.description or f"commands from {self.path.name}"
@@ -302,13 +323,18 @@ class CommandFaculty(Faculty):
 
     async def orient(self, focus: Focus) -> Any:
         self._prepare(focus)
-        await self._run("orient", focus)
-        return self._read_out(focus, "orient")
+        return await self._phase("orient", focus)
 
     async def engage(self, focus: Focus, oriented: Any) -> Any:
         self._prepare(focus)
         ps = self.spec.engage
         if ps is not None and ps.model is not None:
+            durable = self._durable_for(focus)
+            if durable is not None:
+                await durable.plan()
+                replayed = await durable.replayed("engage")
+                if replayed is not None:
+                    return self._restore(focus, "engage", replayed)
             result = await focus.agent(
                 model=ps.model, system=self.system_prompt, tools=ps.tools,
                 max_turns=ps.max_turns, max_tokens=ps.max_tokens, token_budget=ps.token_budget,
@@ -319,15 +345,15 @@ class CommandFaculty(Faculty):
                    "transcript": result.transcript}
             # the contract: later phases (commands) read engage-out.json
             (focus.directory / "engage-out.json").write_bytes(msgspec.json.encode(out))
+            if durable is not None:
+                await durable.completed("engage", {"out": out})
             return out
-        await self._run("engage", focus)
-        return self._read_out(focus, "engage")
+        return await self._phase("engage", focus)
 
     async def consolidate(self, focus: Focus, engaged: Any) -> Any:
         if "consolidate" not in self.commands:
             return engaged  # no consolidate hook: engage's output is the outcome
-        await self._run("consolidate", focus)
-        return self._read_out(focus, "consolidate")
+        return await self._phase("consolidate", focus)
 
     async def recover(self, focus: Focus, error: str, phase: str) -> bool | None:  # type: ignore[override]
         if "recover" not in self.commands:
@@ -339,6 +365,68 @@ class CommandFaculty(Faculty):
         except HookFailed:
             return False
         return True
+
+    # -- durable hooks (docs/hook-contract.md) ----------------------------------------------
+
+    def _durable_for(self, focus: Focus) -> DurableFocus | None:
+        if focus.steps is None:
+            return None  # a focus built without durable steps (not by an engine)
+        durable = self._durable.get(focus)
+        if durable is None:
+            durable = self._durable[focus] = DurableFocus(
+                focus, resume_phase=self.spec.resume == "phase")
+        return durable
+
+    async def _phase(self, phase: str, focus: Focus) -> Any:
+        """Run ``phase``'s hook (again, while it asks to suspend and the wait is over at
+        once), or take its output from the record; its output."""
+        durable = self._durable_for(focus)
+        if durable is None or phase not in self.commands:
+            await self._run(phase, focus)
+            return self._read_out(focus, phase)
+        await durable.plan()
+        replayed = await durable.replayed(phase)
+        if replayed is not None:
+            return self._restore(focus, phase, replayed)
+        resumed = await durable.resuming(phase)
+        while True:
+            began = durable.journal.position
+            remove(focus.directory / "suspend.json")
+            extra = None
+            if resumed is None:
+                remove(focus.directory / "resume.json")
+            else:
+                (focus.directory / "resume.json").write_bytes(msgspec.json.encode(resumed))
+                extra = {RESUMED_VAR: "1"}
+            await self._run(phase, focus, extra=extra, durable=durable)
+            request = self._read_suspend(focus, phase)
+            if request is None:
+                break
+            resumed = await durable.suspend(phase, request, began)
+        out = self._read_out(focus, phase)
+        wrote = (focus.directory / f"{phase}-out.json").exists()
+        await durable.completed(phase, {"out": out} if wrote else {})
+        return out
+
+    def _restore(self, focus: Focus, phase: str, replayed: dict[str, Any]) -> Any:
+        """Write ``phase``'s output file as the phase wrote it on an earlier attempt."""
+        if "out" not in replayed:
+            return None
+        (focus.directory / f"{phase}-out.json").write_bytes(msgspec.json.encode(replayed["out"]))
+        return replayed["out"]
+
+    def _read_suspend(self, focus: Focus, phase: str) -> Any:
+        path = focus.directory / "suspend.json"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        remove(path)
+        try:
+            return parse_suspend(data)
+        except InvalidInput as e:
+            raise HookFailed(f"{phase} hook wrote an unusable suspend.json: {e}",
+                             kind="bad_output") from None
 
     # -- the contract ----------------------------------------------------------------------
 
@@ -369,10 +457,25 @@ class CommandFaculty(Faculty):
             env.update(extra)
         return env
 
-    async def _run(self, phase: str, focus: Focus, extra: dict[str, str] | None = None) -> None:
-        argv = self.commands.get(phase)
-        if argv is None:
+    async def _run(self, phase: str, focus: Focus, extra: dict[str, str] | None = None, *,
+                   durable: DurableFocus | None = None) -> None:
+        if phase not in self.commands:
             return
+        if durable is None:
+            await self._exec(phase, focus, extra)
+            return
+        async with StepServer(durable) as server:
+            try:
+                await self._exec(phase, focus, {**(extra or {}), **server.env})
+            except HookFailed:
+                if server.failure is not None:
+                    raise server.failure from None
+                raise
+        if server.failure is not None:  # a step called out of order, whatever the hook did
+            raise server.failure
+
+    async def _exec(self, phase: str, focus: Focus, extra: dict[str, str] | None) -> None:
+        argv = self.commands[phase]
         ps: PhaseSpec | None = getattr(self.spec, phase)
         timeout = (ps.timeout if ps and ps.timeout else None) or self.spec.timeout
         guard.start()  # before the hook: it must not outlive a SIGKILLed engine

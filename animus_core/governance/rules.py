@@ -10,6 +10,11 @@
     quorum = 2                    # how many distinct people
     reason = "two people look at every production deploy"
 
+    [[rule]]
+    name = "payments need a person"
+    tool = "pay_*"                # governs a model's calls of matching tools instead
+    effect = "require_approval"
+
 Rules are checked in order (files by name, rules in file order); the first that matches
 decides. When rule files exist and none matches, the work is denied: governance fails
 closed. :meth:`RuleSet.decide` is the one evaluation: when work is submitted (through
@@ -44,6 +49,9 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     reason: str = ""
     role: str = "approver"
     quorum: int = 1
+    #: a pattern on a tool's name: the rule governs the model's calls of that tool in a
+    #: Claude engage loop (``params`` then matches the call's input), not submitted work
+    tool: str | None = None
 
 
 class _RuleFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -111,21 +119,43 @@ class RuleSet:
 
     @property
     def active(self) -> bool:
-        return bool(self.rules)
+        """Whether any rule governs submitted work (tool rules do not)."""
+        return any(rule.tool is None for _, rule in self.rules)
 
     def decide(self, work_type: str, params: dict[str, Any], source: str) -> Decision:
         """The decision for work of ``work_type`` with ``params`` from ``source``: the first
-        rule that matches decides; no rules allow everything; rules and no match deny."""
-        if not self.rules:
+        rule that matches decides; no rules allow everything; rules and no match deny. Tool
+        rules take no part."""
+        if not self.active:  # tool rules alone govern no submitted work
             return Decision(effect="allow", rule=None, reason="no rules configured")
         for _, rule in self.rules:
-            if (fnmatch.fnmatchcase(work_type, rule.work_type)
+            if (rule.tool is None
+                    and fnmatch.fnmatchcase(work_type, rule.work_type)
                     and fnmatch.fnmatchcase(source, rule.source)
                     and _contains(params, rule.params)):
-                reason = rule.reason or f"{rule.effect} by rule {rule.name!r}"
-                if rule.effect == "require_approval":
-                    return Decision(effect=rule.effect, rule=rule.name, reason=reason,
-                                    role=rule.role, quorum=rule.quorum)
-                return Decision(effect=rule.effect, rule=rule.name, reason=reason)
+                return _decision(rule)
         return Decision(effect="deny", rule=None,
                         reason=f"no rule allows {work_type!r} from {source!r} (rules fail closed)")
+
+    def decide_tool(self, tool: str, tool_input: Any, *, work_type: str,
+                    source: str) -> Decision:
+        """The decision for a model's call of ``tool`` with ``tool_input``, in the focus of
+        an item of ``work_type`` from ``source``: the first tool rule (a rule with ``tool``)
+        that matches decides (its ``params`` are matched against the input). Tool rules
+        are opt-in: a call that no tool rule matches is allowed."""
+        for _, rule in self.rules:
+            if (rule.tool is not None
+                    and fnmatch.fnmatchcase(tool, rule.tool)
+                    and fnmatch.fnmatchcase(work_type, rule.work_type)
+                    and fnmatch.fnmatchcase(source, rule.source)
+                    and _contains(tool_input, rule.params)):
+                return _decision(rule)
+        return Decision(effect="allow", rule=None, reason=f"no rule governs tool {tool!r}")
+
+
+def _decision(rule: Rule) -> Decision:
+    reason = rule.reason or f"{rule.effect} by rule {rule.name!r}"
+    if rule.effect == "require_approval":
+        return Decision(effect=rule.effect, rule=rule.name, reason=reason, role=rule.role,
+                        quorum=rule.quorum)
+    return Decision(effect=rule.effect, rule=rule.name, reason=reason)

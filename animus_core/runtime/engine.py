@@ -130,7 +130,7 @@ class Engine:
         self.runner = FocusRunner(db, self.governed, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   phases=faculties.phases,
-                                  agent=ClaudeRunner(self._llm_access))
+                                  agent=ClaudeRunner(self._llm_access, rules=self.rules))
         self.timers = WakeTimers(db, opts.queues, lambda: list(self.faculties.by_type),
                                  self._mark_dirty)
         self.listener = Listener(db, self.health, opts.queues, on_work=self._mark_dirty,

@@ -43,7 +43,13 @@ from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.children import ChildFailed
-from animus_core.values.errors import AnimusError, LeaseLost, StepOrderChanged, WaitTimedOut
+from animus_core.values.errors import (
+    AnimusError,
+    ApprovalTimedOut,
+    LeaseLost,
+    StepOrderChanged,
+    WaitTimedOut,
+)
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.version import __version__
@@ -184,9 +190,10 @@ class FocusRunner:
                                                         limit=limits().outcome_bytes,
                                                         setting="ANIMUS_MAX_OUTCOME_BYTES"))
                 ms = int((time.perf_counter() - started) * 1000)
-                if focus.llm_usage:
+                usage = focus.unrecorded_usage()
+                if usage:
                     conn = await scope.connection()
-                    await self.store.record_usage(item.id, _usage_record(focus), conn=conn)
+                    await self.store.record_usage(item.id, usage, conn=conn)
                 record = self._record(fac, focus, started_at, "completed", hashed,
                                       outcome=outcome)
                 if scope.conn is not None:
@@ -226,7 +233,9 @@ class FocusRunner:
                 result = await self._failed(flight, focus, error, phase, ms, record,
                                             final=isinstance(e, RuleRefused | Unrunnable
                                                              | StepOrderChanged
-                                                             | WaitTimedOut | ChildFailed))
+                                                             | WaitTimedOut
+                                                             | ApprovalTimedOut
+                                                             | ChildFailed))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
@@ -261,6 +270,12 @@ class FocusRunner:
         except AnimusError as e:  # its lease will run out and a later attempt resumes it
             _log.error("could not suspend %s (its lease will expire and it will be "
                        "resumed): %s", lease.work_id, e)
+        usage = focus.unrecorded_usage()  # what it spent is kept, as for a failure
+        if usage:
+            try:
+                await self.store.record_usage(lease.work_id, usage)
+            except AnimusError as e:
+                _log.error("could not record the model usage of %s: %s", lease.work_id, e)
         self._recorded()
 
     async def _cancelled(self, fac: Faculty, focus: Focus, lease: Lease, started: float,
@@ -300,7 +315,7 @@ class FocusRunner:
         try:  # one round trip; what a failed attempt spent is kept too
             await self.store.fail_attempt(lease, reason, then=then, duration_ms=ms,
                                           execution=record,
-                                          usage=_usage_record(focus) if focus.llm_usage else None)
+                                          usage=focus.unrecorded_usage())
             result = "retry" if isinstance(then, Retry) else "dead"
             if isinstance(then, Retry):
                 self._retry_later(flight.slot, then.delay + 0.05)
@@ -312,11 +327,6 @@ class FocusRunner:
         self._recorded()
         trace.get_current_span().add_event(result, {"reason": reason[:500]})
         return result
-
-
-def _usage_record(focus: Focus) -> dict[str, Any]:
-    return {"models": {m: msgspec.structs.asdict(u) for m, u in focus.llm_usage.items()},
-            "cost_usd": round(focus.llm_cost_usd, 6)}
 
 
 def _traced() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -14,7 +15,8 @@ from animus_core.values.errors import InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WorkCount", "WorkReads",
+__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WaitingItem", "WaitingKind", "WorkCount",
+           "WorkReads",
            "next_wakes", "queue_depths", "status", "unroutable_backlog"]
 
 
@@ -45,14 +47,35 @@ class ScheduleTick(msgspec.Struct, frozen=True, kw_only=True):
     work_type: str | None
 
 
+class WaitingItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A waiting item: what it waits for (``wait``, and ``reason`` in words) and its timer."""
+
+    id: UUID
+    work_type: str
+    wait: dict[str, Any] | None
+    wake_at: datetime | None
+    reason: str | None
+
+
+class WaitingKind(msgspec.Struct, frozen=True, kw_only=True):
+    """How many items wait for a ``kind`` of thing, and the earliest of their timers."""
+
+    kind: str
+    n: int
+    next_wake_at: datetime | None
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     """What ``animus status`` shows: queues, live work by type and state (finished work
-    left out, dead work kept), the latest dead letters, each schedule's latest tick."""
+    left out, dead work kept), the latest dead letters, each schedule's latest tick, the
+    waiting items by kind and the first of them to wake."""
 
     queues: list[QueueDepth]
     work: list[WorkCount]
     dead: list[DeadItem]
     schedules: list[ScheduleTick]
+    waiting: list[WaitingKind] = []
+    next_waking: list[WaitingItem] = []
 
 
 _QUEUE_DEPTHS = "SELECT queue_name, queue_length, oldest_msg_age_sec FROM pgmq.metrics_all()"
@@ -63,6 +86,12 @@ _LIVE_COUNTS = """
 _LATEST_DEAD = """
     SELECT id, work_type, reason, resolved_at FROM animus.work_items
      WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST LIMIT $1"""
+_WAITING_KINDS = """
+    SELECT coalesce(wait->>'kind', '?'), count(*), min(wake_at) FROM animus.work_items
+     WHERE state = 'waiting' GROUP BY 1 ORDER BY 1"""
+_NEXT_WAKING = """
+    SELECT id, work_type, wait, wake_at, reason FROM animus.work_items
+     WHERE state = 'waiting' ORDER BY wake_at NULLS LAST, updated_at LIMIT $1"""
 _LATEST_TICKS = """
     SELECT t.name, t.tick, w.work_type
       FROM (SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
@@ -78,19 +107,24 @@ async def queue_depths(db: DbBase) -> list[QueueDepth]:
     return [QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in rows]
 
 
-async def status(db: DbBase, *, dead_letters: int = 5) -> Status:
+async def status(db: DbBase, *, dead_letters: int = 5, waiting: int = 5) -> Status:
     """The :class:`Status` view, read on one connection."""
     async with db.connection() as conn:
         queues = await conn.fetch(_QUEUE_DEPTHS)
         counts = await conn.fetch(_LIVE_COUNTS)
         dead = await conn.fetch(_LATEST_DEAD, dead_letters)
+        kinds = await conn.fetch(_WAITING_KINDS)
+        waking = await conn.fetch(_NEXT_WAKING, waiting) if kinds else []
         ticks = await conn.fetch(_LATEST_TICKS) if await conn.fetchval(
             "SELECT to_regclass('animus.schedule_ticks') IS NOT NULL") else []
     return Status(
         queues=[QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in queues],
         work=[WorkCount(work_type=r[0], state=r[1], n=r[2]) for r in counts],
         dead=[DeadItem(id=r[0], work_type=r[1], reason=r[2], resolved_at=r[3]) for r in dead],
-        schedules=[ScheduleTick(name=r[0], last_tick=r[1], work_type=r[2]) for r in ticks])
+        schedules=[ScheduleTick(name=r[0], last_tick=r[1], work_type=r[2]) for r in ticks],
+        waiting=[WaitingKind(kind=r[0], n=r[1], next_wake_at=r[2]) for r in kinds],
+        next_waking=[WaitingItem(id=r[0], work_type=r[1], wait=r[2], wake_at=r[3],
+                                 reason=r[4]) for r in waking])
 
 
 async def unroutable_backlog(db: DbBase, accepted: Sequence[str]) -> list[WorkCount]:

@@ -12,10 +12,11 @@ import msgspec
 
 from animus_core.infra.witness import Checkpoint
 from animus_core.store import audit
-from animus_core.store.base import check_reason, work_id
+from animus_core.store.base import check_reason, transition, work_id
 from animus_core.store.errors import errors
 from animus_core.store.read import WorkReads
 from animus_core.values.records import ExecutionRecord
+from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
 __all__ = ["WorkRecords", "copy_executions", "execution_json"]
@@ -29,28 +30,40 @@ class WorkRecords(WorkReads):
     async def decide(self, work_id: UUID | str, decision: str, reason: str) -> WorkItem:
         """Approve or reject an item awaiting approval, as the connected database user.
         The database checks the role the rule asked for, refuses the requester, and moves
-        the item to queued once the quorum is reached (or to dead on a rejection)."""
+        the item to queued once the quorum is reached (or to dead on a rejection).
+
+        An item waiting for an approval inside its focus (``focus.approval``) is decided
+        the same way, under the wait's step position: the rejection, or the approval that
+        makes the quorum, wakes it (``waiting -> queued``) for the focus to read the
+        decision."""
         wid = _id(work_id)
         check_reason(reason)
         async with self.connection() as conn:
             row = await conn.fetchrow("SELECT * FROM animus.decide($1, $2, $3)",
                                       wid, decision, reason)
-        return WorkItem.from_row(row)
+        item = WorkItem.from_row(row)
+        if item.state == State.QUEUED and item.wait and item.wait.get("kind") == "approval":
+            transition("waiting", "queued")  # a decision woke a focus's approval
+        return item
 
     async def approvals(self, work_id: UUID | str) -> list[dict[str, Any]]:
+        """Every decision on the item, oldest first: ``approver``, ``decision``, ``reason``,
+        ``at``, and ``position`` (the step position of an approval inside its focus; None
+        for the gate it was submitted with)."""
         async with self.connection() as conn:
             rows = await conn.fetch(
-                "SELECT approver, decision, reason, at FROM animus.approvals WHERE work_id = $1 "
-                "ORDER BY id", _id(work_id))
+                "SELECT approver, decision, reason, at, position FROM animus.approvals "
+                "WHERE work_id = $1 ORDER BY id", _id(work_id))
         return [dict(r) for r in rows]
 
     async def approvers(self, work_id: UUID | str, role: str) -> list[str]:
-        """Who approved the item while holding ``animus_<role>`` (or as a superuser)."""
+        """Who approved the item's submit gate while holding ``animus_<role>`` (or as a
+        superuser); approvals inside its focus are not the gate's."""
         async with self.connection() as conn:
             rows = await conn.fetch(
                 """SELECT DISTINCT a.approver FROM animus.approvals a
                      LEFT JOIN pg_roles r ON r.rolname = a.approver
-                    WHERE a.work_id = $1 AND a.decision = 'approve'
+                    WHERE a.work_id = $1 AND a.decision = 'approve' AND a.position IS NULL
                       AND (r.rolsuper OR CASE WHEN EXISTS (
                                SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $2)
                            THEN pg_has_role(r.oid, 'animus_' || $2, 'MEMBER')

@@ -23,10 +23,9 @@ import re
 from typing import Any
 
 from animus_core.values.errors import ConfigError, InvalidInput
+from animus_core.values.roles import ROLES
 
 __all__ = ["ROLES", "add_user", "setup_roles"]
-
-ROLES = ("reader", "submitter", "approver", "operator", "admin")
 
 
 def check_gate_role(role: str, where: str) -> None:
@@ -112,6 +111,8 @@ BEGIN
          'animus_operator'),
         ('animus.take_signal(uuid, bigint, int, text, int)', 'animus_operator'),
         ('animus.signal(uuid, text, jsonb)', 'animus_submitter'),
+        -- many signals in one call (0023_signal_many.sql), as signal
+        ('animus.signal_many(uuid[], text[], jsonb[])', 'animus_submitter'),
         -- engines create the queues they serve (animus up) without rights on schema pgmq
         ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);

@@ -5,6 +5,7 @@ an item's steps. See ``0015_steps.sql``; the focus side is
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -16,6 +17,7 @@ from animus_core.values.work import Lease
 
 __all__ = ["WorkSteps"]
 
+_RECORD = "SELECT animus.record_step($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _STEPS = """
     SELECT work_id, position, name, attempt, result, result_hash, started_at, finished_at,
            duration_ms, copied_from
@@ -26,19 +28,25 @@ class WorkSteps(WorkMoves):
     """Recording and reading durable steps."""
 
     async def record_step(self, lease: Lease, position: int, name: str, result: msgspec.Raw,
-                          *, result_hash: str, started_at: datetime,
-                          duration_ms: int) -> None:
+                          *, result_hash: str, started_at: datetime, duration_ms: int,
+                          usage: dict[str, Any] | None = None) -> None:
         """Record step ``position`` (``name``) of the running attempt that holds ``lease``,
         with its ``result`` (JSON text that :func:`animus_core.values.json_values.encode`
         made) and the result's hash, and its audit row: one round trip, one transaction.
-        A lost lease raises :class:`~animus_core.values.errors.LeaseLost` and records
-        nothing; a position recorded already raises
+        With ``usage`` (a model call's, as :meth:`record_usage` takes it), the same
+        transaction adds it to the item's totals: the call is charged exactly when its
+        result is kept. A lost lease raises :class:`~animus_core.values.errors.LeaseLost`
+        and records nothing; a position recorded already raises
         :class:`~animus_core.values.errors.IllegalTransition`."""
+        args = (lease.work_id, lease.msg_id, lease.token, position, name, result, result_hash,
+                started_at, duration_ms)
         async with self.connection() as conn:
-            await conn.execute(
-                "SELECT animus.record_step($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                lease.work_id, lease.msg_id, lease.token, position, name, result,
-                result_hash, started_at, duration_ms)
+            if usage is None:
+                await conn.execute(_RECORD, *args)
+                return
+            async with conn.transaction():
+                await conn.execute(_RECORD, *args)
+                await conn.execute("SELECT animus.add_usage($1, $2)", lease.work_id, usage)
 
     async def steps(self, work_id: UUID | str) -> list[Step]:
         """The recorded steps of an item, by position (one query)."""

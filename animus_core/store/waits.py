@@ -1,10 +1,12 @@
 """Suspension in the store: a running attempt suspends (``running -> waiting``), signals are
-sent to items and taken by their waits. A waiting item's timer is its queue message's
+sent to items and taken by their waits, and the decisions on an approval inside a focus are
+read by the attempt that resumes from it. A waiting item's timer is its queue message's
 visibility: the claim that finds it visible wakes it (``waiting -> queued``) and claims it.
-See ``0017_waiting.sql`` and docs/concepts.md, Waiting."""
+See ``0017_waiting.sql``, ``0019_focus_approvals.sql`` and docs/concepts.md, Waiting."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -19,10 +21,23 @@ from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
-from animus_core.values.waits import Signal, Wait
+from animus_core.values.waits import Approval, Signal, Wait
 from animus_core.values.work import Lease, WorkItem, check_name
 
 __all__ = ["Signalled", "WorkWaits"]
+
+# Whether the approver counts: a superuser, or a member of the gate's role now (as
+# Db.approvers counts a submit gate's approvals before engage).
+_GATE_DECISIONS = """
+    SELECT a.approver, a.decision, a.reason, a.at, a.position,
+           coalesce(r.rolsuper OR CASE WHEN EXISTS (
+                        SELECT 1 FROM pg_roles WHERE rolname = 'animus_' || $3)
+                    THEN pg_has_role(r.oid, 'animus_' || $3, 'MEMBER') ELSE false END,
+                    false) AS counts
+      FROM animus.approvals a
+      LEFT JOIN pg_roles r ON r.rolname = a.approver
+     WHERE a.work_id = $1 AND a.position = $2
+     ORDER BY a.at, a.id"""
 
 _SIGNALS = """
     SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
@@ -82,6 +97,46 @@ class WorkWaits(WorkSteps):
             transition("waiting", "queued")
         return Signalled(signal_id=row["signal_id"], woke=row["woke"])
 
+    async def signal_many(self, signals: Iterable[tuple[UUID | str, str, Any]],
+                          ) -> list[Signalled | str]:
+        """Send many signals in one round trip: ``(work_id, event, payload)`` each, with the
+        same meaning and audit rows as :meth:`signal` sent one after the other in the order
+        given (a second signal to an item the first one woke finds it ``queued`` and is
+        kept). Returns one entry per signal, in the same order: its :class:`Signalled`, or
+        the text of why it was not sent (the item has finished, or does not exist), where
+        :meth:`signal` would raise; the rest of the batch is sent all the same. A malformed
+        event name or payload raises :class:`InvalidInput` (naming its position) and sends
+        nothing."""
+        ids: list[UUID] = []
+        events: list[str] = []
+        payloads: list[msgspec.Raw | None] = []
+        for i, entry in enumerate(signals):
+            if not isinstance(entry, tuple | list) or len(entry) != 3:
+                raise InvalidInput(f"signal_many: signal {i} must be (work_id, event, payload), "
+                                   f"got {entry!r:.100}")
+            wid, event, payload = entry
+            try:
+                ids.append(_id(wid))
+                check_name(event, "event")
+                payloads.append(None if payload is None else msgspec.Raw(json_values.encode(
+                    payload, "signal payload", limit=limits().outcome_bytes,
+                    setting="ANIMUS_MAX_OUTCOME_BYTES").encode()))
+            except InvalidInput as e:
+                raise InvalidInput(f"signal_many: signal {i}: {e}") from None
+            events.append(event)
+        if not ids:
+            return []
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT * FROM animus.signal_many($1, $2, $3)",
+                                    ids, events, payloads)
+        out: list[Signalled | str] = [
+            Signalled(signal_id=r["signal_id"], woke=r["woke"]) if r["signal_id"] is not None
+            else r["error"] for r in rows]
+        woke = sum(1 for r in rows if r["woke"])
+        if woke:
+            transition("waiting", "queued", woke)
+        return out
+
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None:
         """For the running attempt that holds ``lease``: the signal ``event`` that the wait
         at step ``position`` takes, the oldest not taken yet (the first wins; later ones stay
@@ -90,6 +145,14 @@ class WorkWaits(WorkSteps):
             row = await conn.fetchrow("SELECT * FROM animus.take_signal($1, $2, $3, $4, $5)",
                                       lease.work_id, lease.msg_id, lease.token, event, position)
         return None if row is None else Signal.from_row(row)
+
+    async def gate_decisions(self, work_id: UUID | str, position: int,
+                             role: str) -> list[Approval]:
+        """The decisions on the item's approval at step ``position`` of its focus, oldest
+        first, each saying whether it counts for a gate of ``role`` (one query)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_GATE_DECISIONS, _id(work_id), position, role)
+        return [Approval.from_row(r) for r in rows]
 
     async def signals(self, work_id: UUID | str) -> list[Signal]:
         """The signals sent to an item, oldest first (one query)."""

@@ -12,7 +12,8 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
     ├── LeaseLost              the claim expired and someone else holds it (exit 1)
     ├── PhaseFailed            a faculty phase failed, in its own words    (exit 1)
     │   ├── StepOrderChanged       steps called in another order than recorded
-    │   └── WaitTimedOut           a wait for a signal ended without one
+    │   ├── WaitTimedOut           a wait for a signal ended without one
+    │   └── ApprovalTimedOut       an approval inside a focus ended undecided
     ├── EmbedderError          the embedding service failed or answered nonsense (exit 1)
     ├── LLMError               the model API failed after its retries        (exit 1)
     └── DatabaseError          the database said no                        (exit 1)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnimusError",
+    "ApprovalTimedOut",
     "ConfigError",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -74,6 +76,23 @@ class WaitTimedOut(PhaseFailed):
     def __init__(self, event: str, until: str | None) -> None:
         super().__init__(f"wait for signal {event!r} timed out at {until}", kind="wait_timeout")
         self.event = event
+        self.until = until
+
+
+class ApprovalTimedOut(PhaseFailed):
+    """A focus's approval (``focus.approval``) was not decided by its timeout: ``why``,
+    ``role`` and ``quorum`` are the gate's, ``approvals`` how many approvals that count it
+    had, ``until`` the time it ended (ISO 8601 text). Like :class:`WaitTimedOut`, a faculty
+    may catch it; uncaught, the item is dead-lettered."""
+
+    def __init__(self, why: str, role: str, quorum: int, approvals: int,
+                 until: str | None) -> None:
+        super().__init__(f"approval ({quorum} x {role}) {why!r} timed out at {until} with "
+                         f"{approvals} of {quorum} approvals", kind="wait_timeout")
+        self.why = why
+        self.role = role
+        self.quorum = quorum
+        self.approvals = approvals
         self.until = until
 
 

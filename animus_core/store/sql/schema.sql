@@ -237,11 +237,7 @@ BEGIN
                         WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
 
     UPDATE animus.work_items w
-       SET state = 'queued', updated_at = now(),
-           reason = CASE WHEN w.wait->>'kind' = 'sleep'
-                         THEN format('woken: sleep until %s ended', w.wait->>'until')
-                         ELSE format('woken: wait for %s timed out',
-                                     quote_literal(coalesce(w.wait->>'event', '?'))) END
+       SET state = 'queued', updated_at = now(), reason = animus.timer_woke(w.wait)
      WHERE w.id = ANY (v_stale) AND w.state = 'waiting';
     UPDATE animus.work_items w
        SET state = 'queued', reason = 'lease expired before the focus started',
@@ -435,12 +431,15 @@ CREATE FUNCTION animus.decide(p_work_id uuid, p_decision text, p_reason text) RE
     AS $$
 DECLARE
     item animus.work_items;
+    v_gate jsonb;
+    v_position int;  -- NULL: the gate the item was submitted with; else the focus's approval
+    v_which text;
     v_role text;
     v_quorum int;
     v_approvers text[];
     v_super bool;
 BEGIN
-    IF p_decision NOT IN ('approve', 'reject') THEN
+    IF p_decision IS NULL OR p_decision NOT IN ('approve', 'reject') THEN
         RAISE EXCEPTION 'decision must be approve or reject, not %', p_decision
             USING ERRCODE = 'ANI03';
     END IF;
@@ -451,7 +450,23 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'work item % does not exist', p_work_id USING ERRCODE = 'ANI04';
     END IF;
-    IF item.state <> 'awaiting_approval' THEN
+    IF item.state = 'awaiting_approval' THEN
+        v_gate := item.gate;
+        v_which := format('the rule %s', coalesce(item.gate->>'rule', '?'));
+    ELSIF item.state = 'waiting' AND item.wait->>'kind' = 'approval' THEN
+        v_gate := item.wait;
+        v_position := (item.wait->>'position')::int;
+        v_which := format('the approval at step %s of its focus', v_position);
+    ELSIF item.state = 'waiting' THEN
+        RAISE EXCEPTION 'work item % is waiting for %, not for an approval: only items awaiting '
+                        'approval or waiting for one in their focus can be decided (signal it '
+                        'with animus work signal, or cancel it)', p_work_id,
+            CASE item.wait->>'kind'
+                WHEN 'sleep' THEN format('a sleep until %s', item.wait->>'until')
+                WHEN 'event' THEN format('the signal %s', quote_literal(item.wait->>'event'))
+                ELSE coalesce(item.wait->>'kind', 'nothing known') END
+            USING ERRCODE = 'ANI01';
+    ELSE
         RAISE EXCEPTION 'work item % is %: only items awaiting approval can be decided',
             p_work_id, item.state USING ERRCODE = 'ANI01';
     END IF;
@@ -459,8 +474,8 @@ BEGIN
         RAISE EXCEPTION '% requested work item % and cannot % it: another person must',
             session_user, p_work_id, p_decision USING ERRCODE = 'ANI03';
     END IF;
-    v_role := 'animus_' || coalesce(item.gate->>'role', 'approver');
-    v_quorum := coalesce((item.gate->>'quorum')::int, 1);
+    v_role := 'animus_' || coalesce(v_gate->>'role', 'approver');
+    v_quorum := coalesce((v_gate->>'quorum')::int, 1);
     SELECT rolsuper INTO v_super FROM pg_roles WHERE rolname = session_user;
     IF NOT coalesce(v_super, false) THEN
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
@@ -468,36 +483,61 @@ BEGIN
                 USING ERRCODE = 'ANI03';
         END IF;
         IF NOT pg_has_role(session_user, v_role, 'MEMBER') THEN
-            RAISE EXCEPTION '% may not decide work item %: the rule % requires role %',
-                session_user, p_work_id, coalesce(item.gate->>'rule', '?'), v_role
+            RAISE EXCEPTION '% may not decide work item %: % requires role %',
+                session_user, p_work_id, v_which, v_role
                 USING ERRCODE = 'ANI03';
         END IF;
     END IF;
-    IF EXISTS (SELECT 1 FROM animus.approvals WHERE work_id = p_work_id
-                                                AND approver = session_user) THEN
-        RAISE EXCEPTION '% already decided work item %', session_user, p_work_id
+    IF EXISTS (SELECT 1 FROM animus.approvals
+                WHERE work_id = p_work_id AND approver = session_user
+                  AND position IS NOT DISTINCT FROM v_position) THEN
+        RAISE EXCEPTION '% already decided %',
+            session_user, CASE WHEN v_position IS NULL THEN format('work item %s', p_work_id)
+                               ELSE format('the approval at step %s of work item %s',
+                                           v_position, p_work_id) END
             USING ERRCODE = 'ANI03';
     END IF;
 
-    INSERT INTO animus.approvals (work_id, approver, decision, reason)
-    VALUES (p_work_id, session_user, p_decision, p_reason);
+    INSERT INTO animus.approvals (work_id, approver, decision, reason, position)
+    VALUES (p_work_id, session_user, p_decision, p_reason, v_position);
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     VALUES (p_work_id, CASE p_decision WHEN 'approve' THEN 'approval' ELSE 'rejection' END,
             item.state, item.state,
             jsonb_strip_nulls(jsonb_build_object('source', item.source, 'actor', animus.actor())),
             jsonb_build_object('approver', session_user, 'decision', p_decision,
-                               'reason', p_reason, 'gate', item.gate));
+                               'reason', p_reason, 'gate', v_gate)
+            || CASE WHEN v_position IS NULL THEN '{}'::jsonb
+                    ELSE jsonb_build_object('position', v_position) END);
 
     IF p_decision = 'reject' THEN
+        IF v_position IS NOT NULL THEN  -- the focus decides what a rejection means
+            UPDATE animus.work_items
+               SET state = 'queued', updated_at = now(),
+                   reason = 'woken: rejected by ' || session_user || ': ' || p_reason
+             WHERE id = p_work_id RETURNING * INTO item;
+            PERFORM animus.wake_message(item);
+            RETURN NEXT item;
+            RETURN;
+        END IF;
         RETURN QUERY UPDATE animus.work_items
            SET state = 'dead', reason = 'rejected by ' || session_user || ': ' || p_reason,
                resolved_at = now(), updated_at = now()
          WHERE id = p_work_id RETURNING *;
         RETURN;
     END IF;
-    SELECT array_agg(approver ORDER BY at) INTO v_approvers FROM animus.approvals
-     WHERE work_id = p_work_id AND decision = 'approve';
+    SELECT array_agg(approver ORDER BY at, id) INTO v_approvers FROM animus.approvals
+     WHERE work_id = p_work_id AND decision = 'approve'
+       AND position IS NOT DISTINCT FROM v_position;
     IF cardinality(v_approvers) >= v_quorum THEN
+        IF v_position IS NOT NULL THEN
+            UPDATE animus.work_items
+               SET state = 'queued', updated_at = now(),
+                   reason = 'woken: approved by ' || array_to_string(v_approvers, ', ')
+             WHERE id = p_work_id RETURNING * INTO item;
+            PERFORM animus.wake_message(item);
+            RETURN NEXT item;
+            RETURN;
+        END IF;
         PERFORM pgmq.send(item.queue, jsonb_build_object('id', item.id, 't', item.work_type,
                                                          'p', item.priority));
         PERFORM pg_notify('animus_work', json_build_object(
@@ -538,6 +578,7 @@ CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigin
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 BEGIN
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
     EXECUTE format($q$
         UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
           FROM unnest($1::bigint[], $2::int[], $4::uuid[]) AS x(msg_id, lease, id)
@@ -822,6 +863,141 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jsonb[]) RETURNS TABLE(signal_id bigint, woke boolean, error text)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_n int := coalesce(cardinality(p_ids), 0);
+    v_sent int[];        -- positions (1-based) of the signals sent, in order
+    v_wakes int[];       -- positions of those that wake their item
+    v_ids bigint[];      -- the ids of the signals sent, in the order of v_sent
+    v_actor text := animus.actor();
+    v_woken uuid[];      -- the items woken, with their queue, type, priority and message
+    v_queues text[];
+    v_types text[];
+    v_priorities int[];
+    v_msgs bigint[];
+    q record;
+    v_gone jsonb[];
+BEGIN
+    IF coalesce(cardinality(p_events), 0) <> v_n OR coalesce(cardinality(p_payloads), 0) <> v_n
+    THEN
+        RAISE EXCEPTION 'signal_many takes as many events and payloads as work ids: got % ids, '
+                        '% events and % payloads', v_n, coalesce(cardinality(p_events), 0),
+                        coalesce(cardinality(p_payloads), 0)
+            USING ERRCODE = '22023';
+    END IF;
+    IF v_n = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
+
+    -- What each signal does, as if sent one after the other: an item waiting for an event
+    -- is woken by the first signal of that event in the batch; later ones find it queued.
+    SELECT array_agg(b.ord ORDER BY b.ord) FILTER (WHERE b.sent),
+           array_agg(b.ord ORDER BY b.ord) FILTER (WHERE b.ord = b.waker)
+      INTO v_sent, v_wakes
+      FROM (SELECT s.ord,
+                   w.state IS NOT NULL
+                   AND w.state NOT IN ('completed', 'dead', 'merged', 'cancelled') AS sent,
+                   CASE WHEN w.state = 'waiting' AND w.wait->>'kind' = 'event' THEN
+                        min(s.ord) FILTER (WHERE s.event = w.wait->>'event')
+                            OVER (PARTITION BY s.id) END AS waker
+              FROM unnest(p_ids, p_events) WITH ORDINALITY AS s(id, event, ord)
+              LEFT JOIN animus.work_items w ON w.id = s.id) b;
+
+    -- The signals, in the batch's order (so the first of an item's signals is taken first)
+    WITH ins AS (
+        INSERT INTO animus.signals (work_id, event, payload)
+        SELECT p_ids[o], p_events[o], p_payloads[o] FROM unnest(v_sent) AS o ORDER BY o
+        RETURNING id)
+    SELECT array_agg(id ORDER BY id) INTO v_ids FROM ins;
+
+    -- Audited as animus.signal audits them, each with the state its item has when it
+    -- arrives: the signals up to (and including) the one that wakes their item first, then
+    -- the `woken` rows (the trigger writes them), then the signals that arrive after.
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT w.id, 'signal', w.state, w.state,
+           JSON_OBJECT('source': w.source, 'actor': v_actor ABSENT ON NULL RETURNING jsonb),
+           jsonb_build_object('signal', x.signal_id, 'event', p_events[x.ord],
+                              'sent_by', session_user)
+      FROM unnest(v_sent, v_ids) AS x(ord, signal_id)
+      JOIN animus.work_items w ON w.id = p_ids[x.ord]
+     WHERE NOT EXISTS (SELECT 1 FROM unnest(v_wakes) AS k(ord)
+                        WHERE p_ids[k.ord] = w.id AND k.ord < x.ord)
+     ORDER BY x.ord;
+
+    IF v_wakes IS NOT NULL THEN
+        WITH woken AS (
+            UPDATE animus.work_items w
+               SET state = 'queued', updated_at = now(),
+                   reason = format('woken: signal %s arrived', quote_literal(p_events[k.ord]))
+              FROM unnest(v_wakes) AS k(ord)
+             WHERE w.id = p_ids[k.ord]
+            RETURNING w.id, w.queue, w.work_type, w.priority, w.msg_id)
+        SELECT array_agg(id), array_agg(queue), array_agg(work_type), array_agg(priority),
+               array_agg(msg_id)
+          INTO v_woken, v_queues, v_types, v_priorities, v_msgs
+          FROM woken;
+        FOR q IN
+            SELECT x.queue, array_agg(x.id) AS ids, array_agg(x.t) AS types,
+                   array_agg(x.p) AS priorities, array_agg(x.msg) AS msgs
+              FROM unnest(v_woken, v_queues, v_types, v_priorities, v_msgs)
+                   AS x(id, queue, t, p, msg)
+             GROUP BY x.queue
+        LOOP
+            -- As animus.wake_message, per queue: a message nobody holds is made visible now;
+            -- one a claim holds (the item's timer ran out this very moment) is left to that
+            -- claim, which delivers the item itself; an item whose message is gone gets a
+            -- new one.
+            EXECUTE format($f$
+                WITH free AS (
+                    SELECT m.msg_id FROM pgmq.%1$I m WHERE m.msg_id = ANY ($1)
+                       FOR UPDATE SKIP LOCKED)
+                UPDATE pgmq.%1$I m SET vt = clock_timestamp()
+                  FROM free WHERE m.msg_id = free.msg_id
+            $f$, 'q_' || q.queue) USING q.msgs;
+            EXECUTE format($f$
+                SELECT array_agg(jsonb_build_object('id', x.id, 't', x.t, 'p', x.p))
+                  FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[]) AS x(id, t, p, msg)
+                 WHERE x.msg IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM pgmq.%1$I m WHERE m.msg_id = x.msg)
+            $f$, 'q_' || q.queue) INTO v_gone USING q.ids, q.types, q.priorities, q.msgs;
+            IF v_gone IS NOT NULL THEN
+                PERFORM pgmq.send_batch(q.queue, v_gone, clock_timestamp());
+            END IF;
+            PERFORM pg_notify('animus_work', json_build_object(
+                        'queue', q.queue, 'work_types', json_build_array(t.work_type))::text)
+               FROM (SELECT DISTINCT unnest(q.types) AS work_type ORDER BY 1) t;
+        END LOOP;
+
+        INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance,
+                                      payload)
+        SELECT w.id, 'signal', w.state, w.state,
+               JSON_OBJECT('source': w.source, 'actor': v_actor ABSENT ON NULL RETURNING jsonb),
+               jsonb_build_object('signal', x.signal_id, 'event', p_events[x.ord],
+                                  'sent_by', session_user)
+          FROM unnest(v_sent, v_ids) AS x(ord, signal_id)
+          JOIN animus.work_items w ON w.id = p_ids[x.ord]
+         WHERE EXISTS (SELECT 1 FROM unnest(v_wakes) AS k(ord)
+                        WHERE p_ids[k.ord] = w.id AND k.ord < x.ord)
+         ORDER BY x.ord;
+    END IF;
+
+    RETURN QUERY
+        SELECT x.signal_id, x.signal_id IS NOT NULL AND b.ord = ANY (coalesce(v_wakes, '{}')),
+               CASE WHEN x.signal_id IS NOT NULL THEN NULL
+                    WHEN w.id IS NULL THEN format('no work item with id %s', b.id)
+                    ELSE format('work item %s is %s: a finished item takes no signals',
+                                b.id, w.state) END
+          FROM unnest(p_ids) WITH ORDINALITY AS b(id, ord)
+          LEFT JOIN unnest(v_sent, v_ids) AS x(ord, signal_id) ON x.ord = b.ord
+          LEFT JOIN animus.work_items w ON w.id = b.id
+         ORDER BY b.ord;
+END
+$_$;
+
 CREATE FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -959,19 +1135,19 @@ CREATE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wa
     AS $$
 DECLARE
     v_item animus.work_items;
-    v_kind text := p_wait->>'kind';
     v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+    v_kind text := p_wait->>'kind';
     v_children text;
     v_woken text;
 BEGIN
     IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
-       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'children')
+       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'approval', 'children')
        OR (v_kind = 'sleep' AND p_wake_at IS NULL)
        OR (v_kind = 'children' AND (jsonb_typeof(p_wait->'children') IS DISTINCT FROM 'array'
                                     OR jsonb_array_length(p_wait->'children') = 0)) THEN
-        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), "event" '
-                        'or "children" (with a list of child ids), ...}, got %',
-                        p_id, coalesce(p_wait::text, 'null')
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), '
+                        '"event", "approval" or "children" (with the ids of the children), '
+                        '...}, got %', p_id, coalesce(p_wait::text, 'null')
             USING ERRCODE = 'ANI01';
     END IF;
     IF v_kind = 'children' THEN
@@ -992,15 +1168,31 @@ BEGIN
     END IF;
     v_item := animus.held_item(p_id, p_msg_id, p_lease);
     PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
+    IF v_kind = 'approval' AND (
+           jsonb_typeof(p_wait->'position') IS DISTINCT FROM 'number'
+           OR coalesce(btrim(p_wait->>'why'), '') = ''
+           OR coalesce(p_wait->>'role', '') NOT IN ('reader', 'submitter', 'approver',
+                                                    'operator', 'admin')
+           OR jsonb_typeof(p_wait->'quorum') IS DISTINCT FROM 'number'
+           OR (p_wait->>'quorum')::numeric < 1
+           OR (p_wait->>'quorum')::numeric <> trunc((p_wait->>'quorum')::numeric)) THEN
+        RAISE EXCEPTION 'work item %: an approval waits with a position, a why, a role (reader, '
+                        'submitter, approver, operator or admin) and a quorum of 1 or more, got %',
+                        p_id, p_wait::text
+            USING ERRCODE = 'ANI01';
+    END IF;
     UPDATE animus.work_items w
        SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
            suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
            reason = CASE WHEN v_kind = 'sleep'
                          THEN format('sleeping until %s', p_wait->>'until')
-                         WHEN v_kind = 'children' AND p_wake_at IS NULL
-                         THEN format('waiting for %s', v_children)
+                         WHEN v_kind = 'approval'
+                         THEN format('awaiting approval (%s x %s): %s', p_wait->>'quorum',
+                                     p_wait->>'role', p_wait->>'why')
+                              || coalesce(' (until ' || (p_wait->>'until') || ')', '')
                          WHEN v_kind = 'children'
-                         THEN format('waiting for %s until %s', v_children, p_wait->>'until')
+                         THEN format('waiting for %s', v_children)
+                              || coalesce(' until ' || (p_wait->>'until'), '')
                          WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
@@ -1085,6 +1277,19 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.timer_woke(p_wait jsonb) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT CASE p_wait->>'kind'
+               WHEN 'sleep' THEN format('woken: sleep until %s ended', p_wait->>'until')
+               WHEN 'approval' THEN format('woken: approval (%s x %s) timed out undecided',
+                                          p_wait->>'quorum', p_wait->>'role')
+               WHEN 'children' THEN format('woken: wait for %s timed out',
+                                          animus.children_text(p_wait))
+               ELSE format('woken: wait for %s timed out',
+                           quote_literal(coalesce(p_wait->>'event', '?'))) END
+$$;
+
 CREATE FUNCTION animus.wake_message(p_item animus.work_items) RETURNS void
     LANGUAGE plpgsql
     AS $_$
@@ -1110,15 +1315,6 @@ BEGIN
     END IF;
 END
 $_$;
-
-CREATE FUNCTION animus.work_items_children_timed_out() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    NEW.reason := format('woken: wait for %s timed out', animus.children_text(OLD.wait));
-    RETURN NEW;
-END
-$$;
 
 CREATE FUNCTION animus.work_items_inserted() RETURNS trigger
     LANGUAGE plpgsql
@@ -1281,6 +1477,16 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    PERFORM pgmq.archive(NEW.queue, NEW.msg_id);
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION animus.work_items_wake_parents() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -1324,7 +1530,9 @@ CREATE TABLE animus.approvals (
     decision text NOT NULL,
     reason text NOT NULL,
     at timestamp with time zone DEFAULT now() NOT NULL,
+    "position" integer,
     CONSTRAINT approvals_decision_check CHECK ((decision = ANY (ARRAY['approve'::text, 'reject'::text]))),
+    CONSTRAINT approvals_position_check CHECK (("position" >= 1)),
     CONSTRAINT approvals_reason_check CHECK ((btrim(reason) <> ''::text))
 );
 
@@ -1491,9 +1699,6 @@ CREATE TABLE animus.transitions (
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_pkey PRIMARY KEY (id);
 
-ALTER TABLE ONLY animus.approvals
-    ADD CONSTRAINT approvals_work_id_approver_key UNIQUE (work_id, approver);
-
 ALTER TABLE ONLY animus.audit_gaps
     ADD CONSTRAINT audit_gaps_pkey PRIMARY KEY (audit_id);
 
@@ -1538,6 +1743,8 @@ ALTER TABLE ONLY animus.transitions
 
 ALTER TABLE ONLY animus.work_items
     ADD CONSTRAINT work_items_pkey PRIMARY KEY (id);
+
+CREATE UNIQUE INDEX approvals_once_per_gate ON animus.approvals USING btree (work_id, COALESCE("position", 0), approver);
 
 CREATE INDEX audit_log_work ON animus.audit_log USING btree (work_id, id);
 
@@ -1599,13 +1806,13 @@ CREATE TRIGGER work_items_audit_insert AFTER INSERT ON animus.work_items REFEREN
 
 CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_updated();
 
-CREATE TRIGGER work_items_children_timed_out BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state = 'queued'::animus.work_state) AND ((old.wait ->> 'kind'::text) = 'children'::text) AND (new.reason = 'woken: wait for ''?'' timed out'::text))) EXECUTE FUNCTION animus.work_items_children_timed_out();
-
 CREATE TRIGGER work_items_fixed_columns BEFORE UPDATE OF id, requested_by ON animus.work_items FOR EACH ROW WHEN (((old.id IS DISTINCT FROM new.id) OR (old.requested_by IS DISTINCT FROM new.requested_by))) EXECUTE FUNCTION animus.work_items_refuse_rewrite();
 
 CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR EACH ROW EXECUTE FUNCTION animus.work_items_refuse_delete();
 
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
+
+CREATE TRIGGER work_items_waiting_unqueued AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = 'waiting'::animus.work_state) AND (old.state <> 'waiting'::animus.work_state) AND (new.wake_at IS NULL) AND (new.msg_id IS NOT NULL))) EXECUTE FUNCTION animus.work_items_waiting_unqueued();
 
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
 
@@ -1674,20 +1881,24 @@ REVOKE ALL ON FUNCTION animus.retry(p_id uuid, p_delay double precision, p_reaso
 
 REVOKE ALL ON FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jsonb[]) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wait jsonb, p_wake_at timestamp with time zone, p_duration_ms bigint, p_execution jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease integer, p_event text, p_position integer) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
+REVOKE ALL ON FUNCTION animus.timer_woke(p_wait jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION animus.work_items_children_timed_out() FROM PUBLIC;
+REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_left_waiting() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_session_user() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_items_waiting_unqueued() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_wake_parents() FROM PUBLIC;

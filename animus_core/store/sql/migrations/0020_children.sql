@@ -72,43 +72,41 @@ CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_wake_parents();
 
--- The claim (0017) words a timer's wake-up for sleeps and events; a wait for children whose
--- timer ran out is worded here.
-CREATE FUNCTION animus.work_items_children_timed_out() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.reason := format('woken: wait for %s timed out', animus.children_text(OLD.wait));
-    RETURN NEW;
-END
+-- As in 0019, and: the timer of a wait for children ran out.
+CREATE OR REPLACE FUNCTION animus.timer_woke(p_wait jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_wait->>'kind'
+               WHEN 'sleep' THEN format('woken: sleep until %s ended', p_wait->>'until')
+               WHEN 'approval' THEN format('woken: approval (%s x %s) timed out undecided',
+                                          p_wait->>'quorum', p_wait->>'role')
+               WHEN 'children' THEN format('woken: wait for %s timed out',
+                                          animus.children_text(p_wait))
+               ELSE format('woken: wait for %s timed out',
+                           quote_literal(coalesce(p_wait->>'event', '?'))) END
 $$;
 
-CREATE TRIGGER work_items_children_timed_out BEFORE UPDATE ON animus.work_items
-    FOR EACH ROW WHEN (OLD.state = 'waiting' AND NEW.state = 'queued'
-                       AND OLD.wait->>'kind' = 'children'
-                       AND NEW.reason = 'woken: wait for ''?'' timed out')
-    EXECUTE FUNCTION animus.work_items_children_timed_out();
-
--- As in 0017, and: a wait may be for children ({"kind": "children", "children": [id, ...]}),
+-- As in 0019, and: a wait may be for children ({"kind": "children", "children": [id, ...]}),
 -- woken in the same call when none of them is unfinished.
-CREATE OR REPLACE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease int, p_wait jsonb,
-                                          p_wake_at timestamptz, p_duration_ms bigint,
-                                          p_execution jsonb)
+CREATE OR REPLACE FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease int,
+                                          p_wait jsonb, p_wake_at timestamptz,
+                                          p_duration_ms bigint, p_execution jsonb)
 RETURNS SETOF animus.work_items
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_item animus.work_items;
-    v_kind text := p_wait->>'kind';
     v_event text := quote_literal(coalesce(p_wait->>'event', '?'));
+    v_kind text := p_wait->>'kind';
     v_children text;
     v_woken text;
 BEGIN
     IF jsonb_typeof(p_wait) IS DISTINCT FROM 'object'
-       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'children')
+       OR v_kind IS NULL OR v_kind NOT IN ('sleep', 'event', 'approval', 'children')
        OR (v_kind = 'sleep' AND p_wake_at IS NULL)
        OR (v_kind = 'children' AND (jsonb_typeof(p_wait->'children') IS DISTINCT FROM 'array'
                                     OR jsonb_array_length(p_wait->'children') = 0)) THEN
-        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), "event" '
-                        'or "children" (with a list of child ids), ...}, got %',
-                        p_id, coalesce(p_wait::text, 'null')
+        RAISE EXCEPTION 'work item %: a wait is {"kind": "sleep" (with a wake time), '
+                        '"event", "approval" or "children" (with the ids of the children), '
+                        '...}, got %', p_id, coalesce(p_wait::text, 'null')
             USING ERRCODE = 'ANI01';
     END IF;
     IF v_kind = 'children' THEN
@@ -129,15 +127,31 @@ BEGIN
     END IF;
     v_item := animus.held_item(p_id, p_msg_id, p_lease);
     PERFORM animus.require_transition(p_id, v_item.state, 'waiting');
+    IF v_kind = 'approval' AND (
+           jsonb_typeof(p_wait->'position') IS DISTINCT FROM 'number'
+           OR coalesce(btrim(p_wait->>'why'), '') = ''
+           OR coalesce(p_wait->>'role', '') NOT IN ('reader', 'submitter', 'approver',
+                                                    'operator', 'admin')
+           OR jsonb_typeof(p_wait->'quorum') IS DISTINCT FROM 'number'
+           OR (p_wait->>'quorum')::numeric < 1
+           OR (p_wait->>'quorum')::numeric <> trunc((p_wait->>'quorum')::numeric)) THEN
+        RAISE EXCEPTION 'work item %: an approval waits with a position, a why, a role (reader, '
+                        'submitter, approver, operator or admin) and a quorum of 1 or more, got %',
+                        p_id, p_wait::text
+            USING ERRCODE = 'ANI01';
+    END IF;
     UPDATE animus.work_items w
        SET state = 'waiting', wait = p_wait, wake_at = p_wake_at, lease = NULL,
            suspensions = w.suspensions + 1, duration_ms = p_duration_ms, updated_at = now(),
            reason = CASE WHEN v_kind = 'sleep'
                          THEN format('sleeping until %s', p_wait->>'until')
-                         WHEN v_kind = 'children' AND p_wake_at IS NULL
-                         THEN format('waiting for %s', v_children)
+                         WHEN v_kind = 'approval'
+                         THEN format('awaiting approval (%s x %s): %s', p_wait->>'quorum',
+                                     p_wait->>'role', p_wait->>'why')
+                              || coalesce(' (until ' || (p_wait->>'until') || ')', '')
                          WHEN v_kind = 'children'
-                         THEN format('waiting for %s until %s', v_children, p_wait->>'until')
+                         THEN format('waiting for %s', v_children)
+                              || coalesce(' until ' || (p_wait->>'until'), '')
                          WHEN p_wake_at IS NULL THEN format('waiting for %s', v_event)
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
@@ -171,6 +185,5 @@ $$;
 REVOKE EXECUTE ON FUNCTION
     animus.children_unfinished(jsonb),
     animus.children_text(jsonb),
-    animus.work_items_wake_parents(),
-    animus.work_items_children_timed_out()
+    animus.work_items_wake_parents()
   FROM PUBLIC;
