@@ -267,3 +267,24 @@ async def test_steps_and_waits_cannot_nest(db_url, tmp_path):
     assert "'sleep' was called inside the body of step 'outer'" in (items[0].reason or "")
     assert "'inner' was called inside the body of step 'outer'" in (items[1].reason or "")
     assert recorded == [[], []]
+
+
+async def test_a_focus_cancelled_as_it_suspends_ends_cancelled_not_waiting(db_url, tmp_path):
+    class Doomed(Faculty):
+        name = "doomed"
+        accepts = ("doomed",)
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            # an operator cancels the item while it runs, and it suspends before the engine
+            # acts on the request (the test keeps the engine from hearing of it)
+            await focus.db.cancel(focus.work.id, "not needed any more")
+            await focus.sleep(3600)
+            return "never"
+
+    async with run_faculties([Doomed()], home=tmp_path, database_url=db_url,
+                             options=NO_POLL) as animus:
+        animus.engine.listener._on_cancel = lambda work_id: None
+        item = await animus.run(NewWorkItem("doomed", source="test"))
+        history = [e.event for e in await animus.db.history(item.id)]
+    assert item.state == State.CANCELLED
+    assert history[-3:] == ["cancel_requested", "suspended", "cancelled"]

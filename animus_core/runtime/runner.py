@@ -52,6 +52,7 @@ from animus_core.values.errors import (
 )
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
+from animus_core.values.states import State
 from animus_core.values.version import __version__
 from animus_core.values.waits import Suspended
 from animus_core.values.work import Lease, WorkItem
@@ -203,6 +204,11 @@ class FocusRunner:
                     await scope.finish(commit=True)
             except Suspended as suspension:
                 await scope.finish(commit=False)
+                if flight.cancelling:  # asked to stop as it suspended: it ends instead
+                    failed, result = True, "dead"
+                    await self._cancelled(fac, focus, lease, started, started_at,
+                                          hashed or NO_PARAMS_HASH)
+                    return
                 result = "suspended"
                 focus_span.add_event("suspended", {"from": "running", "to": "waiting",
                                                    "wait": str(suspension)})
@@ -266,10 +272,20 @@ class FocusRunner:
                 execution=self._record(fac, focus, started_at, "suspended", hashed))
             _log.debug("%s %s suspended: %s", fac.name, lease.work_id, item.reason)
         except LeaseLost as e:
+            item = None
             _log.warning("%s", e)
         except AnimusError as e:  # its lease will run out and a later attempt resumes it
+            item = None
             _log.error("could not suspend %s (its lease will expire and it will be "
                        "resumed): %s", lease.work_id, e)
+        if item is not None and item.state == State.WAITING and item.cancel_requested:
+            # a cancellation asked for while it ran, which this engine had not seen yet: a
+            # waiting item is cancelled at once, rather than at a wake-up that may not come
+            try:
+                await self.store.cancel(item.id, item.cancel_requested)
+            except AnimusError as e:
+                _log.error("%s was cancelled while it ran and now waits: could not cancel it "
+                           "(animus work cancel %s ends it): %s", item.id, item.id, e)
         usage = focus.unrecorded_usage()  # what it spent is kept, as for a failure
         if usage:
             try:
