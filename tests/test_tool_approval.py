@@ -8,7 +8,7 @@ SDK against the local Messages API, real login roles deciding."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,11 @@ from animus_core.testing import OPTIONS, run_faculties
 from animus_core.values.errors import InvalidInput
 from tests.governance_helpers import People
 from tests.governance_helpers import people as team
-from tests.messages_server import MessagesServer, Reply, ToolUse
+from tests.messages_server import Reply, ToolUse
 from tests.test_focus_waits import until_state
+from tests.test_llm_durable import MODEL, server  # noqa: F401 - the fixture
 
-KEY = "sk-ant-test-approval"
-MODEL = "claude-sonnet-4-5"
 NO_POLL = dataclasses.replace(OPTIONS, poll_interval=60.0)
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[MessagesServer]:
-    for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS"):
-        monkeypatch.delenv(name, raising=False)
-    with MessagesServer(api_key=KEY) as s:
-        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
-        yield s
 
 
 @pytest.fixture
@@ -84,7 +73,7 @@ def paying(tool: str = "pay", amount: int = 40) -> list[Reply]:
 
 
 async def test_an_approved_call_runs_the_tool_once_and_pays_no_turn_twice(
-        db_url, tmp_path, server, people):
+        db_url, tmp_path, server, people):  # noqa: F811 - the fixture
     server.script(*paying())
     till = Till()
     ann = await people.db("ann")
@@ -109,7 +98,7 @@ async def test_an_approved_call_runs_the_tool_once_and_pays_no_turn_twice(
 
 
 async def test_a_rejected_call_returns_to_the_model_as_an_error_with_the_reason(
-        db_url, tmp_path, server, people):
+        db_url, tmp_path, server, people):  # noqa: F811 - the fixture
     server.script(*paying())
     till = Till()
     ann = await people.db("ann")
@@ -135,7 +124,7 @@ def write_rules(tmp_path: Path, text: str) -> Path:
 
 
 async def test_tool_rules_deny_a_call_or_make_it_wait_for_a_quorum(
-        db_url, tmp_path, server, people):
+        db_url, tmp_path, server, people):  # noqa: F811 - the fixture
     rules = write_rules(tmp_path, """
         [[rule]]
         name = "no big refunds"
