@@ -50,7 +50,8 @@ async def test_the_waiting_benchmark_runs_in_its_quick_mode(server_url, monkeypa
                                          + cfg.sleeps}
     free, resume, sleep = (report["sections"][k] for k in ("free", "resume", "sleep"))
     assert [c["label"] for c in free["checks"]] == [
-        f"RSS with {cfg.n} waiting / RSS idle", "engine queries per second while nothing wakes",
+        f"fresh engine's RSS with {cfg.n} waiting / RSS idle",
+        "engine queries per second while nothing wakes",
         f"signal_many -> all {cfg.n} completed, seconds"]
     assert all(c["value"] is not None and c["met"] is not None for c in free["checks"])
     assert len(resume["details"]["resume_ms"]) == cfg.k
