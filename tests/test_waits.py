@@ -266,3 +266,31 @@ async def test_a_lease_extension_racing_a_suspension_leaves_the_waiting_item_hid
         assert await conn.fetchval("SELECT vt FROM pgmq.q_work WHERE msg_id = $1",
                                    c.lease.msg_id) == until
     assert (await db.get_work_item(c.item.id)).state == State.WAITING
+
+
+async def test_engines_read_the_next_timer_and_whether_one_ran_out_already(db):
+    from animus_core.runtime.timers import WakeTimers
+    from animus_core.store.read import next_wakes
+
+    now = datetime.now(UTC)
+    soon, later, past = (now + timedelta(hours=1), now + timedelta(hours=2),
+                         now - timedelta(seconds=1))
+    for work_type, until in (("timed", later), ("timed", soon), ("overdue", past)):
+        c = await running(db, work_type)
+        await db.suspend(c.lease, Wait.sleep(1, until), wake_at=until)
+    untimed = await running(db, "untimed")
+    await db.suspend(untimed.lease, Wait.for_event(1, "go"), wake_at=None)
+    wakes = await next_wakes(db, ["work"], ["timed", "overdue", "untimed", "none"])
+    assert wakes == {"timed": (soon, False), "overdue": (None, True)}
+
+    woken: list[list[str]] = []
+    timers = WakeTimers(db, ["work"], lambda: ["timed", "overdue"], woken.append)
+    timers.refresh()
+    for _ in range(100):
+        if woken:
+            break
+        await asyncio.sleep(0.02)
+    # the overdue one wakes the engine at once, and the next timer of the other is armed
+    assert woken == [["overdue"]]
+    assert timers._armed["timed"][0] == soon
+    timers.close()

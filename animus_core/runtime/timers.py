@@ -4,8 +4,9 @@ claimable when its timer runs out, and the engine must look then, not at its nex
 The engine keeps one timer per work type it runs, armed for the earliest timer it knows of:
 learnt from the ``animus_work`` notification a suspension sends (it carries ``wake_at``),
 and read from the database (:func:`animus_core.store.read.next_wakes`, one index-only query)
-when the listener connects, at each fallback poll, and after a timer fires. Waiting items
-cost the engine nothing else: no memory per item, no polling.
+when the listener connects, at each fallback poll, and after a timer fires; a timer that ran
+out meanwhile (while the claim that followed the last fire ran, say) wakes the engine at
+once. Waiting items cost the engine nothing else: no memory per item, no polling.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ class WakeTimers:
             except AnimusError as e:  # the fallback poll and the next connect read again
                 _log.debug("could not read the next wake timers: %s", e)
                 return
-            for t, when in wakes.items():
-                self._arm(t, when)
+            for t, (when, due) in wakes.items():
+                if due:  # a timer ran out while the claim that followed its fire ran
+                    self._wake([t])
+                if when is not None:
+                    self._arm(t, when)
 
     def close(self) -> None:
         for _, handle in self._armed.values():

@@ -138,19 +138,22 @@ async def unroutable_backlog(db: DbBase, accepted: Sequence[str]) -> list[WorkCo
 
 
 async def next_wakes(db: DbBase, queues: Sequence[str],
-                     work_types: Sequence[str]) -> dict[str, datetime]:
-    """For each of ``work_types`` with waiting items in ``queues`` whose timer is still to
-    run out: the earliest such timer (one index-only query per type)."""
+                     work_types: Sequence[str]) -> dict[str, tuple[datetime | None, bool]]:
+    """For each of ``work_types`` with waiting items in ``queues`` that have a timer: the
+    earliest timer still to run out (None: none), and whether some timer has run out
+    already (its item is claimable now). One index-only query."""
     async with db.connection() as conn:
         rows = await conn.fetch(
-            """SELECT t.work_type, w.wake_at
+            """SELECT t.work_type, w.next, w.due
                  FROM unnest($2::text[]) AS t(work_type)
                  CROSS JOIN LATERAL (
-                     SELECT min(w.wake_at) AS wake_at FROM animus.work_items w
-                      WHERE w.state = 'waiting' AND w.wake_at > now()
+                     SELECT min(w.wake_at) FILTER (WHERE w.wake_at > now()) AS next,
+                            coalesce(bool_or(w.wake_at <= now()), false) AS due
+                       FROM animus.work_items w
+                      WHERE w.state = 'waiting' AND w.wake_at IS NOT NULL
                         AND w.queue = ANY ($1::text[]) AND w.work_type = t.work_type) w
-                WHERE w.wake_at IS NOT NULL""", list(queues), list(work_types))
-    return {r[0]: r[1] for r in rows}
+                WHERE w.next IS NOT NULL OR w.due""", list(queues), list(work_types))
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 class WorkReads(DbBase):
