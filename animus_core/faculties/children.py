@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from animus_core.faculties.steps import StepJournal
+from animus_core.faculties.steps import StepJournal, deadline, timeout_seconds
 from animus_core.governance.work import ChildSubmitter
 from animus_core.values.children import ChildrenTimedOut, ChildResult
 from animus_core.values.errors import InvalidInput, StepOrderChanged
@@ -37,7 +37,6 @@ __all__ = ["SUBMIT", "WAIT", "run_children"]
 #: the names of the two steps of a ``run_children``
 SUBMIT = "submit children"
 WAIT = "wait for children"
-_MAX_TIMEOUT = 10 * 365 * 86400
 
 
 async def run_children(journal: StepJournal, db: Db, submitter: ChildSubmitter,
@@ -52,51 +51,47 @@ async def run_children(journal: StepJournal, db: Db, submitter: ChildSubmitter,
         if not isinstance(item, NewWorkItem):
             raise InvalidInput(f"run_children: item {n} is a {type(item).__name__}, not a "
                                "NewWorkItem")
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-    if seconds is not None and not 0 <= seconds < _MAX_TIMEOUT:  # also refuses NaN
-        raise InvalidInput(f"run_children timeout must be from 0 seconds to 10 years, "
-                           f"got {timeout!r}")
+    seconds = timeout_seconds(timeout, "run_children")
     if not items:
         return []
 
-    position, known = await journal._next(SUBMIT)
+    position, known = await journal.begin(SUBMIT)
     if known is not None:
         ids: list[str] = list(known.result["children"])
         if len(ids) != len(items):
             raise StepOrderChanged(
                 f"StepOrderChanged: step {position} submitted {len(ids)} children of work "
-                f"item {journal._lease.work_id}, this attempt asks for {len(items)}: a focus "
+                f"item {journal.lease.work_id}, this attempt asks for {len(items)}: a focus "
                 "must submit the same children on every attempt, so the record cannot be "
                 "replayed and retrying cannot help")
     else:
         started_at = datetime.now(UTC)
-        submitted = await db.submit_children(journal._lease, position, SUBMIT,
+        submitted = await db.submit_children(journal.lease, position, SUBMIT,
                                              submitter.prepare(items), queue=submitter.queue,
                                              started_at=started_at)
         journal.ran.append((position, SUBMIT))
         ids = [str(r.id) for r in submitted]
 
-    position, known = await journal._next(WAIT)
+    position, known = await journal.begin(WAIT)
     if known is not None:
         return _recorded(known.result)
     ended = await db.children_results(ids)
     if all(r is not None for r in ended):
         done = [r for r in ended if r is not None]
-        return _recorded(await journal._record(
-            position, WAIT, {"children": [r.to_json() for r in done]}, datetime.now(UTC), 0))
-    kept = journal._kept_at(position, "children")
+        return _recorded(await journal.record(
+            position, WAIT, {"children": [r.to_json() for r in done]},
+            started_at=datetime.now(UTC), duration_ms=0))
+    kept = journal.kept_at(position, "children")
     if kept is not None:
         # resumed from this wait with children unfinished: its timer ran out
-        if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+        if kept.ran_out(datetime.now(UTC)):
             unfinished = sum(1 for r in ended if r is None)
-            return _recorded(await journal._record(
+            return _recorded(await journal.record(
                 position, WAIT, {"timed_out": True, "until": kept.until,
                                  "unfinished": unfinished, "total": len(ids)},
-                datetime.now(UTC), 0))
-        until = datetime.fromisoformat(kept.until) if kept.until else None
-        raise Suspended(kept, until)  # woken early (a clock behind the database's)
-    until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
-    raise Suspended(Wait.for_children(position, ids, until), until)
+                started_at=datetime.now(UTC), duration_ms=0))
+        raise Suspended(kept)  # woken early (a clock behind the database's)
+    raise Suspended(Wait.for_children(position, ids, deadline(seconds)))
 
 
 def _recorded(result: Any) -> list[ChildResult]:

@@ -96,7 +96,12 @@ class StepJournal:
         return {kind: [{"position": p, "name": n} for p, n in sorted(marks)]
                 for kind, marks in (("ran", self.ran), ("replayed", self.replayed))}
 
-    # -- for callers that place steps themselves (the command hooks' steps) ------------------
+    # -- for callers that place steps themselves (child work, the command hooks' steps) ------
+
+    @property
+    def lease(self) -> Lease:
+        """The lease the attempt holds (steps are recorded under it)."""
+        return self._lease
 
     @property
     def position(self) -> int:
@@ -140,15 +145,11 @@ class StepJournal:
         """Step ``name``: its recorded result, or ``fn``'s, recorded. ``usage(result)`` is the
         model usage the result cost, added to the item's totals as it is recorded (a model
         call made by the step)."""
-        if not isinstance(name, str) or not name.strip() or len(name) > _NAME_CHARS:
-            raise InvalidInput(f"a step's name must be text of 1 to {_NAME_CHARS} characters, "
-                               f"got {name!r:.80}")
-        json_values.check(name, "a step's name")
+        _check_step_name(name)
         position, known = await self._next(name)
         if known is not None:
             return known.result
         started_at, started = datetime.now(UTC), time.perf_counter()
-        # stored like an outcome: a secret's value never reaches the database
         inside = _INSIDE.set(name)
         try:
             result = await _with_retries(name, position, fn, args, kwargs, policy)
@@ -166,13 +167,13 @@ class StepJournal:
         position, known = await self._next("sleep")
         if known is not None:
             return
-        kept = self._kept_at(position, "sleep")
+        kept = self.kept_at(position, "sleep")
         if kept is not None or until <= datetime.now(UTC):
             # resumed from this sleep: only its timer wakes a sleep, so it has ended
             ended = kept.until if kept is not None else until.isoformat()
             await self._record(position, "sleep", {"until": ended}, datetime.now(UTC), 0)
             return
-        raise Suspended(Wait.sleep(position, until), until)
+        raise Suspended(Wait.sleep(position, until))
 
     async def wait_for(self, event: str, timeout: float | timedelta | None) -> Any:
         """The durable wait for signal ``event``: its payload, from the first signal of
@@ -180,7 +181,7 @@ class StepJournal:
         :class:`WaitTimedOut` once ``timeout`` has passed without one. Suspends the focus
         while it waits; the attempt that resumes records the outcome as a step."""
         check_name(event, "event")
-        seconds = _timeout(timeout, "wait_for")
+        seconds = timeout_seconds(timeout, "wait_for")
         name = f"wait for {event}"
         position, known = await self._next(name)
         if known is not None:
@@ -190,17 +191,15 @@ class StepJournal:
             return _waited(await self._record(
                 position, name, {"event": event, "signal": signal.id, "sent_by": signal.sent_by,
                                  "payload": signal.payload}, signal.sent_at, 0), event)
-        kept = self._kept_at(position, "event")
+        kept = self.kept_at(position, "event")
         if kept is not None and kept.event == event:
             # resumed from this very wait without its signal: its timer ran out
-            if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+            if kept.ran_out(datetime.now(UTC)):
                 return _waited(await self._record(
                     position, name, {"event": event, "timed_out": True, "until": kept.until},
                     datetime.now(UTC), 0), event)
-            until = datetime.fromisoformat(kept.until) if kept.until else None
-            raise Suspended(kept, until)  # woken early (a clock behind the database's)
-        until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
-        raise Suspended(Wait.for_event(position, event, until), until)
+            raise Suspended(kept)  # woken early (a clock behind the database's)
+        raise Suspended(Wait.for_event(position, event, deadline(seconds)))
 
     async def approval(self, why: str, role: str, quorum: int,
                        timeout: float | timedelta | None) -> Decision:
@@ -210,16 +209,15 @@ class StepJournal:
         ``timeout`` has passed undecided. The attempt that resumes records the decision as
         a step (named ``approval``)."""
         check_approval(why, role, quorum)
-        seconds = _timeout(timeout, "approval")
+        seconds = timeout_seconds(timeout, "approval")
         position, known = await self._next("approval")
         if known is not None:
             return _decided(known.result)
-        kept = self._kept_at(position, "approval")
+        kept = self.kept_at(position, "approval")
         if kept is None:
             # Decisions are taken only while the item waits at this position, and an attempt
             # gets past it only by recording the step: none can be there yet.
-            until = None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
-            raise Suspended(Wait.approval(position, why, role, quorum, until), until)
+            raise Suspended(Wait.approval(position, why, role, quorum, deadline(seconds)))
         # resumed from this approval: decided, or its timer ran out (the gate is the kept
         # one, as it was when people decided it)
         gate_role, gate_quorum = kept.role or role, kept.quorum or quorum
@@ -229,16 +227,17 @@ class StepJournal:
             return _decided(await self._record(
                 position, "approval", {**decision.to_json(), "role": gate_role,
                                        "quorum": gate_quorum}, decision.decided_at, 0))
-        if kept.until is not None and datetime.fromisoformat(kept.until) <= datetime.now(UTC):
+        if kept.ran_out(datetime.now(UTC)):
             return _decided(await self._record(
                 position, "approval",
                 {"timed_out": True, "until": kept.until, "why": kept.why, "role": gate_role,
                  "quorum": gate_quorum, "approvals": sum(1 for d in decisions if d.counts)},
                 datetime.now(UTC), 0))
-        until = datetime.fromisoformat(kept.until) if kept.until else None
-        raise Suspended(kept, until)  # woken early (a clock behind the database's)
+        raise Suspended(kept)  # woken early (a clock behind the database's)
 
-    def _kept_at(self, position: int, kind: str) -> Wait | None:
+    def kept_at(self, position: int, kind: str) -> Wait | None:
+        """The item's kept wait, when the attempt this one resumes suspended for a wait of
+        ``kind`` at ``position``."""
         kept = self._kept
         return kept if kept is not None and kept.position == position and kept.kind == kind \
             else None
@@ -281,12 +280,18 @@ class StepJournal:
         return value
 
 
-def _timeout(timeout: float | timedelta | None, what: str) -> float | None:
+def timeout_seconds(timeout: float | timedelta | None, what: str) -> float | None:
+    """A wait's ``timeout`` in seconds (None: none), checked: from 0 seconds to 10 years."""
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     if seconds is not None and not 0 <= seconds < 10 * 365 * 86400:  # also refuses NaN
         raise InvalidInput(f"{what} timeout must be from 0 seconds to 10 years, "
                            f"got {timeout!r}")
     return seconds
+
+
+def deadline(seconds: float | None) -> datetime | None:
+    """When a wait of ``seconds`` starting now ends (None: it has no timer)."""
+    return None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def _decided(result: Any) -> Decision:

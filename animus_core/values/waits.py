@@ -65,6 +65,15 @@ class Wait(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         elif self.children is not None:
             raise InvalidInput(f"a wait of kind {self.kind!r} lists no children")
 
+    def ends_at(self) -> datetime | None:
+        """When the wait ends by its timer (``until``), or None: it has no timer."""
+        return datetime.fromisoformat(self.until) if self.until is not None else None
+
+    def ran_out(self, now: datetime) -> bool:
+        """Whether its timer has run out at ``now`` (never, without one)."""
+        ends = self.ends_at()
+        return ends is not None and ends <= now
+
     @classmethod
     def sleep(cls, position: int, until: datetime) -> Wait:
         return cls(kind="sleep", position=position, until=until.isoformat())
@@ -199,10 +208,10 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
 class Suspended(BaseException):
     """Raised by a focus that suspends (``focus.sleep``, ``focus.wait_for``...): the runner
     catches it and ends the attempt ``running -> waiting`` for ``wait``, with the timer
-    ``wake_at`` (None: none). A ``BaseException``, as ``asyncio.CancelledError`` is, so
+    ``wake_at`` (the wait's end, None: none). A ``BaseException``, as ``asyncio.CancelledError`` is, so
     that a faculty's ``except Exception`` does not swallow it; do not catch it."""
 
-    def __init__(self, wait: Wait, wake_at: datetime | None) -> None:
+    def __init__(self, wait: Wait) -> None:
         super().__init__(f"suspended at step {wait.position}: {wait.kind}"
                          + (f" {wait.event!r}" if wait.event else "")
                          + (f" ({wait.quorum} x {wait.role}) {wait.why!r}"
@@ -210,4 +219,4 @@ class Suspended(BaseException):
                          + (f" ({len(wait.children)})" if wait.children else "")
                          + (f" until {wait.until}" if wait.until else ""))
         self.wait = wait
-        self.wake_at = wake_at
+        self.wake_at = wait.ends_at()
