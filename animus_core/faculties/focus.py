@@ -222,6 +222,7 @@ class Focus:
                               "without the engine's child submitter")
         return await run_children(self._journal("a wait for child work"), self._db,
                                   self._submitter, items, timeout)
+
     async def approval(self, why: str, *, role: str = "approver", quorum: int = 1,
                        timeout: float | timedelta | None = None) -> Decision:
         """An approval gate inside the focus: suspend it (as :meth:`sleep` does) until

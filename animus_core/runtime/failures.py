@@ -19,6 +19,8 @@ NO_PARAMS_HASH = "none: the params cannot be read"  # an attempt refused before 
 class Unrunnable(PhaseFailed):
     """The item cannot run at all (its stored params cannot be read): dead-lettered now."""
 
+    final = True
+
 
 def params_hash(params: Any) -> str:
     """The canonical hash of an item's params; :class:`Unrunnable` for params written around

@@ -30,7 +30,6 @@ from animus_core.runtime.completions import Completions
 from animus_core.runtime.deadlines import Deadlines
 from animus_core.runtime.failures import (
     NO_PARAMS_HASH,
-    Unrunnable,
     describe,
     failure_kind,
     params_hash,
@@ -42,14 +41,7 @@ from animus_core.store.memory import Memory
 from animus_core.store.tx import TxScope
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.children import ChildFailed
-from animus_core.values.errors import (
-    AnimusError,
-    ApprovalTimedOut,
-    LeaseLost,
-    StepOrderChanged,
-    WaitTimedOut,
-)
+from animus_core.values.errors import AnimusError, LeaseLost, PhaseFailed
 from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
@@ -237,11 +229,8 @@ class FocusRunner:
                 record = self._record(fac, focus, started_at, "failed",
                                       hashed or NO_PARAMS_HASH, error=error)
                 result = await self._failed(flight, focus, error, phase, ms, record,
-                                            final=isinstance(e, RuleRefused | Unrunnable
-                                                             | StepOrderChanged
-                                                             | WaitTimedOut
-                                                             | ApprovalTimedOut
-                                                             | ChildFailed))
+                                            final=isinstance(e, RuleRefused)
+                                            or (isinstance(e, PhaseFailed) and e.final))
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions

@@ -67,6 +67,8 @@ class ChildFailed(PhaseFailed):
     :meth:`ChildResult.result` and :func:`outcomes`; uncaught, it fails the phase and the
     item is dead-lettered (a retry would replay the same finished children)."""
 
+    final = True
+
     def __init__(self, child: ChildResult) -> None:
         why = child.reason or child.error or "no reason given"
         super().__init__(f"child work item {child.id} ({child.work_type}) ended {child.state}: "

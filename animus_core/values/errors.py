@@ -23,6 +23,8 @@ prints ``str(error)`` and exits with ``error.exit_code``; a traceback only with 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "AnimusError",
     "ApprovalTimedOut",
@@ -53,7 +55,10 @@ class PhaseFailed(AnimusError):
     """A faculty phase failed in a way the faculty has already put in words: the message is
     the whole failure reason (the exception's class name is not added to it). ``kind`` says
     what went wrong, for metrics: ``exit_status``, ``timeout``, ``bad_output`` or
-    ``exception``."""
+    ``exception``. ``final``: retrying cannot change the outcome (a replay of the item's
+    record would meet it again), so the item is dead-lettered without recover or retry."""
+
+    final: ClassVar[bool] = False
 
     def __init__(self, message: str, *, kind: str = "exception") -> None:
         super().__init__(message)
@@ -64,6 +69,8 @@ class StepOrderChanged(PhaseFailed):
     """An attempt called its steps in another order than the item's record: the record
     cannot be replayed, and retrying cannot help (the item is dead-lettered)."""
 
+    final = True
+
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="step_order")
 
@@ -72,6 +79,8 @@ class WaitTimedOut(PhaseFailed):
     """A focus's wait for a signal ended at its timeout without one (``event``, the time it
     ended ``until`` as ISO 8601 text). A faculty may catch it and go on; uncaught, it fails
     the phase and the item is dead-lettered (a retry replays the same timed-out wait)."""
+
+    final = True
 
     def __init__(self, event: str, until: str | None) -> None:
         super().__init__(f"wait for signal {event!r} timed out at {until}", kind="wait_timeout")
@@ -84,6 +93,8 @@ class ApprovalTimedOut(PhaseFailed):
     ``role`` and ``quorum`` are the gate's, ``approvals`` how many approvals that count it
     had, ``until`` the time it ended (ISO 8601 text). Like :class:`WaitTimedOut`, a faculty
     may catch it; uncaught, the item is dead-lettered."""
+
+    final = True
 
     def __init__(self, why: str, role: str, quorum: int, approvals: int,
                  until: str | None) -> None:
