@@ -448,11 +448,11 @@ class _Loop:
                     "durable steps can wait for")
         shown = redactor.text(json.dumps(args, ensure_ascii=False, default=str))
         why = f"the model calls tool {tool_name} with {shown[:500]}"
-        decision_made = await self.focus.approval(why, role=role, quorum=quorum)
-        if decision_made.approved:
+        verdict = await self.focus.approval(why, role=role, quorum=quorum)
+        if verdict.approved:
             return None
-        return (f"a person rejected this call ({', '.join(decision_made.by)}): "
-                f"{decision_made.reason}")
+        return (f"a person rejected this call ({', '.join(verdict.by)}): "
+                f"{verdict.reason}")
 
     async def _durable(self, name: str, fn: Callable[[], Awaitable[dict[str, Any]]],
                        usage: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
