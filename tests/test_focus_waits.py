@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from animus_core import Faculty, Focus, NewWorkItem, State
+from animus_core.store.db import Db
 from animus_core.testing import OPTIONS, run_faculties
+from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import IllegalTransition, WaitTimedOut
 from tests.engine_helpers import wait_until
 from tests.test_steps import Tally
@@ -152,6 +154,75 @@ async def test_a_signal_sent_before_the_wait_is_kept_and_taken_without_suspendin
                                "payload": "early"}
     assert signal.consumed_by_position == 1
     assert fac.attempts == []
+
+
+async def test_a_resumed_wait_is_read_with_the_steps_and_recorded_with_the_next_write(
+        db_url, tmp_path, monkeypatch):
+    """The attempt a signal or a timer resumes neither takes the signal nor records the
+    wait's step in a round trip of its own: it reads both with its steps, and the step goes
+    with its next write (the completion's batch, its next step, or its failure); a retry
+    after that failure replays the wait."""
+    calls: list[str] = []
+    for method in ("take_signal", "record_step", "record_steps", "steps", "resume_read"):
+        real = getattr(Db, method)
+
+        def counted(self: Db, *args: Any, _real: Any = real, _name: str = method,
+                    **kwargs: Any) -> Any:
+            # complete_many records the steps on its own connection, in its transaction
+            calls.append(_name + (" with the completion" if kwargs.get("conn") else ""))
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(Db, method, counted)
+
+    tally = Tally(tmp_path)
+
+    class FailsOnce(Waits):
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            out = await super().engage(focus, oriented)
+            if focus.params.get("fail") and tally.hit("fail") == 1:
+                raise RuntimeError("failing once after the wait")
+            return out
+
+    fac = FailsOnce(tally)
+    async with run_faculties([fac], home=tmp_path, database_url=db_url,
+                             options=NO_POLL) as animus:
+        db = animus.db
+        # woken by a signal; completes
+        sent = await animus.submit(script(["wait", "go", None]))
+        await until_state(db, sent.id, State.WAITING)
+        assert calls == ["take_signal"]  # a first attempt reads no steps
+        calls.clear()
+        await db.signal(sent.id, "go", {"n": 1})
+        done = await animus.animus.wait_finished(sent.id, 20)
+        assert calls == ["resume_read", "record_steps with the completion"]
+        calls.clear()
+        # woken by its timer; a step follows the sleep, in the same write
+        slept = await animus.run(script(["sleep", 0.2], ["step", "after"]))
+        assert calls == ["steps", "record_steps"]
+        calls.clear()
+        # woken by a signal, then fails: the wait's step is recorded with the failure, and
+        # the retry replays it
+        failing = await animus.submit(script(["wait", "go", None]).params(
+            {"script": [["wait", "go", None]], "fail": True}))
+        await until_state(db, failing.id, State.WAITING)
+        await db.signal(failing.id, "go", "x")
+        retried = await animus.animus.wait_finished(failing.id, 20)
+        steps = {i: await db.steps(i) for i in (sent.id, slept.id, failing.id)}
+        [signal] = await db.signals(sent.id)
+        records = await db.executions(failing.id)
+    assert done.state == slept.state == retried.state == State.COMPLETED
+    assert done.outcome.data == [{"n": 1}]
+    assert [(s.position, s.name, s.attempt) for s in steps[sent.id]] == [(1, "wait for go", 2)]
+    assert steps[sent.id][0].result == {"event": "go", "signal": signal.id,
+                                        "sent_by": signal.sent_by, "payload": {"n": 1}}
+    assert steps[sent.id][0].result_hash == canonical_hash(steps[sent.id][0].result, nfc=True)
+    assert [(s.position, s.name) for s in steps[slept.id]] == [(1, "sleep"), (2, "after")]
+    assert [(s.position, s.name, s.attempt) for s in steps[failing.id]] == [
+        (1, "wait for go", 2)]
+    assert retried.outcome.data == ["x"]
+    assert [(r.attempt, r.result, r.steps) for r in records] == [
+        (1, "suspended", {"ran": [], "replayed": []}),
+        (2, "failed", {"ran": [{"position": 1, "name": "wait for go"}], "replayed": []}),
+        (3, "completed", {"ran": [], "replayed": [{"position": 1, "name": "wait for go"}]})]
 
 
 async def test_two_signals_racing_the_first_wins_and_the_second_waits_for_the_next_wait(

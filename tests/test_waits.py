@@ -14,9 +14,10 @@ import msgspec
 import pytest
 
 from animus_core import State
-from animus_core.store.db import Retry
+from animus_core.store.db import Retry, Signalled
 from animus_core.values.errors import IllegalTransition, InvalidInput, LeaseLost
 from animus_core.values.records import ExecutionRecord
+from animus_core.values.steps import StepRecord
 from animus_core.values.waits import Wait
 from animus_core.values.work import Claimed, Lease, WorkNotification
 from tests.support import raw
@@ -170,6 +171,84 @@ async def test_the_first_signal_wins_and_the_next_stays_for_a_later_wait(db):
         ("go", 1), ("go", 2)]
 
 
+async def test_the_signal_that_wakes_a_wait_is_taken_by_it_as_it_wakes(db):
+    """Woken by animus.signal, animus.signal_many, or a suspension that finds its signal:
+    the wait's position holds the signal at once, and the attempt that resumes reads it with
+    its steps (Db.resume_read: one query, nothing locked)."""
+    waiting = []
+    for name in ("one", "many", "early"):
+        c = await running(db, name)
+        waiting.append(c)
+    one, many, early = waiting
+    for c in (one, many):
+        await db.suspend(c.lease, Wait.for_event(3, "go"), wake_at=None)
+    kept = await db.signal(early.item.id, "go", "early")  # running: kept, not taken
+    assert [s.consumed_by_position for s in await db.signals(early.item.id)] == [None]
+    woken = await db.suspend(early.lease, Wait.for_event(2, "go"), wake_at=None)
+    assert woken.state == State.QUEUED
+
+    sent = await db.signal(one.item.id, "go", {"n": 1})
+    [answer] = await db.signal_many([(many.item.id, "go", {"n": 2})])
+    assert isinstance(answer, Signalled)
+    assert sent.woke
+    assert answer.woke
+    for c, position, signal_id, payload in ((one, 3, sent.signal_id, {"n": 1}),
+                                             (many, 3, answer.signal_id, {"n": 2}),
+                                             (early, 2, kept.signal_id, "early")):
+        [signal] = await db.signals(c.item.id)
+        assert (signal.id, signal.consumed_by_position) == (signal_id, position)
+        assert signal.consumed_at is not None
+        steps, taken = await db.resume_read(c.item.id, position, "go")
+        assert steps == []
+        assert taken is not None
+        assert (taken.id, taken.payload, taken.sent_by) == (signal_id, payload,
+                                                            signal.sent_by)
+        # another position or event: no signal
+        assert (await db.resume_read(c.item.id, position + 1, "go"))[1] is None
+        assert (await db.resume_read(c.item.id, position, "stop"))[1] is None
+    # a second signal of the event to a woken (queued) item is kept for a later wait
+    again = await db.signal(one.item.id, "go", "later")
+    assert not again.woke
+    assert [s.consumed_by_position for s in await db.signals(one.item.id)] == [3, None]
+
+
+async def test_steps_recorded_together_are_all_recorded_or_none(db):
+    a, b = await running(db, "rs-a"), await running(db, "rs-b")
+    now = datetime.now(UTC)
+
+    def rec(position: int, result: Any) -> StepRecord:
+        return StepRecord(position=position, name=f"s{position}",
+                          result=msgspec.Raw(msgspec.json.encode(result)),
+                          result_hash=f"sha256:{position}", started_at=now, duration_ms=1)
+
+    await db.record_step(a.lease, 2, "s2", msgspec.Raw(b"2"), result_hash="sha256:2",
+                         started_at=now, duration_ms=0)
+    stale = Lease(work_id=b.lease.work_id, queue=b.lease.queue, msg_id=b.lease.msg_id,
+                  token=b.lease.token + 1)
+    with pytest.raises(LeaseLost):
+        await db.record_steps([(a.lease, rec(1, "a1")), (stale, rec(1, "b1"))])
+    with pytest.raises(IllegalTransition, match=r"step 2 of work item .* is recorded already"):
+        await db.record_steps([(b.lease, rec(1, "b1")), (a.lease, rec(2, "again"))])
+    assert [s.position for s in await db.steps(a.item.id)] == [2]
+    assert await db.steps(b.item.id) == []
+    await db.record_steps([(a.lease, rec(1, "a1")), (b.lease, rec(1, [1, 2])),
+                           (a.lease, rec(3, {"x": None}))])
+    assert [(s.position, s.result, s.attempt) for s in await db.steps(a.item.id)] == [
+        (1, "a1", 1), (2, 2, 1), (3, {"x": None}, 1)]
+    assert [(s.position, s.result) for s in await db.steps(b.item.id)] == [(1, [1, 2])]
+    audited = [e.payload for e in await db.history(a.item.id) if e.event == "step"]
+    assert [(p["position"], p["name"], p["result_hash"]) for p in audited] == [
+        (2, "s2", "sha256:2"), (1, "s1", "sha256:1"), (3, "s3", "sha256:3")]
+    # and with a batch of completions, in its transaction
+    await db.complete_many([(b.lease, "done", 1)], steps=[(b.lease, rec(2, "b2"))])
+    assert [s.position for s in await db.steps(b.item.id)] == [1, 2]
+    assert (await db.get_work_item(b.item.id)).state == State.COMPLETED
+    # a step of an attempt that is over: neither is recorded
+    with pytest.raises(IllegalTransition, match="is completed: only a running attempt"):
+        await db.complete_many([(a.lease, "done", 1)], steps=[(b.lease, rec(3, "late"))])
+    assert (await db.get_work_item(a.item.id)).state == State.RUNNING
+
+
 async def test_a_finished_item_takes_no_signals(db):
     c = await running(db, "done")
     await db.complete(c.lease, None)
@@ -189,9 +268,14 @@ async def test_a_lost_lease_cannot_suspend_nor_take_signals(db):
     until = datetime.now(UTC) + timedelta(minutes=5)
     with pytest.raises(LeaseLost):
         await db.suspend(stale, Wait.sleep(1, until), wake_at=until)
+    # with no signal to take, the answer is "none" without a look at the lease (the
+    # suspension that follows checks it); a signal there is taken only under the lease
+    assert await db.take_signal(stale, "go", 1) is None
+    await db.signal(c.item.id, "go", 1)
     with pytest.raises(LeaseLost):
         await db.take_signal(stale, "go", 1)
     assert (await db.get_work_item(c.item.id)).state == State.RUNNING
+    assert (await db.take_signal(c.lease, "go", 1)).payload == 1
     await db.suspend(c.lease, Wait.sleep(1, until), wake_at=until)
     # the suspended attempt holds no lease: it can neither finish nor suspend again
     with pytest.raises(LeaseLost):

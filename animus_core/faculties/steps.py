@@ -2,7 +2,8 @@
 runs them.
 
 The n-th ``step`` call of an attempt is step n. The item's recorded steps are read on the
-first call (one query; a focus that calls no step reads nothing). A step recorded at that
+first call (one query, with the signal a resumed wait took; a focus that calls no step reads
+nothing). A step recorded at that
 position, under the same name, is replayed: its stored result is returned and its body does
 not run. A step recorded under another name is :class:`StepOrderChanged`. Otherwise the body
 runs (retried as its :class:`StepPolicy` says), and its result, within the JSON value model
@@ -13,7 +14,10 @@ Sleeps, waits for signals and approvals are steps too: the first attempt that re
 suspends the focus (raising :class:`~animus_core.values.waits.Suspended`, which the runner
 turns into ``running -> waiting``), and the attempt that resumes records its outcome at the
 same position (the ended sleep, the signal taken, the decision, or the timeout), reading the
-wait it resumes from the item (``WorkItem.wait``).
+wait it resumes from the item (``WorkItem.wait``). An ended sleep and a signal that woke the
+wait are outcomes the database holds already (a later attempt finds the same): their steps
+are recorded with the attempt's next write (its next step, its suspension or failure, or the
+batch of its completion, :meth:`StepJournal.take_pending`), not in a round trip of their own.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from animus_core.values.errors import (
     WaitTimedOut,
 )
 from animus_core.values.limits import limits
-from animus_core.values.steps import Step, StepPolicy
+from animus_core.values.steps import Step, StepPolicy, StepRecord
 from animus_core.values.waits import Approval, Decision, Signal, Suspended, Wait, check_approval
 from animus_core.values.work import Lease, check_name
 
@@ -61,11 +65,16 @@ class StepStore(Protocol):
                           *, result_hash: str, started_at: datetime, duration_ms: int,
                           usage: dict[str, Any] | None = None) -> None: ...
 
+    async def record_steps(self, steps: Sequence[tuple[Lease, StepRecord]]) -> None: ...
+
 
 class WaitStore(StepStore, Protocol):
     """... and for waits."""
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None: ...
+
+    async def resume_read(self, work_id: Any, position: int,
+                          event: str) -> tuple[list[Step], Signal | None]: ...
 
     async def gate_decisions(self, work_id: Any, position: int,
                              role: str) -> list[Approval]: ...
@@ -75,13 +84,21 @@ class StepJournal:
     """The steps of one attempt of one work item, held under ``lease``."""
 
     def __init__(self, store: WaitStore, lease: Lease, *,
-                 wait: Mapping[str, Any] | None = None) -> None:
+                 wait: Mapping[str, Any] | None = None, attempt: int = 0,
+                 first: bool = False) -> None:
         """``wait`` is the item's kept wait (``WorkItem.wait``): what the attempt this one
-        resumes was suspended for."""
+        resumes was suspended for; ``attempt`` is this attempt's number; ``first``: no
+        attempt of the item ran before this one and none of its steps were copied into it
+        (its record is empty, and is not read)."""
         self._store = store
         self._lease = lease
+        self._attempt = attempt
         self._kept = Wait.from_json(dict(wait)) if wait else None
-        self._recorded: dict[int, Step] | None = None
+        self._recorded: dict[int, Step] | None = {} if first and not wait else None
+        #: the signal the kept wait took when it woke the item (read with the steps)
+        self._woken_by: Signal | None = None
+        #: steps whose outcome the database holds already, recorded with the next write
+        self._pending: list[StepRecord] = []
         self._loading = asyncio.Lock()
         self._calls = 0
         #: (position, name) of the steps this attempt ran, and of those it replayed
@@ -120,6 +137,19 @@ class StepJournal:
         """Read the record again on the next step call (it holds what this attempt recorded)."""
         self._recorded = None
 
+    def take_pending(self) -> list[StepRecord]:
+        """The steps this attempt has not recorded yet (see the module's documentation), for
+        its caller to record with the attempt's end (``Db.complete_many(steps=...)``); they
+        are the caller's from now on."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    async def flush(self) -> None:
+        """Record the steps not recorded yet now (before the attempt suspends or fails)."""
+        if self._pending:
+            await self._store.record_steps([(self._lease, r) for r in self._pending])
+            self._pending = []
+
     async def begin(self, name: str) -> tuple[int, Step | None]:
         """The next step call, named ``name``: its position, and its record when it has one
         (to replay); :class:`StepOrderChanged` when another name is recorded there."""
@@ -135,9 +165,23 @@ class StepJournal:
     async def _load(self) -> dict[int, Step]:
         async with self._loading:  # steps started together read the record once
             if self._recorded is None:
-                steps = await self._store.steps(self._lease.work_id)
-                self._recorded = {s.position: s for s in steps}
+                kept = self._kept
+                if kept is not None and kept.kind == "event" and kept.event is not None:
+                    steps, self._woken_by = await self._store.resume_read(
+                        self._lease.work_id, kept.position, kept.event)
+                else:
+                    steps = await self._store.steps(self._lease.work_id)
+                recorded = {s.position: s for s in steps}
+                for r in self._pending:  # this attempt's, not recorded yet
+                    recorded[r.position] = self._step(r)
+                self._recorded = recorded
         return self._recorded
+
+    def _step(self, r: StepRecord) -> Step:
+        return Step(work_id=self._lease.work_id, position=r.position, name=r.name,
+                    attempt=self._attempt, result=json_values.read_stored(bytes(r.result).decode()),
+                    result_hash=r.result_hash, started_at=r.started_at,
+                    finished_at=r.started_at, duration_ms=r.duration_ms)
 
     async def run(self, name: str, fn: Callable[..., Any], args: Sequence[Any],
                   kwargs: Mapping[str, Any], policy: StepPolicy, *,
@@ -168,10 +212,13 @@ class StepJournal:
         if known is not None:
             return
         kept = self.kept_at(position, "sleep")
-        if kept is not None or until <= datetime.now(UTC):
+        if kept is not None:
             # resumed from this sleep: only its timer wakes a sleep, so it has ended
-            ended = kept.until if kept is not None else until.isoformat()
-            await self._record(position, "sleep", {"until": ended}, datetime.now(UTC), 0)
+            self._defer(position, "sleep", {"until": kept.until}, datetime.now(UTC))
+            return
+        if until <= datetime.now(UTC):
+            await self._record(position, "sleep", {"until": until.isoformat()},
+                               datetime.now(UTC), 0)
             return
         raise Suspended(Wait.sleep(position, until))
 
@@ -186,12 +233,17 @@ class StepJournal:
         position, known = await self._next(name)
         if known is not None:
             return _waited(known.result, event)
+        kept = self.kept_at(position, "event")
+        woken_by = self._woken_by
+        if kept is not None and kept.event == event and woken_by is not None \
+                and woken_by.consumed_by_position == position:
+            # resumed by the signal this wait took as it woke the item (read with the steps)
+            return _waited(self._defer(position, name, _taken(event, woken_by),
+                                       woken_by.sent_at), event)
         signal = await self._store.take_signal(self._lease, event, position)
         if signal is not None:
-            return _waited(await self._record(
-                position, name, {"event": event, "signal": signal.id, "sent_by": signal.sent_by,
-                                 "payload": signal.payload}, signal.sent_at, 0), event)
-        kept = self.kept_at(position, "event")
+            return _waited(await self._record(position, name, _taken(event, signal),
+                                              signal.sent_at, 0), event)
         if kept is not None and kept.event == event:
             # resumed from this very wait without its signal: its timer ran out
             if kept.ran_out(datetime.now(UTC)):
@@ -266,18 +318,48 @@ class StepJournal:
 
     async def _record(self, position: int, name: str, result: Any, started_at: datetime,
                       duration_ms: int, *, usage: dict[str, Any] | None = None) -> Any:
-        """Commit step ``position``'s result; return it as every later attempt gets it."""
-        # stored like an outcome: a secret's value never reaches the database
-        text = json_values.encode(redactor.json(result), f"step {position} {name!r} result",
-                                  limit=limits().outcome_bytes,
-                                  setting="ANIMUS_MAX_OUTCOME_BYTES")
-        value = json_values.read_stored(text)  # what every later attempt will be given
-        await self._store.record_step(
-            self._lease, position, name, msgspec.Raw(text.encode()),
-            result_hash=canonical_hash(value, nfc=True), started_at=started_at,
-            duration_ms=duration_ms, usage=usage)
+        """Commit step ``position``'s result (with the steps not recorded yet); return it as
+        every later attempt gets it."""
+        record, value = _encoded(position, name, result, started_at, duration_ms)
+        if self._pending and usage is None:
+            await self._store.record_steps([(self._lease, r)
+                                            for r in (*self._pending, record)])
+        else:
+            await self.flush()
+            await self._store.record_step(
+                self._lease, position, name, record.result, result_hash=record.result_hash,
+                started_at=started_at, duration_ms=duration_ms, usage=usage)
+        self._pending = []
         self.ran.append((position, name))
         return value
+
+    def _defer(self, position: int, name: str, result: Any, started_at: datetime) -> Any:
+        """Step ``position``'s result, whose outcome the database holds already: recorded
+        with the attempt's next write. Returns it as every later attempt gets it."""
+        record, value = _encoded(position, name, result, started_at, 0)
+        self._pending.append(record)
+        if self._recorded is not None:
+            self._recorded[position] = self._step(record)
+        self.ran.append((position, name))
+        return value
+
+
+def _encoded(position: int, name: str, result: Any, started_at: datetime,
+             duration_ms: int) -> tuple[StepRecord, Any]:
+    """Step ``position``'s record, and its result as every later attempt gets it."""
+    # stored like an outcome: a secret's value never reaches the database
+    text = json_values.encode(redactor.json(result), f"step {position} {name!r} result",
+                              limit=limits().outcome_bytes, setting="ANIMUS_MAX_OUTCOME_BYTES")
+    value = json_values.read_stored(text)  # what every later attempt will be given
+    return StepRecord(position=position, name=name, result=msgspec.Raw(text.encode()),
+                      result_hash=canonical_hash(value, nfc=True), started_at=started_at,
+                      duration_ms=duration_ms), value
+
+
+def _taken(event: str, signal: Signal) -> dict[str, Any]:
+    """The result of a wait's step that took ``signal``."""
+    return {"event": event, "signal": signal.id, "sent_by": signal.sent_by,
+            "payload": signal.payload}
 
 
 def timeout_seconds(timeout: float | timedelta | None, what: str) -> float | None:

@@ -17,12 +17,14 @@ from animus_core.runtime.health import Health
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError, DatabaseUnavailable
 from animus_core.values.records import ExecutionRecord
+from animus_core.values.steps import StepRecord
 from animus_core.values.work import Lease
 
 __all__ = ["Completions"]
 
 _log = logging.getLogger("animus.engine")
 Done = tuple[Lease, Any, int | None]
+Steps = list[tuple[Lease, StepRecord]]
 
 
 class Completions:
@@ -35,14 +37,20 @@ class Completions:
         self._on_recorded = on_recorded
         self._pending: list[Done] = []
         self._executions: list[ExecutionRecord] = []
+        self._steps: Steps = []  # steps of these attempts not recorded yet
         #: the batch being written right now (its leases are held until it is recorded)
         self._recording: list[Done] = []
         self._ready = asyncio.Event()
         self._closing = False
 
-    def add(self, lease: Lease, outcome: Any, ms: int, record: ExecutionRecord) -> None:
+    def add(self, lease: Lease, outcome: Any, ms: int, record: ExecutionRecord,
+            steps: list[StepRecord] | None = None) -> None:
+        """Record the completion of the attempt holding ``lease`` (with ``steps`` it has not
+        recorded yet) in the next batch."""
         self._pending.append((lease, outcome, ms))
         self._executions.append(record)
+        if steps:
+            self._steps.extend((lease, r) for r in steps)
         self._ready.set()
 
     def held(self) -> list[Lease]:
@@ -70,12 +78,14 @@ class Completions:
         while self._pending:
             batch, self._pending = self._pending, []
             records, self._executions = self._executions, []
+            steps, self._steps = self._steps, []
             self._recording = batch
             try:
-                await self.store.complete_many(batch, executions=records)
+                await self.store.complete_many(batch, executions=records, steps=steps)
             except DatabaseUnavailable as e:
                 self._pending = batch + self._pending
                 self._executions = records + self._executions
+                self._steps = steps + self._steps
                 deadline = self._stop_deadline()
                 if deadline is not None and time.monotonic() >= deadline:
                     ids = ", ".join(str(c[0].work_id) for c in self._pending)
@@ -83,7 +93,7 @@ class Completions:
                         "stopping without recording %d finished foci: the database is still "
                         "unreachable at the end of the grace period (%s). These items will run "
                         "again once their leases expire: %s", len(self._pending), e, ids)
-                    self._pending, self._executions = [], []
+                    self._pending, self._executions, self._steps = [], [], []
                     return
                 self.health.unreachable(e)
                 held = len(self._pending)
@@ -101,11 +111,13 @@ class Completions:
                 continue
             except AnimusError:
                 for one, rec in zip(batch, records, strict=True):  # keep the others
+                    own = [s for s in steps if s[0] is one[0]]
                     try:
-                        await self.store.complete_many([one], executions=[rec])
+                        await self.store.complete_many([one], executions=[rec], steps=own)
                     except DatabaseUnavailable:
                         self._pending.append(one)  # tried again with the next batch
                         self._executions.append(rec)
+                        self._steps.extend(own)
                     except AnimusError as e1:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             finally:

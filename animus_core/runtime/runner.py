@@ -141,7 +141,9 @@ class FocusRunner:
                      if memory else None,
                      memory_unavailable=self.memory_problem, agent=self._agent,
                      submitter=self.governed.child_submitter(item),
-                     steps=StepJournal(self.store, lease, wait=item.wait))
+                     steps=StepJournal(self.store, lease, wait=item.wait,
+                                       attempt=item.attempts,
+                                       first=item.attempts == 1 and item.replay_of is None))
 
     async def run(self, flight: Flight) -> None:
         """Run the focus of ``flight`` (as its task) to its end, and record it."""
@@ -189,10 +191,12 @@ class FocusRunner:
                     await self.store.record_usage(item.id, usage, conn=conn)
                 record = self._record(fac, focus, started_at, "completed", hashed,
                                       outcome=outcome)
+                steps = focus.steps.take_pending() if focus.steps is not None else []
                 if scope.conn is not None:
                     # consolidate wrote memories: they commit with the completion, or not at all
                     await self.store.complete_many([(lease, stored, ms)], conn=scope.conn,
-                                                   executions=[record])
+                                                   executions=[record],
+                                                   steps=[(lease, r) for r in steps])
                     await scope.finish(commit=True)
             except Suspended as suspension:
                 await scope.finish(commit=False)
@@ -234,7 +238,7 @@ class FocusRunner:
             else:
                 focus_span.add_event("completed", {"from": "running", "to": "completed"})
                 if not scope.used:  # the usual path: batched with other completions
-                    self.completions.add(lease, stored, ms, record)
+                    self.completions.add(lease, stored, ms, record, steps)
                 else:
                     self._recorded()
         finally:
@@ -256,6 +260,8 @@ class FocusRunner:
         """The focus suspended: end the attempt ``running -> waiting`` (its slot is freed)."""
         ms = int((time.perf_counter() - started) * 1000)
         try:
+            if focus.steps is not None:  # the steps of the waits it resumed from, first
+                await focus.steps.flush()
             item = await self.store.suspend(
                 lease, suspension.wait, wake_at=suspension.wake_at, duration_ms=ms,
                 execution=self._record(fac, focus, started_at, "suspended", hashed))
@@ -287,6 +293,7 @@ class FocusRunner:
                          started_at: datetime, hashed: str) -> None:
         """A requested cancellation stopped the focus: end the item failed -> dead."""
         ms = int((time.perf_counter() - started) * 1000)
+        await _flush_steps(focus)
         try:  # the database writes the reason (and the record's error): who asked
             await self.store.cancel_attempt(lease, duration_ms=ms, execution=self._record(
                 fac, focus, started_at, "failed", hashed))
@@ -317,6 +324,7 @@ class FocusRunner:
         then = fac.retry_policy.decide(reason, attempts=focus.attempt - focus.work.suspensions,
                                        item_max_attempts=focus.work.max_attempts,
                                        recover=verdict, final=final)
+        await _flush_steps(focus)
         try:  # one round trip; what a failed attempt spent is kept too
             await self.store.fail_attempt(lease, reason, then=then, duration_ms=ms,
                                           execution=record,
@@ -332,6 +340,17 @@ class FocusRunner:
         self._recorded()
         trace.get_current_span().add_event(result, {"reason": reason[:500]})
         return result
+
+
+async def _flush_steps(focus: Focus) -> None:
+    """Record the steps of the waits an attempt that ends now resumed from, if it has not
+    yet (a later attempt would find the same outcomes, and record them)."""
+    if focus.steps is None:
+        return
+    try:
+        await focus.steps.flush()
+    except AnimusError as e:
+        _log.debug("could not record the resumed steps of %s: %s", focus.work.id, e)
 
 
 def _traced() -> bool:

@@ -8,8 +8,9 @@ concern, each in its own module:
 * :mod:`~animus_core.store.read`: reading work items, and the read model of ``animus status``;
 * :mod:`~animus_core.store.records`: approvals, history and the audit chain, execution
   records and usage;
-* :mod:`~animus_core.store.moves`: claim, start, leases, and how an attempt ends;
-* :mod:`~animus_core.store.steps`: durable steps (recording one, reading an item's);
+* :mod:`~animus_core.store.steps`: durable steps (recording them, reading an item's);
+* :mod:`~animus_core.store.moves`: claim, start, leases, and how an attempt ends (with the
+  steps it has not recorded yet);
 * :mod:`~animus_core.store.waits`: suspending an attempt, signals;
 * this module: connecting, and submitting work.
 

@@ -17,12 +17,14 @@ import msgspec
 
 from animus_core.store.base import DEFAULT_QUEUE, check_reason, transition, work_id
 from animus_core.store.errors import errors
-from animus_core.store.records import WorkRecords, copy_executions, execution_json
+from animus_core.store.records import copy_executions, execution_json
+from animus_core.store.steps import WorkSteps
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput, LeaseLost
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
+from animus_core.values.steps import StepRecord
 from animus_core.values.work import Claimed, Lease, WorkItem
 
 __all__ = ["DeadLetter", "Retry", "WorkMoves"]
@@ -43,7 +45,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     reason: str
 
 
-class WorkMoves(WorkRecords):
+class WorkMoves(WorkSteps):
     """Claiming work and ending attempts."""
 
     async def claim(
@@ -117,13 +119,16 @@ class WorkMoves(WorkRecords):
 
     async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]],
                             *, conn: asyncpg.Connection | None = None,
-                            executions: Sequence[ExecutionRecord] = ()) -> None:
+                            executions: Sequence[ExecutionRecord] = (),
+                            steps: Sequence[tuple[Lease, StepRecord]] = ()) -> None:
         """Complete a batch in one round trip. Raises :class:`LeaseLost` or
         :class:`IllegalTransition` (and completes none) if any lease is not held.
 
         An outcome may be given encoded already (a :class:`msgspec.Raw` of JSON text that
         :func:`animus_core.values.json_values.encode` made, within the outcome limit).
-        With ``conn``, the completion joins that connection's open transaction."""
+        ``steps`` are steps of these attempts not recorded yet (a resumed wait's): recorded
+        first, in the same transaction. With ``conn``, the completion joins that
+        connection's open transaction."""
         if not done:
             return
         # The outcomes go as JSON text: in a jsonb[] argument asyncpg would take a list
@@ -133,15 +138,19 @@ class WorkMoves(WorkRecords):
                 [d[0].token for d in done], data, [d[2] for d in done])
         sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
         if conn is not None:
+            if steps:
+                await self.record_steps(steps, conn=conn)
             with errors():
                 await conn.execute(sql, *args)
                 await copy_executions(conn, executions)
         else:
             async with self.connection() as c:
-                if not executions:  # one statement: atomic without BEGIN/COMMIT round trips
+                if not executions and not steps:  # one statement: atomic without BEGIN/COMMIT
                     await c.execute(sql, *args)
                 else:
                     async with c.transaction():
+                        if steps:
+                            await self.record_steps(steps, conn=c)
                         await c.execute(sql, *args)
                         await copy_executions(c, executions)
         transition("running", "completed", len(done))  # counted once it is done

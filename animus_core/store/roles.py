@@ -105,6 +105,9 @@ BEGIN
         ('animus.record_step(uuid, bigint, int, int, text, jsonb, text, timestamptz, bigint)',
          'animus_operator'),
         ('animus.copy_steps(uuid, uuid, text)', 'animus_submitter'),
+        -- many steps in one call (0025_resume_in_one_read.sql), as record_step
+        ('animus.record_steps(uuid[], bigint[], int[], int[], text[], jsonb[], text[], '
+         'timestamptz[], bigint[])', 'animus_operator'),
         -- suspension (0017_waiting.sql): the lease holder suspends its attempt and takes
         -- the signals its waits are woken by; whoever submits work signals it
         ('animus.suspend(uuid, bigint, int, jsonb, timestamptz, bigint, jsonb)',

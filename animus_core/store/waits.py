@@ -14,13 +14,14 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import transition, work_id
+from animus_core.store.moves import WorkMoves
 from animus_core.store.records import execution_json
-from animus_core.store.steps import WorkSteps
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
+from animus_core.values.steps import Step
 from animus_core.values.waits import Approval, Signal, Wait
 from animus_core.values.work import Lease, WorkItem, check_name
 
@@ -39,6 +40,18 @@ _GATE_DECISIONS = """
      WHERE a.work_id = $1 AND a.position = $2
      ORDER BY a.at, a.id"""
 
+# The item's steps, then (signal_id not null) the signal its wait at $2 for event $3 took
+_RESUME = """
+    SELECT work_id, position, name, attempt, result, result_hash, started_at, finished_at,
+           duration_ms, copied_from, NULL::bigint AS signal_id, NULL::text AS sent_by
+      FROM animus.steps WHERE work_id = $1
+    UNION ALL
+    SELECT work_id, consumed_by_position, event, NULL, payload, NULL, sent_at, consumed_at,
+           NULL, NULL, id, sent_by
+      FROM animus.signals
+     WHERE work_id = $1 AND consumed_by_position = $2 AND event = $3
+     ORDER BY signal_id NULLS FIRST, position"""
+
 _SIGNALS = """
     SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
       FROM animus.signals WHERE work_id = $1 ORDER BY id"""
@@ -52,7 +65,7 @@ class Signalled(msgspec.Struct, frozen=True, kw_only=True):
     woke: bool
 
 
-class WorkWaits(WorkSteps):
+class WorkWaits(WorkMoves):
     """Suspending attempts, and signals."""
 
     async def suspend(self, lease: Lease, wait: Wait, *, wake_at: datetime | None,
@@ -145,6 +158,22 @@ class WorkWaits(WorkSteps):
             row = await conn.fetchrow("SELECT * FROM animus.take_signal($1, $2, $3, $4, $5)",
                                       lease.work_id, lease.msg_id, lease.token, event, position)
         return None if row is None else Signal.from_row(row)
+
+    async def resume_read(self, work_id: UUID | str, position: int,
+                          event: str) -> tuple[list[Step], Signal | None]:
+        """For an attempt that resumes from a wait for ``event`` at step ``position``: the
+        item's recorded steps, by position, and the signal that wait took (the one that
+        woke the item), if it took one. One query; it locks and writes nothing."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_RESUME, _id(work_id), position, event)
+        steps = [Step.from_row(r) for r in rows if r["signal_id"] is None]
+        signal = None
+        if rows and rows[-1]["signal_id"] is not None:
+            r = rows[-1]
+            signal = Signal(id=r["signal_id"], work_id=r["work_id"], event=r["name"],
+                            payload=r["result"], sent_by=r["sent_by"], sent_at=r["started_at"],
+                            consumed_by_position=r["position"], consumed_at=r["finished_at"])
+        return steps, signal
 
     async def gate_decisions(self, work_id: UUID | str, position: int,
                              role: str) -> list[Approval]:

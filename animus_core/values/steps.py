@@ -1,5 +1,6 @@
 """Durable steps as values: a recorded step (:class:`Step`) and how a step retries its body
-within one attempt (:class:`StepPolicy`). See docs/concepts.md, Durable steps."""
+within one attempt (:class:`StepPolicy`), and what an attempt records a step with
+(:class:`StepRecord`). See docs/concepts.md, Durable steps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import msgspec
 
 from animus_core.values.errors import InvalidInput
 
-__all__ = ["Step", "StepPolicy"]
+__all__ = ["Step", "StepPolicy", "StepRecord"]
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,6 +39,19 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
                    result_hash=row["result_hash"], started_at=row["started_at"],
                    finished_at=row["finished_at"], duration_ms=row["duration_ms"],
                    copied_from=row["copied_from"])
+
+
+class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What an attempt records as step ``position`` (``name``): its ``result`` as JSON text
+    (that :func:`animus_core.values.json_values.encode` made), the canonical hash of the
+    result, when its body started and how long it ran."""
+
+    position: int
+    name: str
+    result: msgspec.Raw
+    result_hash: str
+    started_at: datetime
+    duration_ms: int
 
 
 class StepPolicy(msgspec.Struct, frozen=True, kw_only=True):

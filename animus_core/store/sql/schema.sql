@@ -728,6 +728,50 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.record_steps(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_positions integer[], p_names text[], p_results jsonb[], p_hashes text[], p_started_at timestamp with time zone[], p_durations bigint[]) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_bad record;
+    v_actor text := animus.actor();
+BEGIN
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
+    SELECT x.* INTO v_bad
+      FROM unnest(p_ids, p_msg_ids, p_leases, p_positions, p_names, p_results, p_hashes,
+                  p_started_at, p_durations)
+           WITH ORDINALITY AS x(id, msg_id, lease, pos, name, result, hash, started_at,
+                                duration_ms, ord)
+      LEFT JOIN animus.work_items w ON w.id = x.id
+     WHERE w.id IS NULL OR w.state <> 'running'
+        OR (w.msg_id, w.lease) IS DISTINCT FROM (x.msg_id, x.lease)
+        OR EXISTS (SELECT 1 FROM animus.steps s WHERE s.work_id = x.id AND s.position = x.pos)
+     ORDER BY x.ord LIMIT 1;
+    IF FOUND THEN  -- raises what record_step raises for it
+        PERFORM animus.record_step(v_bad.id, v_bad.msg_id, v_bad.lease, v_bad.pos,
+                                   v_bad.name, v_bad.result, v_bad.hash, v_bad.started_at,
+                                   v_bad.duration_ms);
+    END IF;
+    INSERT INTO animus.steps (work_id, position, name, attempt, result, result_hash,
+                              started_at, duration_ms)
+    SELECT x.id, x.pos, x.name, w.attempts, x.result, x.hash, x.started_at, x.duration_ms
+      FROM unnest(p_ids, p_positions, p_names, p_results, p_hashes, p_started_at,
+                  p_durations) WITH ORDINALITY
+           AS x(id, pos, name, result, hash, started_at, duration_ms, ord)
+      JOIN animus.work_items w ON w.id = x.id
+     ORDER BY x.ord;
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    SELECT x.id, 'step', w.state, w.state,
+           JSON_OBJECT('source': w.source, 'actor': v_actor ABSENT ON NULL RETURNING jsonb),
+           jsonb_build_object('position', x.pos, 'name', x.name, 'attempt', w.attempts,
+                              'result_hash', x.hash, 'duration_ms', x.duration_ms)
+      FROM unnest(p_ids, p_positions, p_names, p_hashes, p_durations) WITH ORDINALITY
+           AS x(id, pos, name, hash, duration_ms, ord)
+      JOIN animus.work_items w ON w.id = x.id
+     ORDER BY x.ord;
+END
+$$;
+
 CREATE FUNCTION animus.refuse_change() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -836,21 +880,26 @@ CREATE FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) RETURNS 
     AS $$
 DECLARE
     v_item animus.work_items := animus.lock_item(p_id);
+    v_wakes bool;
     v_signal bigint;
 BEGIN
     IF v_item.state IN ('completed', 'dead', 'merged', 'cancelled') THEN
         RAISE EXCEPTION 'work item % is %: a finished item takes no signals', p_id, v_item.state
             USING ERRCODE = 'ANI01';
     END IF;
-    INSERT INTO animus.signals (work_id, event, payload) VALUES (p_id, p_event, p_payload)
+    v_wakes := v_item.state = 'waiting' AND v_item.wait->>'kind' = 'event'
+               AND v_item.wait->>'event' = p_event;
+    INSERT INTO animus.signals (work_id, event, payload, consumed_by_position, consumed_at)
+    VALUES (p_id, p_event, p_payload,
+            CASE WHEN v_wakes THEN (v_item.wait->>'position')::int END,
+            CASE WHEN v_wakes THEN now() END)
     RETURNING id INTO v_signal;
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     VALUES (p_id, 'signal', v_item.state, v_item.state,
             JSON_OBJECT('source': v_item.source, 'actor': animus.actor()
                         ABSENT ON NULL RETURNING jsonb),
             jsonb_build_object('signal', v_signal, 'event', p_event, 'sent_by', session_user));
-    IF v_item.state = 'waiting' AND v_item.wait->>'kind' = 'event'
-       AND v_item.wait->>'event' = p_event THEN
+    IF v_wakes THEN
         UPDATE animus.work_items w
            SET state = 'queued', updated_at = now(),
                reason = format('woken: signal %s arrived', quote_literal(p_event))
@@ -909,8 +958,15 @@ BEGIN
 
     -- The signals, in the batch's order (so the first of an item's signals is taken first)
     WITH ins AS (
-        INSERT INTO animus.signals (work_id, event, payload)
-        SELECT p_ids[o], p_events[o], p_payloads[o] FROM unnest(v_sent) AS o ORDER BY o
+        INSERT INTO animus.signals (work_id, event, payload, consumed_by_position,
+                                    consumed_at)
+        SELECT p_ids[s.o], p_events[s.o], p_payloads[s.o],
+               CASE WHEN k.ord IS NOT NULL THEN (w.wait->>'position')::int END,
+               CASE WHEN k.ord IS NOT NULL THEN now() END
+          FROM unnest(v_sent) AS s(o)
+          LEFT JOIN unnest(v_wakes) AS k(ord) ON k.ord = s.o
+          LEFT JOIN animus.work_items w ON k.ord IS NOT NULL AND w.id = p_ids[s.o]
+         ORDER BY s.o
         RETURNING id)
     SELECT array_agg(id ORDER BY id) INTO v_ids FROM ins;
 
@@ -1197,12 +1253,18 @@ BEGIN
                          ELSE format('waiting for %s until %s', v_event, p_wait->>'until') END
      WHERE w.id = p_id RETURNING w.* INTO v_item;
     PERFORM animus.record_execution(p_execution);
-    IF v_kind = 'event' AND EXISTS (
-           SELECT 1 FROM animus.signals s
-            WHERE s.work_id = p_id AND s.event = p_wait->>'event'
-              AND s.consumed_by_position IS NULL) THEN
-        -- the signal arrived after the attempt last looked for it: woken at once
-        v_woken := format('woken: signal %s had arrived', v_event);
+    IF v_kind = 'event' THEN
+        -- a signal that arrived before the wait (the first not taken): the wait takes it
+        -- and the item is woken at once
+        UPDATE animus.signals s SET consumed_by_position = (p_wait->>'position')::int,
+                                    consumed_at = now()
+         WHERE s.id = (SELECT f.id FROM animus.signals f
+                        WHERE f.work_id = p_id AND f.event = p_wait->>'event'
+                          AND f.consumed_by_position IS NULL
+                        ORDER BY f.id LIMIT 1);
+        IF FOUND THEN
+            v_woken := format('woken: signal %s had arrived', v_event);
+        END IF;
     ELSIF v_kind = 'children' AND NOT animus.children_unfinished(p_wait) THEN
         -- they finished after the attempt last looked: woken at once
         v_woken := format('woken: its %s had finished', v_children);
@@ -1254,9 +1316,16 @@ CREATE FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease integer, 
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-    v_item animus.work_items := animus.held_item(p_id, p_msg_id, p_lease);
+    v_item animus.work_items;
     v_signal animus.signals;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM animus.signals s
+                    WHERE s.work_id = p_id AND s.event = p_event
+                      AND (s.consumed_by_position IS NULL
+                           OR s.consumed_by_position = p_position)) THEN
+        RETURN;
+    END IF;
+    v_item := animus.held_item(p_id, p_msg_id, p_lease);
     IF v_item.state <> 'running' THEN
         RAISE EXCEPTION 'work item % is %: only a running attempt takes signals',
             p_id, v_item.state USING ERRCODE = 'ANI01';
@@ -1870,6 +1939,8 @@ REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_step(p_id uuid, p_msg_id bigint, p_lease integer, p_position integer, p_name text, p_result jsonb, p_result_hash text, p_started_at timestamp with time zone, p_duration_ms bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.record_steps(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_positions integer[], p_names text[], p_results jsonb[], p_hashes text[], p_started_at timestamp with time zone[], p_durations bigint[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.release(p_id uuid, p_msg_id bigint, p_lease integer, p_reason text) FROM PUBLIC;
 
