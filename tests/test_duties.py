@@ -22,16 +22,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import msgspec
 import pytest
 
 from animus_core import NewWorkItem, State
+from animus_core.store import engines, read
 from animus_core.store.db import Db, DeadLetter, Retry
 from animus_core.store.migrations import apply, load
 from animus_core.store.roles import ROLES, setup_roles
+from animus_core.values.engines import EngineInfo
 from animus_core.values.errors import IllegalTransition, PermissionDenied
 from animus_core.values.waits import Signal, Wait
 from tests.conftest import scratch_database
@@ -389,6 +391,12 @@ async def _read_audit(b: Bench, who: str) -> bool:
     return await allowed(p.history(wid))
 
 
+@action("read the fleet's status: engines, queues, stuck work (animus status)")
+async def _read_status(b: Bench, who: str) -> bool:
+    p = await b.person(who)
+    return await allowed(read.status(p))
+
+
 @action("submit work")
 async def _submit(b: Bench, who: str) -> bool:
     p = await b.person(who)
@@ -481,6 +489,26 @@ async def _manage(b: Bench, who: str) -> bool:
     p = await b.person(who)
     return await same_answer(lambda: p.retry(failed), lambda: p.dead_letter(queued, "no"),
                              lambda: p.cancel(cancelled), lambda: p.cancel(running))
+
+
+@action("run an engine's registration: register, heartbeat, deregister")
+async def _engine_presence(b: Bench, who: str) -> bool:
+    me = EngineInfo(id=uuid4(), host="h", pid=1, version="1", heartbeat_seconds=5.0,
+                    concurrency=1, queues=["work"], faculties=[])
+    await engines.register(b.db, me)
+    p = await b.person(who)
+    return await same_answer(lambda: engines.register(p, me),
+                             lambda: engines.heartbeat(p, me.id, {}),
+                             lambda: engines.deregister(p, me.id))
+
+
+@action("ask engines to stop (animus stop)")
+async def _stop_engines(b: Bench, who: str) -> bool:
+    me = EngineInfo(id=uuid4(), host="h", pid=1, version="1", heartbeat_seconds=5.0,
+                    concurrency=1, queues=["work"], faculties=[])
+    await engines.register(b.db, me)
+    p = await b.person(who)
+    return await allowed(engines.stop_engines(p, me.id, grace=1))
 
 
 @action("signal work")

@@ -7,8 +7,10 @@ commands relative to that directory, as an operator would start it.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
+import re
 import signal
 import sys
 from collections import defaultdict
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from animus_core import Created, Faculty, NewWorkItem, State
@@ -268,27 +271,148 @@ async def test_status_json_shows_queues_running_foci_unroutable_and_dead_letters
     await submit(db, NewWorkItem("nobody"))
     await wait_until(marker.exists, message="the slow focus to start")
     assert (await wait_finished(db, doomed)).state == State.DEAD
+    # a faculty only the CLI's own directory has is no engine's: status does not list it
+    faculty(tmp_path, "ghost", hooks={"engage": "true"})
 
-    code, out, err = await run_cli(proc_env, tmp_path, "status", "--json")
-    assert code == 0, err
-    report = json.loads(out)
-    assert "work" in {q["queue"] for q in report["queues"]}
+    async def slow_running() -> Any:
+        code, out, err = await run_cli(proc_env, tmp_path, "status", "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        [eng] = report["engines"]
+        by_name = {f["name"]: f for f in eng["faculties"]}
+        return report if by_name["slow"]["running"] == 1 else None  # as of its last beat
+
+    report = await wait_until(slow_running, 20, message="a heartbeat with the slow focus")
     work_queue = next(q for q in report["queues"] if q["queue"] == "work")
     assert work_queue["depth"] == 3  # slow (leased) and the two nobody; doomed's is archived
-    by_name = {f["name"]: f for f in report["faculties"]}
-    assert by_name["slow"]["running"] == 1
+    [eng] = report["engines"]
+    assert (eng["state"], eng["pid"], eng["concurrency"], eng["running"]) == (
+        "live", engine.pid, 64, 1)
+    by_name = {f["name"]: f for f in eng["faculties"]}
+    assert set(by_name) == {"slow", "doomed", "pipeline"}  # the pipeline faculty is built in
+    assert (by_name["slow"]["running"], by_name["slow"]["limit"]) == (1, 1)
     assert by_name["doomed"]["running"] == 0
+    assert by_name["slow"]["origin"].endswith("slow.toml")
     assert report["work"]["slow"] == {"running": 1}
-    assert report["unroutable"] == {"nobody": 2}
+    assert report["stuck"] == [{"work_type": "nobody", "queued": 2, "reason":
+                                "no live engine has a faculty that accepts it (unroutable)"}]
+    assert set(report["oldest_queued"]) == {"nobody"}
     assert report["dead_letters"]["total"] == 1
     (latest,) = report["dead_letters"]["latest"]
     assert latest["id"] == str(doomed)
     assert latest["work_type"] == "doomed"
     assert "exited with status 4: no luck" in latest["reason"]
-    assert report["plugin_problems"] == []
+    code, out, err = await run_cli(proc_env, tmp_path, "status")
+    assert code == 0, err
+    assert "engines: 1 live" in out
+    assert "ghost" not in out
+    assert re.search(r"\nnobody +2 +no live engine has a faculty that accepts it", out), out
 
     engine.signal(signal.SIGTERM)
     assert await engine.wait(20) == 0
+    # stopped cleanly: deregistered
+    code, out, err = await run_cli(proc_env, tmp_path, "status", "--json")
+    report = json.loads(out)
+    assert report["engines"] == []
+    assert report["stuck"][0]["reason"] == "no engine is running"
+
+
+async def test_status_shows_a_disabled_faculty_and_why_its_work_is_stuck_and_a_lost_engine(
+        db, db_url, tmp_path, engines, proc_env):
+    faculty(tmp_path, "thinker", hooks={}, extra='[faculty.engage]\nmodel = "claude-x"\n')
+    faculty(tmp_path, "plain", hooks={"engage": "true"})
+    env_without_key = {k: v for k, v in proc_env.items() if k != "ANTHROPIC_API_KEY"}
+    with engine_processes(env_without_key, tmp_path) as start:
+        engine = start("--heartbeat", "0.3")
+        await wait_listening(db_url, [engine])
+        await submit(db, NewWorkItem("thinker"))
+
+        async def registered() -> Any:
+            code, out, err = await run_cli(proc_env, tmp_path, "status", "--json")
+            assert code == 0, err
+            report = json.loads(out)
+            return report if report["engines"] and report["stuck"] else None
+
+        report = await wait_until(registered, 20, message="the engine to register")
+        [eng] = report["engines"]
+        thinker = next(f for f in eng["faculties"] if f["name"] == "thinker")
+        assert thinker["disabled"] == "ANTHROPIC_API_KEY not set"
+        assert report["stuck"] == [{
+            "work_type": "thinker", "queued": 1,
+            "reason": f"its faculty is disabled on every live engine (thinker on "
+                      f"{eng['host']}:{engine.pid}: ANTHROPIC_API_KEY not set)"}]
+        _, out, _ = await run_cli(proc_env, tmp_path, "status")
+        assert "disabled: ANTHROPIC_API_KEY not set" in out
+
+        engine.signal(signal.SIGKILL)  # vanished: no deregistration
+        await engine.wait(10)
+
+        async def lost() -> Any:
+            _, out, _ = await run_cli(proc_env, tmp_path, "status", "--json")
+            [eng] = json.loads(out)["engines"]
+            return eng if eng["state"] == "lost" else None
+
+        eng = await wait_until(lost, 20, message="the killed engine to show as lost")
+        assert eng["pid"] == engine.pid
+        _, out, _ = await run_cli(proc_env, tmp_path, "status")
+        assert "engines: 0 live, 1 lost" in out
+        assert "no engine is running" in out
+
+
+async def test_stop_asks_engines_to_drain_through_the_database(
+        db, db_url, tmp_path, engines, proc_env):
+    marker = tmp_path / "started"
+    faculty(tmp_path, "nap", hooks={"engage": f"touch {marker}; sleep 1; echo '{{}}' > engage-out.json"})
+    first, second = engines("--heartbeat", "0.5"), engines("--heartbeat", "0.5")
+    await wait_listening(db_url, [first, second])
+    rows = await wait_until(lambda: _registered(db_url, 2), 20, message="two engines")
+    first_id = next(r["id"] for r in rows if r["pid"] == first.pid)
+
+    # a notification alone stops nothing: the request must be in the engine's row
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("SELECT pg_notify('animus_engines', $1)", str(first_id))
+        await conn.execute("SELECT pg_notify('animus_engines', '*')")
+    finally:
+        await conn.close()
+    await asyncio.sleep(1.5)
+    assert first.alive()
+    assert second.alive()
+
+    wid = await submit(db, NewWorkItem("nap"))
+    await wait_until(marker.exists, message="the focus to start")
+    code, out, err = await run_cli(proc_env, tmp_path, "stop", "--engine", str(first_id)[:8],
+                                   "--grace", "20", "--wait", "30")
+    running_on_first = (await db.get_work_item(wid)).state
+    assert code == 0, out + err
+    assert f"asked engine {first_id} to stop within 20s" in out
+    assert "stopped" in out
+    assert await first.wait(10) == 0
+    assert second.alive()
+    item = await wait_finished(db, wid)
+    assert item.state == State.COMPLETED  # drained (by whichever engine ran it)
+    assert running_on_first in (State.RUNNING, State.COMPLETED)
+    assert "an operator asked this engine to stop" in (first.output() + second.output())
+
+    code, out, err = await run_cli(proc_env, tmp_path, "stop", "--all", "--wait", "30",
+                                   "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["still_running"] == []
+    assert await second.wait(10) == 0
+    code, out, err = await run_cli(proc_env, tmp_path, "stop", "--all")
+    assert (code, out.strip()) == (0, "no live engine to ask")
+    code, out, err = await run_cli(proc_env, tmp_path, "stop")
+    assert code == 2
+    assert "--engine ID" in err
+
+
+async def _registered(db_url: str, n: int) -> list[Any] | None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch("SELECT id, pid FROM animus.engines")
+    finally:
+        await conn.close()
+    return list(rows) if len(rows) == n else None
 
 
 async def test_work_submit_wait_prints_the_outcome(db, db_url, tmp_path, engines, proc_env):

@@ -52,6 +52,7 @@ from animus_core.runtime.completions import Completions
 from animus_core.runtime.deadlines import Deadlines
 from animus_core.runtime.flights import Flight, Slot
 from animus_core.runtime.health import Health, QuietPool
+from animus_core.runtime.heartbeat import Heartbeat
 from animus_core.runtime.keeper import EmbeddedKeeper
 from animus_core.runtime.leases import LeaseKeeper
 from animus_core.runtime.listener import Listener
@@ -86,6 +87,8 @@ class EngineOptions:
     #: at most this often (seconds) a checkpoint of the audit chain's head is written under
     #: ANIMUS_HOME and logged; and when the engine stops
     checkpoint_interval: float = 60.0
+    #: seconds between the engine's heartbeats; it is shown as lost after three missed
+    heartbeat: float = 5.0
 
 
 class Engine:
@@ -133,9 +136,16 @@ class Engine:
                                   agent=ClaudeRunner(self._llm_access, rules=self.rules))
         self.timers = WakeTimers(db, opts.queues, lambda: list(self.faculties.by_type),
                                  self._mark_dirty)
+        self.heartbeat = Heartbeat(db, self.health, interval=opts.heartbeat,
+                                   concurrency=opts.concurrency, queues=list(opts.queues),
+                                   faculties=lambda: list(self.faculties),
+                                   disabled=self.routing.disabled,
+                                   disabled_faculties=self.routing.disabled_faculties,
+                                   slots=self.slots, stop=self.stop)
         self.listener = Listener(db, self.health, opts.queues, on_work=self._mark_dirty,
                                  on_timer=self.timers.note,
-                                 on_cancel=self.stops.cancel_noticed)
+                                 on_cancel=self.stops.cancel_noticed,
+                                 on_engines=self.heartbeat.notified)
 
     @property
     def listener_connected(self) -> asyncio.Event:
@@ -156,11 +166,13 @@ class Engine:
 
     # -- running -----------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Ask the engine to drain and return from :meth:`run`."""
+    def stop(self, grace: float | None = None) -> None:
+        """Ask the engine to drain and return from :meth:`run`, giving running foci
+        ``grace`` seconds (None: the engine's grace period) before they are released."""
         if self._stop_deadline is None:
-            self._stop_deadline = time.monotonic() + self.options.grace
-            self.completions.report_stopping(self.options.grace)
+            grace = self.options.grace if grace is None else grace
+            self._stop_deadline = time.monotonic() + grace
+            self.completions.report_stopping(grace)
         self.stopping.set()
         self._wake.set()
 
@@ -183,6 +195,7 @@ class Engine:
             supervise("animus-leases", self.leases.run),
             supervise("animus-sealer", self.sealer.run),
             supervise("animus-deadlines", self.deadlines.run),
+            supervise("animus-heartbeat", self.heartbeat.run),
             *[supervise(f"schedule-{s.name}", functools.partial(tick, self.governed, self.health, s))
               for f in self.faculties for s in f.schedules],
         ]
@@ -213,6 +226,7 @@ class Engine:
             await asyncio.gather(*helpers, *checks, return_exceptions=True)
             await self.completions.flush()
             await self.sealer.final()
+            await self.heartbeat.deregister()
             logging.getLogger("asyncpg.pool").removeFilter(quiet_pool)
             await call_lifecycle(self.pm, "shutdown", engine=self, failed=lambda plugin, e:
                                  _log.error("shutdown hook of %s failed", plugin, exc_info=e))
@@ -232,6 +246,7 @@ class Engine:
         await until("look for unroutable work", self._report_unroutable_backlog, self.stopping)
         self._foci, runner.workspace = await asyncio.to_thread(
             open_workspace, self.foci_root, self.hook_env, keep_failed=self.options.keep_foci)
+        await until("register the engine", self.heartbeat.register, self.stopping)
 
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
         """A helper must not end while the engine runs (its loop is restarted on failure):

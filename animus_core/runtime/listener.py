@@ -13,33 +13,38 @@ import msgspec
 
 from animus_core.infra.secrets import redactor
 from animus_core.runtime.health import Health
+from animus_core.store import engines
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError, DatabaseUnavailable
 from animus_core.values.work import WorkNotification
 
-__all__ = ["CANCEL_CHANNEL", "CHANNEL", "Listener"]
+__all__ = ["CANCEL_CHANNEL", "CHANNEL", "ENGINES_CHANNEL", "Listener"]
 
 _log = logging.getLogger("animus.engine")
 CHANNEL = "animus_work"
 CANCEL_CHANNEL = "animus_cancel"
+ENGINES_CHANNEL = engines.CHANNEL
 
 
 class Listener:
     def __init__(self, store: Db, health: Health, queues: Iterable[str], *,
                  on_work: Callable[[Iterable[str] | None], None],
                  on_timer: Callable[[Iterable[str], datetime], None],
-                 on_cancel: Callable[[UUID], None]) -> None:
+                 on_cancel: Callable[[UUID], None],
+                 on_engines: Callable[[str], None] = lambda _payload: None) -> None:
         """``on_work(work_types)`` when work may be waiting (``None``: of any type, as after
         a reconnect); ``on_timer(work_types, wake_at)`` when an item of those types
         suspended until ``wake_at``; ``on_cancel(work_id)`` when a cancellation may have
         been requested (anyone may NOTIFY: the receiver checks the request before
-        acting)."""
+        acting); ``on_engines(payload)`` when an operator may have asked engines to stop
+        (the receiver reads its request from the database)."""
         self.store = store
         self.health = health
         self.queues = frozenset(queues)
         self._on_work = on_work
         self._on_timer = on_timer
         self._on_cancel = on_cancel
+        self._on_engines = on_engines
         self.connected = asyncio.Event()
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
@@ -69,8 +74,9 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await self.store.listen({CHANNEL: self._notified,
-                                                CANCEL_CHANNEL: self._cancel_notified})
+                conn = await self.store.listen({
+                    CHANNEL: self._notified, CANCEL_CHANNEL: self._cancel_notified,
+                    ENGINES_CHANNEL: lambda _c, _p, _ch, payload: self._on_engines(payload)})
                 self.connected.set()
                 self.health.reachable()
                 if backoff > 0.2:

@@ -24,6 +24,8 @@ class Routing:
         self.disabled: dict[str, str] = {}
         #: work type -> the disabled faculty that accepts it
         self.disabled_types: dict[str, str] = {}
+        #: the disabled faculties themselves (the engine registers them with why)
+        self.disabled_faculties: list[Faculty] = []
         #: work type -> when work of it was last found unroutable (monotonic)
         self.unroutable: dict[str, float] = {}
         self._disable_unconfigured()
@@ -35,6 +37,7 @@ class Routing:
             if missing:
                 self.disabled[fac.name] = f"{', '.join(missing)} not set"
                 self.disabled_types.update(dict.fromkeys(fac.accepts, fac.name))
+                self.disabled_faculties.append(fac)
                 self.faculties.remove(fac.name)
                 _log.error("faculty %s is disabled: %s (its work stays queued)", fac.name,
                            self.disabled[fac.name])

@@ -11,12 +11,13 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import DbBase, work_id
+from animus_core.values.engines import Engine, StuckWork, stuck_work
 from animus_core.values.errors import InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WaitingItem", "WaitingKind", "WorkCount",
-           "WorkReads",
+__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WaitingItem", "WaitingKind",
+           "WorkCount", "WorkReads",
            "next_wakes", "queue_depths", "status", "unroutable_backlog"]
 
 
@@ -30,6 +31,8 @@ class WorkCount(msgspec.Struct, frozen=True, kw_only=True):
     work_type: str
     state: str
     n: int
+    #: when the oldest of them was submitted
+    oldest: datetime | None = None
 
 
 class DeadItem(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,8 +51,6 @@ class ScheduleTick(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WaitingItem(msgspec.Struct, frozen=True, kw_only=True):
-    """A waiting item: what it waits for (``wait``, and ``reason`` in words) and its timer."""
-
     id: UUID
     work_type: str
     wait: dict[str, Any] | None
@@ -66,10 +67,13 @@ class WaitingKind(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Status(msgspec.Struct, frozen=True, kw_only=True):
-    """What ``animus status`` shows: queues, live work by type and state (finished work
-    left out, dead work kept), the latest dead letters, each schedule's latest tick, the
-    waiting items by kind and the first of them to wake."""
+    """What ``animus status`` shows: the registered engines (live and lost), queues, live
+    work by type and state (finished work left out, dead work kept), the latest dead
+    letters, each schedule's latest tick, the waiting items by kind and the first of them
+    to wake; ``now`` is the database's clock when it was read."""
 
+    now: datetime
+    engines: list[Engine]
     queues: list[QueueDepth]
     work: list[WorkCount]
     dead: list[DeadItem]
@@ -77,27 +81,17 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     waiting: list[WaitingKind] = []
     next_waking: list[WaitingItem] = []
 
+    def queued(self) -> dict[str, int]:
+        """Queued items by work type."""
+        return {c.work_type: c.n for c in self.work if c.state == "queued"}
+
+    def stuck(self) -> list[StuckWork]:
+        """Queued work that no live engine will run, and why."""
+        return stuck_work(self.engines, self.queued())
+
 
 _QUEUE_DEPTHS = "SELECT queue_name, queue_length, oldest_msg_age_sec FROM pgmq.metrics_all()"
-_LIVE_COUNTS = """
-    SELECT work_type, state::text, count(*) AS n FROM animus.work_items
-     WHERE state NOT IN ('completed', 'merged', 'cancelled')
-     GROUP BY 1, 2 ORDER BY 1, 2"""
-_LATEST_DEAD = """
-    SELECT id, work_type, reason, resolved_at FROM animus.work_items
-     WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST LIMIT $1"""
-_WAITING_KINDS = """
-    SELECT coalesce(wait->>'kind', '?'), count(*), min(wake_at) FROM animus.work_items
-     WHERE state = 'waiting' GROUP BY 1 ORDER BY 1"""
-_NEXT_WAKING = """
-    SELECT id, work_type, wait, wake_at, reason FROM animus.work_items
-     WHERE state = 'waiting' ORDER BY wake_at NULLS LAST, updated_at LIMIT $1"""
-_LATEST_TICKS = """
-    SELECT t.name, t.tick, w.work_type
-      FROM (SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
-             ORDER BY name, tick DESC) t
-      LEFT JOIN animus.work_items w ON w.id = t.work_id
-     ORDER BY t.name"""
+_status = msgspec.json.Decoder(Status)
 
 
 async def queue_depths(db: DbBase) -> list[QueueDepth]:
@@ -108,23 +102,12 @@ async def queue_depths(db: DbBase) -> list[QueueDepth]:
 
 
 async def status(db: DbBase, *, dead_letters: int = 5, waiting: int = 5) -> Status:
-    """The :class:`Status` view, read on one connection."""
+    """The :class:`Status` view: one query (``animus.status_view``), which needs only the
+    reader role."""
     async with db.connection() as conn:
-        queues = await conn.fetch(_QUEUE_DEPTHS)
-        counts = await conn.fetch(_LIVE_COUNTS)
-        dead = await conn.fetch(_LATEST_DEAD, dead_letters)
-        kinds = await conn.fetch(_WAITING_KINDS)
-        waking = await conn.fetch(_NEXT_WAKING, waiting) if kinds else []
-        ticks = await conn.fetch(_LATEST_TICKS) if await conn.fetchval(
-            "SELECT to_regclass('animus.schedule_ticks') IS NOT NULL") else []
-    return Status(
-        queues=[QueueDepth(queue=r[0], depth=r[1], oldest_seconds=r[2]) for r in queues],
-        work=[WorkCount(work_type=r[0], state=r[1], n=r[2]) for r in counts],
-        dead=[DeadItem(id=r[0], work_type=r[1], reason=r[2], resolved_at=r[3]) for r in dead],
-        schedules=[ScheduleTick(name=r[0], last_tick=r[1], work_type=r[2]) for r in ticks],
-        waiting=[WaitingKind(kind=r[0], n=r[1], next_wake_at=r[2]) for r in kinds],
-        next_waking=[WaitingItem(id=r[0], work_type=r[1], wait=r[2], wake_at=r[3],
-                                 reason=r[4]) for r in waking])
+        text = await conn.fetchval("SELECT animus.status_view($1, $2)::text", dead_letters,
+                                   waiting)
+    return _status.decode(text)
 
 
 async def unroutable_backlog(db: DbBase, accepted: Sequence[str]) -> list[WorkCount]:

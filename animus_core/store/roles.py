@@ -117,7 +117,16 @@ BEGIN
         -- many signals in one call (0023_signal_many.sql), as signal
         ('animus.signal_many(uuid[], text[], jsonb[])', 'animus_submitter'),
         -- engines create the queues they serve (animus up) without rights on schema pgmq
-        ('animus.create_queue(text)', 'animus_operator')) AS x(fn, grantees) LOOP
+        ('animus.create_queue(text)', 'animus_operator'),
+        -- live engines (0026_engines.sql): engines register, beat and deregister;
+        -- operators ask them to stop; whoever reads sees the fleet (animus status)
+        ('animus.engine_register(uuid, text, int, text, float8, int, text[], jsonb, jsonb, '
+         'jsonb)', 'animus_operator'),
+        ('animus.engine_heartbeat(uuid, jsonb, jsonb)', 'animus_operator'),
+        ('animus.engine_deregister(uuid)', 'animus_operator'),
+        ('animus.stop_engines(uuid, float8)', 'animus_operator'),
+        ('animus.engine_lost(animus.engines)', 'animus_reader'),
+        ('animus.status_view(int, int)', 'animus_reader')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);
         CONTINUE WHEN f IS NULL;
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', f);

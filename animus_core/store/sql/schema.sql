@@ -573,6 +573,79 @@ BEGIN
 END
 $_$;
 
+CREATE FUNCTION animus.engine_deregister(p_id uuid) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    DELETE FROM animus.engines WHERE id = p_id
+$$;
+
+CREATE FUNCTION animus.engine_heartbeat(p_id uuid, p_running jsonb, p_schedules jsonb) RETURNS TABLE(registered boolean, stop_requested boolean, stop_grace double precision)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    RETURN QUERY
+        UPDATE animus.engines e
+           SET last_seen = now(), running = coalesce(p_running, '{}'),
+               schedules = coalesce(p_schedules, e.schedules)
+         WHERE e.id = p_id
+        RETURNING true, e.stop_requested_at IS NOT NULL, e.stop_grace;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, false, NULL::float8;
+    END IF;
+END
+$$;
+
+CREATE TABLE animus.engines (
+    id uuid NOT NULL,
+    host text NOT NULL,
+    pid integer NOT NULL,
+    version text NOT NULL,
+    db_user text DEFAULT SESSION_USER NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_seen timestamp with time zone DEFAULT now() NOT NULL,
+    heartbeat_seconds double precision NOT NULL,
+    concurrency integer NOT NULL,
+    queues text[] NOT NULL,
+    faculties jsonb DEFAULT '[]'::jsonb NOT NULL,
+    disabled jsonb DEFAULT '{}'::jsonb NOT NULL,
+    running jsonb DEFAULT '{}'::jsonb NOT NULL,
+    schedules jsonb DEFAULT '[]'::jsonb NOT NULL,
+    stop_requested_at timestamp with time zone,
+    stop_requested_by text,
+    stop_grace double precision,
+    CONSTRAINT engines_concurrency_check CHECK ((concurrency > 0)),
+    CONSTRAINT engines_heartbeat_seconds_check CHECK ((heartbeat_seconds > (0)::double precision))
+);
+
+CREATE FUNCTION animus.engine_lost(p_engine animus.engines) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT p_engine.last_seen < now() - make_interval(secs => 3 * p_engine.heartbeat_seconds)
+$$;
+
+CREATE FUNCTION animus.engine_register(p_id uuid, p_host text, p_pid integer, p_version text, p_heartbeat double precision, p_concurrency integer, p_queues text[], p_faculties jsonb, p_disabled jsonb, p_schedules jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    DELETE FROM animus.engines e WHERE e.last_seen < now() - interval '1 day';
+    INSERT INTO animus.engines AS e (id, host, pid, version, heartbeat_seconds, concurrency,
+                                     queues, faculties, disabled, schedules)
+    VALUES (p_id, p_host, p_pid, p_version, p_heartbeat, p_concurrency, p_queues,
+            coalesce(p_faculties, '[]'), coalesce(p_disabled, '{}'),
+            coalesce(p_schedules, '[]'))
+    ON CONFLICT (id) DO UPDATE
+       SET host = excluded.host, pid = excluded.pid, version = excluded.version,
+           db_user = session_user, last_seen = now(),
+           heartbeat_seconds = excluded.heartbeat_seconds,
+           concurrency = excluded.concurrency, queues = excluded.queues,
+           faculties = excluded.faculties, disabled = excluded.disabled,
+           schedules = excluded.schedules;
+END
+$$;
+
 CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_seconds integer) RETURNS SETOF uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1065,6 +1138,107 @@ BEGIN
     RETURN QUERY UPDATE animus.work_items w
                     SET state = 'running', attempts = w.attempts + 1, updated_at = now()
                   WHERE w.id = p_id RETURNING w.*;
+END
+$$;
+
+CREATE FUNCTION animus.status_view(p_dead integer, p_waiting integer) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_queues jsonb := '[]';
+    q record;
+    v_depth bigint;
+    v_oldest int;
+BEGIN
+    FOR q IN SELECT queue_name FROM pgmq.meta ORDER BY queue_name LOOP
+        EXECUTE format('SELECT count(*), extract(epoch FROM now() - min(enqueued_at))::int
+                          FROM pgmq.%I', 'q_' || q.queue_name) INTO v_depth, v_oldest;
+        v_queues := v_queues || jsonb_build_object('queue', q.queue_name, 'depth', v_depth,
+                                                   'oldest_seconds', v_oldest);
+    END LOOP;
+    RETURN jsonb_build_object(
+        'now', now(),
+        'engines', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'id', e.id, 'host', e.host, 'pid', e.pid, 'version', e.version,
+                       'db_user', e.db_user, 'started_at', e.started_at,
+                       'last_seen', e.last_seen, 'heartbeat_seconds', e.heartbeat_seconds,
+                       'lost', animus.engine_lost(e), 'concurrency', e.concurrency,
+                       'queues', to_jsonb(e.queues), 'faculties', e.faculties,
+                       'disabled', e.disabled, 'running', e.running,
+                       'schedules', e.schedules,
+                       'stop_requested_at', e.stop_requested_at,
+                       'stop_requested_by', e.stop_requested_by)
+                   ORDER BY e.started_at, e.id)
+              FROM animus.engines e), '[]'),
+        'queues', v_queues,
+        'work', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('work_type', c.work_type, 'state', c.state,
+                                                'n', c.n, 'oldest', c.oldest)
+                             ORDER BY c.work_type, c.state)
+              FROM (SELECT work_type, state::text AS state, count(*) AS n,
+                           min(created_at) AS oldest
+                      FROM animus.work_items
+                     WHERE state NOT IN ('completed', 'merged', 'cancelled')
+                     GROUP BY 1, 2) c), '[]'),
+        'dead', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('id', d.id, 'work_type', d.work_type,
+                                                'reason', d.reason,
+                                                'resolved_at', d.resolved_at)
+                             ORDER BY d.resolved_at DESC NULLS LAST)
+              FROM (SELECT id, work_type, reason, resolved_at FROM animus.work_items
+                     WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST
+                     LIMIT p_dead) d), '[]'),
+        'waiting', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('kind', k.kind, 'n', k.n,
+                                                'next_wake_at', k.next_wake_at)
+                             ORDER BY k.kind)
+              FROM (SELECT coalesce(wait->>'kind', '?') AS kind, count(*) AS n,
+                           min(wake_at) AS next_wake_at
+                      FROM animus.work_items WHERE state = 'waiting' GROUP BY 1) k), '[]'),
+        'next_waking', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('id', w.id, 'work_type', w.work_type,
+                                                'wait', w.wait, 'wake_at', w.wake_at,
+                                                'reason', w.reason)
+                             ORDER BY w.wake_at NULLS LAST, w.updated_at)
+              FROM (SELECT id, work_type, wait, wake_at, reason, updated_at
+                      FROM animus.work_items WHERE state = 'waiting'
+                     ORDER BY wake_at NULLS LAST, updated_at LIMIT p_waiting) w), '[]'),
+        'schedules', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('name', t.name, 'last_tick', t.tick,
+                                                'work_type', w.work_type) ORDER BY t.name)
+              FROM (SELECT DISTINCT ON (name) name, tick, work_id FROM animus.schedule_ticks
+                     ORDER BY name, tick DESC) t
+              LEFT JOIN animus.work_items w ON w.id = t.work_id), '[]'));
+END
+$$;
+
+CREATE FUNCTION animus.stop_engines(p_engine uuid, p_grace double precision) RETURNS SETOF uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_ids uuid[];
+BEGIN
+    IF p_grace IS NOT NULL AND NOT (p_grace >= 0 AND p_grace <= 86400) THEN
+        RAISE EXCEPTION 'a grace period is from 0 to 86400 seconds, got %', p_grace
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_engine IS NOT NULL AND NOT EXISTS (SELECT 1 FROM animus.engines WHERE id = p_engine)
+    THEN
+        RAISE EXCEPTION 'no engine with id % is registered (animus status lists them)',
+            p_engine USING ERRCODE = 'ANI04';
+    END IF;
+    WITH asked AS (
+        UPDATE animus.engines e
+           SET stop_requested_at = now(), stop_requested_by = session_user,
+               stop_grace = p_grace
+         WHERE (p_engine IS NULL OR e.id = p_engine) AND NOT animus.engine_lost(e)
+        RETURNING e.id)
+    SELECT array_agg(id ORDER BY id) INTO v_ids FROM asked;
+    PERFORM pg_notify('animus_engines', x::text) FROM unnest(v_ids) AS x;
+    RETURN QUERY SELECT unnest(coalesce(v_ids, '{}'));
 END
 $$;
 
@@ -1783,6 +1957,9 @@ ALTER TABLE ONLY animus.audit_seal
 ALTER TABLE ONLY animus.components
     ADD CONSTRAINT components_pkey PRIMARY KEY (name);
 
+ALTER TABLE ONLY animus.engines
+    ADD CONSTRAINT engines_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY animus.environments
     ADD CONSTRAINT environments_pkey PRIMARY KEY (hash);
 
@@ -1926,6 +2103,14 @@ REVOKE ALL ON FUNCTION animus.dead_letter(p_id uuid, p_reason text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.drop_message(p_item animus.work_items) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.engine_deregister(p_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.engine_heartbeat(p_id uuid, p_running jsonb, p_schedules jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.engine_lost(p_engine animus.engines) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.engine_register(p_id uuid, p_host text, p_pid integer, p_version text, p_heartbeat double precision, p_concurrency integer, p_queues text[], p_faculties jsonb, p_disabled jsonb, p_schedules jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_seconds integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.fail(p_id uuid, p_msg_id bigint, p_lease integer, p_error text, p_duration_ms bigint) FROM PUBLIC;
@@ -1955,6 +2140,10 @@ REVOKE ALL ON FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) F
 REVOKE ALL ON FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jsonb[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.start(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.status_view(p_dead integer, p_waiting integer) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.stop_engines(p_engine uuid, p_grace double precision) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.suspend(p_id uuid, p_msg_id bigint, p_lease integer, p_wait jsonb, p_wake_at timestamp with time zone, p_duration_ms bigint, p_execution jsonb) FROM PUBLIC;
 
