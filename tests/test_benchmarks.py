@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_waits
+from benchmarks import bench_rate, bench_waits
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -148,3 +148,15 @@ def test_digest_log_counts_kinds_of_warnings_not_their_ids():
     assert d["completions_refused"] == 2
     assert d["foci_fenced"] == 1
     assert d["top"][0] == "2 x WARNING could not complete <id>: lease lost"
+
+
+async def test_the_rate_benchmark_runs_in_its_quick_mode(server_url, monkeypatch):
+    """bench_rate --quick end to end: a backlog paced by a faculty's rate_limit completes,
+    and the achieved rate is measured (not judged here: it is a timing)."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    report = await bench_rate.run(bench_rate.QUICK, "animus_bench_rate_smoke")
+    [result] = report["results"]
+    assert (result["configured"], result["items"]) == bench_rate.QUICK[0]
+    assert result["achieved"] > 0
+    assert result["ratio"] == round(result["achieved"] / result["configured"], 4)
+    assert "within 5%" in bench_rate.render(report)

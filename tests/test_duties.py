@@ -29,12 +29,14 @@ import msgspec
 import pytest
 
 from animus_core import NewWorkItem, State
+from animus_core.faculties.embedders import HashingEmbedder
 from animus_core.store import engines, read
 from animus_core.store.db import Db, DeadLetter, Retry
+from animus_core.store.memory import Memory
 from animus_core.store.migrations import apply, load
 from animus_core.store.roles import ROLES, setup_roles
 from animus_core.values.engines import EngineInfo
-from animus_core.values.errors import IllegalTransition, PermissionDenied
+from animus_core.values.errors import ConfigError, IllegalTransition, PermissionDenied
 from animus_core.values.waits import Signal, Wait
 from tests.conftest import scratch_database
 from tests.governance_helpers import People, as_user, database_name
@@ -61,6 +63,33 @@ def deploy(env: str = "prod") -> NewWorkItem:
 
 
 # -- the holes, one by one -----------------------------------------------------------------------
+
+
+async def test_roles_that_only_read_verify_the_audit_trail_and_search_memory(db, people):
+    """``animus audit verify`` and ``animus memory search`` failed for the reader and the
+    approver: verify sealed first (INSERT on audit_seal), and opening memory configured it
+    (animus.memory_configure), although the docs promise both to whoever reads."""
+    mine = await Memory.open(db, HashingEmbedder(64))
+    await mine.store("the deploy window is on tuesdays")
+    await db.submit_work(deploy())
+    await db.verify_audit()  # sealed up to here
+    await db.submit_work(deploy("dev"))  # and this one is not
+    for who in ("rita", "ann"):
+        p = await people.db(who)
+        result = await p.verify_audit()
+        assert result.ok, result
+        assert result.checked > 0
+        assert result.unsealed > 0  # rows it may not seal: counted, not verified
+        memory = await Memory.open(p, HashingEmbedder(64))
+        [hit] = await memory.search("deploy window", k=1)
+        assert "tuesdays" in hit.content
+        with pytest.raises(ConfigError, match="embedded with hashing-v1-64"):
+            await Memory.open(p, HashingEmbedder(32))
+        with pytest.raises(PermissionDenied):
+            await memory.store("a reader writes no memory")
+    otto = await people.db("otto")
+    assert (await otto.verify_audit()).unsealed == 0  # an operator seals first
+
 
 
 async def test_nobody_rewrites_an_item_to_approve_it_themselves(db, people):

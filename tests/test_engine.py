@@ -261,6 +261,39 @@ async def test_faculty_concurrency_limit_holds_under_load(db, db_url, tmp_path):
     assert gauge.peak == 3
 
 
+class Paced(Faculty):
+    name = "paced"
+    accepts = ("paced",)
+    max_concurrent = 8
+    rate_limit = 4.0  # foci started per second
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        self.started.append(asyncio.get_running_loop().time())
+        return None
+
+
+async def test_a_rate_limited_faculty_starts_its_backlog_at_its_rate_without_a_poll(
+        db, db_url, tmp_path):
+    """The engine woke only at its fallback poll once the token bucket ran dry: with 0.5/s,
+    items started every 10 s, and behind a schedule 4 of 6 stayed queued for over 80 s."""
+    paced = Paced()
+    async with run_engine(db_url, tmp_path / "home", faculties=[paced],
+                          options=SLOW_POLL) as engine:
+        wids = ids(await db.submit_many([NewWorkItem("paced").params({"i": i})
+                                         for i in range(10)]))
+        for wid in wids:  # ten items at 4/s: about 2.5 s, not a minute's poll
+            assert (await wait_finished(db, wid, timeout=15)).state == State.COMPLETED
+        assert engine.engine.options.poll_interval >= 60
+    gaps = [b - a for a, b in itertools.pairwise(paced.started)]
+    span = paced.started[-1] - paced.started[0]
+    assert len(paced.started) == 10
+    assert span >= (10 - 4) / 4 * 0.9  # the bucket holds four at the start, then 4/s
+    assert max(gaps) < 1.0, gaps
+
+
 async def test_global_concurrency_limit_holds_across_faculties(db, db_url, tmp_path):
     total, a, b = Gauge(), Gauge(), Gauge()
     wids = ids(await db.submit_many(

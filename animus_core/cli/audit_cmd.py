@@ -68,6 +68,10 @@ def _print_intact(result: Verification, against: Path | None) -> None:
     if result.waiting_for_key:
         print(f"{result.unsealed} rows wait to be sealed: the chain is sealed with key "
               f"{result.waiting_for_key}, and this process holds no audit key ({_NO_KEY})")
+    elif result.unsealed:
+        print(f"{result.unsealed} newer rows are not sealed yet, so not verified: engines seal "
+              "them within seconds (this role only reads; an operator's verify seals them "
+              "first)")
     if result.findings_total:
         print(f"{result.findings_total} rows hold JSON that animus's value model excludes "
               "(written around animus, e.g. by hand with SQL); each is sealed over the text "

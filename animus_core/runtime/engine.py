@@ -284,6 +284,19 @@ class Engine:
 
         asyncio.get_running_loop().call_later(delay, fire)
 
+    def _wake_for_token(self, slot: Slot) -> None:
+        """Claim for ``slot`` again once its rate limit lets one more focus start (one timer
+        per slot: the earliest)."""
+        if slot.token_timer is not None and not slot.token_timer.cancelled():
+            return
+
+        def fire() -> None:
+            slot.token_timer = None
+            slot.dirty = True
+            self._wake.set()
+
+        slot.token_timer = asyncio.get_running_loop().call_later(slot.seconds_to_token(), fire)
+
     async def _schedule_loop(self) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
@@ -315,7 +328,7 @@ class Engine:
                 continue  # stays dirty: a finishing focus will wake the loop
             allowed = slot.take_tokens(free)
             if allowed <= 0:
-                self._wake_later(slot, slot.seconds_to_token())
+                self._wake_for_token(slot)
                 continue
             got = 0
             # Cleared before the claim: a notification that arrives while it is in flight
@@ -338,6 +351,8 @@ class Engine:
             # A full claim means more may be waiting; a short one that nothing is visible now.
             if got >= free:
                 slot.dirty = True
+            elif got >= allowed:  # the rate limit, not the queue, cut the claim short
+                self._wake_for_token(slot)
             if got:
                 self.sealer.touch()
 

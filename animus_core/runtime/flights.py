@@ -23,6 +23,8 @@ class Slot:
     dirty: bool = True
     tokens: float = 0.0
     refilled: float = field(default_factory=time.monotonic)
+    #: wakes the engine when the next token is due (see Engine._wake_for_token)
+    token_timer: asyncio.TimerHandle | None = None
 
     def take_tokens(self, want: int) -> int:
         rate = self.faculty.rate_limit

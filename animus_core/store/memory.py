@@ -171,6 +171,16 @@ class Memory:
                     embedder.dimension = known
             await probe()
         async with db.connection() as conn:
+            # Configured already for this embedder: nothing to change, so a role that only
+            # reads (which may not configure) opens it too.
+            row = await conn.fetchrow("SELECT embedder, dimension FROM animus.memory_config")
+            if row is not None and (row[0], row[1]) != (embedder.name, embedder.dimension):
+                raise ConfigError(
+                    f"memories are embedded with {row[0]} ({row[1]} dimensions), not "
+                    f"{embedder.name} ({embedder.dimension} dimensions): configure the same "
+                    "embedder, or run `animus memory reembed`")
+            if row is not None:
+                return cls(db, embedder)
             try:
                 await conn.execute("SELECT animus.memory_configure($1, $2)", embedder.name,
                                    embedder.dimension)
