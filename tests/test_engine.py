@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.engine_helpers import (
     SLOW_POLL,
     events,
     process_gone,
+    run_cli,
     run_engine,
     wait_finished,
     wait_until,
@@ -365,6 +367,43 @@ async def test_retry_then_dead_when_attempts_are_exhausted(db, db_url, tmp_path)
     assert "engage failed: RuntimeError: always broken" in item.reason
     assert [p for p, _ in hopeless.recovered] == ["engage", "engage"]
     assert (await events(db, wid)).count("failed") == 2
+
+
+class Stubborn(Hopeless):
+    name = "stubborn"
+    accepts = ("stubborn",)
+    max_attempts = 4  # the faculty's limit overrides the item's own 3
+
+
+async def test_a_faculty_attempt_limit_is_the_one_the_item_shows_and_the_database_applies(
+        db, db_url, tmp_path, cli_env):
+    """``work show`` printed 5/3 for an item dead after "attempts exhausted (5/5)", and 1/3
+    while it ran, when its faculty set max_attempts = 5."""
+    stubborn = Stubborn(verdict=None)
+    async with run_engine(db_url, tmp_path / "home", faculties=[stubborn], options=SLOW_POLL):
+        wid = (await db.submit_work(NewWorkItem("stubborn"))).id
+        assert (await db.get_work_item(wid)).max_attempts == 3  # no faculty took it yet
+        item = await wait_finished(db, wid)
+    assert (item.state, item.attempts, item.max_attempts) == (State.DEAD, 4, 4)
+    assert "attempts exhausted (4/4)" in (item.reason or "")
+    changed = [e.payload for e in await db.history(wid) if e.event == "changed"]
+    assert changed == [{"columns": {"max_attempts": {"old": 3, "new": 4}}}]  # once, audited
+    code, out, err = await run_cli(cli_env, tmp_path, "work", "show", str(wid))
+    assert code == 0, err
+    assert re.search(r"^attempts: +4/4$", out, re.MULTILINE), out
+
+
+async def test_a_lost_lease_is_judged_against_the_faculty_limit(db):
+    await db.submit_work(NewWorkItem("once"))
+    [c] = await db.claim(work_types=["once"], lease_seconds=1, start=True,
+                         max_attempts={"once": 1})
+    assert c.item.max_attempts == 1
+    await asyncio.sleep(1.2)  # the lease runs out; the next claim takes the attempt back
+    assert await db.claim(work_types=["once"], lease_seconds=1, start=True) == []
+    item = await db.get_work_item(c.item.id)
+    assert item.state == State.DEAD  # with the item's own 3 it would have run again
+    assert item.reason == ("attempts exhausted (1/1): lease expired while running "
+                           "(engine lost)")
 
 
 async def test_recover_false_dead_letters_at_once(db, db_url, tmp_path):

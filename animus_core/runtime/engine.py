@@ -338,7 +338,8 @@ class Engine:
                 asked = time.monotonic()
                 claimed = await self.db.claim(queue, limit=allowed - got, start=True,
                                               lease_seconds=lease_seconds,
-                                              work_types=slot.faculty.accepts)
+                                              work_types=slot.faculty.accepts,
+                                              max_attempts=slot.max_attempts)
                 self.health.reachable()
                 for c in claimed:
                     self._start_focus(slot, c, asked + lease_seconds)

@@ -26,6 +26,13 @@ class Slot:
     #: wakes the engine when the next token is due (see Engine._wake_for_token)
     token_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def max_attempts(self) -> dict[str, int] | None:
+        """The faculty's attempt limit by work type, when it sets one (it overrides the
+        item's own; the claim writes it into the item)."""
+        limit = self.faculty.max_attempts
+        return None if limit is None else dict.fromkeys(self.faculty.accepts, limit)
+
     def take_tokens(self, want: int) -> int:
         rate = self.faculty.rate_limit
         if not rate:

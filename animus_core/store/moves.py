@@ -8,7 +8,7 @@ the audit rows in the same transaction (see docs/governance.md, Roles).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -56,20 +56,27 @@ class WorkMoves(WorkSteps):
         lease_seconds: int = 30,
         work_types: Sequence[str] | None = None,
         start: bool = False,
+        max_attempts: Mapping[str, int] | None = None,
     ) -> list[Claimed]:
         """Claim up to ``limit`` visible items, highest priority first.
 
         The lease is the pgmq visibility timeout: unless extended, the item is claimable again
         after ``lease_seconds``. With ``start=True`` the items also move to ``running`` (one
-        attempt each) in the same UPDATE, audited as both steps.
+        attempt each) in the same UPDATE, audited as both steps. ``max_attempts`` maps work
+        types to the attempt limit of the faculty that runs them, which overrides the item's
+        own: the claim writes it into each item it applies to (audited as a change).
         """
         if limit < 1 or lease_seconds < 1:
             raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
+        types = list(work_types) if work_types else None
         async with self.connection() as conn:  # one statement: atomic without BEGIN/COMMIT
-            rows = await conn.fetch(
-                "SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
-                queue, limit, lease_seconds, list(work_types) if work_types else None, start,
-            )
+            if max_attempts:
+                rows = await conn.fetch("SELECT * FROM animus.claim($1, $2, $3, $4, $5, $6)",
+                                        queue, limit, lease_seconds, types, start,
+                                        dict(max_attempts))
+            else:
+                rows = await conn.fetch("SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
+                                        queue, limit, lease_seconds, types, start)
         # items taken back from expired leases come after the rest: one order for all
         rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
         if rows:

@@ -87,6 +87,8 @@ BEGIN
         -- engines: claim, and the moves of the items they hold; people: retry, dead-letter,
         -- cancel (animus work ...)
         ('animus.claim(text, int, int, text[], bool)', 'animus_operator'),
+        -- with the faculties' own attempt limits (0027_faculty_attempts.sql)
+        ('animus.claim(text, int, int, text[], bool, jsonb)', 'animus_operator'),
         ('animus.complete(uuid[], bigint[], int[], jsonb[], bigint[])', 'animus_operator'),
         ('animus.start(uuid, bigint, int)', 'animus_operator'),
         ('animus.extend_leases(text, uuid[], bigint[], int[], int)', 'animus_operator'),

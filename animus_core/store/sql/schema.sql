@@ -281,6 +281,37 @@ BEGIN
 END
 $_$;
 
+CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean, p_max_attempts jsonb) RETURNS SETOF animus.work_items
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_claimed animus.work_items[];
+BEGIN
+    SELECT array_agg(c) INTO v_claimed
+      FROM animus.claim(p_queue, p_qty, p_vt_seconds, p_work_types, p_start) AS c;
+    IF v_claimed IS NULL THEN
+        RETURN;
+    END IF;
+    IF p_max_attempts IS NULL OR p_max_attempts = '{}' THEN
+        RETURN QUERY SELECT * FROM unnest(v_claimed);
+        RETURN;
+    END IF;
+    RETURN QUERY
+        WITH fixed AS (
+            UPDATE animus.work_items w
+               SET max_attempts = (p_max_attempts->>w.work_type)::int
+              FROM unnest(v_claimed) AS c
+             WHERE w.id = c.id AND p_max_attempts ? w.work_type
+               AND w.max_attempts IS DISTINCT FROM (p_max_attempts->>w.work_type)::int
+            RETURNING w.*)
+        SELECT f.* FROM fixed f
+        UNION ALL
+        SELECT c.* FROM unnest(v_claimed) AS c
+         WHERE NOT EXISTS (SELECT 1 FROM fixed f WHERE f.id = c.id);
+END
+$$;
+
 CREATE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_data jsonb[], p_duration_ms bigint[]) RETURNS SETOF uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2096,6 +2127,8 @@ REVOKE ALL ON FUNCTION animus.cancel_attempt(p_id uuid, p_msg_id bigint, p_lease
 REVOKE ALL ON FUNCTION animus.children_text(p_wait jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.children_unfinished(p_wait jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean, p_max_attempts jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.copy_steps(p_to uuid, p_from uuid, p_before text) FROM PUBLIC;
 
