@@ -12,6 +12,7 @@ import importlib
 import json
 import re
 import signal
+import socket
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -428,6 +429,15 @@ async def test_work_submit_wait_prints_the_outcome(db, db_url, tmp_path, engines
     lines = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
     assert lines["state:"] == "completed"
     assert json.loads(lines["outcome:"]) == {"upper": "SHOUT"}
+    # the id first, then each change as it happens, on standard error
+    progress = err.splitlines()
+    assert progress[0] == f"submitted {lines['id:']}"
+    steps = [line.split(None, 1)[1] for line in progress[1:]]
+    assert steps[0].startswith("submitted by ")
+    assert steps[1] == f"claimed by engine@{socket.gethostname()}:{engine.pid}"
+    assert steps[2] == "attempt 1 running"
+    assert steps[3].startswith("completed: in ")
+    assert "warning" not in err  # an engine runs it
 
     code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "upper",
                                    "--param", "text=again", "--wait", "--json", "--timeout", "30")
@@ -435,6 +445,57 @@ async def test_work_submit_wait_prints_the_outcome(db, db_url, tmp_path, engines
     item = json.loads(out)
     assert item["state"] == "completed"
     assert item["outcome"]["data"] == {"upper": "AGAIN"}
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "follow", item["id"])
+    assert code == 0, err
+    assert "completed" in out
+    assert f"claimed by engine@{socket.gethostname()}:{engine.pid}" in err
+    engine.signal(signal.SIGTERM)
+    assert await engine.wait(20) == 0
+
+
+async def test_submit_says_when_no_live_engine_would_run_the_work_and_wait_says_why(
+        db, db_url, tmp_path, engines, proc_env):
+    """Submitting a type no faculty accepts was silent, and --wait then blamed a missing
+    engine while one ran."""
+    faculty(tmp_path, "upper", hooks={"engage": "true"})
+    engine = engines("--heartbeat", "0.5")
+    await wait_listening(db_url, [engine])
+    await wait_until(lambda: _registered(db_url, 1), 20, message="the engine to register")
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "nobody", "--strict")
+    assert code == 2, out + err
+    assert ("no live engine would run work type 'nobody': no live engine has a faculty that "
+            "accepts it (unroutable); not submitted (--strict)") in err
+    assert await db.list_work(work_type="nobody") == []
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "nobody", "--wait",
+                                   "--timeout", "1")
+    assert code == 1
+    assert "animus: warning: no live engine would run work type 'nobody' now" in err
+    assert ("still queued after 1s: it is queued and no live engine will run it: no live "
+            "engine has a faculty that accepts it (unroutable)") in err
+    assert "is an engine running" not in err
+    [queued] = await db.list_work(work_type="nobody")  # a warning: it was submitted
+    assert queued.state == State.QUEUED
+    code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "upper",
+                                   "--queue", "other", "--strict")
+    assert code == 2
+    assert "no live engine serves queue 'other'" in err
+
+    # Ctrl-C while following: the item goes on, and the command says how to follow it again
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "animus_core", "work", "submit", "nobody", "-p", "n=2", "--wait",
+        env=proc_env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    first = await asyncio.wait_for(proc.stderr.readline(), 30)
+    while first.startswith(b"animus: warning"):
+        first = await asyncio.wait_for(proc.stderr.readline(), 30)
+    wid = first.decode().split()[1]
+    proc.send_signal(signal.SIGINT)
+    _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 130
+    assert (f"stopped following {wid}; it goes on without you. Follow it again with "
+            f"`animus work follow {wid}`") in rest.decode()
+    assert (await db.get_work_item(wid)).state == State.QUEUED
     engine.signal(signal.SIGTERM)
     assert await engine.wait(20) == 0
 

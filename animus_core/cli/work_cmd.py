@@ -1,19 +1,23 @@
-"""``animus work``: submit, list, show, cancel, signal and retry work items."""
+"""``animus work``: submit, follow, list, show, cancel, signal and retry work items."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sys
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
 from animus_core.cli.context import cli_animus, governed, open_db
+from animus_core.cli.follow import follow, no_engine_for, why_unfinished
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
-from animus_core.values.errors import InvalidInput
+from animus_core.values.errors import AnimusError, InvalidInput
 from animus_core.values.states import State
 from animus_core.values.steps import Step
 from animus_core.values.waits import Signal, Wait
@@ -36,10 +40,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--max-attempts", type=int, default=3, metavar="N")
     p.add_argument("--queue", default=DEFAULT_QUEUE)
     p.add_argument("--wait", action="store_true",
-                   help="wait until the item finishes and print its outcome")
+                   help="follow the item until it finishes (its changes on standard error) "
+                        "and print its outcome")
     p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to --wait")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to submit when no live engine would run the work type "
+                        "(by default: a warning)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=submit)
+
+    p = cmds.add_parser("follow", help="follow a work item until it finishes: each change "
+                                       "as it happens, then its outcome")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to follow it")
+    p.add_argument("--json", action="store_true", help="print the finished item as JSON")
+    p.set_defaults(handler=follow_cmd)
 
     p = cmds.add_parser("list", help="list work items, newest first")
     p.add_argument("--state", action="append", choices=[s.value for s in State])
@@ -252,19 +267,22 @@ async def submit(args: argparse.Namespace) -> int:
         db = animus.db
         if args.parent:
             await db.get_work_item(args.parent)
+        why = None
+        with contextlib.suppress(AnimusError):  # a check, never a reason not to submit
+            why = await no_engine_for(db, args.work_type, args.queue)
+        if why is not None:
+            if args.strict:
+                raise InvalidInput(f"no live engine would run work type {args.work_type!r}: "
+                                   f"{why}; not submitted (--strict)")
+            print(f"animus: warning: no live engine would run work type {args.work_type!r} "
+                  f"now: {why}; it waits in queue {args.queue!r} until one does",
+                  file=sys.stderr)
         result = await animus.governed.submit(new, queue=args.queue)
         if args.wait:
-            item = await animus.wait_finished(result.canonical_id, args.timeout)
-            if args.json:
-                print_json(item)
-            else:
-                _describe(item)
-            if item.state == State.COMPLETED:
-                return 0
-            if not item.state.terminal:
-                print(f"animus: still {item.state} after {args.timeout:g}s "
-                      "(is an engine running? `animus up`)", file=sys.stderr)
-            return 1
+            print(f"submitted {result.canonical_id}" + (
+                "" if isinstance(result, Created) else f" (merged into live work: {result.id} "
+                "was not created)"), file=sys.stderr, flush=True)
+            return await _follow(db, result.canonical_id, args.timeout, args.json)
     if args.json:
         print_json(result)
     elif isinstance(result, Created):
@@ -274,6 +292,34 @@ async def submit(args: argparse.Namespace) -> int:
     else:
         print(f"merged {result.id} into {result.canonical_id}")
     return 0
+
+
+async def follow_cmd(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        item = await db.get_work_item(args.id)
+        return await _follow(db, item.id, args.timeout, args.json)
+
+
+async def _follow(db: Db, work_id: UUID, timeout: float, as_json: bool) -> int:
+    """Follow the item (its changes on standard error), then print it; 0 if it completed.
+    Interrupted (Ctrl-C), say how to pick it up again."""
+    try:
+        item = await follow(db, work_id, timeout)
+    except asyncio.CancelledError:
+        print(f"\nstopped following {work_id}; it goes on without you. Follow it again with "
+              f"`animus work follow {work_id}`, or look with `animus work show {work_id}`",
+              file=sys.stderr)
+        raise
+    if as_json:
+        print_json(item)
+    else:
+        _describe(item)
+    if item.state == State.COMPLETED:
+        return 0
+    if not item.state.terminal:
+        print(f"animus: still {item.state} after {timeout:g}s: "
+              f"{await why_unfinished(db, item)}", file=sys.stderr)
+    return 1
 
 
 async def list_(args: argparse.Namespace) -> int:
