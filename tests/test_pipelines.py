@@ -13,6 +13,7 @@ blocking the loop.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -446,6 +447,26 @@ async def test_a_pipeline_runs_stages_in_order_and_stops_what_depends_on_a_failu
     assert [(s["stage"], s["state"]) for s in data["stages"]] == [
         ("fetch", "completed"), ("count", "completed"), ("explode", "dead"),
         ("report", "dead"), ("archive", "completed")]
+
+
+async def test_pipeline_run_wait_follows_the_waves_of_stages(db, engine, env, tmp_path):
+    """``pipeline run --wait`` was silent until the end."""
+    path = write(tmp_path, "nightly.toml", NIGHTLY)
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "run", str(path), "--wait",
+                                   "--timeout", "60")
+    assert code == 1, out + err  # a stage fails: the pipeline ends dead
+    pid = out.splitlines()[0].split()[-1]
+    assert out.splitlines()[0] == f"pipeline nightly submitted: {pid}"
+    assert re.search(r"^state: +dead$", out, re.MULTILINE), out
+    progress = [line.split(None, 1)[1] for line in err.splitlines() if line.startswith("  ")]
+    assert progress[0].startswith("submitted by ")
+    assert "attempt 1 running" in progress
+    waits = [p for p in progress if p.startswith("waiting: waiting for ")]
+    wakes = [p for p in progress if p.startswith("woken: ")]
+    assert waits  # each wave of stages, as it happens
+    assert len(wakes) == len(waits)
+    assert progress[-1].startswith("dead: ")
+    assert "stage 'explode' dead" in progress[-1]
 
 
 async def test_a_stage_gate_waits_for_approval_by_another_role(db, db_url, server_url, engine,

@@ -26,8 +26,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=plan_cmd)
     p = cmds.add_parser("run", help="submit a pipeline (an engine runs it)")
     p.add_argument("file", type=Path)
-    p.add_argument("--wait", action="store_true", help="wait for the pipeline to finish")
-    p.add_argument("--timeout", type=seconds, default=600.0)
+    p.add_argument("--wait", action="store_true", help="follow the pipeline until it finishes "
+                                                        "(its changes on standard error)")
+    p.add_argument("--timeout", type=seconds, default=600.0, help="seconds to --wait")
     p.set_defaults(handler=run_cmd)
     p = cmds.add_parser("status", help="the pipeline's stages, in order, with their states")
     p.add_argument("id", metavar="ID")
@@ -61,7 +62,7 @@ async def plan_cmd(args: argparse.Namespace) -> int:
 
 
 async def run_cmd(args: argparse.Namespace) -> int:
-    from animus_core.cli.work_cmd import _describe
+    from animus_core.cli.work_cmd import follow_to_end
 
     pipeline = load(args.file)
     raw = msgspec.to_builtins(pipeline)
@@ -75,10 +76,8 @@ async def run_cmd(args: argparse.Namespace) -> int:
         state = result.item.state  # the rules may gate or deny work type "pipeline" too
         print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}"
               + ("" if state == "queued" else f" ({state}: {result.item.reason})"))
-        if args.wait:
-            item = await animus.wait_finished(result.id, args.timeout)
-            _describe(item)
-            return 0 if item.state == "completed" else 1
+        if args.wait:  # its changes (each wave of stages) on standard error, as they happen
+            return await follow_to_end(animus.db, result.id, args.timeout, as_json=False)
     return 0
 
 

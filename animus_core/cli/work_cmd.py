@@ -282,7 +282,7 @@ async def submit(args: argparse.Namespace) -> int:
             print(f"submitted {result.canonical_id}" + (
                 "" if isinstance(result, Created) else f" (merged into live work: {result.id} "
                 "was not created)"), file=sys.stderr, flush=True)
-            return await _follow(db, result.canonical_id, args.timeout, args.json)
+            return await follow_to_end(db, result.canonical_id, args.timeout, args.json)
     if args.json:
         print_json(result)
     elif isinstance(result, Created):
@@ -297,10 +297,10 @@ async def submit(args: argparse.Namespace) -> int:
 async def follow_cmd(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
-        return await _follow(db, item.id, args.timeout, args.json)
+        return await follow_to_end(db, item.id, args.timeout, args.json)
 
 
-async def _follow(db: Db, work_id: UUID, timeout: float, as_json: bool) -> int:
+async def follow_to_end(db: Db, work_id: UUID, timeout: float, as_json: bool) -> int:
     """Follow the item (its changes on standard error), then print it; 0 if it completed.
     Interrupted (Ctrl-C), say how to pick it up again."""
     try:
