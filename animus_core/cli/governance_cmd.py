@@ -1,4 +1,5 @@
-"""``animus approve``, ``animus reject`` and ``animus roles``."""
+"""``animus approve``, ``animus reject`` (also ``animus work approve|reject``), ``animus
+approvals list`` and ``animus roles``."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import argparse
 import getpass
 
 from animus_core.cli.context import open_db
+from animus_core.cli.output import age, print_json, print_table
+from animus_core.store import read
 from animus_core.store.roles import ROLES, add_user, setup_roles
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for name, verb in (("approve", "approve"), ("reject", "reject")):
-        p = sub.add_parser(name, help=f"{verb} a work item awaiting approval (as the database user)")
-        p.add_argument("id", metavar="ID")
-        p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
-        p.set_defaults(handler=decide, decision=verb)
+    add_decisions(sub)
+
+    approvals = sub.add_parser("approvals", help="the decisions people owe")
+    cmds = approvals.add_subparsers(dest="approvals_command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("list", help="items awaiting a decision: their gate, who asked, "
+                                     "the votes so far")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(handler=approvals_list)
 
     roles = sub.add_parser("roles", help="Postgres roles: reader, submitter, approver, operator, admin")
     cmds = roles.add_subparsers(dest="roles_command", metavar="COMMAND", required=True)
@@ -27,10 +33,43 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=roles_add_user)
 
 
+def add_decisions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``approve`` and ``reject``: top-level commands, and under ``animus work`` too."""
+    for verb in ("approve", "reject"):
+        p = sub.add_parser(verb, help=f"{verb} a work item awaiting a decision (as the "
+                                      "database user)")
+        p.add_argument("id", metavar="ID")
+        p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        p.add_argument("--json", action="store_true", help="print the item as JSON")
+        p.set_defaults(handler=decide, decision=verb)
+
+
 async def decide(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.decide(args.id, args.decision, args.reason)
-    print(f"{item.id}: {item.state} ({item.reason})")
+    if args.json:
+        print_json(item)
+    else:
+        print(f"{item.id}: {item.state} ({item.reason})")
+    return 0
+
+
+async def approvals_list(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        pending = await read.pending_approvals(db)
+    if args.json:
+        print_json(pending)
+        return 0
+    if not pending:
+        print("no decision is pending")
+        return 0
+    print_table(["id", "type", "gate", "role", "votes", "requested by", "since", "why"],
+                [(p.id, p.work_type,
+                  "submit" + (f" ({p.rule})" if p.rule else "") if p.kind == "submit"
+                  else f"step {p.position}", p.role,
+                  f"{len(p.approvers)}/{p.quorum}"
+                  + (f" ({', '.join(p.approvers)})" if p.approvers else ""),
+                  p.requested_by or "", age(p.since), (p.why or "")[:60]) for p in pending])
     return 0
 
 

@@ -14,6 +14,7 @@ import msgspec
 
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.follow import follow, no_engine_for, why_unfinished
+from animus_core.cli.governance_cmd import add_decisions
 from animus_core.cli.output import age, print_json, print_table, seconds
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
@@ -48,6 +49,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "(by default: a warning)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=submit)
+
+    add_decisions(cmds)  # animus work approve|reject, as animus approve|reject
 
     p = cmds.add_parser("follow", help="follow a work item until it finishes: each change "
                                        "as it happens, then its outcome")
@@ -393,6 +396,8 @@ def _describe(item: WorkItem, so_far: int | None = None) -> None:
         ("dedup key", item.dedup_key), ("source", item.provenance.source),
         ("trigger", item.provenance.trigger), ("parent", item.parent_id),
         ("merged into", item.merged_into), ("replay of", item.replay_of),
+        ("requester", item.requested_by),
+        ("gate", _gate(item.gate)),
         ("attempts", f"{item.attempts}/{item.max_attempts}" if not item.suspensions else
          f"{item.attempts - item.suspensions}/{item.max_attempts} counted, "
          f"{item.attempts} in all ({item.suspensions} suspended)"),
@@ -407,9 +412,20 @@ def _describe(item: WorkItem, so_far: int | None = None) -> None:
         fields.append(("error", item.outcome.error))
     if item.outcome.duration_ms is not None:
         fields.append(("duration", f"{item.outcome.duration_ms} ms"))
+    if item.usage:
+        fields.append(("usage", json.dumps(item.usage, ensure_ascii=False, sort_keys=True)))
     for name, value in fields:
         if value is not None:
             print(f"{name + ':':13}{value}")
+
+
+def _gate(gate: dict[str, Any] | None) -> str | None:
+    """The submit gate an item was held at: its role, quorum, rule and why."""
+    if not gate:
+        return None
+    return (f"{gate.get('quorum', 1)} x {gate.get('role', 'approver')}"
+            + (f" (rule {gate['rule']})" if gate.get("rule") else "")
+            + (f": {gate['reason']}" if gate.get("reason") else ""))
 
 
 async def show(args: argparse.Namespace) -> int:

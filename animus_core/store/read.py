@@ -16,9 +16,9 @@ from animus_core.values.errors import InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["DeadItem", "QueueDepth", "ScheduleTick", "Status", "WaitingItem", "WaitingKind",
-           "WorkCount", "WorkReads",
-           "next_wakes", "queue_depths", "status", "unroutable_backlog"]
+__all__ = ["DeadItem", "PendingApproval", "QueueDepth", "ScheduleTick", "Status", "WaitingItem",
+           "WaitingKind", "WorkCount", "WorkReads", "next_wakes", "pending_approvals",
+           "queue_depths", "status", "unroutable_backlog"]
 
 
 class QueueDepth(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,6 +137,57 @@ async def next_wakes(db: DbBase, queues: Sequence[str],
                         AND w.queue = ANY ($1::text[]) AND w.work_type = t.work_type) w
                 WHERE w.next IS NOT NULL OR w.due""", list(queues), list(work_types))
     return {r[0]: (r[1], r[2]) for r in rows}
+
+
+class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
+    """A decision people owe: an item held at its submit gate (``kind`` ``submit``) or a
+    focus waiting at an approval (``focus``, at step ``position``)."""
+
+    id: UUID
+    work_type: str
+    kind: str
+    role: str
+    quorum: int
+    why: str | None
+    rule: str | None
+    requested_by: str | None
+    since: datetime
+    until: str | None
+    position: int | None
+    #: who approved so far (whether each counts for the role is the database's to say at
+    #: the decision)
+    approvers: list[str]
+
+
+_PENDING = """
+    SELECT w.id, w.work_type, w.requested_by, w.updated_at AS since,
+           CASE WHEN w.state = 'awaiting_approval' THEN 'submit' ELSE 'focus' END AS kind,
+           coalesce(w.gate->>'role', w.wait->>'role') AS role,
+           coalesce((w.gate->>'quorum')::int, (w.wait->>'quorum')::int, 1) AS quorum,
+           coalesce(w.gate->>'reason', w.wait->>'why') AS why, w.gate->>'rule' AS rule,
+           CASE WHEN w.state = 'waiting' THEN w.wait->>'until' END AS until,
+           CASE WHEN w.state = 'waiting' THEN (w.wait->>'position')::int END AS position,
+           coalesce((SELECT array_agg(a.approver ORDER BY a.at, a.id) FROM animus.approvals a
+                      WHERE a.work_id = w.id AND a.decision = 'approve'
+                        AND a.position IS NOT DISTINCT FROM
+                            CASE WHEN w.state = 'waiting' THEN (w.wait->>'position')::int END),
+                    '{}') AS approvers
+      FROM animus.work_items w
+     WHERE w.state = 'awaiting_approval'
+        OR (w.state = 'waiting' AND w.wait->>'kind' = 'approval')
+     ORDER BY w.updated_at, w.id
+     LIMIT $1"""
+
+
+async def pending_approvals(db: DbBase, *, limit: int = 1000) -> list[PendingApproval]:
+    """The decisions people owe, oldest first (one query; the reader role reads it)."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(_PENDING, limit)
+    return [PendingApproval(id=r["id"], work_type=r["work_type"], kind=r["kind"],
+                            role=r["role"] or "approver", quorum=r["quorum"], why=r["why"],
+                            rule=r["rule"], requested_by=r["requested_by"], since=r["since"],
+                            until=r["until"], position=r["position"],
+                            approvers=list(r["approvers"])) for r in rows]
 
 
 class WorkReads(DbBase):
