@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,7 @@ async def people(db_url: str, server_url: str) -> AsyncIterator[People]:
 
 
 async def test_pending_decisions_are_listed_with_gate_requester_and_votes(
-        db, people, cli_env, tmp_path: Path):
+        db, people, cli_env, tmp_path):
     sam = await people.db("sam")
     gated = (await sam.submit_gated(NewWorkItem("deploy").params({"env": "prod"}),
                                     "approver", 2, "prod deploys")).id
