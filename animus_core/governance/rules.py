@@ -137,6 +137,31 @@ class RuleSet:
         return Decision(effect="deny", rule=None,
                         reason=f"no rule allows {work_type!r} from {source!r} (rules fail closed)")
 
+    def explain(self, work_type: str, params: dict[str, Any], source: str, *,
+                tool: str | None = None) -> list[tuple[str, Rule, str | None]]:
+        """How the rules decide work of ``work_type`` (or, with ``tool``, a model's call of
+        that tool with ``params`` as its input): each rule in order up to the one that
+        matches, with why it does not match (None: it matches and decides)."""
+        out: list[tuple[str, Rule, str | None]] = []
+        for path, rule in self.rules:
+            miss = _mismatch(rule, work_type, params, source, tool)
+            out.append((path, rule, miss))
+            if miss is None:
+                break
+        return out
+
+    def shadowed(self) -> list[tuple[str, Rule, str, Rule]]:
+        """Rules that can never match, each with the earlier rule that matches all that it
+        would: ``(path, rule, earlier path, earlier rule)``. The first matching rule
+        decides, across files in name order."""
+        out = []
+        for i, (path, rule) in enumerate(self.rules):
+            for earlier_path, earlier in self.rules[:i]:
+                if _covers(earlier, rule):
+                    out.append((path, rule, earlier_path, earlier))
+                    break
+        return out
+
     def decide_tool(self, tool: str, tool_input: Any, *, work_type: str,
                     source: str) -> Decision:
         """The decision for a model's call of ``tool`` with ``tool_input``, in the focus of
@@ -159,3 +184,40 @@ def _decision(rule: Rule) -> Decision:
         return Decision(effect=rule.effect, rule=rule.name, reason=reason, role=rule.role,
                         quorum=rule.quorum)
     return Decision(effect=rule.effect, rule=rule.name, reason=reason)
+
+
+def _mismatch(rule: Rule, work_type: str, params: dict[str, Any], source: str,
+              tool: str | None) -> str | None:
+    """Why ``rule`` does not match (None: it does)."""
+    if (rule.tool is None) != (tool is None):
+        return "a tool rule (governs a model's tool calls)" if tool is None \
+            else "governs submitted work, not tool calls"
+    if tool is not None and rule.tool is not None and not fnmatch.fnmatchcase(tool, rule.tool):
+        return f"tool {tool!r} does not match {rule.tool!r}"
+    if not fnmatch.fnmatchcase(work_type, rule.work_type):
+        return f"work type {work_type!r} does not match {rule.work_type!r}"
+    if not fnmatch.fnmatchcase(source, rule.source):
+        return f"source {source!r} does not match {rule.source!r}"
+    if not _contains(params, rule.params):
+        what = "input" if tool is not None else "params"
+        return f"the {what} do not contain {msgspec.json.encode(rule.params).decode()}"
+    return None
+
+
+def _pattern_covers(wide: str, narrow: str) -> bool:
+    """Whether fnmatch pattern ``wide`` matches every name ``narrow`` does (surely so:
+    ``*``, the same pattern, or a plain name that ``wide`` matches)."""
+    return wide == "*" or wide == narrow or (
+        not any(c in narrow for c in "*?[") and fnmatch.fnmatchcase(narrow, wide))
+
+
+def _covers(earlier: Rule, later: Rule) -> bool:
+    """Whether ``earlier`` matches whatever ``later`` would (so ``later`` never decides)."""
+    if (earlier.tool is None) != (later.tool is None):
+        return False
+    if earlier.tool is not None and later.tool is not None \
+            and not _pattern_covers(earlier.tool, later.tool):
+        return False
+    return (_pattern_covers(earlier.work_type, later.work_type)
+            and _pattern_covers(earlier.source, later.source)
+            and _contains(later.params, earlier.params))

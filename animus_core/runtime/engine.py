@@ -104,6 +104,10 @@ class Engine:
         self.settings = settings
         self.options = opts = options or EngineOptions()
         self.rules = rules if rules is not None else RuleSet.load(settings.rules_dir)
+        for path, rule, earlier_path, earlier in self.rules.shadowed():
+            _log.warning("%s: rule %r can never match: rule %r (%s) comes first and matches "
+                         "all it would (animus rules check)", path, rule.name, earlier.name,
+                         earlier_path)
         #: every submission of this engine, and the check before engage, go through it
         self.governed = GovernedWork(db, self.rules)
         _learn_secrets(faculties, db)
