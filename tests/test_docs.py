@@ -160,6 +160,47 @@ def test_every_command_has_a_heading(commands: list[tuple[tuple[str, ...], bool]
     assert not missing, f"docs/cli.md lacks: {', '.join(missing)}"
 
 
+def test_every_option_and_argument_has_help_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many options had none (--json, --dedup-key, --max-attempts, --queue, -k, --batch,
+    --reason): ``animus ... --help`` is the first place a person looks."""
+    monkeypatch.setenv("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    from animus_core.cli import build_parser
+
+    def bare(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[str]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from bare(sub, (*path, name))
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) \
+                    and not action.help:
+                yield f"animus {' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+
+    missing = list(bare(build_parser()))
+    assert not missing, f"options without help text: {', '.join(missing)}"
+
+
+def test_every_usage_block_is_the_commands_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``usage:`` under each command's heading is what ``--help`` prints (at 100
+    columns): options added to a command show up in its documentation, or this fails."""
+    monkeypatch.setenv("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("COLUMNS", "100")
+    from animus_core.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+                ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield " ".join(("animus", *path, name)), sub
+                    yield from parsers(sub, (*path, name))
+
+    usage = {title: sub.format_usage().strip() for title, sub in parsers(build_parser())}
+    blocks = re.findall(r"### (animus[^\n]*)\n\n```text\n(usage: [^`]*?)\n```", read("cli.md"))
+    assert len(blocks) > 40
+    wrong = [title for title, block in blocks if title in usage and usage[title] != block]
+    assert not wrong, f"docs/cli.md shows another usage than the command for: {wrong}"
+
+
 def test_no_heading_for_a_command_that_does_not_exist(
         commands: list[tuple[tuple[str, ...], bool]]) -> None:
     known = {" ".join(("animus", *path)) for path, _ in commands}

@@ -20,15 +20,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("verify", help="seal pending rows, then recompute the whole chain")
     p.add_argument("--against", metavar="FILE", type=Path,
                    help="also check the chain still holds every checkpoint in FILE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=verify)
     p = cmds.add_parser("checkpoint", help="seal pending rows, then print the chain's head, "
                                            "signed with the audit key, to keep elsewhere")
     p.add_argument("--json", action="store_true", help="print it as one line of JSON")
     p.set_defaults(handler=checkpoint)
     p = cmds.add_parser("show", help="one work item's history")
-    p.add_argument("id", metavar="WORK_ID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", metavar="WORK_ID", help="the work item whose audit rows to show")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=show)
 
 

@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("migrate", help="apply pending migrations")
     p.set_defaults(handler=migrate)
     p = cmds.add_parser("status", help="applied and pending migrations, installed extensions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=status)
     p = cmds.add_parser("psql", help="open psql on the animus database (the bundled psql)")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="extra psql arguments")

@@ -57,7 +57,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=stop)
 
     p = sub.add_parser("demo", help="start an engine, run each faculty's example, print outcomes")
-    p.add_argument("--timeout", type=seconds, default=60.0)
+    p.add_argument("--timeout", type=seconds, default=60.0,
+                   help="seconds to wait for each example to finish (default 60)")
     p.set_defaults(handler=demo)
 
 

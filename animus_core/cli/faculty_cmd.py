@@ -15,9 +15,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     fac = sub.add_parser("faculty", help="list, check and scaffold faculties")
     cmds = fac.add_subparsers(dest="faculty_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("list", help="every faculty, its work types and where it came from")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=list_)
     p = cmds.add_parser("check", help="validate plugins and TOML faculties without starting")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=check)
     p = cmds.add_parser("new", help="scaffold a pip-installable Python faculty package")
     p.add_argument("name", help="faculty name, e.g. translate")
@@ -47,13 +48,20 @@ async def check(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     _, faculties, problems = await load_faculties(settings)
+    # each problem once, however many ways it was found
+    lines = list(dict.fromkeys(
+        line if p.plugin.startswith("animus") else f"{p.plugin}: {line}"
+        for p in problems for line in p.error.splitlines()))
+    if args.json:
+        print_json({"faculties": [{"name": f.name, "origin": f.origin} for f in faculties],
+                    "problems": lines})
+        return 2 if lines else 0
     for f in faculties:
         print(f"ok       {f.name} ({f.origin})")
-    for p in problems:
-        for line in p.error.splitlines():
-            print(f"error    {line}" if p.plugin.startswith("animus") else f"error    {p.plugin}: {line}")
-    if problems:
-        print(f"{len(problems)} problem(s) found")
+    for line in lines:
+        print(f"error    {line}")
+    if lines:
+        print(f"{len(lines)} problem(s) found")
         return 2
     print(f"{len(faculties)} faculties, no problems")
     return 0

@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=rules_check)
     p = cmds.add_parser("test", help="which rule decides work of TYPE (or a tool call), "
                                      "and why the rules before it do not")
-    p.add_argument("work_type", metavar="TYPE")
+    p.add_argument("work_type", metavar="TYPE", help="the work type to test")
     p.add_argument("--param", "-p", action="append", default=[], metavar="K=V",
                    help="a parameter (or, with --tool, a field of the call's input); V is "
                         "parsed as JSON when it can be")
@@ -52,11 +52,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     roles = sub.add_parser("roles", help="Postgres roles: reader, submitter, approver, operator, admin")
     cmds = roles.add_subparsers(dest="roles_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("setup", help="create the roles, grants and row-level security")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=roles_setup)
     p = cmds.add_parser("add-user", help="create a login role that is a member of one role")
-    p.add_argument("name")
-    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("name", help="the login role to create (a person or a service)")
+    p.add_argument("--role", required=True, choices=ROLES,
+                   help="the animus role it becomes a member of")
     p.add_argument("--password", action="store_true", help="prompt for a password")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=roles_add_user)
 
 
@@ -65,7 +68,7 @@ def add_decisions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     for verb in ("approve", "reject"):
         p = sub.add_parser(verb, help=f"{verb} a work item awaiting a decision (as the "
                                       "database user)")
-        p.add_argument("id", metavar="ID")
+        p.add_argument("id", metavar="ID", help="the work item (its id)")
         p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
         p.add_argument("--json", action="store_true", help="print the item as JSON")
         p.set_defaults(handler=decide, decision=verb)
@@ -103,7 +106,10 @@ async def approvals_list(args: argparse.Namespace) -> int:
 async def roles_setup(args: argparse.Namespace) -> int:
     async with await open_db() as db, db.connection() as conn:
         await setup_roles(conn)
-    print("roles ready: " + ", ".join(f"animus_{r}" for r in ROLES))
+    if args.json:
+        print_json({"roles": [f"animus_{r}" for r in ROLES]})
+    else:
+        print("roles ready: " + ", ".join(f"animus_{r}" for r in ROLES))
     return 0
 
 
@@ -111,7 +117,10 @@ async def roles_add_user(args: argparse.Namespace) -> int:
     password = getpass.getpass(f"password for {args.name}: ") if args.password else None
     async with await open_db() as db, db.connection() as conn:
         await add_user(conn, args.name, args.role, password)
-    print(f"{args.name} is now a member of animus_{args.role}")
+    if args.json:
+        print_json({"user": args.name, "role": f"animus_{args.role}"})
+    else:
+        print(f"{args.name} is now a member of animus_{args.role}")
     return 0
 
 

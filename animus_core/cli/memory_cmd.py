@@ -29,32 +29,37 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="episodic, semantic, relational, ... (default semantic)")
     p.add_argument("--source", help="where it came from")
     p.add_argument("--meta", metavar="JSON", help="metadata, a JSON object")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=add)
 
     p = cmds.add_parser("search", help="recall memories (hybrid by default)")
-    p.add_argument("query")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--mode", choices=["hybrid", "vector", "text"], default="hybrid")
-    p.add_argument("--type", dest="memory_type")
-    p.add_argument("--source")
+    p.add_argument("query", help="what to look for (words, or a sentence)")
+    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("--mode", choices=["hybrid", "vector", "text"], default="hybrid",
+                   help="vector similarity, full-text, or both fused (default hybrid)")
+    p.add_argument("--type", dest="memory_type", help="only memories of this type")
+    p.add_argument("--source", help="only memories from this source")
     p.add_argument("--meta", metavar="JSON", help="only memories whose metadata contains this")
-    p.add_argument("--since", type=datetime.fromisoformat, metavar="ISO-TIME")
-    p.add_argument("--until", type=datetime.fromisoformat, metavar="ISO-TIME")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--since", type=datetime.fromisoformat, metavar="ISO-TIME",
+                   help="only memories created at or after this time")
+    p.add_argument("--until", type=datetime.fromisoformat, metavar="ISO-TIME",
+                   help="only memories created before this time")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=search)
 
     p = cmds.add_parser("forget", help="delete memories by id")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="the memories to forget (their ids)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=forget)
 
     p = cmds.add_parser("stats", help="how many memories, by type; the embedder in use")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=stats)
 
     p = cmds.add_parser("reembed", help="move every memory to the embedder now configured "
                         "(ANIMUS_EMBEDDER...); resumable")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256,
+                   help="memories embedded per request (default 256)")
     p.set_defaults(handler=reembed)
 
 
@@ -111,7 +116,10 @@ async def search(args: argparse.Namespace) -> int:
 async def forget(args: argparse.Namespace) -> int:
     async with _memory(configure=False) as memory:
         n = await memory.forget(args.ids)
-    print(f"forgot {n} of {len(args.ids)}")
+    if args.json:
+        print_json({"forgot": n, "asked": len(args.ids)})
+    else:
+        print(f"forgot {n} of {len(args.ids)}")
     return 0 if n == len(args.ids) else 1
 
 

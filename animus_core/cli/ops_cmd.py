@@ -56,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "as JSON lines into DIR")
     p.add_argument("--batch-size", type=positive, default=1000, metavar="N",
                    help="rows per transaction (default 1000)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=purge_cmd)
 
 

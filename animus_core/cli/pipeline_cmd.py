@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pipe = sub.add_parser("pipeline", help="plan, run and show declarative pipelines")
     cmds = pipe.add_subparsers(dest="pipeline_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("plan", help="resolve and check a pipeline file; writes nothing")
-    p.add_argument("file", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("file", type=Path, help="the pipeline file (TOML)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=plan_cmd)
     p = cmds.add_parser("run", help="submit a pipeline (an engine runs it)")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="the pipeline file (TOML)")
     p.add_argument("--wait", action="store_true", help="follow the pipeline until it finishes "
                                                         "(its changes on standard error)")
     p.add_argument("--timeout", type=seconds, default=600.0, help="seconds to --wait")
+    p.add_argument("--json", action="store_true", help="print the submission (with --wait, "
+                                                      "the finished item) as JSON")
     p.set_defaults(handler=run_cmd)
     p = cmds.add_parser("status", help="the pipeline's stages, in order, with their states")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=status_cmd)
 
 
@@ -70,14 +73,20 @@ async def run_cmd(args: argparse.Namespace) -> int:
         result = await animus.governed.submit(
             NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
             .params({"pipeline": raw}).max_attempts(3))
+        if args.wait:  # its changes (each wave of stages) on standard error, as they happen
+            print(f"pipeline {pipeline.pipeline.name} submitted: {result.canonical_id}",
+                  file=sys.stderr if args.json else sys.stdout, flush=True)
+            return await follow_to_end(animus.db, result.canonical_id, args.timeout,
+                                       as_json=args.json)
+        if args.json:
+            print_json(result)
+            return 0
         if not isinstance(result, Created):
             print(f"merged into {result.canonical_id}")
             return 0
         state = result.item.state  # the rules may gate or deny work type "pipeline" too
         print(f"pipeline {pipeline.pipeline.name} submitted: {result.id}"
               + ("" if state == "queued" else f" ({state}: {result.item.reason})"))
-        if args.wait:  # its changes (each wave of stages) on standard error, as they happen
-            return await follow_to_end(animus.db, result.id, args.timeout, as_json=False)
     return 0
 
 

@@ -30,16 +30,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmds = work.add_subparsers(dest="work_command", metavar="COMMAND", required=True)
 
     p = cmds.add_parser("submit", help="submit a work item")
-    p.add_argument("work_type", metavar="TYPE")
+    p.add_argument("work_type", metavar="TYPE", help="the work type (a faculty that accepts it runs it)")
     p.add_argument("--param", "-p", action="append", default=[], metavar="K=V",
                    help="a parameter; V is parsed as JSON when it can be, else kept as text")
     p.add_argument("--params", metavar="JSON", help="all parameters as one JSON object")
-    p.add_argument("--dedup-key", metavar="K")
+    p.add_argument("--dedup-key", metavar="K", help="a live item with the same key absorbs this one "
+                                                         "(it is merged, not run twice)")
     p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
     p.add_argument("--source", default="cli", metavar="S", help="who submits (provenance)")
     p.add_argument("--parent", metavar="ID", help="the parent work item (child work)")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="N")
-    p.add_argument("--queue", default=DEFAULT_QUEUE)
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                   help="attempts before it is dead-lettered, 1-1000 (default 3; a faculty's "
+                        "own limit overrides it)")
+    p.add_argument("--queue", default=DEFAULT_QUEUE, help="the queue to send it to (default work)")
     p.add_argument("--wait", action="store_true",
                    help="follow the item until it finishes (its changes on standard error) "
                         "and print its outcome")
@@ -47,70 +50,76 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--strict", action="store_true",
                    help="refuse to submit when no live engine would run the work type "
                         "(by default: a warning)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=submit)
 
     add_decisions(cmds)  # animus work approve|reject, as animus approve|reject
 
     p = cmds.add_parser("follow", help="follow a work item until it finishes: each change "
                                        "as it happens, then its outcome")
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
     p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to follow it")
     p.add_argument("--json", action="store_true", help="print the finished item as JSON")
     p.set_defaults(handler=follow_cmd)
 
     p = cmds.add_parser("list", help="list work items, newest first")
-    p.add_argument("--state", action="append", choices=[s.value for s in State])
-    p.add_argument("--type", dest="work_type")
-    p.add_argument("--parent", metavar="ID")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--state", action="append", choices=[s.value for s in State],
+                   metavar="STATE", help="only items in this state (repeat for several): "
+                                         + ", ".join(s.value for s in State))
+    p.add_argument("--type", dest="work_type", help="only items of this work type")
+    p.add_argument("--parent", metavar="ID", help="only children of this item")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.add_argument("--before", metavar="ID", help="page: items older than this one")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=list_)
 
     p = cmds.add_parser("show", help="show one work item")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=show)
 
     p = cmds.add_parser("cancel", help="cancel a queued or waiting work item")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--reason", default="cancelled from the command line")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
+    p.add_argument("--reason", default="cancelled from the command line",
+                   help="why (recorded on the item and in the audit trail)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cancel)
 
     p = cmds.add_parser("signal", help="send a signal to a work item (wakes it if it waits "
                                        "for that event)")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("event", metavar="EVENT")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
+    p.add_argument("event", metavar="EVENT", help="the event's name (what a wait_for waits for)")
     p.add_argument("--data", metavar="JSON", help="the signal's payload, as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=signal)
 
     p = cmds.add_parser("retry", help="retry a failed item now, or replay a dead one")
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
     p.add_argument("--from-step", metavar="NAME",
                    help="replay a dead item from its recorded step NAME: the steps before "
                         "it are copied and replayed, NAME and after run afresh")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=retry)
 
     p = cmds.add_parser("explain", help="what each attempt was bound to (execution records)")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=explain)
 
     p = cmds.add_parser("diff", help="name the inputs and outputs that differ between two runs")
-    p.add_argument("a", metavar="ID1")
-    p.add_argument("b", metavar="ID2")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("a", metavar="ID1", help="the first work item")
+    p.add_argument("b", metavar="ID2", help="the second work item")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=diff)
 
     p = cmds.add_parser("rerun", help="submit a linked rerun and compare it with the original")
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="the work item (its id)")
     p.add_argument("--timeout", type=seconds, default=300.0, help="seconds to wait for the rerun")
     p.add_argument("--no-wait", action="store_true", help="submit and return")
     p.add_argument("--from-step", metavar="NAME",
                    help="resume from the original's recorded step NAME: the steps before it "
                         "are copied and replayed, NAME and after run afresh")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=rerun)
 
 
@@ -474,6 +483,9 @@ async def signal(args: argparse.Namespace) -> int:
     data = None if args.data is None else json_values.decode(args.data, "--data")
     async with await open_db() as db:
         sent = await db.signal(args.id, args.event, data)
+    if args.json:
+        print_json(sent)
+        return 0
     print(f"signal {sent.signal_id} {args.event!r} sent to {args.id}: "
           + ("it was waiting for it and is queued again" if sent.woke
              else "kept until a wait of the item takes it"))
@@ -495,7 +507,9 @@ def _print_steps(steps: list[Step]) -> None:
 async def cancel(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.cancel(args.id, args.reason)
-    if item.state == State.CANCELLED:
+    if args.json:
+        print_json(item)
+    elif item.state == State.CANCELLED:
         print(f"cancelled {item.id}")
     else:
         print(f"cancellation of {item.id} requested: it is {item.state}; the engine running it "
@@ -509,7 +523,9 @@ async def retry(args: argparse.Namespace) -> int:
         if item.state == State.DEAD:
             result = await governed(db).replay(item.id, source="cli",
                                                from_step=args.from_step)
-            if args.from_step and isinstance(result, Merged):  # live work holds its key
+            if args.json:
+                print_json(result)
+            elif args.from_step and isinstance(result, Merged):  # live work holds its key
                 print(f"replayed {item.id}: merged into {result.canonical_id} (no steps "
                       "copied)")
             else:
@@ -521,6 +537,9 @@ async def retry(args: argparse.Namespace) -> int:
                 "retried item replays all of its recorded steps; rerun a finished one with "
                 "animus work rerun --from-step)")
         else:
-            await db.retry(item.id, reason="retried from the command line")
-            print(f"queued {item.id} for another attempt")
+            again = await db.retry(item.id, reason="retried from the command line")
+            if args.json:
+                print_json(again)
+            else:
+                print(f"queued {item.id} for another attempt")
     return 0
