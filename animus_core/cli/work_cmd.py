@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -67,8 +68,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    metavar="STATE", help="only items in this state (repeat for several): "
                                          + ", ".join(s.value for s in State))
     p.add_argument("--type", dest="work_type", help="only items of this work type")
+    p.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
+                   help="leave out items of this work type (repeat for several)")
+    p.add_argument("--source", metavar="S", help="only items submitted with this source")
+    p.add_argument("--since", type=_since, metavar="WHEN",
+                   help="only items created since WHEN: an ISO time, or an age such as 30m, "
+                        "2h, 7d")
     p.add_argument("--parent", metavar="ID", help="only children of this item")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--limit", type=_page, default=50,
+                   help="at most this many, 1 to 10000 (default 50)")
     p.add_argument("--before", metavar="ID", help="page: items older than this one")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=list_)
@@ -338,11 +346,17 @@ async def list_(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         items = await db.list_work(
             state=args.state, work_type=args.work_type, parent_id=args.parent,
-            limit=args.limit, before=args.before,
+            limit=args.limit + 1, before=args.before, source=args.source,
+            created_since=args.since, exclude_types=args.exclude_type,
         )
+        more = len(items) > args.limit
+        items = items[:args.limit]
         approved = await _approved(db, items)
     if args.json:
         print_json(items)
+        if more:
+            print(f"more items exist: the next page is --before {items[-1].id}",
+                  file=sys.stderr)
         return 0
     waiting = any(i.state == State.WAITING for i in items)
     print_table(
@@ -354,7 +368,35 @@ async def list_(args: argparse.Namespace) -> int:
          + ((i.reason or "")[:60],)
          for i in items],
     )
+    if more:
+        print(f"(more exist: the next {args.limit} with --before {items[-1].id})")
     return 0
+
+
+def _page(text: str) -> int:
+    """An argparse type: a page size from 1 to 10000."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a page size from 1 to 10000")
+    return value
+
+
+def _since(text: str) -> datetime:
+    """An argparse type: an aware ISO time, or an age (``90s``, ``30m``, ``2h``, ``7d``)
+    before now."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r:.40} is neither an ISO time (2026-12-01T09:00+00:00) nor an age "
+            "(30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def waits_for(item: WorkItem, so_far: int | None = None) -> str | None:

@@ -210,8 +210,11 @@ class WorkReads(DbBase):
         created_since: datetime | None = None,
         limit: int = 100,
         before: UUID | str | None = None,
+        source: str | None = None,
+        exclude_types: Sequence[str] = (),
     ) -> list[WorkItem]:
-        """Newest first. Page with ``before=<id of the last item of the previous page>``."""
+        """Newest first, of ``work_type`` and ``source`` if given, not of ``exclude_types``.
+        Page with ``before=<id of the last item of the previous page>``."""
         states: list[str] | None = None
         if state is not None:
             raw = [state] if isinstance(state, str) else list(state)
@@ -221,7 +224,7 @@ class WorkReads(DbBase):
                 raise InvalidInput(
                     f"unknown state in {raw!r}: states are {', '.join(s.value for s in State)}"
                 ) from None
-        if not 1 <= limit <= 10_000:
+        if not 1 <= limit <= 10_001:  # a page of 10000, and one more to say whether more exist
             raise InvalidInput(f"limit must be from 1 to 10000, got {limit}")
         cursor = _id(before) if before is not None else None
         async with self.connection() as conn:
@@ -233,9 +236,11 @@ class WorkReads(DbBase):
                       AND ($4::timestamptz IS NULL OR created_at >= $4)
                       AND ($5::uuid IS NULL OR (created_at, id) <
                            (SELECT c.created_at, c.id FROM animus.work_items c WHERE c.id = $5))
+                      AND ($7::text IS NULL OR source = $7)
+                      AND NOT (work_type = ANY ($8::text[]))
                     ORDER BY created_at DESC, id DESC LIMIT $6""",
                 states, work_type, _id(parent_id) if parent_id else None, created_since,
-                cursor, limit,
+                cursor, limit, source, list(exclude_types),
             )
         if not rows and cursor is not None:
             await self.get_work_item(cursor)  # raises WorkNotFound for an unknown cursor
