@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         memory_cmd,
         ops_cmd,
         pipeline_cmd,
+        queue_cmd,
         step_cmd,
         work_cmd,
     )
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (
         engine_cmd, work_cmd, governance_cmd, pipeline_cmd, faculty_cmd, memory_cmd,
-        db_cmd, audit_cmd, ops_cmd, step_cmd,
+        queue_cmd, db_cmd, audit_cmd, ops_cmd, step_cmd,
     ):
         module.add_commands(sub)
     try:
@@ -73,7 +74,16 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return run_fast(given[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    passthrough = None
+    for i in range(len(given) - 1):  # animus [--debug] db psql ARGS...: ARGS go to psql as given
+        if given[i:i + 2] == ["db", "psql"] and all(a.startswith("-") for a in given[:i]):
+            passthrough = given[i + 2:]
+            passthrough = passthrough[1:] if passthrough[:1] == ["--"] else passthrough
+            given = given[:i + 2]
+            break
+    args = parser.parse_args(given)
+    if passthrough is not None:
+        args.psql_args = passthrough
     try:
         return int(asyncio.run(args.handler(args)))
     except AnimusError as e:

@@ -1,15 +1,19 @@
-"""``animus audit``: verify the hash chain, checkpoint its head, show one item's history."""
+"""``animus audit``: verify the hash chain, checkpoint its head, show one item's history,
+and the newest rows of all (``tail``)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 
+import msgspec
+
 from animus_core.cli.context import open_db
-from animus_core.cli.output import print_json, print_table
+from animus_core.cli.output import page_size, print_json, print_table, since
 from animus_core.infra import witness
-from animus_core.store.audit import Verification
+from animus_core.store.audit import AuditEvent, Verification
 
 _NO_KEY = "set ANIMUS_AUDIT_KEY or ANIMUS_AUDIT_KEY_FILE"
 
@@ -28,8 +32,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=checkpoint)
     p = cmds.add_parser("show", help="one work item's history")
     p.add_argument("id", metavar="WORK_ID", help="the work item whose audit rows to show")
+    p.add_argument("--since", type=since, metavar="WHEN",
+                   help="only rows since WHEN: an ISO time, or an age such as 30m, 2h, 7d")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=show)
+    p = cmds.add_parser("tail", help="the newest audit rows of every item; --follow for more "
+                                     "as they come")
+    p.add_argument("-n", type=page_size, default=20, metavar="N",
+                   help="how many of the newest rows, 1 to 10000 (default 20)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="then print each new row as it is written, until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=tail)
 
 
 async def verify(args: argparse.Namespace) -> int:
@@ -98,13 +112,42 @@ async def checkpoint(args: argparse.Namespace) -> int:
 async def show(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         events = await db.history(args.id)
+    if args.since is not None:
+        events = [e for e in events if e.at >= args.since]
     if args.json:
         print_json(events)
         return 0
-    print_table(
-        ["#", "at", "event", "from", "to", "actor", "db user", "sealed", "details"],
-        [(e.id, e.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], e.event, e.from_state, e.to_state,
-          e.provenance.get("actor", ""), e.db_user, "yes" if e.sealed else "pending",
-          json.dumps(e.payload, ensure_ascii=False)[:80]) for e in events],
-    )
+    print_table(_HEADERS, [_row(e) for e in events])
+    return 0
+
+
+_HEADERS = ["#", "at", "event", "from", "to", "actor", "db user", "sealed", "details"]
+
+
+def _row(e: AuditEvent, *, work: bool = False) -> tuple[object, ...]:
+    return ((e.id, e.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])
+            + ((e.work_id,) if work else ())
+            + (e.event, e.from_state, e.to_state, e.provenance.get("actor", ""), e.db_user,
+               "yes" if e.sealed else "pending", json.dumps(e.payload, ensure_ascii=False)[:80]))
+
+
+async def tail(args: argparse.Namespace) -> int:
+    async with await open_db() as db:
+        events = await db.audit_tail(limit=args.n)
+        headers = [*_HEADERS[:2], "work item", *_HEADERS[2:]]
+        if args.json:
+            for e in events:
+                print(msgspec.json.encode(e).decode())
+        else:
+            print_table(headers, [_row(e, work=True) for e in events])
+        last = events[-1].id if events else 0
+        while args.follow:
+            await asyncio.sleep(0.5)
+            fresh = await db.audit_tail(limit=1000, after=last)
+            for e in fresh:
+                print(msgspec.json.encode(e).decode() if args.json else
+                      "  ".join("" if c is None else str(c) for c in _row(e, work=True)),
+                      flush=True)
+            if fresh:
+                last = fresh[-1].id
     return 0

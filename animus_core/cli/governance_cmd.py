@@ -14,7 +14,7 @@ from animus_core.cli.output import age, print_json, print_table
 from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
 from animus_core.store import read
-from animus_core.store.roles import ROLES, add_user, setup_roles
+from animus_core.store.roles import ROLES, add_user, members, remove_user, setup_roles
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +54,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("setup", help="create the roles, grants and row-level security")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=roles_setup)
+    p = cmds.add_parser("list", help="who is a member of which animus role")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=roles_list)
+    p = cmds.add_parser("remove-user", help="take a database user out of every animus role")
+    p.add_argument("name", help="the database user")
+    p.add_argument("--drop", action="store_true",
+                   help="also drop the login role (it must own nothing)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=roles_remove_user)
     p = cmds.add_parser("add-user", help="create a login role that is a member of one role")
     p.add_argument("name", help="the login role to create (a person or a service)")
     p.add_argument("--role", required=True, choices=ROLES,
@@ -190,4 +199,31 @@ async def rules_test(args: argparse.Namespace) -> int:
     if not steps or steps[-1][2] is not None:
         print("  no rule matches" + ("" if not ruleset.rules else
                                       " (work: denied, rules fail closed; tools: allowed)"))
+    return 0
+
+
+async def roles_list(args: argparse.Namespace) -> int:
+    async with await open_db() as db, db.connection() as conn:
+        found = await members(conn)
+    if args.json:
+        print_json(found)
+        return 0
+    if not found:
+        print("nobody is a member of an animus role (animus roles add-user NAME --role ROLE)")
+        return 0
+    print_table(["user", "roles", "login"],
+                [(m.name, ", ".join(m.roles) + (" (superuser)" if m.superuser else ""),
+                  "yes" if m.login else "no") for m in found])
+    return 0
+
+
+async def roles_remove_user(args: argparse.Namespace) -> int:
+    async with await open_db() as db, db.connection() as conn:
+        left = await remove_user(conn, args.name, drop=args.drop)
+    if args.json:
+        print_json({"user": args.name, "left": [f"animus_{r}" for r in left],
+                    "dropped": args.drop})
+    else:
+        print(f"{args.name} left " + ", ".join(f"animus_{r}" for r in left)
+              + (" and was dropped" if args.drop else ""))
     return 0

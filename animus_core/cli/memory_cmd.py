@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from animus_core.cli.context import open_db
-from animus_core.cli.output import print_json, print_table
+from animus_core.cli.output import age, page_size, print_json, print_table, since
 from animus_core.faculties.embedders import select_embedder
 from animus_core.faculties.plugins import make_plugin_manager
 from animus_core.infra.config import Settings
@@ -20,7 +20,8 @@ from animus_core.values.errors import InvalidInput
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    mem = sub.add_parser("memory", help="semantic memory: add, search, forget, stats, reembed")
+    mem = sub.add_parser("memory", help="semantic memory: add, search, list, show, forget, "
+                                          "stats, reembed")
     cmds = mem.add_subparsers(dest="memory_command", metavar="COMMAND", required=True)
 
     p = cmds.add_parser("add", help="store a memory")
@@ -46,6 +47,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="only memories created before this time")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=search)
+
+    p = cmds.add_parser("list", help="the newest memories (no embedding needed)")
+    p.add_argument("--type", dest="memory_type", help="only memories of this type")
+    p.add_argument("--source", help="only memories from this source")
+    p.add_argument("--since", type=since, metavar="WHEN",
+                   help="only memories created since WHEN: an ISO time, or an age such as "
+                        "30m, 2h, 7d")
+    p.add_argument("--limit", type=page_size, default=50,
+                   help="at most this many, 1 to 10000 (default 50)")
+    p.add_argument("--before", metavar="ID", help="page: memories older than this one")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=list_)
+
+    p = cmds.add_parser("show", help="one memory: its content, type, source, metadata")
+    p.add_argument("id", metavar="ID", help="the memory (its id)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=show)
 
     p = cmds.add_parser("forget", help="delete memories by id")
     p.add_argument("ids", nargs="+", metavar="ID", help="the memories to forget (their ids)")
@@ -110,6 +128,38 @@ async def search(args: argparse.Namespace) -> int:
     print_table(["score", "id", "type", "content"],
                 [(f"{m.score:.4f}" if m.score is not None else "", m.id, m.memory_type,
                   m.content.replace("\n", " ")[:80]) for m in found])
+    return 0
+
+
+async def list_(args: argparse.Namespace) -> int:
+    async with _memory(configure=False) as memory:
+        found = await memory.recent(limit=args.limit + 1, memory_type=args.memory_type,
+                                    source=args.source, since=args.since, before=args.before)
+    more, found = len(found) > args.limit, found[:args.limit]
+    if args.json:
+        print_json(found)
+        return 0
+    print_table(["id", "type", "source", "created", "content"],
+                [(m.id, m.memory_type, m.source or "", age(m.created_at),
+                  m.content.replace("\n", " ")[:70]) for m in found])
+    if more:
+        print(f"(more exist: the next {args.limit} with --before {found[-1].id})")
+    return 0
+
+
+async def show(args: argparse.Namespace) -> int:
+    async with _memory(configure=False) as memory:
+        m = await memory.get(args.id)
+    if args.json:
+        print_json(m)
+        return 0
+    for name, value in (("id", m.id), ("type", m.memory_type), ("source", m.source),
+                        ("work item", m.work_id), ("created", m.created_at.isoformat()),
+                        ("updated", m.updated_at.isoformat()),
+                        ("metadata", json.dumps(m.metadata, ensure_ascii=False))):
+        if value is not None:
+            print(f"{name + ':':11}{value}")
+    print(f"content:\n{m.content}")
     return 0
 
 

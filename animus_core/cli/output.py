@@ -6,12 +6,12 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
-__all__ = ["age", "positive", "print_json", "print_table", "seconds"]
+__all__ = ["age", "page_size", "positive", "print_json", "print_table", "seconds", "since"]
 
 
 def print_json(value: Any) -> None:
@@ -55,3 +55,29 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r:.40} is not an integer of at least 1")
     return value
+
+
+def page_size(text: str) -> int:
+    """An argparse type: a page size from 1 to 10000."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a page size from 1 to 10000")
+    return value
+
+
+def since(text: str) -> datetime:
+    """An argparse type: an aware ISO time, or an age (``90s``, ``30m``, ``2h``, ``7d``)
+    before now."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r:.40} is neither an ISO time (2026-12-01T09:00+00:00) nor an age "
+            "(30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

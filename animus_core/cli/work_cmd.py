@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import sys
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -16,7 +15,7 @@ import msgspec
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.follow import follow, no_engine_for, why_unfinished
 from animus_core.cli.governance_cmd import add_decisions
-from animus_core.cli.output import age, print_json, print_table, seconds
+from animus_core.cli.output import age, page_size, print_json, print_table, seconds, since
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import AnimusError, InvalidInput
@@ -71,11 +70,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
                    help="leave out items of this work type (repeat for several)")
     p.add_argument("--source", metavar="S", help="only items submitted with this source")
-    p.add_argument("--since", type=_since, metavar="WHEN",
+    p.add_argument("--since", type=since, metavar="WHEN",
                    help="only items created since WHEN: an ISO time, or an age such as 30m, "
                         "2h, 7d")
     p.add_argument("--parent", metavar="ID", help="only children of this item")
-    p.add_argument("--limit", type=_page, default=50,
+    p.add_argument("--limit", type=page_size, default=50,
                    help="at most this many, 1 to 10000 (default 50)")
     p.add_argument("--before", metavar="ID", help="page: items older than this one")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -372,31 +371,6 @@ async def list_(args: argparse.Namespace) -> int:
         print(f"(more exist: the next {args.limit} with --before {items[-1].id})")
     return 0
 
-
-def _page(text: str) -> int:
-    """An argparse type: a page size from 1 to 10000."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a page size from 1 to 10000")
-    return value
-
-
-def _since(text: str) -> datetime:
-    """An argparse type: an aware ISO time, or an age (``90s``, ``30m``, ``2h``, ``7d``)
-    before now."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r:.40} is neither an ISO time (2026-12-01T09:00+00:00) nor an age "
-            "(30m, 2h, 7d)") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def waits_for(item: WorkItem, so_far: int | None = None) -> str | None:

@@ -275,6 +275,29 @@ class Memory:
             raise InvalidInput(f"no memory with id {mid}")
         return MemoryRecord.from_row(row)
 
+    async def recent(self, *, limit: int = 50, memory_type: str | None = None,
+                     source: str | None = None, since: datetime | None = None,
+                     before: UUID | str | None = None) -> list[MemoryRecord]:
+        """The newest memories first (of ``memory_type`` and ``source`` if given, created
+        at or after ``since``); page with ``before=<id of the last of the previous page>``.
+        Embeds nothing."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_001:
+            raise InvalidInput(f"limit must be an integer from 1 to 10000, got {limit!r}")
+        cursor = None if before is None else _uuid(before)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT id, content, memory_type, source, metadata, work_id, created_at,
+                          updated_at
+                     FROM animus.memories
+                    WHERE ($1::text IS NULL OR memory_type = $1)
+                      AND ($2::text IS NULL OR source = $2)
+                      AND ($3::timestamptz IS NULL OR created_at >= $3)
+                      AND ($4::uuid IS NULL OR (created_at, id) <
+                           (SELECT m.created_at, m.id FROM animus.memories m WHERE m.id = $4))
+                    ORDER BY created_at DESC, id DESC LIMIT $5""",
+                memory_type, source, since, cursor, limit)
+        return [MemoryRecord.from_row(r) for r in rows]
+
     async def update(self, memory_id: UUID | str, *, content: str | None = None,
                      metadata: Mapping[str, Any] | None = None,
                      memory_type: str | None = None) -> MemoryRecord:

@@ -15,6 +15,7 @@ from animus_core.store import audit
 from animus_core.store.base import check_reason, transition, work_id
 from animus_core.store.errors import errors
 from animus_core.store.read import WorkReads
+from animus_core.values.errors import InvalidInput
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
@@ -69,6 +70,26 @@ class WorkRecords(WorkReads):
                            THEN pg_has_role(r.oid, 'animus_' || $2, 'MEMBER')
                            ELSE false END)""", _id(work_id), role)
         return [r[0] for r in rows]
+
+    async def audit_tail(self, *, limit: int = 20, after: int | None = None
+                         ) -> list[audit.AuditEvent]:
+        """The newest audit rows of every item, oldest first: the last ``limit``, or (with
+        ``after``) those after row ``after``, up to ``limit``."""
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be from 1 to 10000, got {limit}")
+        async with self.connection() as conn:
+            if after is None:
+                rows = await conn.fetch(
+                    """SELECT * FROM (SELECT a.*, s.seq IS NOT NULL AS sealed
+                                        FROM animus.audit_log a
+                                        LEFT JOIN animus.audit_seal s ON s.audit_id = a.id
+                                       ORDER BY a.id DESC LIMIT $1) t ORDER BY id""", limit)
+            else:
+                rows = await conn.fetch(
+                    """SELECT a.*, s.seq IS NOT NULL AS sealed FROM animus.audit_log a
+                         LEFT JOIN animus.audit_seal s ON s.audit_id = a.id
+                        WHERE a.id > $1 ORDER BY a.id LIMIT $2""", after, limit)
+        return [audit.AuditEvent.from_row(r) for r in rows]
 
     async def history(self, work_id: UUID | str) -> list[audit.AuditEvent]:
         """Every audit event of one item, oldest first."""

@@ -22,10 +22,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
+
 from animus_core.values.errors import ConfigError, InvalidInput
 from animus_core.values.roles import ROLES
 
-__all__ = ["ROLES", "add_user", "setup_roles"]
+__all__ = ["ROLES", "RoleMember", "add_user", "members", "remove_user", "setup_roles"]
 
 
 def check_gate_role(role: str, where: str) -> None:
@@ -210,3 +212,43 @@ async def add_user(conn: Any, name: str, role: str, password: str | None = None)
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+class RoleMember(msgspec.Struct, frozen=True, kw_only=True):
+    """A database user and the animus roles it is a member of (directly)."""
+
+    name: str
+    roles: list[str]
+    login: bool
+    superuser: bool
+
+
+async def members(conn: Any) -> list[RoleMember]:
+    """Every database user that is a member of an animus role, by name."""
+    rows = await conn.fetch(
+        """SELECT u.rolname, array_agg(substr(g.rolname, 8) ORDER BY g.rolname) AS roles,
+                  u.rolcanlogin, u.rolsuper
+             FROM pg_auth_members m
+             JOIN pg_roles g ON g.oid = m.roleid
+             JOIN pg_roles u ON u.oid = m.member
+            WHERE g.rolname = ANY ($1::text[]) AND NOT u.rolname = ANY ($1::text[])
+            GROUP BY u.rolname, u.rolcanlogin, u.rolsuper
+            ORDER BY u.rolname""", [f"animus_{r}" for r in ROLES])
+    return [RoleMember(name=r[0], roles=list(r[1]), login=r[2], superuser=r[3]) for r in rows]
+
+
+async def remove_user(conn: Any, name: str, *, drop: bool = False) -> list[str]:
+    """Take ``name`` out of every animus role (and, with ``drop``, drop the login role);
+    returns the roles it left. :class:`InvalidInput` when it is in none."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"user name {name!r}: use lowercase letters, digits and _")
+    async with conn.transaction():
+        left = [m.roles for m in await members(conn) if m.name == name]
+        if not left:
+            raise InvalidInput(f"{name} is a member of no animus role (animus roles list "
+                               "shows who is)")
+        for role in left[0]:
+            await conn.execute(f'REVOKE animus_{role} FROM "{name}"')
+        if drop:
+            await conn.execute(f'DROP ROLE "{name}"')
+    return left[0]
