@@ -153,11 +153,13 @@ async def test_rerun_of_a_nondeterministic_faculty_says_so(db, engine, env, tmp_
     first = await run(db, "dice")
     assert first.state == State.COMPLETED, first.reason
     data = json.loads(await animus(env, tmp_path, "work", "rerun", str(first.id), "--json"))
+    # the values that differ are named, not only their hash
     assert data["verdict"] == ("nondeterministic: same inputs, different output "
-                               "(outcome_hash)"), data
-    assert list(data["differences"]) == ["outcome_hash"]
+                               "(outcome.at, outcome.roll)"), data
     rerun = await db.get_work_item(data["rerun_id"])
-    assert rerun.outcome.data != first.outcome.data
+    assert data["differences"] == {
+        f"outcome.{k}": {"a": first.outcome.data[k], "b": rerun.outcome.data[k]}
+        for k in ("at", "roll")}
 
 
 async def test_rerun_refuses_an_unfinished_item(db, env, tmp_path):
@@ -175,9 +177,13 @@ async def test_diff_names_the_params_that_differ(db, engine, env, tmp_path):
     b = await run(db, "stamp", {"n": 2, "label": "x", "cfg": {"lr": 0.2, "depth": 3},
                                 "extra": True})
     out = await animus(env, tmp_path, "work", "diff", str(a.id), str(b.id))
-    first_line = out.splitlines()[0]
-    assert first_line == ("changed inputs: params.cfg.lr, params.extra, params.n "
-                          "(output unchanged)"), out
+    lines = out.splitlines()
+    # both sides named in full (uuid7 ids of items made together share their first digits)
+    assert lines[0] == f"a: {a.id} (completed, attempt 1)"
+    assert lines[1] == f"b: {b.id} (completed, attempt 1)"
+    assert lines[2] == ("changed inputs: params.cfg.lr, params.extra, params.n "
+                        "(output unchanged)"), out
+    assert lines[3:6] == ["  params.cfg.lr", "    a: 0.1", "    b: 0.2"]
     assert "label" not in out
     assert "depth" not in out
     data = json.loads(await animus(env, tmp_path, "work", "diff", str(a.id), str(b.id), "--json"))
@@ -192,7 +198,8 @@ async def test_diff_of_equal_params_spelled_differently_is_identical(db, engine,
     b = await run(db, "stamp", {"z": [1.5], "n": 1.0, "name": "cafe\u0301"})
     assert a.params != b.params
     data = json.loads(await animus(env, tmp_path, "work", "diff", str(a.id), str(b.id), "--json"))
-    assert data == {"verdict": "identical: same inputs, same output", "differences": {}}
+    assert data == {"a": str(a.id), "b": str(b.id),
+                    "verdict": "identical: same inputs, same output", "differences": {}}
 
 
 async def test_diff_of_different_work_types(db, engine, env, tmp_path):
@@ -202,7 +209,7 @@ async def test_diff_of_different_work_types(db, engine, env, tmp_path):
     assert data["verdict"].startswith("changed inputs: work_type, ")
     assert data["differences"]["work_type"] == {"a": "stamp", "b": "dice"}
     assert "faculty.file" in data["differences"]
-    assert "outcome_hash" in data["differences"]
+    assert any(k == "outcome_hash" or k.startswith("outcome") for k in data["differences"])
 
 
 async def test_diff_of_an_item_that_never_ran_is_an_error(db, engine, env, tmp_path):

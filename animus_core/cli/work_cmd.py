@@ -200,15 +200,23 @@ async def diff(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         a, b = await db.get_work_item(args.a), await db.get_work_item(args.b)
         ra, rb = await _last_record(db, a.id), await _last_record(db, b.id)
-    differences = diff_records(ra, rb, params_a=a.params, params_b=b.params)
+    differences = diff_records(ra, rb, params_a=a.params, params_b=b.params,
+                               outcome_a=a.outcome.data, outcome_b=b.outcome.data)
     if args.json:
-        print_json({"verdict": verdict(differences),
+        print_json({"a": str(a.id), "b": str(b.id), "verdict": verdict(differences),
                     "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()}})
         return 0
+    print(f"a: {a.id} ({a.state}, attempt {ra.attempt})\n"
+          f"b: {b.id} ({b.state}, attempt {rb.attempt})")
     print(verdict(differences))
     for field, (va, vb) in differences.items():
-        print(f"  {field}\n    {args.a[:8]}: {va}\n    {args.b[:8]}: {vb}")
+        print(f"  {field}\n    a: {_value(va)}\n    b: {_value(vb)}")
     return 0
+
+
+def _value(value: Any) -> str:
+    """A differing value as JSON text (a string quoted, so "1" and 1 read apart)."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
 async def rerun(args: argparse.Namespace) -> int:
@@ -238,7 +246,8 @@ async def rerun(args: argparse.Namespace) -> int:
                   "(is an engine running?)", file=sys.stderr)
             return 1
         ra, rb = await _last_record(db, old.id), await _last_record(db, item.id)
-    differences = diff_records(ra, rb, params_a=old.params, params_b=item.params)
+    differences = diff_records(ra, rb, params_a=old.params, params_b=item.params,
+                               outcome_a=old.outcome.data, outcome_b=item.outcome.data)
     outcome = verdict(differences)
     if args.json:
         print_json({"rerun_id": str(item.id), "verdict": outcome,

@@ -109,8 +109,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff(a: ExecutionRecord, b: ExecutionRecord, *, params_a: dict[str, Any] | None = None,
-         params_b: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
-    """Field -> (a, b) for every input or output that differs (nested fields dotted)."""
+         params_b: dict[str, Any] | None = None, outcome_a: Any = None,
+         outcome_b: Any = None) -> dict[str, tuple[Any, Any]]:
+    """Field -> (a, b) for every input or output that differs (nested fields dotted). With
+    the items' params and outcomes, the values that differ are named (``params.KEY``,
+    ``outcome.KEY``) instead of their hashes."""
     out: dict[str, tuple[Any, Any]] = {}
     if a.work_type != b.work_type:
         out["work_type"] = (a.work_type, b.work_type)
@@ -140,7 +143,14 @@ def diff(a: ExecutionRecord, b: ExecutionRecord, *, params_a: dict[str, Any] | N
     if a.result != b.result:
         out["result"] = (a.result, b.result)
     if a.outcome_hash != b.outcome_hash:
-        out["outcome_hash"] = (a.outcome_hash, b.outcome_hash)
+        oa = _flatten(outcome_a) if isinstance(outcome_a, dict) else {"": outcome_a}
+        ob = _flatten(outcome_b) if isinstance(outcome_b, dict) else {"": outcome_b}
+        changed = [k for k in sorted(oa.keys() | ob.keys())
+                   if canonical_hash(oa.get(k), nfc=True) != canonical_hash(ob.get(k), nfc=True)]
+        for key in changed if (outcome_a is not None or outcome_b is not None) else ():
+            out["outcome" + (f".{key}" if key else "")] = (oa.get(key), ob.get(key))
+        if not any(k == "outcome" or k.startswith("outcome.") for k in out):
+            out["outcome_hash"] = (a.outcome_hash, b.outcome_hash)
     return out
 
 
@@ -149,8 +159,9 @@ OUTPUTS = ("result", "outcome_hash")
 
 def verdict(differences: dict[str, tuple[Any, Any]]) -> str:
     """``identical``, ``changed inputs: ...`` or ``nondeterministic: ...``."""
-    inputs = [k for k in differences if k not in OUTPUTS]
-    outputs = [k for k in differences if k in OUTPUTS]
+    outputs = [k for k in differences
+               if k in OUTPUTS or k == "outcome" or k.startswith("outcome.")]
+    inputs = [k for k in differences if k not in outputs]
     if not differences:
         return "identical: same inputs, same output"
     if inputs:
