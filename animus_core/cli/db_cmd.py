@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 
 from animus_core.cli.output import print_json, print_table
 from animus_core.infra.config import Settings
 from animus_core.infra.embedded import pg_bin_dir
+from animus_core.store.connect import connection_parts
 from animus_core.store.db import Db, resolve_url
 
 
@@ -18,6 +20,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmds = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
 
     p = cmds.add_parser("url", help="print the connection string (for psql and other tools)")
+    p.add_argument("--format", choices=["url", "pgmq", "json"], default="url",
+                   help="url (default); pgmq: the PG_* environment variables of the pgmq "
+                        "client; json: the parts one by one")
     p.set_defaults(handler=url)
     p = cmds.add_parser("migrate", help="apply pending migrations")
     p.set_defaults(handler=migrate)
@@ -31,7 +36,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 async def url(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    print(await resolve_url(settings))
+    target = await resolve_url(settings)
+    if args.format == "url":
+        print(target)
+    else:
+        parts = connection_parts(target)
+        if args.format == "json":
+            print_json(parts)
+        else:  # the pgmq client reads these; the queues exist: it must not create pgmq
+            env = {"PG_HOST": parts["host"], "PG_PORT": parts["port"],
+                   "PG_DATABASE": parts["database"], "PG_USERNAME": parts["username"],
+                   **({"PG_PASSWORD": parts["password"]} if parts["password"] else {}),
+                   "PG_INIT_EXTENSION": "false"}
+            for key, value in env.items():
+                print(f"export {key}={shlex.quote(value)}")
     if not settings.database_url:
         print(
             "note: the embedded server stops when the last animus process exits; keep "

@@ -24,7 +24,8 @@ from animus_core.values.errors import DatabaseUnavailable
 from animus_core.values.limits import limits
 from animus_core.values.work import Params
 
-__all__ = ["describe_url", "init_connection", "keep_session", "resolve_url", "submission_json"]
+__all__ = ["connection_parts", "describe_url", "init_connection", "keep_session", "resolve_url",
+           "submission_json"]
 
 _DUPLICATE_DATABASE = "42P04"
 
@@ -37,6 +38,19 @@ def describe_url(url: str) -> str:
     host = parse_qs(parts.query).get("host", [""])[0]
     where = f"{user + '@' if user else ''}{netloc or host}{parts.path}"
     return where
+
+
+def connection_parts(url: str) -> dict[str, str]:
+    """The parts of a ``postgresql://`` URL, as clients that take them one by one want them:
+    ``host`` (a name, an address, or the directory of a unix socket, as libpq reads it),
+    ``port``, ``database``, ``username`` and ``password`` (empty when the URL has none)."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    return {"host": query.get("host") or parts.hostname or "localhost",
+            "port": query.get("port") or str(parts.port or 5432),
+            "database": query.get("dbname") or parts.path.lstrip("/") or "postgres",
+            "username": query.get("user") or parts.username or "postgres",
+            "password": query.get("password") or parts.password or ""}
 
 
 async def resolve_url(settings: Settings) -> str:
