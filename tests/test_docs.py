@@ -201,6 +201,32 @@ def test_every_usage_block_is_the_commands_own(monkeypatch: pytest.MonkeyPatch) 
     assert not wrong, f"docs/cli.md shows another usage than the command for: {wrong}"
 
 
+def test_the_error_tree_names_every_public_error() -> None:
+    """python-api.md's tree of errors lacked PermissionDenied: every error a caller can meet
+    (the values' errors, and the faculty-facing ones of child work) is in it."""
+    import animus_core.values.children as children
+    import animus_core.values.errors as errors
+
+    tree = read("python-api.md").split("AnimusError\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"[├└]── (\w+)", tree))
+    public = {name for module in (errors, children) for name, obj in vars(module).items()
+              if isinstance(obj, type) and issubclass(obj, errors.AnimusError)
+              and obj is not errors.AnimusError and obj.__module__ == module.__name__}
+    assert public - named == set(), f"python-api.md's error tree lacks {public - named}"
+    assert named - public == set(), f"python-api.md names errors that do not exist: {named - public}"
+
+
+def test_migration_examples_list_the_migrations_there_are() -> None:
+    """The ``db migrate`` and ``db status`` examples listed 0001-0005 long after 0006."""
+    names = sorted(p.stem for p in (ROOT / "animus_core" / "store" / "sql" / "migrations")
+                   .glob("*.sql"))
+    cli = read("cli.md")
+    assert re.findall(r"^applied (\d{4}_\w+)$", cli, re.MULTILINE) == names
+    for page in ("cli.md", "operations.md"):
+        for line in re.findall(r"^applied: +(.*)$", read(page), re.MULTILINE):
+            assert line == ", ".join(n[:4] for n in names), (page, line)
+
+
 def test_no_heading_for_a_command_that_does_not_exist(
         commands: list[tuple[tuple[str, ...], bool]]) -> None:
     known = {" ".join(("animus", *path)) for path, _ in commands}

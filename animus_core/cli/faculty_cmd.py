@@ -86,6 +86,7 @@ test = ["pytest>=8", "pytest-asyncio>=0.24"]
 
 [tool.pytest.ini_options]
 asyncio_mode = "auto"
+asyncio_default_fixture_loop_scope = "function"
 '''
 
 _MODULE = '''"""The {name} faculty: what it does, in one line."""
@@ -99,7 +100,7 @@ from animus_core import Faculty, Focus, hookimpl
 
 
 class {cls}(Faculty):
-    """Describe the faculty here: this line is shown by `animus faculty list`."""
+    """Describe the faculty here: `animus faculty list --json` shows this docstring."""
 
     name = "{name}"
     accepts = ("{name}",)
