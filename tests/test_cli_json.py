@@ -53,3 +53,16 @@ async def test_commands_that_change_things_print_json_when_asked(db, cli_env, tm
     roles = await cli("roles", "setup", "--json")
     assert roles == {"roles": ["animus_reader", "animus_submitter", "animus_approver",
                                "animus_operator", "animus_admin"]}
+
+
+async def test_faculty_check_names_a_tool_no_plugin_registers(cli_env, tmp_path):
+    env = {**cli_env, "ANIMUS_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "ANIMUS_FACULTIES": str(tmp_path / "faculties")}
+    path = write_toml_faculty(tmp_path, "thinker", hooks={},
+                              extra='[faculty.engage]\nmodel = "claude-x"\n'
+                                    'tools = ["memory_search", "nope"]\n')
+    code, out, err = await run_cli(env, tmp_path, "faculty", "check", "--json")
+    assert code == 2, out + err
+    [problem] = json.loads(out)["problems"]
+    assert problem.startswith(f"{path}: faculty.engage.tools: no tool is named 'nope' (known: ")
+    assert "memory_search" in problem  # a built-in tool: known, not a problem

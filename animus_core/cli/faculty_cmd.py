@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 from animus_core.cli.output import print_json, print_table
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.llm import collect_tools
+from animus_core.faculties.toml import CommandFaculty
 from animus_core.infra.config import Settings
 from animus_core.values.errors import ConfigError, InvalidInput
 
@@ -47,11 +51,12 @@ async def check(args: argparse.Namespace) -> int:
     from animus_core.cli.context import load_faculties
 
     settings = Settings.from_env()
-    _, faculties, problems = await load_faculties(settings)
+    pm, faculties, problems = await load_faculties(settings)
     # each problem once, however many ways it was found
     lines = list(dict.fromkeys(
         line if p.plugin.startswith("animus") else f"{p.plugin}: {line}"
         for p in problems for line in p.error.splitlines()))
+    lines += _tool_problems(pm, list(faculties))
     if args.json:
         print_json({"faculties": [{"name": f.name, "origin": f.origin} for f in faculties],
                     "problems": lines})
@@ -65,6 +70,23 @@ async def check(args: argparse.Namespace) -> int:
         return 2
     print(f"{len(faculties)} faculties, no problems")
     return 0
+
+
+def _tool_problems(pm: Any, faculties: list[Faculty]) -> list[str]:
+    """The tools a TOML faculty's engage names that no plugin registers (the engage would
+    fail on its first item), and tools registered twice."""
+    try:
+        tools = collect_tools(pm)
+    except ConfigError as e:
+        return [str(e)]
+    out = []
+    for f in faculties:
+        engage = f.spec.engage if isinstance(f, CommandFaculty) else None
+        for name in engage.tools if engage is not None else ():
+            if name not in tools:
+                out.append(f"{f.origin}: faculty.engage.tools: no tool is named {name!r} "
+                           f"(known: {', '.join(sorted(tools)) or 'none'})")
+    return out
 
 
 _PYPROJECT = '''[build-system]
