@@ -260,7 +260,9 @@ async def test_a_denied_submission_is_dead_unqueued_and_audited(db, db_url, tmp_
     friday = await db_work.submit(NewWorkItem("deploy", source="cli").params(
         {"env": "prod", "day": "friday"}))
     unknown = await db_work.submit(NewWorkItem("launch-rockets", source="cli"))
-    for result, reason in ((friday, "denied at submit: we do not deploy on fridays"),
+    # the rule that decided is named in the reason, and so on the `submitted` audit row
+    for result, reason in ((friday, "denied at submit: we do not deploy on fridays "
+                                    "(rule 'no friday deploys')"),
                            (unknown, "denied at submit: no rule allows 'launch-rockets' from "
                                      "'cli' (rules fail closed)")):
         assert isinstance(result, Created)
@@ -272,6 +274,13 @@ async def test_a_denied_submission_is_dead_unqueued_and_audited(db, db_url, tmp_
             "submitted", None, State.DEAD)
         assert submitted.payload["reason"] == reason
     allowed = await db_work.submit(NewWorkItem("deploy", source="cli").params({"env": "dev"}))
+    [submitted] = await db.history(allowed.id)
+    assert submitted.payload["reason"] == "submitted: allowed by rule 'other deploys'"
+    gated = await db_work.submit(NewWorkItem("deploy", source="cli").params({"env": "prod"}))
+    [submitted] = await db.history(gated.id)
+    assert submitted.payload["gate"] == {
+        "rule": "prod needs two", "role": "approver", "quorum": 2,
+        "reason": "two people look at every production deploy"}
     async with raw(db_url) as conn:
         messages = await conn.fetch("SELECT message->>'id' AS id FROM pgmq.q_work")
     assert [m["id"] for m in messages] == [str(allowed.id)]
@@ -285,7 +294,7 @@ async def test_the_cli_submits_under_the_rules(db, cli_env, tmp_path):
     assert code == 0, err
     item = json.loads(out)["item"]
     assert (item["state"], item["reason"]) == ("dead", "denied at submit: we do not deploy on "
-                                                       "fridays")
+                                                       "fridays (rule 'no friday deploys')")
     # without --json it says so too, instead of a bare "created <id>"
     code, out, err = await run_cli({**cli_env, "ANIMUS_RULES": str(rules)}, tmp_path,
                                    "work", "submit", "deploy", "--param", "env=prod")
@@ -768,7 +777,7 @@ async def test_every_submit_path_applies_the_rules(db, db_url, cli_env, tmp_path
     for path, wid in paths.items():
         item = await db.get_work_item(wid)
         assert (item.work_type, item.state, item.reason) == (
-            "deploy", State.DEAD, "denied at submit: deploys are frozen"), path
+            "deploy", State.DEAD, "denied at submit: deploys are frozen (rule 'no deploys')"), path
         assert item.attempts == 0, path
 
 

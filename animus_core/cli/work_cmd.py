@@ -295,6 +295,7 @@ async def submit(args: argparse.Namespace) -> int:
         db = animus.db
         if args.parent:
             await db.get_work_item(args.parent)
+        governed_work = animus.governed  # the rules, read first: a broken file stops here
         why = None
         with contextlib.suppress(AnimusError):  # a check, never a reason not to submit
             why = await no_engine_for(db, args.work_type, args.queue)
@@ -305,7 +306,7 @@ async def submit(args: argparse.Namespace) -> int:
             print(f"animus: warning: no live engine would run work type {args.work_type!r} "
                   f"now: {why}; it waits in queue {args.queue!r} until one does",
                   file=sys.stderr)
-        result = await animus.governed.submit(new, queue=args.queue)
+        result = await governed_work.submit(new, queue=args.queue)
         if args.wait:
             print(f"submitted {result.canonical_id}" + (
                 "" if isinstance(result, Created) else f" (merged into live work: {result.id} "

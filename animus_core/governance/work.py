@@ -48,11 +48,16 @@ class GovernedWork:
             return item
         entry = item.to_json()
         decision = self.rules.decide(entry["work_type"], entry["params"], entry["source"])
+        # the rule that decided is on the item's `submitted` audit row: in the reason, or
+        # in the gate
         if decision.effect == "deny":
-            return item.refused(f"denied at submit: {decision.reason}")
+            return item.refused(f"denied at submit: {decision.reason}" + (
+                f" (rule {decision.rule!r})" if decision.rule is not None else ""))
         if decision.effect == "require_approval":
             return item.gated(rule=decision.rule, role=decision.role or "approver",
                               quorum=decision.quorum, reason=decision.reason)
+        if decision.rule is not None and item.starts == "queued":
+            return item.allowed(decision.rule)
         return item
 
     async def submit(self, item: NewWorkItem, *, queue: str = DEFAULT_QUEUE) -> SubmitResult:

@@ -305,6 +305,12 @@ class NewWorkItem:
         """The item carrying the W3C ``traceparent`` of the trace it continues."""
         return self._copy(_traceparent=traceparent)
 
+    def allowed(self, rule: str) -> NewWorkItem:
+        """The item queued as rule ``rule`` allows it: the rule is named in its reason (and
+        so in its ``submitted`` audit row)."""
+        return self._copy(_start={"state": "queued",
+                                  "reason": f"submitted: allowed by rule {rule!r}"})
+
     def refused(self, reason: str) -> NewWorkItem:
         """The item recorded ``dead`` with ``reason`` instead of queued: work that will not
         run, kept visible and audited."""

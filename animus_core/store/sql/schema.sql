@@ -1615,7 +1615,8 @@ BEGIN
            JSON_OBJECT('work_type': n.work_type, 'dedup_key': n.dedup_key, 'params': n.params,
                        'priority': n.priority, 'queue': n.queue, 'parent_id': n.parent_id,
                        'merged_into': n.merged_into, 'replay_of': n.replay_of,
-                       'max_attempts': n.max_attempts, 'reason': n.reason
+                       'max_attempts': n.max_attempts, 'reason': n.reason,
+                       'gate': n.gate
                        ABSENT ON NULL RETURNING jsonb)
       FROM new_rows n ORDER BY n.created_at, n.id;
 
