@@ -520,11 +520,16 @@ async def _manage(b: Bench, who: str) -> bool:
                              lambda: p.cancel(cancelled), lambda: p.cancel(running))
 
 
-@action("run an engine's registration: register, heartbeat, deregister")
-async def _engine_presence(b: Bench, who: str) -> bool:
+async def _registered_engine(b: Bench) -> EngineInfo:
     me = EngineInfo(id=uuid4(), host="h", pid=1, version="1", heartbeat_seconds=5.0,
                     concurrency=1, queues=["work"], faculties=[])
     await engines.register(b.db, me)
+    return me
+
+
+@action("run an engine's registration: register, heartbeat, deregister")
+async def _engine_presence(b: Bench, who: str) -> bool:
+    me = await _registered_engine(b)
     p = await b.person(who)
     return await same_answer(lambda: engines.register(p, me),
                              lambda: engines.heartbeat(p, me.id, {}),
@@ -533,9 +538,7 @@ async def _engine_presence(b: Bench, who: str) -> bool:
 
 @action("ask engines to stop (animus stop)")
 async def _stop_engines(b: Bench, who: str) -> bool:
-    me = EngineInfo(id=uuid4(), host="h", pid=1, version="1", heartbeat_seconds=5.0,
-                    concurrency=1, queues=["work"], faculties=[])
-    await engines.register(b.db, me)
+    me = await _registered_engine(b)
     p = await b.person(who)
     return await allowed(engines.stop_engines(p, me.id, grace=1))
 
