@@ -330,7 +330,9 @@ async def test_the_cli_shows_steps_and_replays_a_dead_item_from_a_step(db_url, t
         assert diff.returncode == 0, diff.stderr
         # the replayed steps gave the same results; write ran again and counted 3
         assert json.loads(diff.stdout)["verdict"] == (
-            "nondeterministic: same inputs, different output (outcome_hash)")
+            "nondeterministic: same inputs, different output (outcome.results)")
+        assert json.loads(diff.stdout)["differences"]["outcome.results"] == {
+            "a": [1, 2, 2], "b": [1, 2, 3]}
         assert (await running.db.get_work_item(rerun_id)).outcome.data == {
             "results": [1, 2, 3], "attempt": 1}
     assert [tally.runs(n) for n in ("fetch", "think", "write")] == [1, 2, 3]

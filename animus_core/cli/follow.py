@@ -85,6 +85,8 @@ async def no_engine_for(db: Db, work_type: str, queue: str) -> str | None:
     """Why no live engine would run work of ``work_type`` in ``queue`` now, or None when one
     would (one read of the fleet's status)."""
     view = await read.status(db)
+    if queue not in {q.queue for q in view.queues}:
+        return None  # the submission itself fails, saying so
     serving = [e for e in view.engines if queue in e.queues]
     stuck = stuck_work(serving, {work_type: 1})
     if not stuck:
