@@ -11,6 +11,7 @@ import msgspec
 
 from animus_core.cli.context import open_db
 from animus_core.cli.output import age, print_json, print_table
+from animus_core.cli.params import parse_params
 from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
 from animus_core.store import read
@@ -173,8 +174,6 @@ async def rules_check(args: argparse.Namespace) -> int:
 
 
 async def rules_test(args: argparse.Namespace) -> int:
-    from animus_core.cli.work_cmd import parse_params
-
     params = parse_params(args.param, args.params)
     ruleset = _rules()
     if args.tool:

@@ -16,6 +16,7 @@ from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.follow import follow, no_engine_for, why_unfinished
 from animus_core.cli.governance_cmd import add_decisions
 from animus_core.cli.output import age, page_size, print_json, print_table, seconds, since
+from animus_core.cli.params import parse_params
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import AnimusError, InvalidInput
@@ -258,26 +259,6 @@ async def rerun(args: argparse.Namespace) -> int:
         for field, (va, vb) in differences.items():
             print(f"  {field}: {va} -> {vb}")
     return 0
-
-
-def parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if raw is not None:
-        params = json_values.decode(raw, "--params")
-        if not isinstance(params, dict):
-            raise InvalidInput(f"--params must be a JSON object, got {type(params).__name__}")
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"--param {pair!r:.80} must look like key=value")
-        try:  # NaN and 1e400 read as numbers here, and are then refused as such
-            params[key] = json.loads(value)
-        except RecursionError:
-            raise InvalidInput(f"--param {key}: nested more than {json_values.MAX_DEPTH} "
-                               "levels deep") from None
-        except json.JSONDecodeError:
-            params[key] = value  # not JSON: the text itself
-    return params
 
 
 async def submit(args: argparse.Namespace) -> int:
