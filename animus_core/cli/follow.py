@@ -84,7 +84,10 @@ def _short(text: Any, limit: int = 160) -> str:
 async def no_engine_for(db: Db, work_type: str, queue: str) -> str | None:
     """Why no live engine would run work of ``work_type`` in ``queue`` now, or None when one
     would (one read of the fleet's status)."""
-    view = await read.status(db)
+    return _no_engine_in(await read.status(db), work_type, queue)
+
+
+def _no_engine_in(view: read.Status, work_type: str, queue: str) -> str | None:
     if queue not in {q.queue for q in view.queues}:
         return None  # the submission itself fails, saying so
     serving = [e for e in view.engines if queue in e.queues]
@@ -98,12 +101,13 @@ async def no_engine_for(db: Db, work_type: str, queue: str) -> str | None:
 
 async def why_unfinished(db: Db, item: WorkItem) -> str:
     """What a work item that has not finished is waiting for, in a sentence."""
-    if item.state == State.QUEUED:
-        why = await no_engine_for(db, item.work_type, item.queue)
+    if item.state == State.QUEUED:  # one read of the fleet says both why and how many ahead
+        view = await read.status(db)
+        why = _no_engine_in(view, item.work_type, item.queue)
         if why is not None:
             return f"it is queued and no live engine will run it: {why}"
-        ahead = await db.list_work(state=State.QUEUED, work_type=item.work_type, limit=10_000)
-        return (f"it is queued behind {max(0, len(ahead) - 1)} other {item.work_type!r} items; "
+        ahead = view.queued().get(item.work_type, 1) - 1
+        return (f"it is queued behind {max(0, ahead)} other {item.work_type!r} items; "
                 "the engines that run it are busy (`animus status` shows them)")
     if item.state == State.RUNNING:
         return f"attempt {item.attempts} is still running"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ class Slot:
     #: wakes the engine when the next token is due (see Engine._wake_for_token)
     token_timer: asyncio.TimerHandle | None = None
 
-    @property
+    @functools.cached_property
     def max_attempts(self) -> dict[str, int] | None:
         """The faculty's attempt limit by work type, when it sets one (it overrides the
         item's own; the claim writes it into the item)."""
