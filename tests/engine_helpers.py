@@ -362,16 +362,20 @@ async def wait_listening(db_url: str, procs: Sequence[EngineProcess], timeout: f
 
 async def run_process(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
                       timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run a child without blocking the event loop: (status, stdout, stderr)."""
+    """Run a child without blocking the event loop: (status, stdout, stderr). The child runs
+    in its own process group, which is killed when it is done or out of time (nothing it
+    started outlives it)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), cwd=cwd,
+        *argv, env=dict(env), cwd=cwd, start_new_session=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        proc.kill()
+        kill_group(proc.pid)
         await proc.wait()
         raise AssertionError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
+    finally:
+        kill_group(proc.pid)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

@@ -115,3 +115,56 @@ def console_examples(page: str, heading: str) -> list[tuple[list[str], list[str]
                 examples[-1][1].append(line)
     assert examples, f"no console example under {heading!r} in docs/{page}"
     return examples
+
+
+# An HTML comment on the line before a code block says how the example is checked
+# (tests/test_doc_examples.py): ``<!-- example: not run: REASON -->``,
+# ``<!-- example: run by tests/FILE.py -->`` or ``<!-- example: file PATH -->``.
+_MARK = "<!-- example: "
+
+
+class DocBlock:
+    """One fenced code block of a Markdown page, with where it is and how it is marked."""
+
+    __slots__ = ("heading", "language", "line", "mark", "page", "text")
+
+    def __init__(self, page: str, line: int, language: str, text: str, heading: str,
+                 mark: str | None) -> None:
+        self.page, self.line, self.language, self.text = page, line, language, text
+        self.heading, self.mark = heading, mark
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+    def __repr__(self) -> str:
+        return f"<{self.language} block at {self.where}>"
+
+
+def doc_blocks(path: Any) -> list[DocBlock]:
+    """Every fenced code block of the Markdown file ``path``, in order."""
+    from pathlib import Path
+
+    path = Path(path)
+    page = f"docs/{path.name}" if path.parent.name == "docs" else path.name
+    lines = path.read_text("utf-8").splitlines()
+    blocks: list[DocBlock] = []
+    heading, i = "", 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+            assert end is not None, f"{page}:{i + 1}: a code block that never closes"
+            before = lines[i - 1].strip() if i else ""
+            mark = None
+            if before.startswith(_MARK):
+                assert before.endswith("-->"), f"{page}:{i}: an example mark must end with -->"
+                mark = before[len(_MARK):-3].strip()
+            blocks.append(DocBlock(page, i + 1, line[3:].strip(), "\n".join(lines[i + 1:end]) + "\n",
+                                   heading, mark))
+            i = end + 1
+            continue
+        if line.startswith("#"):
+            heading = line
+        i += 1
+    return blocks

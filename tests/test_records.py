@@ -25,7 +25,14 @@ from animus_core.store.db import Db
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.records import environment, file_digest
 from tests.conftest import ROOT
-from tests.engine_helpers import RunningEngine, run_cli, run_engine, wait_finished, write_toml_faculty
+from tests.engine_helpers import (
+    RunningEngine,
+    run_cli,
+    run_engine,
+    wait_finished,
+    wait_until,
+    write_toml_faculty,
+)
 from tests.support import raw
 
 STAMP_HOOKS = {
@@ -149,6 +156,43 @@ async def test_rerun_says_identical_then_names_a_changed_hook(db, engine, env, t
     assert f"faculty.hooks.engage.sha256: {old_digest} -> {new_digest}" in out
 
 
+async def test_diff_shows_a_changed_hook_script_as_a_unified_diff(db, db_url, engine, env,
+                                                                  tmp_path):
+    first = await run(db, "stamp", {"n": 1})
+    engage = hook(tmp_path, "stamp", "engage")
+    before, old_digest = engage.read_text(), file_digest(engage)
+    engage.write_text(before.replace('"answer": 42', '"answer": 43'))
+    assert engage.read_text() != before
+    second = await run(db, "stamp", {"n": 1})
+    assert second.outcome.data == {"answer": 43}
+
+    # the engine keeps each version's text once, in the background of the attempt
+    async def kept() -> bool:
+        async with raw(db_url) as conn:
+            return bool(await conn.fetchval(
+                "SELECT count(*) = 2 FROM animus.faculty_files WHERE sha256 = ANY($1)",
+                [old_digest, file_digest(engage)]))
+    await wait_until(kept, 10, message="both versions of the script kept")
+
+    out = await animus(env, tmp_path, "work", "diff", str(first.id), str(second.id))
+    path = str(engage.resolve()).lstrip("/")
+    assert f"--- a/{path}\n+++ b/{path}\n" in out, out
+    assert "\n-echo '{\"answer\": 42}' > engage-out.json\n" in out, out
+    assert "\n+echo '{\"answer\": 43}' > engage-out.json\n" in out, out
+
+    data = json.loads(await animus(env, tmp_path, "work", "diff", str(first.id), str(second.id),
+                                   "--json"))
+    assert set(data["files"]) == {"faculty.hooks.engage.sha256"}
+    assert "+echo '{\"answer\": 43}'" in data["files"]["faculty.hooks.engage.sha256"]
+
+    # a version whose text was not kept (gone from the table as on an older database) says so
+    async with raw(db_url) as conn:
+        await conn.execute("ALTER TABLE animus.faculty_files DISABLE TRIGGER USER")
+        await conn.execute("DELETE FROM animus.faculty_files")
+    out = await animus(env, tmp_path, "work", "diff", str(first.id), str(second.id))
+    assert "faculty.hooks.engage.sha256: the text of one version was not kept" in out
+
+
 async def test_rerun_of_a_nondeterministic_faculty_says_so(db, engine, env, tmp_path):
     first = await run(db, "dice")
     assert first.state == State.COMPLETED, first.reason
@@ -199,7 +243,8 @@ async def test_diff_of_equal_params_spelled_differently_is_identical(db, engine,
     assert a.params != b.params
     data = json.loads(await animus(env, tmp_path, "work", "diff", str(a.id), str(b.id), "--json"))
     assert data == {"a": str(a.id), "b": str(b.id),
-                    "verdict": "identical: same inputs, same output", "differences": {}}
+                    "verdict": "identical: same inputs, same output", "differences": {},
+                    "files": {}}
 
 
 async def test_diff_of_different_work_types(db, engine, env, tmp_path):

@@ -20,6 +20,7 @@ from animus_core.cli.params import parse_params
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import AnimusError, InvalidInput
+from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
 from animus_core.values.steps import Step
 from animus_core.values.waits import Signal, Wait
@@ -131,7 +132,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=rerun)
 
 
-async def _last_record(db: Any, work_id: Any) -> Any:
+async def _last_record(db: Db, work_id: UUID | str) -> ExecutionRecord:
     """The record of the item's last attempt that ran to its end: nothing is known of what a
     lost attempt was bound to."""
     records = await db.executions(work_id)
@@ -201,18 +202,56 @@ async def diff(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         a, b = await db.get_work_item(args.a), await db.get_work_item(args.b)
         ra, rb = await _last_record(db, a.id), await _last_record(db, b.id)
-    differences = diff_records(ra, rb, params_a=a.params, params_b=b.params,
-                               outcome_a=a.outcome.data, outcome_b=b.outcome.data)
+        differences = diff_records(ra, rb, params_a=a.params, params_b=b.params,
+                                   outcome_a=a.outcome.data, outcome_b=b.outcome.data)
+        scripts = await _script_diffs(db, ra, rb, differences)
     if args.json:
         print_json({"a": str(a.id), "b": str(b.id), "verdict": verdict(differences),
-                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()}})
+                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()},
+                    "files": scripts})
         return 0
     print(f"a: {a.id} ({a.state}, attempt {ra.attempt})\n"
           f"b: {b.id} ({b.state}, attempt {rb.attempt})")
     print(verdict(differences))
     for field, (va, vb) in differences.items():
         print(f"  {field}\n    a: {_value(va)}\n    b: {_value(vb)}")
+    _print_script_diffs(scripts)
     return 0
+
+
+async def _script_diffs(db: Db, ra: ExecutionRecord, rb: ExecutionRecord,
+                        differences: dict[str, tuple[Any, Any]]) -> dict[str, str | None]:
+    """For each faculty file whose digest differs: its unified diff, when the text of both
+    versions was kept (None when one is not: too big, binary, or run before it was kept)."""
+    import difflib
+
+    from animus_core.values.records import changed_files
+
+    changed = changed_files(ra, rb, differences)
+    if not changed:
+        return {}
+    texts = await db.faculty_files([d for *_, da, dbb in changed for d in (da, dbb)])
+    out: dict[str, str | None] = {}
+    for field, path_a, path_b, da, dbb in changed:
+        if da not in texts or dbb not in texts:
+            out[field] = None
+            continue
+        lines = difflib.unified_diff(
+            texts[da].splitlines(keepends=True), texts[dbb].splitlines(keepends=True),
+            fromfile=f"a/{path_a.lstrip('/')}", tofile=f"b/{path_b.lstrip('/')}")
+        # as git prints a last line without its newline
+        out[field] = "".join(line if line.endswith("\n") else f"{line}\n\\ No newline at end "
+                             "of file\n" for line in lines)
+    return out
+
+
+def _print_script_diffs(scripts: dict[str, str | None]) -> None:
+    for field, text in scripts.items():
+        if text is None:
+            print(f"\n{field}: the text of one version was not kept (larger than 256 KiB, "
+                  "not UTF-8, or run before animus kept faculty files)")
+        else:
+            print(f"\n{text}", end="" if text.endswith("\n") else "\n")
 
 
 def _value(value: Any) -> str:
@@ -247,17 +286,20 @@ async def rerun(args: argparse.Namespace) -> int:
                   "(is an engine running?)", file=sys.stderr)
             return 1
         ra, rb = await _last_record(db, old.id), await _last_record(db, item.id)
-    differences = diff_records(ra, rb, params_a=old.params, params_b=item.params,
-                               outcome_a=old.outcome.data, outcome_b=item.outcome.data)
+        differences = diff_records(ra, rb, params_a=old.params, params_b=item.params,
+                                   outcome_a=old.outcome.data, outcome_b=item.outcome.data)
+        scripts = await _script_diffs(db, ra, rb, differences)
     outcome = verdict(differences)
     if args.json:
         print_json({"rerun_id": str(item.id), "verdict": outcome,
-                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()}})
+                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()},
+                    "files": scripts})
     else:
         print(f"rerun {item.id}: {item.state}")
         print(outcome)
         for field, (va, vb) in differences.items():
             print(f"  {field}: {va} -> {vb}")
+        _print_script_diffs(scripts)
     return 0
 
 

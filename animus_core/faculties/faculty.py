@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from animus_core.faculties.retry import RetryPolicy
@@ -95,6 +96,12 @@ class Faculty:
         cls = type(self)
         return {"kind": "python", "class": f"{cls.__module__}.{cls.__qualname__}",
                 "origin": self.origin}
+
+    def source_files(self) -> dict[str, Path]:
+        """The files this faculty runs, by the digest its :meth:`identity` names them with
+        (a command faculty's TOML file and hook scripts): their text is kept so ``work
+        diff`` can show what changed. A Python faculty's code is named by its distribution."""
+        return {}
 
     def describe(self) -> str:
         """One line for ``animus faculty list``."""

@@ -319,6 +319,13 @@ class CommandFaculty(Faculty):
             ident["system_prompt_sha256"] = canonical_hash(self.system_prompt)
         return ident
 
+    def source_files(self) -> dict[str, Path]:
+        files = {file_digest(self.path): self.path}
+        for argv in self.commands.values():
+            for arg in argv[:1] + [a for a in argv[1:] if os.path.isabs(a) and os.path.isfile(a)]:
+                files[file_digest(Path(arg))] = Path(arg)
+        return {digest: path for digest, path in files.items() if digest.startswith("sha256:")}
+
     # -- phases --------------------------------------------------------------------------
 
     async def orient(self, focus: Focus) -> Any:

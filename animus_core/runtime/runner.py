@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -43,7 +44,7 @@ from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import AnimusError, LeaseLost, PhaseFailed
 from animus_core.values.limits import clip, limits
-from animus_core.values.records import ExecutionRecord
+from animus_core.values.records import ExecutionRecord, file_text
 from animus_core.values.states import State
 from animus_core.values.version import __version__
 from animus_core.values.waits import Suspended
@@ -72,6 +73,8 @@ class FocusRunner:
         self.memory: Memory | None = None
         self.memory_problem = "memory is not configured for this engine"
         self.environment_hash = ""
+        self._files_kept: set[str] = set()  # digests whose text is in animus.faculty_files
+        self._keeping: set[asyncio.Task[None]] = set()
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class FocusRunner:
                 params_hash: str, *, outcome: Any = None,
                 error: str | None = None) -> ExecutionRecord:
         identity = fac.identity()
+        self._keep_files(fac)
         return ExecutionRecord(
             work_id=focus.work.id, attempt=focus.attempt, result=result,
             work_type=focus.work.work_type, params_hash=params_hash,
@@ -127,6 +131,28 @@ class FocusRunner:
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             steps=focus.steps.summary() if focus.steps is not None else None,
             outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
+
+    def _keep_files(self, fac: Faculty) -> None:
+        """Keep the text of the faculty's files the first time this engine records their
+        digests (in the background: an execution record never waits for it)."""
+        new = {d: p for d, p in fac.source_files().items() if d not in self._files_kept}
+        if not new:
+            return
+        self._files_kept.update(new)
+        task = asyncio.get_running_loop().create_task(self._store_files(new))
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
+
+    async def _store_files(self, files: dict[str, Path]) -> None:
+        texts = await asyncio.to_thread(
+            lambda: {d: t for d, p in files.items() if (t := file_text(p, d)) is not None})
+        try:
+            if texts:
+                await self.store.record_files(texts)
+        except Exception as e:  # kept at a later attempt instead
+            self._files_kept.difference_update(files)
+            _log.warning("could not keep the text of %s: %s", ", ".join(map(str, files.values())),
+                         e)
 
     # -- one focus ---------------------------------------------------------------------------
 

@@ -130,6 +130,21 @@ class WorkRecords(WorkReads):
                 """INSERT INTO animus.environments (hash, environment) VALUES ($1, $2)
                    ON CONFLICT (hash) DO NOTHING""", env_hash, environment)
 
+    async def record_files(self, files: dict[str, str]) -> None:
+        """Keep the text of faculty files under their digests (``{"sha256:...": text}``)."""
+        async with self.connection() as conn:
+            await conn.execute(
+                """INSERT INTO animus.faculty_files (sha256, content)
+                   SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (sha256) DO NOTHING""",
+                list(files), list(files.values()))
+
+    async def faculty_files(self, digests: Sequence[str]) -> dict[str, str]:
+        """The kept text of the faculty files with these digests (those known)."""
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT sha256, content FROM animus.faculty_files "
+                                    "WHERE sha256 = ANY($1::text[])", list(digests))
+        return {r["sha256"]: r["content"] for r in rows}
+
     async def executions(self, work_id: UUID | str) -> list[ExecutionRecord]:
         """Every execution record of an item, oldest first, with its environment."""
         wid = _id(work_id)

@@ -164,6 +164,13 @@ GRANT SELECT, INSERT, UPDATE ON animus.schedule_ticks, animus.memories, animus.m
 GRANT DELETE ON animus.memories TO animus_operator;
 GRANT INSERT ON animus.audit_seal, animus.audit_gaps, animus.execution_records,
       animus.environments TO animus_operator;
+DO $$
+BEGIN
+    IF to_regclass('animus.faculty_files') IS NOT NULL THEN  -- from migration 0029 on
+        GRANT INSERT ON animus.faculty_files TO animus_operator;
+    END IF;
+END
+$$;
 GRANT DELETE ON animus.audit_gaps TO animus_operator;
 
 GRANT DELETE ON animus.work_items, animus.schedule_ticks TO animus_admin;  -- animus purge

@@ -29,7 +29,8 @@ import msgspec
 
 from animus_core.values.canonical import canonical_hash
 
-__all__ = ["ExecutionRecord", "diff", "environment", "file_digest", "verdict"]
+__all__ = ["FILE_TEXT_LIMIT", "ExecutionRecord", "changed_files", "diff", "environment",
+           "file_digest", "file_text", "verdict"]
 
 
 class ExecutionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +82,53 @@ def environment() -> tuple[str, dict[str, Any]]:
 # timestamps may not tell a second change within the same clock tick apart ("racy" files).
 _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _SETTLED_NS = 2_000_000_000
+
+
+#: the largest file whose text is kept for ``work diff`` (a bigger one is named by digest only)
+FILE_TEXT_LIMIT = 256 * 1024
+
+
+def file_text(path: Path, digest: str) -> str | None:
+    """The text of ``path`` if it still has ``digest`` and is UTF-8 text of at most
+    :data:`FILE_TEXT_LIMIT` bytes; None for anything else (changed since, binary, too big)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(FILE_TEXT_LIMIT + 1)
+    except OSError:
+        return None
+    if len(data) > FILE_TEXT_LIMIT or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text else text
+
+
+def changed_files(a: ExecutionRecord, b: ExecutionRecord,
+                  differences: dict[str, tuple[Any, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """The faculty files whose digest differs between two records: (field, path in a, path
+    in b, digest in a, digest in b), for the TOML file and each hook's script or file."""
+    out = []
+    for field, (da, db) in differences.items():
+        if not (field.startswith("faculty.") and isinstance(da, str) and isinstance(db, str)
+                and da.startswith("sha256:") and db.startswith("sha256:")):
+            continue
+        out.append((field, _file_of(a.faculty or {}, field), _file_of(b.faculty or {}, field),
+                    da, db))
+    return out
+
+
+def _file_of(faculty: dict[str, Any], field: str) -> str:
+    parts = field.split(".")[1:]
+    if parts == ["file_sha256"]:
+        return str(faculty.get("file", field))
+    if len(parts) == 3 and parts[0] == "hooks" and parts[2] == "sha256":
+        command = str(faculty.get("hooks", {}).get(parts[1], {}).get("command", ""))
+        return command.split(" ", 1)[0] or field
+    if len(parts) >= 4 and parts[0] == "hooks" and parts[2] == "files":
+        return ".".join(parts[3:])
+    return field
 
 
 def file_digest(path: Path) -> str:

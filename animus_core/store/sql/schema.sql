@@ -1901,6 +1901,13 @@ ALTER TABLE animus.execution_records ALTER COLUMN id ADD GENERATED ALWAYS AS IDE
     CACHE 1
 );
 
+CREATE TABLE animus.faculty_files (
+    sha256 text NOT NULL,
+    content text NOT NULL,
+    first_seen timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT faculty_files_sha256_check CHECK ((sha256 ~~ 'sha256:%'::text))
+);
+
 CREATE TABLE animus.memories (
     id uuid DEFAULT animus.new_id() NOT NULL,
     content text NOT NULL,
@@ -1998,6 +2005,9 @@ ALTER TABLE ONLY animus.environments
 ALTER TABLE ONLY animus.execution_records
     ADD CONSTRAINT execution_records_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY animus.faculty_files
+    ADD CONSTRAINT faculty_files_pkey PRIMARY KEY (sha256);
+
 ALTER TABLE ONLY animus.memories
     ADD CONSTRAINT memories_pkey PRIMARY KEY (id);
 
@@ -2075,6 +2085,10 @@ CREATE TRIGGER environments_append_only BEFORE DELETE OR UPDATE ON animus.enviro
 CREATE TRIGGER execution_records_append_only BEFORE DELETE OR UPDATE ON animus.execution_records FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
 
 CREATE TRIGGER execution_records_no_truncate BEFORE TRUNCATE ON animus.execution_records FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER faculty_files_append_only BEFORE DELETE OR UPDATE ON animus.faculty_files FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
+
+CREATE TRIGGER faculty_files_no_truncate BEFORE TRUNCATE ON animus.faculty_files FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
 
 CREATE TRIGGER steps_append_only BEFORE UPDATE ON animus.steps FOR EACH ROW EXECUTE FUNCTION animus.refuse_change();
 
