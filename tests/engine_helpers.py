@@ -129,6 +129,18 @@ class ObservedDb(Db):
             self.claims_in_flight -= 1
             self.claim_calls += 1
 
+    async def claim_resuming(self, *args: Any, **kwargs: Any) -> list[tuple[Claimed, Any]]:
+        """The engine's claim, with the same seams as :meth:`claim`."""
+        self.claims_in_flight += 1
+        try:
+            claimed = await super().claim_resuming(*args, **kwargs)
+            if self.after_claim is not None:
+                await self.after_claim(kwargs, [c for c, _ in claimed])
+            return claimed
+        finally:
+            self.claims_in_flight -= 1
+            self.claim_calls += 1
+
     async def list_work(self, *args: Any, **kwargs: Any) -> list[WorkItem]:
         self.list_work_calls += 1
         return await super().list_work(*args, **kwargs)

@@ -158,10 +158,11 @@ async def test_a_signal_sent_before_the_wait_is_kept_and_taken_without_suspendin
 
 async def test_a_resumed_wait_is_read_with_the_steps_and_recorded_with_the_next_write(
         db_url, tmp_path, monkeypatch):
-    """The attempt a signal or a timer resumes neither takes the signal nor records the
-    wait's step in a round trip of its own: it reads both with its steps, and the step goes
-    with its next write (the completion's batch, its next step, or its failure); a retry
-    after that failure replays the wait."""
+    """The attempt a signal or a timer resumes neither reads its steps, nor takes the
+    signal, nor records the wait's step in a round trip of its own: the engine's claim read
+    the steps and the signal with the item, and the step goes with the attempt's next write
+    (the completion's batch, its next step, or its failure); a retry after that failure
+    replays the wait."""
     calls: list[str] = []
     for method in ("take_signal", "record_step", "record_steps", "steps", "resume_read"):
         real = getattr(Db, method)
@@ -193,11 +194,11 @@ async def test_a_resumed_wait_is_read_with_the_steps_and_recorded_with_the_next_
         calls.clear()
         await db.signal(sent.id, "go", {"n": 1})
         done = await animus.animus.wait_finished(sent.id, 20)
-        assert calls == ["resume_read", "record_steps with the completion"]
+        assert calls == ["record_steps with the completion"]
         calls.clear()
         # woken by its timer; a step follows the sleep, in the same write
         slept = await animus.run(script(["sleep", 0.2], ["step", "after"]))
-        assert calls == ["steps", "record_steps"]
+        assert calls == ["record_steps"]
         calls.clear()
         # woken by a signal, then fails: the wait's step is recorded with the failure, and
         # the retry replays it

@@ -101,8 +101,8 @@ async def test_steps_run_once_and_a_retry_after_a_failure_replays_them(db_url, t
         (1, "fetch", 1), (2, "think", 1), (3, "write", 2)]
 
 
-async def test_steps_are_read_once_per_focus_and_never_on_a_first_attempt(db_url, tmp_path,
-                                                                           monkeypatch):
+async def test_a_focus_reads_no_steps_of_its_own_the_claim_brings_them(db_url, tmp_path,
+                                                                       monkeypatch):
     class Plain(Faculty):
         name = "plain"
         accepts = ("plain",)
@@ -126,7 +126,7 @@ async def test_steps_are_read_once_per_focus_and_never_on_a_first_attempt(db_url
         [record] = await animus.db.executions(plain.id)
     assert plain.state == stepped.state == retried.state == State.COMPLETED
     assert record.steps is None
-    assert reads == [retried.id]  # the retry: three steps, one query
+    assert reads == []  # the retry's record came with its claim: no query of its own
 
 
 async def test_a_changed_step_order_is_named_and_dead_letters(db_url, tmp_path):

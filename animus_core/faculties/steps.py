@@ -44,7 +44,15 @@ from animus_core.values.errors import (
 )
 from animus_core.values.limits import limits
 from animus_core.values.steps import Step, StepPolicy, StepRecord
-from animus_core.values.waits import Approval, Decision, Signal, Suspended, Wait, check_approval
+from animus_core.values.waits import (
+    Approval,
+    Decision,
+    Resume,
+    Signal,
+    Suspended,
+    Wait,
+    check_approval,
+)
 from animus_core.values.work import Lease, check_name
 
 __all__ = ["StepJournal", "StepStore", "WaitStore"]
@@ -85,11 +93,12 @@ class StepJournal:
 
     def __init__(self, store: WaitStore, lease: Lease, *,
                  wait: Mapping[str, Any] | None = None, attempt: int = 0,
-                 first: bool = False) -> None:
+                 first: bool = False, resume: Resume | None = None) -> None:
         """``wait`` is the item's kept wait (``WorkItem.wait``): what the attempt this one
         resumes was suspended for; ``attempt`` is this attempt's number; ``first``: no
         attempt of the item ran before this one and none of its steps were copied into it
-        (its record is empty, and is not read)."""
+        (its record is empty, and is not read); ``resume``: the record, read already (with
+        the claim)."""
         self._store = store
         self._lease = lease
         self._attempt = attempt
@@ -97,6 +106,9 @@ class StepJournal:
         self._recorded: dict[int, Step] | None = {} if first and not wait else None
         #: the signal the kept wait took when it woke the item (read with the steps)
         self._woken_by: Signal | None = None
+        if resume is not None:
+            self._recorded = {s.position: s for s in resume.steps}
+            self._woken_by = resume.woken_by
         #: steps whose outcome the database holds already, recorded with the next write
         self._pending: list[StepRecord] = []
         self._loading = asyncio.Lock()

@@ -68,6 +68,7 @@ from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.store.memory import Memory
 from animus_core.values.errors import AnimusError
 from animus_core.values.records import environment
+from animus_core.values.waits import Resume
 from animus_core.values.work import Claimed
 
 __all__ = ["Engine", "EngineOptions"]
@@ -340,13 +341,12 @@ class Engine:
             slot.dirty = False
             for queue in self.options.queues:
                 asked = time.monotonic()
-                claimed = await self.db.claim(queue, limit=allowed - got, start=True,
-                                              lease_seconds=lease_seconds,
-                                              work_types=slot.faculty.accepts,
-                                              max_attempts=slot.max_attempts)
+                claimed = await self.db.claim_resuming(
+                    queue, limit=allowed - got, lease_seconds=lease_seconds,
+                    work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
                 self.health.reachable()
-                for c in claimed:
-                    self._start_focus(slot, c, asked + lease_seconds)
+                for c, resume in claimed:
+                    self._start_focus(slot, c, asked + lease_seconds, resume)
                 got += len(claimed)
                 if got >= allowed:
                     break
@@ -361,7 +361,8 @@ class Engine:
             if got:
                 self.sealer.touch()
 
-    def _start_focus(self, slot: Slot, claimed: Claimed, held_until: float) -> None:
+    def _start_focus(self, slot: Slot, claimed: Claimed, held_until: float,
+                     resume: Resume | None = None) -> None:
         old = self.inflight.get(claimed.item.id)
         if old is not None:  # its lease ran out and this engine claimed the item again
             self.stops.lose(old.claimed.lease, "this engine claimed the item again")
@@ -369,7 +370,8 @@ class Engine:
         task = asyncio.create_task(self._run_focus(claimed.item.id),
                                    name=f"focus-{claimed.item.id}")
         # in place before the task takes its first step: the task finds its flight here
-        flight = self.inflight[claimed.item.id] = Flight(claimed, task, slot, held_until)
+        flight = self.inflight[claimed.item.id] = Flight(claimed, task, slot, held_until,
+                                                         resume)
         # a task cancelled before its first step never runs its own clean-up
         task.add_done_callback(lambda _: self._finished(flight))
 

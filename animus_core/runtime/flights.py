@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from animus_core.faculties.faculty import Faculty
+from animus_core.values.waits import Resume
 from animus_core.values.work import Claimed
 
 __all__ = ["Flight", "Slot"]
@@ -60,6 +61,9 @@ class Flight:
     #: until when the lease surely holds (monotonic): when the claim or the last extension
     #: that succeeded was asked for, plus the lease time; see LeaseKeeper.fence
     held_until: float
+    #: the item's record (steps, the signal that woke it), read with the claim: None for
+    #: its first attempt
+    resume: Resume | None = None
     #: stopped because its lease is lost (or about to be): it records nothing
     lost: bool = False
     #: stopped because a cancellation was requested

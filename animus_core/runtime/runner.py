@@ -47,7 +47,7 @@ from animus_core.values.limits import clip, limits
 from animus_core.values.records import ExecutionRecord, file_text
 from animus_core.values.states import State
 from animus_core.values.version import __version__
-from animus_core.values.waits import Suspended
+from animus_core.values.waits import Resume, Suspended
 from animus_core.values.work import Lease, WorkItem
 
 __all__ = ["FocusRunner", "open_memory"]
@@ -156,7 +156,8 @@ class FocusRunner:
 
     # -- one focus ---------------------------------------------------------------------------
 
-    def _focus_for(self, fac: Faculty, item: WorkItem, lease: Lease, scope: TxScope) -> Focus:
+    def _focus_for(self, fac: Faculty, item: WorkItem, lease: Lease, scope: TxScope,
+                   resume: Resume | None = None) -> Focus:
         ws = self.workspace
         assert ws is not None, "the runner runs foci only once the engine started"
         memory = self.memory
@@ -169,13 +170,14 @@ class FocusRunner:
                      submitter=self.governed.child_submitter(item),
                      steps=StepJournal(self.store, lease, wait=item.wait,
                                        attempt=item.attempts,
-                                       first=item.attempts == 1 and item.replay_of is None))
+                                       first=item.attempts == 1 and item.replay_of is None,
+                                       resume=resume))
 
     async def run(self, flight: Flight) -> None:
         """Run the focus of ``flight`` (as its task) to its end, and record it."""
         fac, item, lease = flight.slot.faculty, flight.claimed.item, flight.claimed.lease
         scope = self.store.transaction()
-        focus = self._focus_for(fac, item, lease, scope)
+        focus = self._focus_for(fac, item, lease, scope, flight.resume)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         phase, failed, result = "orient", False, "completed"

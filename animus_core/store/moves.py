@@ -66,30 +66,10 @@ class WorkMoves(WorkSteps):
         types to the attempt limit of the faculty that runs them, which overrides the item's
         own: the claim writes it into each item it applies to (audited as a change).
         """
-        if limit < 1 or lease_seconds < 1:
-            raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
-        types = list(work_types) if work_types else None
+        sql, args = claim_call(queue, limit, lease_seconds, work_types, start, max_attempts)
         async with self.connection() as conn:  # one statement: atomic without BEGIN/COMMIT
-            if max_attempts:
-                rows = await conn.fetch("SELECT * FROM animus.claim($1, $2, $3, $4, $5, $6)",
-                                        queue, limit, lease_seconds, types, start,
-                                        dict(max_attempts))
-            else:
-                rows = await conn.fetch("SELECT * FROM animus.claim($1, $2, $3, $4, $5)",
-                                        queue, limit, lease_seconds, types, start)
-        # items taken back from expired leases come after the rest: one order for all
-        rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
-        if rows:
-            transition("queued", "claimed", len(rows))
-            if start:
-                transition("claimed", "running", len(rows))
-        return [
-            Claimed(
-                item=WorkItem.from_row(r),
-                lease=Lease(work_id=r["id"], queue=r["queue"], msg_id=r["msg_id"], token=r["lease"]),
-            )
-            for r in rows
-        ]
+            rows = await conn.fetch(f"SELECT * FROM {sql}", *args)
+        return claimed_from(rows, start)
 
     async def start(self, lease: Lease) -> WorkItem:
         """``claimed -> running``: the focus begins; counts one attempt."""
@@ -291,3 +271,32 @@ def _outcome_json(data: Any) -> str | None:
         return bytes(data).decode()
     return json_values.encode(data, "outcome", limit=limits().outcome_bytes,
                               setting="ANIMUS_MAX_OUTCOME_BYTES")
+
+
+def claim_call(queue: str, limit: int, lease_seconds: int, work_types: Sequence[str] | None,
+               start: bool, max_attempts: Mapping[str, int] | None) -> tuple[str, list[Any]]:
+    """The call of ``animus.claim`` for these arguments, and its arguments."""
+    if limit < 1 or lease_seconds < 1:
+        raise InvalidInput("claim needs limit >= 1 and lease_seconds >= 1")
+    args: list[Any] = [queue, limit, lease_seconds, list(work_types) if work_types else None,
+                       start]
+    if max_attempts:
+        return "animus.claim($1, $2, $3, $4, $5, $6) AS c", [*args, dict(max_attempts)]
+    return "animus.claim($1, $2, $3, $4, $5) AS c", args
+
+
+def claimed_from(rows: list[Any], start: bool) -> list[Claimed]:
+    """The claims of the rows ``animus.claim`` returned, sorted in place into claim order."""
+    # items taken back from expired leases come after the rest: one order for all
+    rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
+    if rows:
+        transition("queued", "claimed", len(rows))
+        if start:
+            transition("claimed", "running", len(rows))
+    return [
+        Claimed(
+            item=WorkItem.from_row(r),
+            lease=Lease(work_id=r["id"], queue=r["queue"], msg_id=r["msg_id"], token=r["lease"]),
+        )
+        for r in rows
+    ]

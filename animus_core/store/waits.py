@@ -6,7 +6,7 @@ See ``0017_waiting.sql``, ``0019_focus_approvals.sql`` and docs/concepts.md, Wai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,7 +14,7 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import transition, work_id
-from animus_core.store.moves import WorkMoves
+from animus_core.store.moves import WorkMoves, claim_call, claimed_from
 from animus_core.store.records import execution_json
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput
@@ -22,8 +22,8 @@ from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
 from animus_core.values.steps import Step
-from animus_core.values.waits import Approval, Signal, Wait
-from animus_core.values.work import Lease, WorkItem, check_name
+from animus_core.values.waits import Approval, Resume, Signal, Wait
+from animus_core.values.work import Claimed, Lease, WorkItem, check_name
 
 __all__ = ["Signalled", "WorkWaits"]
 
@@ -51,6 +51,44 @@ _RESUME = """
       FROM animus.signals
      WHERE work_id = $1 AND consumed_by_position = $2 AND event = $3
      ORDER BY signal_id NULLS FIRST, position"""
+
+# The claim of an engine: the items claimed and started, and for each that ran before (or
+# has copied steps, or a kept wait) its recorded steps and the signal its wait took, so that
+# the attempt reads nothing more before it replays them.
+_CLAIM_RESUMING = """
+    SELECT c.*,
+           CASE WHEN c.attempts > 1 OR c.replay_of IS NOT NULL OR c.wait IS NOT NULL THEN
+               coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.position)
+                           FROM animus.steps s WHERE s.work_id = c.id), '[]')
+           END AS resume_steps,
+           CASE WHEN c.wait->>'kind' = 'event' THEN
+               (SELECT to_jsonb(sg) FROM animus.signals sg
+                 WHERE sg.work_id = c.id AND sg.event = c.wait->>'event'
+                   AND sg.consumed_by_position = (c.wait->>'position')::int
+                 ORDER BY sg.id LIMIT 1)
+           END AS resume_signal
+      FROM {call}"""
+
+
+def _step(row: dict[str, Any]) -> Step:
+    """A step from its row as JSON (``to_jsonb``: ids and times as text)."""
+    copied = row["copied_from"]
+    return Step(work_id=UUID(row["work_id"]), position=row["position"], name=row["name"],
+                attempt=row["attempt"], result=row["result"], result_hash=row["result_hash"],
+                started_at=datetime.fromisoformat(row["started_at"]),
+                finished_at=datetime.fromisoformat(row["finished_at"]),
+                duration_ms=row["duration_ms"], copied_from=UUID(copied) if copied else None)
+
+
+def _signal(row: dict[str, Any]) -> Signal:
+    """A signal from its row as JSON."""
+    consumed = row["consumed_at"]
+    return Signal(id=row["id"], work_id=UUID(row["work_id"]), event=row["event"],
+                  payload=row["payload"], sent_by=row["sent_by"],
+                  sent_at=datetime.fromisoformat(row["sent_at"]),
+                  consumed_by_position=row["consumed_by_position"],
+                  consumed_at=datetime.fromisoformat(consumed) if consumed else None)
+
 
 _SIGNALS = """
     SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
@@ -149,6 +187,27 @@ class WorkWaits(WorkMoves):
         if woke:
             transition("waiting", "queued", woke)
         return out
+
+    async def claim_resuming(
+        self,
+        queue: str,
+        *,
+        limit: int,
+        lease_seconds: int,
+        work_types: Sequence[str] | None = None,
+        max_attempts: Mapping[str, int] | None = None,
+    ) -> list[tuple[Claimed, Resume | None]]:
+        """Claim and start up to ``limit`` items, as ``claim(start=True)`` does, in one round
+        trip with what each attempt that resumes or retries reads before it runs: its
+        :class:`Resume` (None for an item's first attempt, which has no record to read)."""
+        sql, args = claim_call(queue, limit, lease_seconds, work_types, True, max_attempts)
+        async with self.connection() as conn:  # one statement: atomic without BEGIN/COMMIT
+            rows = await conn.fetch(_CLAIM_RESUMING.format(call=sql), *args)
+        claimed = claimed_from(rows, True)  # rows sorted in the same order
+        return [(c, None if r["resume_steps"] is None else Resume(
+                    steps=tuple(_step(s) for s in r["resume_steps"]),
+                    woken_by=None if r["resume_signal"] is None else _signal(r["resume_signal"])))
+                for c, r in zip(claimed, rows, strict=True)]
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None:
         """For the running attempt that holds ``lease``: the signal ``event`` that the wait

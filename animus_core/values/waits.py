@@ -13,9 +13,10 @@ import msgspec
 from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import check_text, limits
 from animus_core.values.roles import ROLES
+from animus_core.values.steps import Step
 from animus_core.values.work import check_name
 
-__all__ = ["Approval", "Decision", "Signal", "Suspended", "Wait", "WaitKind"]
+__all__ = ["Approval", "Decision", "Resume", "Signal", "Suspended", "Wait", "WaitKind"]
 
 WaitKind = Literal["sleep", "event", "approval", "children"]
 
@@ -203,6 +204,15 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
                    payload=row["payload"], sent_by=row["sent_by"], sent_at=row["sent_at"],
                    consumed_by_position=row["consumed_by_position"],
                    consumed_at=row["consumed_at"])
+
+
+class Resume(msgspec.Struct, frozen=True, kw_only=True):
+    """What an attempt that resumes or retries reads of its item's record before it runs,
+    read with its claim: the recorded ``steps``, by position, and ``woken_by``, the signal
+    its kept wait took when it woke the item (None: it took none)."""
+
+    steps: tuple[Step, ...]
+    woken_by: Signal | None = None
 
 
 class Suspended(BaseException):
