@@ -270,6 +270,9 @@ def _script(block: DocBlock) -> str:
             assigned = len((m[1] or "").split())
             lines.append(f"{shlex.join(words[:assigned])} setsid {shlex.join(words[assigned:])} "
                          f"> daemon-{number}.log 2>&1 < /dev/null & echo $! >> daemons")
+            # on once it left this script's session: the script's end kills its session
+            lines.append('while [ -e /proc/$! ] && [ "$(cut -d" " -f6 /proc/$!/stat)" != "$!" ]; '
+                         "do sleep 0.01; done")
             continue
         test = '[ "$__s" = 0 ]' if status == "1-255" else f'[ "$__s" != {status} ]'
         lines += [command,
