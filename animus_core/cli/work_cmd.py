@@ -20,7 +20,7 @@ from animus_core.cli.params import parse_params
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import AnimusError, InvalidInput
-from animus_core.values.records import ExecutionRecord
+from animus_core.values.records import FILE_TEXT_LIMIT, ExecutionRecord
 from animus_core.values.states import State
 from animus_core.values.steps import Step
 from animus_core.values.waits import Signal, Wait
@@ -248,8 +248,9 @@ async def _script_diffs(db: Db, ra: ExecutionRecord, rb: ExecutionRecord,
 def _print_script_diffs(scripts: dict[str, str | None]) -> None:
     for field, text in scripts.items():
         if text is None:
-            print(f"\n{field}: the text of one version was not kept (larger than 256 KiB, "
-                  "not UTF-8, or run before animus kept faculty files)")
+            print(f"\n{field}: the text of one version was not kept (larger than "
+                  f"{FILE_TEXT_LIMIT // 1024} KiB, not UTF-8, or run before animus kept faculty "
+                  "files)")
         else:
             print(f"\n{text}", end="" if text.endswith("\n") else "\n")
 

@@ -73,6 +73,7 @@ class FocusRunner:
         self.memory: Memory | None = None
         self.memory_problem = "memory is not configured for this engine"
         self.environment_hash = ""
+        self._identities: set[str] = set()  # faculty hashes whose files were looked at
         self._files_kept: set[str] = set()  # digests whose text is in animus.faculty_files
         self._keeping: set[asyncio.Task[None]] = set()
 
@@ -122,11 +123,14 @@ class FocusRunner:
                 params_hash: str, *, outcome: Any = None,
                 error: str | None = None) -> ExecutionRecord:
         identity = fac.identity()
-        self._keep_files(fac)
+        faculty_hash = canonical_hash(identity)
+        if faculty_hash not in self._identities:  # a faculty, or a version of its files, new
+            self._identities.add(faculty_hash)
+            self._keep_files(fac)
         return ExecutionRecord(
             work_id=focus.work.id, attempt=focus.attempt, result=result,
             work_type=focus.work.work_type, params_hash=params_hash,
-            faculty=identity, faculty_hash=canonical_hash(identity),
+            faculty=identity, faculty_hash=faculty_hash,
             engine_version=__version__, environment_hash=self.environment_hash,
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             steps=focus.steps.summary() if focus.steps is not None else None,
@@ -151,6 +155,7 @@ class FocusRunner:
                 await self.store.record_files(texts)
         except Exception as e:  # kept at a later attempt instead
             self._files_kept.difference_update(files)
+            self._identities.clear()
             _log.warning("could not keep the text of %s: %s", ", ".join(map(str, files.values())),
                          e)
 

@@ -70,26 +70,6 @@ _CLAIM_RESUMING = """
       FROM {call}"""
 
 
-def _step(row: dict[str, Any]) -> Step:
-    """A step from its row as JSON (``to_jsonb``: ids and times as text)."""
-    copied = row["copied_from"]
-    return Step(work_id=UUID(row["work_id"]), position=row["position"], name=row["name"],
-                attempt=row["attempt"], result=row["result"], result_hash=row["result_hash"],
-                started_at=datetime.fromisoformat(row["started_at"]),
-                finished_at=datetime.fromisoformat(row["finished_at"]),
-                duration_ms=row["duration_ms"], copied_from=UUID(copied) if copied else None)
-
-
-def _signal(row: dict[str, Any]) -> Signal:
-    """A signal from its row as JSON."""
-    consumed = row["consumed_at"]
-    return Signal(id=row["id"], work_id=UUID(row["work_id"]), event=row["event"],
-                  payload=row["payload"], sent_by=row["sent_by"],
-                  sent_at=datetime.fromisoformat(row["sent_at"]),
-                  consumed_by_position=row["consumed_by_position"],
-                  consumed_at=datetime.fromisoformat(consumed) if consumed else None)
-
-
 _SIGNALS = """
     SELECT id, work_id, event, payload, sent_by, sent_at, consumed_by_position, consumed_at
       FROM animus.signals WHERE work_id = $1 ORDER BY id"""
@@ -205,8 +185,10 @@ class WorkWaits(WorkMoves):
             rows = await conn.fetch(_CLAIM_RESUMING.format(call=sql), *args)
         claimed = claimed_from(rows, True)  # rows sorted in the same order
         return [(c, None if r["resume_steps"] is None else Resume(
-                    steps=tuple(_step(s) for s in r["resume_steps"]),
-                    woken_by=None if r["resume_signal"] is None else _signal(r["resume_signal"])))
+                    # rows as JSON (ids and times as text), converted to their types
+                    steps=tuple(msgspec.convert(s, Step) for s in r["resume_steps"]),
+                    woken_by=None if r["resume_signal"] is None
+                    else msgspec.convert(r["resume_signal"], Signal)))
                 for c, r in zip(claimed, rows, strict=True)]
 
     async def take_signal(self, lease: Lease, event: str, position: int) -> Signal | None:
