@@ -112,6 +112,45 @@ async def test_every_change_writes_an_audit_row(db, db_url):
     assert result.unsealed == 0
 
 
+@pytest.mark.parametrize("n", [1, 2, 40])
+async def test_a_batch_is_audited_alike_by_row_or_by_statement(db, db_url, n):
+    """A move of one item is audited by row triggers, a batch by statement triggers: each item
+    gets the same rows with the same payloads either way, once, and the chain verifies."""
+    ids = [(await db.submit_work(NewWorkItem("batched", source="s").params({"i": i}))).id
+           for i in range(n)]
+    claimed = await db.claim(limit=n, start=True)
+    assert len(claimed) == n
+    await db.complete_many([(c.lease, {"i": c.item.params["i"]}, 5) for c in claimed])
+    async with raw(db_url) as conn:  # a direct update (as the owner): one `changed` row
+        await conn.execute("UPDATE animus.work_items SET priority = 3 WHERE id = $1", ids[0])
+    for i, wid in enumerate(ids):
+        history = await db.history(wid)
+        rows = [(e.event, e.from_state, e.to_state) for e in history]
+        assert rows[:4] == [("submitted", None, "queued"), ("claimed", "queued", "claimed"),
+                            ("running", "claimed", "running"),
+                            ("completed", "running", "completed")]
+        assert rows[4:] == ([("changed", "completed", "completed")] if i == 0 else [])
+        claim, run, done = history[1].payload, history[2].payload, history[3].payload
+        assert (claim, run) == ({"attempts": 0}, {"attempts": 1})
+        assert done == {"reason": "completed", "attempts": 1, "outcome": {"i": i},
+                        "duration_ms": 5}
+        assert all(e.provenance == {"source": "s", "actor": "test"} for e in history[:4])
+    assert (await db.history(ids[0]))[4].payload == {"columns": {"priority": {"old": 0,
+                                                                             "new": 3}}}
+    assert await db.seal_audit() == 4 * n + 1
+    assert (await db.verify_audit()).ok
+
+
+async def test_no_session_setting_skips_the_audit(db, db_url):
+    """Whatever a session sets animus.audit_mode to, every move is audited once."""
+    for mode in ("statement", "row", "nonsense", ""):
+        created = await db.submit_work(NewWorkItem("t", source="s"))
+        async with db.connection() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('animus.audit_mode', $1, true)", mode)
+            await conn.execute("SELECT 1 FROM animus.cancel($1, 'x')", created.id)
+        assert [e.event for e in await db.history(created.id)] == ["submitted", "cancelled"]
+
+
 async def test_audit_rows_keep_nulls_inside_params_and_outcomes(db):
     """Absent top-level members are left out of an audit row, but params and outcomes are
     recorded exactly as given, nulls nested in them included."""

@@ -62,6 +62,14 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.audit_by_statement(p_rows integer) RETURNS void
+    LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT set_config('animus.audit_mode', CASE WHEN p_rows >= 2 THEN 'statement'
+                                                ELSE 'row' END, true)
+$$;
+
 CREATE FUNCTION animus.audit_log_session_user() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -219,8 +227,10 @@ BEGIN
     END IF;
 
     -- the usual case: every message's item is plainly queued
+    PERFORM animus.audit_by_statement(cardinality(v_ids));
     RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_ids, p_start);
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    PERFORM animus.audit_by_statement(0);
     IF v_claimed = cardinality(v_ids) THEN
         RETURN;
     END IF;
@@ -322,6 +332,7 @@ DECLARE
     v_msgs bigint[];
     bad record;
 BEGIN
+    PERFORM animus.audit_by_statement(cardinality(p_ids));
     WITH x AS (
         SELECT * FROM unnest(p_ids, p_msg_ids, p_leases, p_data, p_duration_ms)
                  AS x(id, msg_id, lease, data, duration_ms)
@@ -337,6 +348,7 @@ BEGIN
     )
     SELECT array_agg(upd.id), array_agg(upd.queue), array_agg(upd.msg_id)
       INTO v_done, v_queues, v_msgs FROM upd;
+    PERFORM animus.audit_by_statement(0);
 
     PERFORM pgmq.archive(t.queue, array_agg(t.msg_id))
        FROM unnest(v_queues, v_msgs) AS t(queue, msg_id) GROUP BY t.queue;
@@ -1572,23 +1584,137 @@ DECLARE
     v_held bool;
 BEGIN
     IF p_item.msg_id IS NOT NULL THEN
-        EXECUTE format('SELECT msg_id FROM pgmq.%I WHERE msg_id = $1 FOR UPDATE SKIP LOCKED',
-                       'q_' || p_item.queue) INTO v_free USING p_item.msg_id;
-        IF v_free IS NULL THEN
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I WHERE msg_id = $1)',
-                           'q_' || p_item.queue) INTO v_held USING p_item.msg_id;
-            IF v_held THEN
-                RETURN;
-            END IF;
+        EXECUTE format($q$
+            UPDATE pgmq.%1$I m SET vt = clock_timestamp()
+             WHERE m.msg_id = (SELECT f.msg_id FROM pgmq.%1$I f WHERE f.msg_id = $1
+                                  FOR UPDATE SKIP LOCKED)
+            RETURNING m.msg_id$q$, 'q_' || p_item.queue) INTO v_free USING p_item.msg_id;
+        IF v_free IS NOT NULL THEN
+            PERFORM pg_notify('animus_work', json_build_object(
+                        'queue', p_item.queue,
+                        'work_types', json_build_array(p_item.work_type))::text);
+            RETURN;
+        END IF;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I WHERE msg_id = $1)',
+                       'q_' || p_item.queue) INTO v_held USING p_item.msg_id;
+        IF v_held THEN  -- an engine is claiming it: the claim finds the item queued
+            RETURN;
         END IF;
     END IF;
-    PERFORM animus.requeue_message(p_item, 0);
-    IF v_free IS NOT NULL THEN  -- requeue_message told nobody: it sent no new message
-        PERFORM pg_notify('animus_work', json_build_object(
-                    'queue', p_item.queue, 'work_types', json_build_array(p_item.work_type))::text);
-    END IF;
+    PERFORM animus.requeue_message(p_item, 0);  -- no message left: a new one
 END
 $_$;
+
+CREATE FUNCTION animus.work_item_updated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_provenance jsonb := JSON_OBJECT('source': NEW.source, 'trigger': NEW.trigger,
+                                      'actor': animus.actor() ABSENT ON NULL RETURNING jsonb);
+    v_from animus.work_state := OLD.state;
+    v_columns jsonb;
+BEGIN
+    IF OLD.state IS DISTINCT FROM NEW.state THEN
+        IF OLD.state = 'queued' AND NEW.state = 'running'
+           AND (NEW.msg_id, NEW.lease) IS DISTINCT FROM (OLD.msg_id, OLD.lease) THEN
+            -- a claim that starts its focus: queued -> claimed, then claimed -> running
+            INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance,
+                                          payload)
+            VALUES (NEW.id, 'claimed', 'queued', 'claimed', v_provenance,
+                    JSON_OBJECT('reason': NEW.reason, 'attempts': OLD.attempts
+                                ABSENT ON NULL RETURNING jsonb));
+            v_from := 'claimed';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM animus.transitions t
+                        WHERE t.from_state = v_from AND t.to_state = NEW.state) THEN
+            PERFORM animus.refuse_transition(NEW.id, v_from, NEW.state);
+        END IF;
+        INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+        VALUES (NEW.id,
+                CASE WHEN v_from = 'running' AND NEW.state = 'waiting' THEN 'suspended'
+                     WHEN v_from = 'waiting' AND NEW.state = 'queued' THEN 'woken'
+                     ELSE NEW.state::text END,
+                v_from, NEW.state, v_provenance,
+                JSON_OBJECT('reason': NEW.reason, 'attempts': NEW.attempts,
+                            'error': CASE WHEN NEW.state IN ('failed', 'dead')
+                                          THEN NEW.outcome_error END,
+                            'outcome': CASE WHEN NEW.state = 'completed'
+                                            THEN NEW.outcome_data END,
+                            'duration_ms': CASE WHEN NEW.state IN ('completed', 'failed',
+                                                                   'waiting')
+                                                THEN NEW.duration_ms END,
+                            'wait': CASE WHEN NEW.state = 'waiting' THEN NEW.wait END,
+                            'wake_at': CASE WHEN NEW.state = 'waiting' THEN NEW.wake_at END,
+                            'suspensions': CASE WHEN NEW.state = 'waiting'
+                                                THEN NEW.suspensions END
+                            ABSENT ON NULL RETURNING jsonb));
+        IF (OLD.work_type, OLD.dedup_key, OLD.params, OLD.source, OLD.trigger, OLD.priority,
+            OLD.queue, OLD.parent_id, OLD.merged_into, OLD.replay_of, OLD.traceparent, OLD.gate,
+            OLD.max_attempts, OLD.created_at, OLD.usage, OLD.cancel_requested)
+           IS NOT DISTINCT FROM
+           (NEW.work_type, NEW.dedup_key, NEW.params, NEW.source, NEW.trigger, NEW.priority,
+            NEW.queue, NEW.parent_id, NEW.merged_into, NEW.replay_of, NEW.traceparent, NEW.gate,
+            NEW.max_attempts, NEW.created_at, NEW.usage, NEW.cancel_requested) THEN
+            RETURN NULL;  -- a move of the state machine, and nothing else
+        END IF;
+    END IF;
+
+    -- A change of anything else is audited as `changed`, with each column's old and new value
+    -- (a move's own columns left out), unless an approval or a cancel request audited it already.
+    SELECT jsonb_object_agg(nc.key, jsonb_build_object('old', oc.value, 'new', nc.value))
+      INTO v_columns
+      FROM jsonb_each(to_jsonb(NEW)) AS nc
+      JOIN jsonb_each(to_jsonb(OLD)) AS oc ON oc.key = nc.key
+     WHERE nc.value IS DISTINCT FROM oc.value
+       AND nc.key <> ALL (CASE WHEN OLD.state = NEW.state THEN ARRAY['updated_at']
+                               ELSE ARRAY['state', 'reason', 'attempts', 'outcome_data',
+                                          'outcome_error', 'duration_ms', 'msg_id', 'lease',
+                                          'resolved_at', 'updated_at', 'wait', 'wake_at',
+                                          'suspensions'] END);
+    IF v_columns IS NULL
+       OR (OLD.state = NEW.state AND EXISTS (
+               SELECT 1 FROM animus.audit_log a
+                WHERE a.work_id = NEW.id AND a.at = now() AND a.db_user = session_user
+                  AND CASE a.event
+                          WHEN 'approval' THEN v_columns - 'reason' = '{}'
+                          WHEN 'cancel_requested' THEN v_columns - 'cancel_requested' = '{}'
+                          ELSE false END)) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
+    VALUES (NEW.id, 'changed', NEW.state, NEW.state, v_provenance,
+            jsonb_build_object('columns', v_columns));
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION animus.work_item_wake_parents() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_parent animus.work_items;
+BEGIN
+    FOR v_parent IN
+        SELECT p.* FROM animus.work_items p
+         WHERE p.id IN (SELECT NEW.parent_id
+                        UNION
+                        SELECT m.parent_id FROM animus.work_items m
+                         WHERE m.merged_into = NEW.id AND m.parent_id IS NOT NULL)
+           AND p.state = 'waiting' AND p.wait->>'kind' = 'children'
+         ORDER BY p.id
+           FOR NO KEY UPDATE OF p
+    LOOP
+        IF NOT animus.children_unfinished(v_parent.wait) THEN
+            UPDATE animus.work_items w
+               SET state = 'queued', updated_at = now(),
+                   reason = format('woken: its %s finished', animus.children_text(w.wait))
+             WHERE w.id = v_parent.id RETURNING w.* INTO v_parent;
+            PERFORM animus.wake_message(v_parent);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
 
 CREATE FUNCTION animus.work_items_inserted() RETURNS trigger
     LANGUAGE plpgsql
@@ -2094,9 +2220,13 @@ CREATE TRIGGER steps_append_only BEFORE UPDATE ON animus.steps FOR EACH ROW EXEC
 
 CREATE TRIGGER steps_no_truncate BEFORE TRUNCATE ON animus.steps FOR EACH STATEMENT EXECUTE FUNCTION animus.refuse_change();
 
+CREATE TRIGGER work_item_audit_update AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.* IS DISTINCT FROM new.*) AND (current_setting('animus.audit_mode'::text, true) IS DISTINCT FROM 'statement'::text))) EXECUTE FUNCTION animus.work_item_updated();
+
+CREATE TRIGGER work_item_wake_parents AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = ANY (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'cancelled'::animus.work_state])) AND (old.state <> ALL (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'cancelled'::animus.work_state])) AND (current_setting('animus.audit_mode'::text, true) IS DISTINCT FROM 'statement'::text))) EXECUTE FUNCTION animus.work_item_wake_parents();
+
 CREATE TRIGGER work_items_audit_insert AFTER INSERT ON animus.work_items REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_inserted();
 
-CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_updated();
+CREATE TRIGGER work_items_audit_update AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT WHEN ((current_setting('animus.audit_mode'::text, true) = 'statement'::text)) EXECUTE FUNCTION animus.work_items_updated();
 
 CREATE TRIGGER work_items_fixed_columns BEFORE UPDATE OF id, requested_by ON animus.work_items FOR EACH ROW WHEN (((old.id IS DISTINCT FROM new.id) OR (old.requested_by IS DISTINCT FROM new.requested_by))) EXECUTE FUNCTION animus.work_items_refuse_rewrite();
 
@@ -2108,7 +2238,7 @@ CREATE TRIGGER work_items_waiting_unqueued AFTER UPDATE ON animus.work_items FOR
 
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
 
-CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION animus.work_items_wake_parents();
+CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT WHEN ((current_setting('animus.audit_mode'::text, true) = 'statement'::text)) EXECUTE FUNCTION animus.work_items_wake_parents();
 
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
@@ -2132,6 +2262,8 @@ ALTER TABLE ONLY animus.work_items
     ADD CONSTRAINT work_items_replay_of_fkey FOREIGN KEY (replay_of) REFERENCES animus.work_items(id);
 
 REVOKE ALL ON FUNCTION animus.add_usage(p_id uuid, p_usage jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.audit_by_statement(p_rows integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.audit_log_session_user() FROM PUBLIC;
 
@@ -2200,6 +2332,10 @@ REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease in
 REVOKE ALL ON FUNCTION animus.timer_woke(p_wait jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_item_updated() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.work_item_wake_parents() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_left_waiting() FROM PUBLIC;
 
