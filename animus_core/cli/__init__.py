@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         pipeline_cmd,
         queue_cmd,
         step_cmd,
+        web_cmd,
         work_cmd,
     )
     from animus_core.faculties.plugins import make_plugin_manager
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (
         engine_cmd, work_cmd, governance_cmd, pipeline_cmd, faculty_cmd, memory_cmd,
-        queue_cmd, db_cmd, audit_cmd, ops_cmd, step_cmd,
+        queue_cmd, db_cmd, audit_cmd, ops_cmd, step_cmd, web_cmd,
     ):
         module.add_commands(sub)
     try:

@@ -172,6 +172,15 @@ BEGIN
 END
 $$;
 GRANT DELETE ON animus.audit_gaps TO animus_operator;
+DO $$
+BEGIN
+    IF to_regclass('animus.console_users') IS NOT NULL THEN  -- from migration 0031 on
+        -- the console's password hashes: for no role (the console reads them as the owner)
+        REVOKE ALL ON animus.console_users FROM animus_reader, animus_submitter,
+            animus_approver, animus_operator, animus_admin;
+    END IF;
+END
+$$;
 
 GRANT DELETE ON animus.work_items, animus.schedule_ticks TO animus_admin;  -- animus purge
 

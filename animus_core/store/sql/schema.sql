@@ -798,6 +798,15 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.notify_changed() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM pg_notify('animus_changed', '');
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION animus.record_execution(p_execution jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -1991,6 +2000,16 @@ CREATE TABLE animus.components (
     installed_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE animus.console_users (
+    name text NOT NULL,
+    role text NOT NULL,
+    password_hash text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_by text DEFAULT SESSION_USER NOT NULL,
+    CONSTRAINT console_users_password_hash_check CHECK ((password_hash ~~ '$argon2id$%'::text)),
+    CONSTRAINT console_users_role_check CHECK ((role = ANY (ARRAY['reader'::text, 'submitter'::text, 'approver'::text, 'operator'::text, 'admin'::text])))
+);
+
 CREATE TABLE animus.environments (
     hash text NOT NULL,
     environment jsonb NOT NULL,
@@ -2122,6 +2141,9 @@ ALTER TABLE ONLY animus.audit_seal
 ALTER TABLE ONLY animus.components
     ADD CONSTRAINT components_pkey PRIMARY KEY (name);
 
+ALTER TABLE ONLY animus.console_users
+    ADD CONSTRAINT console_users_pkey PRIMARY KEY (name);
+
 ALTER TABLE ONLY animus.engines
     ADD CONSTRAINT engines_pkey PRIMARY KEY (id);
 
@@ -2232,6 +2254,8 @@ CREATE TRIGGER work_items_fixed_columns BEFORE UPDATE OF id, requested_by ON ani
 
 CREATE TRIGGER work_items_no_live_delete BEFORE DELETE ON animus.work_items FOR EACH ROW EXECUTE FUNCTION animus.work_items_refuse_delete();
 
+CREATE TRIGGER work_items_notify_changed AFTER INSERT OR UPDATE ON animus.work_items FOR EACH STATEMENT EXECUTE FUNCTION animus.notify_changed();
+
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
 
 CREATE TRIGGER work_items_waiting_unqueued AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = 'waiting'::animus.work_state) AND (old.state <> 'waiting'::animus.work_state) AND (new.wake_at IS NULL) AND (new.msg_id IS NOT NULL))) EXECUTE FUNCTION animus.work_items_waiting_unqueued();
@@ -2300,6 +2324,8 @@ REVOKE ALL ON FUNCTION animus.fail_attempt(p_id uuid, p_msg_id bigint, p_lease i
 REVOKE ALL ON FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.notify_changed() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
 

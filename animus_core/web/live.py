@@ -1,0 +1,148 @@
+"""Live pages: one LISTEN connection for every viewer.
+
+Every transaction that changes work items notifies ``animus_changed`` (migration 0031).
+The hub answers a burst of them with one read of the audit rows since the last it saw, and
+sends each change to every open page over Server-Sent Events; a page updates itself from
+them. However many people watch, the database sees one listener and one read per burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from animus_core.store.db import Db
+from animus_core.values.errors import AnimusError
+
+__all__ = ["CHANNEL", "Hub"]
+
+_log = logging.getLogger("animus.web")
+CHANNEL = "animus_changed"
+#: audit ids a transaction that started earlier may still commit below the newest seen
+_LOOK_BACK = 256
+_CHANGES = """
+    SELECT a.id, a.work_id, a.event, a.from_state, a.to_state, a.db_user, a.at,
+           w.state, w.work_type, w.reason
+      FROM animus.audit_log a JOIN animus.work_items w ON w.id = a.work_id
+     WHERE a.id > $1 ORDER BY a.id LIMIT 2000"""
+_COUNTS = "SELECT state::text, count(*) FROM animus.work_items GROUP BY state"
+
+
+class Hub:
+    def __init__(self, db: Db, *, debounce: float = 0.1) -> None:
+        self.db = db
+        self.debounce = debounce
+        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self._dirty = asyncio.Event()
+        self._last = 0
+        self._seen: deque[int] = deque(maxlen=4 * _LOOK_BACK)
+        self._seen_set: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+        #: the latest changes sent, for a page that subscribes after it was rendered
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=2000)
+        self.reads = 0  # reads of the changes since started (the benchmark counts them)
+
+    async def start(self) -> None:
+        async with self.db.connection() as conn:
+            self._last = await conn.fetchval("SELECT coalesce(max(id), 0) FROM animus.audit_log")
+        self._task = asyncio.create_task(self._run(), name="animus-web-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def viewers(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def latest(self) -> int:
+        """The newest audit row sent: a page rendered now asks for the changes after it."""
+        return self._last
+
+    async def subscribe(self, since: int | None = None) -> AsyncIterator[bytes]:
+        """The events for one page, as Server-Sent Events, with a comment every 15 s:
+        first the changes after audit row ``since`` sent already (those that happened
+        between the page's rendering and its subscription), then each change as it comes."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        try:
+            yield b": connected\n\n"
+            if since is not None:
+                for audit_id, message in list(self._recent):
+                    if audit_id > since:
+                        yield message
+            while True:
+                try:
+                    yield await asyncio.wait_for(queue.get(), 15.0)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+        finally:
+            self._subscribers.discard(queue)
+
+    def _publish(self, kind: str, data: Any, audit_id: int | None = None) -> None:
+        message = b"event: " + kind.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+        if audit_id is not None:
+            self._recent.append((audit_id, message))
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:  # a page that stopped reading: it reloads on reconnect
+                self._subscribers.discard(queue)
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            listener = None
+            try:
+                listener = await self.db.listen({CHANNEL: lambda *_: self._dirty.set()})
+                backoff = 0.5
+                self._dirty.set()  # whatever changed while no one listened
+                lost = asyncio.create_task(listener.wait_lost())
+                try:
+                    while not lost.done():
+                        waiting = asyncio.create_task(self._dirty.wait())
+                        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                        waiting.cancel()
+                        if lost.done():
+                            break
+                        await asyncio.sleep(self.debounce)  # one read for a burst
+                        self._dirty.clear()
+                        await self._read()
+                finally:
+                    lost.cancel()
+            except AnimusError as e:
+                _log.warning("live updates paused, retrying in %.1fs: %s", backoff, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if listener is not None:
+                    await listener.close()
+
+    async def _read(self) -> None:
+        self.reads += 1
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(_CHANGES, max(0, self._last - _LOOK_BACK))
+            counts = {r[0]: r[1] for r in await conn.fetch(_COUNTS)} if rows else None
+        fresh = [r for r in rows if r["id"] not in self._seen_set]
+        for r in fresh:
+            if len(self._seen) == self._seen.maxlen:
+                self._seen_set.discard(self._seen[0])
+            self._seen.append(r["id"])
+            self._seen_set.add(r["id"])
+            self._last = max(self._last, r["id"])
+            self._publish("change", {
+                "id": r["id"], "work_id": str(r["work_id"]), "event": r["event"],
+                "from": r["from_state"], "to": r["to_state"], "by": r["db_user"],
+                "at": r["at"].isoformat(), "state": r["state"], "work_type": r["work_type"],
+                "reason": r["reason"]}, r["id"])
+        if fresh and counts is not None:
+            self._publish("counts", counts)

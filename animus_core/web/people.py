@@ -1,0 +1,149 @@
+"""The console's people: who may sign in, with which animus role, and the database
+connections the console opens as each of them.
+
+Each person is a database login role (a member of ``animus_<role>``): the console connects
+*as* that person, so every query and action runs with the person's rights, checked by the
+database, and the audit records the person (``session_user``, which ``SET ROLE`` would not
+change). The role's database password is derived from the console's secret and the name
+(HMAC-SHA256), so nothing but the secret needs keeping; the password a person types is
+checked against an argon2id hash in ``animus.console_users``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from datetime import datetime
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import msgspec
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from animus_core.store.db import Db
+from animus_core.store.roles import add_user, setup_roles
+from animus_core.values.errors import InvalidInput
+from animus_core.values.roles import ROLES
+
+__all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "list_people", "person_url",
+           "remove_person"]
+
+MIN_PASSWORD = 12
+_hasher = PasswordHasher()  # argon2id, memory-hard (64 MiB, 3 passes)
+#: checked when the name is unknown, so that a wrong name takes as long as a wrong password
+_DUMMY = _hasher.hash("not a password of anyone")
+
+
+class Person(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    role: str
+    created_at: datetime | None = None
+    created_by: str | None = None
+
+    def may(self, action: str) -> bool:
+        """Whether the console offers ``action`` to this person. The database has the last
+        word: an action offered here runs as the person, and is refused there if their role
+        may not."""
+        allowed = {"reader": set(), "submitter": {"signal", "submit"},
+                   "approver": {"decide"}, "operator": {"signal", "submit", "cancel", "retry"},
+                   "admin": {"signal", "submit", "cancel", "retry", "decide"}}
+        return action in allowed.get(self.role, set())
+
+
+def db_password(secret: bytes, name: str) -> str:
+    """The database password of ``name``'s login role, derived from the console's secret."""
+    return hmac.new(secret, b"animus-console-db:" + name.encode(), hashlib.sha256).hexdigest()
+
+
+def person_url(url: str, secret: bytes, name: str) -> str:
+    """``url`` (the console's database) as ``name``'s login role, with its derived password."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{quote(name, safe='')}:{db_password(secret, name)}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def add_person(db: Db, secret: bytes, name: str, role: str, password: str) -> Person:
+    """Create or update the sign-in of ``name`` with ``role`` (one of the animus roles): its
+    login role, member of ``animus_<role>`` only, and its password's hash. The animus roles
+    are set up first if they are missing."""
+    if role not in ROLES:
+        raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if len(password) < MIN_PASSWORD:
+        raise InvalidInput(f"a console password has at least {MIN_PASSWORD} characters")
+    hashed = await asyncio.to_thread(_hasher.hash, password)
+    async with db.connection() as conn:
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", f"animus_{role}"):
+            await setup_roles(conn)  # as `animus roles setup` would
+    async with db.connection() as conn, conn.transaction():
+        await add_user(conn, name, role, db_password(secret, name))
+        for other in ROLES:  # one role: a person moved to another role leaves the first
+            if other != role:
+                await conn.execute(f'REVOKE animus_{other} FROM "{name}"')
+        row = await conn.fetchrow(
+            """INSERT INTO animus.console_users (name, role, password_hash) VALUES ($1, $2, $3)
+               ON CONFLICT (name) DO UPDATE SET role = $2, password_hash = $3
+               RETURNING name, role, created_at, created_by""", name, role, hashed)
+    return Person(**dict(row))
+
+
+async def list_people(db: Db) -> list[Person]:
+    async with db.connection() as conn:
+        rows = await conn.fetch("SELECT name, role, created_at, created_by "
+                                "FROM animus.console_users ORDER BY name")
+    return [Person(**dict(r)) for r in rows]
+
+
+async def remove_person(db: Db, name: str) -> bool:
+    """Remove the sign-in (the login role stays, with its audit history: `animus roles
+    remove-user` drops it)."""
+    async with db.connection() as conn:
+        done: str = await conn.execute("DELETE FROM animus.console_users WHERE name = $1", name)
+    return done != "DELETE 0"
+
+
+class People:
+    """Sign-in checks, and a small pool of connections per person signed in."""
+
+    def __init__(self, service: Db, url: str, secret: bytes) -> None:
+        self.service = service  # the console's own connection: sign-ins, the live feed
+        self.url = url
+        self.secret = secret
+        self._dbs: dict[str, Db] = {}
+        self._lock = asyncio.Lock()
+
+    async def check(self, name: str, password: str) -> Person | None:
+        """The person, if ``password`` is theirs."""
+        async with self.service.connection() as conn:
+            row = await conn.fetchrow("SELECT name, role, password_hash FROM animus.console_users "
+                                      "WHERE name = $1", name)
+        hashed = row["password_hash"] if row else _DUMMY
+        try:
+            await asyncio.to_thread(_hasher.verify, hashed, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return Person(name=row["name"], role=row["role"]) if row else None
+
+    async def person(self, name: str) -> Person | None:
+        """The person signed in as ``name``, as they are now (None once removed)."""
+        async with self.service.connection() as conn:
+            row = await conn.fetchrow("SELECT name, role FROM animus.console_users "
+                                      "WHERE name = $1", name)
+        return Person(name=row["name"], role=row["role"]) if row else None
+
+    async def db(self, person: Person) -> Db:
+        """A connection pool that is ``person`` in the database."""
+        db = self._dbs.get(person.name)
+        if db is not None:
+            return db
+        async with self._lock:
+            if person.name not in self._dbs:
+                self._dbs[person.name] = await Db.connect(
+                    person_url(self.url, self.secret, person.name), min_size=0, max_size=2,
+                    actor=f"web:{person.name}")
+            return self._dbs[person.name]
+
+    async def close(self) -> None:
+        dbs, self._dbs = list(self._dbs.values()), {}
+        await asyncio.gather(*(db.close() for db in dbs), return_exceptions=True)

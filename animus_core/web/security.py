@@ -1,0 +1,88 @@
+"""The console's secret, its CSRF tokens and its limit on sign-in attempts."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+from collections import deque
+from pathlib import Path
+
+from animus_core.infra.config import Settings
+from animus_core.values.errors import ConfigError
+
+__all__ = ["LoginLimiter", "console_secret", "csrf_ok", "new_csrf"]
+
+SECRET_ENV = "ANIMUS_WEB_SECRET"
+
+
+def console_secret(settings: Settings, env: dict[str, str] | None = None) -> bytes:
+    """``ANIMUS_WEB_SECRET``, or the secret in ``$ANIMUS_HOME/web-secret`` (made, readable
+    by its owner only, on first use). It signs the session cookies and derives the people's
+    database passwords: the console and ``animus web user add`` must share it."""
+    env = dict(os.environ) if env is None else env
+    given = env.get(SECRET_ENV)
+    if given:
+        if len(given) < 32:
+            raise ConfigError(f"{SECRET_ENV} must be at least 32 characters (`openssl rand "
+                              "-hex 32` makes one)")
+        return given.encode()
+    path = Path(settings.home) / "web-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    text = path.read_text().strip()
+    if len(text) < 32:
+        raise ConfigError(f"{path}: the console's secret is too short; delete the file to make "
+                          "a new one (then add the console's people again)")
+    return text.encode()
+
+
+def new_csrf() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def csrf_ok(expected: object, given: object) -> bool:
+    return (isinstance(expected, str) and isinstance(given, str) and bool(expected)
+            and hmac.compare_digest(expected.encode(), given.encode()))
+
+
+class LoginLimiter:
+    """At most ``attempts`` failed sign-ins per name, and ``per_client`` per client address
+    (people behind one proxy share one), within ``window`` seconds; a success forgets the
+    name's failures."""
+
+    def __init__(self, attempts: int = 5, window: float = 300.0, per_client: int = 20) -> None:
+        self.attempts = attempts
+        self.per_client = per_client
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, name: str, client: str) -> float:
+        """Seconds until another attempt is allowed (0: allowed now)."""
+        now = time.monotonic()
+        waits = [0.0]
+        for key, limit in ((f"name:{name}", self.attempts),
+                           (f"client:{client}", self.per_client)):
+            times = self._failures.get(key)
+            if times is None:
+                continue
+            while times and now - times[0] > self.window:
+                times.popleft()
+            if len(times) >= limit:
+                waits.append(self.window - (now - times[0]))
+        return max(waits)
+
+    def failed(self, name: str, client: str) -> None:
+        now = time.monotonic()
+        for key in (f"name:{name}", f"client:{client}"):
+            self._failures.setdefault(key, deque()).append(now)
+        if len(self._failures) > 100_000:  # forget the oldest rather than grow forever
+            for key in list(self._failures)[:50_000]:
+                del self._failures[key]
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(f"name:{name}", None)

@@ -1,0 +1,57 @@
+// Live pages: one EventSource per page; the server sends each change to work items.
+// Values are put into the page as text, never as HTML.
+"use strict";
+(function () {
+  const live = document.body.dataset.live;
+  if (!live) return;
+  // the changes since this page was rendered, then each as it comes
+  const source = new EventSource("/events?since=" + encodeURIComponent(document.body.dataset.since));
+  let refreshTimer = null;
+
+  // The item page again, rendered (and escaped) by the server, in place of this one's,
+  // unless the person is typing into one of its forms.
+  function refreshItem() {
+    const item = document.getElementById("item");
+    const typing = item.contains(document.activeElement) &&
+      document.activeElement.matches("input, textarea, select");
+    if (typing) return;
+    fetch(item.dataset.src, {credentials: "same-origin"})
+      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (html) {
+        if (html === null) return;
+        const fresh = new DOMParser().parseFromString(html, "text/html").getElementById("item");
+        if (fresh) item.replaceWith(document.adoptNode(fresh));
+      });
+  }
+
+  function setState(el, state) {
+    el.textContent = state;
+    el.className = el.className.replace(/\bstate-\S+/g, "").trim() + " state-" + state;
+  }
+
+  source.addEventListener("change", function (event) {
+    const c = JSON.parse(event.data);
+    if (live === "work-item") {
+      const item = document.getElementById("item");
+      if (item && item.dataset.id === c.work_id) {
+        setState(document.getElementById("state"), c.state);
+        clearTimeout(refreshTimer);  // one fetch for a burst of changes
+        refreshTimer = setTimeout(refreshItem, 150);
+      }
+    } else if (live === "work-list") {
+      const row = document.querySelector('tr[data-id="' + CSS.escape(c.work_id) + '"]');
+      if (row) {
+        setState(row.querySelector(".state"), c.state);
+        row.querySelector(".reason").textContent = c.reason || "";
+      }
+    }
+  });
+
+  source.addEventListener("counts", function (event) {
+    if (live !== "overview") return;
+    const counts = JSON.parse(event.data);
+    document.querySelectorAll("[id^=count-]").forEach(function (el) {
+      el.textContent = counts[el.id.slice(6)] || 0;
+    });
+  });
+})();

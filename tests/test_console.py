@@ -1,0 +1,366 @@
+"""The web console (docs/console.md) in a real headless browser: Debian's chromium driven by
+Playwright, the console a real ``animus web`` process, the engine a real engine, all on the
+embedded Postgres.
+
+Screenshots of the main pages are saved under ``$ANIMUS_SCREENSHOTS`` (default: the test's
+temporary directory); ``ANIMUS_SCREENSHOTS=docs/images`` refreshes the documentation's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from uuid import UUID
+
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+
+from animus_core import Db, Faculty, Focus, NewWorkItem
+from animus_core.store.roles import setup_roles
+from animus_core.values.errors import PermissionDenied
+from animus_core.web import LoginLimiter, add_person
+from animus_core.web.people import person_url
+from tests.conftest import TEMPLATE, scratch_database
+from tests.engine_helpers import run_engine, wait_finished, wait_until
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+#: as root, headless, and nothing that reaches for the network
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+SECRET = "console-test-secret-" + "0123456789abcdef" * 2
+PASSWORD = "correct horse battery staple"
+#: database login roles are the server's, not one database's: names of this module's own
+ALICE, BOB, OLGA, ADA = "console_alice", "console_bob", "console_olga", "console_ada"
+
+if not Path(CHROMIUM).exists():  # .ci/run installs it; without it these tests cannot run
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+class Slow(Faculty):
+    name = "console-slow"
+    accepts = ("console.slow",)
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return {"done": True}
+
+
+class Waits(Faculty):
+    name = "console-waits"
+    accepts = ("console.wait",)
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        return {"got": await focus.wait_for("go")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = os.environ.get("ANIMUS_SCREENSHOTS")
+    path = Path(where) if where else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+async def console_db(server_url: str, template_url: str) -> AsyncIterator[tuple[str, Db]]:
+    async with scratch_database(server_url, template=TEMPLATE) as url:
+        db = await Db.connect(url, max_size=10, actor="test")
+        try:
+            for name, role in ((ALICE, "approver"), (BOB, "reader"), (OLGA, "operator"),
+                               (ADA, "admin")):
+                await add_person(db, SECRET.encode(), name, role, PASSWORD)
+            yield url, db
+        finally:
+            await db.close()
+
+
+def start_console(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "animus_core", "web", "--bind",
+                                 f"127.0.0.1:{port}"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+async def console(console_db: tuple[str, Db], animus_home: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """``animus web`` on a free port: its base URL."""
+    url, _db = console_db
+    port = free_port()
+    log = tmp_path_factory.mktemp("console") / "web.log"
+    env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(animus_home),
+           "ANIMUS_WEB_SECRET": SECRET}
+    proc = start_console(env, port, log)
+    base = f"http://127.0.0.1:{port}"
+
+    async def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(OSError):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return True
+        return False
+
+    try:
+        await wait_until(up, 30, interval=0.1, message="the console to listen")
+        yield base
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@contextlib.asynccontextmanager
+async def signed_in(browser: Browser, base: str, name: str) -> AsyncIterator[Page]:
+    context: BrowserContext = await browser.new_context(base_url=base)
+    try:
+        page = await context.new_page()
+        await page.goto("/login")
+        await page.fill("input[name=name]", name)
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("form.login button")
+        await expect(page.locator("#who")).to_contain_text(name)
+        yield page
+    finally:
+        await context.close()
+
+
+async def person_db(url: str, name: str) -> Db:
+    """A connection that is ``name`` in the database, as the console opens it."""
+    return await Db.connect(person_url(url, SECRET.encode(), name), max_size=2,
+                            actor=f"test:{name}")
+
+
+async def test_every_page_needs_a_sign_in_but_health(browser: Browser, console: str) -> None:
+    context = await browser.new_context(base_url=console)
+    try:
+        page = await context.new_page()
+        for path in ("/", "/work", "/approvals"):
+            await page.goto(path)
+            assert page.url.startswith(f"{console}/login?next=")
+        health = await page.request.get("/healthz")
+        assert health.ok
+        assert (await health.json())["ok"] is True
+        events = await page.request.get("/events")
+        assert events.status == 401
+        await page.goto("/login")
+        await page.fill("input[name=name]", ALICE)
+        await page.fill("input[name=password]", "not the password at all")
+        await page.click("form.login button")
+        await expect(page.locator(".flash")).to_have_text("wrong name or password")
+    finally:
+        await context.close()
+
+
+async def test_sign_in_attempts_are_limited(browser: Browser, console: str) -> None:
+    context = await browser.new_context(base_url=console)
+    try:
+        page = await context.new_page()
+        await page.goto("/login")
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value") or ""
+        statuses = []
+        for _ in range(6):
+            r = await page.request.post("/login", form={"name": "console_nobody", "csrf": csrf,
+                                                         "password": "wrong wrong wrong"})
+            statuses.append(r.status)
+        assert statuses == [401] * 5 + [429]  # the name's limit (the client's is higher)
+    finally:
+        await context.close()
+
+
+def test_the_limiter_counts_per_name_and_per_client() -> None:
+    limiter = LoginLimiter(attempts=2, window=60, per_client=3)
+    limiter.failed("a", "1.1.1.1")
+    assert limiter.retry_after("a", "2.2.2.2") == 0
+    limiter.failed("a", "2.2.2.2")
+    assert limiter.retry_after("a", "3.3.3.3") > 0  # the name: two failures
+    assert limiter.retry_after("b", "3.3.3.3") == 0
+    limiter.succeeded("a")
+    assert limiter.retry_after("a", "3.3.3.3") == 0
+    limiter.failed("c", "1.1.1.1")
+    limiter.failed("d", "1.1.1.1")
+    assert limiter.retry_after("e", "1.1.1.1") > 0  # the client: three failures
+    assert limiter.retry_after("e", "4.4.4.4") == 0
+
+
+async def test_watch_an_item_run_to_completion_without_reloading(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        screenshots: Path) -> None:
+    url, db = console_db
+    created = await db.submit_work(NewWorkItem("console.slow", source="test").params({"n": 1}))
+    async with signed_in(browser, console, ALICE) as page:
+        await page.goto(f"/work/{created.id}")
+        await expect(page.locator("#state")).to_have_text("queued")
+        loaded = await page.evaluate("performance.timeOrigin")
+        async with run_engine(url, animus_home, faculties=[Slow()]):
+            await wait_finished(db, created.id)
+            await expect(page.locator("#state")).to_have_text("completed", timeout=10_000)
+            await expect(page.locator("#timeline")).to_contain_text("running → completed")
+        assert await page.evaluate("performance.timeOrigin") == loaded  # never reloaded
+        await page.screenshot(path=str(screenshots / "console-item.png"), full_page=True)
+        await page.goto("/work")
+        await expect(page.locator(f'tr[data-id="{created.id}"] .state')).to_have_text("completed")
+        await page.screenshot(path=str(screenshots / "console-work.png"), full_page=True)
+        await page.goto("/")
+        await page.screenshot(path=str(screenshots / "console-overview.png"), full_page=True)
+
+
+async def test_approve_another_persons_item_but_never_your_own(
+        browser: Browser, console: str, console_db: tuple[str, Db], screenshots: Path) -> None:
+    url, db = console_db
+    theirs = await db.submit_gated(NewWorkItem("console.gated", source="test"),
+                                   "approver", 1, "needs a look")
+    ada = await person_db(url, ADA)
+    try:
+        own = await ada.submit_gated(NewWorkItem("console.gated", source="ada"),
+                                     "approver", 1, "ada's own")
+    finally:
+        await ada.close()
+    async with signed_in(browser, console, ALICE) as page:
+        await page.goto("/approvals")
+        await expect(page.locator(f'section[data-id="{theirs.id}"]')).to_be_visible()
+        await page.screenshot(path=str(screenshots / "console-approvals.png"), full_page=True)
+        box = page.locator(f'section[data-id="{theirs.id}"]')
+        await box.locator("input[name=reason]").fill("looks right")
+        await box.locator("button[value=approve]").click()
+        await expect(page.locator(".flash")).to_contain_text(f"approved {theirs.id}: now queued")
+    approvals = await db.approvals(theirs.id)
+    assert [(a["approver"], a["decision"], a["reason"]) for a in approvals] == [
+        (ALICE, "approve", "looks right")]
+    async with signed_in(browser, console, ADA) as page:
+        await page.goto(f"/work/{own.id}")
+        decide = page.locator("form[action$='/decide']")
+        await decide.locator("input[name=reason]").fill("mine is fine")
+        await decide.locator("button[value=approve]").click()
+        await expect(page.locator(".flash")).to_contain_text("refused:")
+        await expect(page.locator("#state")).to_have_text("awaiting_approval")
+    assert await db.approvals(own.id) == []
+    assert (await db.get_work_item(own.id)).state == "awaiting_approval"
+
+
+async def test_a_reader_sees_no_action_and_the_database_refuses_a_forged_one(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    _url, db = console_db
+    gated = await db.submit_gated(NewWorkItem("console.gated", source="test"),
+                                  "approver", 1, "readers only look")
+    async with signed_in(browser, console, BOB) as page:
+        await page.goto(f"/work/{gated.id}")
+        await expect(page.locator("#state")).to_have_text("awaiting_approval")
+        assert await page.locator("form[action$='/decide']").count() == 0
+        assert await page.locator("form[action$='/cancel']").count() == 0
+        await page.goto("/approvals")
+        assert await page.locator("button[value=approve]").count() == 0
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value")
+        assert csrf
+        forged = await page.request.post(f"/work/{gated.id}/decide", form={
+            "csrf": csrf, "decision": "approve", "reason": "forged", "back": "/approvals"})
+        assert forged.ok  # followed to the page, which says the database refused
+        assert "refused:" in await forged.text()
+    assert await db.approvals(gated.id) == []
+    assert (await db.get_work_item(gated.id)).state == "awaiting_approval"
+
+
+async def test_a_state_change_without_the_csrf_token_is_refused(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    _url, db = console_db
+    gated = await db.submit_gated(NewWorkItem("console.gated", source="test"),
+                                  "approver", 1, "csrf")
+    async with signed_in(browser, console, ALICE) as page:
+        forms: list[dict[str, str | float | bool]] = [
+            {"decision": "approve", "reason": "no token"},
+            {"decision": "approve", "reason": "bad token", "csrf": "x" * 43}]
+        for form in forms:
+            r = await page.request.post(f"/work/{gated.id}/decide", form=form)
+            assert r.status == 403
+            assert "CSRF" in await r.text()
+        get = await page.request.get(f"/work/{gated.id}/decide")  # and never on a GET
+        assert get.status == 405
+    assert await db.approvals(gated.id) == []
+
+
+async def test_markup_in_params_is_shown_as_text(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    _url, db = console_db
+    evil = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+    created = await db.submit_work(NewWorkItem("console.evil", source=evil).params({"x": evil}))
+    async with signed_in(browser, console, ALICE) as page:
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: dialogs.append(d.message))
+        await page.goto(f"/work/{created.id}")
+        await expect(page.locator("pre").first).to_contain_text(evil.replace('"', '\\"'))
+        await page.goto(f"/work?source={quote(evil)}")
+        await expect(page.locator(f'tr[data-id="{created.id}"]')).to_contain_text(evil)
+        assert await page.evaluate("window.pwned") is None
+        assert await page.locator("img[src=x]").count() == 0
+        assert dialogs == []
+
+
+async def test_signal_a_waiting_item_and_watch_it_resume(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path) -> None:
+    url, db = console_db
+    created = await db.submit_work(NewWorkItem("console.wait", source="test"))
+    async with run_engine(url, animus_home, faculties=[Waits()]):
+        await wait_until(lambda: _state(db, created.id, "waiting"), 15,
+                         message="the item to wait")
+        async with signed_in(browser, console, OLGA) as page:
+            await page.goto(f"/work/{created.id}")
+            await expect(page.locator("#state")).to_have_text("waiting")
+            await page.locator("input[name=event]").fill("go")
+            await page.locator("input[name=data]").fill('{"from": "the console"}')
+            await page.locator("form[action$='/signal'] button").click()
+            await expect(page.locator(".flash")).to_contain_text("it woke the item")
+            await expect(page.locator("#state")).to_have_text("completed", timeout=10_000)
+    done = await db.get_work_item(created.id)
+    assert done.outcome.data == {"got": {"from": "the console"}}
+    signalled = [e for e in await db.history(created.id) if e.event == "signal"]
+    assert [e.db_user for e in signalled] == [OLGA]
+
+
+async def _state(db: Db, wid: UUID, state: str) -> bool:
+    return (await db.get_work_item(wid)).state == state
+
+
+async def test_no_animus_role_reads_the_password_hashes(console_db: tuple[str, Db]) -> None:
+    """`animus roles setup` grants readers every table of the schema: never this one."""
+    url, db = console_db
+    async with db.connection() as conn:
+        await setup_roles(conn)  # again, after the console's table exists
+    for name in (BOB, ADA):
+        person = await person_db(url, name)
+        try:
+            with pytest.raises(PermissionDenied):
+                async with person.connection() as conn:
+                    await conn.fetch("SELECT password_hash FROM animus.console_users")
+        finally:
+            await person.close()
