@@ -33,6 +33,7 @@ DOCKER = ROOT / "docker"
 #: the README's Appliance section (and Postgres's usual 5432): service -> published ports.
 SERVICES = {
     "animus": set(),
+    "console": {8480},
     "postgres": {5432},
     "otel-collector": {4317, 4318},
     "tempo": {3200},
@@ -113,7 +114,7 @@ def depends_on(service: dict[str, Any]) -> dict[str, str]:
 # -- compose files ------------------------------------------------------------------------------
 
 
-def test_compose_runs_exactly_the_seven_services_on_their_ports(compose):
+def test_compose_runs_exactly_the_eight_services_on_their_ports(compose):
     services = compose["services"]
     assert set(services) == set(SERVICES)
     for name, expected in SERVICES.items():
@@ -573,7 +574,7 @@ def test_readme_lists_the_services_and_ports_of_the_compose_file(compose):
     table = {name: {int(p) for p in re.findall(r"\d+", ports_text)}
              for name, ports_text in rows if name not in ("service", "---")}
     assert table == {name: set(ports(s)) for name, s in compose["services"].items()}
-    flat = " ".join(section.split()).replace("seven services", "7 services")
+    flat = " ".join(section.split()).replace("eight services", "8 services")
     assert f"{len(compose['services'])} services" in flat
 
 

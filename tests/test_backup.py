@@ -47,7 +47,9 @@ SNAPSHOT = {
     "q_work": "SELECT msg_id, read_ct, vt, message::text FROM pgmq.q_work ORDER BY msg_id",
     "a_work": "SELECT msg_id, archived_at, message::text FROM pgmq.a_work ORDER BY msg_id",
     "q_side": "SELECT msg_id, message::text FROM pgmq.q_side ORDER BY msg_id",
-    "privileges": """SELECT c.relname, c.relrowsecurity, c.relacl::text FROM pg_class c
+    # no ACL and the owner's default one are the same privileges (a dump writes neither)
+    "privileges": """SELECT c.relname, c.relrowsecurity,
+                            coalesce(c.relacl, acldefault('r', c.relowner))::text FROM pg_class c
                        JOIN pg_namespace n ON n.oid = c.relnamespace
                       WHERE n.nspname = 'animus' AND c.relkind = 'r' ORDER BY 1""",
     "policies": "SELECT tablename, policyname, cmd, roles::text FROM pg_policies ORDER BY 1, 2",

@@ -13,13 +13,14 @@ from animus_core.infra.config import Settings
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
 
-DEFAULT_BIND = "127.0.0.1:8480"
+DEFAULT_PORT = 8480
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     web = sub.add_parser("web", help="serve the web console (see docs/console.md)")
     web.add_argument("--bind", default=None, metavar="HOST:PORT",
-                     help=f"where to listen (default: $ANIMUS_BIND, else {DEFAULT_BIND})")
+                     help=f"where to listen (default: the address $ANIMUS_BIND, else "
+                          f"127.0.0.1, port {DEFAULT_PORT})")
     web.add_argument("--secure-cookies", action="store_true",
                      help="send the session cookie over HTTPS only (behind a TLS proxy)")
     web.set_defaults(handler=web_serve)
@@ -46,15 +47,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def parse_bind(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"--bind {text!r}: give HOST:PORT, such as {DEFAULT_BIND} or "
-                           "0.0.0.0:8480")
+        raise InvalidInput(f"--bind {text!r}: give HOST:PORT, such as 127.0.0.1:{DEFAULT_PORT} "
+                           f"or 0.0.0.0:{DEFAULT_PORT}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
 async def web_serve(args: argparse.Namespace) -> int:
     from animus_core.web import console_app, console_secret, serve
 
-    host, port = parse_bind(args.bind or os.environ.get("ANIMUS_BIND") or DEFAULT_BIND)
+    address = os.environ.get("ANIMUS_BIND") or "127.0.0.1"  # as the compose files read it
+    host, port = parse_bind(args.bind or f"{address}:{DEFAULT_PORT}")
     settings = Settings.from_env()
     secret = console_secret(settings)
     async with await cli_animus(pool_size=4, actor="web").open_db() as db:
