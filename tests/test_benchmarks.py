@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_rate, bench_waits
+from benchmarks import bench_console, bench_rate, bench_waits
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -62,6 +62,24 @@ async def test_the_waiting_benchmark_runs_in_its_quick_mode(server_url, monkeypa
     assert "QUICK smoke run" in text
     assert "load avg" in text
     json.dumps(report)  # the --json output
+
+
+async def test_the_console_benchmark_runs_in_its_quick_mode(server_url, monkeypatch):
+    """bench_console --quick end to end: a real `animus web` over a few thousand items, a
+    signed-in client fetching every page, viewers on the live feed (figures too small to
+    judge by, but every one of them there)."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    cfg = bench_console.Config.small()
+    report = await bench_console.run(cfg, "animus_bench_console_smoke")
+    render, viewers = report["sections"]["render"], report["sections"]["viewers"]
+    assert all(c["value"] is not None and c["value"] > 0 for c in render["checks"])
+    by_label = {c["label"]: c for c in viewers["checks"]}
+    assert by_label["LISTEN connections with viewers"]["value"] == 1
+    assert by_label["transactions/s with viewers / without"]["value"] is not None
+    events = [r for r in viewers["results"] if r["label"].startswith("change events")]
+    assert events[0]["value"] > 0  # the viewers saw the writer's changes
+    assert "load avg" in bench_console.render(report)
+    json.dumps(report)
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--window", "0"], ["--database", "Bad-Name"]])

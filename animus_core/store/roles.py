@@ -27,7 +27,8 @@ import msgspec
 from animus_core.values.errors import ConfigError, InvalidInput
 from animus_core.values.roles import ROLES
 
-__all__ = ["ROLES", "RoleMember", "add_user", "members", "remove_user", "setup_roles"]
+__all__ = ["ROLES", "RoleMember", "add_user", "members", "remove_user", "set_only_role",
+           "setup_roles"]
 
 
 def check_gate_role(role: str, where: str) -> None:
@@ -224,6 +225,19 @@ async def add_user(conn: Any, name: str, role: str, password: str | None = None)
         if password is not None:
             await conn.execute(f"ALTER ROLE \"{name}\" PASSWORD {_literal(password)}")
         await conn.execute(f'GRANT animus_{role} TO "{name}"')
+
+
+async def set_only_role(conn: Any, name: str, role: str, password: str) -> None:
+    """Make ``name`` a login role with ``password`` that is a member of ``animus_<role>`` and
+    of no other animus role (setting the roles up first if they are missing), in one
+    transaction."""
+    if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", f"animus_{role}"):
+        await setup_roles(conn)
+    async with conn.transaction():
+        await add_user(conn, name, role, password)
+        for other in ROLES:
+            if other != role:
+                await conn.execute(f'REVOKE animus_{other} FROM "{name}"')
 
 
 def _literal(text: str) -> str:

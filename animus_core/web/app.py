@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from animus_core.store import read
+from animus_core.store import console, read
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError, InvalidInput, WorkNotFound
 from animus_core.values.states import State
@@ -118,8 +118,7 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
 
     async def healthz(_request: Request) -> Response:
         try:
-            async with service.connection() as conn:
-                await conn.fetchval("SELECT 1")
+            await console.audit_extent(service)
         except AnimusError as e:
             return JSONResponse({"ok": False, "database": str(e)}, status_code=503)
         return JSONResponse({"ok": True, "viewers": hub.viewers})
@@ -159,14 +158,12 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         db = await people.db(person)
         status = await read.status(db, dead_letters=10, waiting=10)
         pending = await read.pending_approvals(db, limit=20)
-        async with db.connection() as conn:
-            counts = {r[0]: r[1] for r in await conn.fetch(
-                "SELECT state::text, count(*) FROM animus.work_items GROUP BY state")}
-            audit = await conn.fetchrow(
-                "SELECT (SELECT count(*) FROM animus.audit_log) AS rows, "
-                "(SELECT max(audit_id) FROM animus.audit_seal) AS sealed_to")
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        newest, sealed = await console.audit_extent(db)
         return page("overview.html", request, person, status=status, pending=pending,
-                    counts=counts, states=[s.value for s in State], audit=audit)
+                    counts=await console.live_counts(db), live_states=console.LIVE_STATES,
+                    finished=await console.finished_since(db, hour_ago),
+                    audit_newest=newest, audit_sealed=sealed)
 
     async def work_list(request: Request, person: Person) -> Response:
         q = request.query_params

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from animus_core.store.console import audit_extent, changes_after, live_counts
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 
@@ -26,12 +27,6 @@ _log = logging.getLogger("animus.web")
 CHANNEL = "animus_changed"
 #: audit ids a transaction that started earlier may still commit below the newest seen
 _LOOK_BACK = 256
-_CHANGES = """
-    SELECT a.id, a.work_id, a.event, a.from_state, a.to_state, a.db_user, a.at,
-           w.state, w.work_type, w.reason
-      FROM animus.audit_log a JOIN animus.work_items w ON w.id = a.work_id
-     WHERE a.id > $1 ORDER BY a.id LIMIT 2000"""
-_COUNTS = "SELECT state::text, count(*) FROM animus.work_items GROUP BY state"
 
 
 class Hub:
@@ -49,8 +44,7 @@ class Hub:
         self.reads = 0  # reads of the changes since started (the benchmark counts them)
 
     async def start(self) -> None:
-        async with self.db.connection() as conn:
-            self._last = await conn.fetchval("SELECT coalesce(max(id), 0) FROM animus.audit_log")
+        self._last = (await audit_extent(self.db))[0]
         self._task = asyncio.create_task(self._run(), name="animus-web-hub")
 
     async def stop(self) -> None:
@@ -129,20 +123,17 @@ class Hub:
 
     async def _read(self) -> None:
         self.reads += 1
-        async with self.db.connection() as conn:
-            rows = await conn.fetch(_CHANGES, max(0, self._last - _LOOK_BACK))
-            counts = {r[0]: r[1] for r in await conn.fetch(_COUNTS)} if rows else None
-        fresh = [r for r in rows if r["id"] not in self._seen_set]
-        for r in fresh:
+        rows = await changes_after(self.db, max(0, self._last - _LOOK_BACK))
+        fresh = [c for c in rows if c.id not in self._seen_set]
+        for c in fresh:
             if len(self._seen) == self._seen.maxlen:
                 self._seen_set.discard(self._seen[0])
-            self._seen.append(r["id"])
-            self._seen_set.add(r["id"])
-            self._last = max(self._last, r["id"])
+            self._seen.append(c.id)
+            self._seen_set.add(c.id)
+            self._last = max(self._last, c.id)
             self._publish("change", {
-                "id": r["id"], "work_id": str(r["work_id"]), "event": r["event"],
-                "from": r["from_state"], "to": r["to_state"], "by": r["db_user"],
-                "at": r["at"].isoformat(), "state": r["state"], "work_type": r["work_type"],
-                "reason": r["reason"]}, r["id"])
-        if fresh and counts is not None:
-            self._publish("counts", counts)
+                "id": c.id, "work_id": str(c.work_id), "event": c.event, "from": c.from_state,
+                "to": c.to_state, "by": c.db_user, "at": c.at.isoformat(), "state": c.state,
+                "work_type": c.work_type, "reason": c.reason}, c.id)
+        if fresh:  # the counts of the live states: an index range, once for every viewer
+            self._publish("counts", await live_counts(self.db))

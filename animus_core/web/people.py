@@ -14,15 +14,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from datetime import datetime
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from animus_core.store.console import (
+    ConsoleUser,
+    console_password_hash,
+    list_console_users,
+    remove_console_user,
+    save_console_user,
+)
 from animus_core.store.db import Db
-from animus_core.store.roles import add_user, setup_roles
+from animus_core.store.roles import set_only_role
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
 
@@ -35,11 +41,8 @@ _hasher = PasswordHasher()  # argon2id, memory-hard (64 MiB, 3 passes)
 _DUMMY = _hasher.hash("not a password of anyone")
 
 
-class Person(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    role: str
-    created_at: datetime | None = None
-    created_by: str | None = None
+class Person(ConsoleUser, frozen=True, kw_only=True):
+    """Someone who may sign in: their name (also their database login role) and role."""
 
     def may(self, action: str) -> bool:
         """Whether the console offers ``action`` to this person. The database has the last
@@ -73,34 +76,20 @@ async def add_person(db: Db, secret: bytes, name: str, role: str, password: str)
     if len(password) < MIN_PASSWORD:
         raise InvalidInput(f"a console password has at least {MIN_PASSWORD} characters")
     hashed = await asyncio.to_thread(_hasher.hash, password)
-    async with db.connection() as conn:
-        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", f"animus_{role}"):
-            await setup_roles(conn)  # as `animus roles setup` would
     async with db.connection() as conn, conn.transaction():
-        await add_user(conn, name, role, db_password(secret, name))
-        for other in ROLES:  # one role: a person moved to another role leaves the first
-            if other != role:
-                await conn.execute(f'REVOKE animus_{other} FROM "{name}"')
-        row = await conn.fetchrow(
-            """INSERT INTO animus.console_users (name, role, password_hash) VALUES ($1, $2, $3)
-               ON CONFLICT (name) DO UPDATE SET role = $2, password_hash = $3
-               RETURNING name, role, created_at, created_by""", name, role, hashed)
-    return Person(**dict(row))
+        await set_only_role(conn, name, role, db_password(secret, name))
+        saved = await save_console_user(conn, name, role, hashed)
+    return Person(**msgspec.structs.asdict(saved))
 
 
 async def list_people(db: Db) -> list[Person]:
-    async with db.connection() as conn:
-        rows = await conn.fetch("SELECT name, role, created_at, created_by "
-                                "FROM animus.console_users ORDER BY name")
-    return [Person(**dict(r)) for r in rows]
+    return [Person(**msgspec.structs.asdict(u)) for u in await list_console_users(db)]
 
 
 async def remove_person(db: Db, name: str) -> bool:
     """Remove the sign-in (the login role stays, with its audit history: `animus roles
     remove-user` drops it)."""
-    async with db.connection() as conn:
-        done: str = await conn.execute("DELETE FROM animus.console_users WHERE name = $1", name)
-    return done != "DELETE 0"
+    return await remove_console_user(db, name)
 
 
 class People:
@@ -115,22 +104,17 @@ class People:
 
     async def check(self, name: str, password: str) -> Person | None:
         """The person, if ``password`` is theirs."""
-        async with self.service.connection() as conn:
-            row = await conn.fetchrow("SELECT name, role, password_hash FROM animus.console_users "
-                                      "WHERE name = $1", name)
-        hashed = row["password_hash"] if row else _DUMMY
+        found = await console_password_hash(self.service, name)
         try:
-            await asyncio.to_thread(_hasher.verify, hashed, password)
+            await asyncio.to_thread(_hasher.verify, found[1] if found else _DUMMY, password)
         except (VerificationError, InvalidHashError):
             return None
-        return Person(name=row["name"], role=row["role"]) if row else None
+        return Person(name=found[0].name, role=found[0].role) if found else None
 
     async def person(self, name: str) -> Person | None:
         """The person signed in as ``name``, as they are now (None once removed)."""
-        async with self.service.connection() as conn:
-            row = await conn.fetchrow("SELECT name, role FROM animus.console_users "
-                                      "WHERE name = $1", name)
-        return Person(name=row["name"], role=row["role"]) if row else None
+        found = await console_password_hash(self.service, name)
+        return Person(name=found[0].name, role=found[0].role) if found else None
 
     async def db(self, person: Person) -> Db:
         """A connection pool that is ``person`` in the database."""
