@@ -159,7 +159,7 @@ def free_port() -> int:
 async def console_process(url: str, home: Path) -> AsyncIterator[str]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(home),
-           "ANIMUS_WEB_SECRET": SECRET, "LOG_LEVEL": "warning"}
+           "ANIMUS_WEB_SECRET": SECRET, "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning")}
     log = (home / "web.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "animus_core", "web", "--bind", f"127.0.0.1:{port}", env=env,

@@ -229,9 +229,13 @@ async def add_user(conn: Any, name: str, role: str, password: str | None = None)
 
 async def set_only_role(conn: Any, name: str, role: str, password: str) -> None:
     """Make ``name`` a login role with ``password`` that is a member of ``animus_<role>`` and
-    of no other animus role (setting the roles up first if they are missing), in one
-    transaction."""
-    if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", f"animus_{role}"):
+    of no other animus role, in one transaction. The roles are set up first where this
+    database has not granted them their rights (roles belong to the server, grants to each
+    database)."""
+    ready = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'animus_reader') "
+        "AND has_schema_privilege('animus_reader', 'animus', 'USAGE')")
+    if not ready:
         await setup_roles(conn)
     async with conn.transaction():
         await add_user(conn, name, role, password)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from animus_core.store import console, read
 from animus_core.store.db import Db
-from animus_core.values.errors import AnimusError, InvalidInput, WorkNotFound
+from animus_core.values.errors import (
+    AnimusError,
+    DatabaseUnavailable,
+    InvalidInput,
+    PermissionDenied,
+    WorkNotFound,
+)
 from animus_core.values.states import State
 from animus_core.web.live import Hub
 from animus_core.web.people import People, Person
@@ -37,6 +44,7 @@ from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
 
 __all__ = ["console_app"]
 
+_log = logging.getLogger("animus.web")
 HERE = Path(__file__).parent
 PAGE = 50
 SESSION_HOURS = 8
@@ -262,7 +270,16 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         Route("/events", signed_in(events)),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+    async def refused(request: Request, exc: Exception) -> Response:
+        """An animus error a page did not expect (the database refused the person's role,
+        or went away): said plainly, with the status it deserves."""
+        status = 403 if isinstance(exc, PermissionDenied) else \
+            503 if isinstance(exc, DatabaseUnavailable) else 500
+        _log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return Response(f"{exc}\n", status_code=status, media_type="text/plain")
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={AnimusError: refused},
+                    middleware=[
         Middleware(_Headers),
         Middleware(SessionMiddleware, secret_key=secret.decode(), session_cookie="animus_session",
                    max_age=SESSION_HOURS * 3600, same_site="strict", https_only=secure_cookies)])
