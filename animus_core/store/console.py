@@ -85,14 +85,24 @@ async def live_counts(db: DbBase) -> dict[str, int]:
     return {r[0]: r[1] for r in rows}
 
 
-async def finished_since(db: DbBase, since: datetime) -> dict[str, int]:
-    """How many items finished (completed, dead, cancelled) since ``since``, by state."""
+#: finished items counted at the most by :func:`finished_since`
+FINISHED_COUNTED = 10_000
+
+
+async def finished_since(db: DbBase, since: datetime) -> tuple[dict[str, int], bool]:
+    """How many items finished (completed, dead, merged, cancelled) since ``since``, by
+    state, among the latest :data:`FINISHED_COUNTED` to finish; and whether there were more
+    (so that the count costs the same at any rate of work)."""
     async with db.connection() as conn:
         rows = await conn.fetch(
-            """SELECT state::text, count(*) FROM animus.work_items
-                WHERE state IN ('completed', 'dead', 'merged', 'cancelled')
-                  AND resolved_at >= $1 GROUP BY state""", since)
-    return {r[0]: r[1] for r in rows}
+            """SELECT state::text, count(*) FROM (
+                   SELECT state FROM animus.work_items
+                    WHERE state IN ('completed', 'dead', 'merged', 'cancelled')
+                      AND resolved_at >= $1
+                    ORDER BY resolved_at DESC LIMIT $2) f GROUP BY state""",
+            since, FINISHED_COUNTED + 1)
+    counts = {r[0]: r[1] for r in rows}
+    return counts, sum(counts.values()) > FINISHED_COUNTED
 
 
 async def audit_extent(db: DbBase) -> tuple[int, int]:

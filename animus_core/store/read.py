@@ -172,9 +172,10 @@ _PENDING = """
                         AND a.position IS NOT DISTINCT FROM
                             CASE WHEN w.state = 'waiting' THEN (w.wait->>'position')::int END),
                     '{}') AS approvers
-      FROM animus.work_items w
-     WHERE w.state = 'awaiting_approval'
-        OR (w.state = 'waiting' AND w.wait->>'kind' = 'approval')
+      FROM (SELECT * FROM animus.work_items WHERE state = 'awaiting_approval'
+            UNION ALL  -- two index ranges (an OR of them made the planner read every item)
+            SELECT * FROM animus.work_items
+             WHERE state = 'waiting' AND wait->>'kind' = 'approval') w
      ORDER BY w.updated_at, w.id
      LIMIT $1"""
 

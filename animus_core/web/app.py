@@ -168,9 +168,11 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         pending = await read.pending_approvals(db, limit=20)
         hour_ago = datetime.now(UTC) - timedelta(hours=1)
         newest, sealed = await console.audit_extent(db)
+        finished, more = await console.finished_since(db, hour_ago)
         return page("overview.html", request, person, status=status, pending=pending,
                     counts=await console.live_counts(db), live_states=console.LIVE_STATES,
-                    finished=await console.finished_since(db, hour_ago),
+                    finished=finished, finished_more=more,
+                    finished_cap=console.FINISHED_COUNTED,
                     audit_newest=newest, audit_sealed=sealed)
 
     async def work_list(request: Request, person: Person) -> Response:
