@@ -11,14 +11,16 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import DbBase
+from animus_core.values.states import State
 
 __all__ = ["Change", "ConsoleUser", "audit_extent", "changes_after", "console_password_hash",
            "finished_since", "list_console_users", "live_counts", "remove_console_user",
            "save_console_user"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
-LIVE_STATES = ("created", "queued", "awaiting_approval", "claimed", "running", "waiting",
-               "failed")
+LIVE_STATES = tuple(s.value for s in State if not s.terminal)
+#: the finished states, as :func:`finished_since` counts them
+FINISHED_STATES = tuple(s.value for s in State if s.terminal)
 
 
 class ConsoleUser(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +97,7 @@ async def finished_since(db: DbBase, since: datetime) -> tuple[dict[str, int], b
     (so that the count costs the same at any rate of work)."""
     async with db.connection() as conn:
         rows = await conn.fetch(
+            # the states spelt out, as the partial index on resolved_at names them
             """SELECT state::text, count(*) FROM (
                    SELECT state FROM animus.work_items
                     WHERE state IN ('completed', 'dead', 'merged', 'cancelled')

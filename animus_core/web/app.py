@@ -38,6 +38,7 @@ from animus_core.values.errors import (
     WorkNotFound,
 )
 from animus_core.values.states import State
+from animus_core.values.work import WorkItem
 from animus_core.web.live import Hub
 from animus_core.web.people import People, Person
 from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
@@ -172,6 +173,7 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         return page("overview.html", request, person, status=status, pending=pending,
                     counts=await console.live_counts(db), live_states=console.LIVE_STATES,
                     finished=finished, finished_more=more,
+                    finished_states=console.FINISHED_STATES,
                     finished_cap=console.FINISHED_COUNTED,
                     audit_newest=newest, audit_sealed=sealed)
 
@@ -202,7 +204,8 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
             return page("missing.html", request, person, what=request.path_params["id"],
                         status_code=404)
         history = await db.history(wid)
-        pending = [p for p in await read.pending_approvals(db) if p.id == wid]
+        pending = [p for p in await read.pending_approvals(db) if p.id == wid] \
+            if _awaits_decision(item) else []  # else no decision is pending: no query
         children = await db.list_work(parent_id=wid, limit=PAGE)
         return page("work_item.html", request, person,
                     item=item, history=history, pending=pending[0] if pending else None,
@@ -238,7 +241,7 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
     async def cancel(db: Db, wid: UUID, form: Any) -> str:
         result = await db.cancel(wid, str(form.get("reason", "")).strip() or "cancelled in "
                                  "the console")
-        return f"cancel {wid}: {getattr(result, 'state', result)}"
+        return f"cancel {wid}: {result.state}"
 
     async def signal(db: Db, wid: UUID, form: Any) -> str:
         text = str(form.get("data", "")).strip()
@@ -285,9 +288,14 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         Middleware(_Headers),
         Middleware(SessionMiddleware, secret_key=secret.decode(), session_cookie="animus_session",
                    max_age=SESSION_HOURS * 3600, same_site="strict", https_only=secure_cookies)])
-    app.state.hub = hub
-    app.state.people = people
     return app
+
+
+def _awaits_decision(item: WorkItem) -> bool:
+    """Whether people owe ``item`` a decision: held at its submit gate, or its focus waiting
+    at an approval."""
+    return item.state == State.AWAITING_APPROVAL or (
+        item.state == State.WAITING and (item.wait or {}).get("kind") == "approval")
 
 
 def _now() -> float:

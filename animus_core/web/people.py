@@ -12,6 +12,7 @@ checked against an argon2id hash in ``animus.console_users``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -37,8 +38,19 @@ __all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "list_people", "per
 
 MIN_PASSWORD = 12
 _hasher = PasswordHasher()  # argon2id, memory-hard (64 MiB, 3 passes)
-#: checked when the name is unknown, so that a wrong name takes as long as a wrong password
-_DUMMY = _hasher.hash("not a password of anyone")
+#: what the console offers each role (the database has the last word)
+_OFFERS: dict[str, frozenset[str]] = {
+    "reader": frozenset(), "submitter": frozenset({"signal", "submit"}),
+    "approver": frozenset({"decide"}),
+    "operator": frozenset({"signal", "submit", "cancel", "retry"}),
+    "admin": frozenset({"signal", "submit", "cancel", "retry", "decide"})}
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when the name is unknown, so that a wrong name takes as long as a wrong
+    password (made at the first sign-in, not at import: it costs as much as a sign-in)."""
+    return _hasher.hash("not a password of anyone")
 
 
 class Person(ConsoleUser, frozen=True, kw_only=True):
@@ -48,10 +60,7 @@ class Person(ConsoleUser, frozen=True, kw_only=True):
         """Whether the console offers ``action`` to this person. The database has the last
         word: an action offered here runs as the person, and is refused there if their role
         may not."""
-        allowed = {"reader": set(), "submitter": {"signal", "submit"},
-                   "approver": {"decide"}, "operator": {"signal", "submit", "cancel", "retry"},
-                   "admin": {"signal", "submit", "cancel", "retry", "decide"}}
-        return action in allowed.get(self.role, set())
+        return action in _OFFERS.get(self.role, frozenset())
 
 
 def db_password(secret: bytes, name: str) -> str:
@@ -106,7 +115,8 @@ class People:
         """The person, if ``password`` is theirs."""
         found = await console_password_hash(self.service, name)
         try:
-            await asyncio.to_thread(_hasher.verify, found[1] if found else _DUMMY, password)
+            await asyncio.to_thread(_hasher.verify, found[1] if found else _dummy_hash(),
+                                    password)
         except (VerificationError, InvalidHashError):
             return None
         return Person(name=found[0].name, role=found[0].role) if found else None
