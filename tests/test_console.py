@@ -232,7 +232,29 @@ async def test_watch_an_item_run_to_completion_without_reloading(
         await page.goto("/work")
         await expect(page.locator(f'tr[data-id="{created.id}"] .state')).to_have_text("completed")
         await page.screenshot(path=str(screenshots / "console-work.png"), full_page=True)
+
+
+async def test_the_overview_counts_and_charts_work_as_it_finishes(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        screenshots: Path) -> None:
+    url, db = console_db
+    async with signed_in(browser, console, BOB) as page:
         await page.goto("/")
+        before = int(await page.locator("#chart-total-finished").inner_text())
+        queued = int(await page.locator("#count-queued").inner_text())
+        loaded = await page.evaluate("performance.timeOrigin")
+        items = [await db.submit_work(NewWorkItem("console.slow", source="test")
+                                      .params({"n": n})) for n in range(3)]
+        await expect(page.locator("#count-queued")).to_have_text(str(queued + 3))
+        async with run_engine(url, animus_home, faculties=[Slow()]):
+            for item in items:
+                await wait_finished(db, item.id)
+            await expect(page.locator("#chart-total-finished")).to_have_text(str(before + 3))
+            await expect(page.locator("#count-queued")).to_have_text(str(queued))
+        assert await page.evaluate("performance.timeOrigin") == loaded  # never reloaded
+        tall = await page.locator("#chart rect.finished").evaluate_all(
+            "rects => rects.filter(r => r.getAttribute('height') > 0).length")
+        assert tall >= 1
         await page.screenshot(path=str(screenshots / "console-overview.png"), full_page=True)
 
 

@@ -1,5 +1,6 @@
 """What the web console keeps and reads that no other command needs: its people
-(``animus.console_users``, migration 0031), the live counts of its overview, and the audit
+(``animus.console_users``, migration 0031), its overview (one query of index ranges, however
+many items finished: migration 0032), the finished work per minute of its chart, and the audit
 rows its live feed sends."""
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import DbBase
+from animus_core.store.read import DeadItem, WaitingItem, WaitingKind
+from animus_core.values.engines import Engine
 from animus_core.values.states import State
 
-__all__ = ["Change", "ConsoleUser", "audit_extent", "changes_after", "console_password_hash",
-           "finished_since", "list_console_users", "live_counts", "remove_console_user",
-           "save_console_user"]
+__all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
+           "console_password_hash", "finished_by_minute", "list_console_users",
+           "live_counts", "overview", "remove_console_user", "save_console_user"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
 LIVE_STATES = tuple(s.value for s in State if not s.terminal)
-#: the finished states, as :func:`finished_since` counts them
+#: the finished states, as the overview counts them
 FINISHED_STATES = tuple(s.value for s in State if s.terminal)
 
 
@@ -87,25 +90,110 @@ async def live_counts(db: DbBase) -> dict[str, int]:
     return {r[0]: r[1] for r in rows}
 
 
-#: finished items counted at the most by :func:`finished_since`
+#: finished items the overview counts at the most (so that it costs the same at any rate)
 FINISHED_COUNTED = 10_000
 
 
-async def finished_since(db: DbBase, since: datetime) -> tuple[dict[str, int], bool]:
-    """How many items finished (completed, dead, merged, cancelled) since ``since``, by
-    state, among the latest :data:`FINISHED_COUNTED` to finish; and whether there were more
-    (so that the count costs the same at any rate of work)."""
+class Overview(msgspec.Struct, frozen=True, kw_only=True):
+    """What the overview shows, read at ``now`` (the database's clock): the registered
+    engines, the items in each live state, the waiting ones by what they wait for and the
+    first of them to wake, the latest dead letters, what finished in the last hour (among
+    the latest :data:`FINISHED_COUNTED`; ``finished_more``: there were more), and the audit
+    log's newest and newest sealed rows."""
+
+    now: datetime
+    engines: list[Engine]
+    counts: dict[str, int]
+    waiting: list[WaitingKind]
+    next_waking: list[WaitingItem]
+    dead: list[DeadItem]
+    finished: dict[str, int]
+    finished_more: bool
+    audit_newest: int
+    audit_sealed: int
+
+
+_OVERVIEW = """
+SELECT jsonb_build_object(
+  'now', now(),
+  'engines', coalesce((
+      SELECT jsonb_agg(to_jsonb(e)
+                       || jsonb_build_object('lost', animus.engine_lost(e))
+                       ORDER BY e.started_at, e.id)
+        FROM animus.engines e), '[]'),
+  'counts', coalesce((
+      SELECT jsonb_object_agg(state, n) FROM (
+          SELECT state::text AS state, count(*) AS n FROM animus.work_items
+           WHERE state = ANY ($1::animus.work_state[]) GROUP BY state) c), '{}'),
+  'waiting', coalesce((
+      SELECT jsonb_agg(jsonb_build_object('kind', kind, 'n', n, 'next_wake_at', next_wake_at)
+                       ORDER BY kind)
+        FROM (SELECT coalesce(wait->>'kind', '?') AS kind, count(*) AS n,
+                     min(wake_at) AS next_wake_at
+                FROM animus.work_items WHERE state = 'waiting' GROUP BY 1) k), '[]'),
+  'next_waking', coalesce((
+      SELECT jsonb_agg(jsonb_build_object('id', id, 'work_type', work_type, 'wait', wait,
+                                          'wake_at', wake_at, 'reason', reason)
+                       ORDER BY wake_at, id)
+        FROM (SELECT id, work_type, wait, wake_at, reason FROM animus.work_items
+               WHERE state = 'waiting' ORDER BY wake_at, id LIMIT $2) w), '[]'),
+  'dead', coalesce((
+      SELECT jsonb_agg(jsonb_build_object('id', id, 'work_type', work_type, 'reason', reason,
+                                          'resolved_at', resolved_at)
+                       ORDER BY resolved_at DESC)
+        FROM (SELECT id, work_type, reason, resolved_at FROM animus.work_items
+               WHERE state = 'dead' ORDER BY resolved_at DESC LIMIT $3) d), '[]'),
+  'finished', coalesce((
+      SELECT jsonb_object_agg(state, n) FROM (
+          SELECT state::text AS state, count(*) AS n FROM (
+              -- the states spelt out, as the partial index on resolved_at names them
+              SELECT state FROM animus.work_items
+               WHERE state IN ('completed', 'dead', 'merged', 'cancelled')
+                 AND resolved_at >= now() - interval '1 hour'
+               ORDER BY resolved_at DESC LIMIT $4) f GROUP BY state) c), '{}'),
+  'finished_more', false,
+  'audit_newest', coalesce((SELECT max(id) FROM animus.audit_log), 0),
+  'audit_sealed', coalesce((SELECT max(audit_id) FROM animus.audit_seal), 0))::text"""
+_overview = msgspec.json.Decoder(Overview)
+
+
+async def overview(db: DbBase, *, waking: int = 10, dead: int = 10) -> Overview:
+    """The :class:`Overview`, in one query of index ranges (the reader role reads it): the
+    first ``waking`` waiting items to wake and the latest ``dead`` dead letters."""
+    async with db.connection() as conn:
+        text = await conn.fetchval(_OVERVIEW, list(LIVE_STATES), waking, dead,
+                                   FINISHED_COUNTED + 1)
+    view = _overview.decode(text)
+    if sum(view.finished.values()) > FINISHED_COUNTED:
+        view = msgspec.structs.replace(view, finished_more=True)
+    return view
+
+
+class Minute(msgspec.Struct, frozen=True, kw_only=True):
+    """The work that finished in one minute: all of it, and of it the dead."""
+
+    at: datetime
+    finished: int
+    dead: int
+
+
+async def finished_by_minute(db: DbBase, since: datetime) -> list[Minute]:
+    """The work that finished in each minute since ``since``, oldest first (minutes with none
+    left out): two index-only ranges, however many items there are before ``since``."""
     async with db.connection() as conn:
         rows = await conn.fetch(
-            # the states spelt out, as the partial index on resolved_at names them
-            """SELECT state::text, count(*) FROM (
-                   SELECT state FROM animus.work_items
+            """SELECT m, sum(finished)::int, sum(dead)::int FROM (
+                   SELECT date_trunc('minute', resolved_at) AS m, count(*) AS finished,
+                          0 AS dead
+                     FROM animus.work_items
                     WHERE state IN ('completed', 'dead', 'merged', 'cancelled')
-                      AND resolved_at >= $1
-                    ORDER BY resolved_at DESC LIMIT $2) f GROUP BY state""",
-            since, FINISHED_COUNTED + 1)
-    counts = {r[0]: r[1] for r in rows}
-    return counts, sum(counts.values()) > FINISHED_COUNTED
+                      AND resolved_at >= $1 GROUP BY 1
+                   UNION ALL
+                   SELECT date_trunc('minute', resolved_at), 0, count(*)
+                     FROM animus.work_items
+                    WHERE state = 'dead' AND resolved_at >= $1 GROUP BY 1) x
+                GROUP BY m ORDER BY m""", since)
+    return [Minute(at=r[0], finished=r[1], dead=r[2]) for r in rows]
 
 
 async def audit_extent(db: DbBase) -> tuple[int, int]:

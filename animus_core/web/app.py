@@ -9,11 +9,12 @@ templates (autoescape), and the pages load no script but the console's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -39,6 +40,7 @@ from animus_core.values.errors import (
 )
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
+from animus_core.web import throughput
 from animus_core.web.live import Hub
 from animus_core.web.people import People, Person
 from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
@@ -164,18 +166,13 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         return RedirectResponse("/login", status_code=303)
 
     async def overview(request: Request, person: Person) -> Response:
-        db = await people.db(person)
-        status = await read.status(db, dead_letters=10, waiting=10)
-        pending = await read.pending_approvals(db, limit=20)
-        hour_ago = datetime.now(UTC) - timedelta(hours=1)
-        newest, sealed = await console.audit_extent(db)
-        finished, more = await console.finished_since(db, hour_ago)
-        return page("overview.html", request, person, status=status, pending=pending,
-                    counts=await console.live_counts(db), live_states=console.LIVE_STATES,
-                    finished=finished, finished_more=more,
-                    finished_states=console.FINISHED_STATES,
-                    finished_cap=console.FINISHED_COUNTED,
-                    audit_newest=newest, audit_sealed=sealed)
+        db = await people.db(person)  # two connections: the two reads at once
+        view, pending = await asyncio.gather(console.overview(db),
+                                             read.pending_approvals(db, limit=20))
+        return page("overview.html", request, person, view=view, pending=pending,
+                    live_states=console.LIVE_STATES, finished_states=console.FINISHED_STATES,
+                    finished_cap=console.FINISHED_COUNTED, chart=hub.chart(),
+                    chart_size=(throughput.WIDTH, throughput.HEIGHT))
 
     async def work_list(request: Request, person: Person) -> Response:
         q = request.query_params

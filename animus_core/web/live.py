@@ -3,7 +3,9 @@
 Every transaction that changes work items notifies ``animus_changed`` (migration 0031).
 The hub answers a burst of them with one read of the audit rows since the last it saw, and
 sends each change to every open page over Server-Sent Events; a page updates itself from
-them. However many people watch, the database sees one listener and one read per burst.
+them. However many people watch, the database sees one listener and one read per burst, and
+a count of the live states at most once a second (:data:`COUNTS_EVERY`), which also feeds
+the overview's chart (:mod:`animus_core.web.throughput`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,32 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
-from animus_core.store.console import audit_extent, changes_after, live_counts
+from animus_core.store.console import (
+    Change,
+    audit_extent,
+    changes_after,
+    finished_by_minute,
+    live_counts,
+)
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
+from animus_core.web.throughput import MINUTES, Chart, Throughput
 
-__all__ = ["CHANNEL", "Hub"]
+__all__ = ["CHANNEL", "COUNTS_EVERY", "Hub"]
 
 _log = logging.getLogger("animus.web")
 CHANNEL = "animus_changed"
 #: audit ids a transaction that started earlier may still commit below the newest seen
 _LOOK_BACK = 256
+#: audit rows read at a time (a burst of more is read in several)
+_BATCH = 2000
+#: seconds between two counts of the live states, at the least
+COUNTS_EVERY = 1.0
 
 
 class Hub:
@@ -42,16 +56,26 @@ class Hub:
         #: the latest changes sent, for a page that subscribes after it was rendered
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=2000)
         self.reads = 0  # reads of the changes since started (the benchmark counts them)
+        self.throughput = Throughput()
+        self.counts: dict[str, int] | None = None  # the latest count of the live states
+        self._counted = 0.0  # when (loop time), and whether a count is due
+        self._count_due = True
+        self._seeding: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._last = (await audit_extent(self.db))[0]
         self._task = asyncio.create_task(self._run(), name="animus-web-hub")
+        self._seeding = asyncio.create_task(self._seed(), name="animus-web-chart")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._seeding):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def chart(self) -> Chart:
+        return self.throughput.chart(datetime.now(UTC))
 
     @property
     def viewers(self) -> int:
@@ -104,13 +128,17 @@ class Hub:
                 try:
                     while not lost.done():
                         waiting = asyncio.create_task(self._dirty.wait())
-                        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait({waiting, lost}, timeout=self._count_in(),
+                                           return_when=asyncio.FIRST_COMPLETED)
                         waiting.cancel()
                         if lost.done():
                             break
-                        await asyncio.sleep(self.debounce)  # one read for a burst
-                        self._dirty.clear()
-                        await self._read()
+                        if self._dirty.is_set():
+                            await asyncio.sleep(self.debounce)  # one read for a burst
+                            self._dirty.clear()
+                            await self._read()
+                        if self._count_in() == 0:
+                            await self._count()
                 finally:
                     lost.cancel()
             except AnimusError as e:
@@ -122,8 +150,14 @@ class Hub:
                     await listener.close()
 
     async def _read(self) -> None:
-        self.reads += 1
-        rows = await changes_after(self.db, max(0, self._last - _LOOK_BACK))
+        while True:
+            self.reads += 1
+            rows = await changes_after(self.db, max(0, self._last - _LOOK_BACK), _BATCH)
+            self._send(rows)
+            if len(rows) < _BATCH:
+                return
+
+    def _send(self, rows: list[Change]) -> None:
         fresh = [c for c in rows if c.id not in self._seen_set]
         for c in fresh:
             if len(self._seen) == self._seen.maxlen:
@@ -135,5 +169,32 @@ class Hub:
                 "id": c.id, "work_id": str(c.work_id), "event": c.event, "from": c.from_state,
                 "to": c.to_state, "by": c.db_user, "at": c.at.isoformat(), "state": c.state,
                 "work_type": c.work_type, "reason": c.reason}, c.id)
-        if fresh:  # the counts of the live states: an index range, once for every viewer
-            self._publish("counts", await live_counts(self.db))
+            self.throughput.add(c)
+        if fresh:
+            self._count_due = True
+
+    def _count_in(self) -> float | None:
+        """Seconds until the live states are to be counted again (None: no count is due)."""
+        if not self._count_due:
+            return None
+        return max(0.0, self._counted + COUNTS_EVERY - asyncio.get_running_loop().time())
+
+    async def _count(self) -> None:
+        """The counts of the live states (an index range), once for every viewer, and the
+        chart they move."""
+        self._count_due = False
+        self._counted = asyncio.get_running_loop().time()
+        self.counts = await live_counts(self.db)
+        self.throughput.depth(self.counts.get("queued", 0), datetime.now(UTC))
+        self._publish("counts", self.counts)
+        self._publish("chart", self.chart())
+
+    async def _seed(self) -> None:
+        """The chart's hour before the console started, read once."""
+        now = datetime.now(UTC)
+        try:
+            minutes = await finished_by_minute(self.db, now - timedelta(minutes=MINUTES))
+        except AnimusError as e:
+            _log.warning("the chart starts empty: %s", e)
+            return
+        self.throughput.seed(minutes, now)

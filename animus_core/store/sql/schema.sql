@@ -1238,9 +1238,9 @@ BEGIN
             SELECT jsonb_agg(jsonb_build_object('id', d.id, 'work_type', d.work_type,
                                                 'reason', d.reason,
                                                 'resolved_at', d.resolved_at)
-                             ORDER BY d.resolved_at DESC NULLS LAST)
+                             ORDER BY d.resolved_at DESC)
               FROM (SELECT id, work_type, reason, resolved_at FROM animus.work_items
-                     WHERE state = 'dead' ORDER BY resolved_at DESC NULLS LAST
+                     WHERE state = 'dead' ORDER BY resolved_at DESC
                      LIMIT p_dead) d), '[]'),
         'waiting', coalesce((
             SELECT jsonb_agg(jsonb_build_object('kind', k.kind, 'n', k.n,
@@ -1253,10 +1253,10 @@ BEGIN
             SELECT jsonb_agg(jsonb_build_object('id', w.id, 'work_type', w.work_type,
                                                 'wait', w.wait, 'wake_at', w.wake_at,
                                                 'reason', w.reason)
-                             ORDER BY w.wake_at NULLS LAST, w.updated_at)
-              FROM (SELECT id, work_type, wait, wake_at, reason, updated_at
+                             ORDER BY w.wake_at, w.id)
+              FROM (SELECT id, work_type, wait, wake_at, reason
                       FROM animus.work_items WHERE state = 'waiting'
-                     ORDER BY wake_at NULLS LAST, updated_at LIMIT p_waiting) w), '[]'),
+                     ORDER BY wake_at, id LIMIT p_waiting) w), '[]'),
         'schedules', coalesce((
             SELECT jsonb_agg(jsonb_build_object('name', t.name, 'last_tick', t.tick,
                                                 'work_type', w.work_type) ORDER BY t.name)
@@ -2200,6 +2200,8 @@ CREATE INDEX signals_work ON animus.signals USING btree (work_id, event, id);
 
 CREATE INDEX work_items_created ON animus.work_items USING btree (created_at);
 
+CREATE INDEX work_items_dead ON animus.work_items USING btree (resolved_at) WHERE (state = 'dead'::animus.work_state);
+
 CREATE UNIQUE INDEX work_items_dedup ON animus.work_items USING btree (work_type, dedup_key) WHERE ((dedup_key IS NOT NULL) AND (state <> ALL (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'merged'::animus.work_state, 'cancelled'::animus.work_state])));
 
 CREATE INDEX work_items_finished_resolved ON animus.work_items USING btree (resolved_at) WHERE (state = ANY (ARRAY['completed'::animus.work_state, 'dead'::animus.work_state, 'merged'::animus.work_state, 'cancelled'::animus.work_state]));
@@ -2211,6 +2213,8 @@ CREATE INDEX work_items_parent ON animus.work_items USING btree (parent_id) WHER
 CREATE INDEX work_items_replay_of ON animus.work_items USING btree (replay_of) WHERE (replay_of IS NOT NULL);
 
 CREATE INDEX work_items_state ON animus.work_items USING btree (state, work_type);
+
+CREATE INDEX work_items_waiting ON animus.work_items USING btree (wake_at, id) WHERE (state = 'waiting'::animus.work_state);
 
 CREATE INDEX work_items_wake_at ON animus.work_items USING btree (queue, work_type, wake_at) WHERE ((state = 'waiting'::animus.work_state) AND (wake_at IS NOT NULL));
 

@@ -47,6 +47,28 @@
     }
   });
 
+  // The chart's geometry comes computed from the server: move the bars, redraw the line.
+  source.addEventListener("chart", function (event) {
+    if (live !== "overview") return;
+    const chart = JSON.parse(event.data);
+    const svg = document.querySelector("#chart svg");
+    const height = svg.viewBox.baseVal.height;
+    svg.querySelectorAll("g").forEach(function (g, i) {
+      const bar = chart.bars[i];
+      if (!bar) return;
+      g.querySelector("title").textContent = bar.title;
+      const finished = g.querySelector("rect.finished"), dead = g.querySelector("rect.dead");
+      finished.setAttribute("y", height - bar.finished);
+      finished.setAttribute("height", bar.finished);
+      dead.setAttribute("y", height - bar.dead);
+      dead.setAttribute("height", bar.dead);
+    });
+    svg.querySelector("polyline").setAttribute("points", chart.depth);
+    ["most_finished", "total_finished", "total_dead", "most_queued"].forEach(function (k) {
+      document.getElementById("chart-" + k.replace("_", "-")).textContent = chart[k];
+    });
+  });
+
   source.addEventListener("counts", function (event) {
     if (live !== "overview") return;
     const counts = JSON.parse(event.data);

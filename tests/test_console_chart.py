@@ -1,0 +1,66 @@
+"""The overview's chart (animus_core/web/throughput.py): minutes counted from the live feed,
+seeded from the database, and drawn once for every viewer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+from animus_core.store.console import Change, Minute
+from animus_core.web.throughput import HEIGHT, MINUTES, Throughput
+
+NOW = datetime(2026, 12, 3, 12, 30, 20, tzinfo=UTC)
+
+
+def change(to: str, at: datetime) -> Change:
+    return Change(id=1, work_id=uuid4(), event=to, from_state="running", to_state=to,
+                  db_user="engine", at=at, state=to, work_type="t", reason=None)
+
+
+def test_finished_work_is_counted_by_minute_and_the_dead_of_it() -> None:
+    t = Throughput()
+    for to in ("completed", "completed", "dead", "running", "queued", "cancelled"):
+        t.add(change(to, NOW))
+    t.add(change("completed", NOW - timedelta(minutes=1)))
+    chart = t.chart(NOW)
+    assert len(chart.bars) == MINUTES
+    assert (chart.total_finished, chart.total_dead, chart.most_finished) == (5, 1, 4)
+    assert chart.bars[-1].title == "12:30: 4 finished, 1 dead"
+    assert chart.bars[-2].title == "12:29: 1 finished"
+    assert chart.bars[-1].finished == HEIGHT - 4  # the busiest minute is the chart's height
+    assert chart.bars[-1].dead == (HEIGHT - 4) / 4
+    assert chart.bars[-2].finished == (HEIGHT - 4) / 4
+    assert [b.x for b in chart.bars] == sorted(b.x for b in chart.bars)
+
+
+def test_minutes_older_than_the_hour_are_forgotten() -> None:
+    t = Throughput()
+    t.add(change("completed", NOW - timedelta(minutes=MINUTES)))
+    t.add(change("completed", NOW - timedelta(minutes=MINUTES - 1)))
+    assert t.chart(NOW).total_finished == 1
+
+
+def test_the_seed_replaces_the_minutes_before_now_and_keeps_the_current_one() -> None:
+    t = Throughput()
+    t.add(change("completed", NOW - timedelta(minutes=2)))  # the feed, mid-minute
+    t.add(change("completed", NOW))
+    t.seed([Minute(at=NOW - timedelta(minutes=2), finished=40, dead=3),
+            Minute(at=NOW - timedelta(minutes=1), finished=10, dead=0),
+            Minute(at=NOW, finished=99, dead=0)], NOW)  # the current minute: the feed's
+    chart = t.chart(NOW)
+    assert [b.title for b in chart.bars[-3:]] == ["12:28: 40 finished, 3 dead",
+                                                  "12:29: 10 finished", "12:30: 1 finished"]
+
+
+def test_the_depth_holds_between_counts_and_starts_with_the_first() -> None:
+    t = Throughput()
+    assert t.chart(NOW).depth == ""  # nothing counted yet: no line
+    t.depth(10, NOW - timedelta(minutes=5))
+    t.depth(0, NOW - timedelta(minutes=2))
+    points = [p.split(",") for p in t.chart(NOW).depth.split()]
+    assert len(points) == 6  # from the first count on, each minute
+    ys = [float(y) for _x, y in points]
+    assert ys[:3] == [4.0] * 3  # 10 is the top
+    assert ys[3:] == [HEIGHT] * 3  # then 0
+    later = NOW + timedelta(hours=2)  # counted long ago: the depth holds still
+    assert len(t.chart(later).depth.split()) == MINUTES
