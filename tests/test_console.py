@@ -25,8 +25,11 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from animus_core import Db, Faculty, Focus, NewWorkItem
+from animus_core.faculties.embedders import HashingEmbedder
+from animus_core.store.memory import Memory
 from animus_core.store.roles import setup_roles
 from animus_core.values.errors import PermissionDenied
+from animus_core.values.schedules import Schedule
 from animus_core.web import LoginLimiter, add_person
 from animus_core.web.people import person_url
 from tests.conftest import TEMPLATE, scratch_database
@@ -40,6 +43,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 SECRET = "console-test-secret-" + "0123456789abcdef" * 2
+#: secrets the console's process or an engine has, which no page may show
+API_KEY = "sk-ant-console-test-never-shown-0123456789"
+TOKEN = "console-token-never-shown-9876543210"
+TRACES = "http://traces.example/trace/{trace_id}"
 PASSWORD = "correct horse battery staple"
 #: database login roles are the server's, not one database's: names of this module's own
 ALICE, BOB, OLGA, ADA = "console_alice", "console_bob", "console_olga", "console_ada"
@@ -55,6 +62,39 @@ class Slow(Faculty):
     async def engage(self, focus: Focus, oriented: Any) -> Any:
         await asyncio.sleep(0.3)
         return {"done": True}
+
+
+class Example(Faculty):
+    name = "console-example"
+    accepts = ("console.example",)
+    example = {"text": "hello from the example"}
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        first = await focus.step("first", lambda: {"n": 1})
+        return {"echo": focus.params, "first": first}
+
+
+class Needy(Faculty):
+    name = "console-needy"
+    accepts = ("console.needy",)
+    requires_env = ("CONSOLE_NEVER_SET",)
+
+
+class Ticking(Faculty):
+    name = "console-ticking"
+    accepts = ("console.tick",)
+    schedules = (Schedule(name="console-hourly", work_type="console.tick", every=3600),)
+
+
+class Leaky(Faculty):
+    """Returns a secret of its own: the engine redacts it, and no page shows it."""
+
+    name = "console-leaky"
+    accepts = ("console.leaky",)
+    secrets = ("CONSOLE_TEST_TOKEN",)
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        return {"token": os.environ["CONSOLE_TEST_TOKEN"]}
 
 
 class Waits(Faculty):
@@ -108,7 +148,7 @@ async def console(console_db: tuple[str, Db], animus_home: Path,
     port = free_port()
     log = tmp_path_factory.mktemp("console") / "web.log"
     env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(animus_home),
-           "ANIMUS_WEB_SECRET": SECRET}
+           "ANIMUS_WEB_SECRET": SECRET, "ANIMUS_TRACE_URL": TRACES, "ANTHROPIC_API_KEY": API_KEY}
     proc = start_console(env, port, log)
     base = f"http://127.0.0.1:{port}"
 
@@ -386,3 +426,175 @@ async def test_no_animus_role_reads_the_password_hashes(console_db: tuple[str, D
                     await conn.fetch("SELECT password_hash FROM animus.console_users")
         finally:
             await person.close()
+
+
+async def test_see_the_fleet_and_submit_from_a_faculty_example(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        screenshots: Path) -> None:
+    url, db = console_db
+    async with run_engine(url, animus_home, faculties=[Example(), Needy(), Ticking()]), \
+            signed_in(browser, console, OLGA) as page:
+        await page.goto("/engines")
+        row = page.locator("#engines tr[data-id]").filter(has_text=f":{os.getpid()}")
+        await expect(row).to_contain_text("live")
+        await expect(row.locator("form[action$='/stop'] button")).to_be_visible()
+        await page.screenshot(path=str(screenshots / "console-engines.png"), full_page=True)
+        await page.goto("/faculties")
+        example = page.locator('#faculties tr[data-name="console-example"]')
+        await expect(example).to_contain_text("console.example")
+        await expect(page.locator('tr[data-name="console-needy"] .disabled')).to_contain_text(
+            "CONSOLE_NEVER_SET")
+        await page.screenshot(path=str(screenshots / "console-faculties.png"), full_page=True)
+        await page.goto("/schedules")
+        await expect(page.locator('#schedules tr[data-name="console-hourly"]')).to_contain_text(
+            "console.tick")
+        await page.goto("/faculties")
+        await example.locator("a", has_text="submit").click()
+        await expect(page.locator("textarea[name=params]")).to_contain_text(
+            "hello from the example")
+        await page.screenshot(path=str(screenshots / "console-submit.png"), full_page=True)
+        await page.locator("form.submit button").click()
+        await expect(page.locator(".flash")).to_contain_text("submitted")
+        await expect(page.locator("#state")).to_have_text("completed", timeout=15_000)
+        await expect(page.locator("#steps")).to_contain_text("first")
+        await expect(page.locator("details.record")).to_contain_text(
+            "tests.test_console.Example")
+        wid = UUID(await page.locator("#item").get_attribute("data-id") or "")
+    item = await db.get_work_item(wid)
+    assert item.params == {"text": "hello from the example"}
+    assert item.provenance.source == "console"
+    assert [e.db_user for e in await db.history(wid) if e.event == "submitted"] == [OLGA]
+
+
+async def test_submitting_bad_params_says_what_is_wrong_and_keeps_the_text(
+        browser: Browser, console: str) -> None:
+    async with signed_in(browser, console, OLGA) as page:
+        await page.goto("/submit?type=console.example")
+        await page.locator("textarea[name=params]").fill('{"text": "unclosed"')
+        await page.locator("form.submit button").click()
+        await expect(page.locator(".flash")).to_contain_text("not submitted: params")
+        await expect(page.locator("textarea[name=params]")).to_have_value('{"text": "unclosed"')
+        await page.locator("textarea[name=params]").fill("[1, 2]")
+        await page.locator("form.submit button").click()
+        await expect(page.locator(".flash")).to_contain_text("must be a JSON object")
+
+
+async def test_replay_a_dead_letter_then_run_it_again_and_compare(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        screenshots: Path) -> None:
+    url, db = console_db
+    created = await db.submit_work(NewWorkItem("console.example", source="test")
+                                   .params({"text": "once more"}))
+    await db.dead_letter(created.id, "given up on purpose")
+    async with signed_in(browser, console, BOB) as page:  # a reader: no button, and refused
+        await page.goto("/dead")
+        row = page.locator(f'#work tr[data-id="{created.id}"]')
+        await expect(row).to_contain_text("given up on purpose")
+        assert await row.locator("button").count() == 0
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value")
+        forged = await page.request.post(f"/work/{created.id}/retry",
+                                         form={"csrf": csrf or "", "back": "/dead"})
+        assert "refused:" in await forged.text()
+    assert all(w.replay_of != created.id
+               for w in await db.list_work(work_type="console.example", limit=1000))
+    async with signed_in(browser, console, OLGA) as page, \
+            run_engine(url, animus_home, faculties=[Example()]):
+        await page.goto("/dead")
+        await page.screenshot(path=str(screenshots / "console-dead.png"), full_page=True)
+        await page.locator(f'#work tr[data-id="{created.id}"] button').click()
+        await expect(page.locator(".flash")).to_contain_text(f"replayed {created.id} as ")
+        await expect(page.locator(f'#item a[href="/work/{created.id}"]')).to_be_visible()
+        await expect(page.locator("#state")).to_have_text("completed", timeout=15_000)
+        replay = UUID(await page.locator("#item").get_attribute("data-id") or "")
+        await page.locator("form[action$='/again'] button").click()
+        await expect(page.locator("#verdict")).to_contain_text("identical", timeout=15_000)
+        await page.screenshot(path=str(screenshots / "console-diff.png"), full_page=True)
+    assert (await db.get_work_item(replay)).replay_of == created.id
+
+
+async def test_a_pipeline_is_drawn_with_the_state_of_each_stage(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        screenshots: Path) -> None:
+    url, db = console_db
+    pipeline = {"pipeline": {"name": "console-demo"}, "stage": [
+        {"name": "draft", "work_type": "console.example", "params": {"text": "a"}},
+        {"name": "review", "work_type": "console.example", "depends_on": ["draft"],
+         "params": {"text": "${draft.echo.text}"}},
+        {"name": "never", "work_type": "console.needy", "depends_on": ["draft"]},
+        {"name": "publish", "work_type": "console.example", "depends_on": ["review", "never"]}]}
+    created = await db.submit_work(NewWorkItem("pipeline", source="test")
+                                   .params({"pipeline": pipeline}))
+    async with signed_in(browser, console, BOB) as page:
+        async with run_engine(url, animus_home, faculties=[Example()]):
+            await page.goto(f"/work/{created.id}")
+            draft = page.locator('#stages g[data-stage="draft"]')
+            await expect(draft).to_have_class("stage state-completed", timeout=15_000)
+            await expect(page.locator('#stages g[data-stage="review"]')).to_have_class(
+                "stage state-completed", timeout=15_000)
+        # no engine runs console.needy: it stays queued, and publish waits for it
+        await page.reload()
+        await expect(page.locator('#stages g[data-stage="never"]')).to_have_class(
+            "stage state-queued")
+        await expect(page.locator('#stages g[data-stage="publish"]')).to_have_class(
+            "stage state-pending")
+        assert await page.locator("#stages path.edge").count() == 4
+        await page.screenshot(path=str(screenshots / "console-pipeline.png"), full_page=True)
+        await page.goto("/pipelines")
+        await expect(page.locator(f'#work tr[data-id="{created.id}"]')).to_contain_text(
+            "console-demo")
+
+
+async def test_search_memory_as_a_reader(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    _url, db = console_db
+    memory = await Memory.open(db, HashingEmbedder(384))
+    await memory.store("the console remembers the harbour at dawn", source="test")
+    await memory.store("an unrelated note about invoices", source="test")
+    async with signed_in(browser, console, BOB) as page:
+        await page.goto("/memory")
+        await expect(page.locator("#memories")).to_contain_text("harbour at dawn")
+        await page.locator("input[name=q]").fill("harbour dawn")
+        await page.locator("select[name=mode]").select_option("text")
+        await page.locator("form.filters button").click()
+        rows = page.locator("#memories tr td.content")
+        await expect(rows.first).to_contain_text("harbour at dawn")
+        await expect(rows).to_have_count(1)
+
+
+async def test_an_items_trace_is_linked(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    _url, db = console_db
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    created = await db.submit_work(NewWorkItem("console.traced", source="test")
+                                   .with_trace(f"00-{trace_id}-00f067aa0ba902b7-01"))
+    untraced = await db.submit_work(NewWorkItem("console.traced", source="test"))
+    async with signed_in(browser, console, BOB) as page:
+        await page.goto(f"/work/{created.id}")
+        await expect(page.locator("#trace")).to_have_attribute(
+            "href", TRACES.replace("{trace_id}", trace_id))
+        await page.goto(f"/work/{untraced.id}")
+        await expect(page.locator("#state")).to_have_text("queued")
+        assert await page.locator("#trace").count() == 0
+
+
+async def test_no_page_shows_a_secret(
+        browser: Browser, console: str, console_db: tuple[str, Db], animus_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, db = console_db
+    monkeypatch.setenv("CONSOLE_TEST_TOKEN", TOKEN)
+    created = await db.submit_work(NewWorkItem("console.leaky", source="test"))
+    async with run_engine(url, animus_home, faculties=[Leaky(), Example()]):
+        await wait_finished(db, created.id)
+        async with signed_in(browser, console, ADA) as page:
+            for path in ("/", "/work", f"/work/{created.id}", "/engines", "/faculties",
+                         "/schedules", "/submit", "/dead", "/memory", "/approvals",
+                         "/pipelines", f"/diff?a={created.id}&b={created.id}"):
+                response = await page.goto(path)
+                assert response is not None
+                assert response.ok, path
+                html = await page.content()
+                for secret in (TOKEN, API_KEY, SECRET):
+                    assert secret not in html, f"{path} shows a secret"
+            await page.goto(f"/work/{created.id}")
+            await expect(page.locator("pre").nth(1)).to_contain_text(
+                "[redacted CONSOLE_TEST_TOKEN]")

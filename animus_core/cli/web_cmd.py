@@ -53,14 +53,21 @@ def parse_bind(text: str) -> tuple[str, int]:
 
 
 async def web_serve(args: argparse.Namespace) -> int:
+    from animus_core.faculties.embedders import select_embedder
+    from animus_core.faculties.plugins import make_plugin_manager
+    from animus_core.governance.rules import RuleSet
     from animus_core.web import console_app, console_secret, serve
 
     address = os.environ.get("ANIMUS_BIND") or "127.0.0.1"  # as the compose files read it
     host, port = parse_bind(args.bind or f"{address}:{DEFAULT_PORT}")
     settings = Settings.from_env()
     secret = console_secret(settings)
+    rules = RuleSet.load(settings.rules_dir)  # a broken rules file stops here, not a submit
+    pm, _ = make_plugin_manager(settings)
+    embedder = select_embedder(pm, settings)
     async with await cli_animus(pool_size=4, actor="web").open_db() as db:
-        app = console_app(db, db.url, secret, secure_cookies=args.secure_cookies)
+        app = console_app(db, db.url, secret, secure_cookies=args.secure_cookies, rules=rules,
+                          trace_url=settings.trace_url, embedder=embedder)
         print(f"animus web: serving http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr,
               flush=True)
         await serve(app, host, port)

@@ -20,7 +20,7 @@ from animus_core.cli.params import parse_params
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
 from animus_core.values.errors import AnimusError, InvalidInput
-from animus_core.values.records import FILE_TEXT_LIMIT, ExecutionRecord
+from animus_core.values.records import FILE_TEXT_LIMIT
 from animus_core.values.states import State
 from animus_core.values.steps import Step
 from animus_core.values.waits import Signal, Wait
@@ -132,23 +132,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=rerun)
 
 
-async def _last_record(db: Db, work_id: UUID | str) -> ExecutionRecord:
-    """The record of the item's last attempt that ran to its end: nothing is known of what a
-    lost attempt was bound to."""
-    records = await db.executions(work_id)
-    if not records:
-        item = await db.get_work_item(work_id)
-        raise InvalidInput(f"work item {item.id} ({item.state}) has no execution record yet: "
-                           "it has not run")
-    ended = [r for r in records if r.result != "lost"]
-    if not ended:
-        raise InvalidInput(
-            f"work item {work_id}: every attempt was lost with its engine ({len(records)}), "
-            "so what they were bound to is not known: nothing to compare (see animus work "
-            "explain)")
-    return ended[-1]
-
-
 async def explain(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         item = await db.get_work_item(args.id)
@@ -196,53 +179,23 @@ async def explain(args: argparse.Namespace) -> int:
 
 
 async def diff(args: argparse.Namespace) -> int:
-    from animus_core.values.records import diff as diff_records
-    from animus_core.values.records import verdict
+    from animus_core.governance.records import compare
 
     async with await open_db() as db:
-        a, b = await db.get_work_item(args.a), await db.get_work_item(args.b)
-        ra, rb = await _last_record(db, a.id), await _last_record(db, b.id)
-        differences = diff_records(ra, rb, params_a=a.params, params_b=b.params,
-                                   outcome_a=a.outcome.data, outcome_b=b.outcome.data)
-        scripts = await _script_diffs(db, ra, rb, differences)
+        c = await compare(db, args.a, args.b)
     if args.json:
-        print_json({"a": str(a.id), "b": str(b.id), "verdict": verdict(differences),
-                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()},
-                    "files": scripts})
+        print_json({"a": str(c.a.id), "b": str(c.b.id), "verdict": c.verdict,
+                    "differences": {k: {"a": v[0], "b": v[1]}
+                                    for k, v in c.differences.items()},
+                    "files": c.files})
         return 0
-    print(f"a: {a.id} ({a.state}, attempt {ra.attempt})\n"
-          f"b: {b.id} ({b.state}, attempt {rb.attempt})")
-    print(verdict(differences))
-    for field, (va, vb) in differences.items():
+    print(f"a: {c.a.id} ({c.a.state}, attempt {c.record_a.attempt})\n"
+          f"b: {c.b.id} ({c.b.state}, attempt {c.record_b.attempt})")
+    print(c.verdict)
+    for field, (va, vb) in c.differences.items():
         print(f"  {field}\n    a: {_value(va)}\n    b: {_value(vb)}")
-    _print_script_diffs(scripts)
+    _print_script_diffs(c.files)
     return 0
-
-
-async def _script_diffs(db: Db, ra: ExecutionRecord, rb: ExecutionRecord,
-                        differences: dict[str, tuple[Any, Any]]) -> dict[str, str | None]:
-    """For each faculty file whose digest differs: its unified diff, when the text of both
-    versions was kept (None when one is not: too big, binary, or run before it was kept)."""
-    import difflib
-
-    from animus_core.values.records import changed_files
-
-    changed = changed_files(ra, rb, differences)
-    if not changed:
-        return {}
-    texts = await db.faculty_files([d for *_, da, dbb in changed for d in (da, dbb)])
-    out: dict[str, str | None] = {}
-    for field, path_a, path_b, da, dbb in changed:
-        if da not in texts or dbb not in texts:
-            out[field] = None
-            continue
-        lines = difflib.unified_diff(
-            texts[da].splitlines(keepends=True), texts[dbb].splitlines(keepends=True),
-            fromfile=f"a/{path_a.lstrip('/')}", tofile=f"b/{path_b.lstrip('/')}")
-        # as git prints a last line without its newline
-        out[field] = "".join(line if line.endswith("\n") else f"{line}\n\\ No newline at end "
-                             "of file\n" for line in lines)
-    return out
 
 
 def _print_script_diffs(scripts: dict[str, str | None]) -> None:
@@ -261,8 +214,7 @@ def _value(value: Any) -> str:
 
 
 async def rerun(args: argparse.Namespace) -> int:
-    from animus_core.values.records import diff as diff_records
-    from animus_core.values.records import verdict
+    from animus_core.governance.records import compare
 
     async with cli_animus() as animus:
         db = animus.db
@@ -286,21 +238,18 @@ async def rerun(args: argparse.Namespace) -> int:
             print(f"rerun {created.id} is still {item.state} after {args.timeout:g}s "
                   "(is an engine running?)", file=sys.stderr)
             return 1
-        ra, rb = await _last_record(db, old.id), await _last_record(db, item.id)
-        differences = diff_records(ra, rb, params_a=old.params, params_b=item.params,
-                                   outcome_a=old.outcome.data, outcome_b=item.outcome.data)
-        scripts = await _script_diffs(db, ra, rb, differences)
-    outcome = verdict(differences)
+        c = await compare(db, old.id, item.id)
     if args.json:
-        print_json({"rerun_id": str(item.id), "verdict": outcome,
-                    "differences": {k: {"a": v[0], "b": v[1]} for k, v in differences.items()},
-                    "files": scripts})
+        print_json({"rerun_id": str(item.id), "verdict": c.verdict,
+                    "differences": {k: {"a": v[0], "b": v[1]}
+                                    for k, v in c.differences.items()},
+                    "files": c.files})
     else:
         print(f"rerun {item.id}: {item.state}")
-        print(outcome)
-        for field, (va, vb) in differences.items():
+        print(c.verdict)
+        for field, (va, vb) in c.differences.items():
             print(f"  {field}: {va} -> {vb}")
-        _print_script_diffs(scripts)
+        _print_script_diffs(c.files)
     return 0
 
 

@@ -26,6 +26,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     home: Path
     otel_endpoint: str | None = None
+    #: a trace's page in the tracing backend, with ``{trace_id}`` in it (the console links it)
+    trace_url: str | None = None
     metric_interval_ms: int = 10_000
     log_level: str = "info"
     faculties_dir: Path = Path("faculties")
@@ -53,11 +55,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
         if level not in _LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL={level!r} is not one of {', '.join(_LOG_LEVELS)}")
+        trace_url = env.get("ANIMUS_TRACE_URL") or None
+        if trace_url is not None and not (trace_url.startswith(("http://", "https://"))
+                                          and "{trace_id}" in trace_url):
+            raise ConfigError(
+                f"ANIMUS_TRACE_URL={trace_url!r} must be an http(s) URL with {{trace_id}} in it, "
+                "such as http://localhost:16686/trace/{trace_id}")
         home = env.get("ANIMUS_HOME") or platformdirs.user_data_dir("animus", appauthor=False)
         return cls(
             database_url=url,
             home=Path(home).expanduser(),
             otel_endpoint=env.get("OTEL_ENDPOINT") or None,
+            trace_url=trace_url,
             metric_interval_ms=_positive_int(env, "OTEL_METRIC_EXPORT_INTERVAL") or 10_000,
             log_level=level,
             faculties_dir=Path(env.get("ANIMUS_FACULTIES") or "faculties"),

@@ -57,7 +57,9 @@ class Heartbeat:
             heartbeat_seconds=self.interval, concurrency=self._concurrency,
             queues=list(self._queues),
             faculties=[FacultyInfo(name=f.name, origin=f.origin, accepts=list(f.accepts),
-                                   max_concurrent=f.max_concurrent) for f in facs],
+                                   max_concurrent=f.max_concurrent, timeout=f.timeout,
+                                   rate_limit=f.rate_limit, max_attempts=f.max_attempts,
+                                   example=f.example) for f in facs],
             disabled=dict(self._disabled), schedules=self._schedules())
 
     def _schedules(self) -> list[ScheduleInfo]:

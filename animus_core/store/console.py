@@ -17,7 +17,7 @@ from animus_core.values.engines import Engine
 from animus_core.values.states import State
 
 __all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
-           "console_password_hash", "finished_by_minute", "list_console_users",
+           "console_password_hash", "finished_by_minute", "latest_ticks", "list_console_users",
            "live_counts", "overview", "remove_console_user", "save_console_user"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
@@ -194,6 +194,16 @@ async def finished_by_minute(db: DbBase, since: datetime) -> list[Minute]:
                     WHERE state = 'dead' AND resolved_at >= $1 GROUP BY 1) x
                 GROUP BY m ORDER BY m""", since)
     return [Minute(at=r[0], finished=r[1], dead=r[2]) for r in rows]
+
+
+async def latest_ticks(db: DbBase, names: list[str]) -> dict[str, datetime]:
+    """The latest tick of each of the schedules ``names`` that has ticked (an index probe
+    each)."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            """SELECT n, (SELECT max(tick) FROM animus.schedule_ticks WHERE name = n)
+                 FROM unnest($1::text[]) n""", names)
+    return {r[0]: r[1] for r in rows if r[1] is not None}
 
 
 async def audit_extent(db: DbBase) -> tuple[int, int]:

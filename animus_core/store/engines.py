@@ -10,11 +10,11 @@ from uuid import UUID
 import msgspec
 
 from animus_core.store.base import DbBase
-from animus_core.values.engines import Beat, EngineInfo, ScheduleInfo
+from animus_core.values.engines import Beat, Engine, EngineInfo, ScheduleInfo
 from animus_core.values.errors import InvalidInput
 from animus_core.values.work import as_uuid
 
-__all__ = ["deregister", "heartbeat", "register", "stop_engines"]
+__all__ = ["deregister", "heartbeat", "register", "registered", "stop_engines"]
 
 CHANNEL = "animus_engines"
 
@@ -62,3 +62,17 @@ async def stop_engines(db: DbBase, engine: UUID | str | None = None, *,
     async with db.connection() as conn:
         rows = await conn.fetch("SELECT * FROM animus.stop_engines($1, $2)", target, grace)
     return [r[0] for r in rows]
+
+
+_engines = msgspec.json.Decoder(list[Engine])
+
+
+async def registered(db: DbBase) -> list[Engine]:
+    """The registered engines, live and lost, oldest first (the reader role reads them)."""
+    async with db.connection() as conn:
+        text = await conn.fetchval(
+            """SELECT coalesce(jsonb_agg(to_jsonb(e) || jsonb_build_object(
+                                             'lost', animus.engine_lost(e))
+                                         ORDER BY e.started_at, e.id), '[]')::text
+                 FROM animus.engines e""")
+    return _engines.decode(text)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -16,12 +17,19 @@ __all__ = ["Beat", "Engine", "EngineInfo", "FacultyInfo", "ScheduleInfo", "Stuck
 
 
 class FacultyInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A faculty an engine loaded: where it came from, what it accepts, its limit."""
+    """A faculty an engine loaded: where it came from, what it accepts, its limits, and the
+    sample params it declares (the console's submit form starts from them)."""
 
     name: str
     origin: str
     accepts: list[str]
     max_concurrent: int
+    #: seconds each phase may take, foci started per second, attempts (None: no limit, or
+    #: the work item's own for attempts)
+    timeout: float | None = None
+    rate_limit: float | None = None
+    max_attempts: int | None = None
+    example: dict[str, Any] | None = None
 
 
 class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -93,7 +93,7 @@ class Hub:
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         try:
-            yield b": connected\n\n"
+            yield b"retry: 1000\n: connected\n\n"  # after a lost feed, try again in 1 s
             if since is not None:
                 for audit_id, message in list(self._recent):
                     if audit_id > since:

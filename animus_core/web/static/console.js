@@ -24,6 +24,22 @@
       });
   }
 
+  function typing() {
+    return document.activeElement && document.activeElement.matches("input, textarea, select");
+  }
+
+  // After the feed was lost (the console restarted, the network dropped) this page may have
+  // missed changes: the item page fetches itself again, any other page reloads, unless the
+  // person is typing.
+  let broken = false;
+  source.addEventListener("error", function () { broken = true; });
+  source.addEventListener("open", function () {
+    if (!broken) return;
+    broken = false;
+    if (live === "work-item") refreshItem();
+    else if (!typing()) location.reload();
+  });
+
   function setState(el, state) {
     el.textContent = state;
     el.className = el.className.replace(/\bstate-\S+/g, "").trim() + " state-" + state;
@@ -37,6 +53,12 @@
         setState(document.getElementById("state"), c.state);
         clearTimeout(refreshTimer);  // one fetch for a burst of changes
         refreshTimer = setTimeout(refreshItem, 150);
+      }
+    } else if (live === "diff") {
+      const pair = document.getElementById("pair");
+      if (pair && (pair.dataset.a === c.work_id || pair.dataset.b === c.work_id) && !typing()) {
+        clearTimeout(refreshTimer);
+        refreshTimer = setTimeout(function () { location.reload(); }, 300);
       }
     } else if (live === "work-list") {
       const row = document.querySelector('tr[data-id="' + CSS.escape(c.work_id) + '"]');
