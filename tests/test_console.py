@@ -32,6 +32,7 @@ from animus_core.values.errors import PermissionDenied
 from animus_core.values.schedules import Schedule
 from animus_core.web import LoginLimiter, add_person
 from animus_core.web.people import person_url
+from benchmarks.bench_console import fill
 from tests.conftest import TEMPLATE, scratch_database
 from tests.engine_helpers import run_engine, wait_finished, wait_until
 
@@ -140,20 +141,22 @@ def start_console(env: dict[str, str], port: int, log: Path) -> subprocess.Popen
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-async def console(console_db: tuple[str, Db], animus_home: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """``animus web`` on a free port: its base URL."""
-    url, _db = console_db
-    port = free_port()
-    log = tmp_path_factory.mktemp("console") / "web.log"
-    env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(animus_home),
+def read_log(log: Path) -> str:
+    return log.read_text()
+
+
+@contextlib.asynccontextmanager
+async def console_process(url: str, home: Path, log: Path,
+                          port: int | None = None) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``animus web`` over the database ``url`` on ``port`` (a free one if None): its base URL
+    and process, stopped (if still running) at the end."""
+    port = port or free_port()
+    env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(home),
            "ANIMUS_WEB_SECRET": SECRET, "ANIMUS_TRACE_URL": TRACES, "ANTHROPIC_API_KEY": API_KEY}
     proc = start_console(env, port, log)
-    base = f"http://127.0.0.1:{port}"
 
     async def up() -> bool:
-        assert proc.poll() is None, log.read_text()
+        assert proc.poll() is None, read_log(log)
         with contextlib.suppress(OSError):
             _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
@@ -162,13 +165,24 @@ async def console(console_db: tuple[str, Db], animus_home: Path,
 
     try:
         await wait_until(up, 30, interval=0.1, message="the console to listen")
-        yield base
+        yield f"http://127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def console(console_db: tuple[str, Db], animus_home: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """``animus web`` on a free port: its base URL."""
+    log = tmp_path_factory.mktemp("console") / "web.log"
+    async with console_process(console_db[0], animus_home, log) as (base, _proc):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -598,3 +612,76 @@ async def test_no_page_shows_a_secret(
             await page.goto(f"/work/{created.id}")
             await expect(page.locator("pre").nth(1)).to_contain_text(
                 "[redacted CONSOLE_TEST_TOKEN]")
+
+
+@pytest.fixture(scope="module")
+async def big_console(server_url: str, template_url: str, animus_home: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A console over 100,000 work items (90% completed, 5% dead, 4% queued, 1% waiting, of
+    20 types, four audit rows each), made as the console benchmark makes them."""
+    async with scratch_database(server_url, template=TEMPLATE) as url:
+        await fill(url, BIG)
+        db = await Db.connect(url, max_size=2, actor="test")
+        try:
+            await add_person(db, SECRET.encode(), BOB, "reader", PASSWORD)
+        finally:
+            await db.close()
+        log = tmp_path_factory.mktemp("big-console") / "web.log"
+        async with console_process(url, animus_home, log) as (base, _proc):
+            yield base
+
+
+BIG = 100_000
+
+
+async def test_the_work_list_over_a_hundred_thousand_items(
+        browser: Browser, big_console: str) -> None:
+    async with signed_in(browser, big_console, BOB) as page:
+        await expect(page.locator("#count-queued")).to_have_text(str(BIG * 4 // 100))
+        await expect(page.locator("#count-waiting")).to_have_text(str(BIG // 100))
+        await page.goto("/work")
+        seen: list[str] = []
+        for _ in range(4):  # newest first, fifty to a page, no item twice
+            rows = page.locator("#work tr[data-id]")
+            await expect(rows).to_have_count(50)
+            ids = await rows.evaluate_all("rows => rows.map(r => r.dataset.id)")
+            assert not set(ids) & set(seen)
+            seen += ids
+            await page.get_by_text("Older →").click()
+        await page.goto("/work?state=dead&type=bench.type10")  # g % 100 == 90, g % 20 == 10
+        states = page.locator("#work tr[data-id] td.state")
+        await expect(states).to_have_count(50)
+        assert set(await states.all_inner_texts()) == {"dead"}
+        types = await page.locator("#work tr[data-id] td:nth-child(2)").all_inner_texts()
+        assert set(types) == {"bench.type10"}
+        await page.locator("#work tr[data-id] a").first.click()
+        await expect(page.locator("#state")).to_have_text("dead")
+        await expect(page.locator("#timeline tr")).to_have_count(5)  # a header, four rows
+
+
+async def test_pages_catch_up_after_the_console_is_killed(
+        browser: Browser, console_db: tuple[str, Db], animus_home: Path,
+        tmp_path: Path) -> None:
+    """SIGKILL of the console under viewers: nothing is lost (it keeps nothing), and open
+    pages reconnect, still signed in, and show what changed while it was down."""
+    url, db = console_db
+    port = free_port()
+    async with console_process(url, animus_home, tmp_path / "one.log", port) as (base, proc), \
+            contextlib.AsyncExitStack() as pages:
+        viewers = [await pages.enter_async_context(signed_in(browser, base, name))
+                   for name in (BOB, ALICE, OLGA)]
+        queued = int(await viewers[0].locator("#count-queued").inner_text())
+        loaded = [await page.evaluate("performance.timeOrigin") for page in viewers]
+        proc.kill()
+        proc.wait()
+        created = await db.submit_work(NewWorkItem("console.killed", source="test"))
+        async with console_process(url, animus_home, tmp_path / "two.log", port):
+            for page in viewers:
+                await expect(page.locator("#count-queued")).to_have_text(
+                    str(queued + 1), timeout=15_000)
+                await expect(page.locator("#who")).to_be_visible()
+            # each page reloaded itself once the feed came back: it may have missed changes
+            now = [await page.evaluate("performance.timeOrigin") for page in viewers]
+            assert all(a != b for a, b in zip(now, loaded, strict=True))
+            await viewers[0].goto(f"/work/{created.id}")
+            await expect(viewers[0].locator("#state")).to_have_text("queued")
