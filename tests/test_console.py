@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import os
 import shutil
 import socket
@@ -253,19 +254,70 @@ async def test_sign_in_attempts_are_limited(browser: Browser, console: str) -> N
         await context.close()
 
 
+async def test_sign_in_attempts_sent_at_once_are_limited_all_the_same(
+        browser: Browser, console: str) -> None:
+    context = await browser.new_context(base_url=console)
+    try:
+        page = await context.new_page()
+        await page.goto("/login")
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value") or ""
+        responses = await asyncio.gather(*(
+            page.request.post("/login", form={"name": "console_nobody_2", "csrf": csrf,
+                                              "password": f"wrong guess {n}"})
+            for n in range(12)))
+        statuses = sorted(r.status for r in responses)
+        assert statuses == [401] * 5 + [429] * 7  # counted as they come, not as they end
+    finally:
+        await context.close()
+
+
+async def test_a_body_longer_than_the_page_reads_is_refused_unread(
+        browser: Browser, console: str) -> None:
+    context = await browser.new_context(base_url=console)
+    try:
+        r = await context.request.post("/login", form={"name": "x" * 200_000, "password": "y"})
+        assert r.status == 413
+        assert "more than the 16,384 this page reads" in await r.text()
+        r = await context.request.post("/submit", form={"params": "x" * 4_000_000})
+        assert r.status == 413
+    finally:
+        await context.close()
+
+
+async def test_signing_out_ends_every_session_of_the_person(
+        browser: Browser, console: str, console_db: tuple[str, Db]) -> None:
+    async with signed_in(browser, console, ADA) as page:
+        copied = await page.context.storage_state()  # the same cookie, on another device
+        other = await browser.new_context(base_url=console, storage_state=copied)
+        try:
+            elsewhere = await other.new_page()
+            await elsewhere.goto("/work")
+            await expect(elsewhere.locator("#who")).to_contain_text(ADA)
+            await page.locator("form.who button").click()
+            await expect(page).to_have_url(f"{console}/login")
+            await elsewhere.goto("/work?state=dead")
+            await expect(elsewhere).to_have_url(f"{console}/login?next=%2Fwork%3Fstate%3Ddead")
+            events = await other.request.get("/events")
+            assert events.status == 401
+        finally:
+            await other.close()
+    async with signed_in(browser, console, ADA) as page:  # signing in again works
+        await page.goto("/engines")
+        await expect(page.locator("#who")).to_contain_text(ADA)
+
+
 def test_the_limiter_counts_per_name_and_per_client() -> None:
     limiter = LoginLimiter(attempts=2, window=60, per_client=3)
-    limiter.failed("a", "1.1.1.1")
-    assert limiter.retry_after("a", "2.2.2.2") == 0
-    limiter.failed("a", "2.2.2.2")
-    assert limiter.retry_after("a", "3.3.3.3") > 0  # the name: two failures
-    assert limiter.retry_after("b", "3.3.3.3") == 0
-    limiter.succeeded("a")
-    assert limiter.retry_after("a", "3.3.3.3") == 0
-    limiter.failed("c", "1.1.1.1")
-    limiter.failed("d", "1.1.1.1")
-    assert limiter.retry_after("e", "1.1.1.1") > 0  # the client: three failures
-    assert limiter.retry_after("e", "4.4.4.4") == 0
+    assert limiter.attempt("a", "1.1.1.1") == 0  # each attempt counts until it succeeds
+    assert limiter.attempt("a", "2.2.2.2") == 0
+    assert limiter.attempt("a", "3.3.3.3") > 0  # the name: two attempts
+    assert limiter.attempt("b", "3.3.3.3") == 0
+    limiter.succeeded("a", "2.2.2.2")  # forgets the name's, and this attempt of the client's
+    assert limiter.attempt("a", "3.3.3.3") == 0
+    assert limiter.attempt("c", "1.1.1.1") == 0
+    assert limiter.attempt("d", "1.1.1.1") == 0
+    assert limiter.attempt("e", "1.1.1.1") > 0  # the client: three attempts
+    assert limiter.attempt("e", "4.4.4.4") == 0
 
 
 async def test_watch_an_item_run_to_completion_without_reloading(
@@ -400,6 +452,35 @@ async def test_markup_in_params_is_shown_as_text(
         assert await page.evaluate("window.pwned") is None
         assert await page.locator("img[src=x]").count() == 0
         assert dialogs == []
+
+
+async def test_odd_input_gets_a_clear_answer_never_an_error(
+        browser: Browser, console: str) -> None:
+    async with signed_in(browser, console, OLGA) as page:
+        for path in ("/work?type=%00", "/dead?type=a%00b", "/work?source=%00"):
+            r = await page.request.get(path)
+            assert r.status == 400, path
+            assert "NUL character" in await r.text()
+        await page.goto("/work?since=999d")
+        await expect(page.locator(".flash")).to_contain_text("since '999d' is not one of 1h,")
+        await page.goto("/engines")
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value") or ""
+        r = await page.request.post("/engines/zzz/stop", form={"csrf": csrf, "back": "/engines"})
+        assert "not an id: 'zzz'" in html.unescape(await r.text())
+        r = await page.request.post("/work/" + "7" * 36 + "/retry",
+                                    form={"csrf": csrf, "back": "/dead", "from_step": "s" * 6000})
+        assert r.ok  # a message that would not fit the cookie is cut short, not lost
+        assert "not an id" in await r.text()
+    anonymous = await browser.new_context(base_url=console)
+    try:
+        page = await anonymous.new_page()
+        await page.goto("/login")
+        await page.fill("input[name=name]", "nul\x00name")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("form.login button")
+        await expect(page.locator(".flash")).to_have_text("wrong name or password")
+    finally:
+        await anonymous.close()
 
 
 async def test_signal_a_waiting_item_and_watch_it_resume(

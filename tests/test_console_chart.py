@@ -12,8 +12,8 @@ from animus_core.web.throughput import HEIGHT, MINUTES, Throughput
 NOW = datetime(2026, 12, 3, 12, 30, 20, tzinfo=UTC)
 
 
-def change(to: str, at: datetime) -> Change:
-    return Change(id=1, work_id=uuid4(), event=to, from_state="running", to_state=to,
+def change(to: str, at: datetime, audit_id: int = 1) -> Change:
+    return Change(id=audit_id, work_id=uuid4(), event=to, from_state="running", to_state=to,
                   db_user="engine", at=at, state=to, work_type="t", reason=None)
 
 
@@ -50,6 +50,16 @@ def test_the_seed_replaces_the_minutes_before_now_and_keeps_the_current_one() ->
     chart = t.chart(NOW)
     assert [b.title for b in chart.bars[-3:]] == ["12:28: 40 finished, 3 dead",
                                                   "12:29: 10 finished", "12:30: 1 finished"]
+
+
+def test_what_the_seed_counted_the_feed_does_not_count_again() -> None:
+    t = Throughput()
+    t.seed([Minute(at=NOW - timedelta(minutes=1), finished=5, dead=0)], NOW, upto=50)
+    t.add(change("completed", NOW - timedelta(minutes=1), audit_id=50))  # read late: counted
+    t.add(change("completed", NOW - timedelta(minutes=1), audit_id=51))  # after the seed
+    t.add(change("completed", NOW, audit_id=49))  # the current minute: the feed's own
+    assert [b.title for b in t.chart(NOW).bars[-2:]] == ["12:29: 6 finished",
+                                                         "12:30: 1 finished"]
 
 
 def test_the_depth_holds_between_counts_and_starts_with_the_first() -> None:

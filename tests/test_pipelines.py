@@ -23,7 +23,7 @@ from uuid import UUID
 import pytest
 
 from animus_core import NewWorkItem, State
-from animus_core.faculties.pipelines import load, order, parse, plan, resolve
+from animus_core.faculties.pipelines import MAX_STAGES, load, order, parse, plan, resolve
 from animus_core.faculties.plugins import Faculties
 from animus_core.faculties.toml import load_dir
 from animus_core.governance.rules import RuleSet
@@ -316,6 +316,26 @@ def test_a_transitive_dependency_may_be_referenced(tmp_path: Path) -> None:
         params = { x = "${a.rows}", y = "${b}" }
     """))
     assert order(p) == ["a", "b", "c"]
+
+
+def chain(n: int) -> dict[str, Any]:
+    """A pipeline of ``n`` stages, each depending on (and referring to) the one before,
+    listed last first."""
+    stages = [{"name": f"s{i}", "work_type": "echo",
+               **({"depends_on": [f"s{i - 1}"], "params": {"x": f"${{s{i - 1}.x}}"}} if i else {})}
+              for i in range(n)]
+    return {"pipeline": {"name": "long"}, "stage": stages[::-1]}
+
+
+def test_a_pipeline_of_the_most_stages_parses_in_order() -> None:
+    p = parse(chain(MAX_STAGES), "long")  # a chain, listed backwards: no recursion limit
+    assert order(p) == [f"s{i}" for i in range(MAX_STAGES)]
+
+
+def test_a_pipeline_of_too_many_stages_is_refused_saying_so() -> None:
+    with pytest.raises(ConfigError, match=rf"long: a pipeline has at most {MAX_STAGES} "
+                                          rf"stages, this one has {MAX_STAGES + 1}"):
+        parse(chain(MAX_STAGES + 1), "long")
 
 
 def test_plan_rejects_work_types_no_faculty_accepts(tmp_path: Path, faculties: Path) -> None:

@@ -12,7 +12,7 @@ import msgspec
 
 from animus_core.cli.context import cli_animus, open_db
 from animus_core.cli.output import print_json, print_table, seconds
-from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan
+from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan, stage_items
 from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
 from animus_core.values.work import Created, NewWorkItem
@@ -95,14 +95,11 @@ async def status_cmd(args: argparse.Namespace) -> int:
         parent = await db.get_work_item(args.id)
         children = await db.list_work(parent_id=parent.id, limit=10_000)
     pipeline: Pipeline = parse(parent.params.get("pipeline"), f"pipeline item {parent.id}")
-    by_stage = {}
-    for c in sorted(children, key=lambda c: c.created_at):
-        name = (c.provenance.trigger or "").removeprefix("stage:")
-        if c.state != "merged":
-            by_stage[name] = c
+    by_stage = stage_items(children)
+    stages = pipeline.stages
     rows: list[dict[str, Any]] = []
     for name in order(pipeline):
-        s = pipeline.stages[name]
+        s = stages[name]
         child = by_stage.get(name)
         rows.append({"stage": name, "after": s.depends_on, "work_type": s.work_type,
                      "state": str(child.state) if child else "pending",

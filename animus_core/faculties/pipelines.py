@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,13 @@ from animus_core.governance.rules import Decision, RuleSet
 from animus_core.store.roles import check_gate_role
 from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError, InvalidInput
-from animus_core.values.work import NewWorkItem
+from animus_core.values.work import NewWorkItem, WorkItem
 
-__all__ = ["Pipeline", "PipelineFaculty", "Stage", "load", "order", "plan"]
+__all__ = ["MAX_STAGES", "Pipeline", "PipelineFaculty", "Stage", "load", "order", "plan",
+           "stage_items"]
 
+#: stages of one pipeline at the most (its plan, its graph and each wave are read whole)
+MAX_STAGES = 500
 _REF = re.compile(r"\$\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_-]+)*)\}")
 
 
@@ -91,7 +95,9 @@ def _refs(value: Any) -> list[str]:
 
 
 def order(p: Pipeline, where: str = "pipeline") -> list[str]:
-    """Stage names in dependency order; raises on unknown dependencies and cycles."""
+    """Stage names in dependency order (each after its dependencies, else in the order
+    declared); raises on unknown dependencies and cycles. Linear in stages and dependencies,
+    with no recursion."""
     stages = p.stages
     for s in p.stage:
         for dep in s.depends_on:
@@ -99,35 +105,50 @@ def order(p: Pipeline, where: str = "pipeline") -> list[str]:
                 raise ConfigError(f"{where}: stage {s.name!r} depends on unknown stage {dep!r}")
         if s.gate is not None:
             check_gate_role(s.gate.role, f"{where}: stage {s.name!r} gate")
-    done: list[str] = []
-    visiting: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        if name in visiting:
-            cycle = [*visiting[visiting.index(name):], name]
-            raise ConfigError(f"{where}: stages form a cycle: {' -> '.join(cycle)}")
-        visiting.append(name)
-        for dep in stages[name].depends_on:
-            visit(dep)
-        visiting.pop()
-        done.append(name)
-
+    done: dict[str, None] = {}  # ordered, and a set
     for s in p.stage:
-        visit(s.name)
-    return done
+        if s.name in done:
+            continue
+        path: list[str] = [s.name]  # the stages being visited, outermost first
+        todo = [iter(stages[s.name].depends_on)]
+        on_path = {s.name}
+        while todo:
+            nxt: str | None = next(todo[-1], None)
+            if nxt is None:
+                todo.pop()
+                name = path.pop()
+                on_path.discard(name)
+                done[name] = None
+            elif nxt in on_path:
+                cycle = [*path[path.index(nxt):], nxt]
+                raise ConfigError(f"{where}: stages form a cycle: {' -> '.join(cycle)}")
+            elif nxt not in done:
+                path.append(nxt)
+                on_path.add(nxt)
+                todo.append(iter(stages[nxt].depends_on))
+    return list(done)
 
 
-def _ancestors(p: Pipeline, name: str) -> set[str]:
+def _ancestors(stages: dict[str, Stage], name: str) -> set[str]:
     out: set[str] = set()
-    todo = list(p.stages[name].depends_on)
+    todo = list(stages[name].depends_on)
     while todo:
         dep = todo.pop()
         if dep not in out:
             out.add(dep)
-            todo.extend(p.stages[dep].depends_on)
+            todo.extend(stages[dep].depends_on)
     return out
+
+
+def stage_items(children: Iterable[WorkItem]) -> dict[str, WorkItem]:
+    """Each stage's work item among a pipeline item's ``children``: the latest submitted for
+    it that was not merged into another."""
+    by_stage: dict[str, WorkItem] = {}
+    for c in sorted(children, key=lambda c: c.created_at):
+        trigger = c.provenance.trigger or ""
+        if trigger.startswith("stage:") and c.state != "merged":
+            by_stage[trigger.removeprefix("stage:")] = c
+    return by_stage
 
 
 def load(path: Path) -> Pipeline:
@@ -147,14 +168,18 @@ def parse(raw: Any, where: str) -> Pipeline:
         raise ConfigError(f"{where}: {str(e).replace('`$.', '`')}") from None
     if not p.stage:
         raise ConfigError(f"{where}: a pipeline needs at least one [[stage]]")
-    names = [s.name for s in p.stage]
-    dupes = {n for n in names if names.count(n) > 1}
+    if len(p.stage) > MAX_STAGES:
+        raise ConfigError(f"{where}: a pipeline has at most {MAX_STAGES} stages, this one has "
+                          f"{len(p.stage)}; split it into smaller ones")
+    dupes = {n for n, k in Counter(s.name for s in p.stage).items() if k > 1}
     if dupes:
         raise ConfigError(f"{where}: stage names must be unique: {sorted(dupes)}")
     order(p, where)
+    stages = p.stages
     for s in p.stage:
-        ancestors = _ancestors(p, s.name)
-        for ref in _refs(s.params):
+        refs = _refs(s.params)
+        ancestors = _ancestors(stages, s.name) if refs else set()
+        for ref in refs:
             if ref not in ancestors:
                 raise ConfigError(f"{where}: stage {s.name!r} refers to ${{{ref}...}}, which "
                                   f"is not one of its dependencies")
@@ -175,8 +200,9 @@ def plan(p: Pipeline, faculties: Faculties, rules: RuleSet, *, source: str) -> l
     """What would run, in order; raises ConfigError for work types no faculty accepts."""
     out = []
     unknown = []
+    stages = p.stages
     for name in order(p):
-        s = p.stages[name]
+        s = stages[name]
         fac = faculties.by_type.get(s.work_type)
         if fac is None:
             unknown.append(f"{name} ({s.work_type})")
@@ -250,12 +276,13 @@ class PipelineFaculty(Faculty):
     async def engage(self, focus: Focus, oriented: Any) -> Any:
         p: Pipeline = oriented
         names = order(p)
+        stages = p.stages
         ended: dict[str, ChildResult] = {}
         while len(ended) < len(names):
             # a wave: every stage whose dependencies have all finished, submitted together
             wave = [n for n in names
-                    if n not in ended and all(d in ended for d in p.stages[n].depends_on)]
-            items = [self._stage_item(p, p.stages[n], focus, ended) for n in wave]
+                    if n not in ended and all(d in ended for d in stages[n].depends_on)]
+            items = [self._stage_item(p, stages[n], focus, ended) for n in wave]
             # the pipeline waits holding no slot; the last stage of the wave to end wakes it
             ended.update(zip(wave, await focus.run_children(items), strict=True))
         return {"pipeline": p.pipeline.name, "stages": {

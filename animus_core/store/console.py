@@ -18,7 +18,7 @@ from animus_core.values.states import State
 
 __all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
            "console_password_hash", "finished_by_minute", "latest_ticks", "list_console_users",
-           "live_counts", "overview", "remove_console_user", "save_console_user"]
+           "live_counts", "overview", "remove_console_user", "save_console_user", "sign_out"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
 LIVE_STATES = tuple(s.value for s in State if not s.terminal)
@@ -31,6 +31,8 @@ class ConsoleUser(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     created_at: datetime | None = None
     created_by: str | None = None
+    #: sessions signed in before this are over (migration 0033)
+    signed_out_at: datetime | None = None
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,20 +53,30 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
 async def save_console_user(conn: Any, name: str, role: str, password_hash: str) -> ConsoleUser:
     row = await conn.fetchrow(
         """INSERT INTO animus.console_users (name, role, password_hash) VALUES ($1, $2, $3)
-           ON CONFLICT (name) DO UPDATE SET role = $2, password_hash = $3
+           ON CONFLICT (name) DO UPDATE SET role = $2, password_hash = $3,
+                                            signed_out_at = now()
            RETURNING name, role, created_at, created_by""", name, role, password_hash)
     return ConsoleUser(**dict(row))
 
 
-async def console_password_hash(db: DbBase, name: str) -> tuple[ConsoleUser, str] | None:
-    """The person and their password's hash (the console's own connection reads it: no
-    animus role may)."""
+async def console_password_hash(db: DbBase,
+                                name: str) -> tuple[ConsoleUser, str, datetime] | None:
+    """The person, their password's hash, and the database's clock (the console's own
+    connection reads it: no animus role may)."""
     async with db.connection() as conn:
-        row = await conn.fetchrow("SELECT name, role, password_hash FROM animus.console_users "
-                                  "WHERE name = $1", name)
+        row = await conn.fetchrow("SELECT name, role, password_hash, signed_out_at, now() "
+                                  "FROM animus.console_users WHERE name = $1", name)
     if row is None:
         return None
-    return ConsoleUser(name=row["name"], role=row["role"]), row["password_hash"]
+    return (ConsoleUser(name=row["name"], role=row["role"], signed_out_at=row["signed_out_at"]),
+            row["password_hash"], row["now"])
+
+
+async def sign_out(db: DbBase, name: str) -> None:
+    """End every session of ``name``."""
+    async with db.connection() as conn:
+        await conn.execute("UPDATE animus.console_users SET signed_out_at = now() "
+                           "WHERE name = $1", name)
 
 
 async def list_console_users(db: DbBase) -> list[ConsoleUser]:
@@ -177,10 +189,12 @@ class Minute(msgspec.Struct, frozen=True, kw_only=True):
     dead: int
 
 
-async def finished_by_minute(db: DbBase, since: datetime) -> list[Minute]:
+async def finished_by_minute(db: DbBase, since: datetime) -> tuple[list[Minute], int]:
     """The work that finished in each minute since ``since``, oldest first (minutes with none
-    left out): two index-only ranges, however many items there are before ``since``."""
-    async with db.connection() as conn:
+    left out), and the newest audit row then (both read in one snapshot): two index-only
+    ranges, however many items there are before ``since``."""
+    async with db.connection() as conn, conn.transaction(isolation="repeatable_read",
+                                                          readonly=True):
         rows = await conn.fetch(
             """SELECT m, sum(finished)::int, sum(dead)::int FROM (
                    SELECT date_trunc('minute', resolved_at) AS m, count(*) AS finished,
@@ -193,7 +207,8 @@ async def finished_by_minute(db: DbBase, since: datetime) -> list[Minute]:
                      FROM animus.work_items
                     WHERE state = 'dead' AND resolved_at >= $1 GROUP BY 1) x
                 GROUP BY m ORDER BY m""", since)
-    return [Minute(at=r[0], finished=r[1], dead=r[2]) for r in rows]
+        upto = await conn.fetchval("SELECT coalesce(max(id), 0) FROM animus.audit_log")
+    return [Minute(at=r[0], finished=r[1], dead=r[2]) for r in rows], upto
 
 
 async def latest_ticks(db: DbBase, names: list[str]) -> dict[str, datetime]:

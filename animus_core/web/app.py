@@ -33,7 +33,15 @@ from animus_core.values.errors import AnimusError, DatabaseUnavailable, Permissi
 from animus_core.web import pages
 from animus_core.web.people import Person
 from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
-from animus_core.web.site import HERE, SESSION_HOURS, Site, next_path, now
+from animus_core.web.site import (
+    HERE,
+    LOGIN_BODY,
+    SESSION_HOURS,
+    Site,
+    form_body,
+    next_path,
+    now,
+)
 
 __all__ = ["console_app"]
 
@@ -59,6 +67,46 @@ class _Headers:
                     (b"x-frame-options", b"DENY")])
             await send(message)
         await self.app(scope, receive, sending)
+
+
+class _BodyLimit:
+    """Requests with a body say how long it is (Content-Length), and it is not longer than
+    the console reads: a sign-in a few KiB, a form a work item's params and then some. A
+    longer body is refused before it is read. A query string with a NUL character (which no
+    text in Postgres holds) is refused too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and b"%00" in scope.get("query_string", b""):
+            await _plain(send, 400, "the query string has a NUL character (%00): no value "
+                                    "of animus holds one")
+            return
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            length = dict(scope["headers"]).get(b"content-length")
+            limit = LOGIN_BODY if scope["path"] == "/login" else form_body()
+            if length is None or not length.isdigit():
+                await _plain(send, 411, "a request with a body must say its length "
+                                        "(Content-Length)")
+                return
+            if int(length) > limit:
+                await _plain(send, 413, f"the request is {int(length):,} bytes, more than the "
+                                        f"{limit:,} this page reads")
+                return
+        await self.app(scope, receive, send)
+
+
+def _audit_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    body = (text + "\n").encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = False,
@@ -93,38 +141,44 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
                          next=next_path(request.query_params.get("next", "/")), name="")
 
     async def login(request: Request) -> Response:
-        form = await request.form()
+        form = await request.form(max_fields=10)
         name, password = str(form.get("name", "")), str(form.get("password", ""))
         target = next_path(str(form.get("next", "/")))
         if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
             return Response("refused: the sign-in form's CSRF token is missing or wrong; "
                             "reload the page", status_code=403)
         client = request.client.host if request.client else "?"
-        wait = site.limiter.retry_after(name, client)
+        wait = site.limiter.attempt(name, client)
         if wait > 0:
             request.session["flash"] = (f"too many failed sign-ins: try again in "
                                         f"{int(wait) + 1} s")
             return site.page("login.html", request, None, next=target, name=name,
                              status_code=429)
-        person = await site.people.check(name, password)
+        person = await site.people.check(name, password) if "\x00" not in name else None
         if person is None:
-            site.limiter.failed(name, client)
             request.session["flash"] = "wrong name or password"
             return site.page("login.html", request, None, next=target, name=name,
                              status_code=401)
-        site.limiter.succeeded(name)
+        site.limiter.succeeded(name, client)
         request.session.clear()  # a new session: nothing carried over from before sign-in
-        request.session.update(person=person.name, csrf=new_csrf(),
-                               until=now() + SESSION_HOURS * 3600)
+        signed_at = person.now.timestamp() if person.now else now()  # the database's clock
+        request.session.update(person=person.name, csrf=new_csrf(), at=signed_at,
+                               until=now() + SESSION_HOURS * 3600.0)
         return RedirectResponse(target, status_code=303)
 
-    async def logout(_site: Site, request: Request, _person: Person) -> Response:
+    async def logout(_site: Site, request: Request, person: Person) -> Response:
+        await console.sign_out(service, person.name)  # every session of theirs, everywhere
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     async def events(_site: Site, request: Request, _person: Person) -> Response:
         since = request.query_params.get("since", "")
-        return StreamingResponse(site.hub.subscribe(int(since) if since.isdigit() else None),
+
+        async def still() -> bool:  # at each keep-alive: signed out since, or removed?
+            return await site.person(request) is not None
+
+        return StreamingResponse(site.hub.subscribe(int(since) if _audit_id(since) else None,
+                                                    still=still),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-store",
                                           "x-accel-buffering": "no"})
@@ -149,5 +203,6 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={AnimusError: refused},
                      middleware=[
         Middleware(_Headers),
+        Middleware(_BodyLimit),
         Middleware(SessionMiddleware, secret_key=secret.decode(), session_cookie="animus_session",
                    max_age=SESSION_HOURS * 3600, same_site="strict", https_only=secure_cookies)])

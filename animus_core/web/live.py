@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,10 @@ _LOOK_BACK = 256
 _BATCH = 2000
 #: seconds between two counts of the live states, at the least
 COUNTS_EVERY = 1.0
+#: events a viewer may fall behind before it is let go
+QUEUED = 1000
+#: seconds between two comments on a quiet stream (which also check the viewer may still see)
+KEEP_ALIVE = 15.0
 
 
 class Hub:
@@ -61,9 +65,10 @@ class Hub:
         self._counted = 0.0  # when (loop time), and whether a count is due
         self._count_due = True
         self._seeding: asyncio.Task[None] | None = None
+        self._started_at = 0  # the newest audit row when the hub started
 
     async def start(self) -> None:
-        self._last = (await audit_extent(self.db))[0]
+        self._last = self._started_at = (await audit_extent(self.db))[0]
         self._task = asyncio.create_task(self._run(), name="animus-web-hub")
         self._seeding = asyncio.create_task(self._seed(), name="animus-web-chart")
 
@@ -86,11 +91,16 @@ class Hub:
         """The newest audit row sent: a page rendered now asks for the changes after it."""
         return self._last
 
-    async def subscribe(self, since: int | None = None) -> AsyncIterator[bytes]:
-        """The events for one page, as Server-Sent Events, with a comment every 15 s:
-        first the changes after audit row ``since`` sent already (those that happened
-        between the page's rendering and its subscription), then each change as it comes."""
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1000)
+    async def subscribe(self, since: int | None = None, *,
+                        still: Callable[[], Awaitable[bool]] | None = None,
+                        ) -> AsyncIterator[bytes]:
+        """The events for one page, as Server-Sent Events, with a comment every
+        :data:`KEEP_ALIVE` seconds: first the changes after audit row ``since`` sent already
+        (those that happened between the page's rendering and its subscription), then each
+        change as it comes. It ends when the viewer falls :data:`QUEUED` events behind (its
+        page reconnects and catches up), or when ``still()`` says no at a keep-alive (the
+        person signed out, or may no longer sign in)."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUED)
         self._subscribers.add(queue)
         try:
             yield b"retry: 1000\n: connected\n\n"  # after a lost feed, try again in 1 s
@@ -98,11 +108,16 @@ class Hub:
                 for audit_id, message in list(self._recent):
                     if audit_id > since:
                         yield message
-            while True:
+            while queue in self._subscribers:
                 try:
-                    yield await asyncio.wait_for(queue.get(), 15.0)
+                    message = await asyncio.wait_for(queue.get(), KEEP_ALIVE)
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    if still is not None and not await still():
+                        return
+                    message = b": keep-alive\n\n"
+                if queue not in self._subscribers:  # let go while it was behind
+                    return
+                yield message
         finally:
             self._subscribers.discard(queue)
 
@@ -113,8 +128,8 @@ class Hub:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(message)
-            except asyncio.QueueFull:  # a page that stopped reading: it reloads on reconnect
-                self._subscribers.discard(queue)
+            except asyncio.QueueFull:  # a page that stopped reading: its stream ends, and
+                self._subscribers.discard(queue)  # the page reloads when it reconnects
 
     async def _run(self) -> None:
         backoff = 0.5
@@ -169,7 +184,8 @@ class Hub:
                 "id": c.id, "work_id": str(c.work_id), "event": c.event, "from": c.from_state,
                 "to": c.to_state, "by": c.db_user, "at": c.at.isoformat(), "state": c.state,
                 "work_type": c.work_type, "reason": c.reason}, c.id)
-            self.throughput.add(c)
+            if c.id > self._started_at:  # the seed counted what finished before
+                self.throughput.add(c)
         if fresh:
             self._count_due = True
 
@@ -193,8 +209,8 @@ class Hub:
         """The chart's hour before the console started, read once."""
         now = datetime.now(UTC)
         try:
-            minutes = await finished_by_minute(self.db, now - timedelta(minutes=MINUTES))
+            minutes, upto = await finished_by_minute(self.db, now - timedelta(minutes=MINUTES))
         except AnimusError as e:
             _log.warning("the chart starts empty: %s", e)
             return
-        self.throughput.seed(minutes, now)
+        self.throughput.seed(minutes, now, upto)

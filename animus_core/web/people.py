@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+from datetime import datetime
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
@@ -37,13 +38,15 @@ __all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "list_people", "per
            "remove_person"]
 
 MIN_PASSWORD = 12
+#: password checks that run at once, at the most
+HASHING = 2
 _hasher = PasswordHasher()  # argon2id, memory-hard (64 MiB, 3 passes)
 #: what the console offers each role (the database has the last word)
 _OFFERS: dict[str, frozenset[str]] = {
-    "reader": frozenset(), "submitter": frozenset({"signal", "submit"}),
+    "reader": frozenset(), "submitter": frozenset({"signal", "submit", "replay"}),
     "approver": frozenset({"decide"}),
-    "operator": frozenset({"signal", "submit", "cancel", "retry"}),
-    "admin": frozenset({"signal", "submit", "cancel", "retry", "decide"})}
+    "operator": frozenset({"signal", "submit", "replay", "cancel", "retry", "stop"}),
+    "admin": frozenset({"signal", "submit", "replay", "cancel", "retry", "stop", "decide"})}
 
 
 @functools.cache
@@ -54,13 +57,25 @@ def _dummy_hash() -> str:
 
 
 class Person(ConsoleUser, frozen=True, kw_only=True):
-    """Someone who may sign in: their name (also their database login role) and role."""
+    """Someone who may sign in: their name (also their database login role) and role, as
+    read at ``now`` (the database's clock)."""
+
+    now: datetime | None = None
+
+    def signed_in_since(self, at: float) -> bool:
+        """Whether a session signed in at ``at`` (a timestamp of the database's clock) is
+        still theirs: not signed out since, nor their password or role changed."""
+        return self.signed_out_at is None or at > self.signed_out_at.timestamp()
 
     def may(self, action: str) -> bool:
         """Whether the console offers ``action`` to this person. The database has the last
         word: an action offered here runs as the person, and is refused there if their role
         may not."""
         return action in _OFFERS.get(self.role, frozenset())
+
+
+def _person(user: ConsoleUser, now: datetime) -> Person:
+    return Person(name=user.name, role=user.role, signed_out_at=user.signed_out_at, now=now)
 
 
 def db_password(secret: bytes, name: str) -> str:
@@ -110,21 +125,25 @@ class People:
         self.secret = secret
         self._dbs: dict[str, Db] = {}
         self._lock = asyncio.Lock()
+        #: argon2 checks at once (each takes 64 MiB for a moment)
+        self._hashing = asyncio.Semaphore(HASHING)
 
     async def check(self, name: str, password: str) -> Person | None:
-        """The person, if ``password`` is theirs."""
+        """The person, if ``password`` is theirs, signed in now (the database's clock:
+        :meth:`Person.signed_in_since` compares with it)."""
         found = await console_password_hash(self.service, name)
         try:
-            await asyncio.to_thread(_hasher.verify, found[1] if found else _dummy_hash(),
-                                    password)
+            async with self._hashing:  # off the event loop, the dummy hash's making too
+                await asyncio.to_thread(
+                    lambda: _hasher.verify(found[1] if found else _dummy_hash(), password))
         except (VerificationError, InvalidHashError):
             return None
-        return Person(name=found[0].name, role=found[0].role) if found else None
+        return _person(found[0], found[2]) if found else None
 
     async def person(self, name: str) -> Person | None:
         """The person signed in as ``name``, as they are now (None once removed)."""
         found = await console_password_hash(self.service, name)
-        return Person(name=found[0].name, role=found[0].role) if found else None
+        return _person(found[0], found[2]) if found else None
 
     async def db(self, person: Person) -> Db:
         """A connection pool that is ``person`` in the database."""

@@ -51,38 +51,41 @@ def csrf_ok(expected: object, given: object) -> bool:
 
 
 class LoginLimiter:
-    """At most ``attempts`` failed sign-ins per name, and ``per_client`` per client address
-    (people behind one proxy share one), within ``window`` seconds; a success forgets the
-    name's failures."""
+    """At most ``attempts`` sign-ins per name that have not succeeded, and ``per_client`` per
+    client address (people behind one proxy share one), within ``window`` seconds. An attempt
+    counts from the moment it is made, so guesses sent at once are limited as guesses sent one
+    after the other; a success forgets the name's attempts."""
 
     def __init__(self, attempts: int = 5, window: float = 300.0, per_client: int = 20) -> None:
         self.attempts = attempts
         self.per_client = per_client
         self.window = window
-        self._failures: dict[str, deque[float]] = {}
+        self._tries: dict[str, deque[float]] = {}
 
-    def retry_after(self, name: str, client: str) -> float:
-        """Seconds until another attempt is allowed (0: allowed now)."""
+    def attempt(self, name: str, client: str) -> float:
+        """Seconds until another attempt is allowed (0: this one is, and it counts)."""
         now = time.monotonic()
         waits = [0.0]
         for key, limit in ((f"name:{name}", self.attempts),
                            (f"client:{client}", self.per_client)):
-            times = self._failures.get(key)
+            times = self._tries.get(key)
             if times is None:
                 continue
             while times and now - times[0] > self.window:
                 times.popleft()
             if len(times) >= limit:
                 waits.append(self.window - (now - times[0]))
-        return max(waits)
+        wait = max(waits)
+        if wait == 0:
+            for key in (f"name:{name}", f"client:{client}"):
+                self._tries.setdefault(key, deque()).append(now)
+            if len(self._tries) > 100_000:  # forget the oldest rather than grow forever
+                for key in list(self._tries)[:50_000]:
+                    del self._tries[key]
+        return wait
 
-    def failed(self, name: str, client: str) -> None:
-        now = time.monotonic()
-        for key in (f"name:{name}", f"client:{client}"):
-            self._failures.setdefault(key, deque()).append(now)
-        if len(self._failures) > 100_000:  # forget the oldest rather than grow forever
-            for key in list(self._failures)[:50_000]:
-                del self._failures[key]
-
-    def succeeded(self, name: str) -> None:
-        self._failures.pop(f"name:{name}", None)
+    def succeeded(self, name: str, client: str) -> None:
+        self._tries.pop(f"name:{name}", None)
+        times = self._tries.get(f"client:{client}")
+        if times:
+            times.pop()  # the attempt that succeeded

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 from uuid import UUID
 
 from starlette.requests import Request
@@ -25,16 +26,27 @@ from animus_core.governance.work import GovernedWork
 from animus_core.store.db import Db
 from animus_core.store.memory import Embedder
 from animus_core.values.errors import AnimusError
+from animus_core.values.limits import limits
 from animus_core.web.live import Hub
 from animus_core.web.people import People, Person
 from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
 
-__all__ = ["PAGE", "SESSION_HOURS", "Handler", "Site", "next_path"]
+__all__ = ["LOGIN_BODY", "PAGE", "SESSION_HOURS", "Handler", "Site", "form_body", "next_path"]
 
 HERE = Path(__file__).parent
 #: rows on a page of a list
 PAGE = 50
 SESSION_HOURS = 8
+#: characters of a message shown after an action, at the most (it travels in the cookie)
+FLASH = 600
+#: bytes of a sign-in's body at the most
+LOGIN_BODY = 16 * 1024
+
+
+def form_body() -> int:
+    """Bytes of a form's body at the most: a work item's largest params, URL-encoded (each
+    byte three at worst), and the form's other fields."""
+    return 3 * limits().params_bytes + 64 * 1024
 
 Handler = Callable[["Site", Request, Person], Awaitable[Response]]
 #: an action on one work item: what it did, as the flash message says it, and optionally
@@ -85,20 +97,32 @@ class Site:
         """``handler`` for signed-in people only; a POST also needs the session's CSRF
         token."""
         async def endpoint(request: Request) -> Response:
-            name = request.session.get("person")
-            person = await self.people.person(name) if isinstance(name, str) else None
-            if person is None or request.session.get("until", 0) < now():
+            person = await self.person(request)
+            if person is None:
                 request.session.pop("person", None)
                 if post or request.url.path == "/events":
                     return Response("sign in first", status_code=401)
-                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
-            if post:
-                form = await request.form()
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
+            if post:  # read once here (the handler's form() is this one), within bounds
+                form = await request.form(max_fields=50, max_part_size=form_body())
                 if not csrf_ok(request.session.get("csrf"), form.get("csrf")):
                     return Response("refused: the form's CSRF token is missing or wrong; "
                                     "reload the page and try again", status_code=403)
             return await handler(self, request, person)
         return endpoint
+
+    async def person(self, request: Request) -> Person | None:
+        """Who the request's session is signed in as, if it still is: not expired, not
+        signed out since (anywhere), and the person not removed."""
+        session = request.session
+        name, at, until = session.get("person"), session.get("at"), session.get("until")
+        if not (isinstance(name, str) and isinstance(at, float) and isinstance(until, float)):
+            return None
+        person = await self.people.person(name)
+        if person is None or not person.signed_in_since(at) or until < now():
+            return None
+        return person
 
     def action(self, run: Action) -> Callable[[Request], Awaitable[Response]]:
         """A POST that acts on the work item in the path as the person, says what it did
@@ -110,13 +134,19 @@ class Site:
                 wid = UUID(request.path_params["id"])
                 done = await run(site, await site.db(person), person, wid, form)
                 said, back = done if isinstance(done, tuple) else (done, back)
-                request.session["flash"] = said
+                request.session["flash"] = said[:FLASH]
             except ValueError:
-                request.session["flash"] = "not a work item id"
+                request.session["flash"] = f"not an id: {request.path_params['id']!r:.60}"
             except AnimusError as e:
-                request.session["flash"] = f"refused: {e}"
+                request.session["flash"] = said_refused(e)
             return RedirectResponse(back, status_code=303)
         return self.signed_in(handler, post=True)
+
+
+def said_refused(e: Exception) -> str:
+    """An action's refusal as the person reads it (within a cookie's room)."""
+    text = str(e)
+    return (text if text.startswith("refused") else f"refused: {text}")[:FLASH]
 
 
 def now() -> float:

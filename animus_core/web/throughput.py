@@ -53,11 +53,14 @@ class Throughput:
         self._finished: defaultdict[int, int] = defaultdict(int)
         self._dead: defaultdict[int, int] = defaultdict(int)
         self._queued: dict[int, int] = {}
+        self._seeded = (0, 0)  # the minute the seed was read in, and its newest audit row
 
-    def seed(self, minutes: Iterable[Minute], now: datetime) -> None:
-        """The minutes before ``now``'s, as the database counted them (they replace what
-        the feed counted of them, which may have started mid-minute)."""
+    def seed(self, minutes: Iterable[Minute], now: datetime, upto: int = 0) -> None:
+        """The minutes before ``now``'s, as the database counted them up to audit row
+        ``upto`` (they replace what the feed counted of them, which may have started
+        mid-minute; the feed's rows up to ``upto`` in them are not counted again)."""
         current = _minute(now)
+        self._seeded = (current, upto)
         for m in [m for m in self._finished if m < current]:
             del self._finished[m]
         for m in [m for m in self._dead if m < current]:
@@ -69,9 +72,12 @@ class Throughput:
                 self._dead[m] = row.dead
 
     def add(self, change: Change) -> None:
-        """Count a change the feed read, if it finished an item."""
-        if change.to_state in FINISHED_STATES:
+        """Count a change the feed read, if it finished an item (a change to an item that
+        had finished already, a reason mended say, is not counted again)."""
+        if change.to_state in FINISHED_STATES and change.from_state not in FINISHED_STATES:
             m = _minute(change.at)
+            if m < self._seeded[0] and change.id <= self._seeded[1]:
+                return  # the seed counted it
             self._finished[m] += 1
             if change.to_state == "dead":
                 self._dead[m] += 1

@@ -12,13 +12,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from animus_core.faculties.pipelines import MAX_STAGES, order, stage_items
 from animus_core.faculties.pipelines import parse as parse_pipeline
+from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 from animus_core.values.work import WorkItem
 from animus_core.web.people import Person
 from animus_core.web.site import PAGE, Site
 
-__all__ = ["Graph", "routes", "stage_graph"]
+__all__ = ["Graph", "children_of", "routes", "stage_graph"]
 
 
 async def pipelines_page(site: Site, request: Request, person: Person) -> Response:
@@ -56,20 +58,14 @@ def stage_graph(item: WorkItem, children: list[WorkItem]) -> Graph | None:
         p = parse_pipeline(item.params.get("pipeline"), f"pipeline item {item.id}")
     except AnimusError:
         return None
-    triggers = {(c.provenance.trigger or ""): c for c in children}
-    by_stage = {t.removeprefix("stage:"): c for t, c in triggers.items()
-                if t.startswith("stage:")}
+    stages = p.stages
+    by_stage = stage_items(children)
     depth: dict[str, int] = {}
-
-    def level(name: str) -> int:
-        if name not in depth:
-            deps = p.stages[name].depends_on
-            depth[name] = 1 + max((level(d) for d in deps), default=-1)
-        return depth[name]
-
     columns: defaultdict[int, list[str]] = defaultdict(list)
-    for s in p.stage:
-        columns[level(s.name)].append(s.name)
+    for name in order(p):  # each stage after its dependencies: their depth is known
+        depth[name] = 1 + max((depth[d] for d in stages[name].depends_on), default=-1)
+    for s in p.stage:  # in each column, in the order declared
+        columns[depth[s.name]].append(s.name)
     where: dict[str, tuple[int, int]] = {}
     boxes = []
     for col, names in sorted(columns.items()):
@@ -77,7 +73,7 @@ def stage_graph(item: WorkItem, children: list[WorkItem]) -> Graph | None:
             x, y = col * (BOX_W + GAP_X), row * (BOX_H + GAP_Y)
             where[name] = (x, y)
             child = by_stage.get(name)
-            boxes.append(Box(name=name, work_type=p.stages[name].work_type, x=x, y=y,
+            boxes.append(Box(name=name, work_type=stages[name].work_type, x=x, y=y,
                              state=child.state.value if child else "pending",
                              item=child.id if child else None))
     edges = [(where[d][0] + BOX_W, where[d][1] + BOX_H // 2, where[s.name][0],
@@ -85,6 +81,11 @@ def stage_graph(item: WorkItem, children: list[WorkItem]) -> Graph | None:
     return Graph(boxes=boxes, edges=edges,
                  width=len(columns) * (BOX_W + GAP_X) - GAP_X,
                  height=max(len(n) for n in columns.values()) * (BOX_H + GAP_Y) - GAP_Y)
+
+
+async def children_of(db: Db, item: WorkItem) -> list[WorkItem]:
+    """The children to draw a pipeline with: every stage's, retried ones included."""
+    return await db.list_work(parent_id=item.id, limit=4 * MAX_STAGES)
 
 
 def routes(site: Site) -> list[Route]:

@@ -5,6 +5,7 @@ signal, retry or replay, run again), each a POST that runs as the person."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -21,12 +22,13 @@ from animus_core.values.engines import FacultyInfo
 from animus_core.values.errors import AnimusError, InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import Created, NewWorkItem, WorkItem
-from animus_core.web.pages.pipelines import BOX_H, BOX_W, stage_graph
+from animus_core.web.pages.pipelines import BOX_H, BOX_W, children_of, stage_graph
 from animus_core.web.people import Person
 from animus_core.web.site import PAGE, Site
 
 __all__ = ["routes"]
 
+_TRACE_ID = re.compile(r"(?!0{32})[0-9a-f]{32}")
 #: the list's "since" filter: label -> how far back
 SINCE = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7),
          "30d": timedelta(days=30)}
@@ -36,6 +38,9 @@ async def work_list(site: Site, request: Request, person: Person) -> Response:
     q = request.query_params
     filters = {k: q.get(k, "") for k in ("state", "type", "source", "parent", "since")}
     since = SINCE.get(filters["since"])
+    if filters["since"] and since is None:
+        request.session["flash"] = (f"since {filters['since']!r:.20} is not one of "
+                                    f"{', '.join(SINCE)}: showing any time")
     try:
         items = await (await site.db(person)).list_work(
             state=filters["state"] or None, work_type=filters["type"] or None,
@@ -68,8 +73,8 @@ async def work_item(site: Site, request: Request, person: Person) -> Response:
                      item=item, history=history, pending=pending[0] if pending else None,
                      children=children, records=await db.executions(wid),
                      steps=await db.steps(wid), trace=_trace_link(site, item),
-                     graph=stage_graph(item, children) if item.work_type == "pipeline"
-                     else None, box=(BOX_W, BOX_H))
+                     graph=stage_graph(item, await children_of(db, item))
+                     if item.work_type == "pipeline" else None, box=(BOX_W, BOX_H))
 
 
 async def diff(site: Site, request: Request, person: Person) -> Response:
@@ -224,7 +229,7 @@ def _trace_link(site: Site, item: WorkItem) -> str | None:
     """The item's trace in the tracing backend, when one is configured and the item has a
     trace context (``00-<trace id>-<span id>-<flags>``)."""
     parts = (item.traceparent or "").split("-")
-    if site.trace_url is None or len(parts) != 4 or len(parts[1]) != 32:
+    if site.trace_url is None or len(parts) != 4 or not _TRACE_ID.fullmatch(parts[1]):
         return None
     return site.trace_url.replace("{trace_id}", parts[1])
 

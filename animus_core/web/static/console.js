@@ -62,10 +62,9 @@
       }
     } else if (live === "work-list") {
       const row = document.querySelector('tr[data-id="' + CSS.escape(c.work_id) + '"]');
-      if (row) {
-        setState(row.querySelector(".state"), c.state);
-        row.querySelector(".reason").textContent = c.reason || "";
-      }
+      const state = row && row.querySelector(".state"), reason = row && row.querySelector(".reason");
+      if (state) setState(state, c.state);
+      if (reason) reason.textContent = c.reason || "";
     }
   });
 
