@@ -161,6 +161,9 @@ async def explain(args: argparse.Namespace) -> int:
                 print(f"    {phase:12}{hook.get('command')}  {hook.get('sha256')}")
             if fac.get("model"):
                 print(f"    {'model':12}{fac['model']}")
+            for server in fac.get("mcp", []):  # where the model's MCP tools came from
+                where = server.get("url") or f"{server.get('command')}  {server.get('sha256')}"
+                print(f"    {'mcp ' + str(server.get('name')):12}{where}")
         else:
             print(f"  faculty       {fac.get('class')} ({fac.get('origin')})")
         print(f"  engine        animus {r.engine_version}")

@@ -18,6 +18,7 @@ from animus_core.governance.work import ChildSubmitter
 from animus_core.values.agents import AgentResult, AgentSpec, Usage
 from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError
+from animus_core.values.mcp import McpServer
 from animus_core.values.steps import StepPolicy
 from animus_core.values.waits import Decision
 from animus_core.values.work import NewWorkItem, SubmitResult, WorkItem
@@ -141,15 +142,21 @@ class Focus:
     async def agent(self, *, model: str, system: str = "", tools: Sequence[str] = (),
                     max_turns: int = 20, max_tokens: int = 4096,
                     token_budget: int | None = None, stream: bool = True,
-                    message: str | None = None, oriented: Any = None) -> AgentResult:
+                    message: str | None = None, oriented: Any = None,
+                    mcp: Sequence[McpServer] = ()) -> AgentResult:
         """Run the Claude agent loop (:mod:`animus_core.faculties.llm`) for this focus. ``message`` is
         the first user message; by default the documented template over the work's params
         and ``oriented``. Each model response and tool result is a durable step (see
-        docs/agents.md); usage and cost are added to the item's usage once per call."""
+        docs/agents.md); usage and cost are added to the item's usage once per call. The
+        tools of the ``mcp`` servers join ``tools`` (docs/agents.md, Tools from MCP
+        servers)."""
         if self._agent is None:
             raise ConfigError("the Claude engage loop is not available in this focus")
+        for server in mcp:
+            server.check("focus.agent(mcp=...)")
         spec = AgentSpec(model=model, system=system, tools=list(tools), max_turns=max_turns,
-                         max_tokens=max_tokens, token_budget=token_budget, stream=stream)
+                         max_tokens=max_tokens, token_budget=token_budget, stream=stream,
+                         mcp=list(mcp))
         return await self._agent(self, spec, message, oriented)
 
     def spent(self, model: str, usage: Usage, *, recorded: bool) -> None:

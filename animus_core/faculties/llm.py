@@ -25,7 +25,7 @@ import json
 import os
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
@@ -46,6 +46,7 @@ from animus_core.values.errors import (
     StepOrderChanged,
 )
 from animus_core.values.limits import limits
+from animus_core.values.mcp import McpServer
 from animus_core.values.steps import StepPolicy
 from animus_core.values.waits import check_approval
 
@@ -205,14 +206,16 @@ async def _call_tool(tool: Tool, args: dict[str, Any], focus: Focus | None) -> t
 
 async def run_agent(client: anthropic.AsyncAnthropic, spec: AgentSpec, first_message: str, *,
                     tools: dict[str, Tool], focus: Focus | None = None,
-                    rules: RuleSet | None = None) -> AgentResult:
+                    rules: RuleSet | None = None,
+                    mcp_tools: dict[str, Tool] | None = None) -> AgentResult:
     """Run the loop; see the module docstring. In a focus with durable steps each model
     response and each tool result is a step (:class:`_Loop`). ``rules``' tool rules decide
-    each tool call (allowed, refused, or waiting for an approval)."""
+    each tool call (allowed, refused, or waiting for an approval). ``mcp_tools``: the tools of
+    ``spec.mcp``'s servers, offered besides ``spec.tools``."""
     unknown = [t for t in spec.tools if t not in tools]
     if unknown:
         raise ConfigError(f"unknown tools {unknown}; known: {sorted(tools)}")
-    return await _Loop(client, spec, tools, focus, rules).run(first_message)
+    return await _Loop(client, spec, tools, focus, rules, mcp_tools or {}).run(first_message)
 
 
 class _Loop:
@@ -230,17 +233,19 @@ class _Loop:
 
     def __init__(self, client: anthropic.AsyncAnthropic, spec: AgentSpec,
                  tools: dict[str, Tool], focus: Focus | None,
-                 rules: RuleSet | None = None) -> None:
+                 rules: RuleSet | None = None, mcp_tools: dict[str, Tool] | None = None) -> None:
         self.client = client
         self.rules = rules
         self.spec = spec
-        self.tools = tools
+        self.tools = {**(mcp_tools or {}), **tools}
+        #: what the model is offered: the named tools, then the MCP servers'
+        self.offered = [*spec.tools, *(t for t in (mcp_tools or {}) if t not in spec.tools)]
         self.focus = focus
         self.journal = focus.steps if focus is not None else None
         if focus is not None:
             focus.agent_loops += 1
         self.prefix = f"llm {focus.agent_loops if focus is not None else 1}"
-        definitions = [tools[t].definition() for t in spec.tools]
+        definitions = [self.tools[t].definition() for t in self.offered]
         if definitions:  # cache the tool definitions (and, with them, the system prompt)
             definitions[-1] = {**definitions[-1], "cache_control": {"type": "ephemeral"}}
         self.definitions = definitions
@@ -282,9 +287,12 @@ class _Loop:
         """What identifies the loop's requests apart from the conversation: a recorded turn
         answers a request made with these."""
         spec = self.spec
-        return {"model": spec.model, "tools": list(spec.tools), "max_tokens": spec.max_tokens,
-                "system_sha256": hashlib.sha256(spec.system.encode()).hexdigest(),
-                "temperature": spec.temperature}
+        request = {"model": spec.model, "tools": list(spec.tools), "max_tokens": spec.max_tokens,
+                   "system_sha256": hashlib.sha256(spec.system.encode()).hexdigest(),
+                   "temperature": spec.temperature}
+        if spec.mcp:  # the servers declared, not the tools they list (which may change)
+            request["mcp"] = [s.name for s in spec.mcp]
+        return request
 
     async def _turn(self, turn: int, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The response of turn ``turn`` to ``messages``, as JSON (``content``,
@@ -400,7 +408,7 @@ class _Loop:
         ``llm N tool T.I NAME`` (a check before the tool runs, such as an approval, goes
         here too, before the step)."""
         tool_name = str(use.get("name", ""))
-        tool = self.tools.get(tool_name) if tool_name in self.spec.tools else None
+        tool = self.tools.get(tool_name) if tool_name in self.offered else None
         name = f"{self.prefix} tool {turn}.{index} {tool_name[:64]}"
         # decided before the tool's step (an approval is a step of its own), on every
         # attempt: a replay meets the same decision, recorded
@@ -500,15 +508,26 @@ class ClaudeRunner:
     (so an engine without ``ANTHROPIC_API_KEY`` fails only the foci that engage Claude)."""
 
     def __init__(self, access: Callable[[], tuple[anthropic.AsyncAnthropic, dict[str, Tool]]],
-                 *, rules: RuleSet | None = None) -> None:
+                 *, rules: RuleSet | None = None,
+                 mcp: Callable[[Sequence[McpServer]], Awaitable[dict[str, Tool]]] | None = None,
+                 ) -> None:
+        """``mcp(servers)``: the tools of MCP servers (the engine's
+        :class:`~animus_core.faculties.mcp.McpTools`)."""
         self._access = access
         self._rules = rules
+        self._mcp = mcp
 
     async def __call__(self, focus: Focus, spec: AgentSpec, message: str | None,
                        oriented: Any) -> AgentResult:
         client, tools = self._access()
+        mcp_tools: dict[str, Tool] = {}
+        if spec.mcp:
+            if self._mcp is None:
+                raise ConfigError("this engine cannot reach MCP servers")
+            mcp_tools = await self._mcp(spec.mcp)
         return await run_agent(client, spec, message or first_message(focus, oriented),
-                               tools=tools, focus=focus, rules=self._rules)
+                               tools=tools, focus=focus, rules=self._rules,
+                               mcp_tools=mcp_tools)
 
 
 def _api_error(e: Any, model: str) -> Exception:

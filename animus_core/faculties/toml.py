@@ -41,6 +41,7 @@ from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import ConfigError, InvalidInput, PhaseFailed
 from animus_core.values.limits import limits
+from animus_core.values.mcp import McpServer
 from animus_core.values.records import file_digest
 from animus_core.values.schedules import Cron, Schedule, parse_every
 
@@ -74,6 +75,8 @@ class PhaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     system_prompt: str | None = None
     system_prompt_file: str | None = None
     tools: list[str] = []
+    #: MCP servers whose tools the model may use too ([[faculty.engage.mcp]])
+    mcp: list[McpServer] = []
     max_turns: int = 20
     max_tokens: int = 4096
     token_budget: int | None = None
@@ -165,12 +168,14 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
             continue
         if ps.command is None:
             raise ConfigError(_where(path, f"faculty.{phase}.command is missing"))
-        if ps.model is not None or ps.tools:
-            raise ConfigError(_where(path, f"faculty.{phase}: model and tools belong to engage"))
+        if ps.model is not None or ps.tools or ps.mcp:
+            raise ConfigError(_where(path, f"faculty.{phase}: model, tools and mcp belong to an "
+                                           "engage with a model"))
         commands[phase] = _resolve_command(path, f"faculty.{phase}.command", ps.command, cwd)
     for field in ("env", "secrets"):
         for i, name in enumerate(getattr(spec, field)):
             check_variable(name, f"faculty.{field}[{i}]", str(path))
+    _check_mcp(path, spec)
     _check_phases(path, spec)
     schedules = []
     for i, sched in enumerate(spec.schedule):
@@ -190,6 +195,25 @@ def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
     faculty = CommandFaculty(spec, commands, path, tuple(schedules), system)
     check_faculty(faculty, str(path), "faculty.")
     return faculty
+
+
+def _check_mcp(path: Path, spec: FacultySpec) -> None:
+    """Each MCP server declaration works, names a server once, and passes the server only
+    variables the faculty declares."""
+    servers = spec.engage.mcp if spec.engage is not None else []
+    declared = {*spec.env, *spec.secrets}
+    seen: set[str] = set()
+    for i, server in enumerate(servers):
+        where = f"{path}: faculty.engage.mcp[{i}]"
+        server.check(where)
+        if server.name in seen:
+            raise ConfigError(f"{where}: another server is named {server.name!r} too")
+        seen.add(server.name)
+        undeclared = [n for n in server.env if n not in declared]
+        if undeclared:
+            raise ConfigError(f"{where}: env {undeclared} must be declared in the faculty's "
+                              "env or secrets too (what its hooks and servers may see is "
+                              "said there)")
 
 
 def _check_phases(path: Path, spec: FacultySpec) -> None:
@@ -317,6 +341,8 @@ class CommandFaculty(Faculty):
         if self.spec.engage is not None and self.spec.engage.model is not None:
             ident["model"] = self.spec.engage.model
             ident["system_prompt_sha256"] = canonical_hash(self.system_prompt)
+            if self.spec.engage.mcp:
+                ident["mcp"] = [s.identity() for s in self.spec.engage.mcp]
         return ident
 
     def source_files(self) -> dict[str, Path]:
@@ -345,7 +371,7 @@ class CommandFaculty(Faculty):
             result = await focus.agent(
                 model=ps.model, system=self.system_prompt, tools=ps.tools,
                 max_turns=ps.max_turns, max_tokens=ps.max_tokens, token_budget=ps.token_budget,
-                stream=ps.stream, oriented=oriented)
+                stream=ps.stream, oriented=oriented, mcp=ps.mcp)
             out = {"text": result.text, "stop_reason": result.stop_reason,
                    "turns": result.turns, "model": result.model,
                    "usage": msgspec.structs.asdict(result.usage), "cost_usd": result.cost_usd,

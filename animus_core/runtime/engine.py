@@ -33,7 +33,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -67,6 +67,7 @@ from animus_core.store import read
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.store.memory import Memory
 from animus_core.values.errors import AnimusError
+from animus_core.values.mcp import McpServer
 from animus_core.values.records import environment
 from animus_core.values.waits import Resume
 from animus_core.values.work import Claimed
@@ -126,6 +127,7 @@ class Engine:
         self.hook_env = {"DATABASE_URL": db.url, "ANIMUS_HOME": str(settings.home)}
         self.tools = collect_tools(pm)
         self._client: Any = None
+        self._mcp: Any = None  # McpTools, made when a focus first declares an MCP server
         self.health = Health()
         self.sealer = Sealer(db, self.health, settings.home, interval=opts.seal_interval,
                              checkpoint_interval=opts.checkpoint_interval)
@@ -138,7 +140,8 @@ class Engine:
         self.runner = FocusRunner(db, self.governed, self.deadlines, self.completions,
                                   recorded=self.sealer.touch, retry_later=self._wake_later,
                                   phases=faculties.phases,
-                                  agent=ClaudeRunner(self._llm_access, rules=self.rules))
+                                  agent=ClaudeRunner(self._llm_access, rules=self.rules,
+                                                     mcp=self._mcp_tools))
         self.timers = WakeTimers(db, opts.queues, lambda: list(self.faculties.by_type),
                                  self._mark_dirty)
         self.heartbeat = Heartbeat(db, self.health, interval=opts.heartbeat,
@@ -235,6 +238,8 @@ class Engine:
             logging.getLogger("asyncpg.pool").removeFilter(quiet_pool)
             await call_lifecycle(self.pm, "shutdown", engine=self, failed=lambda plugin, e:
                                  _log.error("shutdown hook of %s failed", plugin, exc_info=e))
+            if self._mcp is not None:
+                await self._mcp.close()
             if self._foci is not None:
                 self._foci.close()
             _log.info("engine stopped")
@@ -261,6 +266,14 @@ class Engine:
         _log.critical("engine task %s stopped unexpectedly; stopping the engine",
                       task.get_name())
         self.stop()
+
+    async def _mcp_tools(self, servers: Sequence[McpServer]) -> dict[str, Any]:
+        if self._mcp is None:  # the SDK is imported by engines whose faculties use it only
+            from animus_core.faculties.mcp import McpTools
+
+            self._mcp = McpTools()
+        tools: dict[str, Any] = await self._mcp.tools(servers)
+        return tools
 
     def _llm_access(self) -> tuple[Any, dict[str, Any]]:
         if self._client is None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from animus_core.values.mcp import McpServer
+
 __all__ = ["PRICES", "AgentResult", "AgentSpec", "Usage"]
 
 #: USD per million tokens: (input, output), by model-name prefix (the longest matching
@@ -52,6 +54,8 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     system: str = ""
     tools: list[str] = []
+    #: MCP servers whose tools the model may use too (:mod:`animus_core.values.mcp`)
+    mcp: list[McpServer] = []
     max_turns: int = 20
     max_tokens: int = 4096
     #: stop the loop cleanly once this many tokens (all kinds) are spent; None: no budget
