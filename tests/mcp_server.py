@@ -2,7 +2,8 @@
 one is slow, one fails, one says what environment it sees, one answers too much, one
 counts its calls in a file).
 
-    python tests/mcp_server.py [--crash]    # --crash: exit before answering anything
+    python tests/mcp_server.py [--crash]    # stdio; --crash: exit before answering anything
+    python tests/mcp_server.py --http PORT  # streamable HTTP on 127.0.0.1:PORT/mcp
 """
 
 from __future__ import annotations
@@ -62,4 +63,8 @@ if __name__ == "__main__":
     if "--crash" in sys.argv:
         print("the test server crashes on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
-    server.run()
+    if "--http" in sys.argv:
+        port = int(sys.argv[sys.argv.index("--http") + 1])
+        server.run("streamable-http", host="127.0.0.1", port=port)
+    else:
+        server.run()

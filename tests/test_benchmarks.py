@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_console, bench_rate, bench_waits
+from benchmarks import bench_console, bench_mcp, bench_rate, bench_waits
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -79,6 +79,16 @@ async def test_the_console_benchmark_runs_in_its_quick_mode(server_url, monkeypa
     events = [r for r in viewers["results"] if r["label"].startswith("change events")]
     assert events[0]["value"] > 0  # the viewers saw the writer's changes
     assert "load avg" in bench_console.render(report)
+    json.dumps(report)
+
+
+async def test_the_mcp_benchmark_runs_with_a_few_calls():
+    """bench_mcp with a few pairs: two real stdio servers, every figure there."""
+    report = await bench_mcp.run(5)
+    section = report["sections"]["calls"]
+    assert all(r["value"] is not None for r in section["results"])
+    assert section["checks"][0]["label"] == "added latency p50, ms"
+    assert "load avg" in bench_mcp.render(report)
     json.dumps(report)
 
 

@@ -3,10 +3,13 @@ server built with the ``mcp`` SDK (tests/mcp_server.py), driven by the SDK's own
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -127,6 +130,46 @@ async def test_a_server_that_died_is_started_again_for_the_next_focus(
     _out, is_error = await call(pool, spec, "count", path=str(counter))
     assert is_error  # the call in flight when it died fails
     assert await call(pool, spec, "count", path=str(counter)) == ("2", False)  # started again
+
+
+async def test_a_server_over_streamable_http(pool: McpTools, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_http_server(port, tmp_path / "http.log")
+    try:
+        await wait_until(lambda: _listening(port), 30, message="the HTTP server")
+        spec = McpServer(name="web", url=f"http://127.0.0.1:{port}/mcp", tools=["echo", "fail"])
+        spec.check("test")
+        tools = await pool.tools([spec])
+        assert set(tools) == {"mcp__web__echo", "mcp__web__fail"}
+        assert await call(pool, spec, "echo", text="over http") == ("over http", False)
+        out, is_error = await call(pool, spec, "fail")
+        assert is_error
+        assert "MCP tool fail of web" in out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+def start_http_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, SERVER, "--http", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _child_pid(server: Any) -> int:
