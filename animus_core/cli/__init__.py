@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         engine_cmd,
         faculty_cmd,
         governance_cmd,
+        mcp_cmd,
         memory_cmd,
         ops_cmd,
         pipeline_cmd,
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (
         engine_cmd, work_cmd, governance_cmd, pipeline_cmd, faculty_cmd, memory_cmd,
-        queue_cmd, db_cmd, audit_cmd, ops_cmd, step_cmd, web_cmd,
+        queue_cmd, db_cmd, audit_cmd, ops_cmd, step_cmd, web_cmd, mcp_cmd,
     ):
         module.add_commands(sub)
     try:

@@ -92,9 +92,12 @@ class Db(WorkChildren):
         max_size: int = 10,
         actor: str | None = None,
         timeout: float = 10.0,
+        role: str | None = None,
     ) -> Self:
         """Connect to ``url``, or to ``DATABASE_URL``, or to the embedded server. The audit
-        keys come from ``settings``, or from the environment."""
+        keys come from ``settings``, or from the environment. ``role``: every connection acts
+        as this database role (``SET ROLE`` at its start: the database checks what it may do;
+        the audit still names the login)."""
         if url is None:
             settings = settings or Settings.from_env()
             url = await resolve_url(settings)
@@ -108,7 +111,8 @@ class Db(WorkChildren):
                 init=init_connection,
                 reset=keep_session,
                 timeout=timeout,
-                server_settings={"application_name": "animus", "animus.actor": actor},
+                server_settings={"application_name": "animus", "animus.actor": actor,
+                                 **({"role": role} if role is not None else {})},
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError) as e:
