@@ -17,7 +17,7 @@ from mcp.client.stdio import StdioServerParameters
 from animus_core import Db, NewWorkItem, State
 from animus_core.store.roles import setup_roles
 from animus_core.web.mcp_server import TOOLS
-from tests.governance_helpers import raw
+from tests.support import raw
 
 RULES = """
 [[rule]]
