@@ -47,6 +47,7 @@ import json
 import re
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
     "StreamError",
     "Tokens",
     "ToolUse",
+    "serving",
 ]
 
 _ids = itertools.count(1)
@@ -524,3 +526,16 @@ class MessagesServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(monkeypatch: Any, api_key: str) -> Iterator[MessagesServer]:
+    """A :class:`MessagesServer` that the SDK in this process (and the engines it starts)
+    reaches: ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL`` set by ``monkeypatch`` (a
+    pytest MonkeyPatch), the variables that would add other credentials unset."""
+    for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS"):
+        monkeypatch.delenv(name, raising=False)
+    with MessagesServer(api_key=api_key) as s:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", api_key)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
+        yield s

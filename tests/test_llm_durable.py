@@ -24,7 +24,7 @@ from animus_core.testing import run_faculties
 from animus_core.values.agents import PRICES, Usage
 from animus_core.values.errors import InvalidInput
 from animus_core.values.limits import limits
-from tests.messages_server import Fail, MessagesServer, Reply, Tokens, ToolUse
+from tests.messages_server import Fail, MessagesServer, Reply, Tokens, ToolUse, serving
 
 KEY = "sk-ant-test-durable"
 MODEL = "claude-sonnet-4-5"
@@ -32,11 +32,7 @@ MODEL = "claude-sonnet-4-5"
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[MessagesServer]:
-    for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS"):
-        monkeypatch.delenv(name, raising=False)
-    with MessagesServer(api_key=KEY) as s:
-        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
+    with serving(monkeypatch, KEY) as s:
         yield s
 
 

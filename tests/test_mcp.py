@@ -25,7 +25,7 @@ from animus_core.values.errors import ConfigError
 from animus_core.values.mcp import McpServer
 from tests.engine_helpers import EngineProcess, run_engine, wait_finished, wait_until
 from tests.governance_helpers import people as team
-from tests.messages_server import Hold, MessagesServer, Reply, ToolUse
+from tests.messages_server import Hold, MessagesServer, Reply, ToolUse, serving
 
 SERVER = str(Path(__file__).parent / "mcp_server.py")
 
@@ -77,9 +77,12 @@ async def test_the_server_sees_only_the_environment_declared(
     assert await call(pool, spec, "env", name="MCP_TEST_HIDDEN") == ("<unset>", False)
     out, is_error = await call(pool, spec, "env", name="MCP_TEST_TOKEN")  # passed, not shown
     assert (out, is_error) == ("[redacted MCP_TEST_TOKEN]", False)
-    logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "asked for MCP_TEST_TOKEN: [redacted MCP_TEST_TOKEN]" in logged  # its stderr
-    assert "token-value-123456" not in logged
+    def logged() -> str:  # its stderr, logged line by line as it comes
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    await wait_until(lambda: "asked for MCP_TEST_TOKEN: [redacted MCP_TEST_TOKEN]" in logged(),
+                     10, message="the server's stderr")
+    assert "token-value-123456" not in logged()
 
 
 async def test_a_failing_tool_is_an_error_the_model_reads(pool: McpTools) -> None:
@@ -206,11 +209,7 @@ EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "mcp"
 
 @pytest.fixture
 def messages(monkeypatch: pytest.MonkeyPatch) -> Iterator[MessagesServer]:
-    for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS"):
-        monkeypatch.delenv(name, raising=False)
-    with MessagesServer(api_key=KEY) as s:
-        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
+    with serving(monkeypatch, KEY) as s:
         yield s
 
 
