@@ -5,12 +5,13 @@ once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from uuid import uuid4
 
 from animus_core import Db
 from animus_core.store.console import Change
-from animus_core.web.live import Hub
+from animus_core.web.live import Hub, Viewer
 
 
 async def test_a_viewer_that_stops_reading_is_let_go_and_its_stream_ends(db: Db) -> None:
@@ -25,6 +26,21 @@ async def test_a_viewer_that_stops_reading_is_let_go_and_its_stream_ends(db: Db)
         got = [message async for message in stream]
     assert len(got) < 1001
     assert all(m.startswith(b"event: change\n") for m in got)
+
+
+async def test_the_stream_of_a_viewer_whose_session_is_over_ends(db: Db) -> None:
+    """One query, at each keep-alive, checks every viewer's session: a person who may no
+    longer sign in (removed, here never added) is let go."""
+    hub = Hub(db, keep_alive=0.1)
+    gone = hub.subscribe(viewer=Viewer("console_live_nobody", time.time(), time.time() + 60))
+    expired = hub.subscribe(viewer=Viewer("console_live_nobody", time.time(), time.time() - 1))
+    async with asyncio.timeout(10):  # both end
+        streams = [[m async for m in gone], [m async for m in expired]]
+    for got in streams:
+        assert got[0] == b"retry: 1000\n: connected\n\n"
+        assert set(got[1:]) <= {b": keep-alive\n\n"}
+    assert hub.viewers == 0
+    await hub.stop()
 
 
 def change(audit_id: int, from_state: str | None, to_state: str) -> Change:

@@ -17,8 +17,9 @@ from animus_core.values.engines import Engine
 from animus_core.values.states import State
 
 __all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
-           "console_password_hash", "finished_by_minute", "latest_ticks", "list_console_users",
-           "live_counts", "overview", "remove_console_user", "save_console_user", "sign_out"]
+           "console_password_hash", "console_users", "finished_by_minute", "latest_ticks",
+           "list_console_users", "live_counts", "overview", "remove_console_user",
+           "save_console_user", "sign_out"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
 LIVE_STATES = tuple(s.value for s in State if not s.terminal)
@@ -33,6 +34,11 @@ class ConsoleUser(msgspec.Struct, frozen=True, kw_only=True):
     created_by: str | None = None
     #: sessions signed in before this are over (migration 0033)
     signed_out_at: datetime | None = None
+
+    def signed_in_since(self, at: float) -> bool:
+        """Whether a session signed in at ``at`` (a timestamp of the database's clock) is
+        still theirs: not signed out since, nor their password or role changed."""
+        return self.signed_out_at is None or at > self.signed_out_at.timestamp()
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +76,16 @@ async def console_password_hash(db: DbBase,
         return None
     return (ConsoleUser(name=row["name"], role=row["role"], signed_out_at=row["signed_out_at"]),
             row["password_hash"], row["now"])
+
+
+async def console_users(db: DbBase, names: list[str]) -> dict[str, ConsoleUser]:
+    """Those of ``names`` who may still sign in, with when they last signed out (one query
+    for any number of them)."""
+    async with db.connection() as conn:
+        rows = await conn.fetch("SELECT name, role, signed_out_at FROM animus.console_users "
+                                "WHERE name = ANY ($1::text[])", names)
+    return {r["name"]: ConsoleUser(name=r["name"], role=r["role"],
+                                   signed_out_at=r["signed_out_at"]) for r in rows}
 
 
 async def sign_out(db: DbBase, name: str) -> None:

@@ -31,6 +31,7 @@ from animus_core.store.db import Db
 from animus_core.store.memory import Embedder
 from animus_core.values.errors import AnimusError, DatabaseUnavailable, PermissionDenied
 from animus_core.web import pages
+from animus_core.web.live import Viewer
 from animus_core.web.people import Person
 from animus_core.web.security import LoginLimiter, csrf_ok, new_csrf
 from animus_core.web.site import (
@@ -171,14 +172,12 @@ def console_app(service: Db, url: str, secret: bytes, *, secure_cookies: bool = 
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
-    async def events(_site: Site, request: Request, _person: Person) -> Response:
+    async def events(_site: Site, request: Request, person: Person) -> Response:
         since = request.query_params.get("since", "")
-
-        async def still() -> bool:  # at each keep-alive: signed out since, or removed?
-            return await site.person(request) is not None
-
+        session = request.session  # signed in: Site.person found "at" and "until" in it
+        viewer = Viewer(person.name, session["at"], session["until"])
         return StreamingResponse(site.hub.subscribe(int(since) if _audit_id(since) else None,
-                                                    still=still),
+                                                    viewer=viewer),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-store",
                                           "x-accel-buffering": "no"})

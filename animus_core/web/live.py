@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from animus_core.store.console import (
     Change,
     audit_extent,
     changes_after,
+    console_users,
     finished_by_minute,
     live_counts,
 )
@@ -31,7 +33,7 @@ from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 from animus_core.web.throughput import MINUTES, Chart, Throughput
 
-__all__ = ["CHANNEL", "COUNTS_EVERY", "Hub"]
+__all__ = ["CHANNEL", "COUNTS_EVERY", "Hub", "Viewer"]
 
 _log = logging.getLogger("animus.web")
 CHANNEL = "animus_changed"
@@ -43,14 +45,24 @@ _BATCH = 2000
 COUNTS_EVERY = 1.0
 #: events a viewer may fall behind before it is let go
 QUEUED = 1000
-#: seconds between two comments on a quiet stream (which also check the viewer may still see)
+#: seconds between two comments on a quiet stream, and between two checks of the viewers
 KEEP_ALIVE = 15.0
 
 
+class Viewer(msgspec.Struct, frozen=True):
+    """Whose page a stream feeds: the person, when they signed in (the database's clock)
+    and until when the session lasts (a timestamp)."""
+
+    name: str
+    at: float
+    until: float
+
+
 class Hub:
-    def __init__(self, db: Db, *, debounce: float = 0.1) -> None:
+    def __init__(self, db: Db, *, debounce: float = 0.1, keep_alive: float = KEEP_ALIVE) -> None:
         self.db = db
         self.debounce = debounce
+        self.keep_alive = keep_alive
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self._dirty = asyncio.Event()
         self._last = 0
@@ -66,6 +78,8 @@ class Hub:
         self._count_due = True
         self._seeding: asyncio.Task[None] | None = None
         self._started_at = 0  # the newest audit row when the hub started
+        self._viewers: dict[asyncio.Queue[bytes], Viewer] = {}
+        self._checking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._last = self._started_at = (await audit_extent(self.db))[0]
@@ -73,7 +87,7 @@ class Hub:
         self._seeding = asyncio.create_task(self._seed(), name="animus-web-chart")
 
     async def stop(self) -> None:
-        for task in (self._task, self._seeding):
+        for task in (self._task, self._seeding, self._checking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -92,16 +106,21 @@ class Hub:
         return self._last
 
     async def subscribe(self, since: int | None = None, *,
-                        still: Callable[[], Awaitable[bool]] | None = None,
-                        ) -> AsyncIterator[bytes]:
+                        viewer: Viewer | None = None) -> AsyncIterator[bytes]:
         """The events for one page, as Server-Sent Events, with a comment every
-        :data:`KEEP_ALIVE` seconds: first the changes after audit row ``since`` sent already
+        ``keep_alive`` seconds: first the changes after audit row ``since`` sent already
         (those that happened between the page's rendering and its subscription), then each
         change as it comes. It ends when the viewer falls :data:`QUEUED` events behind (its
-        page reconnects and catches up), or when ``still()`` says no at a keep-alive (the
-        person signed out, or may no longer sign in)."""
+        page reconnects and catches up), or when ``viewer``'s session is over (signed out,
+        expired, or the person may no longer sign in): at each keep-alive, one query checks
+        the sessions of all the viewers."""
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUED)
         self._subscribers.add(queue)
+        if viewer is not None:
+            self._viewers[queue] = viewer
+            if self._checking is None or self._checking.done():
+                self._checking = asyncio.create_task(self._check_viewers(),
+                                                     name="animus-web-viewers")
         try:
             yield b"retry: 1000\n: connected\n\n"  # after a lost feed, try again in 1 s
             if since is not None:
@@ -110,16 +129,32 @@ class Hub:
                         yield message
             while queue in self._subscribers:
                 try:
-                    message = await asyncio.wait_for(queue.get(), KEEP_ALIVE)
+                    message = await asyncio.wait_for(queue.get(), self.keep_alive)
                 except TimeoutError:
-                    if still is not None and not await still():
-                        return
                     message = b": keep-alive\n\n"
                 if queue not in self._subscribers:  # let go while it was behind
                     return
                 yield message
         finally:
             self._subscribers.discard(queue)
+            self._viewers.pop(queue, None)
+
+    async def _check_viewers(self) -> None:
+        """Let go of the viewers whose session is over, at each keep-alive, while there are
+        any."""
+        while self._viewers:
+            await asyncio.sleep(self.keep_alive)
+            viewers = dict(self._viewers)
+            try:
+                people = await console_users(self.db, sorted({v.name for v in viewers.values()}))
+            except AnimusError as e:
+                _log.warning("could not check the viewers' sessions: %s", e)
+                continue
+            now = time.time()
+            for queue, v in viewers.items():
+                person = people.get(v.name)
+                if person is None or not person.signed_in_since(v.at) or v.until < now:
+                    self._subscribers.discard(queue)  # its stream ends at its next wake
 
     def _publish(self, kind: str, data: Any, audit_id: int | None = None) -> None:
         message = b"event: " + kind.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"

@@ -62,11 +62,6 @@ class Person(ConsoleUser, frozen=True, kw_only=True):
 
     now: datetime | None = None
 
-    def signed_in_since(self, at: float) -> bool:
-        """Whether a session signed in at ``at`` (a timestamp of the database's clock) is
-        still theirs: not signed out since, nor their password or role changed."""
-        return self.signed_out_at is None or at > self.signed_out_at.timestamp()
-
     def may(self, action: str) -> bool:
         """Whether the console offers ``action`` to this person. The database has the last
         word: an action offered here runs as the person, and is refused there if their role

@@ -18,7 +18,7 @@ from animus_core.values.engines import Engine, FacultyInfo, ScheduleInfo
 from animus_core.web.people import Person
 from animus_core.web.site import Site
 
-__all__ = ["Faculty", "routes"]
+__all__ = ["Faculty", "live_faculties", "routes"]
 
 
 class Faculty(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,7 +37,7 @@ async def engines_page(site: Site, request: Request, person: Person) -> Response
 
 async def faculties_page(site: Site, request: Request, person: Person) -> Response:
     fleet = await engines.registered(await site.db(person))
-    return site.page("faculties.html", request, person, faculties=_faculties(fleet))
+    return site.page("faculties.html", request, person, faculties=live_faculties(fleet))
 
 
 async def schedules_page(site: Site, request: Request, person: Person) -> Response:
@@ -76,7 +76,7 @@ def _where(e: Engine) -> str:
     return f"{e.host}:{e.pid}"
 
 
-def _faculties(fleet: list[Engine]) -> list[Faculty]:
+def live_faculties(fleet: list[Engine]) -> list[Faculty]:
     """Each faculty of the live engines once, by name."""
     seen: dict[str, Faculty] = {}
     for e in fleet:

@@ -22,6 +22,7 @@ from animus_core.values.engines import FacultyInfo
 from animus_core.values.errors import AnimusError, InvalidInput, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import Created, NewWorkItem, WorkItem
+from animus_core.web.pages.fleet import live_faculties
 from animus_core.web.pages.pipelines import BOX_H, BOX_W, children_of, stage_graph
 from animus_core.web.people import Person
 from animus_core.web.site import PAGE, Site
@@ -68,13 +69,15 @@ async def work_item(site: Site, request: Request, person: Person) -> Response:
     history = await db.history(wid)
     pending = [p for p in await read.pending_approvals(db) if p.id == wid] \
         if _awaits_decision(item) else []  # else no decision is pending: no query
-    children = await db.list_work(parent_id=wid, limit=PAGE)
+    pipeline = item.work_type == "pipeline"  # its graph needs every stage's child
+    children = await (children_of(db, item) if pipeline
+                      else db.list_work(parent_id=wid, limit=PAGE))
     return site.page("work_item.html", request, person,
                      item=item, history=history, pending=pending[0] if pending else None,
-                     children=children, records=await db.executions(wid),
+                     children=children[:PAGE], records=await db.executions(wid),
                      steps=await db.steps(wid), trace=_trace_link(site, item),
-                     graph=stage_graph(item, await children_of(db, item))
-                     if item.work_type == "pipeline" else None, box=(BOX_W, BOX_H))
+                     graph=stage_graph(item, children) if pipeline else None,
+                     box=(BOX_W, BOX_H))
 
 
 async def diff(site: Site, request: Request, person: Person) -> Response:
@@ -235,13 +238,8 @@ def _trace_link(site: Site, item: WorkItem) -> str | None:
 
 
 async def _faculties(site: Site, person: Person) -> list[FacultyInfo]:
-    """The faculties of the live engines, each once (by name), in name order."""
-    seen: dict[str, FacultyInfo] = {}
-    for e in await engines.registered(await site.db(person)):
-        if not e.lost:
-            for f in e.faculties:
-                seen.setdefault(f.name, f)
-    return [seen[n] for n in sorted(seen)]
+    """The faculties of the live engines, each once, in name order."""
+    return [f.info for f in live_faculties(await engines.registered(await site.db(person)))]
 
 
 def _int(text: str, what: str) -> int:
