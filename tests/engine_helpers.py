@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -417,3 +418,57 @@ def kill_group(pid: int) -> None:
     """SIGKILL a hook's process group (hooks run in their own session), if it still exists."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def server_process(argv: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None,
+                  what: str = "the server") -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``argv`` running (its output in ``log``) once it listens on ``port``; stopped at the
+    end (SIGTERM, then SIGKILL if it lingers)."""
+    proc = _start(argv, env, log)
+
+    async def up() -> bool:
+        assert proc.poll() is None, f"{what} exited:\n{_read(log)}"
+        return await listening(port)
+
+    try:
+        await wait_until(up, 30, interval=0.1, message=f"{what} to listen")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(argv: Sequence[str], env: Mapping[str, str] | None, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(list(argv), env=None if env is None else dict(env), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _read(log: Path) -> str:
+    return log.read_text(errors="replace")

@@ -13,7 +13,6 @@ import contextlib
 import html
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ from animus_core.web import LoginLimiter, add_person
 from animus_core.web.people import person_url
 from benchmarks.bench_console import fill
 from tests.conftest import TEMPLATE, scratch_database
-from tests.engine_helpers import run_engine, wait_finished, wait_until
+from tests.engine_helpers import free_port, run_engine, server_process, wait_finished, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -107,13 +106,6 @@ class Waits(Faculty):
         return {"got": await focus.wait_for("go")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = os.environ.get("ANIMUS_SCREENSHOTS")
@@ -135,17 +127,6 @@ async def console_db(server_url: str, template_url: str) -> AsyncIterator[tuple[
             await db.close()
 
 
-def start_console(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "animus_core", "web", "--bind",
-                                 f"127.0.0.1:{port}"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def read_log(log: Path) -> str:
-    return log.read_text()
-
-
 @contextlib.asynccontextmanager
 async def console_process(url: str, home: Path, log: Path,
                           port: int | None = None) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -154,27 +135,9 @@ async def console_process(url: str, home: Path, log: Path,
     port = port or free_port()
     env = {**os.environ, "DATABASE_URL": url, "ANIMUS_HOME": str(home),
            "ANIMUS_WEB_SECRET": SECRET, "ANIMUS_TRACE_URL": TRACES, "ANTHROPIC_API_KEY": API_KEY}
-    proc = start_console(env, port, log)
-
-    async def up() -> bool:
-        assert proc.poll() is None, read_log(log)
-        with contextlib.suppress(OSError):
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return True
-        return False
-
-    try:
-        await wait_until(up, 30, interval=0.1, message="the console to listen")
+    argv = [sys.executable, "-m", "animus_core", "web", "--bind", f"127.0.0.1:{port}"]
+    async with server_process(argv, port, log, env, "the console") as proc:
         yield f"http://127.0.0.1:{port}", proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -245,14 +245,16 @@ def test_toml_and_json_blocks_load(page, tmp_path):
 
 # ---- the examples run -------------------------------------------------------------------------
 
-# `animus up` (or `scripts/animus up`), after any VAR=value: a daemon, started in the background
-_DAEMON = re.compile(r"^((?:\w+=\S+ )*)(scripts/)?animus up\b")
+# `animus up` or `animus mcp --bind` (or `scripts/animus ...`), after any VAR=value: a daemon,
+# started in the background
+_DAEMON = re.compile(r"^((?:\w+=\S+ )*)(scripts/)?animus (?:up|mcp --bind)\b")
 
 
 def _script(block: DocBlock) -> str:
     """The block's commands as one bash script that stops at the first unexpected status:
-    0, or the one the block shows with ``$ echo $?`` after the command. ``animus up`` starts
-    in the background and runs for the rest of the page, as in a terminal of its own."""
+    0, or the one the block shows with ``$ echo $?`` after the command. ``animus up`` and
+    ``animus mcp --bind`` start in the background and run for the rest of the page, as in a
+    terminal of their own."""
     commands = _commands(block)
     # 0, or any failure for a command shown printing an error, or what `echo $?` shows
     expected = ["1-255" if shown and shown[0].startswith("animus: error:") else "0"

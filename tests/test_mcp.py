@@ -3,13 +3,10 @@ server built with the ``mcp`` SDK (tests/mcp_server.py), driven by the SDK's own
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +20,14 @@ from animus_core.faculties.mcp import McpTools
 from animus_core.infra.secrets import redactor
 from animus_core.values.errors import ConfigError
 from animus_core.values.mcp import McpServer
-from tests.engine_helpers import EngineProcess, run_engine, wait_finished, wait_until
+from tests.engine_helpers import (
+    EngineProcess,
+    free_port,
+    run_engine,
+    server_process,
+    wait_finished,
+    wait_until,
+)
 from tests.governance_helpers import people as team
 from tests.messages_server import Hold, MessagesServer, Reply, ToolUse, serving
 
@@ -137,9 +141,8 @@ async def test_a_server_that_died_is_started_again_for_the_next_focus(
 
 async def test_a_server_over_streamable_http(pool: McpTools, tmp_path: Path) -> None:
     port = free_port()
-    proc = start_http_server(port, tmp_path / "http.log")
-    try:
-        await wait_until(lambda: _listening(port), 30, message="the HTTP server")
+    async with server_process([sys.executable, SERVER, "--http", str(port)], port,
+                       tmp_path / "http.log"):
         spec = McpServer(name="web", url=f"http://127.0.0.1:{port}/mcp", tools=["echo", "fail"])
         spec.check("test")
         tools = await pool.tools([spec])
@@ -148,31 +151,6 @@ async def test_a_server_over_streamable_http(pool: McpTools, tmp_path: Path) -> 
         out, is_error = await call(pool, spec, "fail")
         assert is_error
         assert "MCP tool fail of web" in out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-async def _listening(port: int) -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
-
-
-def start_http_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, SERVER, "--http", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _child_pid(server: Any) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from animus_core import Created, NewWorkItem, State, __version__
 from animus_core.infra.telemetry import METRICS
 from tests.engine_helpers import (
     EngineProcess,
+    free_port,
     wait_finished,
     wait_listening,
     wait_until,
@@ -68,13 +68,6 @@ with open("engage-out.json", "w") as out:
 
 #: Eight short sentences: summarize with sentences=1 and split_into=2 makes two children.
 SPLIT_TEXT = " ".join(f"Sentence number {n} talks about bees and their dances." for n in range(8))
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -330,7 +323,7 @@ async def test_recover_runs_in_its_own_span(db, db_url, tmp_path, base_env, rece
 async def test_an_unreachable_collector_never_holds_up_work_and_is_reported_rarely(
         db, db_url, tmp_path, base_env, engines):
     kid_faculty(tmp_path)
-    env = {**base_env, "OTEL_ENDPOINT": f"http://127.0.0.1:{unused_port()}",
+    env = {**base_env, "OTEL_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_BSP_SCHEDULE_DELAY": "100",
            "OTEL_BLRP_SCHEDULE_DELAY": "100"}
     proc = engines(env)

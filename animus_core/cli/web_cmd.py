@@ -42,6 +42,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = user_sub.add_parser("remove", help="NAME may no longer sign in")
     p.add_argument("name", help="the person's name")
     p.set_defaults(handler=user_remove)
+    p = user_sub.add_parser("token", help="a new token with which NAME reaches `animus mcp "
+                            "--bind` (the one before stops working), or --revoke it")
+    p.add_argument("name", help="the person's name")
+    p.add_argument("--revoke", action="store_true", help="NAME's token stops working; no new "
+                   "one")
+    p.set_defaults(handler=user_token)
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -117,4 +123,20 @@ async def user_remove(args: argparse.Namespace) -> int:
         raise InvalidInput(f"{args.name!r} may not sign in anyway (animus web user list)")
     print(f"{args.name} may no longer sign in (their database role stays: animus roles "
           "remove-user drops it)")
+    return 0
+
+
+async def user_token(args: argparse.Namespace) -> int:
+    from animus_core.web import issue_mcp_token, revoke_mcp_token
+
+    async with await cli_animus().open_db() as db:
+        if args.revoke:
+            if not await revoke_mcp_token(db, args.name):
+                raise InvalidInput(f"{args.name!r} may not sign in anyway (animus web user "
+                                   "list)")
+            print(f"{args.name}'s MCP token works no more", file=sys.stderr)
+            return 0
+        token = await issue_mcp_token(db, args.name)
+    print(token)
+    print(f"{args.name}'s MCP token (shown once; any before it works no more)", file=sys.stderr)
     return 0

@@ -18,8 +18,8 @@ from animus_core.values.states import State
 
 __all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
            "console_password_hash", "console_users", "finished_by_minute", "latest_ticks",
-           "list_console_users", "live_counts", "overview", "remove_console_user",
-           "save_console_user", "sign_out"]
+           "list_console_users", "live_counts", "mcp_token_holder", "overview",
+           "remove_console_user", "save_console_user", "save_mcp_token", "sign_out"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
 LIVE_STATES = tuple(s.value for s in State if not s.terminal)
@@ -93,6 +93,27 @@ async def sign_out(db: DbBase, name: str) -> None:
     async with db.connection() as conn:
         await conn.execute("UPDATE animus.console_users SET signed_out_at = now() "
                            "WHERE name = $1", name)
+
+
+async def save_mcp_token(db: DbBase, name: str, digest: bytes | None) -> bool:
+    """Keep ``digest`` (a token's SHA-256; None: no token) as ``name``'s MCP token, in place of
+    any before it; False when nobody of that name may sign in."""
+    async with db.connection() as conn:
+        done: str = await conn.execute("UPDATE animus.console_users SET mcp_token_sha256 = $2 "
+                                       "WHERE name = $1", name, digest)
+    return done != "UPDATE 0"
+
+
+async def mcp_token_holder(db: DbBase, name: str) -> tuple[ConsoleUser, bytes] | None:
+    """``name`` and the SHA-256 of their MCP token, if they may sign in and have one."""
+    async with db.connection() as conn:
+        row = await conn.fetchrow("SELECT name, role, signed_out_at, mcp_token_sha256 "
+                                  "FROM animus.console_users "
+                                  "WHERE name = $1 AND mcp_token_sha256 IS NOT NULL", name)
+    if row is None:
+        return None
+    return (ConsoleUser(name=row["name"], role=row["role"], signed_out_at=row["signed_out_at"]),
+            bytes(row["mcp_token_sha256"]))
 
 
 async def list_console_users(db: DbBase) -> list[ConsoleUser]:

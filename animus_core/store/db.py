@@ -58,7 +58,7 @@ from animus_core.store.errors import connection_lost
 from animus_core.store.moves import DeadLetter, Retry
 from animus_core.store.tx import TxScope
 from animus_core.store.waits import Signalled
-from animus_core.values.errors import DatabaseUnavailable
+from animus_core.values.errors import DatabaseUnavailable, PermissionDenied
 from animus_core.values.work import Created, Merged, NewWorkItem, SubmitResult, WorkItem
 
 __all__ = ["DEFAULT_QUEUE", "Db", "DeadLetter", "Listener", "Retry", "Signalled", "TxScope",
@@ -117,6 +117,12 @@ class Db(WorkChildren):
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError) as e:
             reason = str(e).strip() or type(e).__name__
+            if role is not None and isinstance(e, (asyncpg.InvalidParameterValueError,
+                                                   asyncpg.InsufficientPrivilegeError)):
+                raise PermissionDenied(
+                    f"cannot act as the role {role} at {describe_url(url)}: {reason} (`animus "
+                    "roles setup` makes the animus roles; `animus roles add-user NAME --role "
+                    "ROLE` makes a login that may act as one)") from e
             raise DatabaseUnavailable(
                 f"cannot connect to Postgres at {describe_url(url)}: {reason} "
                 "(check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "

@@ -3,17 +3,25 @@ inbox for the people who approve its work. See docs/console.md."""
 
 from __future__ import annotations
 
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from animus_core.web.app import console_app
-from animus_core.web.people import People, Person, add_person, list_people, remove_person
+from animus_core.web.people import (
+    People,
+    Person,
+    add_person,
+    issue_mcp_token,
+    list_people,
+    remove_person,
+    revoke_mcp_token,
+)
 from animus_core.web.security import LoginLimiter, console_secret
 
 __all__ = ["LoginLimiter", "People", "Person", "add_person", "console_app", "console_secret",
-           "list_people", "remove_person", "serve"]
+           "issue_mcp_token", "list_people", "remove_person", "revoke_mcp_token", "serve"]
 
 
-async def serve(app: Starlette, host: str, port: int) -> None:
+async def serve(app: ASGIApp, host: str, port: int) -> None:
     """Serve ``app`` with uvicorn until interrupted (SIGINT or SIGTERM)."""
     import uvicorn
 

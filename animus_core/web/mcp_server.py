@@ -1,11 +1,13 @@
 """An animus as an MCP server (``animus mcp``): what a model, or Claude Code or Claude
 Desktop, may ask of it, built with the official ``mcp`` SDK.
 
-Every tool runs on the server's database connection, which acts as one animus role (``animus
-mcp --role ROLE``: ``SET ROLE animus_ROLE`` on each connection), so the database decides what
-a call may do and the audit names the login. Submissions go through the rules, as any
-submission does. Deciding an approval is not a tool: approval is a person's act, and a model
-that could approve could approve its own work (docs/mcp.md says why at more length).
+Every call runs on a database connection that is someone: over stdio, the server's, acting as
+one animus role (``animus mcp --role ROLE``: ``SET ROLE animus_ROLE`` on each connection);
+over HTTP, the connection of the console's person whose token the request carries (their own
+login role, as in the console). So the database decides what a call may do and the audit names
+who made it. Submissions go through the rules, as any submission does. Deciding an approval
+is not a tool: approval is a person's act, and a model that could approve could approve its
+own work (docs/mcp.md says why at more length).
 """
 
 from __future__ import annotations
@@ -15,20 +17,25 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from animus_core import __version__
+from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
 from animus_core.store import read
 from animus_core.store.db import Db
 from animus_core.store.memory import Embedder, Memory
 from animus_core.values.errors import AnimusError
 from animus_core.values.work import Created, NewWorkItem, WorkItem
+from animus_core.web.people import People, Person
 
-__all__ = ["TOOLS", "mcp_server"]
+__all__ = ["TOOLS", "Access", "mcp_http_app", "mcp_server"]
 
 T = TypeVar("T")
+#: the database a call runs on, as whoever makes it
+Access = Callable[[Context], Awaitable[Db]]
 
 #: the tools, in the order they are listed
 TOOLS = ("submit_work", "get_work", "list_work", "signal_work", "pending_approvals",
@@ -39,12 +46,12 @@ person's approval), follow it with get_work, and find work with list_work. Appro
 decided by people, never through this server."""
 
 
-def mcp_server(db: Db, governed: GovernedWork, embedder: Embedder | None) -> MCPServer:
-    """The MCP server over ``db`` (connections acting as one animus role)."""
+def mcp_server(access: Access, rules: RuleSet, embedder: Embedder | None) -> MCPServer:
+    """The MCP server whose calls run on the database ``access`` gives for each."""
     server = MCPServer("animus", version=__version__, instructions=INSTRUCTIONS)
 
     @server.tool()
-    async def submit_work(work_type: str, params: dict[str, Any] | None = None,
+    async def submit_work(ctx: Context, work_type: str, params: dict[str, Any] | None = None,
                           dedup_key: str | None = None, priority: int = 0) -> dict[str, Any]:
         """Submit a work item of work_type with JSON params. Answers its id and state:
         queued, or dead or awaiting_approval when a rule denied or gated it (with the reason);
@@ -54,7 +61,7 @@ def mcp_server(db: Db, governed: GovernedWork, embedder: Embedder | None) -> MCP
             item = NewWorkItem(work_type, source="mcp").params(params or {}).priority(priority)
             if dedup_key is not None:
                 item = item.dedup_key(dedup_key)
-            result = await governed.submit(item)
+            result = await GovernedWork(await access(ctx), rules).submit(item)
             if isinstance(result, Created):
                 return {"id": str(result.id), "created": True, "state": str(result.item.state),
                         "reason": result.item.reason}
@@ -62,13 +69,15 @@ def mcp_server(db: Db, governed: GovernedWork, embedder: Embedder | None) -> MCP
         return await _answer(run)
 
     @server.tool()
-    async def get_work(id: str) -> dict[str, Any]:
+    async def get_work(ctx: Context, id: str) -> dict[str, Any]:
         """A work item: its type, state and reason, params, outcome or error, what it waits
         for, its attempts, parent and times."""
-        return await _answer(lambda: _item(db, id))
+        async def run() -> dict[str, Any]:
+            return await _item(await access(ctx), id)
+        return await _answer(run)
 
     @server.tool()
-    async def list_work(state: str | None = None, work_type: str | None = None,
+    async def list_work(ctx: Context, state: str | None = None, work_type: str | None = None,
                         source: str | None = None, parent: str | None = None,
                         limit: int = 20, before: str | None = None) -> list[dict[str, Any]]:
         """Work items, newest first, filtered by state, work_type, source and parent; at most
@@ -76,29 +85,29 @@ def mcp_server(db: Db, governed: GovernedWork, embedder: Embedder | None) -> MCP
         async def run() -> list[dict[str, Any]]:
             if not 1 <= limit <= 200:
                 raise ToolError(f"limit must be from 1 to 200, got {limit}")
-            items = await db.list_work(state=state, work_type=work_type, source=source,
+            items = await (await access(ctx)).list_work(state=state, work_type=work_type, source=source,
                                        parent_id=parent, limit=limit, before=before)
             return [_brief(w) for w in items]
         return await _answer(run)
 
     @server.tool()
-    async def signal_work(id: str, event: str, data: Any = None) -> dict[str, Any]:
+    async def signal_work(ctx: Context, id: str, event: str, data: Any = None) -> dict[str, Any]:
         """Send the signal event (with JSON data) to a work item: it wakes the item if it
         waits for that event, else it is kept until it does."""
         async def run() -> dict[str, Any]:
-            sent = await db.signal(id, event, data)
+            sent = await (await access(ctx)).signal(id, event, data)
             return {"signal": sent.signal_id, "woke": sent.woke}
         return await _answer(run)
 
     @server.tool()
-    async def pending_approvals() -> list[dict[str, Any]]:
+    async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
         """The decisions people owe, oldest first (people decide them, not this server)."""
         async def run() -> list[dict[str, Any]]:
-            return [_plain(p) for p in await read.pending_approvals(db, limit=200)]
+            return [_plain(p) for p in await read.pending_approvals(await access(ctx), limit=200)]
         return await _answer(run)
 
     @server.tool()
-    async def search_memory(query: str, k: int = 5, memory_type: str | None = None,
+    async def search_memory(ctx: Context, query: str, k: int = 5, memory_type: str | None = None,
                             mode: str = "hybrid") -> list[dict[str, Any]]:
         """The k (1-50) memories that best match query: by meaning and words (hybrid), by
         meaning (vector), or by words (text)."""
@@ -107,31 +116,87 @@ def mcp_server(db: Db, governed: GovernedWork, embedder: Embedder | None) -> MCP
                 raise ToolError(f"k must be from 1 to 50, got {k}")
             if mode not in ("hybrid", "vector", "text"):
                 raise ToolError(f"mode is hybrid, vector or text, not {mode!r:.20}")
-            found = await (await _memory(db, embedder)).search(
+            found = await (await _memory(await access(ctx), embedder)).search(
                 query, k=k, mode=mode, memory_type=memory_type)  # type: ignore[arg-type]
             return [{"id": str(m.id), "content": m.content, "memory_type": m.memory_type,
                      "score": m.score, "source": m.source} for m in found]
         return await _answer(run)
 
     @server.tool()
-    async def store_memory(content: str, memory_type: str = "semantic") -> dict[str, Any]:
+    async def store_memory(ctx: Context, content: str, memory_type: str = "semantic") -> dict[str, Any]:
         """Keep a memory (source: mcp); answers its id."""
         async def run() -> dict[str, Any]:
-            record = await (await _memory(db, embedder)).store(content, memory_type=memory_type,
+            memory = await _memory(await access(ctx), embedder)
+            record = await memory.store(content, memory_type=memory_type,
                                                                source="mcp")
             return {"id": str(record.id)}
         return await _answer(run)
 
     @server.tool()
-    async def status() -> dict[str, Any]:
+    async def status(ctx: Context) -> dict[str, Any]:
         """The animus now: its engines (live and lost), queue depths, live work by type and
         state, waiting work by what it waits for, the latest dead letters."""
         async def run() -> dict[str, Any]:
-            view: dict[str, Any] = _plain(await read.status(db, dead_letters=10, waiting=10))
+            view: dict[str, Any] = _plain(await read.status(await access(ctx), dead_letters=10, waiting=10))
             return view
         return await _answer(run)
 
     return server
+
+
+def mcp_http_app(people: People, rules: RuleSet, embedder: Embedder | None, *,
+                 host: str) -> ASGIApp:
+    """The MCP server over streamable HTTP at ``/mcp``, for the console's people: each
+    request carries a person's token (``Authorization: Bearer ...``, ``animus web user token``)
+    and its calls run on that person's own connection. Stateless: a request is whole in
+    itself, so no session outlives the token that opened it."""
+    async def access(ctx: Context) -> Db:
+        request = ctx.request_context.request
+        person: Person = request.scope[_PERSON]  # type: ignore[union-attr]
+        return await people.db(person)
+
+    server = mcp_server(access, rules, embedder)
+    return _Bearer(server.streamable_http_app(stateless_http=True, json_response=True,
+                                              host=host), people)
+
+
+_PERSON = "animus.person"
+
+
+class _Bearer:
+    """Lets through the requests whose bearer token is a person's, with the person in the
+    request's scope; answers any other 401 (and ``/healthz`` to anyone)."""
+
+    def __init__(self, app: ASGIApp, people: People) -> None:
+        self.app = app
+        self.people = people
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/healthz":
+            return await _reply(send, 200, {"ok": True})
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        person = await self.people.by_token(token.strip()) \
+            if scheme.lower() == "bearer" and token else None
+        if person is None:
+            why = "no token: send Authorization: Bearer TOKEN" if not header else \
+                "that token is nobody's (replaced, revoked, or its person removed)"
+            return await _reply(send, 401, {"error": f"{why}; a person of the console gets "
+                                            "one with `animus web user token NAME`"},
+                                [(b"www-authenticate", b'Bearer realm="animus"')])
+        scope = {**scope, _PERSON: person}
+        await self.app(scope, receive, send)
+
+
+async def _reply(send: Send, status: int, body: dict[str, Any],
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode() + b"\n"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
 
 
 async def _answer(run: Callable[[], Awaitable[T]]) -> T:

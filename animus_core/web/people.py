@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import secrets
 from datetime import datetime
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -26,16 +27,18 @@ from animus_core.store.console import (
     ConsoleUser,
     console_password_hash,
     list_console_users,
+    mcp_token_holder,
     remove_console_user,
     save_console_user,
+    save_mcp_token,
 )
 from animus_core.store.db import Db
 from animus_core.store.roles import set_only_role
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
 
-__all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "list_people", "person_url",
-           "remove_person"]
+__all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "issue_mcp_token", "list_people",
+           "person_url", "remove_person", "revoke_mcp_token"]
 
 MIN_PASSWORD = 12
 #: password checks that run at once, at the most
@@ -111,6 +114,29 @@ async def remove_person(db: Db, name: str) -> bool:
     return await remove_console_user(db, name)
 
 
+#: how an MCP token begins: ``animus_mcp.NAME.RANDOM``
+TOKEN_PREFIX = "animus_mcp"
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def issue_mcp_token(db: Db, name: str) -> str:
+    """A new MCP token for ``name`` (someone who may sign in), in place of any before it. Only
+    its SHA-256 is kept: it is shown once, here."""
+    token = f"{TOKEN_PREFIX}.{name}.{secrets.token_urlsafe(32)}"
+    if not await save_mcp_token(db, name, _token_digest(token)):
+        raise InvalidInput(f"{name!r} may not sign in, so may have no MCP token: animus web "
+                           "user add NAME --role ROLE first")
+    return token
+
+
+async def revoke_mcp_token(db: Db, name: str) -> bool:
+    """``name``'s MCP token works no more; False when nobody of that name may sign in."""
+    return await save_mcp_token(db, name, None)
+
+
 class People:
     """Sign-in checks, and a small pool of connections per person signed in."""
 
@@ -139,6 +165,19 @@ class People:
         """The person signed in as ``name``, as they are now (None once removed)."""
         found = await console_password_hash(self.service, name)
         return _person(found[0], found[2]) if found else None
+
+    async def by_token(self, token: str) -> Person | None:
+        """The person whose MCP token ``token`` is, as they are now (None for a token that is
+        nobody's: malformed, replaced, revoked, or its person removed)."""
+        prefix, _, rest = token.partition(".")
+        name, _, _random = rest.rpartition(".")
+        if prefix != TOKEN_PREFIX or not name or len(token) > 200:
+            return None
+        found = await mcp_token_holder(self.service, name)
+        if found is None or not hmac.compare_digest(found[1], _token_digest(token)):
+            return None
+        user = found[0]
+        return Person(name=user.name, role=user.role, signed_out_at=user.signed_out_at)
 
     async def db(self, person: Person) -> Db:
         """A connection pool that is ``person`` in the database."""

@@ -2007,6 +2007,7 @@ CREATE TABLE animus.console_users (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     created_by text DEFAULT SESSION_USER NOT NULL,
     signed_out_at timestamp with time zone,
+    mcp_token_sha256 bytea,
     CONSTRAINT console_users_password_hash_check CHECK ((password_hash ~~ '$argon2id$%'::text)),
     CONSTRAINT console_users_role_check CHECK ((role = ANY (ARRAY['reader'::text, 'submitter'::text, 'approver'::text, 'operator'::text, 'admin'::text])))
 );
