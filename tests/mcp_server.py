@@ -3,7 +3,8 @@ one is slow, one fails, one says what environment it sees, one answers too much,
 counts its calls in a file).
 
     python tests/mcp_server.py [--crash]    # stdio; --crash: exit before answering anything
-    python tests/mcp_server.py --http PORT  # streamable HTTP on 127.0.0.1:PORT/mcp
+    python tests/mcp_server.py --http PORT [--token T]  # streamable HTTP on 127.0.0.1:PORT/mcp;
+                                                        # --token: 401 unless Bearer T
 """
 
 from __future__ import annotations
@@ -64,7 +65,19 @@ if __name__ == "__main__":
         print("the test server crashes on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
     if "--http" in sys.argv:
+        import uvicorn
+        from starlette.responses import PlainTextResponse
+
         port = int(sys.argv[sys.argv.index("--http") + 1])
-        server.run("streamable-http", host="127.0.0.1", port=port)
+        app = server.streamable_http_app()
+        token = sys.argv[sys.argv.index("--token") + 1] if "--token" in sys.argv else None
+
+        async def guarded(scope, receive, send):  # type: ignore[no-untyped-def]
+            headers = dict(scope.get("headers", []))
+            if scope["type"] == "http" and token is not None and \
+                    headers.get(b"authorization") != f"Bearer {token}".encode():
+                return await PlainTextResponse("who are you?", 401)(scope, receive, send)
+            return await app(scope, receive, send)
+        uvicorn.run(guarded, host="127.0.0.1", port=port, log_level="warning")
     else:
         server.run()

@@ -142,7 +142,7 @@ async def test_a_server_that_died_is_started_again_for_the_next_focus(
 async def test_a_server_over_streamable_http(pool: McpTools, tmp_path: Path) -> None:
     port = free_port()
     async with server_process([sys.executable, SERVER, "--http", str(port)], port,
-                       tmp_path / "http.log"):
+                              tmp_path / "http.log"):
         spec = McpServer(name="web", url=f"http://127.0.0.1:{port}/mcp", tools=["echo", "fail"])
         spec.check("test")
         tools = await pool.tools([spec])
@@ -151,6 +151,30 @@ async def test_a_server_over_streamable_http(pool: McpTools, tmp_path: Path) -> 
         out, is_error = await call(pool, spec, "fail")
         assert is_error
         assert "MCP tool fail of web" in out
+
+
+async def test_a_server_at_a_url_gets_headers_from_declared_variables(
+        pool: McpTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    monkeypatch.setenv("MCP_TEST_TOKEN", "t0ken-of-the-test")
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with server_process([sys.executable, SERVER, "--http", str(port), "--token",
+                               "t0ken-of-the-test"], port, tmp_path / "http.log"):
+        spec = McpServer(name="auth", url=url, env=["MCP_TEST_TOKEN"],
+                         headers={"Authorization": "Bearer ${MCP_TEST_TOKEN}"})
+        spec.check("test")
+        assert await call(pool, spec, "echo", text="let in") == ("let in", False)
+        assert spec.identity()["headers"] == ["Authorization"]  # not the token
+        bare = McpServer(name="bare", url=url, tools=["echo"])
+        out, is_error = await call(pool, bare, "echo", text="x")
+        assert is_error
+        assert "MCP server bare could not be reached" in out
+        monkeypatch.delenv("MCP_TEST_TOKEN")
+        unset = McpServer(name="unset", url=url, env=["MCP_TEST_TOKEN"], tools=["echo"],
+                          headers={"Authorization": "Bearer ${MCP_TEST_TOKEN}"})
+        out, is_error = await call(pool, unset, "echo", text="x")
+        assert is_error
+        assert "${MCP_TEST_TOKEN}, which the engine's environment does not set" in out
 
 
 def _child_pid(server: Any) -> int:
@@ -165,7 +189,12 @@ def _child_pid(server: Any) -> int:
     ({"command": "x", "url": "http://h/mcp"}, "give command (a stdio server) or url"),
     ({}, "give command (a stdio server) or url"),
     ({"url": "ftp://h"}, "url must be http:// or https://"),
-    ({"url": "http://h/mcp", "env": ["A"]}, "args and env are for a server animus starts"),
+    ({"url": "http://h/mcp", "args": ["A"]}, "args are for a server animus starts"),
+    ({"command": "x", "headers": {"A": "b"}}, "headers are for a server reached at a url"),
+    ({"url": "http://h/mcp", "headers": {"A B": "c"}}, "'A B' is not an HTTP header name"),
+    ({"url": "http://h/mcp", "headers": {"A": "b\r\nEvil: 1"}}, "not one line of text"),
+    ({"url": "http://h/mcp", "headers": {"A": "Bearer ${TOKEN}"}},
+     "headers.A takes ${TOKEN}, which env does not name"),
     ({"command": "x", "env": ["1A"]}, "env: '1A' is not an environment variable name"),
     ({"command": "x", "timeout": 0}, "timeout must be more than 0"),
     ({"command": "x", "tools": ["a" * 60]}, "which the model's API refuses"),

@@ -158,9 +158,16 @@ class _Server:
 
         spec = self.spec
         errlog: TextIO | None = None
+        http: Any = None
         try:
             if spec.url is not None:
-                transport: Any = spec.url
+                import httpx2
+                from mcp.client.streamable_http import streamable_http_client
+
+                # the SDK's own timeouts: a server may hold a response stream open a while
+                http = httpx2.AsyncClient(headers=spec.http_headers(os.environ),
+                                          timeout=httpx2.Timeout(30.0, read=300.0))
+                transport: Any = streamable_http_client(spec.url, http_client=http)
             else:
                 from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -194,6 +201,8 @@ class _Server:
             self._ready.set()
             if errlog is not None:
                 errlog.close()
+            if http is not None:
+                await http.aclose()
 
 
 class ToolFailed(Exception):

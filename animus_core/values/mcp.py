@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,15 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: what the Messages API takes as a tool's name
 _TOOL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+#: an HTTP header's name (RFC 9110 token), and ``${VAR}`` in its value
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
 class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One MCP server: started as ``command`` with ``args`` (stdio), or reached at ``url``
-    (streamable HTTP). Its tools join the model's as ``mcp__NAME__TOOL``; ``tools`` allows
+    (streamable HTTP) with ``headers``, whose values may take ``${VAR}`` from the variables
+    named in ``env``. Its tools join the model's as ``mcp__NAME__TOOL``; ``tools`` allows
     a subset (None: all it lists). A stdio server sees only the environment variables named
     in ``env`` (and PATH, HOME and the like, which the SDK passes). Each call may take
     ``timeout`` seconds and return ``max_result_bytes``; a call of a tool in
@@ -36,6 +41,7 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     command: str | None = None
     args: list[str] = []
     url: str | None = None
+    headers: dict[str, str] = {}
     env: list[str] = []
     tools: list[str] | None = None
     timeout: float = 60.0
@@ -56,8 +62,20 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                               "one of them")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{at}: url must be http:// or https://, got {self.url!r:.80}")
-        if self.url is not None and (self.args or self.env):
-            raise ConfigError(f"{at}: args and env are for a server animus starts (command)")
+        if self.url is not None and self.args:
+            raise ConfigError(f"{at}: args are for a server animus starts (command)")
+        if self.url is None and self.headers:
+            raise ConfigError(f"{at}: headers are for a server reached at a url")
+        for header, text in self.headers.items():
+            if not _HEADER.fullmatch(header) or not isinstance(text, str) or \
+                    any(c in text for c in "\r\n\0"):
+                raise ConfigError(f"{at}: headers: {header!r:.60} is not an HTTP header name, "
+                                  "or its value is not one line of text")
+            missing = [n for n in _REFERENCE.findall(text) if n not in self.env]
+            if missing:
+                raise ConfigError(f"{at}: headers.{header} takes ${{{missing[0]:.60}}}, which "
+                                  f"env does not name (env = [{missing[0]!r:.60}], declared in "
+                                  "the faculty's env or secrets too)")
         for name in self.env:
             if not _VARIABLE.fullmatch(name):
                 raise ConfigError(f"{at}: env: {name!r:.60} is not an environment variable "
@@ -80,12 +98,23 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ConfigError(f"{at}: requires_approval names {unknown}, which tools does not "
                               "allow")
 
+    def http_headers(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` with each ``${VAR}`` replaced by its value in ``environ``."""
+        def value(m: re.Match[str]) -> str:
+            if m[1] not in environ:
+                raise ConfigError(f"mcp server {self.name!r}: a header takes ${{{m[1]}}}, which "
+                                  "the engine's environment does not set")
+            return environ[m[1]]
+        return {h: _REFERENCE.sub(value, v) for h, v in self.headers.items()}
+
     def identity(self) -> dict[str, Any]:
         """What a call was bound to, for the execution record: the URL, or the command with
         its executable's digest and the digest of each file an absolute argument names."""
         ident: dict[str, Any] = {"name": self.name}
         if self.url is not None:
             ident["url"] = self.url
+            if self.headers:
+                ident["headers"] = sorted(self.headers)  # their names: values may be secrets
         else:
             assert self.command is not None
             found = shutil.which(self.command)
