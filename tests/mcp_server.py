@@ -13,6 +13,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
@@ -72,7 +73,7 @@ if __name__ == "__main__":
         app = server.streamable_http_app()
         token = sys.argv[sys.argv.index("--token") + 1] if "--token" in sys.argv else None
 
-        async def guarded(scope, receive, send):  # type: ignore[no-untyped-def]
+        async def guarded(scope: Any, receive: Any, send: Any) -> None:
             headers = dict(scope.get("headers", []))
             if scope["type"] == "http" and token is not None and \
                     headers.get(b"authorization") != f"Bearer {token}".encode():

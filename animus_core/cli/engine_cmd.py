@@ -20,7 +20,9 @@ from animus_core.cli.output import age, positive, print_json, print_table, secon
 from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
 from animus_core.infra.telemetry import setup_telemetry
+from animus_core.runtime.engine import Engine as EngineRuntime
 from animus_core.runtime.engine import EngineOptions
+from animus_core.runtime.probes import Probes, serve_probes
 from animus_core.store import engines, read
 from animus_core.store.db import Db
 from animus_core.values.engines import Engine
@@ -73,15 +75,26 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep focus directories of failed foci for debugging")
     p.add_argument("--heartbeat", type=seconds, default=5.0,
                    help="seconds between heartbeats (lost after three missed; default 5)")
+    p.add_argument("--probes", metavar="HOST:PORT", default=None,
+                   help="answer GET /livez and /readyz there, for an orchestrator's probes "
+                        "(see docs/operations-kubernetes.md)")
 
 
 async def up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    telemetry = setup_telemetry(settings)
     options = EngineOptions(
         concurrency=args.concurrency, lease_seconds=args.lease, poll_interval=args.poll,
         grace=args.grace, queues=tuple(args.queue or ("work",)), keep_foci=args.keep_foci,
         heartbeat=max(0.1, args.heartbeat))
+    engine: EngineRuntime | None = None
+    probes = None
+    if args.probes is not None:  # answering from the start: before the database is reached
+        from animus_core.cli.web_cmd import parse_bind
+
+        host, port = parse_bind(args.probes)
+        probes = await serve_probes(Probes(lambda: engine, poll_interval=options.poll_interval),
+                                    host, port)
+    telemetry = setup_telemetry(settings)
     try:
         async with Animus(settings, actor=f"engine@{socket.gethostname()}:{os.getpid()}",
                           migrate="always") as animus:
@@ -100,6 +113,8 @@ async def up(args: argparse.Namespace) -> int:
             await engine.run()
     finally:
         telemetry.shutdown()
+        if probes is not None:
+            probes.close()
     return 0
 
 

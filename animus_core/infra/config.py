@@ -24,6 +24,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     database_url: str | None = None
+    #: where the engine LISTENs, when DATABASE_URL is a pooler in transaction mode
+    #: (ANIMUS_LISTEN_URL; None: DATABASE_URL's server)
+    listen_url: str | None = None
     home: Path
     otel_endpoint: str | None = None
     #: a trace's page in the tracing backend, with ``{trace_id}`` in it (the console links it)
@@ -52,6 +55,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"DATABASE_URL={url!r} is not a Postgres URL: it must start with postgresql:// "
                 "(unset it to use the embedded server)"
             )
+        listen = env.get("ANIMUS_LISTEN_URL") or None
+        if listen is not None and not listen.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(
+                f"ANIMUS_LISTEN_URL={listen!r} is not a Postgres URL: it must start with "
+                "postgresql:// (the server itself, where DATABASE_URL is a pooler)")
+        if listen is not None and url is None:
+            raise ConfigError("ANIMUS_LISTEN_URL is for a DATABASE_URL that names a pooler; "
+                              "the embedded server needs none (unset it)")
         level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
         if level not in _LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL={level!r} is not one of {', '.join(_LOG_LEVELS)}")
@@ -64,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         home = env.get("ANIMUS_HOME") or platformdirs.user_data_dir("animus", appauthor=False)
         return cls(
             database_url=url,
+            listen_url=listen,
             home=Path(home).expanduser(),
             otel_endpoint=env.get("OTEL_ENDPOINT") or None,
             trace_url=trace_url,

@@ -120,6 +120,8 @@ class Engine:
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        #: when the scheduler loop last turned (monotonic): the liveness probe reads it
+        self.last_turn = time.monotonic()
         #: when a stop was asked for, plus the grace period: the last moment to record work
         self._stop_deadline: float | None = None
         self.foci_root = settings.home / "foci"
@@ -318,6 +320,7 @@ class Engine:
     async def _schedule_loop(self) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
+            self.last_turn = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.options.poll_interval)
             if self.stopping.is_set():

@@ -52,6 +52,7 @@ class DbBase:
 
     pool: asyncpg.Pool
     url: str
+    listen_url: str
     #: the keys this process seals the audit chain with and verifies it by
     #: (:mod:`animus_core.infra.witness`); none: keyless seals, and keyed ones go unchecked
     audit_keys: AuditKeys
@@ -88,7 +89,7 @@ class DbBase:
         pool, LISTENing on each channel with its callback. Close it when done."""
         with errors():
             conn = await asyncpg.connect(
-                self.url, server_settings={"application_name": "animus-listener"})
+                self.listen_url, server_settings={"application_name": "animus-listener"})
             listener = Listener(conn)
             try:
                 for channel, callback in channels.items():

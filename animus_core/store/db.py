@@ -76,6 +76,9 @@ class Db(WorkChildren):
     def __init__(self, pool: asyncpg.Pool, url: str, audit_keys: AuditKeys | None = None) -> None:
         self.pool = pool
         self.url = url
+        #: where :meth:`listen` connects: the server itself, where ``url`` may be a pooler in
+        #: transaction mode, which cannot keep a LISTEN (ANIMUS_LISTEN_URL)
+        self.listen_url = url
         #: the keys this process seals the audit chain with and verifies it by
         #: (:mod:`animus_core.infra.witness`); none: keyless seals, and keyed ones go unchecked
         self.audit_keys = audit_keys if audit_keys is not None else AuditKeys()
@@ -128,7 +131,10 @@ class Db(WorkChildren):
                 "(check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "
                 "to use the embedded server)"
             ) from e
-        return cls(pool, url, keys)
+        db = cls(pool, url, keys)
+        if settings is not None and settings.listen_url is not None:
+            db.listen_url = settings.listen_url
+        return db
 
     # -- submit --------------------------------------------------------------------------------
 

@@ -131,7 +131,9 @@ BEGIN
         ('animus.engine_deregister(uuid)', 'animus_operator'),
         ('animus.stop_engines(uuid, float8)', 'animus_operator'),
         ('animus.engine_lost(animus.engines)', 'animus_reader'),
-        ('animus.status_view(int, int)', 'animus_reader')) AS x(fn, grantees) LOOP
+        ('animus.status_view(int, int)', 'animus_reader'),
+        -- what a fleet scales on (0035_scaling_depth.sql): KEDA's login reads it
+        ('animus.scaling_depth(text, text[])', 'animus_reader')) AS x(fn, grantees) LOOP
         f := to_regprocedure(d.fn);
         CONTINUE WHEN f IS NULL;
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', f);

@@ -999,6 +999,30 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.scaling_depth(p_queue text DEFAULT 'work'::text, p_work_types text[] DEFAULT NULL::text[]) RETURNS bigint
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_ready bigint;
+    v_held bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
+        RAISE EXCEPTION 'animus.scaling_depth: there is no queue %', quote_literal(p_queue)
+            USING ERRCODE = '22023',
+                  HINT = 'name a queue engines serve: work, unless they run with --queue';
+    END IF;
+    EXECUTE format('SELECT count(*) FROM pgmq.%I WHERE vt <= clock_timestamp() '
+                   'AND ($1::text[] IS NULL OR message->>''t'' = ANY ($1))', 'q_' || p_queue)
+       INTO v_ready USING p_work_types;
+    SELECT count(*) INTO v_held
+      FROM animus.work_items w
+     WHERE w.state IN ('claimed', 'running') AND w.queue = p_queue
+       AND (p_work_types IS NULL OR w.work_type = ANY (p_work_types));
+    RETURN v_ready + v_held;
+END
+$_$;
+
 CREATE FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) RETURNS TABLE(signal_id bigint, woke boolean)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2346,6 +2370,8 @@ REVOKE ALL ON FUNCTION animus.requeue_message(p_item animus.work_items, p_delay 
 REVOKE ALL ON FUNCTION animus.require_transition(p_id uuid, p_from animus.work_state, p_to animus.work_state) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.retry(p_id uuid, p_delay double precision, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.scaling_depth(p_queue text, p_work_types text[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.signal(p_id uuid, p_event text, p_payload jsonb) FROM PUBLIC;
 
