@@ -17,6 +17,7 @@ import pytest
 from animus_core import Db, NewWorkItem, State
 from animus_core.faculties.llm import _call_tool
 from animus_core.faculties.mcp import McpTools
+from animus_core.faculties.toml import load_file
 from animus_core.infra.secrets import redactor
 from animus_core.values.errors import ConfigError
 from animus_core.values.mcp import McpServer
@@ -169,6 +170,14 @@ async def test_a_server_at_a_url_gets_headers_from_declared_variables(
         out, is_error = await call(pool, bare, "echo", text="x")
         assert is_error
         assert "MCP server bare could not be reached" in out
+        assert "(HTTP 401: who are you?)" in out
+        monkeypatch.setenv("MCP_TEST_TOKEN", "t0ken\r\nX-Evil: 1")
+        broken = McpServer(name="broken", url=url, env=["MCP_TEST_TOKEN"], tools=["echo"],
+                           headers={"Authorization": "Bearer ${MCP_TEST_TOKEN}"})
+        out, is_error = await call(pool, broken, "echo", text="x")
+        assert is_error
+        assert "$MCP_TEST_TOKEN holds a line break" in out
+        assert "X-Evil" not in out  # the value is not repeated
         monkeypatch.delenv("MCP_TEST_TOKEN")
         unset = McpServer(name="unset", url=url, env=["MCP_TEST_TOKEN"], tools=["echo"],
                           headers={"Authorization": "Bearer ${MCP_TEST_TOKEN}"})
@@ -195,6 +204,10 @@ def _child_pid(server: Any) -> int:
     ({"url": "http://h/mcp", "headers": {"A": "b\r\nEvil: 1"}}, "not one line of text"),
     ({"url": "http://h/mcp", "headers": {"A": "Bearer ${TOKEN}"}},
      "headers.A takes ${TOKEN}, which env does not name"),
+    ({"url": "http://h/mcp", "headers": {"Host": "evil.example"}},
+     "headers: Host is the MCP transport's own to send"),
+    ({"url": "http://h/mcp", "headers": {"Mcp-Session-Id": "x"}},
+     "headers: Mcp-Session-Id is the MCP transport's own"),
     ({"command": "x", "env": ["1A"]}, "env: '1A' is not an environment variable name"),
     ({"command": "x", "timeout": 0}, "timeout must be more than 0"),
     ({"command": "x", "tools": ["a" * 60]}, "which the model's API refuses"),
@@ -205,6 +218,24 @@ def test_a_declaration_that_cannot_work_is_refused_naming_the_field(
         fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=r"f\.toml: mcp server 'srv'") as e:
         McpServer(name="srv", **fields).check("f.toml")
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("declaration", "message"), [
+    ('name = "a"\ncommand = "x"\nenv = ["HIDDEN"]',
+     "env ['HIDDEN'] must be declared in the faculty's env or secrets"),
+    ('name = "a"\nurl = "http://h/mcp"\nenv = ["PLAIN"]\n'
+     'headers = {Authorization = "Bearer ${PLAIN}"}',
+     "headers take ['PLAIN'], which must be among the faculty's secrets"),
+])
+def test_a_faculty_passes_its_servers_only_what_it_declares(
+        declaration: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[faculty]\nname = "f"\naccepts = ["f"]\nenv = ["PLAIN"]\n\n'
+                    '[faculty.engage]\nmodel = "claude-sonnet-4-5"\n\n'
+                    f"[[faculty.engage.mcp]]\n{declaration}\n")
+    with pytest.raises(ConfigError) as e:
+        load_file(path, cwd=tmp_path)
     assert message in str(e.value)
 
 

@@ -17,6 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from animus_core import Db, NewWorkItem, State
 from animus_core.store.roles import setup_roles
@@ -221,9 +222,16 @@ async def test_a_request_without_a_live_token_is_refused(
         status_code, _, text = await refused(endpoint, {"authorization": f"Bearer {second}"})
         assert status_code == 401
         assert "nobody's" in text
+        with pytest.raises((MCPError, BaseExceptionGroup)) as e:  # a client reads why
+            async with http_client(endpoint, second) as client:
+                await client.list_tools()
+        assert "that token is nobody's" in _messages(e.value)
         third = await issue_mcp_token(db, sam)
-        assert await remove_person(db, sam)  # removed from the console: the token goes too
+        await add_person(db, SECRET.encode(), sam, "submitter", PASSWORD + "!")  # a new password
         assert (await refused(endpoint, {"authorization": f"Bearer {third}"}))[0] == 401
+        fourth = await issue_mcp_token(db, sam)
+        assert await remove_person(db, sam)  # removed from the console: the token goes too
+        assert (await refused(endpoint, {"authorization": f"Bearer {fourth}"}))[0] == 401
     status, _, err = await run_cli(env, tmp_path, "web", "user", "token", sam)
     assert status != 0
     assert "animus web user add" in err
@@ -232,3 +240,41 @@ async def test_a_request_without_a_live_token_is_refused(
 async def test_a_role_that_cannot_be_taken_says_how_to_make_it(db_url: str) -> None:
     with pytest.raises(PermissionDenied, match=r"animus_no_such.*does not exist.*animus roles setup"):
         await Db.connect(db_url, role="animus_no_such")
+
+
+async def test_it_holds_no_stream_open_and_says_what_is_wrong_with_a_header(
+        db: Db, people: dict[str, str], cli_env: dict[str, str], tmp_path: Path) -> None:
+    token = await issue_mcp_token(db, people["reader"])
+    async with animus_mcp_http(cli_env, tmp_path) as endpoint, \
+            httpx2.AsyncClient(timeout=30) as http:
+        stream = await http.get(endpoint, headers={"authorization": f"Bearer {token}",
+                                                   "accept": "text/event-stream"})
+        assert (stream.status_code, stream.headers["allow"]) == (405, "POST")
+        status, _, text = await refused(endpoint, {"authorization": "Basic cml0YTp4"})
+        assert status == 401
+        assert "not a bearer token" in text
+        twice = await http.post(endpoint, json={}, headers=[
+            ("authorization", "Bearer nonsense"), ("authorization", f"Bearer {token}")])
+        assert twice.status_code == 400
+        assert "more than one Authorization header" in twice.text
+        proxied = await http.post(  # behind a proxy that sends its own Host
+            endpoint, headers={"authorization": f"Bearer {token}", "host": "animus.example",
+                               "accept": "application/json, text/event-stream"},
+            json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert proxied.status_code == 200, proxied.text
+
+
+async def test_without_the_consoles_secret_it_will_not_serve_people(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "ANIMUS_WEB_SECRET"}
+    env["ANIMUS_HOME"] = str(tmp_path / "elsewhere")  # no web-secret file there
+    status, _, err = await run_cli(env, tmp_path, "mcp", "--bind", f"127.0.0.1:{free_port()}")
+    assert status != 0
+    assert "no console secret: set ANIMUS_WEB_SECRET" in err
+    assert not (tmp_path / "elsewhere" / "web-secret").exists()
+
+
+def _messages(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup):
+        return " ".join(_messages(x) for x in e.exceptions)
+    return str(e)

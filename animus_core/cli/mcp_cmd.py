@@ -11,6 +11,9 @@ from animus_core.cli.context import cli_animus
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
 
+#: requests served at once over HTTP; more are answered 503 at once
+MAX_REQUESTS = 256
+
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mcp", help="serve this animus to MCP clients, over stdio or HTTP (see "
@@ -48,13 +51,14 @@ async def serve(args: argparse.Namespace) -> int:
     embedder = select_embedder(pm, settings)
     if args.bind is not None:
         host, port = parse_bind(args.bind)
-        secret = console_secret(settings)
+        secret = console_secret(settings, create=False)  # the people's passwords' secret
         async with await cli_animus(pool_size=2, actor="mcp").open_db() as service:
             people = People(service, service.url, secret)
             try:
                 print(f"animus mcp: serving http://{host}:{port}/mcp (Ctrl-C stops)",
                       file=sys.stderr, flush=True)
-                await serve(mcp_http_app(people, rules, embedder, host=host), host, port)
+                await serve(mcp_http_app(people, rules, embedder), host, port,
+                            limit_concurrency=MAX_REQUESTS)
             finally:
                 await people.close()
         return 0

@@ -83,6 +83,8 @@ class _Server:
         self.client: Any = None
         self.listed: list[Any] = []
         self.problem: str | None = None  # why it is not connected
+        #: a server at a url: what it answered last with an HTTP error (its own words)
+        self.refusal: str | None = None
         self.dead = False
         self._ready = asyncio.Event()
         self._closing = asyncio.Event()
@@ -135,7 +137,8 @@ class _Server:
             result = await self.client.call_tool(name, arguments,
                                                  read_timeout_seconds=spec.timeout)
         except Exception as e:  # the SDK's error, a timeout, a dead server: the model's to read
-            text = redactor.text(str(e)) or type(e).__name__
+            self.refusal, refusal = None, self.refusal
+            text = redactor.text(_why(e) + (f" ({refusal})" if refusal else ""))
             code = getattr(e, "code", None)
             if self._task.done() or code == CONNECTION_CLOSED or not isinstance(e, MCPError):
                 self.dead = True  # the next focus starts it again
@@ -165,8 +168,14 @@ class _Server:
                 from mcp.client.streamable_http import streamable_http_client
 
                 # the SDK's own timeouts: a server may hold a response stream open a while
+                async def refused(response: Any) -> None:
+                    if response.status_code >= 400:  # the SDK says only that it failed
+                        await response.aread()
+                        self.refusal = f"HTTP {response.status_code}: {response.text[:300]}"
+
                 http = httpx2.AsyncClient(headers=spec.http_headers(os.environ),
-                                          timeout=httpx2.Timeout(30.0, read=300.0))
+                                          timeout=httpx2.Timeout(30.0, read=300.0),
+                                          event_hooks={"response": [refused]})
                 transport: Any = streamable_http_client(spec.url, http_client=http)
             else:
                 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -193,8 +202,8 @@ class _Server:
                 self.client = None
                 await client.__aexit__(None, None, None)
         except Exception as e:  # a server that does not start is the model's to hear of
-            self.problem = (f"MCP server {spec.name} could not be reached: "
-                            f"{redactor.text(str(e)) or type(e).__name__}")
+            why = _why(e) + (f" ({self.refusal})" if self.refusal else "")
+            self.problem = f"MCP server {spec.name} could not be reached: {redactor.text(why)}"
             _log.warning("%s", self.problem)
         finally:
             self.dead = True
@@ -203,6 +212,13 @@ class _Server:
                 errlog.close()
             if http is not None:
                 await http.aclose()
+
+
+def _why(e: BaseException) -> str:
+    """What went wrong, in words: the errors inside a task group's, not its name."""
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(_why(inner) for inner in e.exceptions))
+    return str(e) or type(e).__name__
 
 
 class ToolFailed(Exception):

@@ -214,6 +214,11 @@ def _check_mcp(path: Path, spec: FacultySpec) -> None:
             raise ConfigError(f"{where}: env {undeclared} must be declared in the faculty's "
                               "env or secrets too (what its hooks and servers may see is "
                               "said there)")
+        public = [n for n in server.header_variables() if n not in spec.secrets]
+        if public:
+            raise ConfigError(f"{where}: headers take {public}, which must be among the "
+                              "faculty's secrets (what a header carries is a credential: its "
+                              "value is kept out of logs and records)")
 
 
 def _check_phases(path: Path, spec: FacultySpec) -> None:

@@ -60,7 +60,7 @@ async def save_console_user(conn: Any, name: str, role: str, password_hash: str)
     row = await conn.fetchrow(
         """INSERT INTO animus.console_users (name, role, password_hash) VALUES ($1, $2, $3)
            ON CONFLICT (name) DO UPDATE SET role = $2, password_hash = $3,
-                                            signed_out_at = now()
+                                            signed_out_at = now(), mcp_token_sha256 = NULL
            RETURNING name, role, created_at, created_by""", name, role, password_hash)
     return ConsoleUser(**dict(row))
 

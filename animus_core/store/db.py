@@ -96,11 +96,13 @@ class Db(WorkChildren):
         actor: str | None = None,
         timeout: float = 10.0,
         role: str | None = None,
+        idle_seconds: float = 300.0,
     ) -> Self:
         """Connect to ``url``, or to ``DATABASE_URL``, or to the embedded server. The audit
         keys come from ``settings``, or from the environment. ``role``: every connection acts
         as this database role (``SET ROLE`` at its start: the database checks what it may do;
-        the audit still names the login)."""
+        the audit still names the login). A pooled connection idle for ``idle_seconds`` is
+        closed (down to ``min_size``)."""
         if url is None:
             settings = settings or Settings.from_env()
             url = await resolve_url(settings)
@@ -114,6 +116,7 @@ class Db(WorkChildren):
                 init=init_connection,
                 reset=keep_session,
                 timeout=timeout,
+                max_inactive_connection_lifetime=idle_seconds,
                 server_settings={"application_name": "animus", "animus.actor": actor,
                                  **({"role": role} if role is not None else {})},
             )

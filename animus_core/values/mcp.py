@@ -26,6 +26,9 @@ _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 #: an HTTP header's name (RFC 9110 token), and ``${VAR}`` in its value
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
+#: headers the MCP transport sets itself
+_OWN_HEADERS = frozenset({"host", "content-length", "content-type", "transfer-encoding",
+                          "connection", "accept"})
 
 
 class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +74,9 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                     any(c in text for c in "\r\n\0"):
                 raise ConfigError(f"{at}: headers: {header!r:.60} is not an HTTP header name, "
                                   "or its value is not one line of text")
+            if header.lower() in _OWN_HEADERS or header.lower().startswith("mcp-"):
+                raise ConfigError(f"{at}: headers: {header} is the MCP transport's own to "
+                                  "send")
             missing = [n for n in _REFERENCE.findall(text) if n not in self.env]
             if missing:
                 raise ConfigError(f"{at}: headers.{header} takes ${{{missing[0]:.60}}}, which "
@@ -98,13 +104,22 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ConfigError(f"{at}: requires_approval names {unknown}, which tools does not "
                               "allow")
 
+    def header_variables(self) -> list[str]:
+        """The variables ``headers`` take values from."""
+        return sorted({n for v in self.headers.values() for n in _REFERENCE.findall(v)})
+
     def http_headers(self, environ: Mapping[str, str]) -> dict[str, str]:
-        """``headers`` with each ``${VAR}`` replaced by its value in ``environ``."""
+        """``headers`` with each ``${VAR}`` replaced by its value in ``environ``; a value
+        that would not be one clean line of text is refused, naming the variable only."""
         def value(m: re.Match[str]) -> str:
             if m[1] not in environ:
                 raise ConfigError(f"mcp server {self.name!r}: a header takes ${{{m[1]}}}, which "
                                   "the engine's environment does not set")
-            return environ[m[1]]
+            text = environ[m[1]]
+            if text != text.strip() or any(c in text for c in "\r\n\0"):
+                raise ConfigError(f"mcp server {self.name!r}: ${m[1]} holds a line break, a NUL "
+                                  "or spaces at an end, which no header may carry")
+            return text
         return {h: _REFERENCE.sub(value, v) for h, v in self.headers.items()}
 
     def identity(self) -> dict[str, Any]:

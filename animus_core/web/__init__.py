@@ -21,10 +21,13 @@ __all__ = ["LoginLimiter", "People", "Person", "add_person", "console_app", "con
            "issue_mcp_token", "list_people", "remove_person", "revoke_mcp_token", "serve"]
 
 
-async def serve(app: ASGIApp, host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn until interrupted (SIGINT or SIGTERM)."""
+async def serve(app: ASGIApp, host: str, port: int, *,
+                limit_concurrency: int | None = None) -> None:
+    """Serve ``app`` with uvicorn until interrupted (SIGINT or SIGTERM); beyond
+    ``limit_concurrency`` requests and connections at once, 503 at once."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="on", proxy_headers=True, server_header=False)
+                            lifespan="on", proxy_headers=True, server_header=False,
+                            limit_concurrency=limit_concurrency)
     await uvicorn.Server(config).serve()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from animus_core import __version__
@@ -144,20 +145,23 @@ def mcp_server(access: Access, rules: RuleSet, embedder: Embedder | None) -> MCP
     return server
 
 
-def mcp_http_app(people: People, rules: RuleSet, embedder: Embedder | None, *,
-                 host: str) -> ASGIApp:
+def mcp_http_app(people: People, rules: RuleSet, embedder: Embedder | None) -> ASGIApp:
     """The MCP server over streamable HTTP at ``/mcp``, for the console's people: each
     request carries a person's token (``Authorization: Bearer ...``, ``animus web user token``)
     and its calls run on that person's own connection. Stateless: a request is whole in
-    itself, so no session outlives the token that opened it."""
+    itself, so no session outlives the token that opened it, and no stream stays open (a GET
+    is refused). The SDK's DNS-rebinding guard (a Host of localhost only) is off: a browser
+    page a rebinding attack runs has no token to send, and a proxy in front sends its own
+    Host."""
     async def access(ctx: Context) -> Db:
         request = ctx.request_context.request
         person: Person = request.scope[_PERSON]  # type: ignore[union-attr]
         return await people.db(person)
 
     server = mcp_server(access, rules, embedder)
+    open_to_any_host = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     return _Bearer(server.streamable_http_app(stateless_http=True, json_response=True,
-                                              host=host), people)
+                                              transport_security=open_to_any_host), people)
 
 
 _PERSON = "animus.person"
@@ -176,16 +180,28 @@ class _Bearer:
             return await self.app(scope, receive, send)
         if scope["path"] == "/healthz":
             return await _reply(send, 200, {"ok": True})
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        person = await self.people.by_token(token.strip()) \
+        if scope["method"] == "GET":  # a stream no stateless server ever writes to
+            return await _reply(send, 405, {"error": "this server keeps no streams open: "
+                                            "POST each request"}, [(b"allow", b"POST")])
+        given = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(given) > 1:
+            return await _reply(send, 400, {"error": "more than one Authorization header"})
+        header = given[0].decode("latin-1") if given else ""
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        person = await self.people.by_token(token) \
             if scheme.lower() == "bearer" and token else None
         if person is None:
-            why = "no token: send Authorization: Bearer TOKEN" if not header else \
-                "that token is nobody's (replaced, revoked, or its person removed)"
-            return await _reply(send, 401, {"error": f"{why}; a person of the console gets "
-                                            "one with `animus web user token NAME`"},
-                                [(b"www-authenticate", b'Bearer realm="animus"')])
+            why = ("no token: send Authorization: Bearer TOKEN" if not header else
+                   "that is not a bearer token: send Authorization: Bearer TOKEN"
+                   if scheme.lower() != "bearer" or not token else
+                   "that token is nobody's (replaced, revoked, or its person removed)")
+            # as a JSON-RPC error too, so that an MCP client shows the reason, not a status
+            return await _reply(send, 401, {
+                "jsonrpc": "2.0", "id": None,
+                "error": {"code": -32001, "message": f"{why}; a person of the console gets one "
+                                                     "with `animus web user token NAME`"}},
+                [(b"www-authenticate", b'Bearer realm="animus"')])
         scope = {**scope, _PERSON: person}
         await self.app(scope, receive, send)
 

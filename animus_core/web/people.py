@@ -34,7 +34,7 @@ from animus_core.store.console import (
 )
 from animus_core.store.db import Db
 from animus_core.store.roles import set_only_role
-from animus_core.values.errors import InvalidInput
+from animus_core.values.errors import AnimusError, ConfigError, InvalidInput
 from animus_core.values.roles import ROLES
 
 __all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "issue_mcp_token", "list_people",
@@ -43,6 +43,8 @@ __all__ = ["MIN_PASSWORD", "People", "Person", "add_person", "issue_mcp_token", 
 MIN_PASSWORD = 12
 #: password checks that run at once, at the most
 HASHING = 2
+#: seconds a person's database connection may stay idle before it is closed
+IDLE_SECONDS = 20.0
 _hasher = PasswordHasher()  # argon2id, memory-hard (64 MiB, 3 passes)
 #: what the console offers each role (the database has the last word)
 _OFFERS: dict[str, frozenset[str]] = {
@@ -175,21 +177,43 @@ class People:
             return None
         found = await mcp_token_holder(self.service, name)
         if found is None or not hmac.compare_digest(found[1], _token_digest(token)):
+            if found is None:
+                await self.forget(name)  # removed, or its token revoked: its pool goes
             return None
         user = found[0]
         return Person(name=user.name, role=user.role, signed_out_at=user.signed_out_at)
 
     async def db(self, person: Person) -> Db:
-        """A connection pool that is ``person`` in the database."""
+        """A connection pool that is ``person`` in the database. Its connections close after
+        a short while idle: the people who are not busy hold none."""
         db = self._dbs.get(person.name)
         if db is not None:
             return db
         async with self._lock:
             if person.name not in self._dbs:
-                self._dbs[person.name] = await Db.connect(
-                    person_url(self.url, self.secret, person.name), min_size=0, max_size=2,
-                    actor=f"web:{person.name}")
+                db = await Db.connect(person_url(self.url, self.secret, person.name),
+                                      min_size=0, max_size=2, actor=f"web:{person.name}",
+                                      idle_seconds=IDLE_SECONDS)
+                try:
+                    async with db.connection():
+                        pass  # the password is checked now, and said plainly if wrong
+                except AnimusError as e:
+                    await db.close()
+                    if "password authentication failed" in str(e):
+                        raise ConfigError(
+                            f"the database refused {person.name}'s password: this server's "
+                            "console secret (ANIMUS_WEB_SECRET or $ANIMUS_HOME/web-secret) is "
+                            "not the one `animus web user add` used; use that one, or add "
+                            f"{person.name} again") from None
+                    raise
+                self._dbs[person.name] = db
             return self._dbs[person.name]
+
+    async def forget(self, name: str) -> None:
+        """Close ``name``'s pool, if there is one (they were removed)."""
+        db = self._dbs.pop(name, None)
+        if db is not None:
+            await db.close()
 
     async def close(self) -> None:
         dbs, self._dbs = list(self._dbs.values()), {}

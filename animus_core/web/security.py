@@ -17,10 +17,12 @@ __all__ = ["LoginLimiter", "console_secret", "csrf_ok", "new_csrf"]
 SECRET_ENV = "ANIMUS_WEB_SECRET"
 
 
-def console_secret(settings: Settings, env: dict[str, str] | None = None) -> bytes:
+def console_secret(settings: Settings, env: dict[str, str] | None = None, *,
+                   create: bool = True) -> bytes:
     """``ANIMUS_WEB_SECRET``, or the secret in ``$ANIMUS_HOME/web-secret`` (made, readable
-    by its owner only, on first use). It signs the session cookies and derives the people's
-    database passwords: the console and ``animus web user add`` must share it."""
+    by its owner only, on first use, unless not ``create``). It signs the session cookies and
+    derives the people's database passwords: the console, ``animus mcp --bind`` and ``animus
+    web user add`` must share it."""
     env = dict(os.environ) if env is None else env
     given = env.get(SECRET_ENV)
     if given:
@@ -29,6 +31,10 @@ def console_secret(settings: Settings, env: dict[str, str] | None = None) -> byt
                               "-hex 32` makes one)")
         return given.encode()
     path = Path(settings.home) / "web-secret"
+    if not path.exists() and not create:
+        raise ConfigError(f"no console secret: set {SECRET_ENV}, or run where {path} is (the "
+                          "one `animus web user add` used: people's database passwords are "
+                          "derived from it)")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
