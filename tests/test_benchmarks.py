@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_console, bench_mcp, bench_rate, bench_waits
+from benchmarks import bench_console, bench_fleet, bench_mcp, bench_rate, bench_waits
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -89,6 +89,21 @@ async def test_the_mcp_benchmark_runs_with_a_few_calls():
     assert all(r["value"] is not None for r in section["results"])
     assert section["checks"][0]["label"] == "added latency p50, ms"
     assert "load avg" in bench_mcp.render(report)
+    json.dumps(report)
+
+
+async def test_the_fleet_benchmark_runs_small(server_url, monkeypatch):
+    """bench_fleet with one and two small engines: real engine processes, every figure."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    args = bench_fleet.parse_args(["--engines", "1,2", "--concurrency", "4", "--seconds", "1",
+                                   "--work", "0.05", "--database", "animus_bench_fleet_smoke"])
+    report = await bench_fleet.run(args)
+    section = report["sections"]["fleet"]
+    assert all(r["value"] is not None and r["value"] > 0 for r in section["results"]
+               if "CPU" not in r["label"])
+    twice = [c for c in section["checks"] if "twice" in c["label"]]
+    assert [c["value"] for c in twice] == [0, 0]
+    assert "the curve bends at" in bench_fleet.render(report)
     json.dumps(report)
 
 

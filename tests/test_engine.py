@@ -890,6 +890,42 @@ async def test_notification_during_a_claim_is_not_lost(db, db_url, tmp_path, mon
         assert item.state == State.COMPLETED
 
 
+async def test_a_slot_freed_during_a_claim_is_filled_at_once(db, db_url, tmp_path):
+    """A focus that finishes while a claim is in flight frees a slot the claim did not count:
+    the engine claims again for it at once, not at the next wake-up (which, with a backlog and
+    no new work, is the next focus to finish, or the fallback poll)."""
+    gates = {k: asyncio.Event() for k in "abc"}
+    gates["c"].set()
+    started: list[str] = []
+
+    class Gated(Faculty):
+        name = "gated"
+        accepts = ("gated",)
+        max_concurrent = 2
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            started.append(focus.params["k"])
+            await gates[focus.params["k"]].wait()
+            return None
+
+    async with run_engine(db_url, tmp_path / "home", faculties=[Gated()],
+                          options=SLOW_POLL) as run:
+        slot = run.engine.slots["gated"]
+        await db.submit_work(NewWorkItem("gated").params({"k": "a"}))
+        await wait_until(lambda: started == ["a"], message="a to start")
+
+        async def free_a_slot_during_the_claim(kwargs: dict[str, Any], claimed: list[Any]) -> None:
+            if [c.item.params["k"] for c in claimed] == ["b"]:
+                gates["a"].set()  # a finishes while the claim of b is in flight
+                await wait_until(lambda: slot.running == 0, message="a to finish")
+
+        run.db.after_claim = free_a_slot_during_the_claim
+        # b and c in one transaction (one notification): the claim for the one free slot takes b
+        await db.submit_many([NewWorkItem("gated").params({"k": k}) for k in "bc"])
+        await wait_until(lambda: "c" in started, 5, message="c to start in the slot a freed")
+        gates["b"].set()
+
+
 async def test_failing_plugin_is_reported_and_other_faculties_run(db, db_url, tmp_path):
     class Broken:
         @hookimpl

@@ -355,17 +355,21 @@ class Engine:
             # Cleared before the claim: a notification that arrives while it is in flight
             # sets it again, and is not lost.
             slot.dirty = False
-            for queue in self.options.queues:
-                asked = time.monotonic()
-                claimed = await self.db.claim_resuming(
-                    queue, limit=allowed - got, lease_seconds=lease_seconds,
-                    work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
-                self.health.reachable()
-                for c, resume in claimed:
-                    self._start_focus(slot, c, asked + lease_seconds, resume)
-                got += len(claimed)
-                if got >= allowed:
-                    break
+            slot.claiming = True
+            try:
+                for queue in self.options.queues:
+                    asked = time.monotonic()
+                    claimed = await self.db.claim_resuming(
+                        queue, limit=allowed - got, lease_seconds=lease_seconds,
+                        work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
+                    self.health.reachable()
+                    for c, resume in claimed:
+                        self._start_focus(slot, c, asked + lease_seconds, resume)
+                    got += len(claimed)
+                    if got >= allowed:
+                        break
+            finally:
+                slot.claiming = False
             if slot.faculty.rate_limit and got < allowed:
                 slot.tokens += allowed - got
             total_free -= got
@@ -408,7 +412,9 @@ class Engine:
         work_id = flight.claimed.item.id
         if self.inflight.get(work_id) is flight:
             del self.inflight[work_id]
-        if flight.slot.dirty:  # its backlog was not drained: use the freed slot
+        # its backlog was not drained, or a claim in flight may find it was not: use the
+        # freed slot (the loop looks once that claim returned)
+        if flight.slot.dirty or flight.slot.claiming:
             self._wake.set()
 
     async def _drain(self) -> None:

@@ -23,6 +23,9 @@ class Slot:
     faculty: Faculty
     running: int = 0
     dirty: bool = True
+    #: a claim for it is in flight: a focus that finishes meanwhile frees a slot the claim
+    #: did not count, so the engine must look again once it returns
+    claiming: bool = False
     tokens: float = 0.0
     refilled: float = field(default_factory=time.monotonic)
     #: wakes the engine when the next token is due (see Engine._wake_for_token)
