@@ -54,7 +54,7 @@ from benchmarks.bench_engine import (
     xacts,
 )
 from benchmarks.bench_work import describe_server
-from tests.engine_helpers import EngineProcess, wait_listening, wait_until
+from tests.engine_helpers import EngineProcess, plugin_site, wait_listening, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK_TYPE = "bench.fleet"
@@ -78,12 +78,7 @@ def load() -> str:
 async def fleet(url: str, work: Path, engines: int, concurrency: int
                 ) -> AsyncIterator[list[EngineProcess]]:
     """``engines`` processes of ``animus up`` with the bench-fleet faculty, all listening."""
-    site = work / "site"
-    dist = site / "animus_bench_fleet-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-bench-fleet\n"
-                                   "Version: 0.1\n")
-    (dist / "entry_points.txt").write_text("[animus]\nbenchfleet = benchmarks.fleet_faculty\n")
+    site = plugin_site(work, "benchmarks.fleet_faculty", "benchfleet")
     (work / "faculties").mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "OTEL_ENDPOINT")}

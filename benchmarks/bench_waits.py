@@ -64,7 +64,7 @@ from benchmarks.bench_engine import (
 )
 from benchmarks.bench_work import describe_server
 from benchmarks.wait_faculty import MARKS_ENV, parse_mark
-from tests.engine_helpers import EngineProcess, listeners, wait_listening
+from tests.engine_helpers import EngineProcess, listeners, plugin_site, wait_listening
 
 DEFAULT_PREFIX = "animus_bench_waits"
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,12 +115,7 @@ class Engine:
 async def engine_process(url: str, work: Path) -> AsyncIterator[Engine]:
     """``python -m animus_core up`` with default options, the bench-waits faculty loaded
     through an ``animus`` entry point (a dist-info of its own on PYTHONPATH), listening."""
-    site = work / "site"
-    dist = site / "animus_bench_waits-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-bench-waits\n"
-                                   "Version: 0.1\n")
-    (dist / "entry_points.txt").write_text("[animus]\nbenchwaits = benchmarks.wait_faculty\n")
+    site = plugin_site(work, "benchmarks.wait_faculty", "benchwaits")
     (work / "faculties").mkdir()
     marks = work / "marks"
     marks.touch()

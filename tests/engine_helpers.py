@@ -420,6 +420,18 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def plugin_site(root: Path, module: str, name: str) -> Path:
+    """A directory to put on an engine's ``PYTHONPATH`` so that it loads ``module`` as the
+    ``animus`` entry point ``name``, as an installed faculty package is loaded (a dist-info
+    of its own); it is made under ``root``."""
+    site = root / "site"
+    dist = site / f"animus_{name}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: animus-{name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[animus]\n{name} = {module}\n")
+    return site
+
+
 # -- servers ------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,14 @@ import pytest
 from animus_core import Created, NewWorkItem, State
 from animus_core.values.agents import Usage
 from tests.conftest import ROOT
-from tests.engine_helpers import engine_processes, events, wait_finished, wait_listening, wait_until
+from tests.engine_helpers import (
+    engine_processes,
+    events,
+    plugin_site,
+    wait_finished,
+    wait_listening,
+    wait_until,
+)
 from tests.messages_server import Hold, MessagesServer, Reply, Tokens, ToolUse
 
 pytestmark = pytest.mark.slow
@@ -40,12 +47,7 @@ def server() -> Iterator[MessagesServer]:
 def engines(cli_env: dict[str, str], tmp_path: Path, server: MessagesServer) -> Iterator[Any]:
     """``engines(*args)`` starts an engine process that loads tests/llm_faculty.py and
     talks to ``server``; all are killed at the end."""
-    site = tmp_path / "site"
-    dist = site / "animus_test_llm-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-test-llm\n"
-                                   "Version: 0.1\n")
-    (dist / "entry_points.txt").write_text("[animus]\ntestllm = tests.llm_faculty\n")
+    site = plugin_site(tmp_path, "tests.llm_faculty", "testllm")
     env = {k: v for k, v in cli_env.items()
            if k != "ANIMUS_DISABLE_PLUGIN_AUTOLOAD" and not k.startswith("ANTHROPIC_")}
     env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),

@@ -28,7 +28,7 @@ from animus_core.values.children import ChildFailed, ChildrenTimedOut, ChildResu
 from animus_core.values.errors import InvalidInput
 from animus_core.values.waits import Wait
 from tests.conftest import ROOT
-from tests.engine_helpers import engine_processes, wait_finished, wait_listening, wait_until
+from tests.engine_helpers import engine_processes, plugin_site, wait_finished, wait_listening, wait_until
 from tests.support import code_blocks, raw
 from tests.test_failure import running
 from tests.test_waits import suspended_record
@@ -446,12 +446,7 @@ async def _finish_in_groups(db_url: str, plan: list[list[str]]) -> None:
 @pytest.fixture
 def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The environment of an engine process that loads tests/children_faculty.py."""
-    site = tmp_path / "site"
-    dist = site / "animus_test_children-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-test-children\n"
-                                   "Version: 0.1\n")
-    (dist / "entry_points.txt").write_text("[animus]\ntestchildren = tests.children_faculty\n")
+    site = plugin_site(tmp_path, "tests.children_faculty", "testchildren")
     env = {k: v for k, v in cli_env.items() if k != "ANIMUS_DISABLE_PLUGIN_AUTOLOAD"}
     env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),
                ANIMUS_PLUGINS="testchildren", LOG_LEVEL="info",

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 from tests.engine_helpers import (
     engine_processes,
     events,
+    plugin_site,
     run_cli,
     wait_finished,
     wait_listening,
@@ -30,12 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def proc_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The environment of an engine (or CLI) process that loads tests/step_faculty.py."""
-    site = tmp_path / "site"
-    dist = site / "animus_test_steps-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: animus-test-steps\n"
-                                   "Version: 0.1\n")
-    (dist / "entry_points.txt").write_text("[animus]\nteststeps = tests.step_faculty\n")
+    site = plugin_site(tmp_path, "tests.step_faculty", "teststeps")
     env = {k: v for k, v in cli_env.items() if k != "ANIMUS_DISABLE_PLUGIN_AUTOLOAD"}
     env.update(ANIMUS_FACULTIES="faculties", ANIMUS_HOME=str(tmp_path / "home"),
                ANIMUS_PLUGINS="teststeps", LOG_LEVEL="info",
