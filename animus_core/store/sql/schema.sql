@@ -196,6 +196,7 @@ $$;
 CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET enable_sort TO 'off'
     AS $_$
 DECLARE
     v_ids uuid[];
@@ -294,6 +295,7 @@ $_$;
 CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean, p_max_attempts jsonb) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET enable_sort TO 'off'
     AS $$
 DECLARE
     v_claimed animus.work_items[];
