@@ -136,24 +136,6 @@ async def test_claim_batch_in_priority_order_and_fifo_within_a_priority(db):
     assert all(c.item.state == State.CLAIMED for c in claimed)
 
 
-async def test_a_claim_walks_the_priority_index_not_the_whole_backlog(db, db_url):
-    """With a backlog, a claim of a few reads them by the queue's priority index: it does
-    not read and sort every message (the planner guessed the work-type filter kept 0.5% of
-    them, and chose to: 14 ms a claim at 12,000 messages, against 0.1 ms)."""
-    await db.submit_many([new(i=i) for i in range(3000)])
-    async with raw(db_url) as conn:
-        await conn.execute("ANALYZE pgmq.q_work")
-        async with conn.transaction():
-            claimed = await conn.fetch(
-                "SELECT id FROM animus.claim('work', 5, 30, ARRAY['t', 'other'], true)")
-            scans = await conn.fetchrow(
-                "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
-                "WHERE schemaname = 'pgmq' AND relname = 'q_work'")
-    assert len(claimed) == 5
-    assert scans["seq_scan"] == 0
-    assert scans["idx_scan"] >= 1
-
-
 async def test_claim_filters_by_work_type(db):
     a = (await db.submit_work(new("a"))).id
     b = (await db.submit_work(new("b").priority(1))).id

@@ -436,7 +436,6 @@ BEGIN
                    'q_' || p_queue || '_prio', 'q_' || p_queue);
     EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_vt_idx');
     EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', 'q_' || p_queue);
-    PERFORM animus.queue_statistics(p_queue);
 END
 $$;
 
@@ -805,17 +804,6 @@ CREATE FUNCTION animus.notify_changed() RETURNS trigger
 BEGIN
     PERFORM pg_notify('animus_changed', '');
     RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION animus.queue_statistics(p_queue text) RETURNS void
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    EXECUTE format('CREATE STATISTICS IF NOT EXISTS pgmq.%I ON ((message->>''t'')) FROM pgmq.%I',
-                   'q_' || p_queue || '_type', 'q_' || p_queue);
-EXCEPTION WHEN insufficient_privilege THEN  -- a queue made by someone else: claims still work
-    RAISE NOTICE 'no statistics on the work types of queue %: %', p_queue, SQLERRM;
 END
 $$;
 
@@ -2368,8 +2356,6 @@ REVOKE ALL ON FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease inte
 REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.notify_changed() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION animus.queue_statistics(p_queue text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
 
