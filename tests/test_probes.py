@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from animus_core import NewWorkItem
+from animus_core.cli.output import http_url, parse_bind
 from animus_core.runtime.probes import Probes
+from animus_core.values.errors import InvalidInput
 from tests.engine_helpers import (
     engine_processes,
     free_port,
@@ -110,3 +112,12 @@ def test_a_scheduler_that_stopped_turning_is_not_live() -> None:
     assert probes.live()[0]
     assert Probes(lambda: None, poll_interval=10).live()[0]  # still starting: live
     assert not Probes(lambda: None, poll_interval=10).ready()[0]
+
+
+def test_an_address_is_host_and_port_and_a_bad_one_names_its_option() -> None:
+    assert parse_bind("0.0.0.0:8482", "--probes") == ("0.0.0.0", 8482)
+    assert parse_bind("[::1]:8482") == ("::1", 8482)
+    assert http_url("::1", 8482, "/mcp") == "http://[::1]:8482/mcp"
+    for bad in ("8482", "host:", "host:70000", "host:http"):
+        with pytest.raises(InvalidInput, match=r"--probes .*: give HOST:PORT, such as"):
+            parse_bind(bad, "--probes")

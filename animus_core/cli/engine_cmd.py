@@ -16,7 +16,7 @@ from uuid import UUID
 
 from animus_core.app import Animus
 from animus_core.cli.context import cli_animus, open_db
-from animus_core.cli.output import age, positive, print_json, print_table, seconds
+from animus_core.cli.output import age, parse_bind, positive, print_json, print_table, seconds
 from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
 from animus_core.infra.telemetry import setup_telemetry
@@ -89,9 +89,7 @@ async def up(args: argparse.Namespace) -> int:
     engine: EngineRuntime | None = None
     probes = None
     if args.probes is not None:  # answering from the start: before the database is reached
-        from animus_core.cli.web_cmd import parse_bind
-
-        host, port = parse_bind(args.probes)
+        host, port = parse_bind(args.probes, "--probes")
         probes = await serve_probes(Probes(lambda: engine, poll_interval=options.poll_interval),
                                     host, port)
     telemetry = setup_telemetry(settings)

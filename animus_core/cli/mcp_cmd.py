@@ -8,6 +8,7 @@ import logging
 import sys
 
 from animus_core.cli.context import cli_animus
+from animus_core.cli.output import http_url, parse_bind
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
 
@@ -30,7 +31,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from animus_core.cli.web_cmd import parse_bind
     from animus_core.faculties.embedders import select_embedder
     from animus_core.faculties.plugins import make_plugin_manager
     from animus_core.governance.rules import RuleSet
@@ -55,7 +55,7 @@ async def serve(args: argparse.Namespace) -> int:
         async with await cli_animus(pool_size=2, actor="mcp").open_db() as service:
             people = People(service, service.url, secret)
             try:
-                print(f"animus mcp: serving http://{host}:{port}/mcp (Ctrl-C stops)",
+                print(f"animus mcp: serving {http_url(host, port, '/mcp')} (Ctrl-C stops)",
                       file=sys.stderr, flush=True)
                 await serve(mcp_http_app(people, rules, embedder), host, port,
                             limit_concurrency=MAX_REQUESTS)

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from animus_core.values.errors import InvalidInput
+
 __all__ = ["age", "page_size", "positive", "print_json", "print_table", "seconds", "since"]
 
 
@@ -44,6 +46,21 @@ def seconds(text: str) -> float:
     if not 0 <= value <= 10**7:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text!r:.40} is not a number of seconds from 0 to 10000000")
     return value
+
+
+def parse_bind(text: str, option: str = "--bind") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for an IPv6 host; no host: 127.0.0.1) as host and port;
+    anything else is an error naming ``option``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{option} {text!r:.80}: give HOST:PORT, such as 127.0.0.1:8080 (this "
+                           "machine only) or 0.0.0.0:8080 (every interface)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def http_url(host: str, port: int, path: str = "/") -> str:
+    """Where a server bound to ``host:port`` answers (an IPv6 host in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
 def positive(text: str) -> int:

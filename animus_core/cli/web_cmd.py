@@ -8,7 +8,7 @@ import os
 import sys
 
 from animus_core.cli.context import cli_animus
-from animus_core.cli.output import print_json, print_table
+from animus_core.cli.output import http_url, parse_bind, print_json, print_table
 from animus_core.infra.config import Settings
 from animus_core.values.errors import InvalidInput
 from animus_core.values.roles import ROLES
@@ -50,14 +50,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=user_token)
 
 
-def parse_bind(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"--bind {text!r}: give HOST:PORT, such as 127.0.0.1:{DEFAULT_PORT} "
-                           f"or 0.0.0.0:{DEFAULT_PORT}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 async def web_serve(args: argparse.Namespace) -> int:
     from animus_core.faculties.embedders import select_embedder
     from animus_core.faculties.plugins import make_plugin_manager
@@ -74,7 +66,7 @@ async def web_serve(args: argparse.Namespace) -> int:
     async with await cli_animus(pool_size=4, actor="web").open_db() as db:
         app = console_app(db, db.url, secret, secure_cookies=args.secure_cookies, rules=rules,
                           trace_url=settings.trace_url, embedder=embedder)
-        print(f"animus web: serving http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr,
+        print(f"animus web: serving {http_url(host, port)} (Ctrl-C stops)", file=sys.stderr,
               flush=True)
         await serve(app, host, port)
     return 0

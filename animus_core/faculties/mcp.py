@@ -133,11 +133,12 @@ class _Server:
         spec = self.spec
         if self.client is None:
             raise ToolFailed(self.problem or f"MCP server {spec.name} is not connected")
+        self.refusal = None  # what this call's HTTP answers say, not an earlier one's
         try:
             result = await self.client.call_tool(name, arguments,
                                                  read_timeout_seconds=spec.timeout)
         except Exception as e:  # the SDK's error, a timeout, a dead server: the model's to read
-            self.refusal, refusal = None, self.refusal
+            refusal = self.refusal
             text = redactor.text(_why(e) + (f" ({refusal})" if refusal else ""))
             code = getattr(e, "code", None)
             if self._task.done() or code == CONNECTION_CLOSED or not isinstance(e, MCPError):
@@ -167,12 +168,12 @@ class _Server:
                 import httpx2
                 from mcp.client.streamable_http import streamable_http_client
 
-                # the SDK's own timeouts: a server may hold a response stream open a while
                 async def refused(response: Any) -> None:
                     if response.status_code >= 400:  # the SDK says only that it failed
                         await response.aread()
                         self.refusal = f"HTTP {response.status_code}: {response.text[:300]}"
 
+                # the SDK's own timeouts: a server may hold a response stream open a while
                 http = httpx2.AsyncClient(headers=spec.http_headers(os.environ),
                                           timeout=httpx2.Timeout(30.0, read=300.0),
                                           event_hooks={"response": [refused]})

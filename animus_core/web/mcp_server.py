@@ -51,6 +51,14 @@ def mcp_server(access: Access, rules: RuleSet, embedder: Embedder | None) -> MCP
     """The MCP server whose calls run on the database ``access`` gives for each."""
     server = MCPServer("animus", version=__version__, instructions=INSTRUCTIONS)
 
+    async def answer(ctx: Context, run: Callable[[Db], Awaitable[T]]) -> T:
+        """What a tool answers, run on the caller's database; an animus error (the database
+        refused, bad input) becomes the tool error the client reads, in animus's words."""
+        try:
+            return await run(await access(ctx))
+        except AnimusError as e:
+            raise ToolError(str(e)) from None
+
     @server.tool()
     async def submit_work(ctx: Context, work_type: str, params: dict[str, Any] | None = None,
                           dedup_key: str | None = None, priority: int = 0) -> dict[str, Any]:
@@ -58,24 +66,22 @@ def mcp_server(access: Access, rules: RuleSet, embedder: Embedder | None) -> MCP
         queued, or dead or awaiting_approval when a rule denied or gated it (with the reason);
         merged, with the id of the live item it joined, when one of the type holds the same
         dedup_key."""
-        async def run() -> dict[str, Any]:
+        async def run(db: Db) -> dict[str, Any]:
             item = NewWorkItem(work_type, source="mcp").params(params or {}).priority(priority)
             if dedup_key is not None:
                 item = item.dedup_key(dedup_key)
-            result = await GovernedWork(await access(ctx), rules).submit(item)
+            result = await GovernedWork(db, rules).submit(item)
             if isinstance(result, Created):
                 return {"id": str(result.id), "created": True, "state": str(result.item.state),
                         "reason": result.item.reason}
             return {"id": str(result.canonical_id), "created": False, "state": "merged"}
-        return await _answer(run)
+        return await answer(ctx, run)
 
     @server.tool()
     async def get_work(ctx: Context, id: str) -> dict[str, Any]:
         """A work item: its type, state and reason, params, outcome or error, what it waits
         for, its attempts, parent and times."""
-        async def run() -> dict[str, Any]:
-            return await _item(await access(ctx), id)
-        return await _answer(run)
+        return await answer(ctx, lambda db: _item(db, id))
 
     @server.tool()
     async def list_work(ctx: Context, state: str | None = None, work_type: str | None = None,
@@ -83,64 +89,66 @@ def mcp_server(access: Access, rules: RuleSet, embedder: Embedder | None) -> MCP
                         limit: int = 20, before: str | None = None) -> list[dict[str, Any]]:
         """Work items, newest first, filtered by state, work_type, source and parent; at most
         limit (1-200). For the next page, pass before: the id of the last item of this one."""
-        async def run() -> list[dict[str, Any]]:
-            if not 1 <= limit <= 200:
-                raise ToolError(f"limit must be from 1 to 200, got {limit}")
-            items = await (await access(ctx)).list_work(state=state, work_type=work_type, source=source,
+        if not 1 <= limit <= 200:
+            raise ToolError(f"limit must be from 1 to 200, got {limit}")
+
+        async def run(db: Db) -> list[dict[str, Any]]:
+            items = await db.list_work(state=state, work_type=work_type, source=source,
                                        parent_id=parent, limit=limit, before=before)
             return [_brief(w) for w in items]
-        return await _answer(run)
+        return await answer(ctx, run)
 
     @server.tool()
     async def signal_work(ctx: Context, id: str, event: str, data: Any = None) -> dict[str, Any]:
         """Send the signal event (with JSON data) to a work item: it wakes the item if it
         waits for that event, else it is kept until it does."""
-        async def run() -> dict[str, Any]:
-            sent = await (await access(ctx)).signal(id, event, data)
+        async def run(db: Db) -> dict[str, Any]:
+            sent = await db.signal(id, event, data)
             return {"signal": sent.signal_id, "woke": sent.woke}
-        return await _answer(run)
+        return await answer(ctx, run)
 
     @server.tool()
     async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
         """The decisions people owe, oldest first (people decide them, not this server)."""
-        async def run() -> list[dict[str, Any]]:
-            return [_plain(p) for p in await read.pending_approvals(await access(ctx), limit=200)]
-        return await _answer(run)
+        async def run(db: Db) -> list[dict[str, Any]]:
+            return [_plain(p) for p in await read.pending_approvals(db, limit=200)]
+        return await answer(ctx, run)
 
     @server.tool()
     async def search_memory(ctx: Context, query: str, k: int = 5, memory_type: str | None = None,
                             mode: str = "hybrid") -> list[dict[str, Any]]:
         """The k (1-50) memories that best match query: by meaning and words (hybrid), by
         meaning (vector), or by words (text)."""
-        async def run() -> list[dict[str, Any]]:
-            if not 1 <= k <= 50:
-                raise ToolError(f"k must be from 1 to 50, got {k}")
-            if mode not in ("hybrid", "vector", "text"):
-                raise ToolError(f"mode is hybrid, vector or text, not {mode!r:.20}")
-            found = await (await _memory(await access(ctx), embedder)).search(
+        if not 1 <= k <= 50:
+            raise ToolError(f"k must be from 1 to 50, got {k}")
+        if mode not in ("hybrid", "vector", "text"):
+            raise ToolError(f"mode is hybrid, vector or text, not {mode!r:.20}")
+
+        async def run(db: Db) -> list[dict[str, Any]]:
+            found = await (await _memory(db, embedder)).search(
                 query, k=k, mode=mode, memory_type=memory_type)  # type: ignore[arg-type]
             return [{"id": str(m.id), "content": m.content, "memory_type": m.memory_type,
                      "score": m.score, "source": m.source} for m in found]
-        return await _answer(run)
+        return await answer(ctx, run)
 
     @server.tool()
-    async def store_memory(ctx: Context, content: str, memory_type: str = "semantic") -> dict[str, Any]:
+    async def store_memory(ctx: Context, content: str,
+                           memory_type: str = "semantic") -> dict[str, Any]:
         """Keep a memory (source: mcp); answers its id."""
-        async def run() -> dict[str, Any]:
-            memory = await _memory(await access(ctx), embedder)
-            record = await memory.store(content, memory_type=memory_type,
-                                                               source="mcp")
+        async def run(db: Db) -> dict[str, Any]:
+            memory = await _memory(db, embedder)
+            record = await memory.store(content, memory_type=memory_type, source="mcp")
             return {"id": str(record.id)}
-        return await _answer(run)
+        return await answer(ctx, run)
 
     @server.tool()
     async def status(ctx: Context) -> dict[str, Any]:
         """The animus now: its engines (live and lost), queue depths, live work by type and
         state, waiting work by what it waits for, the latest dead letters."""
-        async def run() -> dict[str, Any]:
-            view: dict[str, Any] = _plain(await read.status(await access(ctx), dead_letters=10, waiting=10))
+        async def run(db: Db) -> dict[str, Any]:
+            view: dict[str, Any] = _plain(await read.status(db, dead_letters=10, waiting=10))
             return view
-        return await _answer(run)
+        return await answer(ctx, run)
 
     return server
 
@@ -213,15 +221,6 @@ async def _reply(send: Send, status: int, body: dict[str, Any],
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(data)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": data})
-
-
-async def _answer(run: Callable[[], Awaitable[T]]) -> T:
-    """What a tool answers; an animus error (the database refused, bad input) becomes the
-    tool error the client reads, in animus's words."""
-    try:
-        return await run()
-    except AnimusError as e:
-        raise ToolError(str(e)) from None
 
 
 async def _item(db: Db, work_id: str) -> dict[str, Any]:
