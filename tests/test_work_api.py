@@ -136,6 +136,29 @@ async def test_claim_batch_in_priority_order_and_fifo_within_a_priority(db):
     assert all(c.item.state == State.CLAIMED for c in claimed)
 
 
+async def test_a_claim_reads_only_the_messages_it_takes(db, db_url):
+    """With a backlog, and messages claimed and not yet finished (or waiting on a timer), a
+    claim of a few walks the queue's index from the first visible message and stops: it
+    neither reads and sorts every visible message (the planner guessed the work-type filter
+    kept 0.5% of them: 14 ms a claim at 12,000 messages) nor steps over the invisible ones
+    at the head of the index (a walk of the old (priority, msg_id) index did)."""
+    await db.submit_many([new(i=i) for i in range(3000)])
+    held = await db.claim(limit=200, lease_seconds=600)
+    assert len(held) == 200
+    async with raw(db_url) as conn:
+        await conn.execute("VACUUM ANALYZE pgmq.q_work")
+        async with conn.transaction():
+            claimed = await conn.fetch(
+                "SELECT id FROM animus.claim('work', 5, 30, ARRAY['t', 'other'], true)")
+            scans = await conn.fetchrow(
+                "SELECT seq_scan, idx_scan, idx_tup_fetch FROM pg_stat_xact_user_tables "
+                "WHERE schemaname = 'pgmq' AND relname = 'q_work'")
+    assert len(claimed) == 5
+    assert not {c["id"] for c in claimed} & {h.item.id for h in held}
+    assert scans["seq_scan"] == 0
+    assert scans["idx_tup_fetch"] <= 20, scans  # the 5 taken, their updates' lookups
+
+
 async def test_claim_filters_by_work_type(db):
     a = (await db.submit_work(new("a"))).id
     b = (await db.submit_work(new("b").priority(1))).id

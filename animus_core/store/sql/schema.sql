@@ -203,13 +203,15 @@ DECLARE
     v_reads int[];
     v_claimed int;
     v_stale uuid[];
+    v_sort text := current_setting('enable_sort');
 BEGIN
+    PERFORM set_config('enable_sort', 'off', true);  -- the index gives the order
     EXECUTE format($q$
         WITH cte AS (
             SELECT msg_id FROM pgmq.%1$I
-             WHERE vt <= clock_timestamp()
+             WHERE vt <= $4
                AND ($2::text[] IS NULL OR message->>'t' = ANY ($2))
-             ORDER BY ((message->>'p')::int) DESC, msg_id
+             ORDER BY ((message->>'p')::int) DESC, vt, msg_id
              LIMIT $1
              FOR UPDATE SKIP LOCKED
         ), upd AS (
@@ -221,7 +223,9 @@ BEGIN
             RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
         )
         SELECT array_agg(msg_id), array_agg(read_ct), array_agg(id) FROM upd
-    $q$, 'q_' || p_queue) INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds;
+    $q$, 'q_' || p_queue) INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds,
+                                                    clock_timestamp();
+    PERFORM set_config('enable_sort', v_sort, true);
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -428,12 +432,14 @@ CREATE FUNCTION animus.create_queue(p_queue text) RETURNS void
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_prio')) IS NOT NULL THEN
+    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_ready')) IS NOT NULL THEN
         RETURN;
     END IF;
     PERFORM pgmq.create(p_queue);
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (((message->>''p'')::int) DESC, msg_id)',
-                   'q_' || p_queue || '_prio', 'q_' || p_queue);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I '
+                   '(((message->>''p'')::int) DESC, vt, msg_id)',
+                   'q_' || p_queue || '_ready', 'q_' || p_queue);
+    EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_prio');
     EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_vt_idx');
     EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', 'q_' || p_queue);
 END
