@@ -159,6 +159,27 @@ async def test_a_claim_reads_only_the_messages_it_takes(db, db_url):
     assert scans["idx_tup_fetch"] <= 20, scans  # the 5 taken, their updates' lookups
 
 
+async def test_each_queue_has_functions_for_its_claims_and_completions(db, db_url):
+    """A queue's claims and completions run static SQL in two functions made with the queue
+    (so that a session plans them once); a completed item's message moves to the queue's
+    archive whole, as pgmq.archive moves it."""
+    await db.create_queue("side")
+    await db.submit_work(new(x=1), queue="side")
+    [taken] = await db.claim("side", start=True)
+    columns = "msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers"
+    async with raw(db_url) as conn:
+        queued = await conn.fetchrow(f"SELECT {columns} FROM pgmq.q_side")
+        await db.complete(taken.lease, {"ok": True})
+        archived = await conn.fetchrow(f"SELECT {columns} FROM pgmq.a_side")
+        left = await conn.fetchval("SELECT count(*) FROM pgmq.q_side")
+        functions = {r[0]: r[1] for r in await conn.fetch(
+            "SELECT proname, has_function_privilege('public', oid, 'EXECUTE') FROM pg_proc "
+            "WHERE pronamespace = 'animus'::regnamespace AND proname LIKE 'q\\_side\\_%'")}
+    assert dict(archived) == dict(queued)
+    assert left == 0
+    assert functions == {"q_side_claim": False, "q_side_archive": False}
+
+
 async def test_claim_filters_by_work_type(db):
     a = (await db.submit_work(new("a"))).id
     b = (await db.submit_work(new("b").priority(1))).id

@@ -27,7 +27,8 @@ from animus_core.values.errors import (
 __all__ = ["connection_lost", "errors", "translate"]
 
 _BAD_ARGUMENT = re.compile(r"invalid input for query argument (\$\d+):.*?(?:\((.*)\))?$", re.DOTALL)
-_NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)") does not exist')
+_NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)"'
+                       r'|function animus\.q_(\w*)_(?:claim|archive)\(.*\)) does not exist')
 
 # SQLSTATEs that mean the connection or the server went away, not that the operation was
 # refused: connection exceptions (08), administrator/crash shutdown and start-up (57P01-03),
@@ -44,10 +45,10 @@ def translate(e: asyncpg.PostgresError) -> Exception:
     if bad_argument:  # asyncpg's message repeats the value, which may be a secret
         return InvalidInput(f"a value could not be sent to the database (argument "
                             f"{bad_argument[1]}): {bad_argument[2] or 'it has the wrong type'}")
-    no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01") else None
-    if no_queue:  # from animus.submit, or a pgmq table that is not there
+    no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01", "42883") else None
+    if no_queue:  # from animus.submit, a pgmq table or a queue's function that is not there
         return InvalidInput(
-            f'queue "{no_queue[1] or no_queue[2]}" does not exist: create it with '
+            f'queue "{no_queue[1] or no_queue[2] or no_queue[3]}" does not exist: create it with '
             "Db.create_queue (animus db migrate creates the default queue)"
         )
     if e.sqlstate == "23503" and getattr(e, "constraint_name", "") == "work_items_parent_id_fkey":

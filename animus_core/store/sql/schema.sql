@@ -62,6 +62,15 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.archive_messages(p_queue text, p_msg_ids bigint[]) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+BEGIN
+    EXECUTE format('SELECT animus.%I($1)', 'q_' || p_queue || '_archive') USING p_msg_ids;
+END
+$_$;
+
 CREATE FUNCTION animus.audit_by_statement(p_rows integer) RETURNS void
     LANGUAGE sql
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -203,29 +212,9 @@ DECLARE
     v_reads int[];
     v_claimed int;
     v_stale uuid[];
-    v_sort text := current_setting('enable_sort');
 BEGIN
-    PERFORM set_config('enable_sort', 'off', true);  -- the index gives the order
-    EXECUTE format($q$
-        WITH cte AS (
-            SELECT msg_id FROM pgmq.%1$I
-             WHERE vt <= $4
-               AND ($2::text[] IS NULL OR message->>'t' = ANY ($2))
-             ORDER BY ((message->>'p')::int) DESC, vt, msg_id
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED
-        ), upd AS (
-            UPDATE pgmq.%1$I m
-               SET last_read_at = clock_timestamp(),
-                   vt = clock_timestamp() + make_interval(secs => $3),
-                   read_ct = read_ct + 1
-              FROM cte WHERE m.msg_id = cte.msg_id
-            RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
-        )
-        SELECT array_agg(msg_id), array_agg(read_ct), array_agg(id) FROM upd
-    $q$, 'q_' || p_queue) INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds,
-                                                    clock_timestamp();
-    PERFORM set_config('enable_sort', v_sort, true);
+    EXECUTE format('SELECT * FROM animus.%I($1, $2, $3, $4)', 'q_' || p_queue || '_claim')
+       INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds, clock_timestamp();
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -284,7 +273,7 @@ BEGIN
            updated_at = now()
      WHERE w.id = ANY (v_stale) AND w.state = 'failed';
     -- a message whose item is still not queued has nothing left to deliver
-    PERFORM pgmq.archive(p_queue, array_agg(c.msg_id))
+    PERFORM animus.archive_messages(p_queue, array_agg(c.msg_id))
        FROM unnest(v_ids, v_msgs) AS c(id, msg_id)
        LEFT JOIN animus.work_items w ON w.id = c.id
       WHERE c.id = ANY (v_stale) AND (w.id IS NULL OR w.state <> 'queued')
@@ -354,7 +343,7 @@ BEGIN
       INTO v_done, v_queues, v_msgs FROM upd;
     PERFORM animus.audit_by_statement(0);
 
-    PERFORM pgmq.archive(t.queue, array_agg(t.msg_id))
+    PERFORM animus.archive_messages(t.queue, array_agg(t.msg_id))
        FROM unnest(v_queues, v_msgs) AS t(queue, msg_id) GROUP BY t.queue;
 
     IF coalesce(array_length(v_done, 1), 0) <> coalesce(array_length(p_ids, 1), 0) THEN
@@ -432,7 +421,9 @@ CREATE FUNCTION animus.create_queue(p_queue text) RETURNS void
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_ready')) IS NOT NULL THEN
+    IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_ready')) IS NOT NULL
+       AND to_regprocedure(format('animus.%I(bigint[])', 'q_' || p_queue || '_archive'))
+           IS NOT NULL THEN
         RETURN;
     END IF;
     PERFORM pgmq.create(p_queue);
@@ -442,6 +433,7 @@ BEGIN
     EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_prio');
     EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || p_queue || '_vt_idx');
     EXECUTE format('ALTER TABLE pgmq.%I SET (fillfactor = 50)', 'q_' || p_queue);
+    PERFORM animus.queue_functions(p_queue);
 END
 $$;
 
@@ -812,6 +804,97 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+CREATE FUNCTION animus.q_work_archive(p_msg_ids bigint[]) RETURNS void
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    AS $$
+        BEGIN
+            WITH gone AS (DELETE FROM pgmq.q_work WHERE msg_id = ANY (p_msg_ids) RETURNING msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers)
+            INSERT INTO pgmq.a_work (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers) SELECT msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers FROM gone;
+        END
+        $$;
+
+CREATE FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_seconds integer, p_now timestamp with time zone, OUT msg_ids bigint[], OUT read_cts integer[], OUT ids uuid[]) RETURNS record
+    LANGUAGE plpgsql
+    SET enable_sort TO 'off'
+    SET plan_cache_mode TO 'force_generic_plan'
+    AS $$
+        BEGIN
+            WITH taken AS (
+                SELECT m.msg_id FROM pgmq.q_work m
+                 WHERE m.vt <= p_now
+                   AND (p_work_types IS NULL OR m.message->>'t' = ANY (p_work_types))
+                 ORDER BY ((m.message->>'p')::int) DESC, m.vt, m.msg_id
+                 LIMIT p_qty
+                 FOR UPDATE SKIP LOCKED
+            ), leased AS (
+                UPDATE pgmq.q_work m
+                   SET last_read_at = clock_timestamp(),
+                       vt = clock_timestamp() + make_interval(secs => p_vt_seconds),
+                       read_ct = m.read_ct + 1
+                  FROM taken WHERE m.msg_id = taken.msg_id
+                RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
+            )
+            SELECT array_agg(l.msg_id), array_agg(l.read_ct), array_agg(l.id)
+              INTO msg_ids, read_cts, ids FROM leased l;
+        END
+        $$;
+
+CREATE FUNCTION animus.queue_functions(p_queue text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_q text := 'q_' || p_queue;
+    v_columns text;
+BEGIN
+    -- the columns both tables have (they differ between versions of pgmq)
+    SELECT string_agg(quote_ident(q.attname), ', ' ORDER BY q.attnum) INTO v_columns
+      FROM pg_attribute q
+      JOIN pg_attribute a ON a.attname = q.attname AND NOT a.attisdropped
+                         AND a.attrelid = format('pgmq.%I', 'a_' || p_queue)::regclass
+     WHERE q.attrelid = format('pgmq.%I', v_q)::regclass AND q.attnum > 0
+       AND NOT q.attisdropped;
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION animus.%1$I(p_qty int, p_work_types text[],
+                                               p_vt_seconds int, p_now timestamptz,
+                                               OUT msg_ids bigint[], OUT read_cts int[],
+                                               OUT ids uuid[])
+        LANGUAGE plpgsql SET enable_sort = off SET plan_cache_mode = force_generic_plan AS $b$
+        BEGIN
+            WITH taken AS (
+                SELECT m.msg_id FROM pgmq.%2$I m
+                 WHERE m.vt <= p_now
+                   AND (p_work_types IS NULL OR m.message->>'t' = ANY (p_work_types))
+                 ORDER BY ((m.message->>'p')::int) DESC, m.vt, m.msg_id
+                 LIMIT p_qty
+                 FOR UPDATE SKIP LOCKED
+            ), leased AS (
+                UPDATE pgmq.%2$I m
+                   SET last_read_at = clock_timestamp(),
+                       vt = clock_timestamp() + make_interval(secs => p_vt_seconds),
+                       read_ct = m.read_ct + 1
+                  FROM taken WHERE m.msg_id = taken.msg_id
+                RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
+            )
+            SELECT array_agg(l.msg_id), array_agg(l.read_ct), array_agg(l.id)
+              INTO msg_ids, read_cts, ids FROM leased l;
+        END
+        $b$$f$, v_q || '_claim', v_q);
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION animus.%1$I(p_msg_ids bigint[]) RETURNS void
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $b$
+        BEGIN
+            WITH gone AS (DELETE FROM pgmq.%2$I WHERE msg_id = ANY (p_msg_ids) RETURNING %4$s)
+            INSERT INTO pgmq.%3$I (%4$s) SELECT %4$s FROM gone;
+        END
+        $b$$f$, v_q || '_archive', v_q, 'a_' || p_queue, v_columns);
+    EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(int, text[], int, timestamptz) FROM PUBLIC',
+                   v_q || '_claim');
+    EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(bigint[]) FROM PUBLIC', v_q || '_archive');
+END
+$_$;
 
 CREATE FUNCTION animus.record_execution(p_execution jsonb) RETURNS void
     LANGUAGE sql
@@ -2323,6 +2406,8 @@ ALTER TABLE ONLY animus.work_items
 
 REVOKE ALL ON FUNCTION animus.add_usage(p_id uuid, p_usage jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.archive_messages(p_queue text, p_msg_ids bigint[]) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.audit_by_statement(p_rows integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.audit_log_session_user() FROM PUBLIC;
@@ -2362,6 +2447,12 @@ REVOKE ALL ON FUNCTION animus.held_item(p_id uuid, p_msg_id bigint, p_lease inte
 REVOKE ALL ON FUNCTION animus.lock_item(p_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.notify_changed() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.q_work_archive(p_msg_ids bigint[]) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_seconds integer, p_now timestamp with time zone, OUT msg_ids bigint[], OUT read_cts integer[], OUT ids uuid[]) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.queue_functions(p_queue text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
 
