@@ -160,8 +160,8 @@ async def test_a_claim_reads_only_the_messages_it_takes(db, db_url):
 
 
 async def test_each_queue_has_functions_for_its_claims_and_completions(db, db_url):
-    """A queue's claims and completions run static SQL in two functions made with the queue
-    (so that a session plans them once); a completed item's message moves to the queue's
+    """A queue's claims, completions, waits and wakes run static SQL in functions made with
+    the queue (so that a session plans them once); a completed item's message moves to the queue's
     archive whole, as pgmq.archive moves it."""
     await db.create_queue("side")
     await db.submit_work(new(x=1), queue="side")
@@ -177,7 +177,8 @@ async def test_each_queue_has_functions_for_its_claims_and_completions(db, db_ur
             "WHERE pronamespace = 'animus'::regnamespace AND proname LIKE 'q\\_side\\_%'")}
     assert dict(archived) == dict(queued)
     assert left == 0
-    assert functions == {"q_side_claim": False, "q_side_archive": False}
+    assert functions == {"q_side_claim": False, "q_side_archive": False,
+                         "q_side_set_vt": False, "q_side_send": False}
 
 
 async def test_claim_filters_by_work_type(db):

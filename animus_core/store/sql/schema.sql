@@ -422,7 +422,7 @@ CREATE FUNCTION animus.create_queue(p_queue text) RETURNS void
     AS $$
 BEGIN
     IF to_regclass(format('pgmq.%I', 'q_' || p_queue || '_ready')) IS NOT NULL
-       AND to_regprocedure(format('animus.%I(bigint[])', 'q_' || p_queue || '_archive'))
+       AND to_regprocedure(format('animus.%I(jsonb, timestamptz)', 'q_' || p_queue || '_send'))
            IS NOT NULL THEN
         RETURN;
     END IF;
@@ -609,7 +609,7 @@ BEGIN
                        'q_' || p_item.queue) INTO v_ids USING p_item.id::text;
     END IF;
     IF v_ids IS NOT NULL THEN
-        PERFORM pgmq.archive(p_item.queue, v_ids);
+        PERFORM animus.archive_messages(p_item.queue, v_ids);
     END IF;
 END
 $_$;
@@ -841,6 +841,32 @@ CREATE FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_sec
         END
         $$;
 
+CREATE FUNCTION animus.q_work_send(p_message jsonb, p_at timestamp with time zone) RETURNS bigint
+    LANGUAGE sql
+    AS $$
+            INSERT INTO pgmq.q_work (vt, message) VALUES (p_at, p_message) RETURNING msg_id
+        $$;
+
+CREATE FUNCTION animus.q_work_set_vt(p_msg_id bigint, p_at timestamp with time zone, p_skip_locked boolean) RETURNS text
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    AS $$
+        BEGIN
+            IF p_skip_locked THEN
+                UPDATE pgmq.q_work m SET vt = p_at
+                 WHERE m.msg_id = (SELECT f.msg_id FROM pgmq.q_work f WHERE f.msg_id = p_msg_id
+                                      FOR UPDATE SKIP LOCKED);
+                IF FOUND THEN
+                    RETURN 'moved';
+                END IF;
+                RETURN CASE WHEN EXISTS (SELECT 1 FROM pgmq.q_work f WHERE f.msg_id = p_msg_id)
+                            THEN 'held' ELSE 'missing' END;
+            END IF;
+            UPDATE pgmq.q_work m SET vt = p_at WHERE m.msg_id = p_msg_id;
+            RETURN CASE WHEN FOUND THEN 'moved' ELSE 'missing' END;
+        END
+        $$;
+
 CREATE FUNCTION animus.queue_functions(p_queue text) RETURNS void
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -890,9 +916,63 @@ BEGIN
             INSERT INTO pgmq.%3$I (%4$s) SELECT %4$s FROM gone;
         END
         $b$$f$, v_q || '_archive', v_q, 'a_' || p_queue, v_columns);
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION animus.%1$I(p_msg_id bigint, p_at timestamptz,
+                                               p_skip_locked bool) RETURNS text
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $b$
+        BEGIN
+            IF p_skip_locked THEN
+                UPDATE pgmq.%2$I m SET vt = p_at
+                 WHERE m.msg_id = (SELECT f.msg_id FROM pgmq.%2$I f WHERE f.msg_id = p_msg_id
+                                      FOR UPDATE SKIP LOCKED);
+                IF FOUND THEN
+                    RETURN 'moved';
+                END IF;
+                RETURN CASE WHEN EXISTS (SELECT 1 FROM pgmq.%2$I f WHERE f.msg_id = p_msg_id)
+                            THEN 'held' ELSE 'missing' END;
+            END IF;
+            UPDATE pgmq.%2$I m SET vt = p_at WHERE m.msg_id = p_msg_id;
+            RETURN CASE WHEN FOUND THEN 'moved' ELSE 'missing' END;
+        END
+        $b$$f$, v_q || '_set_vt', v_q);
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION animus.%1$I(p_message jsonb, p_at timestamptz) RETURNS bigint
+        LANGUAGE sql AS $b$
+            INSERT INTO pgmq.%2$I (vt, message) VALUES (p_at, p_message) RETURNING msg_id
+        $b$$f$, v_q || '_send', v_q);
     EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(int, text[], int, timestamptz) FROM PUBLIC',
                    v_q || '_claim');
     EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(bigint[]) FROM PUBLIC', v_q || '_archive');
+    EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(bigint, timestamptz, bool) FROM PUBLIC',
+                   v_q || '_set_vt');
+    EXECUTE format('REVOKE ALL ON FUNCTION animus.%I(jsonb, timestamptz) FROM PUBLIC',
+                   v_q || '_send');
+END
+$_$;
+
+CREATE FUNCTION animus.queue_send(p_queue text, p_message jsonb, p_at timestamp with time zone) RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_msg bigint;
+BEGIN
+    EXECUTE format('SELECT animus.%I($1, $2)', 'q_' || p_queue || '_send')
+       INTO v_msg USING p_message, p_at;
+    RETURN v_msg;
+END
+$_$;
+
+CREATE FUNCTION animus.queue_set_vt(p_queue text, p_msg_id bigint, p_at timestamp with time zone, p_skip_locked boolean) RETURNS text
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_moved text;
+BEGIN
+    EXECUTE format('SELECT animus.%I($1, $2, $3)', 'q_' || p_queue || '_set_vt')
+       INTO v_moved USING p_msg_id, p_at, p_skip_locked;
+    RETURN v_moved;
 END
 $_$;
 
@@ -1037,11 +1117,12 @@ DECLARE
     v_at timestamptz := clock_timestamp() + make_interval(secs => greatest(p_delay, 0));
 BEGIN
     IF p_item.msg_id IS NOT NULL
-       AND EXISTS (SELECT 1 FROM pgmq.set_vt(p_item.queue, p_item.msg_id, v_at)) THEN
+       AND animus.queue_set_vt(p_item.queue, p_item.msg_id, v_at, false) = 'moved' THEN
         RETURN;
     END IF;
-    PERFORM pgmq.send(p_item.queue, jsonb_build_object('id', p_item.id, 't', p_item.work_type,
-                                                       'p', p_item.priority), v_at);
+    PERFORM animus.queue_send(p_item.queue, jsonb_build_object('id', p_item.id,
+                                                               't', p_item.work_type,
+                                                               'p', p_item.priority), v_at);
     PERFORM pg_notify('animus_work', json_build_object(
                 'queue', p_item.queue, 'work_types', json_build_array(p_item.work_type))::text);
 END
@@ -1616,7 +1697,7 @@ BEGIN
         RETURN NEXT v_item;
         RETURN;
     END IF;
-    PERFORM pgmq.set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'));
+    PERFORM animus.queue_set_vt(v_item.queue, p_msg_id, coalesce(p_wake_at, 'infinity'), false);
     PERFORM pg_notify('animus_work', json_build_object(
                 'queue', v_item.queue, 'work_types', json_build_array(v_item.work_type),
                 'wake_at', p_wake_at)::text);
@@ -1700,32 +1781,24 @@ $$;
 
 CREATE FUNCTION animus.wake_message(p_item animus.work_items) RETURNS void
     LANGUAGE plpgsql
-    AS $_$
+    AS $$
 DECLARE
-    v_free bigint;
-    v_held bool;
+    v_moved text;
 BEGIN
     IF p_item.msg_id IS NOT NULL THEN
-        EXECUTE format($q$
-            UPDATE pgmq.%1$I m SET vt = clock_timestamp()
-             WHERE m.msg_id = (SELECT f.msg_id FROM pgmq.%1$I f WHERE f.msg_id = $1
-                                  FOR UPDATE SKIP LOCKED)
-            RETURNING m.msg_id$q$, 'q_' || p_item.queue) INTO v_free USING p_item.msg_id;
-        IF v_free IS NOT NULL THEN
+        v_moved := animus.queue_set_vt(p_item.queue, p_item.msg_id, clock_timestamp(), true);
+        IF v_moved = 'moved' THEN
             PERFORM pg_notify('animus_work', json_build_object(
                         'queue', p_item.queue,
                         'work_types', json_build_array(p_item.work_type))::text);
             RETURN;
-        END IF;
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I WHERE msg_id = $1)',
-                       'q_' || p_item.queue) INTO v_held USING p_item.msg_id;
-        IF v_held THEN  -- an engine is claiming it: the claim finds the item queued
+        ELSIF v_moved = 'held' THEN  -- an engine is claiming it: the claim finds the item queued
             RETURN;
         END IF;
     END IF;
     PERFORM animus.requeue_message(p_item, 0);  -- no message left: a new one
 END
-$_$;
+$$;
 
 CREATE FUNCTION animus.work_item_updated() RETURNS trigger
     LANGUAGE plpgsql
@@ -2005,7 +2078,7 @@ CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
-    PERFORM pgmq.archive(NEW.queue, NEW.msg_id);
+    PERFORM animus.archive_messages(NEW.queue, ARRAY[NEW.msg_id]);
     RETURN NULL;
 END
 $$;
@@ -2452,7 +2525,15 @@ REVOKE ALL ON FUNCTION animus.q_work_archive(p_msg_ids bigint[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_seconds integer, p_now timestamp with time zone, OUT msg_ids bigint[], OUT read_cts integer[], OUT ids uuid[]) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION animus.q_work_send(p_message jsonb, p_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.q_work_set_vt(p_msg_id bigint, p_at timestamp with time zone, p_skip_locked boolean) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION animus.queue_functions(p_queue text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.queue_send(p_queue text, p_message jsonb, p_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.queue_set_vt(p_queue text, p_msg_id bigint, p_at timestamp with time zone, p_skip_locked boolean) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.record_execution(p_execution jsonb) FROM PUBLIC;
 
