@@ -53,6 +53,7 @@ from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.store.audit import UNSEALED_SQL
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
 from animus_core.testing import Provides
+from animus_core.values.waits import Resume
 from animus_core.values.work import Claimed, Created, Lease, NewWorkItem
 from benchmarks.bench_work import describe_server, fresh_database
 
@@ -342,6 +343,13 @@ class MeteredDb(Db):
     async def claim(self, *args: Any, **kwargs: Any) -> list[Claimed]:
         t0 = clock()
         claimed = await super().claim(*args, **kwargs)
+        self.claims.count(len(claimed), clock() - t0)
+        return claimed
+
+    async def claim_resuming(self, *args: Any, **kwargs: Any,
+                             ) -> list[tuple[Claimed, Resume | None]]:
+        t0 = clock()  # the engine's claim: a claim, with what a resumed attempt reads
+        claimed = await super().claim_resuming(*args, **kwargs)
         self.claims.count(len(claimed), clock() - t0)
         return claimed
 

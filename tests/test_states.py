@@ -224,7 +224,7 @@ class Model:
     state: State
     key: str | None
     max_attempts: int
-    seq: int | None  # order of the item's queue message (None: it has none)
+    seq: int | None  # when its queue message became visible, in order (None: it has none)
     attempts: int = 0
     token: int | None = None  # lease token of the latest claim (None: it holds none)
     timer: bool = False  # waiting on a timer that ran out (a sleep into the past)
@@ -325,10 +325,13 @@ async def test_lifecycle_state_machine(db: Db) -> None:
             visible = sorted(
                 (wid for wid, m in self.model.items()
                  if m.state == State.QUEUED or (m.state == State.WAITING and m.timer)),
-                key=lambda wid: self.model[wid].seq or 0,
+                # a sleep that ran out a day ago first, then in the order they became visible
+                key=lambda wid: (self.model[wid].state != State.WAITING,
+                                 self.model[wid].seq or 0),
             )
             claimed = run(db.claim(self.queue, limit=limit, lease_seconds=300, start=start))
-            assert [c.item.id for c in claimed] == visible[:limit]
+            # which items (one claim returns its items by priority, then by msg_id)
+            assert sorted(c.item.id for c in claimed) == sorted(visible[:limit])
             for c in claimed:
                 m = self.model[c.item.id]
                 assert m.token is None or c.lease.token > m.token
@@ -396,14 +399,14 @@ async def test_lifecycle_state_machine(db: Db) -> None:
                 run(db.release(lease, "shutdown"))
                 if m.state == State.RUNNING:
                     m.attempts -= 1  # the attempt never really happened
-                m.state = State.QUEUED
+                m.state, m.seq = State.QUEUED, next(self.seq)
 
         @rule(lease=leases, sleep=st.booleans())
         def suspend(self, lease: Lease, sleep: bool) -> None:
             """A sleep whose time is past (its timer has run out: the next claim wakes it),
             or a wait for the signal ``go`` without a timer."""
             m, current = self.holder(lease)
-            past = datetime.now(UTC) - timedelta(seconds=1)
+            past = datetime.now(UTC) - timedelta(days=1)
             wait = Wait.sleep(1, past) if sleep else Wait.for_event(1, "go")
             suspend = db.suspend(lease, wait, wake_at=past if sleep else None)
             if not current:
@@ -415,6 +418,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
                 # a wait for a signal that has come already is woken at once
                 woken = m.signalled and not sleep
                 m.state, m.token, m.timer = State.QUEUED if woken else State.WAITING, None, sleep
+                m.seq = next(self.seq)
                 assert (item.state, item.wait) == (m.state, msgspec.to_builtins(wait))
 
         @rule(item=items)
@@ -427,7 +431,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
             assert run(db.signal(item, "go")).woke == woke
             m.signalled = True
             if woke:
-                m.state = State.QUEUED
+                m.state, m.seq = State.QUEUED, next(self.seq)
 
         @rule(item=items)
         def retry(self, item: UUID) -> None:
@@ -436,7 +440,7 @@ async def test_lifecycle_state_machine(db: Db) -> None:
                 self.refused(db.retry(item), IllegalTransition)
             else:
                 run(db.retry(item))
-                m.state = State.QUEUED
+                m.state, m.seq = State.QUEUED, next(self.seq)
 
         @rule(item=items)
         def dead_letter(self, item: UUID) -> None:

@@ -286,8 +286,8 @@ def claim_call(queue: str, limit: int, lease_seconds: int, work_types: Sequence[
 
 
 def claimed_from(rows: list[Any], start: bool) -> list[Claimed]:
-    """The claims of the rows ``animus.claim`` returned, sorted in place into claim order."""
-    # items taken back from expired leases come after the rest: one order for all
+    """The claims of the rows ``animus.claim`` returned, sorted in place by priority, then
+    by message id (items taken back from expired leases come after the rest in the rows)."""
     rows.sort(key=lambda r: (-r["priority"], r["msg_id"]))
     if rows:
         transition("queued", "claimed", len(rows))
