@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import random
@@ -258,6 +259,10 @@ class Engine:
         await until("look for unroutable work", self._report_unroutable_backlog, self.stopping)
         self._foci, runner.workspace = await asyncio.to_thread(
             open_workspace, self.foci_root, self.hook_env, keep_failed=self.options.keep_foci)
+        if os.environ.get("ANTHROPIC_API_KEY"):  # the Claude loop's SDK, imported now in a
+            # worker thread: imported by the first focus that engages Claude, it held the
+            # event loop for up to a second or two on a busy machine (leases unextended)
+            await asyncio.to_thread(importlib.import_module, "anthropic")
         await until("register the engine", self.heartbeat.register, self.stopping)
 
     def _helper_died(self, task: asyncio.Task[Any]) -> None:
