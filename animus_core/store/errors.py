@@ -28,7 +28,7 @@ __all__ = ["connection_lost", "errors", "translate"]
 
 _BAD_ARGUMENT = re.compile(r"invalid input for query argument (\$\d+):.*?(?:\((.*)\))?$", re.DOTALL)
 _NO_QUEUE = re.compile(r'^(?:queue "([^"]*)"|relation "pgmq\.q_([^"]*)"'
-                       r'|function animus\.q_(\w*)_(?:claim|archive)\(.*\)) does not exist')
+                       r'|function animus\.q_(\w*)_(?:claim|archive|set_vt|send)\(.*\)) does not exist')
 
 # SQLSTATEs that mean the connection or the server went away, not that the operation was
 # refused: connection exceptions (08), administrator/crash shutdown and start-up (57P01-03),
