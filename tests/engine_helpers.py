@@ -22,7 +22,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -106,48 +106,60 @@ def engine_settings(db_url: str, home: Path, faculties_dir: Path | None = None, 
     return Settings.from_env(env)
 
 
-class ObservedDb(Db):
-    """The real store with the seams the engine tests need: claims in flight are counted,
-    ``after_claim(kwargs, claimed)`` runs once a claim returned but before the engine sees
-    the result, and ``faults[method]()`` runs before that method (to raise, as an outage
-    would: ``complete_many``, ``extend_lease``). ``list_work_calls`` counts the engine's
-    listings of work (nothing in it should poll them)."""
+@dataclass
+class Seams:
+    """What the engine tests observe and inject (:class:`ObservedDb`): one object, shared by
+    the store and the engine's own pool (:meth:`Db.reserve` copies the store)."""
 
-    claims_in_flight = 0
-    claim_calls = 0
-    list_work_calls = 0
+    claims_in_flight: int = 0
+    claim_calls: int = 0
+    list_work_calls: int = 0
     after_claim: Callable[[dict[str, Any], list[Claimed]], Awaitable[None]] | None = None
-    faults: dict[str, Callable[[], None]]
+    faults: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+
+class ObservedDb(Db):
+    """The real store with the seams the engine tests need, in ``seams``: claims in flight
+    are counted, ``after_claim(kwargs, claimed)`` runs once a claim returned but before the
+    engine sees the result, and ``faults[method]()`` runs before that method (to raise, as an
+    outage would: ``complete_many``, ``extend_lease``). ``list_work_calls`` counts the
+    engine's listings of work (nothing in it should poll them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seams = Seams()
 
     async def claim(self, *args: Any, **kwargs: Any) -> list[Claimed]:
-        self.claims_in_flight += 1
+        seams = self.seams
+        seams.claims_in_flight += 1
         try:
             claimed = await super().claim(*args, **kwargs)
-            if self.after_claim is not None:
-                await self.after_claim(kwargs, claimed)
+            if seams.after_claim is not None:
+                await seams.after_claim(kwargs, claimed)
             return claimed
         finally:
-            self.claims_in_flight -= 1
-            self.claim_calls += 1
+            seams.claims_in_flight -= 1
+            seams.claim_calls += 1
 
     async def claim_resuming(self, *args: Any, **kwargs: Any) -> list[tuple[Claimed, Any]]:
         """The engine's claim, with the same seams as :meth:`claim`."""
-        self.claims_in_flight += 1
+        seams = self.seams
+        seams.claims_in_flight += 1
         try:
             claimed = await super().claim_resuming(*args, **kwargs)
-            if self.after_claim is not None:
-                await self.after_claim(kwargs, [c for c, _ in claimed])
+            if seams.after_claim is not None:
+                await seams.after_claim(kwargs, [c for c, _ in claimed])
             return claimed
         finally:
-            self.claims_in_flight -= 1
-            self.claim_calls += 1
+            seams.claims_in_flight -= 1
+            seams.claim_calls += 1
 
     async def list_work(self, *args: Any, **kwargs: Any) -> list[WorkItem]:
-        self.list_work_calls += 1
+        self.seams.list_work_calls += 1
         return await super().list_work(*args, **kwargs)
 
     def _fault(self, method: str) -> None:
-        fault = getattr(self, "faults", {}).get(method)
+        fault = self.seams.faults.get(method)
         if fault is not None:
             fault()
 
@@ -179,7 +191,7 @@ class RunningEngine:
     def quiet(self) -> bool:
         """No claim in flight and no faculty waiting for one: only a wake-up (NOTIFY, a
         timer, the fallback poll) makes this engine claim again."""
-        return self.db.claims_in_flight == 0 and not any(s.dirty for s in self.engine.slots.values())
+        return self.db.seams.claims_in_flight == 0 and not any(s.dirty for s in self.engine.slots.values())
 
     async def wait_quiet(self, timeout: float = 10.0) -> None:
         await wait_until(self.quiet, timeout, interval=0.01, message="the engine to be idle")
@@ -209,7 +221,6 @@ async def run_engine(
     if faculties:
         extra["test-faculties"] = Provides(faculties)
     db = await ObservedDb.connect(db_url, max_size=10, actor="test-engine")
-    db.faults = {}
     try:
         async with Animus(settings, db=db, plugins=extra) as animus:
             await animus.load_faculties()

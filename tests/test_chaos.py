@@ -234,7 +234,7 @@ async def test_a_finished_focus_keeps_its_lease_until_its_completion_is_recorded
                 if asyncio.get_running_loop().time() < refuse_until:
                     raise DatabaseUnavailable("lost the database connection: (test) refused")
 
-            running.db.faults["complete_many"] = unreachable
+            running.db.seams.faults["complete_many"] = unreachable
             result = await producer.submit_work(NewWorkItem("tally", source="chaos")
                                                 .params({"n": 1}))
 
@@ -284,7 +284,7 @@ async def test_a_failed_lease_extension_is_tried_again_before_the_lease_runs_out
                     failures += 1
                     raise DatabaseUnavailable("lost the database connection: (test) terminated")
 
-            running.db.faults["extend_lease"] = flaky
+            running.db.seams.faults["extend_lease"] = flaky
             result = await producer.submit_work(NewWorkItem("slow", source="chaos"))
 
             async def done() -> bool:

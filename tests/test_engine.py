@@ -543,7 +543,7 @@ async def test_an_engine_stops_when_the_database_refuses_its_last_completions(
             refused.append(1)
             raise DatabaseUnavailable("lost the database connection: test")
 
-        run.db.faults["complete_many"] = refuse
+        run.db.seams.faults["complete_many"] = refuse
         wid = (await db.submit_work(NewWorkItem("echo"))).id
         await wait_until(lambda: refused, 10, message="a completion refused")
     assert (await db.get_work_item(wid)).state == State.RUNNING  # until its lease expires
@@ -882,7 +882,7 @@ async def test_notification_during_a_claim_is_not_lost(db, db_url, tmp_path, mon
             late.append((await db.submit_work(NewWorkItem("pair").params({"n": 2}))).id)
             await wait_until(lambda: slot.dirty, message="the notification of the late item")
 
-        run.db.after_claim = submit_during_claim
+        run.db.seams.after_claim = submit_during_claim
         first = (await db.submit_work(NewWorkItem("pair").params({"n": 1}))).id
         assert (await wait_finished(db, first, timeout=10)).state == State.COMPLETED
         assert late, "the late item was not submitted"
@@ -919,11 +919,47 @@ async def test_a_slot_freed_during_a_claim_is_filled_at_once(db, db_url, tmp_pat
                 gates["a"].set()  # a finishes while the claim of b is in flight
                 await wait_until(lambda: slot.running == 0, message="a to finish")
 
-        run.db.after_claim = free_a_slot_during_the_claim
+        run.db.seams.after_claim = free_a_slot_during_the_claim
         # b and c in one transaction (one notification): the claim for the one free slot takes b
         await db.submit_many([NewWorkItem("gated").params({"k": k}) for k in "bc"])
         await wait_until(lambda: "c" in started, 5, message="c to start in the slot a freed")
         gates["b"].set()
+
+
+async def test_foci_that_hold_every_pooled_connection_do_not_hold_up_the_engine(
+        db, db_url, tmp_path):
+    """The engine claims, starts and completes work on connections of its own: foci that
+    hold every connection of the shared pool (long queries, say) do not make a new item's
+    claim, or its completion, wait until one of them lets go."""
+    release = asyncio.Event()
+    holding: list[int] = []
+
+    class Hog(Faculty):
+        name = "hog"
+        accepts = ("hog",)
+        max_concurrent = 20
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            if focus.params.get("hold"):
+                async with focus.db.connection():
+                    holding.append(focus.params["i"])
+                    await release.wait()
+            return focus.params["i"]
+
+    async with run_engine(db_url, tmp_path / "home", faculties=[Hog()],
+                          options=SLOW_POLL) as run:
+        pool_size = run.db.pool.get_max_size()
+        await db.submit_many([NewWorkItem("hog").params({"hold": True, "i": i})
+                              for i in range(pool_size)])
+        await wait_until(lambda: len(holding) == pool_size, 10,
+                         message="the foci to hold every pooled connection")
+        try:
+            quick = (await db.submit_work(NewWorkItem("hog").params({"i": -1}))).id
+            item = await wait_finished(db, quick, timeout=5)
+            assert item.state == State.COMPLETED
+            assert len(holding) == pool_size  # nobody let go meanwhile
+        finally:
+            release.set()
 
 
 async def test_failing_plugin_is_reported_and_other_faculties_run(db, db_url, tmp_path):

@@ -604,7 +604,7 @@ async def test_a_pipeline_waits_for_its_stages_holding_no_slot_and_polling_nothi
         parent = await wait_finished(db, pid, timeout=30)
         assert parent.state == State.COMPLETED, parent.reason
         assert parent.outcome.data["stages"]["after"]["outcome"] == {"crawled": 3}
-        assert engine.db.list_work_calls == 0  # nothing polled the stages
+        assert engine.db.seams.list_work_calls == 0  # nothing polled the stages
     history = await db.history(pid)
     # each wave of one stage that suspended the pipeline was ended by that stage (a quick one
     # may end before the pipeline suspends: then it does not, or is woken at once)

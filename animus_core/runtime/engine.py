@@ -76,6 +76,9 @@ from animus_core.values.work import Claimed
 __all__ = ["Engine", "EngineOptions"]
 
 _log = logging.getLogger("animus.engine")
+#: the connections of an engine's own pool (:meth:`Engine.run`): its claims, its completions,
+#: and one for the rest (leases, seals, heartbeats, timers)
+CONTROL_CONNECTIONS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +105,8 @@ class Engine:
                  rules: RuleSet | None = None) -> None:
         """``rules`` default to those of ``settings.rules_dir``."""
         self.db = db
+        #: the store on the engine's own pool while it runs (:meth:`run`)
+        self.control = db
         self.pm = pm
         self.faculties = faculties
         self.settings = settings
@@ -188,6 +193,19 @@ class Engine:
         self._wake.set()
 
     async def run(self) -> None:
+        # The engine's own work (claims, completions, leases, seals, heartbeats, timers) runs
+        # on a few connections of its own: foci busy with the database take the shared pool,
+        # and a woken item's claim or a lease extension must not queue behind them.
+        self.control = await self.db.reserve(CONTROL_CONNECTIONS)
+        for part in (self.completions, self.leases, self.timers, self.sealer, self.heartbeat):
+            part.store = self.control
+        try:
+            await self._run()
+        finally:
+            if self.control is not self.db:
+                await self.control.close()
+
+    async def _run(self) -> None:
         supervise = self.health.supervise
         # the keeper first: the start-up steps below wait for the database too
         keeper = (supervise("animus-embedded", EmbeddedKeeper(
@@ -364,7 +382,7 @@ class Engine:
             try:
                 for queue in self.options.queues:
                     asked = time.monotonic()
-                    claimed = await self.db.claim_resuming(
+                    claimed = await self.control.claim_resuming(
                         queue, limit=allowed - got, lease_seconds=lease_seconds,
                         work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
                     self.health.reachable()

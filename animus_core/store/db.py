@@ -29,6 +29,7 @@ rows in the same transaction, whoever issued the change (see docs/governance.md,
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -54,7 +55,7 @@ from animus_core.store.connect import (
     resolve_url,
     submission_json,
 )
-from animus_core.store.errors import connection_lost
+from animus_core.store.errors import connection_lost, errors
 from animus_core.store.moves import DeadLetter, Retry
 from animus_core.store.tx import TxScope
 from animus_core.store.waits import Signalled
@@ -82,6 +83,8 @@ class Db(WorkChildren):
         #: the keys this process seals the audit chain with and verifies it by
         #: (:mod:`animus_core.infra.witness`); none: keyless seals, and keyed ones go unchecked
         self.audit_keys = audit_keys if audit_keys is not None else AuditKeys()
+        #: how :meth:`connect` made the pool (for :meth:`reserve`); None: made by the caller
+        self._pool_options: dict[str, Any] | None = None
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -108,18 +111,15 @@ class Db(WorkChildren):
             url = await resolve_url(settings)
         keys = settings.audit_keys if settings is not None else AuditKeys.from_env(os.environ)
         actor = actor or f"{os.path.basename(sys.argv[0]) or 'python'}@{socket.gethostname()}:{os.getpid()}"
+        options: dict[str, Any] = {
+            "init": init_connection, "reset": keep_session, "timeout": timeout,
+            "max_inactive_connection_lifetime": idle_seconds,
+            "server_settings": {"application_name": "animus", "animus.actor": actor,
+                                **({"role": role} if role is not None else {})},
+        }
         try:
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=min_size,
-                max_size=max_size,
-                init=init_connection,
-                reset=keep_session,
-                timeout=timeout,
-                max_inactive_connection_lifetime=idle_seconds,
-                server_settings={"application_name": "animus", "animus.actor": actor,
-                                 **({"role": role} if role is not None else {})},
-            )
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
+                                             **options)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError) as e:
             reason = str(e).strip() or type(e).__name__
@@ -135,9 +135,26 @@ class Db(WorkChildren):
                 "to use the embedded server)"
             ) from e
         db = cls(pool, url, keys)
+        db._pool_options = options
         if settings is not None and settings.listen_url is not None:
             db.listen_url = settings.listen_url
         return db
+
+    async def reserve(self, size: int) -> Self:
+        """A store like this one (the same server, role, actor and audit keys) on a pool of
+        its own of up to ``size`` connections, opened as they are needed: work on it never
+        waits for a connection behind this pool's. An engine runs its own work on one
+        (claims, completions, leases, seals), so that foci busy with the database cannot
+        hold it up. Close it when done. A store not made by :meth:`connect` has no options
+        to copy: it returns itself (the caller must then not close it)."""
+        if self._pool_options is None:
+            return self
+        with errors():
+            pool = await asyncpg.create_pool(self.url, min_size=0, max_size=size,
+                                             **self._pool_options)
+        reserved = copy.copy(self)
+        reserved.pool = pool
+        return reserved
 
     # -- submit --------------------------------------------------------------------------------
 
