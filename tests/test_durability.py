@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Any
 
 import asyncpg
 import pytest
 
 from animus_core import Created, IllegalTransition, LeaseLost, NewWorkItem, State
+from animus_core.values.work import Lease
 from tests.support import counts, raw
 
 # How a client learns its backend was killed depends on timing; any of these will do.
@@ -255,6 +257,39 @@ async def test_extended_lease_is_not_taken(db):
     assert await db.claim(lease_seconds=30) == []
     await db.complete(held.lease, None)
     assert (await db.get_work_item(held.item.id)).state == State.COMPLETED
+
+
+async def test_a_lease_extension_and_completions_of_the_same_items_do_not_deadlock(db):
+    """An engine's lease keeper extends every lease it holds while its completer completes
+    some of the same items, in the order their foci finished: both lock the items in id
+    order, so neither waits for the other in a circle (a deadlock aborted one of them)."""
+    n = 600
+    await db.submit_many([NewWorkItem("lease", source="t").params({"i": i}) for i in range(n)])
+    leases: list[Lease] = []
+    while len(leases) < n:
+        leases += [c.lease for c in await db.claim(limit=300, lease_seconds=60, start=True)]
+    random.Random(7).shuffle(leases)  # finished in no particular order
+    done = asyncio.Event()
+    extensions = 0
+
+    async def keep_extending() -> None:
+        nonlocal extensions
+        while not done.is_set():
+            assert await db.extend_lease(leases, 60) == []
+            extensions += 1
+
+    async def complete_in_batches() -> None:
+        try:
+            for i in range(0, n, 30):
+                await db.complete_many([(lease, None, 1) for lease in leases[i:i + 30]])
+        finally:
+            done.set()
+
+    await asyncio.gather(keep_extending(), complete_in_batches())
+    assert extensions > 0
+    async with db.connection() as conn:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM animus.work_items WHERE state = 'completed'") == n
 
 
 async def test_running_item_whose_lease_expires_is_retried_then_dead_lettered(db, db_url):

@@ -325,6 +325,7 @@ DECLARE
     v_msgs bigint[];
     bad record;
 BEGIN
+    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
     PERFORM animus.audit_by_statement(cardinality(p_ids));
     WITH x AS (
         SELECT * FROM unnest(p_ids, p_msg_ids, p_leases, p_data, p_duration_ms)
