@@ -132,6 +132,30 @@ def test_values_at_the_edge_of_the_fast_path(value: Any) -> None:
     assert canonical_json(value) == exact(value)
 
 
+# the edges of the floats msgspec writes as RFC 8785 does (from 1e-4 to 1e16, not integral)
+EDGE_FLOATS = [0.1, 0.2, -2.5, 1e-4, -1e-4, 9.999999999999999e-05, 1.0001e-4, 1e16, 1e16 - 2,
+               9999999999999998.5, 1234.5678, 1e-7, 1e21, 1.5e300, 5e-324, 2.0, -0.0,
+               float(2**53), float(2**53) + 2, 0.1 + 0.2]
+
+
+@pytest.mark.parametrize("x", EDGE_FLOATS)
+def test_floats_at_the_edge_of_the_fast_path(x: float) -> None:
+    for value in (x, {"a": x}, [x, 1, "s"]):
+        assert canonical_json(value) == exact(value)
+        text = json.dumps(value)
+        assert canonical_text(text) == exact(json.loads(text))
+        assert canonical_text(text.replace("e-", "E-").replace("e+", "e")) == exact(value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False)
+       | st.floats(min_value=1e-5, max_value=1e17)
+       | st.integers(min_value=-(2**60), max_value=2**60).map(float))
+def test_every_float_takes_a_path_that_writes_it_exactly(x: float) -> None:
+    assert canonical_json({"x": x, "y": [x]}) == exact({"x": x, "y": [x]})
+    assert canonical_text(json.dumps({"x": x})) == exact({"x": x})
+
+
 @pytest.mark.parametrize("value", [{"a": uuid.uuid4()}, {"a": {1, 2}}, {1: "x"}, b"bytes",
                                    {"a": float("nan")}])
 def test_values_that_are_not_json_are_refused_by_both_paths(value: Any) -> None:

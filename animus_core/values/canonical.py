@@ -107,17 +107,34 @@ class _HasFloat(Exception):
     pass
 
 
-def _refuse_float(_: str) -> Any:
-    raise _HasFloat
+def _plain_float(text: str) -> float:
+    """A float msgspec writes as RFC 8785 does: shortest round-trip digits, no exponent.
+    That holds from 1e-4 to 1e16 in magnitude except for integral values (msgspec writes
+    ``2.0``, RFC 8785 ``2``); any other float takes the exact encoder."""
+    x = float(text)
+    if x.is_integer() or not 1e-4 <= abs(x) < 1e16:
+        raise _HasFloat
+    return x
+
+
+def _plain_number(text: str) -> float | int:
+    """As :func:`_plain_float`, and an integral value within 2**53 (``2.0``, ``1e2``) as the
+    int it is: in a decoded document a number has no other spelling to keep."""
+    x = float(text)
+    if x.is_integer() and abs(x) < 2**53:
+        return int(x)
+    return _plain_float(text)
 
 
 # The fast path: msgspec's sorted-key encoding *is* the canonical text when the value is plain
-# JSON (dicts with str keys, lists, str, int, bool, None) in ASCII with no float and no integer
-# of 16 digits or more. ASCII makes NFC a no-op and UTF-16 key order equal to code-point
-# order; decoding the text back (refusing floats) and comparing proves no tuple, set, UUID or
-# other non-JSON value was encoded on the way. Anything else takes the exact encoder below.
+# JSON (dicts with str keys, lists, str, int, bool, None, plain floats as above) in ASCII with
+# no integer of 16 digits or more. ASCII makes NFC a no-op and UTF-16 key order equal to
+# code-point order; decoding the text back (refusing other floats) and comparing proves no
+# tuple, set, UUID or other non-JSON value was encoded on the way. Anything else takes the
+# exact encoder below.
 _fast_encode = msgspec.json.Encoder(order="sorted").encode
-_fast_decode = msgspec.json.Decoder(float_hook=_refuse_float).decode
+_fast_decode = msgspec.json.Decoder(float_hook=_plain_float).decode
+_text_decode = msgspec.json.Decoder(float_hook=_plain_number).decode
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _SIXTEEN_DIGITS = b"0" * 16
 
@@ -132,7 +149,18 @@ def _fast(value: Any) -> str | None:
     try:
         same = _fast_decode(raw) == value
     except _HasFloat:
-        return None
+        # an integral float (msgspec wrote 2.0, RFC 8785 writes 2): written again as the
+        # int it equals, if every float is integral within 2**53 or plain
+        try:
+            ints = _text_decode(raw)
+        except _HasFloat:
+            return None
+        if ints != value:
+            return None
+        raw = _fast_encode(ints)
+        if _SIXTEEN_DIGITS in raw.translate(_DIGITS_AS_ZERO):
+            return None
+        return raw.decode("ascii")
     return raw.decode("ascii") if same else None
 
 
@@ -150,7 +178,7 @@ def canonical_text(text: str) -> str:
     """The RFC 8785 canonical text of the JSON document ``text`` (such as Postgres prints a
     jsonb value); the same as ``canonical_json`` of the decoded value."""
     try:
-        value = _fast_decode(text)
+        value = _text_decode(text)
     except _HasFloat:
         return canonical_json(msgspec.json.decode(text))
     # decoded JSON holds only JSON types, so no comparison is needed as in _fast
