@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,11 +23,15 @@ import pytest
 
 from animus_core import ConfigError, Created, Faculty, Focus, NewWorkItem, State, hookimpl
 from animus_core.faculties.toml import load_dir, load_file
-from animus_core.runtime.engine import EngineOptions
+from animus_core.runtime import completions
+from animus_core.runtime.engine import CLAIM_CHUNK, EngineOptions
+from animus_core.runtime.health import Health
 from animus_core.values.errors import DatabaseUnavailable
+from animus_core.values.records import ExecutionRecord
 from animus_core.values.schedules import Schedule
 from tests.engine_helpers import (
     SLOW_POLL,
+    ObservedDb,
     events,
     process_gone,
     run_cli,
@@ -810,6 +814,78 @@ async def test_lease_is_extended_while_a_long_focus_runs(db, db_url, tmp_path):
     assert runs == [1]
     trail = await events(db, wid)
     assert trail == ["submitted", "claimed", "running", "completed"]
+
+
+async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batch(db, db_url):
+    """Finished foci pile up while a completion is written (thousands of foci in flight):
+    the completer writes them BATCH at a time, so that no transaction holds the locks of
+    thousands of items (a lease extension of the same items waits for it)."""
+    n = completions.BATCH * 2 + 7
+    await db.submit_many([NewWorkItem("pile").params({"i": i}) for i in range(n)])
+    claimed: list[Any] = []
+    while len(claimed) < n:
+        claimed += await db.claim(limit=500, lease_seconds=60, start=True)
+    sizes: list[int] = []
+
+    class Counted(ObservedDb):
+        async def complete_many(self, done: Any, *args: Any, **kwargs: Any) -> None:
+            sizes.append(len(done))
+            await super().complete_many(done, *args, **kwargs)
+
+    await db.record_environment("env", {"python": "3"})
+    store = await Counted.connect(db_url, max_size=2, actor="test-completer")
+    try:
+        done = completions.Completions(store, Health(), stop_deadline=lambda: None,
+                                       on_recorded=lambda: None)
+        for c in claimed:
+            done.add(c.lease, None, 1, ExecutionRecord(
+                work_id=c.item.id, attempt=c.item.attempts, result="completed",
+                work_type=c.item.work_type, params_hash="p", faculty={"name": "f"},
+                faculty_hash="fh", engine_version="1", environment_hash="env", models=[],
+                outcome_hash=None, error=None, started_at=datetime.now(UTC)))
+        await done.flush()
+    finally:
+        await store.close()
+    assert sizes == [completions.BATCH, completions.BATCH, 7]
+    async with db.connection() as conn:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM animus.work_items WHERE state = 'completed'") == n
+
+
+async def test_many_free_slots_are_filled_by_claims_of_at_most_a_chunk(db, db_url, tmp_path):
+    """An engine with more free slots than a claim takes (CLAIM_CHUNK) claims again at once
+    until they are filled: the foci of the first claim start while the next is read."""
+    release = asyncio.Event()
+    started: list[int] = []
+
+    class Wide(Faculty):
+        name = "wide"
+        accepts = ("wide",)
+        max_concurrent = 1000
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            started.append(focus.params["i"])
+            await release.wait()
+            return None
+
+    n = CLAIM_CHUNK * 2 + 10
+    limits: list[int] = []
+    options = EngineOptions(concurrency=1000, poll_interval=60.0, lease_seconds=30, grace=5.0,
+                            seal_interval=0.2)
+    async with run_engine(db_url, tmp_path / "home", faculties=[Wide()],
+                          options=options) as run:
+        async def note(kwargs: dict[str, Any], claimed: list[Any]) -> None:
+            limits.append(kwargs["limit"])
+
+        run.db.seams.after_claim = note
+        await db.submit_many([NewWorkItem("wide").params({"i": i}) for i in range(n)])
+        try:
+            await wait_until(lambda: len(started) == n, 30, message="every item to start")
+        finally:
+            release.set()
+    assert len(limits) >= 3
+    assert max(limits) <= CLAIM_CHUNK
+    assert sorted(started) == list(range(n))
 
 
 async def test_stop_drains_an_in_flight_focus(db, db_url, tmp_path):

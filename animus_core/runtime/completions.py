@@ -24,6 +24,8 @@ __all__ = ["Completions"]
 
 _log = logging.getLogger("animus.engine")
 Done = tuple[Lease, Any, int | None]
+#: the most completions recorded in one transaction
+BATCH = 500
 Steps = list[tuple[Lease, StepRecord]]
 
 
@@ -76,9 +78,13 @@ class Completions:
     async def flush(self) -> None:
         held = 0
         while self._pending:
-            batch, self._pending = self._pending, []
-            records, self._executions = self._executions, []
-            steps, self._steps = self._steps, []
+            # at most BATCH at a time: a completion locks its items until it commits, and a
+            # lease extension of the same items (the keeper extends finished foci too) waits
+            batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            records, self._executions = self._executions[:BATCH], self._executions[BATCH:]
+            leases = {id(done[0]) for done in batch}
+            steps = [s for s in self._steps if id(s[0]) in leases]
+            self._steps = [s for s in self._steps if id(s[0]) not in leases]
             self._recording = batch
             try:
                 await self.store.complete_many(batch, executions=records, steps=steps)

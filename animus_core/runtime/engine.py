@@ -79,6 +79,8 @@ _log = logging.getLogger("animus.engine")
 #: the connections of an engine's own pool (:meth:`Engine.run`): its claims, its completions,
 #: and one for the rest (leases, seals, heartbeats, timers)
 CONTROL_CONNECTIONS = 3
+#: the most items one claim takes; more free slots are filled by further claims
+CLAIM_CHUNK = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,14 +383,20 @@ class Engine:
             slot.claiming = True
             try:
                 for queue in self.options.queues:
-                    asked = time.monotonic()
-                    claimed = await self.control.claim_resuming(
-                        queue, limit=allowed - got, lease_seconds=lease_seconds,
-                        work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
-                    self.health.reachable()
-                    for c, resume in claimed:
-                        self._start_focus(slot, c, asked + lease_seconds, resume)
-                    got += len(claimed)
+                    # in chunks: the foci of one start while the next is claimed, and a
+                    # thousand free slots do not hold the loop while their items are read
+                    while got < allowed:
+                        asked = time.monotonic()
+                        chunk = min(allowed - got, CLAIM_CHUNK)
+                        claimed = await self.control.claim_resuming(
+                            queue, limit=chunk, lease_seconds=lease_seconds,
+                            work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
+                        self.health.reachable()
+                        for c, resume in claimed:
+                            self._start_focus(slot, c, asked + lease_seconds, resume)
+                        got += len(claimed)
+                        if len(claimed) < chunk:
+                            break  # the queue has no more for now
                     if got >= allowed:
                         break
             finally:
