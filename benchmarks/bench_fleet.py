@@ -75,17 +75,21 @@ def load() -> str:
 
 
 @contextlib.asynccontextmanager
-async def fleet(url: str, work: Path, engines: int, concurrency: int
+async def fleet(url: str, work: Path, engines: int, concurrency: int, *,
+                module: str = "benchmarks.fleet_faculty", plugin: str = "benchfleet",
+                args: Sequence[str] = (), env: dict[str, str] | None = None,
                 ) -> AsyncIterator[list[EngineProcess]]:
-    """``engines`` processes of ``animus up`` with the bench-fleet faculty, all listening."""
-    site = plugin_site(work, "benchmarks.fleet_faculty", "benchfleet")
+    """``engines`` processes of ``animus up --concurrency C`` (and ``args``), with the
+    faculties of ``module`` (the bench-fleet faculty by default) and ``env`` added to
+    theirs, all listening."""
+    site = plugin_site(work, module, plugin)
     (work / "faculties").mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "OTEL_ENDPOINT")}
-    env.update(DATABASE_URL=url, ANIMUS_HOME=str(work / "home"), ANIMUS_PLUGINS="benchfleet",
-               ANIMUS_FACULTIES=str(work / "faculties"), LOG_LEVEL="warning",
-               PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
-    procs = [EngineProcess(["--concurrency", str(concurrency)], env, work,
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("ANIMUS_DISABLE_PLUGIN_AUTOLOAD", "OTEL_ENDPOINT")}
+    environ.update(DATABASE_URL=url, ANIMUS_HOME=str(work / "home"), ANIMUS_PLUGINS=plugin,
+                   ANIMUS_FACULTIES=str(work / "faculties"), LOG_LEVEL="warning",
+                   PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), **(env or {}))
+    procs = [EngineProcess(["--concurrency", str(concurrency), *args], environ, work,
                            work / f"engine-{i}.log") for i in range(engines)]
     try:
         await wait_listening(url, procs, timeout=90)

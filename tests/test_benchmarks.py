@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from benchmarks import bench_console, bench_fleet, bench_mcp, bench_rate, bench_waits
+from benchmarks import (
+    bench_agents,
+    bench_console,
+    bench_fleet,
+    bench_mcp,
+    bench_rate,
+    bench_waits,
+)
 from benchmarks.bench_engine import CpuMeter, CpuUse
 from benchmarks.chaos import ItemRow, Run, classify, digest_log, overlaps, parse_markers, window_rate
 from tests.support import raw
@@ -105,6 +112,33 @@ async def test_the_fleet_benchmark_runs_small(server_url, monkeypatch):
     assert [c["value"] for c in twice] == [0, 0]
     assert "the curve bends at" in bench_fleet.render(report)
     json.dumps(report)
+
+
+async def test_the_agent_scale_benchmark_runs_small(server_url, monkeypatch):
+    """bench_agents with a small engine: a real engine process, every figure (the loop's lag
+    watched from inside it, lease extensions counted by Postgres)."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    args = bench_agents.parse_args(["--foci", "40", "--work", "0.6", "--seconds", "2",
+                                    "--lease", "2", "--database", "animus_bench_agents_smoke"])
+    report = await bench_agents.run(args)
+    section = report["sections"]["agents"]
+    values = {r["label"]: r["value"] for r in section["results"]}
+    assert [k for k, v in values.items() if v is None or v < 0] == []
+    assert values["throughput"] > 0
+    # with a 2 s lease the keeper extends every second: leases are extended
+    assert values["lease keeping: extend_leases calls per second"] > 0
+    checks = {c["label"]: c for c in section["checks"]}
+    assert checks["items run twice"]["value"] == 0
+    assert checks["attempts taken back (leases lapsed)"]["value"] == 0
+    assert "agent-scale" in bench_agents.render(report)
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("argv", [["--foci", "0"], ["--work", "0"], ["--lease", "0"]])
+def test_the_agent_scale_benchmark_refuses_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_agents.parse_args(argv)
+    assert "must be" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--window", "0"], ["--database", "Bad-Name"]])
