@@ -50,11 +50,10 @@ from benchmarks.bench_engine import (
     Line,
     Section,
     Server,
-    context_lines,
     fresh_animus_db,
     machine,
     publish,
-    render_section,
+    render_report,
 )
 from benchmarks.bench_fleet import _proc_cpu, completed, connections, fleet, load
 from benchmarks.bench_work import describe_server
@@ -249,11 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = ["animus agent-scale benchmark (bench_agents)", *context_lines(report)]
-    for s in report["sections"].values():
-        lines += render_section(s)
-    lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
-    return "\n".join(lines)
+    return render_report("animus agent-scale benchmark (bench_agents)", report)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

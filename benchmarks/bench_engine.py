@@ -1119,6 +1119,16 @@ def _num(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:.2f}"
 
 
+def render_report(title: str, report: dict[str, Any], *extra: str) -> str:
+    """A report of sections as text: the title, where it was measured (and ``extra`` lines),
+    each section, and the time it took."""
+    lines = [title, *context_lines(report), *extra]
+    for s in report["sections"].values():
+        lines += render_section(s)
+    lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
+    return "\n".join(lines)
+
+
 def context_lines(report: dict[str, Any]) -> list[str]:
     """Where a report was measured: the machine, the server and its durability settings."""
     machine, dbi = report["machine"], report["database"]

@@ -46,11 +46,10 @@ from benchmarks.bench_engine import (
     Section,
     Server,
     _proc_stat,
-    context_lines,
     fresh_animus_db,
     machine,
     publish,
-    render_section,
+    render_report,
     xacts,
 )
 from benchmarks.bench_work import describe_server
@@ -248,11 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = ["animus fleet benchmark (bench_fleet)", *context_lines(report)]
-    for s in report["sections"].values():
-        lines += render_section(s)
-    lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
-    return "\n".join(lines)
+    return render_report("animus fleet benchmark (bench_fleet)", report)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

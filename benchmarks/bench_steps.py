@@ -38,7 +38,6 @@ from benchmarks.bench_engine import (
     Server,
     checkpoint,
     clock,
-    context_lines,
     describe_database,
     fresh_animus_db,
     latency_lines,
@@ -47,7 +46,7 @@ from benchmarks.bench_engine import (
     publish,
     rate_line,
     ratio_check,
-    render_section,
+    render_report,
     running_engine,
     submit_all,
     wait_done,
@@ -217,12 +216,8 @@ async def run(cfg: Config, prefix: str) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = ["animus durable step benchmark (bench_steps)", *context_lines(report),
-             f"  peers       dbos {report['peers']['dbos']}"]
-    for s in report["sections"].values():
-        lines += render_section(s)
-    lines += ["", f"  time        {report['total_seconds']:.1f} s in all"]
-    return "\n".join(lines)
+    return render_report("animus durable step benchmark (bench_steps)", report,
+                         f"  peers       dbos {report['peers']['dbos']}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
