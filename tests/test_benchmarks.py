@@ -9,6 +9,7 @@ import pytest
 from benchmarks import (
     bench_agents,
     bench_console,
+    bench_cycle,
     bench_fleet,
     bench_mcp,
     bench_rate,
@@ -132,6 +133,29 @@ async def test_the_agent_scale_benchmark_runs_small(server_url, monkeypatch):
     assert checks["attempts taken back (leases lapsed)"]["value"] == 0
     assert "agent-scale" in bench_agents.render(report)
     json.dumps(report)
+
+
+async def test_the_short_work_benchmark_runs_small(server_url, monkeypatch):
+    """bench_cycle with two small cases: an engine and raw pgmq workers, every figure."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    args = bench_cycle.parse_args(["--concurrency", "1,2", "--work", "5", "--seconds", "0.2",
+                                   "--database", "animus_bench_cycle_smoke"])
+    report = await bench_cycle.run(args)
+    section = report["sections"]["cycle"]
+    assert [r["label"] for r in section["results"] if r["value"] is None] == []
+    rates = [r["value"] for r in section["results"] if r["unit"] == "items/s"]
+    assert len(rates) == 2 * 4
+    assert min(rates) > 0
+    assert "short-work" in bench_cycle.render(report)
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("argv", [["--concurrency", "0"], ["--work", "0"],
+                                  ["--work", "x"], ["--seconds", "0"]])
+def test_the_short_work_benchmark_refuses_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_cycle.parse_args(argv)
+    assert "must be" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--foci", "0"], ["--work", "0"], ["--lease", "0"]])

@@ -1,0 +1,277 @@
+"""Short work at low concurrency: does a slot turn over at the speed of the work?
+
+    .venv/bin/python -m benchmarks.bench_cycle [--concurrency 1,4,16,64] [--work 1,10]
+        [--seconds S] [--json PATH]
+
+For each concurrency C and work time W (milliseconds), on a fresh database of the embedded
+server (or of the server ``DATABASE_URL`` names), with a backlog of items submitted before
+the clock starts:
+
+* **animus:** an engine in this process runs a faculty with ``max_concurrent = C`` whose
+  engage waits W ms (``asyncio.sleep``, as I/O would);
+* **raw pgmq (the baseline):** C asyncio workers on C connections, each reading one message
+  (``pgmq.read``), waiting W ms and archiving it (``pgmq.archive``), over the same backlog.
+
+Each runs for about S seconds of its ideal rate (C / W); throughput is measured from the
+first completion to the last, against that ideal, and printed beside the baseline's. The
+ideal is the ceiling; on a small machine the CPU per item caps both before it (the last
+column says where).
+
+Target (issue: performance at the shape of real work): every case reaches at least 70% of
+its ideal, up to the CPU ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from animus_core.faculties.faculty import Faculty
+from animus_core.faculties.focus import Focus
+from animus_core.infra.config import Settings
+from animus_core.runtime.engine import EngineOptions
+from animus_core.store.db import Db, describe_url, resolve_url
+from animus_core.values.work import NewWorkItem
+from benchmarks.bench_engine import (
+    Check,
+    CpuMeter,
+    CpuUse,
+    Line,
+    Section,
+    Server,
+    fresh_animus_db,
+    machine,
+    publish,
+    render_report,
+    running_engine,
+    submit_all,
+    wait_done,
+)
+from benchmarks.bench_fleet import load
+from benchmarks.bench_work import describe_server
+
+DEFAULT_PREFIX = "animus_bench_cycle"
+WORK_TYPE = "bench.cycle"
+RAW_QUEUE = "bench_cycle_raw"
+TARGET = 0.70
+CORES_NOTE = "CPU per item (this process + Postgres) caps a 2-core machine at 2 s / CPU"
+
+
+class Waiter(Faculty):
+    """Waits ``params["ms"]`` milliseconds in engage, nothing else."""
+
+    name = "bench-cycle"
+    accepts = (WORK_TYPE,)
+
+    async def orient(self, focus: Focus) -> Any:
+        return None
+
+    async def engage(self, focus: Focus, oriented: Any) -> Any:
+        await asyncio.sleep(focus.params["ms"] / 1000)
+        return None
+
+    async def consolidate(self, focus: Focus, engaged: Any) -> Any:
+        return None
+
+
+def backlog_size(concurrency: int, work_ms: float, seconds: float) -> int:
+    """Items for ``seconds`` at the ideal rate, at least 50 and at most 20,000."""
+    return max(50, min(20_000, int(concurrency / (work_ms / 1000) * seconds)))
+
+
+async def run_animus(server: Server, prefix: str, home: Path, concurrency: int,
+                     work_ms: float, n: int) -> tuple[float, CpuUse | None]:
+    url = await fresh_animus_db(server, f"{prefix}_animus")
+    client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
+    try:
+        base = NewWorkItem(WORK_TYPE, source="bench")
+        await submit_all(client, [base.params({"ms": work_ms, "i": i}) for i in range(n)])
+        await client.seal_audit()
+    finally:
+        await client.close()
+    meter = await CpuMeter.for_server(url)
+    faculty = type("Waiter", (Waiter,), {"max_concurrent": concurrency})()
+    options = EngineOptions(concurrency=concurrency, lease_seconds=60)
+    async with running_engine(url, home, options, faculties=[faculty], expect=n,
+                              meter=meter) as run:
+        seconds = await wait_done(run)
+        cpu = (CpuUse.between(n, run.cpu_started, run.completions.cpu_at)
+               if run.cpu_started and run.completions.cpu_at else None)
+    return n / seconds, cpu
+
+
+async def run_raw(server: Server, prefix: str, concurrency: int, work_ms: float,
+                  n: int) -> tuple[float, CpuUse | None]:
+    url = await fresh_animus_db(server, f"{prefix}_raw")
+    conns = [await asyncpg.connect(url) for _ in range(concurrency)]
+    try:
+        await conns[0].execute("SELECT pgmq.create($1::text)", RAW_QUEUE)
+        msgs = [f'{{"t": "{WORK_TYPE}", "i": {i}}}' for i in range(n)]
+        for i in range(0, n, 1000):
+            await conns[0].execute("SELECT pgmq.send_batch($1::text, $2::jsonb[])", RAW_QUEUE,
+                                   msgs[i:i + 1000])
+        meter = await CpuMeter.for_server(url)
+        done = 0
+
+        async def worker(conn: asyncpg.Connection) -> None:
+            nonlocal done
+            while True:
+                rows = await conn.fetch("SELECT msg_id FROM pgmq.read($1::text, 60, 1)",
+                                        RAW_QUEUE)
+                if not rows:
+                    return
+                await asyncio.sleep(work_ms / 1000)
+                await conn.execute("SELECT pgmq.archive($1::text, $2::bigint)", RAW_QUEUE,
+                                   rows[0]["msg_id"])
+                done += 1
+
+        cpu0 = meter.read()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in conns))
+        seconds = time.perf_counter() - t0
+        cpu = meter.since(n, cpu0)
+    finally:
+        for c in conns:
+            await c.close()
+    if done != n:
+        raise RuntimeError(f"raw pgmq workers archived {done} of {n} messages")
+    return n / seconds, cpu
+
+
+def cpu_us(cpu: CpuUse | None) -> float | None:
+    """CPU per item, this process and Postgres together, in microseconds."""
+    if cpu is None or cpu.server is None:
+        return None
+    return (cpu.own + cpu.server) / cpu.items * 1e6
+
+
+def cpu_ceiling(cpu: CpuUse | None) -> float | None:
+    """Items per second all the machine's cores allow at this CPU per item."""
+    if cpu is None or cpu.server is None:
+        return None
+    per_item = (cpu.own + cpu.server) / cpu.items
+    return None if per_item <= 0 else machine()["cpu_count"] / per_item
+
+
+async def measure(server: Server, prefix: str, concurrencies: Sequence[int],
+                  works: Sequence[float], seconds: float) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="animus-bench-cycle-") as tmp:
+        for work_ms in works:
+            for c in concurrencies:
+                n = backlog_size(c, work_ms, seconds)
+                print(f"  concurrency {c}, {work_ms:g} ms: {n} items...", file=sys.stderr,
+                      flush=True)
+                ours, ours_cpu = await run_animus(server, prefix, Path(tmp) / f"{c}-{work_ms}",
+                                                  c, work_ms, n)
+                raw, raw_cpu = await run_raw(server, prefix, c, work_ms, n)
+                ideal = c / (work_ms / 1000)
+                results.append({
+                    "concurrency": c, "work_ms": work_ms, "items": n, "ideal": ideal,
+                    "animus": ours, "raw": raw, "animus_of_ideal": ours / ideal,
+                    "raw_of_ideal": raw / ideal, "animus_ceiling": cpu_ceiling(ours_cpu),
+                    "animus_cpu_us": cpu_us(ours_cpu), "raw_cpu_us": cpu_us(raw_cpu),
+                })
+    return results
+
+
+def section(results: list[dict[str, Any]]) -> Section:
+    lines, checks = [], []
+    for r in results:
+        case = f"C={r['concurrency']}, {r['work_ms']:g} ms"
+        lines += [
+            Line(f"{case}: animus", r["animus"], "items/s", r["items"]),
+            Line(f"{case}: raw pgmq, {r['concurrency']} workers", r["raw"], "items/s",
+                 r["items"]),
+            Line(f"{case}: ideal (C / work)", r["ideal"], "items/s"),
+            Line(f"{case}: animus CPU per item (engine + Postgres)", r["animus_cpu_us"], "us"),
+            Line(f"{case}: raw pgmq CPU per item (workers + Postgres)", r["raw_cpu_us"], "us"),
+            Line(f"{case}: animus CPU ceiling (all cores busy)", r["animus_ceiling"],
+                 "items/s"),
+        ]
+        ceiling = r["animus_ceiling"]
+        bound = min(r["ideal"], ceiling) if ceiling else r["ideal"]
+        checks += [
+            Check(f"{case}: animus of ideal", r["animus_of_ideal"], None),
+            Check(f"{case}: animus of min(ideal, CPU ceiling)", r["animus"] / bound, TARGET),
+            Check(f"{case}: raw pgmq of ideal (baseline)", r["raw_of_ideal"], None),
+        ]
+    return Section("cycle", "short work at low concurrency: a backlog, work W per item, C slots",
+                   ["animus: an engine in this process, one faculty with max_concurrent C, "
+                    "engage waits W (asyncio.sleep)",
+                    "raw pgmq: C workers on C connections, each read(1), wait W, archive",
+                    "throughput from the start to the last completion; ideal C / W"],
+                   lines=lines, checks=checks, notes=[CORES_NOTE])
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    settings = Settings.from_env()
+    url = await resolve_url(settings)
+    server = Server(url)
+    info_url = await fresh_animus_db(server, f"{args.database}_info")
+    info = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
+    try:
+        database = await describe_server(info)
+    finally:
+        await info.close()
+    load_before = load()
+    results = await measure(server, args.database, args.concurrency, args.work, args.seconds)
+    report_section = section(results)
+    report_section.notes.append(f"load {load_before} -> {load()}")
+    return {
+        "benchmark": "cycle", "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {"concurrency": args.concurrency, "work_ms": args.work,
+                   "seconds": args.seconds},
+        "machine": machine(),
+        "database": {"where": "DATABASE_URL" if settings.database_url else
+                     f"embedded server in {settings.home}", "server": describe_url(url),
+                     **database},
+        "sections": {"cycle": report_section.to_json()},
+        "total_seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    return render_report("animus short-work benchmark (bench_cycle)", report)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_cycle",
+                                description="short work at low concurrency, against raw pgmq")
+    p.add_argument("--concurrency", default="1,4,16,64", help="slots (default 1,4,16,64)")
+    p.add_argument("--work", default="1,10", help="work per item, ms (default 1,10)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="each case's backlog lasts this long at its ideal rate (default 2)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
+    p.add_argument("--database", default=DEFAULT_PREFIX, metavar="PREFIX",
+                   help=f"prefix of the databases dropped and created (default {DEFAULT_PREFIX})")
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+        args.work = [float(x) for x in args.work.split(",") if x.strip()]
+    except ValueError:
+        p.error("--concurrency and --work must be comma-separated numbers")
+    if (not args.concurrency or not args.work or min(args.concurrency) < 1
+            or min(args.work) <= 0 or args.seconds <= 0):
+        p.error("--concurrency, --work and --seconds must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = asyncio.run(run(args))
+    return publish(render(report), report, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
