@@ -50,13 +50,13 @@ from benchmarks.bench_engine import (
     Line,
     Section,
     Server,
+    describe_database,
     fresh_animus_db,
     machine,
     publish,
     render_report,
 )
 from benchmarks.bench_fleet import _proc_cpu, completed, connections, fleet, load
-from benchmarks.bench_work import describe_server
 
 WORK_TYPE = "bench.agent"
 SUBMIT_BATCH = 1000
@@ -226,12 +226,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = await resolve_url(settings)
     server = Server(url)
     with tempfile.TemporaryDirectory(prefix="animus-bench-agents-") as tmp:
-        info_url = await fresh_animus_db(server, f"{args.database}_info")
-        info = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
-        try:
-            database = await describe_server(info)
-        finally:
-            await info.close()
+        database = await describe_database(server, args.database)
         result = await measure(server, args.database, Path(tmp), args.foci, args.work,
                                args.seconds, args.lease)
     return {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ from benchmarks.bench_engine import (
     Line,
     Section,
     Server,
+    describe_database,
     fresh_animus_db,
     machine,
     publish,
@@ -57,13 +59,13 @@ from benchmarks.bench_engine import (
     wait_done,
 )
 from benchmarks.bench_fleet import load
-from benchmarks.bench_work import describe_server
 
 DEFAULT_PREFIX = "animus_bench_cycle"
 WORK_TYPE = "bench.cycle"
 RAW_QUEUE = "bench_cycle_raw"
 TARGET = 0.70
-CORES_NOTE = "CPU per item (this process + Postgres) caps a 2-core machine at 2 s / CPU"
+CORES_NOTE = ("the CPU ceiling: the cores of the machine / the CPU per item (this process and "
+              "Postgres), every core busy")
 
 
 class Waiter(Faculty):
@@ -159,7 +161,7 @@ def cpu_ceiling(cpu: CpuUse | None) -> float | None:
     if cpu is None or cpu.server is None:
         return None
     per_item = (cpu.own + cpu.server) / cpu.items
-    return None if per_item <= 0 else machine()["cpu_count"] / per_item
+    return None if per_item <= 0 else (os.cpu_count() or 1) / per_item
 
 
 async def measure(server: Server, prefix: str, concurrencies: Sequence[int],
@@ -218,12 +220,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings.from_env()
     url = await resolve_url(settings)
     server = Server(url)
-    info_url = await fresh_animus_db(server, f"{args.database}_info")
-    info = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
-    try:
-        database = await describe_server(info)
-    finally:
-        await info.close()
+    database = await describe_database(server, args.database)
     load_before = load()
     results = await measure(server, args.database, args.concurrency, args.work, args.seconds)
     report_section = section(results)

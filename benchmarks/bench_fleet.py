@@ -46,13 +46,13 @@ from benchmarks.bench_engine import (
     Section,
     Server,
     _proc_stat,
+    describe_database,
     fresh_animus_db,
     machine,
     publish,
     render_report,
     xacts,
 )
-from benchmarks.bench_work import describe_server
 from tests.engine_helpers import EngineProcess, plugin_site, wait_listening, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,12 +223,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = Server(url)
     results = []
     with tempfile.TemporaryDirectory(prefix="animus-bench-fleet-") as tmp:
-        info_url = await fresh_animus_db(server, f"{args.database}_info")
-        info = await Db.connect(info_url, min_size=1, max_size=1, actor="bench")
-        try:
-            database = await describe_server(info)
-        finally:
-            await info.close()
+        database = await describe_database(server, args.database)
         for engines in args.engines:
             print(f"  {engines} engine(s)...", file=sys.stderr, flush=True)
             results.append(await one_count(server, args.database, Path(tmp) / str(engines),
