@@ -816,6 +816,14 @@ async def test_lease_is_extended_while_a_long_focus_runs(db, db_url, tmp_path):
     assert trail == ["submitted", "claimed", "running", "completed"]
 
 
+def _record_of(c: Any) -> ExecutionRecord:
+    return ExecutionRecord(
+        work_id=c.item.id, attempt=c.item.attempts, result="completed",
+        work_type=c.item.work_type, params_hash="p", faculty={"name": "f"}, faculty_hash="fh",
+        engine_version="1", environment_hash="env", models=[], outcome_hash=None, error=None,
+        started_at=datetime.now(UTC))
+
+
 async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batch(db, db_url):
     """Finished foci pile up while a completion is written (thousands of foci in flight):
     the completer writes them BATCH at a time, so that no transaction holds the locks of
@@ -838,11 +846,7 @@ async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batc
         done = completions.Completions(store, Health(), stop_deadline=lambda: None,
                                        on_recorded=lambda: None)
         for c in claimed:
-            done.add(c.lease, None, 1, ExecutionRecord(
-                work_id=c.item.id, attempt=c.item.attempts, result="completed",
-                work_type=c.item.work_type, params_hash="p", faculty={"name": "f"},
-                faculty_hash="fh", engine_version="1", environment_hash="env", models=[],
-                outcome_hash=None, error=None, started_at=datetime.now(UTC)))
+            done.add(c.lease, None, 1, _record_of(c))
         await done.flush()
     finally:
         await store.close()
@@ -850,6 +854,43 @@ async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batc
     async with db.connection() as conn:
         assert await conn.fetchval(
             "SELECT count(*) FROM animus.work_items WHERE state = 'completed'") == n
+
+
+async def test_a_busy_completer_gathers_completions_and_an_idle_one_writes_at_once(
+        db, db_url, monkeypatch):
+    """Group commit: the first completion after a quiet spell is written at once; those that
+    follow within LINGER of that write go together in the next transaction."""
+    monkeypatch.setattr(completions, "LINGER", 2.0)  # long, so that timing cannot decide
+    await db.submit_many([NewWorkItem("burst").params({"i": i}) for i in range(6)])
+    claimed = await db.claim(limit=6, lease_seconds=60, start=True)
+    sizes: list[int] = []
+    written = asyncio.Event()
+
+    class Counted(ObservedDb):
+        async def complete_many(self, done: Any, *args: Any, **kwargs: Any) -> None:
+            await super().complete_many(done, *args, **kwargs)
+            sizes.append(len(done))
+            written.set()
+
+    await db.record_environment("env", {"python": "3"})
+    store = await Counted.connect(db_url, max_size=2, actor="test-completer")
+    done = completions.Completions(store, Health(), stop_deadline=lambda: None,
+                                   on_recorded=lambda: None)
+    run = asyncio.create_task(done.run())
+    try:
+        first, *rest = claimed
+        done.add(first.lease, None, 1, _record_of(first))
+        await asyncio.wait_for(written.wait(), 1.5)  # not held back for LINGER
+        assert sizes == [1]
+        for c in rest:  # a steady stream, well within LINGER of that write
+            done.add(c.lease, None, 1, _record_of(c))
+            await asyncio.sleep(0.01)
+        done.close()
+        await asyncio.wait_for(run, 10)
+    finally:
+        run.cancel()
+        await store.close()
+    assert sizes == [1, 5]
 
 
 async def test_many_free_slots_are_filled_by_claims_of_at_most_a_chunk(db, db_url, tmp_path):

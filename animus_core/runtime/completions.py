@@ -1,5 +1,11 @@
 """The completer: finished foci are recorded in batches, one round trip for many.
 
+A completion that arrives while the completer is idle is recorded at once. Under a steady
+stream the completer writes at most once per ``LINGER``: those that finish meanwhile join
+the next transaction (group commit). A focus frees its slot when it hands its completion
+over, so the wait costs no throughput; each transaction costs Postgres about a millisecond
+whatever it carries, and four engines of 64 slots made one for every one or two items.
+
 While the database is unreachable, finished foci are held (their leases kept by the lease
 keeper) and recorded when it answers, or dropped at the end of a stop's grace period (their
 items then run again once their leases expire)."""
@@ -26,6 +32,9 @@ _log = logging.getLogger("animus.engine")
 Done = tuple[Lease, Any, int | None]
 #: the most completions recorded in one transaction
 BATCH = 500
+#: seconds between the starts of two transactions of a busy completer (an idle one writes
+#: at once)
+LINGER = 0.02
 Steps = list[tuple[Lease, StepRecord]]
 
 
@@ -44,6 +53,7 @@ class Completions:
         self._recording: list[Done] = []
         self._ready = asyncio.Event()
         self._closing = False
+        self._last_write = -1e18  # monotonic start of the last transaction
 
     def add(self, lease: Lease, outcome: Any, ms: int, record: ExecutionRecord,
             steps: list[StepRecord] | None = None) -> None:
@@ -70,7 +80,11 @@ class Completions:
     async def run(self) -> None:
         while True:
             await self._ready.wait()
+            linger = self._last_write + LINGER - time.monotonic()
+            if linger > 0 and not self._closing and len(self._pending) < BATCH:
+                await asyncio.sleep(linger)  # busy: let this batch gather
             self._ready.clear()
+            self._last_write = time.monotonic()
             await self.flush()
             if self._closing:  # the engine flushes once more after this; then it is over
                 return

@@ -205,6 +205,7 @@ $$;
 CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $_$
 DECLARE
     v_ids uuid[];
@@ -241,16 +242,16 @@ BEGIN
 
     UPDATE animus.work_items w
        SET state = 'queued', updated_at = now(), reason = animus.timer_woke(w.wait)
-     WHERE w.id = ANY (v_stale) AND w.state = 'waiting';
+     WHERE w.id = ANY (v_stale) AND w.state::text = 'waiting';
     UPDATE animus.work_items w
        SET state = 'queued', reason = 'lease expired before the focus started',
            updated_at = now()
-     WHERE w.id = ANY (v_stale) AND w.state = 'claimed';
+     WHERE w.id = ANY (v_stale) AND w.state::text = 'claimed';
     WITH lost AS (
         UPDATE animus.work_items w
            SET state = 'failed', outcome_error = 'lease expired while running (engine lost)',
                reason = 'lease expired while running (engine lost)', updated_at = now()
-         WHERE w.id = ANY (v_stale) AND w.state = 'running'
+         WHERE w.id = ANY (v_stale) AND w.state::text = 'running'
         RETURNING w.id, w.attempts, w.work_type, w.outcome_error)
     INSERT INTO animus.execution_records (work_id, attempt, result, work_type, error,
                                           started_at)
@@ -271,7 +272,7 @@ BEGIN
            resolved_at = CASE WHEN w.attempts - w.suspensions < w.max_attempts THEN NULL
                               ELSE now() END,
            updated_at = now()
-     WHERE w.id = ANY (v_stale) AND w.state = 'failed';
+     WHERE w.id = ANY (v_stale) AND w.state::text = 'failed';
     -- a message whose item is still not queued has nothing left to deliver
     PERFORM animus.archive_messages(p_queue, array_agg(c.msg_id))
        FROM unnest(v_ids, v_msgs) AS c(id, msg_id)
@@ -287,6 +288,7 @@ $_$;
 CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, p_work_types text[], p_start boolean, p_max_attempts jsonb) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     v_claimed animus.work_items[];
@@ -318,6 +320,7 @@ $$;
 CREATE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_data jsonb[], p_duration_ms bigint[]) RETURNS SETOF uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     v_done uuid[];
@@ -337,7 +340,7 @@ BEGIN
                updated_at = now()
           FROM x
          WHERE w.id = x.id AND w.id = ANY (p_ids) AND w.msg_id = x.msg_id AND w.lease = x.lease
-           AND w.state = 'running'
+           AND w.state::text = 'running'
         RETURNING w.id, w.queue, w.msg_id
     )
     SELECT array_agg(upd.id), array_agg(upd.queue), array_agg(upd.msg_id)
@@ -691,6 +694,7 @@ $$;
 CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_seconds integer) RETURNS SETOF uuid
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $_$
 BEGIN
     PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
@@ -1026,6 +1030,7 @@ $$;
 CREATE FUNCTION animus.record_steps(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_positions integer[], p_names text[], p_results jsonb[], p_hashes text[], p_started_at timestamp with time zone[], p_durations bigint[]) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     v_bad record;
@@ -1235,6 +1240,7 @@ $$;
 CREATE FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jsonb[]) RETURNS TABLE(signal_id bigint, woke boolean, error text)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $_$
 DECLARE
     v_n int := coalesce(cardinality(p_ids), 0);
@@ -1708,6 +1714,7 @@ $$;
 
 CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads integer[], p_only uuid[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE sql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
     WITH claimed AS (
         UPDATE animus.work_items w
@@ -1715,7 +1722,7 @@ CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads intege
                attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
                msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
           FROM unnest(p_ids, p_msgs, p_reads) AS c(id, msg_id, read_ct)
-         WHERE w.id = c.id AND w.id = ANY (p_only) AND w.state = 'queued'
+         WHERE w.id = c.id AND w.id = ANY (p_only) AND w.state::text = 'queued'
         RETURNING w.*)
     SELECT * FROM claimed ORDER BY priority DESC, msg_id
 $$;

@@ -1,0 +1,80 @@
+"""A claim or a completion reads the items it moves, however long the backlog behind them.
+
+Postgres plans the engine's statements once and keeps the plan, from statistics taken when
+the backlog was short. Statements that reach items by id must not also reach them through
+the index on ``state``: a plan that does reads the index entry of every queued item in
+every claim, and a claim of 4 items costs as much as a claim of the whole backlog.
+"""
+
+from __future__ import annotations
+
+from animus_core import NewWorkItem
+from animus_core.store.db import Db
+from tests.support import raw
+
+BACKLOG = 3_000
+
+
+async def _state_index_reads(db: Db) -> int:
+    """Index entries of ``work_items_state`` read so far, this connection's reads included
+    (its statistics are flushed first)."""
+    async with db.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with db.connection() as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        reads: int = await conn.fetchval(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'work_items_state'"
+        )
+        return reads
+
+
+async def _backlog_after_statistics_of_a_short_one(db_url: str) -> Db:
+    """A store on one fresh connection, over a backlog of ``BACKLOG`` queued items, with
+    statistics taken when every item was finished (so the planner believes queued and
+    running items are rare, as it does in a long-lived database before a burst)."""
+    warm = await Db.connect(db_url, max_size=1, actor="test")
+    await warm.submit_many([NewWorkItem("t").params({"i": i}) for i in range(500)])
+    done = await warm.claim(limit=500, lease_seconds=60, start=True)
+    await warm.complete_many([(c.lease, None, 1) for c in done])
+    await warm.close()
+    async with raw(db_url) as conn:
+        await conn.execute("ANALYZE animus.work_items")
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    for start in range(0, BACKLOG, 1_000):
+        await db.submit_many([NewWorkItem("t").params({"i": i})
+                              for i in range(start, start + 1_000)])
+    return db
+
+
+async def test_claims_and_completions_do_not_read_the_backlog(db_url):
+    db = await _backlog_after_statistics_of_a_short_one(db_url)
+    try:
+        for _ in range(3):
+            before = await _state_index_reads(db)
+            claimed = await db.claim(limit=4, lease_seconds=60, start=True)
+            after_claim = await _state_index_reads(db)
+            await db.complete_many([(c.lease, None, 1) for c in claimed])
+            after_complete = await _state_index_reads(db)
+            assert len(claimed) == 4
+            assert after_claim - before < 50, f"a claim of 4 read {after_claim - before} entries"
+            assert after_complete - after_claim < 50, (
+                f"a completion of 4 read {after_complete - after_claim} entries")
+    finally:
+        await db.close()
+
+
+async def test_taking_back_expired_leases_does_not_read_the_backlog(db_url):
+    db = await _backlog_after_statistics_of_a_short_one(db_url)
+    try:
+        claimed = await db.claim(limit=4, lease_seconds=60, start=True)
+        async with raw(db_url) as conn:  # the engine that held them is gone
+            await conn.execute("UPDATE pgmq.q_work SET vt = now() - interval '1 second' "
+                               "WHERE msg_id = ANY ($1)", [c.lease.msg_id for c in claimed])
+        before = await _state_index_reads(db)
+        again = await db.claim(limit=4, lease_seconds=60, start=True)
+        reads = await _state_index_reads(db) - before
+        assert {c.item.id for c in again} == {c.item.id for c in claimed}
+        assert all(c.item.attempts == 2 for c in again)
+        assert reads < 50, f"taking back 4 expired leases read {reads} entries"
+    finally:
+        await db.close()
