@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Any
 from uuid import uuid4
 
-from animus_core import Db
-from animus_core.store.console import Change
-from animus_core.web.live import Hub, Viewer
+from animus_core import Db, NewWorkItem
+from animus_core.store.console import Change, watch
+from animus_core.web.live import CHANNEL, Hub, Viewer
+from tests.support import raw
 
 
 async def test_a_viewer_that_stops_reading_is_let_go_and_its_stream_ends(db: Db) -> None:
@@ -59,3 +61,33 @@ async def test_the_chart_counts_each_item_finishing_once(db: Db) -> None:
                change(104, "running", "waiting")])
     chart = hub.chart()
     assert (chart.total_finished, chart.total_dead) == (2, 1)
+
+
+async def _notified(conn: Any, got: asyncio.Queue[str], db: Db) -> bool:
+    """Whether a submission notifies ``animus_changed`` (to ``conn``, which listens)."""
+    await db.submit_many([NewWorkItem("watched")])
+    try:
+        await asyncio.wait_for(got.get(), 2)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_work_changes_notify_the_console_only_while_one_watches(db: Db, db_url: str) -> None:
+    """A notifying commit holds a lock of the whole server through its flush, and wakes every
+    listener: without a console, work changes do not notify. A hub watches while it runs."""
+    got: asyncio.Queue[str] = asyncio.Queue()
+    async with raw(db_url) as conn:
+        await conn.add_listener(CHANNEL, lambda *args: got.put_nowait(args[3]))
+        assert not await _notified(conn, got, db)
+        hub = Hub(db)
+        await hub.start()
+        try:
+            assert await _notified(conn, got, db)
+        finally:
+            await hub.stop()
+        assert not await _notified(conn, got, db)
+        await watch(db, "someone", 60)
+        assert await _notified(conn, got, db)
+        await watch(db, "someone", 0)
+        assert not await _notified(conn, got, db)

@@ -19,7 +19,7 @@ from animus_core.values.states import State
 __all__ = ["Change", "ConsoleUser", "Minute", "Overview", "audit_extent", "changes_after",
            "console_password_hash", "console_users", "finished_by_minute", "latest_ticks",
            "list_console_users", "live_counts", "mcp_token_holder", "overview",
-           "remove_console_user", "save_console_user", "save_mcp_token", "sign_out"]
+           "remove_console_user", "save_console_user", "save_mcp_token", "sign_out", "watch"]
 
 #: the states an item is in until it finishes (counted exactly: few rows, an index)
 LIVE_STATES = tuple(s.value for s in State if not s.terminal)
@@ -127,6 +127,13 @@ async def remove_console_user(db: DbBase, name: str) -> bool:
     async with db.connection() as conn:
         done: str = await conn.execute("DELETE FROM animus.console_users WHERE name = $1", name)
     return done != "DELETE 0"
+
+
+async def watch(db: DbBase, name: str, seconds: int) -> None:
+    """Have changes of work items notify ``animus_changed`` for the next ``seconds`` (0: no
+    longer) on behalf of watcher ``name``: they notify only while someone watches."""
+    async with db.connection() as conn:
+        await conn.execute("SELECT animus.watch($1, $2)", name, seconds)
 
 
 async def live_counts(db: DbBase) -> dict[str, int]:

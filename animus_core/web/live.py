@@ -1,6 +1,7 @@
 """Live pages: one LISTEN connection for every viewer.
 
-Every transaction that changes work items notifies ``animus_changed`` (migration 0031).
+While a hub runs, every transaction that changes work items notifies ``animus_changed``
+(migrations 0031 and 0041: the hub says it watches, and says so again before that runs out).
 The hub answers a burst of them with one read of the audit rows since the last it saw, and
 sends each change to every open page over Server-Sent Events; a page updates itself from
 them. However many people watch, the database sees one listener and one read per burst, and
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +31,7 @@ from animus_core.store.console import (
     console_users,
     finished_by_minute,
     live_counts,
+    watch,
 )
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
@@ -47,6 +51,8 @@ COUNTS_EVERY = 1.0
 QUEUED = 1000
 #: seconds between two comments on a quiet stream, and between two checks of the viewers
 KEEP_ALIVE = 15.0
+#: seconds a hub's watch lasts (changes notify while it does), and between two renewals
+WATCH_SECONDS, WATCH_EVERY = 60, 20.0
 
 
 class Viewer(msgspec.Struct, frozen=True):
@@ -80,18 +86,34 @@ class Hub:
         self._started_at = 0  # the newest audit row when the hub started
         self._viewers: dict[asyncio.Queue[bytes], Viewer] = {}
         self._checking: asyncio.Task[None] | None = None
+        self._watcher = f"console {socket.gethostname()} {os.getpid()} {id(self):x}"
+        self._watching: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await watch(self.db, self._watcher, WATCH_SECONDS)  # from now on, changes notify
         self._last = self._started_at = (await audit_extent(self.db))[0]
+        self._watching = asyncio.create_task(self._keep_watching(), name="animus-web-watch")
         self._task = asyncio.create_task(self._run(), name="animus-web-hub")
         self._seeding = asyncio.create_task(self._seed(), name="animus-web-chart")
 
     async def stop(self) -> None:
-        for task in (self._task, self._seeding, self._checking):
+        for task in (self._watching, self._task, self._seeding, self._checking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._watching is not None:
+            with contextlib.suppress(AnimusError):  # else the watch runs out by itself
+                await watch(self.db, self._watcher, 0)
+
+    async def _keep_watching(self) -> None:
+        """Renew the hub's watch well before it runs out, as long as the hub runs."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            try:
+                await watch(self.db, self._watcher, WATCH_SECONDS)
+            except AnimusError as e:
+                _log.warning("could not renew the live pages' watch (retrying): %s", e)
 
     def chart(self) -> Chart:
         return self.throughput.chart(datetime.now(UTC))

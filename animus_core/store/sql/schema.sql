@@ -805,7 +805,9 @@ CREATE FUNCTION animus.notify_changed() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    PERFORM pg_notify('animus_changed', '');
+    IF EXISTS (SELECT 1 FROM animus.watchers WHERE until > now()) THEN
+        PERFORM pg_notify('animus_changed', '');
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -1808,6 +1810,16 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION animus.watch(p_name text, p_seconds integer) RETURNS void
+    LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    DELETE FROM animus.watchers WHERE until <= now() OR (name = p_name AND p_seconds <= 0);
+    INSERT INTO animus.watchers (name, until)
+    SELECT p_name, now() + make_interval(secs => p_seconds) WHERE p_seconds > 0
+        ON CONFLICT (name) DO UPDATE SET until = EXCLUDED.until;
+$$;
+
 CREATE FUNCTION animus.work_item_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -2319,6 +2331,11 @@ CREATE TABLE animus.transitions (
     to_state animus.work_state NOT NULL
 );
 
+CREATE TABLE animus.watchers (
+    name text NOT NULL,
+    until timestamp with time zone NOT NULL
+);
+
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_pkey PRIMARY KEY (id);
 
@@ -2372,6 +2389,9 @@ ALTER TABLE ONLY animus.steps
 
 ALTER TABLE ONLY animus.transitions
     ADD CONSTRAINT transitions_pkey PRIMARY KEY (from_state, to_state);
+
+ALTER TABLE ONLY animus.watchers
+    ADD CONSTRAINT watchers_pkey PRIMARY KEY (name);
 
 ALTER TABLE ONLY animus.work_items
     ADD CONSTRAINT work_items_pkey PRIMARY KEY (id);
@@ -2576,6 +2596,8 @@ REVOKE ALL ON FUNCTION animus.take_signal(p_id uuid, p_msg_id bigint, p_lease in
 REVOKE ALL ON FUNCTION animus.timer_woke(p_wait jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.wake_message(p_item animus.work_items) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION animus.watch(p_name text, p_seconds integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_item_updated() FROM PUBLIC;
 
