@@ -78,3 +78,38 @@ async def test_taking_back_expired_leases_does_not_read_the_backlog(db_url):
         assert reads < 50, f"taking back 4 expired leases read {reads} entries"
     finally:
         await db.close()
+
+
+async def _scanned(db: Db) -> int:
+    """Rows of ``work_items`` and of the queue's table read by sequential scans so far
+    (statistics flushed first)."""
+    async with db.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with db.connection() as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        read: int = await conn.fetchval(
+            "SELECT sum(seq_tup_read) FROM pg_stat_user_tables "
+            "WHERE (schemaname, relname) IN (('animus', 'work_items'), ('pgmq', 'q_work'))")
+        return read
+
+
+async def test_plans_kept_from_when_the_table_was_small_do_not_scan_it_once_it_grew(db_url):
+    """The engine's functions keep one plan per session. Made while work_items held a few
+    rows, a plan that reads the table whole would read it whole in every claim and completion
+    once it holds many: their items are found through indexes whatever the table's size."""
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    try:
+        await db.submit_many([NewWorkItem("t").params({"i": -1})])
+        first = await db.claim(limit=1, lease_seconds=60, start=True)  # plans made now
+        await db.complete_many([(c.lease, None, 1) for c in first])
+        for start in range(0, BACKLOG, 1_000):
+            await db.submit_many([NewWorkItem("t").params({"i": i})
+                                  for i in range(start, start + 1_000)])
+        before = await _scanned(db)
+        claimed = await db.claim(limit=4, lease_seconds=60, start=True)
+        await db.complete_many([(c.lease, None, 1) for c in claimed])
+        scanned = await _scanned(db) - before
+        assert len(claimed) == 4
+        assert scanned < 50, f"a claim and a completion of 4 read {scanned} rows whole"
+    finally:
+        await db.close()

@@ -206,6 +206,7 @@ CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, 
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $_$
 DECLARE
     v_ids uuid[];
@@ -289,6 +290,7 @@ CREATE FUNCTION animus.claim(p_queue text, p_qty integer, p_vt_seconds integer, 
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     v_claimed animus.work_items[];
@@ -321,6 +323,7 @@ CREATE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases integ
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     v_done uuid[];
@@ -695,6 +698,7 @@ CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigin
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $_$
 BEGIN
     PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
@@ -815,6 +819,7 @@ $$;
 CREATE FUNCTION animus.q_work_archive(p_msg_ids bigint[]) RETURNS void
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
         BEGIN
             WITH gone AS (DELETE FROM pgmq.q_work WHERE msg_id = ANY (p_msg_ids) RETURNING msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers)
@@ -826,6 +831,7 @@ CREATE FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_sec
     LANGUAGE plpgsql
     SET enable_sort TO 'off'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
         BEGIN
             WITH taken AS (
@@ -857,6 +863,7 @@ CREATE FUNCTION animus.q_work_send(p_message jsonb, p_at timestamp with time zon
 CREATE FUNCTION animus.q_work_set_vt(p_msg_id bigint, p_at timestamp with time zone, p_skip_locked boolean) RETURNS text
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
         BEGIN
             IF p_skip_locked THEN
@@ -894,7 +901,7 @@ BEGIN
                                                p_vt_seconds int, p_now timestamptz,
                                                OUT msg_ids bigint[], OUT read_cts int[],
                                                OUT ids uuid[])
-        LANGUAGE plpgsql SET enable_sort = off SET plan_cache_mode = force_generic_plan AS $b$
+        LANGUAGE plpgsql SET enable_sort = off SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $b$
         BEGIN
             WITH taken AS (
                 SELECT m.msg_id FROM pgmq.%2$I m
@@ -917,7 +924,7 @@ BEGIN
         $b$$f$, v_q || '_claim', v_q);
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION animus.%1$I(p_msg_ids bigint[]) RETURNS void
-        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $b$
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $b$
         BEGIN
             WITH gone AS (DELETE FROM pgmq.%2$I WHERE msg_id = ANY (p_msg_ids) RETURNING %4$s)
             INSERT INTO pgmq.%3$I (%4$s) SELECT %4$s FROM gone;
@@ -926,7 +933,7 @@ BEGIN
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION animus.%1$I(p_msg_id bigint, p_at timestamptz,
                                                p_skip_locked bool) RETURNS text
-        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $b$
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $b$
         BEGIN
             IF p_skip_locked THEN
                 UPDATE pgmq.%2$I m SET vt = p_at
@@ -1033,6 +1040,7 @@ CREATE FUNCTION animus.record_steps(p_ids uuid[], p_msg_ids bigint[], p_leases i
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
 DECLARE
     v_bad record;
@@ -1243,6 +1251,7 @@ CREATE FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jso
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $_$
 DECLARE
     v_n int := coalesce(cardinality(p_ids), 0);
@@ -1717,6 +1726,7 @@ $$;
 CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads integer[], p_only uuid[], p_start boolean) RETURNS SETOF animus.work_items
     LANGUAGE sql
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     AS $$
     WITH claimed AS (
         UPDATE animus.work_items w
