@@ -12,6 +12,8 @@ from benchmarks import (
     bench_cycle,
     bench_fleet,
     bench_mcp,
+    bench_mvcc,
+    bench_overload,
     bench_rate,
     bench_waits,
 )
@@ -261,3 +263,57 @@ async def test_the_rate_benchmark_runs_in_its_quick_mode(server_url, monkeypatch
     assert result["achieved"] > 0
     assert result["ratio"] == round(result["achieved"] / result["configured"], 4)
     assert "within 5%" in bench_rate.render(report)
+
+
+async def test_the_mvcc_benchmark_runs_small(server_url, monkeypatch):
+    """bench_mvcc with a few seconds at a low rate: an engine and raw pgmq workers under a
+    held xmin horizon, every figure and every table's dead tuples."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    args = bench_mvcc.parse_args(["--rate", "50", "--warmup", "0.5", "--hold", "1",
+                                  "--recovery", "1", "--concurrency", "4",
+                                  "--database", "animus_bench_mvcc_smoke"])
+    report = await bench_mvcc.run(args)
+    mvcc, dead = report["sections"]["mvcc"], report["sections"]["dead_tuples"]
+    assert [r["label"] for r in mvcc["results"] + dead["results"] if r["value"] is None] == []
+    assert [c["label"] for c in mvcc["checks"] if c["value"] is None] == []
+    checks = {c["label"]: c for c in mvcc["checks"]}
+    assert checks["items run twice"]["value"] == 0
+    assert checks["raw pgmq: messages read twice"]["value"] == 0
+    assert mvcc["details"]["windows"]["hold"]["items"] > 0
+    assert any(r["label"].startswith("dead tuples: animus.work_items") for r in dead["results"])
+    assert len(dead["details"]["animus"]) >= 3  # one sample a second, and each phase's end
+    assert "MVCC-pressure" in bench_mvcc.render(report)
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("argv", [["--rate", "0"], ["--warmup", "0"], ["--hold", "-1"],
+                                  ["--recovery", "0"], ["--concurrency", "0"],
+                                  ["--database", "Bad-Name"]])
+def test_the_mvcc_benchmark_refuses_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_mvcc.parse_args(argv)
+    assert "must be" in capsys.readouterr().err
+
+
+async def test_the_overload_benchmark_runs_small(server_url, monkeypatch):
+    """bench_overload with a small drain and a second of producers: every figure, and every
+    item completed once."""
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    args = bench_overload.parse_args(["--drain", "300", "--seconds", "1", "--batch", "10",
+                                      "--database", "animus_bench_overload_smoke"])
+    report = await bench_overload.run(args)
+    section = report["sections"]["overload"]
+    assert [r["label"] for r in section["results"] if r["value"] is None] == []
+    checks = {c["label"]: c for c in section["checks"]}
+    assert checks["items completed / submitted"]["value"] == 1.0
+    assert checks["items run twice"]["value"] == 0
+    assert "overload" in bench_overload.render(report)
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("argv", [["--drain", "0"], ["--seconds", "0"], ["--factor", "0"],
+                                  ["--producers", "0"], ["--batch", "0"],
+                                  ["--produce", "postgresql://x"]])
+def test_the_overload_benchmark_refuses_bad_options(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_overload.parse_args(argv)
