@@ -223,7 +223,7 @@ BEGIN
 
     -- the usual case: every message's item is plainly queued
     PERFORM animus.audit_by_statement(cardinality(v_ids));
-    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, v_ids, p_start);
+    RETURN QUERY SELECT * FROM animus.take_queued(v_ids, v_msgs, v_reads, NULL, p_start);
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM animus.audit_by_statement(0);
     IF v_claimed = cardinality(v_ids) THEN
@@ -342,7 +342,7 @@ BEGIN
                duration_ms = x.duration_ms, reason = 'completed', resolved_at = now(),
                updated_at = now()
           FROM x
-         WHERE w.id = x.id AND w.id = ANY (p_ids) AND w.msg_id = x.msg_id AND w.lease = x.lease
+         WHERE w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
            AND w.state::text = 'running'
         RETURNING w.id, w.queue, w.msg_id
     )
@@ -1039,7 +1039,6 @@ $$;
 CREATE FUNCTION animus.record_steps(p_ids uuid[], p_msg_ids bigint[], p_leases integer[], p_positions integer[], p_names text[], p_results jsonb[], p_hashes text[], p_started_at timestamp with time zone[], p_durations bigint[]) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
     AS $$
 DECLARE
@@ -1250,7 +1249,6 @@ $$;
 CREATE FUNCTION animus.signal_many(p_ids uuid[], p_events text[], p_payloads jsonb[]) RETURNS TABLE(signal_id bigint, woke boolean, error text)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
     AS $_$
 DECLARE
@@ -1734,7 +1732,8 @@ CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads intege
                attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
                msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
           FROM unnest(p_ids, p_msgs, p_reads) AS c(id, msg_id, read_ct)
-         WHERE w.id = c.id AND w.id = ANY (p_only) AND w.state::text = 'queued'
+         WHERE w.id = c.id AND w.state::text = 'queued'
+           AND (p_only IS NULL OR c.id = ANY (p_only))
         RETURNING w.*)
     SELECT * FROM claimed ORDER BY priority DESC, msg_id
 $$;
