@@ -15,17 +15,20 @@ from tests.support import raw
 BACKLOG = 3_000
 
 
-async def _state_index_reads(db: Db) -> int:
-    """Index entries of ``work_items_state`` read so far, this connection's reads included
-    (its statistics are flushed first)."""
+async def _statistic(db: Db, sql: str) -> int:
+    """A figure of Postgres's statistics (``sql``) once this connection's are flushed."""
     async with db.connection() as conn:
         await conn.execute("SELECT pg_stat_force_next_flush()")
     async with db.connection() as conn:
         await conn.execute("SELECT pg_stat_clear_snapshot()")
-        reads: int = await conn.fetchval(
-            "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'work_items_state'"
-        )
-        return reads
+        value: int = await conn.fetchval(sql)
+        return value
+
+
+async def _state_index_reads(db: Db) -> int:
+    """Index entries of ``work_items_state`` read so far."""
+    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
+                                "WHERE indexrelname = 'work_items_state'")
 
 
 async def _backlog_after_statistics_of_a_short_one(db_url: str) -> Db:
@@ -81,16 +84,10 @@ async def test_taking_back_expired_leases_does_not_read_the_backlog(db_url):
 
 
 async def _scanned(db: Db) -> int:
-    """Rows of ``work_items`` and of the queue's table read by sequential scans so far
-    (statistics flushed first)."""
-    async with db.connection() as conn:
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    async with db.connection() as conn:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        read: int = await conn.fetchval(
-            "SELECT sum(seq_tup_read) FROM pg_stat_user_tables "
-            "WHERE (schemaname, relname) IN (('animus', 'work_items'), ('pgmq', 'q_work'))")
-        return read
+    """Rows of ``work_items`` and of the queue's table read by sequential scans so far."""
+    return await _statistic(db, "SELECT sum(seq_tup_read) FROM pg_stat_user_tables WHERE "
+                                "(schemaname, relname) IN (('animus', 'work_items'), "
+                                "('pgmq', 'q_work'))")
 
 
 async def test_plans_kept_from_when_the_table_was_small_do_not_scan_it_once_it_grew(db_url):
