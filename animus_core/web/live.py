@@ -107,13 +107,20 @@ class Hub:
                 await watch(self.db, self._watcher, 0)
 
     async def _keep_watching(self) -> None:
-        """Renew the hub's watch well before it runs out, as long as the hub runs."""
+        """Renew the hub's watch well before it runs out, as long as the hub runs. After a
+        renewal that failed, read what changed meanwhile (it may not have notified)."""
+        failed = False
         while True:
             await asyncio.sleep(WATCH_EVERY)
             try:
                 await watch(self.db, self._watcher, WATCH_SECONDS)
             except AnimusError as e:
+                failed = True
                 _log.warning("could not renew the live pages' watch (retrying): %s", e)
+                continue
+            if failed:
+                failed = False
+                self._dirty.set()
 
     def chart(self) -> Chart:
         return self.throughput.chart(datetime.now(UTC))
