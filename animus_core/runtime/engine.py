@@ -10,6 +10,8 @@ task that is restarted if it fails (:mod:`animus_core.runtime.health`):
   starts a focus task per item. A faculty whose last claim came back short is clean until
   the next notification, retry timer or the slow fallback poll, so an idle engine sends
   almost no queries;
+* the **reserve** (:mod:`.reserve`) holds a few items claimed ahead of free slots for a
+  faculty whose foci are short, so a freed slot starts the next at once;
 * the **runner** (:mod:`.runner`) runs each focus: orient -> engage -> consolidate, or
   recover, then retry or dead-letter as the faculty's retry policy says;
 * the **completer** (:mod:`.completions`) records completions in batches;
@@ -57,6 +59,7 @@ from animus_core.runtime.heartbeat import Heartbeat
 from animus_core.runtime.keeper import EmbeddedKeeper
 from animus_core.runtime.leases import LeaseKeeper
 from animus_core.runtime.listener import Listener
+from animus_core.runtime.reserve import Held, Reserve
 from animus_core.runtime.routing import Routing
 from animus_core.runtime.runner import FocusRunner, open_memory
 from animus_core.runtime.sealer import Sealer
@@ -124,7 +127,8 @@ class Engine:
         self.routing = Routing(faculties)
         self.slots = {f.name: Slot(f) for f in faculties}
         self.inflight: dict[UUID, Flight] = {}
-        self.stops = FocusStops(db, self.inflight)
+        self.reserve = Reserve()
+        self.stops = FocusStops(db, self.inflight, self.reserve)
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -143,7 +147,7 @@ class Engine:
                              checkpoint_interval=opts.checkpoint_interval)
         self.completions = Completions(db, self.health, on_recorded=self.sealer.touch,
                                        stop_deadline=lambda: self._stop_deadline)
-        self.leases = LeaseKeeper(db, self.health, self.inflight, self.completions,
+        self.leases = LeaseKeeper(db, self.health, self.inflight, self.completions, self.reserve,
                                   lease_seconds=opts.lease_seconds, lose=self.stops.lose,
                                   cancel=self.stops.cancel)
         self.deadlines = Deadlines(self.inflight.values())
@@ -246,6 +250,7 @@ class Engine:
         try:
             await self._schedule_loop()
         finally:
+            await self._release_reserve()
             await self._drain()
             # The completer is not cancelled mid-batch: it is told to finish and exit.
             self.completions.close()
@@ -367,15 +372,21 @@ class Engine:
         total_free = self.options.concurrency - len(self.inflight)
         lease_seconds = self.options.lease_seconds
         for slot in self.slots.values():
-            if not slot.dirty or total_free <= 0:
+            free = max(0, min(slot.faculty.max_concurrent - slot.running, total_free))
+            while free and (held := self.reserve.take(slot, self.leases.margin)):
+                self._start_held(slot, held)
+                free -= 1
+                total_free -= 1
+            if not slot.dirty:
                 continue
-            free = min(slot.faculty.max_concurrent - slot.running, total_free)
-            if free <= 0:
+            topup = self.reserve.wants(slot)
+            if free <= 0 and topup <= 0:
                 continue  # stays dirty: a finishing focus will wake the loop
-            allowed = slot.take_tokens(free)
-            if allowed <= 0:
+            allowed = slot.take_tokens(free) if free else 0
+            if allowed <= 0 and topup <= 0:
                 self._wake_for_token(slot)
                 continue
+            wanted = allowed + topup
             got = 0
             # Cleared before the claim: a notification that arrives while it is in flight
             # sets it again, and is not lost.
@@ -385,32 +396,40 @@ class Engine:
                 for queue in self.options.queues:
                     # in chunks: the foci of one start while the next is claimed, and a
                     # thousand free slots do not hold the loop while their items are read
-                    while got < allowed:
+                    while got < wanted:
                         asked = time.monotonic()
-                        chunk = min(allowed - got, CLAIM_CHUNK)
+                        chunk = min(wanted - got, CLAIM_CHUNK)
                         claimed = await self.control.claim_resuming(
                             queue, limit=chunk, lease_seconds=lease_seconds,
                             work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
                         self.health.reachable()
                         for c, resume in claimed:
-                            self._start_focus(slot, c, asked + lease_seconds, resume)
-                        got += len(claimed)
+                            held = Held(c, asked + lease_seconds, resume)
+                            if got < allowed:
+                                self._start_held(slot, held)
+                            else:
+                                self.reserve.put(slot, held)
+                            got += 1
                         if len(claimed) < chunk:
                             break  # the queue has no more for now
-                    if got >= allowed:
+                    if got >= wanted:
                         break
             finally:
                 slot.claiming = False
+            started = min(got, allowed)
             if slot.faculty.rate_limit and got < allowed:
                 slot.tokens += allowed - got
-            total_free -= got
+            total_free -= started
             # A full claim means more may be waiting; a short one that nothing is visible now.
-            if got >= free:
+            if got >= free + topup:
                 slot.dirty = True
-            elif got >= allowed:  # the rate limit, not the queue, cut the claim short
+            elif got >= allowed + topup:  # the rate limit, not the queue, cut the claim short
                 self._wake_for_token(slot)
             if got:
                 self.sealer.touch()
+
+    def _start_held(self, slot: Slot, held: Held) -> None:
+        self._start_focus(slot, held.claimed, held.held_until, held.resume)
 
     def _start_focus(self, slot: Slot, claimed: Claimed, held_until: float,
                      resume: Resume | None = None) -> None:
@@ -439,14 +458,30 @@ class Engine:
         if flight.finished:
             return
         flight.finished = True
-        flight.slot.running -= 1
+        slot = flight.slot
+        slot.running -= 1
+        slot.observe(time.monotonic() - flight.started)
         work_id = flight.claimed.item.id
         if self.inflight.get(work_id) is flight:
             del self.inflight[work_id]
+        if not self.stopping.is_set():  # the next of its reserve takes the freed slot now
+            held = self.reserve.take(slot, self.leases.margin)
+            if held is not None:
+                self._start_held(slot, held)
         # its backlog was not drained, or a claim in flight may find it was not: use the
-        # freed slot (the loop looks once that claim returned)
-        if flight.slot.dirty or flight.slot.claiming:
+        # freed slot, or top up its reserve (the loop looks once that claim returned)
+        if slot.dirty or slot.claiming or len(self.reserve):
             self._wake.set()
+
+    async def _release_reserve(self) -> None:
+        """Give back the items held in reserve: they were not started, and count no attempt."""
+        for held in self.reserve.clear():
+            lease = held.claimed.lease
+            try:
+                await self.control.release(lease, "released at shutdown (held in reserve)")
+            except AnimusError as e:
+                _log.warning("could not release %s (held in reserve): it will run once its "
+                             "lease expires (%s)", lease.work_id, e)
 
     async def _drain(self) -> None:
         if not self.inflight:

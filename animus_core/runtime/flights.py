@@ -30,6 +30,14 @@ class Slot:
     refilled: float = field(default_factory=time.monotonic)
     #: wakes the engine when the next token is due (see Engine._wake_for_token)
     token_timer: asyncio.TimerHandle | None = None
+    #: how long its foci have been running, in seconds (a moving average; None until one
+    #: ends): it sizes the faculty's reserve (:mod:`.reserve`)
+    turnover: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        """A focus of this faculty ran ``seconds``."""
+        self.turnover = (seconds if self.turnover is None
+                         else self.turnover + (seconds - self.turnover) / 8)
 
     @functools.cached_property
     def max_attempts(self) -> dict[str, int] | None:
@@ -75,3 +83,5 @@ class Flight:
     #: when the running coroutine phase times out (loop time); see Deadlines
     deadline: float | None = None
     timed_out: bool = False
+    #: when it started (monotonic)
+    started: float = field(default_factory=time.monotonic)

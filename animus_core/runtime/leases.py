@@ -15,6 +15,7 @@ from uuid import UUID
 from animus_core.runtime.completions import Completions
 from animus_core.runtime.flights import Flight
 from animus_core.runtime.health import Health
+from animus_core.runtime.reserve import Reserve
 from animus_core.store.db import Db
 from animus_core.values.errors import AnimusError
 from animus_core.values.work import Lease
@@ -26,12 +27,13 @@ _log = logging.getLogger("animus.engine")
 
 class LeaseKeeper:
     def __init__(self, store: Db, health: Health, flights: Mapping[UUID, Flight],
-                 completions: Completions, *, lease_seconds: int,
+                 completions: Completions, reserve: Reserve, *, lease_seconds: int,
                  lose: Callable[[Lease, str], None], cancel: Callable[[UUID], None]) -> None:
         self.store = store
         self.health = health
         self.flights = flights
         self.completions = completions
+        self.reserve = reserve
         self.lease_seconds = lease_seconds
         self._lose = lose
         self._cancel = cancel
@@ -68,7 +70,8 @@ class LeaseKeeper:
     async def extend(self, timeout: float) -> bool:
         """Whether the leases held (if any) were extended."""
         flights = list(self.flights.values())
-        leases = [f.claimed.lease for f in flights]
+        reserved = list(self.reserve)
+        leases = [f.claimed.lease for f in flights] + [h.claimed.lease for h in reserved]
         # A finished focus whose completion is not recorded yet still holds its item:
         # were its lease to run out, the work would be claimed and done again.
         recording = self.completions.held()
@@ -91,8 +94,12 @@ class LeaseKeeper:
         for flight in flights:
             if flight.claimed.lease not in lost:
                 flight.held_until = asked + self.lease_seconds
+        for held in reserved:
+            if held.claimed.lease not in lost:
+                held.held_until = asked + self.lease_seconds
         for lease in lost:
-            self._lose(lease, "it was taken back after the lease ran out")
+            if self.reserve.drop(lease.work_id) is None:
+                self._lose(lease, "it was taken back after the lease ran out")
         for work_id in requested:
             self._cancel(work_id)
         return True
