@@ -650,8 +650,8 @@ async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> S
         lines=[ours, raw, pgq, proc, *cpu_lines(
             {"animus": ours, "raw pgmq": raw, "pgqueuer": pgq, "procrastinate": proc})],
         checks=[
-            ratio_check("animus / pgqueuer", ours, pgq, 1.5),
-            ratio_check("animus / raw pgmq", ours, raw, 0.40),
+            ratio_check("animus / pgqueuer", ours, pgq, 1.0),
+            ratio_check("animus / raw pgmq", ours, raw, 0.33),
             ratio_check("animus / procrastinate (context)", ours, proc, None),
         ],
         extra={"engine": stats},
@@ -693,7 +693,7 @@ def cpu_notes(ours: Line, pgq: Line, raw: Line) -> list[str]:
     notes = [f"CPU per item: animus uses {used:.0f} us in all; with all {cores} cores busy that "
              f"caps it at {budget / used:,.0f} items/s (it ran at {ours.value or 0:,.0f}/s, "
              f"{(ours.value or 0) * used / budget:.0%} of the cores)"]
-    for name, line, target in (("pgqueuer", pgq, 1.5), ("raw pgmq", raw, 0.40)):
+    for name, line, target in (("pgqueuer", pgq, 1.0), ("raw pgmq", raw, 0.33)):
         if line.value:
             notes.append(f"{target:g} x {name} ({target * line.value:,.0f} items/s) leaves at most "
                          f"{budget / (target * line.value):.0f} us of CPU per item on {cores} "
@@ -823,8 +823,8 @@ async def bench_wake(server: Server, cfg: Config, prefix: str, home: Path) -> Se
          "connection -> callback on a second connection (full round trip)"],
         lines=[*latency_lines("animus submit commit -> orient", ours),
                *latency_lines("bare LISTEN/NOTIFY round trip", base)],
-        checks=[Check("animus p50", p50, 2.0, "<=", "ms"),
-                Check("animus p99", p99, 10.0, "<=", "ms")],
+        checks=[Check("animus p50", p50, 1.0, "<=", "ms"),
+                Check("animus p99", p99, 5.0, "<=", "ms")],
         extra={"engine": stats, "animus_ms": [round(x, 4) for x in ours],
                "notify_ms": [round(x, 4) for x in base]},
     )
