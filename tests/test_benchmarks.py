@@ -121,7 +121,9 @@ async def test_the_agent_scale_benchmark_runs_small(server_url, monkeypatch):
     """bench_agents with a small engine: a real engine process, every figure (the loop's lag
     watched from inside it, lease extensions counted by Postgres)."""
     monkeypatch.setenv("DATABASE_URL", server_url)
-    args = bench_agents.parse_args(["--foci", "40", "--work", "0.6", "--seconds", "2",
+    # a window (10% to 90% of the backlog) of about 3 s: several extensions, each counted
+    # once its backend reports its statistics (within a second)
+    args = bench_agents.parse_args(["--foci", "40", "--work", "0.6", "--seconds", "4",
                                     "--lease", "2", "--database", "animus_bench_agents_smoke"])
     report = await bench_agents.run(args)
     section = report["sections"]["agents"]
