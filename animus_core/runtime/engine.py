@@ -127,7 +127,7 @@ class Engine:
         self.routing = Routing(faculties)
         self.slots = {f.name: Slot(f) for f in faculties}
         self.inflight: dict[UUID, Flight] = {}
-        self.reserve = Reserve()
+        self.reserve = Reserve(opts.concurrency)
         self.stops = FocusStops(db, self.inflight, self.reserve)
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -464,7 +464,9 @@ class Engine:
         work_id = flight.claimed.item.id
         if self.inflight.get(work_id) is flight:
             del self.inflight[work_id]
-        if not self.stopping.is_set():  # the next of its reserve takes the freed slot now
+        # the next of its reserve takes the freed slot now
+        if (not self.stopping.is_set() and slot.running < slot.faculty.max_concurrent
+                and len(self.inflight) < self.options.concurrency):
             held = self.reserve.take(slot, self.leases.margin)
             if held is not None:
                 self._start_held(slot, held)

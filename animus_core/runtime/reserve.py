@@ -18,6 +18,7 @@ elsewhere once it has.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from animus_core.values.waits import Resume
 from animus_core.values.work import Claimed
 
 __all__ = ["HORIZON", "MOST", "Held", "Reserve"]
+
+_log = logging.getLogger("animus.engine")
 
 #: seconds of a faculty's work its reserve holds: a few claims' round trips
 HORIZON = 0.02
@@ -46,18 +49,12 @@ class Held:
     resume: Resume | None = None
 
 
-def target(slot: Slot) -> int:
-    """How many items ``slot`` keeps in reserve now."""
-    fac = slot.faculty
-    if fac.rate_limit or slot.turnover is None:
-        return 0
-    return min(MOST, int(fac.max_concurrent * HORIZON / max(slot.turnover, 1e-6)))
-
-
 class Reserve:
-    """The reserved items of every faculty of one engine."""
+    """The reserved items of every faculty of one engine, whose ``concurrency`` caps the
+    foci of each."""
 
-    def __init__(self) -> None:
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
         self._queues: dict[str, deque[Held]] = {}
         self._by_id: dict[UUID, tuple[str, Held]] = {}
 
@@ -74,10 +71,18 @@ class Reserve:
         q = self._queues.get(slot.faculty.name)
         return len(q) if q else 0
 
+    def target(self, slot: Slot) -> int:
+        """How many items ``slot`` keeps in reserve now."""
+        fac = slot.faculty
+        if fac.rate_limit or slot.turnover is None:
+            return 0
+        slots = min(fac.max_concurrent, self.concurrency)
+        return min(MOST, int(slots * HORIZON / max(slot.turnover, 1e-6)))
+
     def wants(self, slot: Slot) -> int:
         """How many more items ``slot`` should claim for its reserve: none while it holds more
         than half its target (so one claim brings many)."""
-        want, have = target(slot), self.count(slot)
+        want, have = self.target(slot), self.count(slot)
         return want - have if have <= want // 2 else 0
 
     def put(self, slot: Slot, held: Held) -> None:
@@ -94,6 +99,9 @@ class Reserve:
             del self._by_id[held.claimed.item.id]
             if held.held_until - now > margin:
                 return held
+            _log.warning("not starting %s, held in reserve: its lease could not be extended and "
+                         "ends in %.1fs; it runs again once it has", held.claimed.item.id,
+                         max(0.0, held.held_until - now))
         return None
 
     def drop(self, work_id: UUID) -> Held | None:
