@@ -227,6 +227,7 @@ class Model:
     seq: int | None  # when its queue message became visible, in order (None: it has none)
     attempts: int = 0
     token: int | None = None  # lease token of the latest claim (None: it holds none)
+    msg_id: int | None = None  # the message the latest claim read
     timer: bool = False  # waiting on a timer that ran out (a sleep into the past)
     signalled: bool = False  # sent a signal `go` (kept: the model never takes one)
 
@@ -307,7 +308,9 @@ async def test_lifecycle_state_machine(db: Db) -> None:
         def holder(self, lease: Lease) -> tuple[Model, bool]:
             """The item a lease is on, and whether the lease is still the current one."""
             m = self.model[lease.work_id]
-            return m, lease.token == m.token
+            # a lease is its message and its read of it: an item woken from a wait without a
+            # timer is claimed through a new message, whose reads count from 1 again
+            return m, (lease.msg_id, lease.token) == (m.msg_id, m.token)
 
         # -- rules --
 
@@ -334,8 +337,9 @@ async def test_lifecycle_state_machine(db: Db) -> None:
             assert sorted(c.item.id for c in claimed) == sorted(visible[:limit])
             for c in claimed:
                 m = self.model[c.item.id]
-                assert m.token is None or c.lease.token > m.token
-                m.token = c.lease.token
+                assert (m.token is None or c.lease.msg_id != m.msg_id
+                        or c.lease.token > m.token)
+                m.token, m.msg_id = c.lease.token, c.lease.msg_id
                 if start:
                     m.state, m.attempts = State.RUNNING, m.attempts + 1
                 else:

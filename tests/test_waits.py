@@ -309,6 +309,27 @@ async def test_cancel_or_dead_letter_a_waiting_item(db, db_url):
     assert await messages(db_url) == []
 
 
+async def test_an_item_woken_from_a_wait_and_ended_before_a_claim_leaves_no_message(
+        db, db_url):
+    """A wait without a timer gives up its message and a wake-up sends a new one: ending the
+    woken item before an engine claims it (cancel, dead letter) removes that new message,
+    not the one it gave up (it stayed in the queue, counted in its depth)."""
+    early = await running(db, "woken")  # woken by the suspension: the signal came first
+    await db.signal(early.item.id, "go")
+    woken = await db.suspend(early.lease, Wait.for_event(1, "go"), wake_at=None)
+    assert woken.state == State.QUEUED
+    assert len(await messages(db_url)) == 1
+    await db.cancel(early.item.id, "not needed")
+    assert await messages(db_url) == []
+
+    late = await running(db, "woken")  # woken by a signal while it waits
+    await db.suspend(late.lease, Wait.for_event(1, "go"), wake_at=None)
+    assert (await db.signal_many([(late.item.id, "go", None)]))[0].woke
+    assert len(await messages(db_url)) == 1
+    await db.dead_letter(late.item.id, "given up")
+    assert await messages(db_url) == []
+
+
 async def test_a_focus_that_suspends_many_times_is_not_dead_lettered_for_it(db):
     """Attempts count activations; the retry limit counts attempts - suspensions."""
     c = await running(db, "napper", max_attempts=2)

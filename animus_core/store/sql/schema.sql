@@ -2108,7 +2108,8 @@ CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
     AS $$
 BEGIN
     PERFORM animus.archive_messages(NEW.queue, ARRAY[NEW.msg_id]);
-    RETURN NULL;
+    NEW.msg_id := NULL;
+    RETURN NEW;
 END
 $$;
 
@@ -2487,7 +2488,7 @@ CREATE TRIGGER work_items_notify_changed AFTER INSERT OR UPDATE ON animus.work_i
 
 CREATE TRIGGER work_items_requested_by BEFORE INSERT ON animus.work_items FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM SESSION_USER)) EXECUTE FUNCTION animus.work_items_session_user();
 
-CREATE TRIGGER work_items_waiting_unqueued AFTER UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = 'waiting'::animus.work_state) AND (old.state <> 'waiting'::animus.work_state) AND (new.wake_at IS NULL) AND (new.msg_id IS NOT NULL))) EXECUTE FUNCTION animus.work_items_waiting_unqueued();
+CREATE TRIGGER work_items_waiting_unqueued BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((new.state = 'waiting'::animus.work_state) AND (old.state <> 'waiting'::animus.work_state) AND (new.wake_at IS NULL) AND (new.msg_id IS NOT NULL))) EXECUTE FUNCTION animus.work_items_waiting_unqueued();
 
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
 
