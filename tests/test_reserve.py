@@ -30,7 +30,7 @@ class Quick(Faculty):
     def __init__(self, quick_ones: int | None = None) -> None:
         self.quick_ones = quick_ones
         self.gate = asyncio.Event()
-        self.now = self.peak = 0
+        self.now = self.peak = self.at_gate = 0
         self.runs: dict[str, int] = {}
 
     async def engage(self, focus: Focus, oriented: Any) -> Any:
@@ -41,6 +41,7 @@ class Quick(Faculty):
         try:
             await asyncio.sleep(0.001)
             if self.quick_ones is not None and len(self.runs) > self.quick_ones:
+                self.at_gate += 1
                 await self.gate.wait()
         finally:
             self.now -= 1
@@ -61,11 +62,14 @@ async def states(db_url: str, ids: list[str]) -> dict[str, tuple[str, int]]:
 
 async def held_back(run: Any, faculty: Quick) -> list[str]:
     """Wait until both slots wait at the gate with items in reserve: their ids."""
-    assert faculty.quick_ones is not None
-    # two foci past the quick ones run: both wait at the gate (a third cannot have started)
-    await wait_until(lambda: faculty.now == 2 and len(faculty.runs) >= faculty.quick_ones + 2
-                     and len(run.engine.reserve) > 0, 20,
-                     message="both slots at the gate and items in reserve")
+    slot = run.engine.slots[QUICK]
+    try:
+        await wait_until(lambda: faculty.at_gate == 2 and len(run.engine.reserve) > 0, 20,
+                         message="both slots at the gate and items in reserve")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {faculty.at_gate} at the gate, {len(faculty.runs)} ran, "
+                             f"{len(run.engine.reserve)} in reserve, dirty {slot.dirty}, "
+                             f"claiming {slot.claiming}, turnover {slot.turnover}") from None
     return [str(h.claimed.item.id) for h in run.engine.reserve]
 
 

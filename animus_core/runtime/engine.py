@@ -31,6 +31,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import gc
 import importlib
 import logging
 import os
@@ -84,6 +85,8 @@ _log = logging.getLogger("animus.engine")
 CONTROL_CONNECTIONS = 3
 #: the most items one claim takes; more free slots are filled by further claims
 CLAIM_CHUNK = 256
+#: the most foci started in one turn of the event loop
+START_SLICE = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +223,12 @@ class Engine:
                   else None)
         try:
             await self._start_up()
+            # What start-up made (modules, the faculties, the clients) lives as long as the
+            # engine: out of the collector's sight, so that a full collection, which holds the
+            # loop, walks only the foci's objects (with 5,000 foci in flight, 80-100 ms
+            # instead of 110-140)
+            gc.collect()
+            gc.freeze()
         except BaseException:
             if keeper is not None:
                 keeper.cancel()
@@ -270,6 +279,7 @@ class Engine:
                 await self._mcp.close()
             if self._foci is not None:
                 self._foci.close()
+            gc.unfreeze()  # a process that goes on (tests, an app) collects them again
             _log.info("engine stopped")
 
     async def _start_up(self) -> None:
@@ -403,13 +413,17 @@ class Engine:
                             queue, limit=chunk, lease_seconds=lease_seconds,
                             work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
                         self.health.reachable()
-                        for c, resume in claimed:
+                        for i, (c, resume) in enumerate(claimed, 1):
                             held = Held(c, asked + lease_seconds, resume)
                             if got < allowed:
                                 self._start_held(slot, held)
                             else:
                                 self.reserve.put(slot, held)
                             got += 1
+                            if not i % START_SLICE:
+                                # the foci started so far take their first steps before
+                                # the next start, not all in one turn of the loop
+                                await asyncio.sleep(0)
                         if len(claimed) < chunk:
                             break  # the queue has no more for now
                     if got >= wanted:
