@@ -141,7 +141,8 @@ async def test_a_cancel_ends_a_reserved_item_without_running_it(db, db_url, tmp_
         await db.cancel(victim, "not wanted")
 
         async def ended() -> bool:
-            return (await db.get_work_item(victim)).state == State.DEAD
+            item = await db.get_work_item(victim)
+            return bool(item.state == State.DEAD)
 
         await wait_until(ended, 15, message="the reserved item to end")
         assert victim not in run.engine.reserve
