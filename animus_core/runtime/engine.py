@@ -85,8 +85,6 @@ _log = logging.getLogger("animus.engine")
 CONTROL_CONNECTIONS = 3
 #: the most items one claim takes; more free slots are filled by further claims
 CLAIM_CHUNK = 256
-#: the most foci started in one turn of the event loop
-START_SLICE = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,17 +411,13 @@ class Engine:
                             queue, limit=chunk, lease_seconds=lease_seconds,
                             work_types=slot.faculty.accepts, max_attempts=slot.max_attempts)
                         self.health.reachable()
-                        for i, (c, resume) in enumerate(claimed, 1):
+                        for c, resume in claimed:
                             held = Held(c, asked + lease_seconds, resume)
                             if got < allowed:
                                 self._start_held(slot, held)
                             else:
                                 self.reserve.put(slot, held)
                             got += 1
-                            if not i % START_SLICE:
-                                # the foci started so far take their first steps before
-                                # the next start, not all in one turn of the loop
-                                await asyncio.sleep(0)
                         if len(claimed) < chunk:
                             break  # the queue has no more for now
                     if got >= wanted:
