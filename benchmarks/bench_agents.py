@@ -2,9 +2,10 @@
 call to a model would.
 
     .venv/bin/python -m benchmarks.bench_agents [--foci F] [--work W] [--seconds S]
-        [--lease L] [--json PATH]
+        [--lease L] [--cpython-gc] [--json PATH]
 
-One ``python -m animus_core up --concurrency F --lease L`` process runs the ``bench-agents``
+One ``python -m animus_core up --concurrency F --lease L`` process (with ``--cpython-gc``, to
+compare the engine's schedule of full garbage collections with CPython's own) runs the ``bench-agents``
 faculty of benchmarks/agent_faculty.py (engage waits W seconds, 2 by default), on a fresh
 database of the embedded server (or of the server ``DATABASE_URL`` names), over a backlog of
 F x S / W items (S seconds at the ideal rate). Measured between 10% and 90% of the backlog
@@ -86,7 +87,7 @@ async def extend_calls(conn: asyncpg.Connection) -> int:
 
 
 async def measure(server: Server, prefix: str, work: Path, foci: int, wait: float,
-                  seconds: float, lease: int) -> dict[str, Any]:
+                  seconds: float, lease: int, cpython_gc: bool = False) -> dict[str, Any]:
     url = await fresh_animus_db(server, f"{prefix}_run")
     ideal = foci / wait
     backlog = int(ideal * seconds)
@@ -105,7 +106,8 @@ async def measure(server: Server, prefix: str, work: Path, foci: int, wait: floa
     lag_file = work / "lag.txt"
     try:
         async with fleet(url, work, 1, foci, module="benchmarks.agent_faculty",
-                         plugin="benchagents", args=["--lease", str(lease)],
+                         plugin="benchagents",
+                         args=["--lease", str(lease), *(["--cpython-gc"] if cpython_gc else [])],
                          env={LAG_ENV: str(lag_file)}) as procs:
             engine = procs[0]
             await asyncio.sleep(1.0)
@@ -228,11 +230,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="animus-bench-agents-") as tmp:
         database = await describe_database(server, args.database)
         result = await measure(server, args.database, Path(tmp), args.foci, args.work,
-                               args.seconds, args.lease)
+                               args.seconds, args.lease, args.cpython_gc)
     return {
         "benchmark": "agents", "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": {"foci": args.foci, "work": args.work, "seconds": args.seconds,
-                   "lease": args.lease},
+                   "lease": args.lease, "cpython_gc": args.cpython_gc},
         "machine": machine(),
         "database": {"where": "DATABASE_URL" if settings.database_url else
                      f"embedded server in {settings.home}", "server": describe_url(url),
@@ -256,6 +258,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lease", type=int, default=6,
                    help="the engine's --lease, seconds (default 6: extended every 2 s, so "
                         "that leases are extended while foci wait)")
+    p.add_argument("--cpython-gc", action="store_true",
+                   help="run the engine with --cpython-gc: CPython's own full collections "
+                        "instead of the engine's schedule (to compare)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
     p.add_argument("--database", default=DEFAULT_PREFIX, metavar="PREFIX",
                    help=f"prefix of the databases dropped and created (default {DEFAULT_PREFIX})")

@@ -78,6 +78,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", metavar="HOST:PORT", default=None,
                    help="answer GET /livez and /readyz there, for an orchestrator's probes "
                         "(see docs/operations-kubernetes.md)")
+    p.add_argument("--cpython-gc", action="store_true",
+                   help="leave CPython's full garbage collections to CPython instead of the "
+                        "engine's schedule (see docs/operations.md)")
 
 
 async def up(args: argparse.Namespace) -> int:
@@ -85,7 +88,7 @@ async def up(args: argparse.Namespace) -> int:
     options = EngineOptions(
         concurrency=args.concurrency, lease_seconds=args.lease, poll_interval=args.poll,
         grace=args.grace, queues=tuple(args.queue or ("work",)), keep_foci=args.keep_foci,
-        heartbeat=max(0.1, args.heartbeat))
+        heartbeat=max(0.1, args.heartbeat), schedule_gc=not args.cpython_gc)
     engine: EngineRuntime | None = None
     probes = None
     if args.probes is not None:  # answering from the start: before the database is reached

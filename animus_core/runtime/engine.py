@@ -51,6 +51,7 @@ from animus_core.infra import embedded
 from animus_core.infra.config import Settings
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import instruments
+from animus_core.runtime.collector import Collector
 from animus_core.runtime.completions import Completions
 from animus_core.runtime.deadlines import Deadlines
 from animus_core.runtime.flights import Flight, Slot
@@ -100,6 +101,9 @@ class EngineOptions:
     checkpoint_interval: float = 60.0
     #: seconds between the engine's heartbeats; it is shown as lost after three missed
     heartbeat: float = 5.0
+    #: the engine schedules CPython's full garbage collections (runtime/collector.py): for a
+    #: process of its own (``animus up``), as it changes the collector for the whole process
+    schedule_gc: bool = False
 
 
 class Engine:
@@ -128,6 +132,8 @@ class Engine:
         self.slots = {f.name: Slot(f) for f in faculties}
         self.inflight: dict[UUID, Flight] = {}
         self.reserve = Reserve(opts.concurrency)
+        #: the schedule of full garbage collections while the engine runs (``schedule_gc``)
+        self.collector: Collector | None = None
         self.stops = FocusStops(db, self.inflight, self.reserve)
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -225,6 +231,10 @@ class Engine:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
             raise
+        self.collector = collector = (Collector(lambda: len(self.inflight))
+                                      if self.options.schedule_gc else None)
+        if collector is not None:
+            collector.start()
         helpers = [
             supervise("animus-listener", self.listener.run),
             supervise("animus-leases", self.leases.run),
@@ -238,6 +248,8 @@ class Engine:
             helpers.append(supervise("animus-depths", functools.partial(_sample_depths, self.db)))
         if keeper is not None:
             helpers.append(keeper)
+        if collector is not None:
+            helpers.append(supervise("animus-collector", collector.run))
         for task in helpers:
             task.add_done_callback(self._helper_died)
         completer = supervise("animus-completer", self.completions.run)
@@ -270,6 +282,8 @@ class Engine:
                 await self._mcp.close()
             if self._foci is not None:
                 self._foci.close()
+            if collector is not None:
+                collector.stop()
             _log.info("engine stopped")
 
     async def _start_up(self) -> None:
