@@ -92,16 +92,16 @@ def test_start_freezes_and_takes_the_full_collections_over_stop_gives_them_back(
     assert gc.get_threshold() == before
 
 
-def test_a_full_collection_is_due_when_the_process_grew_by_a_quarter(restored):
+def test_a_full_collection_is_due_when_the_process_grew_by_half(restored):
     rss = Rss(400 << 20)
-    collector = Collector(lambda: 5, resident=rss, min_growth=32 << 20)
+    collector = Collector(lambda: 5, resident=rss)
     collector.start()
     try:
         assert collector.due() is None
-        rss.value += 99 << 20  # less than a quarter
+        rss.value += 199 << 20  # less than half
         assert collector.due() is None
         rss.value += 1 << 20
-        assert collector.due() == "grown by 100 MiB since the last"
+        assert collector.due() == "grown by 200 MiB since the last"
         collector.collect("grown")
         assert collector.due() is None, "the collection measures the process again"
     finally:
@@ -110,10 +110,10 @@ def test_a_full_collection_is_due_when_the_process_grew_by_a_quarter(restored):
 
 def test_small_processes_grow_by_the_least_growth_before_a_collection(restored):
     rss = Rss(40 << 20)
-    collector = Collector(lambda: 5, resident=rss, min_growth=32 << 20)
+    collector = Collector(lambda: 5, resident=rss)
     collector.start()
     try:
-        rss.value += 31 << 20  # more than a quarter, less than the least growth
+        rss.value += 63 << 20  # more than half, less than the least growth (64 MiB)
         assert collector.due() is None
         rss.value += 1 << 20
         assert collector.due() is not None

@@ -11,8 +11,8 @@ of the engine's CPU, and leases, wake-ups and completions wait behind it.
 :class:`Collector` keeps CPython's young collections (moving what survives them on sooner)
 and takes over the full ones. What start-up made (modules, faculties, clients) lives as long
 as the process and is frozen out of every collection. A full collection then runs when the
-process has grown by a quarter since the last one (garbage in cycles that outlived the young
-collections: memory stays bounded as CPython's rule bounds it), when nothing is in flight
+process has grown by half since the last one (garbage in cycles that outlived the young
+collections: memory stays bounded, as under CPython's rule), when nothing is in flight
 (it is cheap then), or at the latest ``every`` seconds after the last.
 """
 
@@ -51,7 +51,7 @@ class Collector:
     """Full collections on the engine's schedule (see the module's description)."""
 
     def __init__(self, in_flight: Callable[[], int], *, every: float = 600.0,
-                 idle_after: float = 60.0, growth: float = 0.25, min_growth: int = 32 << 20,
+                 idle_after: float = 60.0, growth: float = 0.5, min_growth: int = 64 << 20,
                  check: float = 1.0, resident: Callable[[], int] = resident_bytes) -> None:
         self.in_flight = in_flight
         self.every = every

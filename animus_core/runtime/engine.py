@@ -83,8 +83,10 @@ _log = logging.getLogger("animus.engine")
 #: the connections of an engine's own pool (:meth:`Engine.run`): its claims, its completions,
 #: and one for the rest (leases, seals, heartbeats, timers)
 CONTROL_CONNECTIONS = 3
-#: the most items one claim takes; more free slots are filled by further claims
-CLAIM_CHUNK = 256
+#: the most items one claim takes; more free slots are filled by further claims, and the foci
+#: of one claim take their first steps while the next is in flight (the first steps of 256
+#: foci held the event loop 20-26 ms)
+CLAIM_CHUNK = 64
 
 
 @dataclass(frozen=True, kw_only=True)
