@@ -214,3 +214,27 @@ async def test_upgrading_to_waiting_commits_the_new_state_before_using_it(empty_
         assert await conn.fetchval(
             "SELECT has_function_privilege('animus_submitter', "
             "'animus.signal(uuid, text, jsonb)', 'EXECUTE')")
+
+
+async def test_work_items_are_vacuumed_after_a_fiftieth_of_them_changed(db_url):
+    """0045: autovacuum's default waits for a fifth of a table dead; work_items keeps every
+    item and each takes two updates that cannot be HOT."""
+    async with raw(db_url) as conn:
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'animus.work_items'::regclass")
+    assert set(options) >= {"autovacuum_vacuum_scale_factor=0.02",
+                            "autovacuum_vacuum_threshold=1000"}
+
+
+async def test_the_embedded_server_visits_each_database_for_autovacuum_every_ten_seconds(
+        server_url):
+    """Set as the embedded server is resolved (docs/operations.md, "The embedded server");
+    the default minute let dead row versions of a busy queue pile up after a long
+    transaction."""
+    from animus_core.store.connect import EMBEDDED_SETTINGS
+
+    async with raw(server_url) as conn:
+        for name, value in EMBEDDED_SETTINGS.items():
+            assert await conn.fetchval("SELECT current_setting($1)", name) == value
+            assert await conn.fetchval(
+                "SELECT setting FROM pg_file_settings WHERE name = $1 AND applied", name)

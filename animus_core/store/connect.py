@@ -69,9 +69,27 @@ async def resolve_url(settings: Settings) -> str:
     except asyncpg.PostgresError as e:
         if e.sqlstate != _DUPLICATE_DATABASE:
             raise
+    try:
+        await _configure_embedded(conn)
     finally:
         await conn.close()
     return url
+
+
+#: settings of the embedded server for a work queue's churn: with the default naptime
+#: (1 min) autovacuum came back to a busy queue a minute after a long transaction ended, by
+#: when 30,000 dead row versions more had piled up in work_items and the queue table
+EMBEDDED_SETTINGS = {"autovacuum_naptime": "10s"}
+
+
+async def _configure_embedded(conn: asyncpg.Connection) -> None:
+    changed = False
+    for name, value in EMBEDDED_SETTINGS.items():
+        if await conn.fetchval("SELECT current_setting($1)", name) != value:
+            await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            changed = True
+    if changed:
+        await conn.execute("SELECT pg_reload_conf()")
 
 
 def _jsonb_decode(text: str) -> Any:

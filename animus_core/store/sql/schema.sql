@@ -131,7 +131,8 @@ CREATE TABLE animus.work_items (
     CONSTRAINT work_items_source_check CHECK ((source <> ''::text)),
     CONSTRAINT work_items_suspensions_check CHECK ((suspensions >= 0)),
     CONSTRAINT work_items_work_type_check CHECK ((work_type <> ''::text))
-);
+)
+WITH (autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_threshold='1000');
 
 CREATE FUNCTION animus.cancel(p_id uuid, p_reason text) RETURNS SETOF animus.work_items
     LANGUAGE plpgsql SECURITY DEFINER
