@@ -394,3 +394,63 @@ async def test_ids_of_a_rolled_back_transaction_are_given_up_after_an_hour(db, d
         assert await conn.fetchval("SELECT count(*) FROM animus.audit_gaps") == 0
     check = await db.verify_audit()
     assert check.ok, check.problem
+
+
+async def test_the_sealer_holds_no_snapshot_while_it_hashes(db, db_url, monkeypatch):
+    """A transaction open while thousands of rows were hashed held the oldest snapshot, and
+    every dead row version younger than it, for that long (a queue's claims then stepped
+    over every entry the claims before them had left in its index). The rows are read and
+    hashed outside a transaction."""
+    from animus_core.store import audit
+
+    await db.submit_many([NewWorkItem("many", source="t").params({"i": i}) for i in range(300)])
+    seen: list[Any] = []
+    real = audit._chain_in_slices
+
+    async def watched(rows: list[Any], *args: Any) -> Any:
+        async with raw(db_url) as observer:
+            seen.append(await observer.fetchrow(
+                """SELECT state, backend_xmin, backend_xid FROM pg_stat_activity
+                    WHERE datname = current_database() AND query LIKE '%audit_log a%'
+                      AND pid <> pg_backend_pid()"""))
+        return await real(rows, *args)
+
+    monkeypatch.setattr(audit, "_chain_in_slices", watched)
+    assert await db.seal_audit() == 300
+    assert seen, "hashed through _chain_in_slices"
+    assert seen[0] is not None, "the sealer's session, found by its last query"
+    assert seen[0]["state"] == "idle"
+    assert seen[0]["backend_xmin"] is None
+    assert seen[0]["backend_xid"] is None
+    check = await db.verify_audit()
+    assert check.ok, check.problem
+
+
+async def test_a_sealer_that_finds_the_head_moved_reads_again(db, db_url, monkeypatch):
+    """Two sealers: the one that hashed from a head another has since moved reads the rows
+    again, and the chain holds every row once."""
+    from animus_core.store import audit
+
+    await db.submit_many([NewWorkItem("race", source="t").params({"i": i}) for i in range(50)])
+    real = audit._chain_in_slices
+    calls = 0
+
+    async def overtaken(rows: list[Any], *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # while the first hashes, a second sealer seals everything
+            monkeypatch.setattr(audit, "_chain_in_slices", real)
+            async with raw(db_url) as other:
+                assert await audit.seal(other) == 50
+            monkeypatch.setattr(audit, "_chain_in_slices", overtaken)
+        return await real(rows, *args)
+
+    monkeypatch.setattr(audit, "_chain_in_slices", overtaken)
+    assert await db.seal_audit() == 0  # all sealed by the other, found on reading again
+    assert calls == 2
+    async with raw(db_url) as conn:
+        assert await conn.fetchval(
+            "SELECT count(*) = count(DISTINCT audit_id) FROM animus.audit_seal")
+    check = await db.verify_audit()
+    assert check.ok, check.problem
+    assert check.unsealed == 0
