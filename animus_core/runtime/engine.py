@@ -265,6 +265,8 @@ class Engine:
         try:
             await self._schedule_loop()
         finally:
+            if collector is not None:
+                collector.stop()  # first: nothing below may leave the process without it
             await self._release_reserve()
             await self._drain()
             # The completer is not cancelled mid-batch: it is told to finish and exit.
@@ -285,8 +287,6 @@ class Engine:
                 await self._mcp.close()
             if self._foci is not None:
                 self._foci.close()
-            if collector is not None:
-                collector.stop()
             _log.info("engine stopped")
 
     async def _start_up(self) -> None:
