@@ -110,3 +110,33 @@ async def test_plans_kept_from_when_the_table_was_small_do_not_scan_it_once_it_g
         assert scanned < 50, f"a claim and a completion of 4 read {scanned} rows whole"
     finally:
         await db.close()
+
+
+async def _queue_key_reads(db: Db) -> int:
+    """Index entries of the queue table's primary key read so far."""
+    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
+                                "WHERE indexrelname = 'q_work_pkey'")
+
+
+async def test_a_claim_planned_while_the_queue_was_empty_looks_its_messages_up(db_url):
+    """A drained queue, vacuumed: its statistics say it is empty, and the claim's plan made
+    then is kept. Its update must find the messages it leases by id: a plan that joins them
+    with the whole queue read every message of a backlog in every claim."""
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    try:
+        await db.submit_many([NewWorkItem("t").params({"i": -1})])
+        first = await db.claim(limit=1, lease_seconds=60, start=True)
+        await db.complete_many([(c.lease, None, 1) for c in first])
+        async with raw(db_url) as conn:
+            await conn.execute("VACUUM ANALYZE pgmq.q_work")
+        assert await db.claim(limit=4, lease_seconds=60, start=True) == []  # planned now
+        for start in range(0, BACKLOG, 1_000):
+            await db.submit_many([NewWorkItem("t").params({"i": i})
+                                  for i in range(start, start + 1_000)])
+        before = await _queue_key_reads(db)
+        claimed = await db.claim(limit=4, lease_seconds=60, start=True)
+        reads = await _queue_key_reads(db) - before
+        assert len(claimed) == 4
+        assert reads < 50, f"a claim of 4 read {reads} entries of the queue's primary key"
+    finally:
+        await db.close()

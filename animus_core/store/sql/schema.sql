@@ -847,7 +847,7 @@ CREATE FUNCTION animus.q_work_claim(p_qty integer, p_work_types text[], p_vt_sec
                    SET last_read_at = clock_timestamp(),
                        vt = clock_timestamp() + make_interval(secs => p_vt_seconds),
                        read_ct = m.read_ct + 1
-                  FROM taken WHERE m.msg_id = taken.msg_id
+                 WHERE m.msg_id = ANY (ARRAY(SELECT t.msg_id FROM taken t))
                 RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
             )
             SELECT array_agg(l.msg_id), array_agg(l.read_ct), array_agg(l.id)
@@ -916,7 +916,7 @@ BEGIN
                    SET last_read_at = clock_timestamp(),
                        vt = clock_timestamp() + make_interval(secs => p_vt_seconds),
                        read_ct = m.read_ct + 1
-                  FROM taken WHERE m.msg_id = taken.msg_id
+                 WHERE m.msg_id = ANY (ARRAY(SELECT t.msg_id FROM taken t))
                 RETURNING m.msg_id, m.read_ct, (m.message->>'id')::uuid AS id
             )
             SELECT array_agg(l.msg_id), array_agg(l.read_ct), array_agg(l.id)
