@@ -34,7 +34,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self
 from uuid import UUID
@@ -140,18 +140,21 @@ class Db(WorkChildren):
             db.listen_url = settings.listen_url
         return db
 
-    async def reserve(self, size: int) -> Self:
+    async def reserve(self, size: int, *, settings: Mapping[str, str] | None = None) -> Self:
         """A store like this one (the same server, role, actor and audit keys) on a pool of
         its own of up to ``size`` connections, opened as they are needed: work on it never
         waits for a connection behind this pool's. An engine runs its own work on one
         (claims, completions, leases, seals), so that foci busy with the database cannot
-        hold it up. Close it when done. A store not made by :meth:`connect` has no options
-        to copy: it returns itself (the caller must then not close it)."""
+        hold it up. ``settings`` are Postgres settings of its sessions, beside this store's.
+        Close it when done. A store not made by :meth:`connect` has no options to copy: it
+        returns itself (the caller must then not close it)."""
         if self._pool_options is None:
             return self
+        options = self._pool_options
+        if settings:
+            options = {**options, "server_settings": {**options["server_settings"], **settings}}
         with errors():
-            pool = await asyncpg.create_pool(self.url, min_size=0, max_size=size,
-                                             **self._pool_options)
+            pool = await asyncpg.create_pool(self.url, min_size=0, max_size=size, **options)
         reserved = copy.copy(self)
         reserved.pool = pool
         return reserved
