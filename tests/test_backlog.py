@@ -31,6 +31,13 @@ async def _state_index_reads(db: Db) -> int:
                                 "WHERE indexrelname = 'work_items_state'")
 
 
+async def _submit_backlog(db: Db, work_type: str = "t") -> None:
+    """``BACKLOG`` items of ``work_type`` queued, a thousand a call."""
+    for start in range(0, BACKLOG, 1_000):
+        await db.submit_many([NewWorkItem(work_type).params({"i": i})
+                              for i in range(start, start + 1_000)])
+
+
 async def _backlog_after_statistics_of_a_short_one(db_url: str) -> Db:
     """A store on one fresh connection, over a backlog of ``BACKLOG`` queued items, with
     statistics taken when every item was finished (so the planner believes queued and
@@ -43,9 +50,7 @@ async def _backlog_after_statistics_of_a_short_one(db_url: str) -> Db:
     async with raw(db_url) as conn:
         await conn.execute("ANALYZE animus.work_items")
     db = await Db.connect(db_url, max_size=1, actor="test")
-    for start in range(0, BACKLOG, 1_000):
-        await db.submit_many([NewWorkItem("t").params({"i": i})
-                              for i in range(start, start + 1_000)])
+    await _submit_backlog(db)
     return db
 
 
@@ -99,9 +104,7 @@ async def test_plans_kept_from_when_the_table_was_small_do_not_scan_it_once_it_g
         await db.submit_many([NewWorkItem("t").params({"i": -1})])
         first = await db.claim(limit=1, lease_seconds=60, start=True)  # plans made now
         await db.complete_many([(c.lease, None, 1) for c in first])
-        for start in range(0, BACKLOG, 1_000):
-            await db.submit_many([NewWorkItem("t").params({"i": i})
-                                  for i in range(start, start + 1_000)])
+        await _submit_backlog(db)
         before = await _scanned(db)
         claimed = await db.claim(limit=4, lease_seconds=60, start=True)
         await db.complete_many([(c.lease, None, 1) for c in claimed])
@@ -130,9 +133,7 @@ async def test_a_claim_planned_while_the_queue_was_empty_looks_its_messages_up(d
         async with raw(db_url) as conn:
             await conn.execute("VACUUM ANALYZE pgmq.q_work")
         assert await db.claim(limit=4, lease_seconds=60, start=True) == []  # planned now
-        for start in range(0, BACKLOG, 1_000):
-            await db.submit_many([NewWorkItem("t").params({"i": i})
-                                  for i in range(start, start + 1_000)])
+        await _submit_backlog(db)
         before = await _queue_key_reads(db)
         claimed = await db.claim(limit=4, lease_seconds=60, start=True)
         reads = await _queue_key_reads(db) - before
@@ -168,7 +169,7 @@ async def _resume_after_planning_on_empty_steps(db_url: str, settings: dict[str,
         for _ in range(6):
             assert await control.claim_resuming("work", limit=1, lease_seconds=60,
                                                 work_types=["t"]) == []
-        await db.submit_many([NewWorkItem("u").params({"i": i}) for i in range(BACKLOG)])
+        await _submit_backlog(db, "u")
         async with raw(db_url) as conn:
             await conn.execute(
                 """INSERT INTO animus.steps (work_id, position, name, attempt, result_hash,

@@ -195,10 +195,9 @@ async def seal(conn: Any, batch: int = 10_000, *, keys: AuditKeys = NO_KEYS) -> 
     The rows are read and hashed outside a transaction, and the seals written in a short one
     that first checks that the chain's head is still the one they were hashed from (else
     another sealer went first: read again). A transaction open while thousands of rows are
-    hashed held the oldest snapshot all that time, and with it every dead row version
-    younger than it: a queue's claims stepped over all the entries their predecessors had
-    left in its index since then, and an engine woken by 10,000 signals resumed them at a
-    third of the speed while its sealer kept up with their audit rows."""
+    hashed held the oldest snapshot all that time (an idle transaction keeps its xmin), and
+    with it every dead row version younger than it, which vacuum and index scans could then
+    not remove."""
     key = keys.sealing
     kid = keys.sealing_id
     total = 0
@@ -265,9 +264,8 @@ async def _chain_in_slices(rows: list[Any], seq: int, prev: bytes, key: bytes | 
                            kid: str | None) -> list[tuple[int, int, bytes, bytes, str | None]]:
     """:func:`_chain` on the event loop, a slice at a time, so that an engine keeps serving
     meanwhile. Not in a worker thread: pure Python work there holds the interpreter lock
-    against the loop, and each time the loop let go of it for a system call (every socket
-    read and write) it waited up to a switch interval (5 ms) to have it back: an engine woken
-    by 10,000 signals resumed them at half the speed while the sealer chained their rows."""
+    against the loop, and each time the loop lets go of it for a system call (every socket
+    read and write) it may wait a switch interval (5 ms) to have it back."""
     records: list[tuple[int, int, bytes, bytes, str | None]] = []
     for start in range(0, len(rows), SLICE):  # none for no rows
         if start:
