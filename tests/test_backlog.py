@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from animus_core import NewWorkItem
 from animus_core.store.db import Db
+from animus_core.values.work import Claimed, WorkItem
 from tests.support import raw
 
 BACKLOG = 3_000
@@ -213,3 +214,74 @@ async def test_without_those_settings_the_same_claim_reads_them_whole(db_url):
     scanned = await _resume_after_planning_on_empty_steps(
         db_url, {"plan_cache_mode": "force_generic_plan"})
     assert scanned >= BACKLOG
+
+
+async def _signal_key_reads(db: Db, control: Db) -> int:
+    """Index entries of ``signals``' primary key read so far (``control``'s too)."""
+    async with control.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with control.connection() as conn:
+        await conn.execute("SELECT 1")
+    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
+                                "WHERE indexrelname = 'signals_pkey'")
+
+
+async def test_an_items_signal_is_found_by_its_item_whatever_the_statistics_said(db_url):
+    """The first signal of an item for an event is the one of lowest id. Planned while
+    ``signals`` held one row, a plan that walks the table's primary key in id order until it
+    meets one of the item's reads most of the table for each: in a wake of 10,000 items,
+    13 million entries. Suspending on a signal that is there already, taking it, and the
+    claim that resumes the item all find it through the item."""
+    from animus_core.runtime.engine import CONTROL_SETTINGS
+    from animus_core.values.waits import Wait
+
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    control = await db.reserve(1, settings={**CONTROL_SETTINGS,
+                                            "plan_cache_mode": "force_generic_plan"})
+    try:
+        async def suspended_with_a_signal_there(position: int) -> tuple[Claimed, WorkItem]:
+            [(claimed, _)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
+                                                          work_types=["t"])
+            await db.signal(claimed.item.id, "go", {"n": position})
+            item = await control.suspend(claimed.lease, Wait.for_event(position, "go"),
+                                         wake_at=None)
+            return claimed, item
+
+        await db.submit_many([NewWorkItem("t")])
+        await db.signal((await db.list_work(limit=1))[0].id, "early", None)
+        async with raw(db_url) as conn:
+            await conn.execute("VACUUM ANALYZE animus.signals")
+        await suspended_with_a_signal_there(1)  # planned now
+        [(again, _)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
+                                                    work_types=["t"])
+        await db.signal(again.item.id, "other", None)
+        await control.take_signal(again.lease, "other", 2)
+        await control.complete_many([(again.lease, None, 1)])
+
+        await _submit_backlog(db, "u")
+        async with raw(db_url) as conn:
+            await conn.execute("""INSERT INTO animus.signals (work_id, event)
+                                  SELECT id, 'go' FROM animus.work_items
+                                   WHERE work_type = 'u'""")
+        await db.submit_many([NewWorkItem("t")])
+        before = await _signal_key_reads(db, control)
+        claimed, item = await suspended_with_a_signal_there(1)
+        after_suspend = await _signal_key_reads(db, control)
+        [(again, resume)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
+                                                         work_types=["t"])
+        await db.signal(again.item.id, "other", None)
+        after_claim = await _signal_key_reads(db, control)
+        taken = await control.take_signal(again.lease, "other", 2)
+        after_take = await _signal_key_reads(db, control)
+        assert item.state == "queued"
+        assert again.item.id == claimed.item.id
+        assert resume is not None
+        assert resume.woken_by is not None
+        assert resume.woken_by.payload == {"n": 1}
+        assert taken is not None
+        assert taken.event == "other"
+        reads = (after_suspend - before, after_claim - after_suspend, after_take - after_claim)
+        assert max(reads) < 50, f"signals_pkey entries read (suspend, claim, take): {reads}"
+    finally:
+        await control.close()
+        await db.close()

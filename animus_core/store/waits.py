@@ -54,7 +54,9 @@ _RESUME = """
 
 # The claim of an engine: the items claimed and started, and for each that ran before (or
 # has copied steps, or a kept wait) its recorded steps and the signal its wait took, so that
-# the attempt reads nothing more before it replays them.
+# the attempt reads nothing more before it replays them. The signal is ordered by an
+# expression of its id that no index supplies, so that it is found through its item whatever
+# the statistics said when the plan was made (see migration 0047).
 _CLAIM_RESUMING = """
     SELECT c.*,
            CASE WHEN c.attempts > 1 OR c.replay_of IS NOT NULL OR c.wait IS NOT NULL THEN
@@ -65,7 +67,7 @@ _CLAIM_RESUMING = """
                (SELECT to_jsonb(sg) FROM animus.signals sg
                  WHERE sg.work_id = c.id AND sg.event = c.wait->>'event'
                    AND sg.consumed_by_position = (c.wait->>'position')::int
-                 ORDER BY sg.id LIMIT 1)
+                 ORDER BY sg.id + 0 LIMIT 1)
            END AS resume_signal
       FROM {call}"""
 

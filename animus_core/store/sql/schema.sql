@@ -1698,7 +1698,7 @@ BEGIN
          WHERE s.id = (SELECT f.id FROM animus.signals f
                         WHERE f.work_id = p_id AND f.event = p_wait->>'event'
                           AND f.consumed_by_position IS NULL
-                        ORDER BY f.id LIMIT 1);
+                        ORDER BY f.id + 0 LIMIT 1);
         IF FOUND THEN
             v_woken := format('woken: signal %s had arrived', v_event);
         END IF;
@@ -1781,7 +1781,7 @@ BEGIN
          WHERE s.id = (SELECT f.id FROM animus.signals f
                         WHERE f.work_id = p_id AND f.event = p_event
                           AND f.consumed_by_position IS NULL
-                        ORDER BY f.id LIMIT 1)
+                        ORDER BY f.id + 0 LIMIT 1)
         RETURNING s.*;
 END
 $$;
