@@ -216,6 +216,49 @@ async def test_without_those_settings_the_same_claim_reads_them_whole(db_url):
     assert scanned >= BACKLOG
 
 
+async def _item_key_reads(db: Db, control: Db) -> int:
+    """Index entries of ``work_items``' primary key read so far (``control``'s too)."""
+    async with control.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with control.connection() as conn:
+        await conn.execute("SELECT 1")
+    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
+                                "WHERE indexrelname = 'work_items_pkey'")
+
+
+async def test_claims_and_completions_planned_while_the_items_were_few_look_them_up(db_url):
+    """Statistics taken while work_items held one row (a new database, or one whose finished
+    items retention purged): the plans of the claim's and the completion's updates made then
+    are kept. They must reach their items by id, not read the table's whole primary key and
+    compare each entry with every item moved."""
+    from animus_core.runtime.engine import CONTROL_SETTINGS
+
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    control = await db.reserve(1, settings={**CONTROL_SETTINGS,
+                                            "plan_cache_mode": "force_generic_plan"})
+    try:
+        await db.submit_many([NewWorkItem("t").params({"i": -1})])
+        async with raw(db_url) as conn:
+            await conn.execute("VACUUM ANALYZE animus.work_items")
+        first = await control.claim(limit=1, lease_seconds=60, start=True)  # planned now
+        await control.complete_many([(c.lease, None, 1) for c in first])
+        await _submit_backlog(db)
+        for _ in range(2):
+            before = await _item_key_reads(db, control)
+            claimed = await control.claim(limit=4, lease_seconds=60, start=True)
+            after_claim = await _item_key_reads(db, control)
+            await control.complete_many([(c.lease, None, 1) for c in claimed])
+            after_complete = await _item_key_reads(db, control)
+            assert len(claimed) == 4
+            assert after_claim - before < 50, (
+                f"a claim of 4 read {after_claim - before} entries of work_items_pkey")
+            assert after_complete - after_claim < 50, (
+                f"a completion of 4 read {after_complete - after_claim} entries")
+    finally:
+        await control.close()
+        await db.close()
+
+
 async def _signal_key_reads(db: Db, control: Db) -> int:
     """Index entries of ``signals``' primary key read so far (``control``'s too)."""
     async with control.connection() as conn:

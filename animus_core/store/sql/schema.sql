@@ -325,6 +325,7 @@ CREATE FUNCTION animus.complete(p_ids uuid[], p_msg_ids bigint[], p_leases integ
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
+    SET enable_memoize TO 'off'
     AS $$
 DECLARE
     v_done uuid[];
@@ -332,7 +333,9 @@ DECLARE
     v_msgs bigint[];
     bad record;
 BEGIN
-    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
+    PERFORM 1 FROM (SELECT k.id FROM unnest(p_ids) AS k(id) ORDER BY k.id) AS k
+         CROSS JOIN LATERAL (SELECT 1 FROM animus.work_items w WHERE w.id = k.id
+                              OFFSET 0 FOR UPDATE) AS locked;
     PERFORM animus.audit_by_statement(cardinality(p_ids));
     WITH x AS (
         SELECT * FROM unnest(p_ids, p_msg_ids, p_leases, p_data, p_duration_ms)
@@ -342,8 +345,9 @@ BEGIN
            SET state = 'completed', outcome_data = x.data, outcome_error = NULL,
                duration_ms = x.duration_ms, reason = 'completed', resolved_at = now(),
                updated_at = now()
-          FROM x
-         WHERE w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
+          FROM x CROSS JOIN LATERAL (SELECT i.ctid FROM animus.work_items i
+                                      WHERE i.id = x.id OFFSET 0) AS found
+         WHERE w.ctid = found.ctid AND w.msg_id = x.msg_id AND w.lease = x.lease
            AND w.state::text = 'running'
         RETURNING w.id, w.queue, w.msg_id
     )
@@ -1726,6 +1730,7 @@ CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads intege
     LANGUAGE sql
     SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
+    SET enable_memoize TO 'off'
     AS $$
     WITH claimed AS (
         UPDATE animus.work_items w
@@ -1733,7 +1738,9 @@ CREATE FUNCTION animus.take_queued(p_ids uuid[], p_msgs bigint[], p_reads intege
                attempts = w.attempts + CASE WHEN p_start THEN 1 ELSE 0 END,
                msg_id = c.msg_id, lease = c.read_ct, reason = NULL, updated_at = now()
           FROM unnest(p_ids, p_msgs, p_reads) AS c(id, msg_id, read_ct)
-         WHERE w.id = c.id AND w.state::text = 'queued'
+               CROSS JOIN LATERAL (SELECT i.ctid FROM animus.work_items i
+                                    WHERE i.id = c.id OFFSET 0) AS found
+         WHERE w.ctid = found.ctid AND w.state::text = 'queued'
            AND (p_only IS NULL OR c.id = ANY (p_only))
         RETURNING w.*)
     SELECT * FROM claimed ORDER BY priority DESC, msg_id
