@@ -706,16 +706,21 @@ CREATE FUNCTION animus.extend_leases(p_queue text, p_ids uuid[], p_msg_ids bigin
     SET enable_seqscan TO 'off'
     AS $_$
 BEGIN
-    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR SHARE;
+    PERFORM 1 FROM (SELECT k.id FROM unnest(p_ids) AS k(id) ORDER BY k.id) AS k
+         CROSS JOIN LATERAL (SELECT 1 FROM animus.work_items w WHERE w.id = k.id
+                              OFFSET 0 FOR SHARE) AS locked;
     EXECUTE format($q$
         UPDATE pgmq.%I m SET vt = clock_timestamp() + make_interval(secs => $3)
           FROM unnest($1::bigint[], $2::int[], $4::uuid[]) AS x(msg_id, lease, id)
-          JOIN animus.work_items w ON w.id = x.id AND w.msg_id = x.msg_id AND w.lease = x.lease
-         WHERE m.msg_id = x.msg_id AND m.read_ct = x.lease
+               CROSS JOIN LATERAL (SELECT w.msg_id, w.lease FROM animus.work_items w
+                                    WHERE w.id = x.id OFFSET 0) AS w
+         WHERE w.msg_id = x.msg_id AND w.lease = x.lease
+           AND m.msg_id = x.msg_id AND m.read_ct = x.lease
     $q$, 'q_' || p_queue) USING p_msg_ids, p_leases, p_seconds, p_ids;
     RETURN QUERY
         SELECT x.id FROM unnest(p_ids, p_msg_ids, p_leases) AS x(id, msg_id, lease)
-          LEFT JOIN animus.work_items w ON w.id = x.id
+          LEFT JOIN LATERAL (SELECT w.id, w.msg_id, w.lease, w.attempts FROM animus.work_items w
+                              WHERE w.id = x.id OFFSET 0) AS w ON true
          WHERE w.id IS NULL
             OR (w.msg_id, w.lease) IS DISTINCT FROM (x.msg_id, x.lease)
             OR EXISTS (SELECT 1 FROM animus.execution_records r
