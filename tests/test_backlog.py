@@ -8,8 +8,13 @@ every claim, and a claim of 4 items costs as much as a claim of the whole backlo
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import msgspec
+
 from animus_core import NewWorkItem
 from animus_core.store.db import Db
+from animus_core.store.waits import Signalled
 from animus_core.values.work import Claimed, WorkItem
 from tests.support import raw
 
@@ -333,3 +338,66 @@ async def test_an_items_signal_is_found_by_its_item_whatever_the_statistics_said
     finally:
         await control.close()
         await db.close()
+
+
+async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
+    """A session that keeps the plans of a batch of signals and a batch of steps (as
+    Postgres does once a generic plan costs no more than the custom ones), made while
+    work_items and steps held a row or two: they find their items (and the steps recorded
+    already) by id, not by reading the tables' primary keys whole."""
+    from animus_core.runtime.engine import CONTROL_SETTINGS
+    from animus_core.values.steps import StepRecord
+    from animus_core.values.waits import Wait
+
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    control = await db.reserve(1, settings={**CONTROL_SETTINGS,
+                                            "plan_cache_mode": "force_generic_plan"})
+
+    async def one_of_each(kind: str) -> tuple[list[Signalled | str], tuple[int, int]]:
+        """A batch of signals (that wakes an item), then a batch of steps: what they read."""
+        await db.submit_many([NewWorkItem(kind), NewWorkItem(kind)])
+        [(waiting, _), (running, _)] = await db.claim_resuming(
+            "work", limit=2, lease_seconds=60, work_types=[kind])
+        await db.suspend(waiting.lease, Wait.for_event(1, "go"), wake_at=None)
+        before = await _item_and_step_key_reads(db, control)
+        sent = await control.signal_many([(waiting.item.id, "go", None),
+                                          (waiting.item.id, "go", {"n": 2}),
+                                          (running.item.id, "late", None)])
+        after_signals = await _item_and_step_key_reads(db, control)
+        await control.record_steps([(running.lease, StepRecord(
+            position=1, name="first", result=msgspec.Raw(b"{}"), result_hash="sha256:0",
+            started_at=datetime.now(UTC), duration_ms=0))])
+        after_steps = await _item_and_step_key_reads(db, control)
+        assert (await db.get_work_item(waiting.item.id)).state == "queued"
+        assert [s.position for s in await db.steps(running.item.id)] == [1]
+        return sent, (after_signals - before, after_steps - after_signals)
+
+    try:
+        await db.submit_many([NewWorkItem("t")])
+        async with raw(db_url) as conn:
+            await conn.execute("VACUUM ANALYZE animus.work_items")
+            await conn.execute("VACUUM ANALYZE animus.steps")
+        await one_of_each("t")  # planned now
+        await _submit_backlog(db, "u")
+        async with raw(db_url) as conn:
+            await conn.execute(
+                """INSERT INTO animus.steps (work_id, position, name, attempt, result_hash,
+                                            started_at, duration_ms)
+                   SELECT id, 1, 'step', 1, 'sha256:0', now(), 0 FROM animus.work_items
+                    WHERE work_type = 'u'""")
+        sent, read = await one_of_each("v")
+        assert [s.woke for s in sent if not isinstance(s, str)] == [True, False, False]
+        assert max(read) < 50, f"index entries read by 3 signals and by 1 step: {read}"
+    finally:
+        await control.close()
+        await db.close()
+
+
+async def _item_and_step_key_reads(db: Db, control: Db) -> int:
+    """Index entries of the primary keys of work_items and steps read so far."""
+    async with control.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with control.connection() as conn:
+        await conn.execute("SELECT 1")
+    return await _statistic(db, "SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
+                                "WHERE indexrelname IN ('work_items_pkey', 'steps_pkey')")

@@ -1055,16 +1055,21 @@ DECLARE
     v_bad record;
     v_actor text := animus.actor();
 BEGIN
-    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
+    PERFORM 1 FROM (SELECT k.id FROM unnest(p_ids) AS k(id) ORDER BY k.id) AS k
+         CROSS JOIN LATERAL (SELECT 1 FROM animus.work_items w WHERE w.id = k.id
+                              OFFSET 0 FOR UPDATE) AS locked;
     SELECT x.* INTO v_bad
       FROM unnest(p_ids, p_msg_ids, p_leases, p_positions, p_names, p_results, p_hashes,
                   p_started_at, p_durations)
            WITH ORDINALITY AS x(id, msg_id, lease, pos, name, result, hash, started_at,
                                 duration_ms, ord)
-      LEFT JOIN animus.work_items w ON w.id = x.id
+      LEFT JOIN LATERAL (SELECT w.id, w.state, w.msg_id, w.lease FROM animus.work_items w
+                          WHERE w.id = x.id OFFSET 0) AS w ON true
+      LEFT JOIN LATERAL (SELECT true AS recorded FROM animus.steps s
+                          WHERE s.work_id = x.id AND s.position = x.pos OFFSET 0) AS s ON true
      WHERE w.id IS NULL OR w.state <> 'running'
         OR (w.msg_id, w.lease) IS DISTINCT FROM (x.msg_id, x.lease)
-        OR EXISTS (SELECT 1 FROM animus.steps s WHERE s.work_id = x.id AND s.position = x.pos)
+        OR s.recorded
      ORDER BY x.ord LIMIT 1;
     IF FOUND THEN  -- raises what record_step raises for it
         PERFORM animus.record_step(v_bad.id, v_bad.msg_id, v_bad.lease, v_bad.pos,
@@ -1077,7 +1082,8 @@ BEGIN
       FROM unnest(p_ids, p_positions, p_names, p_results, p_hashes, p_started_at,
                   p_durations) WITH ORDINALITY
            AS x(id, pos, name, result, hash, started_at, duration_ms, ord)
-      JOIN animus.work_items w ON w.id = x.id
+      CROSS JOIN LATERAL (SELECT w.state, w.source, w.attempts FROM animus.work_items w
+                           WHERE w.id = x.id OFFSET 0) AS w
      ORDER BY x.ord;
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     SELECT x.id, 'step', w.state, w.state,
@@ -1086,7 +1092,8 @@ BEGIN
                               'result_hash', x.hash, 'duration_ms', x.duration_ms)
       FROM unnest(p_ids, p_positions, p_names, p_hashes, p_durations) WITH ORDINALITY
            AS x(id, pos, name, hash, duration_ms, ord)
-      JOIN animus.work_items w ON w.id = x.id
+      CROSS JOIN LATERAL (SELECT w.state, w.source, w.attempts FROM animus.work_items w
+                           WHERE w.id = x.id OFFSET 0) AS w
      ORDER BY x.ord;
 END
 $$;
@@ -1285,7 +1292,9 @@ BEGIN
     IF v_n = 0 THEN
         RETURN;
     END IF;
-    PERFORM 1 FROM animus.work_items w WHERE w.id = ANY (p_ids) ORDER BY w.id FOR UPDATE;
+    PERFORM 1 FROM (SELECT k.id FROM unnest(p_ids) AS k(id) ORDER BY k.id) AS k
+         CROSS JOIN LATERAL (SELECT 1 FROM animus.work_items w WHERE w.id = k.id
+                              OFFSET 0 FOR UPDATE) AS locked;
 
     -- What each signal does, as if sent one after the other: an item waiting for an event
     -- is woken by the first signal of that event in the batch; later ones find it queued.
@@ -1299,7 +1308,8 @@ BEGIN
                         min(s.ord) FILTER (WHERE s.event = w.wait->>'event')
                             OVER (PARTITION BY s.id) END AS waker
               FROM unnest(p_ids, p_events) WITH ORDINALITY AS s(id, event, ord)
-              LEFT JOIN animus.work_items w ON w.id = s.id) b;
+              LEFT JOIN LATERAL (SELECT w.state, w.wait FROM animus.work_items w
+                                  WHERE w.id = s.id OFFSET 0) AS w ON true) b;
 
     -- The signals, in the batch's order (so the first of an item's signals is taken first)
     WITH ins AS (
@@ -1310,7 +1320,9 @@ BEGIN
                CASE WHEN k.ord IS NOT NULL THEN now() END
           FROM unnest(v_sent) AS s(o)
           LEFT JOIN unnest(v_wakes) AS k(ord) ON k.ord = s.o
-          LEFT JOIN animus.work_items w ON k.ord IS NOT NULL AND w.id = p_ids[s.o]
+          LEFT JOIN LATERAL (SELECT w.wait FROM animus.work_items w
+                              WHERE k.ord IS NOT NULL AND w.id = p_ids[s.o] OFFSET 0) AS w
+            ON true
          ORDER BY s.o
         RETURNING id)
     SELECT array_agg(id ORDER BY id) INTO v_ids FROM ins;
@@ -1324,23 +1336,28 @@ BEGIN
            jsonb_build_object('signal', x.signal_id, 'event', p_events[x.ord],
                               'sent_by', session_user)
       FROM unnest(v_sent, v_ids) AS x(ord, signal_id)
-      JOIN animus.work_items w ON w.id = p_ids[x.ord]
+      CROSS JOIN LATERAL (SELECT w.id, w.state, w.source FROM animus.work_items w
+                           WHERE w.id = p_ids[x.ord] OFFSET 0) AS w
      WHERE NOT EXISTS (SELECT 1 FROM unnest(v_wakes) AS k(ord)
                         WHERE p_ids[k.ord] = w.id AND k.ord < x.ord)
      ORDER BY x.ord;
 
     IF v_wakes IS NOT NULL THEN
+        PERFORM animus.audit_by_statement(cardinality(v_wakes));
         WITH woken AS (
             UPDATE animus.work_items w
                SET state = 'queued', updated_at = now(),
                    reason = format('woken: signal %s arrived', quote_literal(p_events[k.ord]))
               FROM unnest(v_wakes) AS k(ord)
-             WHERE w.id = p_ids[k.ord]
+                   CROSS JOIN LATERAL (SELECT i.ctid FROM animus.work_items i
+                                        WHERE i.id = p_ids[k.ord] OFFSET 0) AS found
+             WHERE w.ctid = found.ctid
             RETURNING w.id, w.queue, w.work_type, w.priority, w.msg_id)
         SELECT array_agg(id), array_agg(queue), array_agg(work_type), array_agg(priority),
                array_agg(msg_id)
           INTO v_woken, v_queues, v_types, v_priorities, v_msgs
           FROM woken;
+        PERFORM animus.audit_by_statement(0);
         FOR q IN
             SELECT x.queue, array_agg(x.id) AS ids, array_agg(x.t) AS types,
                    array_agg(x.p) AS priorities, array_agg(x.msg) AS msgs
@@ -1380,7 +1397,8 @@ BEGIN
                jsonb_build_object('signal', x.signal_id, 'event', p_events[x.ord],
                                   'sent_by', session_user)
           FROM unnest(v_sent, v_ids) AS x(ord, signal_id)
-          JOIN animus.work_items w ON w.id = p_ids[x.ord]
+          CROSS JOIN LATERAL (SELECT w.id, w.state, w.source FROM animus.work_items w
+                               WHERE w.id = p_ids[x.ord] OFFSET 0) AS w
          WHERE EXISTS (SELECT 1 FROM unnest(v_wakes) AS k(ord)
                         WHERE p_ids[k.ord] = w.id AND k.ord < x.ord)
          ORDER BY x.ord;
@@ -1394,7 +1412,8 @@ BEGIN
                                 b.id, w.state) END
           FROM unnest(p_ids) WITH ORDINALITY AS b(id, ord)
           LEFT JOIN unnest(v_sent, v_ids) AS x(ord, signal_id) ON x.ord = b.ord
-          LEFT JOIN animus.work_items w ON w.id = b.id
+          LEFT JOIN LATERAL (SELECT w.id, w.state FROM animus.work_items w
+                              WHERE w.id = b.id OFFSET 0) AS w ON true
          ORDER BY b.ord;
 END
 $_$;
