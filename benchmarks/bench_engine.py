@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
@@ -396,7 +396,9 @@ async def running_engine(url: str, home: Path, options: EngineOptions, *,
     if animus.problems:
         await db.close()
         raise RuntimeError(f"faculties did not load: {animus.problems}")
-    engine = animus.engine(options)
+    # as `animus up` runs it: the engine schedules the process's full garbage collections
+    # (and gives the collector back when it stops, before any baseline runs)
+    engine = animus.engine(replace(options, schedule_gc=True))
     cpu_started = meter.read() if meter is not None else None
     started_at = clock()
     task = asyncio.create_task(engine.run(), name="bench-engine")
