@@ -27,7 +27,7 @@ from animus_core.faculties.toml import load_dir, load_file
 from animus_core.runtime import completions
 from animus_core.runtime.engine import CLAIM_CHUNK, EngineOptions
 from animus_core.runtime.health import Health
-from animus_core.values.errors import DatabaseUnavailable
+from animus_core.values.errors import DatabaseUnavailable, IllegalTransition, LeaseLost
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.schedules import Schedule
 from tests.engine_helpers import (
@@ -827,6 +827,33 @@ def _record_of(c: Any) -> ExecutionRecord:
         work_type=c.item.work_type, params_hash="p", faculty={"name": "f"}, faculty_hash="fh",
         engine_version="1", environment_hash="env", models=[], outcome_hash=None, error=None,
         started_at=datetime.now(UTC))
+
+
+async def test_a_completion_and_its_execution_records_are_written_all_or_none(db):
+    """A batch completed with its attempts' execution records (one statement): with one lease
+    lost, no item completes and no record is written; with every lease held, each item has
+    its one record."""
+    await db.record_environment("env", {"python": "3"})
+    await db.submit_many([NewWorkItem("rec").params({"i": i}) for i in range(3)])
+    claimed = await db.claim(limit=3, lease_seconds=60, start=True)
+    await db.release(claimed[-1].lease, "given back")  # the last one's lease is lost
+
+    async def records() -> int:
+        async with db.connection() as conn:
+            n: int = await conn.fetchval(
+                "SELECT count(*) FROM animus.execution_records WHERE work_id = ANY ($1)",
+                [c.item.id for c in claimed])
+            return n
+
+    with pytest.raises((LeaseLost, IllegalTransition)):
+        await db.complete_many([(c.lease, None, 1) for c in claimed],
+                               executions=[_record_of(c) for c in claimed])
+    assert await records() == 0
+    assert [(await db.get_work_item(c.item.id)).state for c in claimed[:2]] == ["running"] * 2
+    await db.complete_many([(c.lease, {"i": i}, 1) for i, c in enumerate(claimed[:2])],
+                           executions=[_record_of(c) for c in claimed[:2]])
+    assert await records() == 2
+    assert [(await db.get_work_item(c.item.id)).state for c in claimed[:2]] == ["completed"] * 2
 
 
 async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batch(db, db_url):
