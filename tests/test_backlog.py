@@ -221,14 +221,17 @@ async def test_without_those_settings_the_same_claim_reads_them_whole(db_url):
     assert scanned >= BACKLOG
 
 
-async def _item_key_reads(db: Db, control: Db) -> int:
-    """Index entries of ``work_items``' primary key read so far (``control``'s too)."""
+
+async def _key_reads(db: Db, control: Db, *indexes: str) -> int:
+    """Entries of these indexes read so far, ``control``'s reads included (a session's
+    statistics reach the shared ones when it is idle)."""
     async with control.connection() as conn:
         await conn.execute("SELECT pg_stat_force_next_flush()")
     async with control.connection() as conn:
         await conn.execute("SELECT 1")
-    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
-                                "WHERE indexrelname = 'work_items_pkey'")
+    names = ", ".join(f"'{i}'" for i in indexes)
+    return await _statistic(db, "SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
+                                f"WHERE indexrelname IN ({names})")
 
 
 async def test_claims_and_completions_planned_while_the_items_were_few_look_them_up(db_url):
@@ -250,13 +253,13 @@ async def test_claims_and_completions_planned_while_the_items_were_few_look_them
         await control.complete_many([(c.lease, None, 1) for c in first])
         await _submit_backlog(db)
         for _ in range(2):
-            before = await _item_key_reads(db, control)
+            before = await _key_reads(db, control, "work_items_pkey")
             claimed = await control.claim(limit=4, lease_seconds=60, start=True)
-            after_claim = await _item_key_reads(db, control)
+            after_claim = await _key_reads(db, control, "work_items_pkey")
             lost = await control.extend_lease([c.lease for c in claimed], 60)
-            after_extend = await _item_key_reads(db, control)
+            after_extend = await _key_reads(db, control, "work_items_pkey")
             await control.complete_many([(c.lease, None, 1) for c in claimed])
-            after_complete = await _item_key_reads(db, control)
+            after_complete = await _key_reads(db, control, "work_items_pkey")
             assert len(claimed) == 4
             assert lost == []
             reads = (after_claim - before, after_extend - after_claim,
@@ -268,15 +271,6 @@ async def test_claims_and_completions_planned_while_the_items_were_few_look_them
         await control.close()
         await db.close()
 
-
-async def _signal_key_reads(db: Db, control: Db) -> int:
-    """Index entries of ``signals``' primary key read so far (``control``'s too)."""
-    async with control.connection() as conn:
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    async with control.connection() as conn:
-        await conn.execute("SELECT 1")
-    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
-                                "WHERE indexrelname = 'signals_pkey'")
 
 
 async def test_an_items_signal_is_found_by_its_item_whatever_the_statistics_said(db_url):
@@ -317,15 +311,15 @@ async def test_an_items_signal_is_found_by_its_item_whatever_the_statistics_said
                                   SELECT id, 'go' FROM animus.work_items
                                    WHERE work_type = 'u'""")
         await db.submit_many([NewWorkItem("t")])
-        before = await _signal_key_reads(db, control)
+        before = await _key_reads(db, control, "signals_pkey")
         claimed, item = await suspended_with_a_signal_there(1)
-        after_suspend = await _signal_key_reads(db, control)
+        after_suspend = await _key_reads(db, control, "signals_pkey")
         [(again, resume)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
                                                          work_types=["t"])
         await db.signal(again.item.id, "other", None)
-        after_claim = await _signal_key_reads(db, control)
+        after_claim = await _key_reads(db, control, "signals_pkey")
         taken = await control.take_signal(again.lease, "other", 2)
-        after_take = await _signal_key_reads(db, control)
+        after_take = await _key_reads(db, control, "signals_pkey")
         assert item.state == "queued"
         assert again.item.id == claimed.item.id
         assert resume is not None
@@ -359,15 +353,15 @@ async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
         [(waiting, _), (running, _)] = await db.claim_resuming(
             "work", limit=2, lease_seconds=60, work_types=[kind])
         await db.suspend(waiting.lease, Wait.for_event(1, "go"), wake_at=None)
-        before = await _item_and_step_key_reads(db, control)
+        before = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
         sent = await control.signal_many([(waiting.item.id, "go", None),
                                           (waiting.item.id, "go", {"n": 2}),
                                           (running.item.id, "late", None)])
-        after_signals = await _item_and_step_key_reads(db, control)
+        after_signals = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
         await control.record_steps([(running.lease, StepRecord(
             position=1, name="first", result=msgspec.Raw(b"{}"), result_hash="sha256:0",
             started_at=datetime.now(UTC), duration_ms=0))])
-        after_steps = await _item_and_step_key_reads(db, control)
+        after_steps = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
         assert (await db.get_work_item(waiting.item.id)).state == "queued"
         assert [s.position for s in await db.steps(running.item.id)] == [1]
         return sent, (after_signals - before, after_steps - after_signals)
@@ -391,13 +385,3 @@ async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
     finally:
         await control.close()
         await db.close()
-
-
-async def _item_and_step_key_reads(db: Db, control: Db) -> int:
-    """Index entries of the primary keys of work_items and steps read so far."""
-    async with control.connection() as conn:
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    async with control.connection() as conn:
-        await conn.execute("SELECT 1")
-    return await _statistic(db, "SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
-                                "WHERE indexrelname IN ('work_items_pkey', 'steps_pkey')")
