@@ -8,9 +8,11 @@ every claim, and a claim of 4 items costs as much as a claim of the whole backlo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 
 from animus_core import NewWorkItem
 from animus_core.store.db import Db
@@ -384,4 +386,31 @@ async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
         assert max(read) < 50, f"index entries read by 3 signals and by 1 step: {read}"
     finally:
         await control.close()
+        await db.close()
+
+
+@pytest.mark.parametrize(("change", "claimed_state"), [
+    ("priority = priority + 1", "running"),  # a change of the item: claimed as it is now
+    ("state = 'cancelled', reason = 'cancelled', resolved_at = now()", "cancelled"),
+])
+async def test_a_claim_that_waits_for_a_changed_item_takes_it_as_it_is_now(
+        db_url, change, claimed_state):
+    """The claim finds each item by id, then updates the row it found by its address. An
+    item changed by a transaction that commits while the claim waits for its row is taken
+    in its newest version: claimed if it is still queued, left alone if it is not."""
+    db = await Db.connect(db_url, max_size=2, actor="test")
+    try:
+        [item] = await db.submit_many([NewWorkItem("t")])
+        async with raw(db_url) as conn:
+            async with conn.transaction():
+                await conn.execute(f"UPDATE animus.work_items SET {change} WHERE id = $1",
+                                   item.id)
+                claim = asyncio.create_task(db.claim(limit=1, lease_seconds=60, start=True))
+                await asyncio.sleep(0.3)  # the claim waits for the row
+                assert not claim.done()
+            claimed = await claim
+        after = await db.get_work_item(item.id)
+        assert after.state == claimed_state
+        assert len(claimed) == (1 if claimed_state == "running" else 0)
+    finally:
         await db.close()
