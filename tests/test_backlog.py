@@ -414,3 +414,39 @@ async def test_a_claim_that_waits_for_a_changed_item_takes_it_as_it_is_now(
         assert len(claimed) == (1 if claimed_state == "running" else 0)
     finally:
         await db.close()
+
+
+async def test_taking_back_leases_planned_while_the_items_were_few_reads_only_them(db_url):
+    """A claim that finds messages whose leases expired (an engine was lost) takes their
+    items back; planned while work_items held a row, it reads them by id."""
+    from animus_core.runtime.engine import CONTROL_SETTINGS
+
+    db = await Db.connect(db_url, max_size=1, actor="test")
+    control = await db.reserve(1, settings={**CONTROL_SETTINGS,
+                                            "plan_cache_mode": "force_generic_plan"})
+
+    async def expire(claimed: list[Claimed]) -> None:
+        async with raw(db_url) as conn:  # the engine that held them is gone
+            await conn.execute("UPDATE pgmq.q_work SET vt = now() - interval '1 second' "
+                               "WHERE msg_id = ANY ($1)", [c.lease.msg_id for c in claimed])
+
+    try:
+        await db.submit_many([NewWorkItem("t")])
+        async with raw(db_url) as conn:
+            await conn.execute("VACUUM ANALYZE animus.work_items")
+        await expire(await control.claim(limit=1, lease_seconds=60, start=True))
+        assert len(await control.claim(limit=1, lease_seconds=60, start=True)) == 1  # planned
+        await _submit_backlog(db)
+        claimed = await control.claim(limit=4, lease_seconds=60, start=True)
+        await expire(claimed)
+        before = await _key_reads(db, control, "work_items_pkey")
+        again = await control.claim(limit=4, lease_seconds=60, start=True)
+        reads = await _key_reads(db, control, "work_items_pkey") - before
+        assert {c.item.id for c in again} == {c.item.id for c in claimed}
+        assert all(c.item.attempts == 2 for c in again)
+        # each item is looked up a dozen times (which messages are left over, the moves
+        # of the bookkeeping, the claim again): not once per item of the table
+        assert reads < 100, f"taking back 4 expired leases read {reads} entries of the key"
+    finally:
+        await control.close()
+        await db.close()

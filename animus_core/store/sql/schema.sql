@@ -237,7 +237,8 @@ BEGIN
     -- through).
     SELECT array_agg(c.id) INTO v_stale
       FROM unnest(v_ids) AS c(id)
-      LEFT JOIN animus.work_items w ON w.id = c.id
+      LEFT JOIN LATERAL (SELECT w.id, w.msg_id, w.lease FROM animus.work_items w
+                          WHERE w.id = c.id OFFSET 0) AS w ON true
      WHERE w.id IS NULL
         OR NOT EXISTS (SELECT 1 FROM unnest(v_msgs, v_reads) AS m(msg_id, read_ct)
                         WHERE m.msg_id = w.msg_id AND m.read_ct = w.lease);
@@ -278,7 +279,8 @@ BEGIN
     -- a message whose item is still not queued has nothing left to deliver
     PERFORM animus.archive_messages(p_queue, array_agg(c.msg_id))
        FROM unnest(v_ids, v_msgs) AS c(id, msg_id)
-       LEFT JOIN animus.work_items w ON w.id = c.id
+       LEFT JOIN LATERAL (SELECT w.id, w.state FROM animus.work_items w
+                           WHERE w.id = c.id OFFSET 0) AS w ON true
       WHERE c.id = ANY (v_stale) AND (w.id IS NULL OR w.state <> 'queued')
      HAVING count(*) > 0;
 
@@ -310,7 +312,9 @@ BEGIN
             UPDATE animus.work_items w
                SET max_attempts = (p_max_attempts->>w.work_type)::int
               FROM unnest(v_claimed) AS c
-             WHERE w.id = c.id AND p_max_attempts ? w.work_type
+                   CROSS JOIN LATERAL (SELECT i.ctid FROM animus.work_items i
+                                        WHERE i.id = c.id OFFSET 0) AS found
+             WHERE w.ctid = found.ctid AND p_max_attempts ? w.work_type
                AND w.max_attempts IS DISTINCT FROM (p_max_attempts->>w.work_type)::int
             RETURNING w.*)
         SELECT f.* FROM fixed f
