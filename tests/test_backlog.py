@@ -46,6 +46,17 @@ async def _submit_backlog(db: Db, work_type: str = "t") -> None:
                               for i in range(start, start + 1_000)])
 
 
+async def _submit_backlog_with_steps(db: Db, db_url: str) -> None:
+    """``BACKLOG`` items of type ``u`` queued, each with a recorded step."""
+    await _submit_backlog(db, "u")
+    async with raw(db_url) as conn:
+        await conn.execute(
+            """INSERT INTO animus.steps (work_id, position, name, attempt, result_hash,
+                                        started_at, duration_ms)
+               SELECT id, 1, 'step', 1, 'sha256:0', now(), 0 FROM animus.work_items
+                WHERE work_type = 'u'""")
+
+
 async def _backlog_after_statistics_of_a_short_one(db_url: str) -> Db:
     """A store on one fresh connection, over a backlog of ``BACKLOG`` queued items, with
     statistics taken when every item was finished (so the planner believes queued and
@@ -177,13 +188,7 @@ async def _resume_after_planning_on_empty_steps(db_url: str, settings: dict[str,
         for _ in range(6):
             assert await control.claim_resuming("work", limit=1, lease_seconds=60,
                                                 work_types=["t"]) == []
-        await _submit_backlog(db, "u")
-        async with raw(db_url) as conn:
-            await conn.execute(
-                """INSERT INTO animus.steps (work_id, position, name, attempt, result_hash,
-                                            started_at, duration_ms)
-                   SELECT id, 1, 'step', 1, 'sha256:0', now(), 0 FROM animus.work_items
-                    WHERE work_type = 'u'""")
+        await _submit_backlog_with_steps(db, db_url)
         await db.signal(claimed.item.id, "go", {"ok": True})
         before = await _steps_scanned(db)
         [(again, resume)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
@@ -374,13 +379,7 @@ async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
             await conn.execute("VACUUM ANALYZE animus.work_items")
             await conn.execute("VACUUM ANALYZE animus.steps")
         await one_of_each("t")  # planned now
-        await _submit_backlog(db, "u")
-        async with raw(db_url) as conn:
-            await conn.execute(
-                """INSERT INTO animus.steps (work_id, position, name, attempt, result_hash,
-                                            started_at, duration_ms)
-                   SELECT id, 1, 'step', 1, 'sha256:0', now(), 0 FROM animus.work_items
-                    WHERE work_type = 'u'""")
+        await _submit_backlog_with_steps(db, db_url)
         sent, read = await one_of_each("v")
         assert [s.woke for s in sent if not isinstance(s, str)] == [True, False, False]
         assert max(read) < 50, f"index entries read by 3 signals and by 1 step: {read}"
