@@ -33,10 +33,18 @@ async def _statistic(db: Db, sql: str) -> int:
         return value
 
 
-async def _state_index_reads(db: Db) -> int:
-    """Index entries of ``work_items_state`` read so far."""
-    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
-                                "WHERE indexrelname = 'work_items_state'")
+
+async def _key_reads(db: Db, *indexes: str, control: Db | None = None) -> int:
+    """Entries of these indexes read so far, ``control``'s reads included (a session's
+    statistics reach the shared ones when it is idle)."""
+    if control is not None:
+        async with control.connection() as conn:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+        async with control.connection() as conn:
+            await conn.execute("SELECT 1")
+    names = ", ".join(f"'{i}'" for i in indexes)
+    return await _statistic(db, "SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
+                                f"WHERE indexrelname IN ({names})")
 
 
 async def _submit_backlog(db: Db, work_type: str = "t") -> None:
@@ -77,11 +85,11 @@ async def test_claims_and_completions_do_not_read_the_backlog(db_url):
     db = await _backlog_after_statistics_of_a_short_one(db_url)
     try:
         for _ in range(3):
-            before = await _state_index_reads(db)
+            before = await _key_reads(db, "work_items_state")
             claimed = await db.claim(limit=4, lease_seconds=60, start=True)
-            after_claim = await _state_index_reads(db)
+            after_claim = await _key_reads(db, "work_items_state")
             await db.complete_many([(c.lease, None, 1) for c in claimed])
-            after_complete = await _state_index_reads(db)
+            after_complete = await _key_reads(db, "work_items_state")
             assert len(claimed) == 4
             assert after_claim - before < 50, f"a claim of 4 read {after_claim - before} entries"
             assert after_complete - after_claim < 50, (
@@ -97,9 +105,9 @@ async def test_taking_back_expired_leases_does_not_read_the_backlog(db_url):
         async with raw(db_url) as conn:  # the engine that held them is gone
             await conn.execute("UPDATE pgmq.q_work SET vt = now() - interval '1 second' "
                                "WHERE msg_id = ANY ($1)", [c.lease.msg_id for c in claimed])
-        before = await _state_index_reads(db)
+        before = await _key_reads(db, "work_items_state")
         again = await db.claim(limit=4, lease_seconds=60, start=True)
-        reads = await _state_index_reads(db) - before
+        reads = await _key_reads(db, "work_items_state") - before
         assert {c.item.id for c in again} == {c.item.id for c in claimed}
         assert all(c.item.attempts == 2 for c in again)
         assert reads < 50, f"taking back 4 expired leases read {reads} entries"
@@ -134,11 +142,6 @@ async def test_plans_kept_from_when_the_table_was_small_do_not_scan_it_once_it_g
         await db.close()
 
 
-async def _queue_key_reads(db: Db) -> int:
-    """Index entries of the queue table's primary key read so far."""
-    return await _statistic(db, "SELECT idx_tup_read FROM pg_stat_user_indexes "
-                                "WHERE indexrelname = 'q_work_pkey'")
-
 
 async def test_a_claim_planned_while_the_queue_was_empty_looks_its_messages_up(db_url):
     """A drained queue, vacuumed: its statistics say it is empty, and the claim's plan made
@@ -153,9 +156,9 @@ async def test_a_claim_planned_while_the_queue_was_empty_looks_its_messages_up(d
             await conn.execute("VACUUM ANALYZE pgmq.q_work")
         assert await db.claim(limit=4, lease_seconds=60, start=True) == []  # planned now
         await _submit_backlog(db)
-        before = await _queue_key_reads(db)
+        before = await _key_reads(db, "q_work_pkey")
         claimed = await db.claim(limit=4, lease_seconds=60, start=True)
-        reads = await _queue_key_reads(db) - before
+        reads = await _key_reads(db, "q_work_pkey") - before
         assert len(claimed) == 4
         assert reads < 50, f"a claim of 4 read {reads} entries of the queue's primary key"
     finally:
@@ -229,17 +232,6 @@ async def test_without_those_settings_the_same_claim_reads_them_whole(db_url):
 
 
 
-async def _key_reads(db: Db, control: Db, *indexes: str) -> int:
-    """Entries of these indexes read so far, ``control``'s reads included (a session's
-    statistics reach the shared ones when it is idle)."""
-    async with control.connection() as conn:
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    async with control.connection() as conn:
-        await conn.execute("SELECT 1")
-    names = ", ".join(f"'{i}'" for i in indexes)
-    return await _statistic(db, "SELECT sum(idx_tup_read)::bigint FROM pg_stat_user_indexes "
-                                f"WHERE indexrelname IN ({names})")
-
 
 async def test_claims_and_completions_planned_while_the_items_were_few_look_them_up(db_url):
     """Statistics taken while work_items held one row (a new database, or one whose finished
@@ -260,13 +252,13 @@ async def test_claims_and_completions_planned_while_the_items_were_few_look_them
         await control.complete_many([(c.lease, None, 1) for c in first])
         await _submit_backlog(db)
         for _ in range(2):
-            before = await _key_reads(db, control, "work_items_pkey")
+            before = await _key_reads(db, "work_items_pkey", control=control)
             claimed = await control.claim(limit=4, lease_seconds=60, start=True)
-            after_claim = await _key_reads(db, control, "work_items_pkey")
+            after_claim = await _key_reads(db, "work_items_pkey", control=control)
             lost = await control.extend_lease([c.lease for c in claimed], 60)
-            after_extend = await _key_reads(db, control, "work_items_pkey")
+            after_extend = await _key_reads(db, "work_items_pkey", control=control)
             await control.complete_many([(c.lease, None, 1) for c in claimed])
-            after_complete = await _key_reads(db, control, "work_items_pkey")
+            after_complete = await _key_reads(db, "work_items_pkey", control=control)
             assert len(claimed) == 4
             assert lost == []
             reads = (after_claim - before, after_extend - after_claim,
@@ -318,15 +310,15 @@ async def test_an_items_signal_is_found_by_its_item_whatever_the_statistics_said
                                   SELECT id, 'go' FROM animus.work_items
                                    WHERE work_type = 'u'""")
         await db.submit_many([NewWorkItem("t")])
-        before = await _key_reads(db, control, "signals_pkey")
+        before = await _key_reads(db, "signals_pkey", control=control)
         claimed, item = await suspended_with_a_signal_there(1)
-        after_suspend = await _key_reads(db, control, "signals_pkey")
+        after_suspend = await _key_reads(db, "signals_pkey", control=control)
         [(again, resume)] = await control.claim_resuming("work", limit=1, lease_seconds=60,
                                                          work_types=["t"])
         await db.signal(again.item.id, "other", None)
-        after_claim = await _key_reads(db, control, "signals_pkey")
+        after_claim = await _key_reads(db, "signals_pkey", control=control)
         taken = await control.take_signal(again.lease, "other", 2)
-        after_take = await _key_reads(db, control, "signals_pkey")
+        after_take = await _key_reads(db, "signals_pkey", control=control)
         assert item.state == "queued"
         assert again.item.id == claimed.item.id
         assert resume is not None
@@ -360,15 +352,15 @@ async def test_batches_of_signals_and_steps_find_their_items_by_id(db_url):
         [(waiting, _), (running, _)] = await db.claim_resuming(
             "work", limit=2, lease_seconds=60, work_types=[kind])
         await db.suspend(waiting.lease, Wait.for_event(1, "go"), wake_at=None)
-        before = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
+        before = await _key_reads(db, "work_items_pkey", "steps_pkey", control=control)
         sent = await control.signal_many([(waiting.item.id, "go", None),
                                           (waiting.item.id, "go", {"n": 2}),
                                           (running.item.id, "late", None)])
-        after_signals = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
+        after_signals = await _key_reads(db, "work_items_pkey", "steps_pkey", control=control)
         await control.record_steps([(running.lease, StepRecord(
             position=1, name="first", result=msgspec.Raw(b"{}"), result_hash="sha256:0",
             started_at=datetime.now(UTC), duration_ms=0))])
-        after_steps = await _key_reads(db, control, "work_items_pkey", "steps_pkey")
+        after_steps = await _key_reads(db, "work_items_pkey", "steps_pkey", control=control)
         assert (await db.get_work_item(waiting.item.id)).state == "queued"
         assert [s.position for s in await db.steps(running.item.id)] == [1]
         return sent, (after_signals - before, after_steps - after_signals)
@@ -438,9 +430,9 @@ async def test_taking_back_leases_planned_while_the_items_were_few_reads_only_th
         await _submit_backlog(db)
         claimed = await control.claim(limit=4, lease_seconds=60, start=True)
         await expire(claimed)
-        before = await _key_reads(db, control, "work_items_pkey")
+        before = await _key_reads(db, "work_items_pkey", control=control)
         again = await control.claim(limit=4, lease_seconds=60, start=True)
-        reads = await _key_reads(db, control, "work_items_pkey") - before
+        reads = await _key_reads(db, "work_items_pkey", control=control) - before
         assert {c.item.id for c in again} == {c.item.id for c in claimed}
         assert all(c.item.attempts == 2 for c in again)
         # each item is looked up a dozen times (which messages are left over, the moves
