@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import re
 import signal
 import socket
@@ -127,7 +128,10 @@ def attempt_one_hook(pids: Path, runs: Path) -> str:
         for pid in $(cat {pids}); do
             stat=$(cat /proc/$pid/stat 2>/dev/null || true)
             state=${{stat##*) }}
-            if [ -n "$stat" ] && [ "${{state%% *}}" != Z ]; then alive="$alive $pid"; fi
+            if [ -n "$stat" ] && [ "${{state%% *}}" != Z ]; then
+                what=$(tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null || true)
+                alive="$alive $pid(${{state%% *}}: $what)"
+            fi
         done
         echo "$ANIMUS_WORK_ID $ANIMUS_ATTEMPT alive:$alive" >> {runs}
         echo '{{"attempt": '"$ANIMUS_ATTEMPT"'}}' > engage-out.json
@@ -164,11 +168,58 @@ async def test_hooks_die_with_a_killed_engine_before_attempt_2_starts(db, db_url
             assert records == [(1, "lost"), (2, "completed")]
         seen = sorted(runs.read_text().splitlines())
         assert seen == sorted(f"{wid} 2 alive:" for wid in wids), \
-            "attempt 2 ran while processes of attempt 1 still ran:\n" + "\n".join(seen)
+            ("attempt 2 ran while processes of attempt 1 still ran:\n" + "\n".join(seen)
+             + f"\nthe killed engine's log:\n{first.output()}")
         await wait_until(lambda: all(process_gone(p) for p in hook_pids), 10,
                          message="every process of the killed engine's hooks to be gone")
         second.signal(signal.SIGTERM)
         assert await second.wait(30) == 0
+    finally:
+        for pid in hook_pids:
+            kill_group(pid)
+
+
+def watcher_of(engine_pid: int) -> int:
+    """The pid of the hook watcher an engine process started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == engine_pid and b"hookguard" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"engine process {engine_pid} has no hook watcher")
+
+
+async def test_the_next_engine_kills_what_an_engine_and_its_watcher_left(db, db_url, tmp_path,
+                                                                       engines):
+    """Should the watcher die with its engine (the OOM killer may take both), the next engine
+    to start with the same ANIMUS_HOME kills what the dead engine's hooks left running, as it
+    removes their focus directories, before it claims anything."""
+    pids, runs = tmp_path / "attempt-1.pids", tmp_path / "runs.log"
+    faculty(tmp_path, "stubborn", fields={"max_concurrent": 4},
+            hooks={"engage": attempt_one_hook(pids, runs)})
+    first = engines("--lease", "60", "--poll", "0.5")
+    await wait_listening(db_url, [first])
+    for i in range(4):
+        await submit(db, NewWorkItem("stubborn").params({"i": i}))
+    await wait_until(lambda: pids.exists() and len(pids.read_text().splitlines()) == 4,
+                     message="four first attempts to start their children")
+    hook_pids = [int(p) for p in pids.read_text().split()]
+    try:
+        os.kill(watcher_of(first.pid), signal.SIGKILL)
+        first.signal(signal.SIGKILL)
+        assert await first.wait(10) == -signal.SIGKILL
+        await asyncio.sleep(0.5)
+        assert [p for p in hook_pids if process_gone(p)] == [], "nothing was left to kill"
+        second = engines("--lease", "60", "--poll", "0.5")
+        await wait_listening(db_url, [second])
+        await wait_until(lambda: all(process_gone(p) for p in hook_pids), 5,
+                         message="the next engine to kill what the dead one's hooks left")
+        assert "killed the 8 process groups" in second.output(), second.output()
     finally:
         for pid in hook_pids:
             kill_group(pid)

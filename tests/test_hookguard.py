@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from tests.engine_helpers import kill_group, process_gone, wait_until
 
@@ -63,20 +66,26 @@ ENGINE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.parametrize("kill", ["process", "process group"])
 async def test_the_watcher_kills_what_a_killed_engine_s_hooks_left_and_nothing_else(
-        tmp_path: Path) -> None:
+        tmp_path: Path, kill: str) -> None:
+    """SIGKILL of the engine's process alone, or of its whole process group (a shell's
+    ``kill -9 -PGID``): the watcher is not in that group."""
     out = tmp_path / "pids.json"
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
     log = tmp_path / "engine.log"
     with log.open("wb") as stderr:
         engine = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), str(out), stderr=stderr)
+            sys.executable, str(script), str(out), stderr=stderr, start_new_session=True)
     pids: dict[str, int] = {}
     try:
         await wait_until(out.exists, 20, message="the engine to start its processes")
         pids = json.loads(out.read_text())
-        engine.send_signal(signal.SIGKILL)
+        if kill == "process":
+            engine.send_signal(signal.SIGKILL)
+        else:
+            os.killpg(engine.pid, signal.SIGKILL)
         await engine.wait()
         doomed = ["watched", "watched_child", "escaped", "late", "late_child", "watcher"]
         await wait_until(lambda: all(process_gone(pids[n]) for n in doomed), 10,

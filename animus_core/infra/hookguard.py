@@ -12,7 +12,13 @@ the next attempt of its item on another engine. A small watcher process closes t
 * when the engine process dies, the kernel closes its end of the pipe, whatever killed it.
   The watcher reads end-of-file, kills every group still named, then every process that
   carries the mark, with its group (a hook started too late to be named, a child that left
-  its hook's group, a process a finished hook left behind), and exits.
+  its hook's group, a process a finished hook left behind), and exits. It runs in a session
+  of its own: a SIGKILL of the engine's whole process group (``kill -9 -PGID``) spares it.
+
+Should the watcher die too (the OOM killer may take both), the next engine to start with the
+same ``ANIMUS_HOME`` kills what is left (:func:`kill_left_in`: the processes whose
+``ANIMUS_FOCUS_DIR`` lies in a dead engine's directory) as it removes those directories,
+before it claims anything.
 
 The watcher is this file, run as a script by the engine's interpreter in isolated mode
 without ``site``: it needs nothing but the standard library and starts in milliseconds.
@@ -26,11 +32,17 @@ import os
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["HookGuard", "guard"]
+if TYPE_CHECKING:  # the watcher runs this file: it imports as little as it can
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from pathlib import Path
+
+__all__ = ["HookGuard", "guard", "kill_left_in"]
 
 MARK_VARIABLE = "ANIMUS_ENGINE_ID"
-#: Passes over /proc: a marked process may fork while the watcher looks.
+FOCUS_DIR_VARIABLE = "ANIMUS_FOCUS_DIR"
+#: Passes over /proc at most: a marked process may fork while the last pass looked.
 _PASSES = 20
 
 
@@ -56,7 +68,8 @@ class HookGuard:
         try:
             self._watcher = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, self.mark], stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, env={}, close_fds=True)
+                stdout=subprocess.DEVNULL, env={}, close_fds=True,
+                start_new_session=True)  # a SIGKILL of the engine's group spares it
         except OSError as e:  # hooks still run; they only lose this safety net
             if not self._failed:
                 self._failed = True
@@ -93,14 +106,13 @@ guard = HookGuard()
 # -- the watcher --------------------------------------------------------------------------------
 
 
-def _marked(entry: bytes, skip: set[int]) -> list[int]:
-    """Processes (of this user: others' environments are unreadable) with ``entry`` in their
-    environment."""
+def _processes(match: Callable[[bytes], bool], skip: set[int]) -> Iterator[int]:
+    """Processes (of this user: others' environments are unreadable) with an entry of their
+    environment that ``match`` accepts, each as soon as it is found."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return []
-    found = []
+        return
     for name in names:
         if not name.isdigit() or int(name) in skip:
             continue
@@ -109,14 +121,13 @@ def _marked(entry: bytes, skip: set[int]) -> list[int]:
                 environ = f.read()
         except OSError:
             continue
-        if entry in environ.split(b"\0"):
-            found.append(int(name))
-    return found
+        if any(match(entry) for entry in environ.split(b"\0")):
+            yield int(name)
 
 
-def _kill_all(groups: set[int], mark: str) -> int:
-    """Kill the named groups, then the marked processes and their groups; how many process
-    groups were killed."""
+def kill_processes(match: Callable[[bytes], bool], groups: Iterable[int] = ()) -> int:
+    """Kill ``groups``, then every process with an entry of its environment that ``match``
+    accepts, with its process group; how many process groups were killed."""
     own = os.getpgrp()
     killed: set[int] = set()
 
@@ -128,19 +139,26 @@ def _kill_all(groups: set[int], mark: str) -> int:
 
     for pgid in groups:
         kill_group(pgid)
-    entry = f"{MARK_VARIABLE}={mark}".encode()
     seen = {os.getpid()}
-    for _ in range(_PASSES):
-        found = _marked(entry, seen)
-        if not found:
-            break
-        for pid in found:
+    for _ in range(_PASSES):  # until a pass finds none: one may fork while the last looked
+        found = False
+        for pid in _processes(match, seen):
+            found = True
             seen.add(pid)
             with contextlib.suppress(OSError):
                 kill_group(os.getpgid(pid))
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)  # one that shares the watcher's group
+                os.kill(pid, signal.SIGKILL)  # one that shares the caller's group
+        if not found:
+            break
     return len(killed)
+
+
+def kill_left_in(directories: Sequence[Path]) -> int:
+    """Kill every process whose ``ANIMUS_FOCUS_DIR`` lies in one of ``directories`` (those of
+    engines that are gone), with its process group; how many process groups were killed."""
+    prefixes = tuple(f"{FOCUS_DIR_VARIABLE}={d}{os.sep}".encode() for d in directories)
+    return kill_processes(lambda entry: entry.startswith(prefixes)) if prefixes else 0
 
 
 def main(argv: list[str]) -> int:
@@ -148,8 +166,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"usage: {argv[0]} ENGINE_MARK (started by the animus engine)\n")
         return 2
     mark = argv[1]
-    # A terminal's Ctrl-C, a hangup or a service manager's SIGTERM reach the whole process
-    # group: the engine drains its hooks then, and the watcher must outlive it.
+    # A service manager may signal every process of the engine's cgroup to stop it: the engine
+    # drains its hooks then, and the watcher must outlive it.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     groups: set[int] = set()
@@ -162,7 +180,8 @@ def main(argv: list[str]) -> int:
                 groups.add(int(line[1:]))
             elif line.startswith(b"-"):
                 groups.discard(int(line[1:]))
-    killed = _kill_all(groups, mark)
+    entry = f"{MARK_VARIABLE}={mark}".encode()
+    killed = kill_processes(entry.__eq__, groups)
     if killed:
         sys.stderr.write(f"animus: engine process {mark.split('-')[0]} is gone: killed the "
                          f"{killed} process groups its command hooks left running\n")

@@ -1,6 +1,7 @@
 """Where foci work: each engine makes its focus directories in a directory of its own under
-``$ANIMUS_HOME/foci``, locked while the engine lives; what engines that died left there is
-removed by the next engine to start."""
+``$ANIMUS_HOME/foci``, locked while the engine lives; what engines that died left there (the
+directories, and any process their hooks left running in them) is removed by the next engine
+to start."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from animus_core.infra.hookguard import kill_left_in
 
 __all__ = ["EngineFoci", "Workspace", "open_workspace", "sweep_foci"]
 
@@ -83,25 +86,32 @@ def _lock(path: Path) -> int | None:
 
 def sweep_foci(root: Path) -> list[Path]:
     """Remove the engine directories under ``root`` that no live engine holds: those of
-    engines that died with foci running (killed, out of memory, power lost). Returns the
-    focus directories that were in them. Kept focus directories live in ``root`` itself
-    and are not touched."""
-    removed: list[Path] = []
+    engines that died with foci running (killed, out of memory, power lost), after killing
+    the processes their hooks left running there (their watcher should have; it may have died
+    with them). Returns the focus directories that were in them. Kept focus directories live
+    in ``root`` itself and are not touched."""
     try:
         candidates = sorted(p for p in root.iterdir() if p.name.startswith(ENGINE_PREFIX))
     except OSError:
-        return removed
-    for path in candidates:
-        fd = _lock(path)
-        if fd is None:
-            continue  # a live engine's
-        try:
+        return []
+    dead: dict[Path, int] = {}
+    try:
+        for path in candidates:
+            fd = _lock(path)
+            if fd is not None:  # else a live engine's
+                dead[path] = fd
+        if dead and (killed := kill_left_in(list(dead))):
+            _log.warning("killed the %d process groups that command hooks of engines now gone "
+                         "left running", killed)
+        removed: list[Path] = []
+        for path in dead:
             with contextlib.suppress(OSError):
                 removed += sorted(path.iterdir())
             shutil.rmtree(path, ignore_errors=True)
-        finally:
+        return removed
+    finally:
+        for fd in dead.values():
             os.close(fd)
-    return removed
 
 
 def open_workspace(root: Path, hook_env: dict[str, str], *,
