@@ -43,6 +43,7 @@ from typing import Any
 
 import asyncpg
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
 from animus_core.values.work import NewWorkItem
@@ -406,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {k: getattr(args, k) for k in ("n", "k", "viewers", "window")
              if getattr(args, k) is not None}
     cfg = Config(**{**cfg.to_json(), **given})
-    report = asyncio.run(run(cfg, args.database))
+    report = loop.run(run(cfg, args.database))
     return publish(render(report), report, args.json)
 
 

@@ -48,7 +48,9 @@ import msgspec
 from animus_core.app import Animus
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
+from animus_core.infra.loop import loop_name
 from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.store.audit import UNSEALED_SQL
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
@@ -1106,7 +1108,7 @@ async def describe_database(server: Server, prefix: str) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(),
-            "event_loop": type(asyncio.get_running_loop()).__name__}
+            "event_loop": loop_name(asyncio.get_running_loop())}
 
 
 def _num(value: float | None, unit: str) -> str:
@@ -1220,7 +1222,7 @@ def publish(text: str, report: dict[str, Any], path: Path | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.make(args.n, args.big)
-    report = asyncio.run(run(cfg, args.only, args.database))
+    report = loop.run(run(cfg, args.only, args.database))
     return publish(render(report), report, args.json)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db, describe_url, resolve_url
 from animus_core.values.work import NewWorkItem
@@ -265,7 +266,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    report = loop.run(run(args))
     return publish(render(report), report, args.json)
 
 

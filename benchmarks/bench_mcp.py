@@ -13,7 +13,6 @@ commit; see bench_waits for what a step costs).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from animus_core.infra import loop
 from benchmarks.bench_engine import Check, Line, Section, machine, percentile, publish, render_section
 
 SERVER = str(Path(__file__).resolve().parent.parent / "tests" / "mcp_server.py")
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error("--calls must be at least 1")
-    report = asyncio.run(run(50 if args.quick else args.calls))
+    report = loop.run(run(50 if args.quick else args.calls))
     return publish(render(report), report, args.json)
 
 

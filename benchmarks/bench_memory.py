@@ -25,7 +25,6 @@ general vocabulary, so full-text queries have a few dozen matches, not none or t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from typing import Any
 import asyncpg
 
 from animus_core.faculties.embedders import HashingEmbedder
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db, describe_url, resolve_url
 from animus_core.store.memory import BULK_MIN, Memory, NewMemory
@@ -498,7 +498,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = asyncio.run(run(args.n, args.dim, args.queries, args.recall_queries,
+        report = loop.run(run(args.n, args.dim, args.queries, args.recall_queries,
                                  args.batch, args.database))
     except (OSError, asyncpg.PostgresError) as e:
         print(f"bench_memory: {e}", file=sys.stderr)

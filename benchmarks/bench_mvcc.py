@@ -55,6 +55,7 @@ import asyncpg
 
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import EngineOptions
 from animus_core.store.db import Db, describe_url, resolve_url
@@ -719,7 +720,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    report = loop.run(run(args))
     return publish(render(report), report, args.json)
 
 

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import EngineOptions
 from animus_core.store.db import Db, describe_url, resolve_url
@@ -297,10 +298,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.produce:
-        made = asyncio.run(produce(args.produce, args.rate, args.seconds, args.batch, args.tag))
+        made = loop.run(produce(args.produce, args.rate, args.seconds, args.batch, args.tag))
         print(json.dumps(made))
         return 0
-    report = asyncio.run(run(args))
+    report = loop.run(run(args))
     return publish(render(report), report, args.json)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from animus_core import Faculty, Focus, NewWorkItem, State
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db, resolve_url
 from animus_core.testing import OPTIONS, run_faculties
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--database", default=DEFAULT_PREFIX, metavar="PREFIX",
                    help="prefix of the databases dropped and created")
     args = p.parse_args(argv)
-    report = asyncio.run(run(QUICK if args.quick else CASES, args.database))
+    report = loop.run(run(QUICK if args.quick else CASES, args.database))
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

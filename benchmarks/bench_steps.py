@@ -25,6 +25,7 @@ from typing import Any
 
 from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.runtime.engine import EngineOptions
 from animus_core.store.db import Db, describe_url, resolve_url
@@ -239,7 +240,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(Config(n=args.n, k=args.steps), args.database))
+    report = loop.run(run(Config(n=args.n, k=args.steps), args.database))
     return publish(render(report), report, args.json)
 
 

@@ -43,6 +43,7 @@ from uuid import UUID
 
 import asyncpg
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.audit import UNSEALED_SQL
 from animus_core.store.db import Db, Signalled, describe_url, resolve_url
@@ -634,7 +635,7 @@ def config(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(config(args), args.database))
+    report = loop.run(run(config(args), args.database))
     code = publish(render(report), report, args.json)
     return code if report["check"]["ok"] else 1
 

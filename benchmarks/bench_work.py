@@ -12,7 +12,6 @@ absolute rates depend on the machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
 from animus_core.values.work import NewWorkItem
@@ -448,7 +448,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(run(args.n, args.batch, args.database))
+    report = loop.run(run(args.n, args.batch, args.database))
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -48,6 +48,7 @@ from typing import Any
 
 import asyncpg
 
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.infra.embedded import pg_bin_dir
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
@@ -1132,7 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # counted in the report instead.
     logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
     cfg = Config.make(args.full)
-    report = asyncio.run(run(cfg, args.only, args.database, args.workdir))
+    report = loop.run(run(cfg, args.only, args.database, args.workdir))
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")

@@ -33,6 +33,7 @@ from animus_core import Claimed, Db, Faculty, Lease, WorkItem
 from animus_core.app import Animus
 from animus_core.faculties.plugins import PluginProblem
 from animus_core.infra.config import Settings
+from animus_core.infra.processes import Child
 from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.testing import Provides
 from animus_core.values.states import TERMINAL
@@ -389,17 +390,15 @@ async def run_process(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
     """Run a child without blocking the event loop: (status, stdout, stderr). The child runs
     in its own process group, which is killed when it is done or out of time (nothing it
     started outlives it)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), cwd=cwd, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = Child.start(argv, env=env, cwd=cwd, new_session=True)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        kill_group(proc.pid)
+        proc.kill_group()
         await proc.wait()
         raise AssertionError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
     finally:
-        kill_group(proc.pid)
+        proc.kill_group()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

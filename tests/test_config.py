@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from animus_core import ConfigError
+from animus_core.infra import loop
 from animus_core.infra.config import Settings
+from animus_core.infra.loop import loop_factory, loop_name
 from tests.conftest import ROOT
 from tests.support import one_error_line
 
@@ -88,3 +91,39 @@ def test_a_metric_interval_that_is_not_milliseconds_is_a_config_error(run_with):
     env = {"ANIMUS_HOME": "/tmp/h"}
     assert Settings.from_env(env).metric_interval_ms == 10_000
     assert Settings.from_env({**env, "OTEL_METRIC_EXPORT_INTERVAL": "500"}).metric_interval_ms == 500
+
+
+def test_an_event_loop_animus_does_not_know_is_a_config_error(run_with):
+    proc = run_with({"ANIMUS_EVENT_LOOP": "trio"}, "work", "list")
+    assert proc.returncode == 2
+    documented = [line for line in (ROOT / "docs" / "configuration.md").read_text().splitlines()
+                  if line.startswith("animus: error: ANIMUS_EVENT_LOOP=")]
+    assert [one_error_line(proc.stderr)] == documented
+
+
+def test_each_choice_of_event_loop(monkeypatch):
+    def made(environ: dict[str, str]) -> str:
+        new = loop_factory(environ)()
+        try:
+            return loop_name(new)
+        finally:
+            new.close()
+
+    assert made({}) == "uvloop"  # installed with animus on Linux
+    assert made({"ANIMUS_EVENT_LOOP": " UVLOOP "}) == "uvloop"
+    assert made({"ANIMUS_EVENT_LOOP": "asyncio"}) == "asyncio"
+    assert made({"ANIMUS_EVENT_LOOP": ""}) == "uvloop"
+
+    async def running() -> str:
+        return loop_name(asyncio.get_running_loop())
+
+    monkeypatch.setenv("ANIMUS_EVENT_LOOP", "asyncio")
+    assert loop.run(running()) == "asyncio"
+    monkeypatch.delenv("ANIMUS_EVENT_LOOP")
+    assert loop.run(running()) == "uvloop"
+    # where uvloop cannot be imported: asyncio's loop, unless uvloop was asked for
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert made({}) == "asyncio"
+    with pytest.raises(ConfigError, match=r"ANIMUS_EVENT_LOOP=uvloop, but uvloop cannot be "
+                                          r"imported .*: install it"):
+        loop_factory({"ANIMUS_EVENT_LOOP": "uvloop"})

@@ -179,6 +179,31 @@ async def test_hooks_die_with_a_killed_engine_before_attempt_2_starts(db, db_url
             kill_group(pid)
 
 
+async def test_a_hook_that_starts_a_daemon_ends_when_the_hook_does(db, db_url, tmp_path,
+                                                                  engines):
+    """A daemon the hook starts, its output sent elsewhere, holds none of the engine's pipes:
+    the phase ends when the hook exits, not when the daemon does (nor at the timeout). The
+    engine runs on uvloop, whose own subprocesses would leave the daemon their pipes."""
+    pidfile = tmp_path / "daemon.pid"
+    faculty(tmp_path, "starter", fields={"timeout": 20}, hooks={"engage": f"""
+        setsid sleep 60 > /dev/null 2>&1 < /dev/null &
+        echo $! > {pidfile}
+        echo '{{"started": true}}' > engage-out.json
+    """})
+    engine = engines("--poll", "0.5")
+    try:
+        await wait_listening(db_url, [engine])
+        wid = await submit(db, NewWorkItem("starter").max_attempts(1))
+        item = await wait_finished(db, wid, timeout=15)
+        assert "on uvloop" in engine.output()
+        assert item.state == State.COMPLETED, item.reason
+        assert item.outcome.data == {"started": True}
+        assert not process_gone(int(pidfile.read_text()))  # it is the hook's to stop
+    finally:
+        if pidfile.exists():
+            kill_group(int(pidfile.read_text()))
+
+
 def watcher_of(engine_pid: int) -> int:
     """The pid of the hook watcher an engine process started."""
     for entry in Path("/proc").iterdir():

@@ -188,6 +188,7 @@ async def test_a_focus_is_traced_measured_and_logged_end_to_end(
     await stop(proc)
     output = proc.output()
     assert "engine started" in output  # LOG_LEVEL=info shows INFO lines
+    assert "queues work, on uvloop" in output  # animus up runs on uvloop (ANIMUS_EVENT_LOOP)
     assert "Traceback" not in output, output
 
     # -- traces: focus -> phases -> the hook's own span, and child work in the same trace --------

@@ -9,12 +9,12 @@ a traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import enum
 import sys
 import traceback
 from collections.abc import Sequence
 
+from animus_core.infra import loop
 from animus_core.values.errors import AnimusError
 from animus_core.values.version import __version__
 
@@ -87,7 +87,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if passthrough is not None:
         args.psql_args = passthrough
     try:
-        return int(asyncio.run(args.handler(args)))
+        return int(loop.run(args.handler(args)))
     except AnimusError as e:
         if args.debug:
             traceback.print_exc()

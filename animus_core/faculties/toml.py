@@ -8,11 +8,9 @@ type, a missing or non-executable command is an error naming the file and the fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tomllib
 import weakref
@@ -36,6 +34,7 @@ from animus_core.faculties.faculty import Faculty, check_faculty, check_number, 
 from animus_core.faculties.focus import Focus
 from animus_core.infra.config import Settings
 from animus_core.infra.hookguard import MARK_VARIABLE, guard
+from animus_core.infra.processes import Child
 from animus_core.infra.secrets import redactor
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
@@ -518,23 +517,20 @@ class CommandFaculty(Faculty):
         timeout = (ps.timeout if ps and ps.timeout else None) or self.spec.timeout
         guard.start()  # before the hook: it must not outlive a SIGKILLed engine
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=focus.directory, env=self._env(focus, phase, extra),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            )
+            proc = Child.start(argv, cwd=focus.directory, env=self._env(focus, phase, extra),
+                               new_session=True)
         except OSError as e:
             raise HookFailed(f"{phase} hook {argv[0]} could not start: {e.strerror}") from None
         guard.watch(proc.pid)  # its own session: the group id is its pid
         try:
             stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
-            _kill_group(proc)
+            proc.kill_group()
             await proc.wait()
             raise HookFailed(f"{phase} hook {argv[0]} timed out after {timeout:g}s",
                              kind="timeout") from None
         except asyncio.CancelledError:
-            _kill_group(proc)
+            proc.kill_group()
             raise
         finally:
             guard.unwatch(proc.pid)
@@ -563,11 +559,6 @@ class CommandFaculty(Faculty):
         except InvalidInput as e:
             raise HookFailed(f"{phase} hook wrote unreadable output: {e}",
                              kind="bad_output") from None
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @hookimpl

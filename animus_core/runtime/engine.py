@@ -49,6 +49,7 @@ from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
 from animus_core.infra import embedded
 from animus_core.infra.config import Settings
+from animus_core.infra.loop import loop_name
 from animus_core.infra.secrets import redactor
 from animus_core.infra.telemetry import instruments
 from animus_core.runtime.collector import Collector
@@ -265,8 +266,9 @@ class Engine:
         completer = supervise("animus-completer", self.completions.run)
         completer.add_done_callback(self._helper_died)
         self.started.set()
-        _log.info("engine started: %d faculties, concurrency %d, queues %s",
-                  len(self.faculties), self.options.concurrency, ",".join(self.options.queues))
+        _log.info("engine started: %d faculties, concurrency %d, queues %s, on %s",
+                  len(self.faculties), self.options.concurrency, ",".join(self.options.queues),
+                  loop_name(asyncio.get_running_loop()))
         quiet_pool = QuietPool(self.health)
         logging.getLogger("asyncpg.pool").addFilter(quiet_pool)
         try:
