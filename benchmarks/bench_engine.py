@@ -10,7 +10,7 @@ Four benchmarks, each on a fresh database of the embedded server (or of the serv
               read+archive, pgqueuer and procrastinate running an equivalent no-op job;
 * ``wake``    an idle engine (fallback poll 60 s) gets one item at a time: submit commit ->
               orient start; baseline: a bare LISTEN/NOTIFY round trip;
-* ``command`` a TOML faculty with three bash hooks; baseline: a plain asyncio loop running the
+* ``command`` a TOML faculty with three bash hooks; baseline: a plain loop running the
               same three scripts with the same parallelism, no database;
 * ``idle``    an engine with one TOML and one Python faculty and no work: transactions per
               second its connections cause.
@@ -51,6 +51,7 @@ from animus_core.faculties.focus import Focus
 from animus_core.infra import loop
 from animus_core.infra.config import Settings
 from animus_core.infra.loop import loop_name
+from animus_core.infra.processes import Child
 from animus_core.runtime.engine import Engine, EngineOptions
 from animus_core.store.audit import UNSEALED_SQL
 from animus_core.store.db import DEFAULT_QUEUE, Db, describe_url, resolve_url
@@ -883,10 +884,9 @@ def write_toml(directory: Path, name: str, work_type: str, scripts: dict[str, Pa
 
 
 async def run_script(script: Path, cwd: Path, env: dict[str, str]) -> None:
-    """As the engine runs a hook: own session, no stdin, output captured."""
-    proc = await asyncio.create_subprocess_exec(
-        str(script), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    """As the engine runs a hook (the same :class:`Child`): own session, no stdin, output
+    captured."""
+    proc = Child.start([str(script)], cwd=cwd, env=env, new_session=True)
     _out, err = await proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{script.name} exited with {proc.returncode}: {err[-500:]!r}")
@@ -953,7 +953,7 @@ async def bench_command(server: Server, cfg: Config, prefix: str, home: Path) ->
         raise RuntimeError(f"the command faculty left work behind: {states}")
     ours = rate_line(f"animus engine, TOML faculty, 3 bash hooks, max_concurrent {cfg.p}",
                      cfg.m, ours_s)
-    base = rate_line(f"plain asyncio loop, same 3 scripts, {cfg.p} at once", cfg.m, base_s)
+    base = rate_line(f"plain loop, same 3 scripts, {cfg.p} at once", cfg.m, base_s)
     spawns = Line("  (plain loop: hook spawns per second)", 3 * cfg.m / base_s, "spawns/s",
                   3 * cfg.m, base_s)
     return Section(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ MARK_VARIABLE = "ANIMUS_ENGINE_ID"
 FOCUS_DIR_VARIABLE = "ANIMUS_FOCUS_DIR"
 #: Passes over /proc at most: a marked process may fork while the last pass looked.
 _PASSES = 20
+#: How often the watcher reads what the engine told it (a pipe holds 64 KiB: 8,000 lines).
+_DRAIN_SECONDS = 0.5
 
 
 class HookGuard:
@@ -172,14 +175,30 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)
     groups: set[int] = set()
     pending = b""
-    while chunk := os.read(0, 65536):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.startswith(b"+"):
-                groups.add(int(line[1:]))
-            elif line.startswith(b"-"):
-                groups.discard(int(line[1:]))
+    os.set_blocking(0, False)
+    # Woken by the end of the pipe alone (poll always reports a hang-up; no POLLIN asked for):
+    # the engine's two lines per hook wake nothing. What they say is read every
+    # _DRAIN_SECONDS, before the pipe could fill, and at the end.
+    poller = select.poll()
+    poller.register(0, 0)
+    ended = False
+    while not ended:
+        poller.poll(_DRAIN_SECONDS * 1000)
+        while True:
+            try:
+                chunk = os.read(0, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                ended = True
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.startswith(b"+"):
+                    groups.add(int(line[1:]))
+                elif line.startswith(b"-"):
+                    groups.discard(int(line[1:]))
     entry = f"{MARK_VARIABLE}={mark}".encode()
     killed = kill_processes(entry.__eq__, groups)
     if killed:
