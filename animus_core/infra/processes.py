@@ -67,18 +67,9 @@ class Child:
             pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):  # not Linux, or older than 5.3
             return await asyncio.to_thread(self.popen.wait)
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, readable)
         try:
-            await exited
+            await _readable(pidfd)
         finally:
-            loop.remove_reader(pidfd)
             os.close(pidfd)
         return self.popen.wait()  # it has exited: this only reaps it
 
@@ -90,30 +81,38 @@ class Child:
         self.popen.poll()
 
 
+async def _readable(fd: int) -> None:
+    """Return once ``fd`` is readable (a pidfd: once its process has exited)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def _read_all(pipe: IO[bytes]) -> bytes:
     """Everything ``pipe`` gives until its end; the pipe is closed after."""
     fd = pipe.fileno()
     os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
     chunks: list[bytes] = []
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, _CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            chunks.append(data)
-        elif not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(fd, readable)
     try:
-        await ended
+        while True:
+            try:
+                data = os.read(fd, _CHUNK)
+            except BlockingIOError:
+                await _readable(fd)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
     finally:
-        loop.remove_reader(fd)
         pipe.close()
-    return b"".join(chunks)
