@@ -310,6 +310,38 @@ async def test_animus_step_runs_once_and_replays_its_output_and_status(db, db_ur
         (2, "check", 1, {"stdout": "no\n", "status": 4})]
 
 
+async def test_animus_step_is_answered_only_with_its_own_runs_token(db, db_url, tmp_path):
+    """One port serves every hook run: a token of a run that has ended, or one that is no
+    run's, gets no answer, and its command does not run."""
+    t = tmp_path
+    toml = write_toml_faculty(t, "tokens", fields={"max_attempts": 1}, hooks={
+        "orient": f"""
+            echo "$ANIMUS_STEP_TOKEN" > {t}/orient.token
+            animus step first -- echo one > /dev/null
+            echo '{{}}' > orient-out.json
+        """,
+        "engage": f"""
+            stale=0; ANIMUS_STEP_TOKEN=$(cat {t}/orient.token) \
+                animus step stale -- sh -c 'echo ran >> {t}/stale.runs' 2> {t}/stale.err \
+                || stale=$?
+            wrong=0; ANIMUS_STEP_TOKEN=0123456789abcdef0123456789abcdef \
+                animus step wrong -- sh -c 'echo ran >> {t}/wrong.runs' 2> {t}/wrong.err \
+                || wrong=$?
+            own=$(animus step own -- echo mine)
+            printf '{{"stale": %s, "wrong": %s, "own": "%s"}}' "$stale" "$wrong" "$own" \
+                > engage-out.json
+        """})
+    item = await run_one(db, db_url, t, toml)
+    assert item.state == State.COMPLETED, item.reason
+    assert item.outcome.data["own"] == "mine"
+    assert item.outcome.data["stale"] != 0
+    assert item.outcome.data["wrong"] != 0
+    for name in ("stale", "wrong"):
+        assert not (t / f"{name}.runs").exists()
+        assert "closed the connection before it answered" in (t / f"{name}.err").read_text()
+    assert [s.name for s in await db.steps(item.id)] == ["first", "own"]
+
+
 async def test_animus_step_in_another_order_dead_letters_the_item(db, db_url, tmp_path):
     toml = write_toml_faculty(tmp_path, "reorder", fields=QUICK, hooks={"engage": """
         if [ "$ANIMUS_ATTEMPT" = 1 ]; then animus step first -- true; exit 1; fi

@@ -3,7 +3,7 @@ focus with ``suspend.json``, and ``animus step`` inside a hook.
 
 All of it rests on the focus's durable steps (:class:`~animus_core.faculties.steps.StepJournal`),
 shared by the engine and the hooks' ``animus step`` calls, which reach the engine through a
-small server the engine runs on the loopback interface for as long as each hook runs
+small server the engine runs on the loopback interface while hooks run
 (:class:`StepServer`): the engine keeps the item's lease and the step positions, and records
 every step itself.
 
@@ -378,6 +378,65 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
         return None
 
 
+class _Listener:
+    """The loopback socket every hook run of one event loop reaches the engine on: a call
+    presents its run's token, which chooses the :class:`StepServer` that answers. It is open
+    while a run lasts (one socket for all the runs at once, not one each)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.runs: dict[str, StepServer] = {}
+        self.address = ""
+        self._server: asyncio.Server | None = None
+
+    async def enter(self, run: StepServer) -> str:
+        self.runs[run.token] = run
+        if self._server is None:
+            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            if self._server is None and self.runs:
+                self._server = server
+                host, port = server.sockets[0].getsockname()[:2]
+                self.address = f"{host}:{port}"
+            else:  # another run opened one meanwhile, or every run ended meanwhile
+                server.close()
+        return self.address
+
+    def leave(self, run: StepServer) -> None:
+        self.runs.pop(run.token, None)
+        if not self.runs and self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await read_frame(reader, _MAX_HEADER)
+            if head is None:
+                return
+            ask = msgspec.json.decode(head)
+            run = self.runs.get(str(ask.get("token", ""))) if isinstance(ask, dict) else None
+            if run is not None:  # else not a hook's of a run still going
+                await run.answer(ask, reader, writer)
+        except (AnimusError, msgspec.DecodeError) as e:
+            write_frame(writer.write, msgspec.json.encode({"error": str(e)}))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+_listener: _Listener | None = None
+
+
+def _listener_here() -> _Listener:
+    global _listener
+    loop = asyncio.get_running_loop()
+    if _listener is None or _listener.loop is not loop:
+        _listener = _Listener(loop)
+    return _listener
+
+
 class StepServer:
     """Serves the ``animus step`` calls of one hook run, for as long as the run lasts: on
     ``127.0.0.1``, to callers that present the run's token (given in the hook's
@@ -388,53 +447,48 @@ class StepServer:
         self.token = secrets.token_hex(16)
         #: what must fail the phase whatever the hook's exit status (the order changed)
         self.failure: PhaseFailed | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: _Listener | None = None
+        self._address = ""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> StepServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._listener = _listener_here()
+        self._address = await self._listener.enter(self)
         return self
 
     @property
     def env(self) -> dict[str, str]:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return {ADDRESS_VAR: f"{host}:{port}", TOKEN_VAR: self.token}
+        assert self._listener is not None
+        return {ADDRESS_VAR: self._address, TOKEN_VAR: self.token}
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.leave(self)
         for task in list(self._tasks):  # a step the hook left behind records nothing
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(self, ask: dict[str, Any], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """Answer the call whose first message (with this run's token) was ``ask``."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._exchange(reader, writer)
+            await self._exchange(ask, reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self._tasks.discard(task)
-            writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader,
+    async def _exchange(self, ask: dict[str, Any], reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         def reply(value: dict[str, Any]) -> None:
             write_frame(writer.write, msgspec.json.encode(value))
 
         try:
-            head = await read_frame(reader, _MAX_HEADER)
-            if head is None:
-                return
-            ask = msgspec.json.decode(head)
-            if not isinstance(ask, dict) or not secrets.compare_digest(
-                    str(ask.get("token", "")), self.token):
-                return  # not this run's hook
             name: Any = ask.get("name")
             started_at, started = datetime.now(UTC), time.perf_counter()
             position, known = await self.durable.hook_step(name)
