@@ -63,7 +63,7 @@ from animus_core.runtime.leases import LeaseKeeper
 from animus_core.runtime.listener import Listener
 from animus_core.runtime.reserve import Held, Reserve
 from animus_core.runtime.routing import Routing
-from animus_core.runtime.runner import FocusRunner, open_memory
+from animus_core.runtime.runner import FocusRunner, open_memory, spans_recorded
 from animus_core.runtime.sealer import Sealer
 from animus_core.runtime.stops import FocusStops
 from animus_core.runtime.ticks import tick
@@ -310,6 +310,7 @@ class Engine:
         await until("look for unroutable work", self._report_unroutable_backlog, self.stopping)
         self._foci, runner.workspace = await asyncio.to_thread(
             open_workspace, self.foci_root, self.hook_env, keep_failed=self.options.keep_foci)
+        runner.traced = spans_recorded()
         if os.environ.get("ANTHROPIC_API_KEY"):  # the Claude loop's SDK, imported now in a
             # worker thread: imported by the first focus that engages Claude, it held the
             # event loop for up to a second or two on a busy machine (leases unextended)

@@ -50,9 +50,10 @@ from animus_core.values.version import __version__
 from animus_core.values.waits import Resume, Suspended
 from animus_core.values.work import Lease, WorkItem
 
-__all__ = ["FocusRunner", "open_memory"]
+__all__ = ["FocusRunner", "open_memory", "spans_recorded"]
 
 _log = logging.getLogger("animus.engine")
+_NULL_HASH = canonical_hash(None, nfc=True)  # the outcome of most foci
 
 
 class FocusRunner:
@@ -73,6 +74,9 @@ class FocusRunner:
         self.memory: Memory | None = None
         self.memory_problem = "memory is not configured for this engine"
         self.environment_hash = ""
+        #: whether spans are recorded (a tracer provider was installed when the engine started)
+        self.traced = False
+        self._faculty_hashes: dict[str, tuple[dict[str, Any], str]] = {}  # by faculty name
         self._identities: set[str] = set()  # faculty hashes whose files were looked at
         self._files_kept: set[str] = set()  # digests whose text is in animus.faculty_files
         self._keeping: set[asyncio.Task[None]] = set()
@@ -123,7 +127,12 @@ class FocusRunner:
                 params_hash: str, *, outcome: Any = None,
                 error: str | None = None) -> ExecutionRecord:
         identity = fac.identity()
-        faculty_hash = canonical_hash(identity)
+        known = self._faculty_hashes.get(fac.name)
+        if known is not None and known[0] == identity:
+            faculty_hash = known[1]
+        else:
+            faculty_hash = canonical_hash(identity)
+            self._faculty_hashes[fac.name] = (identity, faculty_hash)
         if faculty_hash not in self._identities:  # a faculty, or a version of its files, new
             self._identities.add(faculty_hash)
             self._keep_files(fac)
@@ -134,7 +143,8 @@ class FocusRunner:
             engine_version=__version__, environment_hash=self.environment_hash,
             models=sorted(focus.llm_usage), error=error, started_at=started_at,
             steps=focus.steps.summary() if focus.steps is not None else None,
-            outcome_hash=canonical_hash(outcome, nfc=True) if result == "completed" else None)
+            outcome_hash=(None if result != "completed" else _NULL_HASH if outcome is None
+                          else canonical_hash(outcome, nfc=True)))
 
     def _keep_files(self, fac: Faculty) -> None:
         """Keep the text of the faculty's files the first time this engine records their
@@ -189,7 +199,7 @@ class FocusRunner:
         hashed = ""
         # Nobody records spans without a tracer provider: skip building them (a third of the
         # per-item cost of a trivial focus). Hooks still continue the item's own trace.
-        traced = _traced()
+        traced = self.traced
         token = None
         if traced:
             focus_span = tracer.start_span(
@@ -344,7 +354,7 @@ class FocusRunner:
         verdict: bool | None = None
         try:
             if not final:  # retrying cannot change a rule's answer
-                verdict = await self._phase(fac, "recover", focus, flight, _traced(),
+                verdict = await self._phase(fac, "recover", focus, flight, self.traced,
                                             error=error, phase=phase)
         except Exception as e:
             note = f" (recover failed too: {redactor.text(describe(e, 'recover', fac))})"
@@ -386,9 +396,9 @@ async def _flush_steps(focus: Focus) -> None:
         _log.debug("could not record the resumed steps of %s: %s", focus.work.id, e)
 
 
-def _traced() -> bool:
+def spans_recorded() -> bool:
     """Whether spans are recorded: a tracer provider is installed (or the module's tracer
-    was made by one)."""
+    was made by one). The engine asks once, as it starts."""
     return not (isinstance(tracer, trace.ProxyTracer) and not tracing())
 
 

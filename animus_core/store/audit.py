@@ -134,7 +134,29 @@ def _record_hash(prev: bytes, record: Any, key: bytes | None = None) -> tuple[by
                   payload), problem or None)
 
 
+#: the canonical text of the JSON texts hashed lately: most audit rows repeat a handful of
+#: payloads (``{"attempts": 1}``) and one provenance per writer, so the sealer decodes and
+#: re-encodes each of them once, not once per row
+_CANONICAL: dict[str, tuple[str, str | None]] = {}
+_CANONICAL_MOST = 4096
+_CANONICAL_LONGEST = 512  # characters: longer texts are rarely repeated, and not kept
+
+
 def _json_text(text: str) -> tuple[str, str | None]:
+    """The canonical text of a JSON column as Postgres prints it, and what kept it from
+    one (``None`` for a value inside the value model)."""
+    known = _CANONICAL.get(text)
+    if known is not None:
+        return known
+    found = _canonical_text(text)
+    if len(text) <= _CANONICAL_LONGEST:
+        if len(_CANONICAL) >= _CANONICAL_MOST:
+            _CANONICAL.clear()
+        _CANONICAL[text] = found
+    return found
+
+
+def _canonical_text(text: str) -> tuple[str, str | None]:
     try:
         return canonical_text(text), None
     except RecursionError:
@@ -151,22 +173,18 @@ def _hash(prev: bytes, key: bytes | None, id_: int, work_id: UUID | str, event: 
           at: datetime | str, payload: str) -> bytes:
     # canonical_json of the row as one object, written out with its keys in canonical order
     # (provenance and payload arrive as canonical text)
-    body = "".join((
-        '{"at":', canonical_string(
-            at if isinstance(at, str) else at.astimezone(UTC).isoformat(timespec="microseconds")),
-        ',"db_user":', canonical_string(db_user),
-        ',"event":', canonical_string(event),
-        ',"from_state":', "null" if from_state is None else canonical_string(from_state),
-        ',"id":', str(id_) if abs(id_) < 2**53 else canonical_json(id_),
-        ',"payload":', payload,
-        ',"provenance":', provenance,
-        ',"to_state":', "null" if to_state is None else canonical_string(to_state),
-        ',"work_id":', canonical_string(str(work_id)),
-        "}",
-    ))
+    if not isinstance(at, str):
+        at = at.astimezone(UTC).isoformat(timespec="microseconds")
+    body = (f'{{"at":{canonical_string(at)},"db_user":{canonical_string(db_user)},'
+            f'"event":{canonical_string(event)},'
+            f'"from_state":{"null" if from_state is None else canonical_string(from_state)},'
+            f'"id":{id_ if abs(id_) < 2**53 else canonical_json(id_)},"payload":{payload},'
+            f'"provenance":{provenance},'
+            f'"to_state":{"null" if to_state is None else canonical_string(to_state)},'
+            f'"work_id":{canonical_string(str(work_id))}}}').encode()
     if key is None:
-        return hashlib.sha256(prev + body.encode("utf-8")).digest()
-    return hmac.digest(key, prev + body.encode("utf-8"), "sha256")
+        return hashlib.sha256(prev + body).digest()
+    return hmac.digest(key, prev + body, "sha256")
 
 
 # Rows waiting for a seal: past the highest sealed id, or in a gap that has since filled.
