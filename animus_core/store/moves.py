@@ -17,7 +17,12 @@ import msgspec
 
 from animus_core.store.base import DEFAULT_QUEUE, check_reason, transition, work_id
 from animus_core.store.errors import errors
-from animus_core.store.records import copy_executions, execution_json
+from animus_core.store.records import (
+    copy_executions,
+    execution_json,
+    executions_json,
+    then_record_executions,
+)
 from animus_core.store.steps import WorkSteps
 from animus_core.values import json_values
 from animus_core.values.errors import InvalidInput, LeaseLost
@@ -30,6 +35,8 @@ from animus_core.values.work import Claimed, Lease, WorkItem
 __all__ = ["DeadLetter", "Retry", "WorkMoves"]
 
 _MAX_DELAY = 7 * 86_400
+_COMPLETE = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
+_COMPLETE_RECORDED = then_record_executions(_COMPLETE, 6)
 
 
 class Retry(msgspec.Struct, frozen=True):
@@ -121,25 +128,24 @@ class WorkMoves(WorkSteps):
         # The outcomes go as JSON text: in a jsonb[] argument asyncpg would take a list
         # outcome for a nested array dimension (and keep only its first element).
         data = [_outcome_json(d[1]) for d in done]
-        args = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
-                [d[0].token for d in done], data, [d[2] for d in done])
-        sql = "SELECT animus.complete($1, $2, $3, $4::text[]::jsonb[], $5)"
+        args: tuple[Any, ...] = ([d[0].work_id for d in done], [d[0].msg_id for d in done],
+                                 [d[0].token for d in done], data, [d[2] for d in done])
+        sql = _COMPLETE
+        if executions:  # with the move, in the same statement
+            sql, args = _COMPLETE_RECORDED, (*args, executions_json(executions))
         if conn is not None:
             if steps:
                 await self.record_steps(steps, conn=conn)
             with errors():
                 await conn.execute(sql, *args)
-                await copy_executions(conn, executions)
         else:
             async with self.connection() as c:
-                if not executions and not steps:  # one statement: atomic without BEGIN/COMMIT
+                if not steps:  # one statement: atomic without BEGIN/COMMIT
                     await c.execute(sql, *args)
                 else:
                     async with c.transaction():
-                        if steps:
-                            await self.record_steps(steps, conn=c)
+                        await self.record_steps(steps, conn=c)
                         await c.execute(sql, *args)
-                        await copy_executions(c, executions)
         transition("running", "completed", len(done))  # counted once it is done
 
     async def fail(self, lease: Lease, error: str, *, duration_ms: int | None = None,

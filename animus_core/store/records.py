@@ -20,7 +20,8 @@ from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["WorkRecords", "copy_executions", "execution_json"]
+__all__ = ["WorkRecords", "copy_executions", "execution_json", "executions_json",
+           "then_record_executions"]
 
 
 class WorkRecords(WorkReads):
@@ -194,6 +195,22 @@ _INSERT_EXECUTIONS = f"""
       FROM json_populate_recordset(NULL::animus.execution_records, $1::json)"""
 
 
+def then_record_executions(moves: str, param: int) -> str:
+    """One statement: ``moves`` (a SELECT of the function that ends the attempts), then
+    the execution records of JSON parameter ``$param`` (:func:`executions_json`), appended
+    only once it succeeded (the subquery runs first), and with it or not at all. A batch of
+    short foci completes in one round trip instead of four (BEGIN, the move, the records,
+    COMMIT)."""
+    return f"""WITH moved AS MATERIALIZED ({moves})
+    {_INSERT_EXECUTIONS.strip().replace("$1", f"${param}")}
+     WHERE (SELECT count(*) FROM moved) >= 0"""
+
+
+def executions_json(executions: Sequence[ExecutionRecord]) -> str:
+    """Execution records as the JSON parameter of :data:`_INSERT_EXECUTIONS`."""
+    return msgspec.json.encode(executions).decode()
+
+
 def execution_json(execution: ExecutionRecord | None) -> msgspec.Raw | None:
     """One execution record as a ``jsonb`` argument, encoded once (its fields name the
     columns of ``animus.execution_records``)."""
@@ -208,4 +225,4 @@ async def copy_executions(conn: asyncpg.Connection,
     # One statement and one JSON parameter for the batch (cheaper to build than an array
     # per column); the records' own fields name the columns.
     with errors():
-        await conn.execute(_INSERT_EXECUTIONS, msgspec.json.encode(executions).decode())
+        await conn.execute(_INSERT_EXECUTIONS, executions_json(executions))
