@@ -67,7 +67,11 @@ CREATE FUNCTION animus.archive_messages(p_queue text, p_msg_ids bigint[]) RETURN
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 BEGIN
-    EXECUTE format('SELECT animus.%I($1)', 'q_' || p_queue || '_archive') USING p_msg_ids;
+    IF p_queue = 'work' THEN
+        PERFORM animus.q_work_archive(p_msg_ids);
+    ELSE
+        EXECUTE format('SELECT animus.%I($1)', 'q_' || p_queue || '_archive') USING p_msg_ids;
+    END IF;
 END
 $_$;
 
@@ -216,8 +220,13 @@ DECLARE
     v_claimed int;
     v_stale uuid[];
 BEGIN
-    EXECUTE format('SELECT * FROM animus.%I($1, $2, $3, $4)', 'q_' || p_queue || '_claim')
-       INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds, clock_timestamp();
+    IF p_queue = 'work' THEN
+        SELECT q.msg_ids, q.read_cts, q.ids INTO v_msgs, v_reads, v_ids
+          FROM animus.q_work_claim(p_qty, p_work_types, p_vt_seconds, clock_timestamp()) AS q;
+    ELSE
+        EXECUTE format('SELECT * FROM animus.%I($1, $2, $3, $4)', 'q_' || p_queue || '_claim')
+           INTO v_msgs, v_reads, v_ids USING p_qty, p_work_types, p_vt_seconds, clock_timestamp();
+    END IF;
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -985,6 +994,9 @@ CREATE FUNCTION animus.queue_send(p_queue text, p_message jsonb, p_at timestamp 
 DECLARE
     v_msg bigint;
 BEGIN
+    IF p_queue = 'work' THEN
+        RETURN animus.q_work_send(p_message, p_at);
+    END IF;
     EXECUTE format('SELECT animus.%I($1, $2)', 'q_' || p_queue || '_send')
        INTO v_msg USING p_message, p_at;
     RETURN v_msg;
@@ -998,6 +1010,9 @@ CREATE FUNCTION animus.queue_set_vt(p_queue text, p_msg_id bigint, p_at timestam
 DECLARE
     v_moved text;
 BEGIN
+    IF p_queue = 'work' THEN
+        RETURN animus.q_work_set_vt(p_msg_id, p_at, p_skip_locked);
+    END IF;
     EXECUTE format('SELECT animus.%I($1, $2, $3)', 'q_' || p_queue || '_set_vt')
        INTO v_moved USING p_msg_id, p_at, p_skip_locked;
     RETURN v_moved;
