@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from animus_core.store.audit import UNSEALED_SQL
 from benchmarks import (
     bench_agents,
     bench_console,
     bench_cycle,
+    bench_engine,
     bench_fleet,
     bench_mcp,
     bench_mvcc,
@@ -33,6 +35,23 @@ async def test_the_cpu_meter_finds_the_server_and_sees_its_work(db_url):
     assert use.server is not None
     assert use.server > 0.05  # a few hundred milliseconds of one backend's CPU
     assert use.own >= 0
+
+
+async def test_the_drain_also_counts_the_cpu_of_sealing_its_audit_rows(server_url, tmp_path):
+    """bench_engine's drain: besides the CPU until the last completion (which leaves audit
+    rows to the sealer), the CPU until every audit row of the drain is sealed, and they are."""
+    url = await bench_engine.fresh_animus_db(bench_engine.Server(server_url),
+                                             "animus_bench_drain_smoke")
+    meter = await CpuMeter.for_server(url)
+    line, stats = await bench_engine.drain_animus(url, tmp_path, 500, meter)
+    assert line.cpu is not None
+    own, server = line.cpu.per_item()
+    sealed = stats["cpu_us_per_item_every_row_sealed"]
+    assert sealed["process"] >= own > 0, (line, stats)
+    assert server is not None
+    assert sealed["server"] >= server > 0, (line, stats)
+    async with raw(url) as conn:
+        assert await conn.fetchval(UNSEALED_SQL) == 0
 
 
 def test_cpu_per_item_in_microseconds():
