@@ -505,10 +505,15 @@ async def drain_animus(url: str, home: Path, n: int,
                    if run.cpu_started and run.completions.cpu_at else None)
             # sealing owed when the clock stopped: sealed now, by the engine's own Db (beside
             # its sealer, under the same lock), for the cost of the whole trail
-            backlog = await conn.fetchval(UNSEALED_SQL)
-            while await conn.fetchval(UNSEALED_SQL):
-                if not await run.db.seal_audit():
-                    await asyncio.sleep(0.01)  # the engine's sealer holds the lock
+            backlog = left = await conn.fetchval(UNSEALED_SQL)
+            give_up = clock() + 60
+            while left:
+                if not await run.db.seal_audit():  # the engine's sealer holds the lock
+                    if clock() > give_up:
+                        raise RuntimeError(f"{left} audit rows of the drain stayed unsealed "
+                                           "for 60 s (a keyed chain and no audit key here?)")
+                    await asyncio.sleep(0.01)
+                left = await conn.fetchval(UNSEALED_SQL)
             sealed = (CpuUse.between(n, run.cpu_started, meter.read())
                       if meter is not None and run.cpu_started else None)
         states = {r["state"]: r["n"] for r in await conn.fetch(

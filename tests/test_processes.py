@@ -45,7 +45,7 @@ def test_output_and_exit_status_on_each_loop(tmp_path, monkeypatch, loop, pidfd)
             kill_group(int(pidfile.read_text()))
 
 
-async def test_a_command_that_cannot_start_is_an_os_error(tmp_path):
+def test_a_command_that_cannot_start_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         Child.start([str(tmp_path / "nowhere")])
 

@@ -146,8 +146,11 @@ def _exactly(conn: socket.socket, size: int) -> bytes:
     while got < size:
         chunk = conn.recv(min(size - got, 1 << 20))
         if not chunk:
-            raise StepRefused("the engine closed the connection before it answered (the hook "
-                              "ended, or the engine stops)")
+            raise StepRefused("the engine closed the connection before it answered: the hook "
+                              "run that ANIMUS_STEP_TOKEN names has ended, the token is no "
+                              "running hook's, or the engine stops. Call animus step only "
+                              "from the hook the engine started, with the environment it gave "
+                              "that hook")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)

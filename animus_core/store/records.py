@@ -189,10 +189,16 @@ _EXECUTION_COLUMNS = ["work_id", "attempt", "result", "work_type", "params_hash"
                       "faculty_hash", "engine_version", "environment_hash", "models",
                       "outcome_hash", "error", "started_at", "steps"]
 
-_INSERT_EXECUTIONS = f"""
-    INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})
+
+def _insert_executions(param: int) -> str:
+    """The INSERT of the execution records of JSON parameter ``$param``
+    (:func:`executions_json`)."""
+    return f"""INSERT INTO animus.execution_records ({", ".join(_EXECUTION_COLUMNS)})
     SELECT {", ".join(_EXECUTION_COLUMNS)}
-      FROM json_populate_recordset(NULL::animus.execution_records, $1::json)"""
+      FROM json_populate_recordset(NULL::animus.execution_records, ${param}::json)"""
+
+
+_INSERT_EXECUTIONS = _insert_executions(1)
 
 
 def then_record_executions(moves: str, param: int) -> str:
@@ -202,12 +208,12 @@ def then_record_executions(moves: str, param: int) -> str:
     short foci completes in one round trip instead of four (BEGIN, the move, the records,
     COMMIT)."""
     return f"""WITH moved AS MATERIALIZED ({moves})
-    {_INSERT_EXECUTIONS.strip().replace("$1", f"${param}")}
+    {_insert_executions(param)}
      WHERE (SELECT count(*) FROM moved) >= 0"""
 
 
 def executions_json(executions: Sequence[ExecutionRecord]) -> str:
-    """Execution records as the JSON parameter of :data:`_INSERT_EXECUTIONS`."""
+    """Execution records as the JSON parameter of :func:`_insert_executions`."""
     return msgspec.json.encode(executions).decode()
 
 
