@@ -13,17 +13,21 @@ waits). Faculties:
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import AsyncIterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from animus_core import Created, NewWorkItem, State, __version__
 from animus_core.store.db import Db
 from animus_core.values.canonical import canonical_hash
-from animus_core.values.records import environment, file_digest
+from animus_core.values.records import environment, file_digest, name_and_version
 from tests.conftest import ROOT
 from tests.engine_helpers import (
     RunningEngine,
@@ -383,3 +387,38 @@ def test_a_file_changed_moments_ago_is_not_remembered(tmp_path: Path) -> None:
     first = file_digest(path)
     path.write_bytes(b"bbbb")
     assert file_digest(path) != first
+
+
+# -- the environment's distributions ---------------------------------------------------------
+
+
+def test_every_installed_distribution_reads_as_its_metadata_parser_reads_it() -> None:
+    dists = list(metadata.distributions())
+    assert len(dists) > 20
+    for dist in dists:
+        assert name_and_version(dist) == (dist.metadata["Name"], dist.version), dist._path  # type: ignore[attr-defined]
+
+
+_KEYS = st.sampled_from(["Name", "Version", "Name", "Version", "name", "VERSION", "Summary",
+                         "Metadata-Version", "From ", "Name ", " Name", ""])
+_VALUES = st.one_of(st.sampled_from(["", " 1.0", "\tx ", " a b  ", ":", " é\x0b"]),
+                    st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]),
+                            max_size=12))
+
+
+@settings(max_examples=400)
+@given(headers=st.lists(st.tuples(_KEYS, _VALUES, st.booleans()), max_size=6),
+       breaks=st.sampled_from(["\n", "\r\n", "\r"]),
+       body=st.sampled_from(["", "\n", "\nName: other\nVersion: 9\n", "\n\nVersion: 8"]))
+def test_name_and_version_read_as_the_email_parser_reads_them(
+        headers: list[tuple[str, str, bool]], breaks: str, body: str) -> None:
+    lines = []
+    for key, value, folded in headers:
+        lines.append(f"{key}:{value}" if key else value)
+        if folded:
+            lines.append(" goes on")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "METADATA").write_text(breaks.join(lines) + body.replace("\n", breaks),
+                                         encoding="utf-8", newline="")
+        dist = metadata.PathDistribution(Path(tmp))
+        assert name_and_version(dist) == (dist.metadata["Name"], dist.version)

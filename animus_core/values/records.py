@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -65,9 +67,9 @@ def environment() -> tuple[str, dict[str, Any]]:
     """This process's environment and its hash."""
     dists = {}
     for dist in metadata.distributions():
-        name = dist.metadata["Name"]
+        name, version = name_and_version(dist)
         if name:
-            dists[name.lower()] = dist.version
+            dists[name.lower()] = version
     env = {
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
@@ -75,6 +77,50 @@ def environment() -> tuple[str, dict[str, Any]]:
         "distributions": dict(sorted(dists.items())),
     }
     return canonical_hash(env), env
+
+
+def name_and_version(dist: metadata.Distribution) -> tuple[str | None, str | None]:
+    """A distribution's ``Name`` and ``Version`` as its metadata gives them, read from the
+    header lines of its metadata file. Parsing the whole file as an email message (what
+    ``dist.metadata`` does, twice with ``dist.version``) took 36 ms of an engine's start for
+    a hundred distributions; headers that are not plain ``Key: value`` lines (folded onto the
+    next line, malformed) or a field missing are left to that parser."""
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+    found: dict[str, str] = {}
+    key = ""
+    for line in _header_lines(text or ""):
+        if not line:
+            break  # the end of the headers
+        if line[0] in " \t":  # the previous header goes on
+            if key in ("name", "version"):
+                return dist.metadata["Name"], dist.version
+            continue
+        if len(found) == 2:
+            break  # both, and neither folded: the lines after cannot change them
+        header = _HEADER.match(line)
+        if header is None:
+            return dist.metadata["Name"], dist.version
+        key = header[1].lower()
+        if key in ("name", "version"):
+            found.setdefault(key, header[2].lstrip(" \t"))
+    if len(found) == 2:
+        return found["name"], found["version"]
+    return dist.metadata["Name"], dist.version
+
+
+def _header_lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` up to the first empty one (which ends an email's headers)."""
+    pos = 0
+    while pos < len(text):
+        line = _LINE.match(text, pos)
+        assert line is not None  # it matches the empty string
+        yield line[1]
+        pos = line.end()
+
+
+#: a line and its break, and a header line, as Python's email parser reads them
+_LINE = re.compile(r"([^\r\n]*)(?:\r\n|\r|\n|$)")
+_HEADER = re.compile(r"([\041-\071\073-\176]+):(.*)", re.DOTALL)
 
 
 # Digests by (path, inode, size, mtime, ctime): a hook's interpreter or script is hashed once,
