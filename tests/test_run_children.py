@@ -384,6 +384,26 @@ def test_child_results_round_trip_and_raise_for_failures() -> None:
         Wait(kind="sleep", position=1, until="2030-01-01T00:00:00+00:00", children=["x"])
 
 
+async def test_a_merged_child_follows_an_item_completed_in_a_batch(db):
+    """Completed with another item in one statement (a batch is audited by statement), the
+    item a child was merged into still wakes the child's parent."""
+    live = await db.submit_work(NewWorkItem("external", source="t").dedup_key("batched"))
+    other = await db.submit_work(NewWorkItem("external", source="t"))
+    assert isinstance(live, Created)
+    assert isinstance(other, Created)
+    c = await running(db, "mother")
+    [child] = await submitted(db, c.lease,
+                              NewWorkItem("external", source="t").dedup_key("batched"))
+    item = await db.suspend(c.lease, Wait.for_children(2, [child]), wake_at=None,
+                            execution=suspended_record(c))
+    assert item.state == State.WAITING
+    held = await db.claim(work_types=["external"], limit=2, lease_seconds=60, start=True)
+    assert {x.item.id for x in held} == {live.id, other.id}
+    await db.complete_many([(x.lease, {"done": True}, 1) for x in held])
+    woke = await db.get_work_item(c.item.id)
+    assert (woke.state, woke.reason) == (State.QUEUED, "woken: its 1 child finished")
+
+
 _finishes = st.sampled_from(["complete", "fail", "cancel"])
 
 

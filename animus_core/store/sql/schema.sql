@@ -2075,7 +2075,10 @@ CREATE FUNCTION animus.work_items_updated() RETURNS trigger
     AS $$
 DECLARE
     v_actor text := animus.actor();
+    v_finished uuid[];
+    v_parent animus.work_items;
 BEGIN
+    WITH audited AS (
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     SELECT n.id,
            CASE WHEN s.from_state = 'running' AND s.to_state = 'waiting' THEN 'suspended'
@@ -2111,7 +2114,11 @@ BEGIN
      WHERE (steps.step = 1 OR n.claim_and_start)
        AND (t.from_state IS NOT NULL
             OR animus.refuse_transition(n.id, s.from_state, s.to_state))
-     ORDER BY n.id, steps.step;
+     ORDER BY n.id, steps.step
+    RETURNING work_id, from_state, to_state)
+    SELECT array_agg(a.work_id) INTO v_finished FROM audited a
+     WHERE a.to_state IN ('completed', 'dead', 'cancelled')
+       AND a.from_state NOT IN ('completed', 'dead', 'cancelled');
 
     INSERT INTO animus.audit_log (work_id, event, from_state, to_state, provenance, payload)
     SELECT n.id, 'changed', n.state, n.state,
@@ -2149,40 +2156,20 @@ BEGIN
                           WHEN 'cancel_requested' THEN c.columns - 'cancel_requested' = '{}'
                           ELSE false END))
      ORDER BY n.id;
-    RETURN NULL;
-END
-$$;
 
-CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-BEGIN
-    PERFORM animus.archive_messages(NEW.queue, ARRAY[NEW.msg_id]);
-    NEW.msg_id := NULL;
-    RETURN NEW;
-END
-$$;
-
-CREATE FUNCTION animus.work_items_wake_parents() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_parent animus.work_items;
-BEGIN
+    -- The items that finished: wake each parent waiting for children none of which is
+    -- unfinished any more (the item's own parent, and the parents of items merged into it),
+    -- as work_items_wake_parents did in a trigger of its own (0020).
+    IF v_finished IS NULL THEN
+        RETURN NULL;
+    END IF;
     FOR v_parent IN
         SELECT p.* FROM animus.work_items p
-         WHERE p.id IN (
-                   WITH finished AS (
-                       SELECT n.id, n.parent_id
-                         FROM new_rows n JOIN old_rows o USING (id)
-                        WHERE n.state IN ('completed', 'dead', 'cancelled')
-                          AND o.state NOT IN ('completed', 'dead', 'cancelled'))
-                   SELECT f.parent_id FROM finished f WHERE f.parent_id IS NOT NULL
-                   UNION
-                   SELECT m.parent_id FROM finished f
-                     JOIN animus.work_items m ON m.merged_into = f.id
-                    WHERE m.parent_id IS NOT NULL)
+         WHERE p.id IN (SELECT n.parent_id FROM new_rows n
+                         WHERE n.id = ANY (v_finished) AND n.parent_id IS NOT NULL
+                        UNION
+                        SELECT m.parent_id FROM animus.work_items m
+                         WHERE m.merged_into = ANY (v_finished) AND m.parent_id IS NOT NULL)
            AND p.state = 'waiting' AND p.wait->>'kind' = 'children'
          ORDER BY p.id
            FOR NO KEY UPDATE OF p
@@ -2197,6 +2184,17 @@ BEGIN
         END IF;
     END LOOP;
     RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION animus.work_items_waiting_unqueued() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    PERFORM animus.archive_messages(NEW.queue, ARRAY[NEW.msg_id]);
+    NEW.msg_id := NULL;
+    RETURN NEW;
 END
 $$;
 
@@ -2543,8 +2541,6 @@ CREATE TRIGGER work_items_waiting_unqueued BEFORE UPDATE ON animus.work_items FO
 
 CREATE TRIGGER work_items_wake_at BEFORE UPDATE ON animus.work_items FOR EACH ROW WHEN (((old.state = 'waiting'::animus.work_state) AND (new.state <> 'waiting'::animus.work_state))) EXECUTE FUNCTION animus.work_items_left_waiting();
 
-CREATE TRIGGER work_items_wake_parents AFTER UPDATE ON animus.work_items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT WHEN ((current_setting('animus.audit_mode'::text, true) = 'statement'::text)) EXECUTE FUNCTION animus.work_items_wake_parents();
-
 ALTER TABLE ONLY animus.approvals
     ADD CONSTRAINT approvals_work_id_fkey FOREIGN KEY (work_id) REFERENCES animus.work_items(id);
 
@@ -2671,5 +2667,3 @@ REVOKE ALL ON FUNCTION animus.work_items_refuse_rewrite() FROM PUBLIC;
 REVOKE ALL ON FUNCTION animus.work_items_session_user() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION animus.work_items_waiting_unqueued() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION animus.work_items_wake_parents() FROM PUBLIC;
