@@ -117,8 +117,11 @@ async def run_producers(url: str, rate: float, seconds: float, producers: int,
 # -- the two runs ------------------------------------------------------------------------------
 
 
-async def drain_rate(server: Server, prefix: str, home: Path, n: int) -> float:
+async def drain_rate(server: Server, prefix: str, home: Path, n: int) -> tuple[float, float | None]:
+    """The engine's drain rate, and the CPU (this process and Postgres) per item it drained
+    over the same interval (None when the server is not on this machine)."""
     url = await fresh_animus_db(server, f"{prefix}_drain")
+    meter = await CpuMeter.for_server(url)
     client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
     try:
         await submit_all(client, noop_items(n))
@@ -129,15 +132,17 @@ async def drain_rate(server: Server, prefix: str, home: Path, n: int) -> float:
                               expect=n) as run:
         # between 10% and 90% of the backlog completed: without the engine's start and end
         counter = run.completions
-        seen: dict[float, tuple[float, int]] = {}
+        seen: dict[float, tuple[float, int, tuple[float, float | None]]] = {}
         while not counter.reached.is_set() and not run.task.done():
             for share in (0.1, 0.9):
                 if share not in seen and counter.items >= share * n:
-                    seen[share] = (time.monotonic(), counter.items)
+                    seen[share] = (time.monotonic(), counter.items, meter.read())
             await asyncio.sleep(0.005)
         await wait_done(run)
-    (t0, c0), (t1, c1) = seen[0.1], seen.get(0.9, (time.monotonic(), n))
-    return (c1 - c0) / (t1 - t0)
+    (t0, c0, cpu0), (t1, c1, cpu1) = seen[0.1], seen.get(0.9, (time.monotonic(), n, meter.read()))
+    cpu = (None if cpu0[1] is None or cpu1[1] is None
+           else (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / (c1 - c0))
+    return (c1 - c0) / (t1 - t0), cpu
 
 
 async def overload(server: Server, prefix: str, home: Path, rate: float, seconds: float,
@@ -197,6 +202,23 @@ async def overload(server: Server, prefix: str, home: Path, rate: float, seconds
     }
 
 
+def ceiling(drain: float, drain_cpu: float | None, r: dict[str, Any]) -> dict[str, float] | None:
+    """What this run's own costs allow: the cores its three parties kept busy while the
+    producers submitted, and the CPU each item cost, drained (``drain_cpu``, from the drain)
+    and submitted (what the window's CPU left once its completions are paid, per item
+    submitted in it). Were submissions held to the completion rate (the most an admission
+    limit could do), those cores would complete ``busy / (submit + drain)`` items a second."""
+    if drain_cpu is None or r["server_cores"] is None:
+        return None
+    busy = r["engine_cores"] + r["server_cores"] + r["producer_cores"]
+    submitted = r["submit_rate"] * r["window_seconds"]
+    spent = busy * r["window_seconds"] - r["completed_in_window"] * drain_cpu
+    submit_cpu = spent / submitted
+    return {"busy_cores": busy, "drain_cpu_us": drain_cpu * 1e6,
+            "submit_cpu_us": submit_cpu * 1e6,
+            "ratio": busy / (submit_cpu + drain_cpu) / drain}
+
+
 def section(drain: float, r: dict[str, Any], args: argparse.Namespace) -> Section:
     lines = [
         Line("drain rate, nobody submitting (baseline)", drain, "items/s", args.drain),
@@ -213,9 +235,21 @@ def section(drain: float, r: dict[str, Any], args: argparse.Namespace) -> Sectio
         Line("cores busy while they submit: Postgres", r["server_cores"], "cores"),
         Line("cores busy while they submit: the producers", r["producer_cores"], "cores"),
     ]
+    most = r.get("ceiling")
+    if most is not None:
+        lines += [
+            Line("CPU per item drained (the drain: engine + Postgres)", most["drain_cpu_us"],
+                 "us"),
+            Line("CPU per item submitted (the window: producers + Postgres)",
+                 most["submit_cpu_us"], "us"),
+            Line("ceiling: completions held to submissions, on the cores busy here",
+                 most["ratio"] * drain, "items/s"),
+        ]
     checks = [
         Check("completion rate under overload / drain rate", r["completion_rate"] / drain,
               TARGET),
+        *([Check("ceiling / drain rate (this machine)", most["ratio"], None)]
+          if most is not None else []),
         Check("producers reached / asked for", r["submit_rate"] / r["asked_rate"], None),
         Check("items completed / submitted", r["completed"] / max(1, r["submitted"]), 1.0),
         Check("items run twice", r["run_twice"], 0, "<="),
@@ -230,7 +264,10 @@ def section(drain: float, r: dict[str, Any], args: argparse.Namespace) -> Sectio
          f"completion rate over the producers' window after its first {WARMUP:.0%}"],
         lines=lines, checks=checks,
         notes=[f"the machine has {os.cpu_count()} cores: the producers' CPU is taken from "
-               "the engine's and Postgres's when all are busy"])
+               "the engine's and Postgres's when all are busy",
+               "ceiling: the cores the three kept busy in the window, divided by what an item "
+               "costs submitted and drained (each as measured in this run): the completion "
+               "rate were submissions held to it, the most an admission limit could give"])
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,12 +279,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = load()
     with tempfile.TemporaryDirectory(prefix="animus-bench-overload-") as tmp:
         print(f"  drain of {args.drain} items...", file=sys.stderr, flush=True)
-        drain = await drain_rate(server, args.database, Path(tmp) / "drain", args.drain)
+        drain, drain_cpu = await drain_rate(server, args.database, Path(tmp) / "drain",
+                                            args.drain)
         rate = drain * args.factor
         print(f"  overload: {rate:.0f} items/s for {args.seconds:g} s...", file=sys.stderr,
               flush=True)
         result = await overload(server, args.database, Path(tmp) / "overload", rate,
                                 args.seconds, args.producers, args.batch)
+    result["ceiling"] = ceiling(drain, drain_cpu, result)
     report_section = section(drain, result, args)
     report_section.notes.append(f"load {load_before} -> {load()}")
     return {
