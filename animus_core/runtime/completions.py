@@ -90,17 +90,12 @@ class Completions:
                 return
 
     async def flush(self) -> None:
-        """Record the completions pending now. Those that arrive meanwhile wait for the next
-        call: :meth:`run` makes it ``LINGER`` after this one began (written straight after
-        this one, a busy completer wrote one or two items at a time)."""
         held = 0
-        todo = len(self._pending)
-        while todo > 0 and self._pending:
+        while self._pending:
             # at most BATCH at a time: a completion locks its items until it commits, and a
             # lease extension of the same items (the keeper extends finished foci too) waits
-            size = min(BATCH, todo)
-            batch, self._pending = self._pending[:size], self._pending[size:]
-            records, self._executions = self._executions[:size], self._executions[size:]
+            batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            records, self._executions = self._executions[:BATCH], self._executions[BATCH:]
             leases = {id(done[0]) for done in batch}
             steps = [s for s in self._steps if id(s[0]) in leases]
             self._steps = [s for s in self._steps if id(s[0]) not in leases]
@@ -147,7 +142,6 @@ class Completions:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             finally:
                 self._recording = []
-            todo -= len(batch)
             self.health.reachable()
             if held:
                 _log.info("recorded the finished foci held while the database was unreachable")
