@@ -206,12 +206,13 @@ def ceiling(drain: float, drain_cpu: float | None, r: dict[str, Any]) -> dict[st
     """What this run's own costs allow: the cores its three parties kept busy while the
     producers submitted, and the CPU each item cost, drained (``drain_cpu``, from the drain)
     and submitted (what the window's CPU left once its completions are paid, per item
-    submitted in it). Were submissions held to the completion rate (the most an admission
+    submitted in it: the producers', Postgres's for the submissions, and the engine's for
+    sealing their audit rows). Were submissions held to the completion rate (the most an admission
     limit could do), those cores would complete ``busy / (submit + drain)`` items a second."""
-    if drain_cpu is None or r["server_cores"] is None:
+    submitted = r["submit_rate"] * r["window_seconds"]
+    if drain_cpu is None or r["server_cores"] is None or submitted <= 0:
         return None
     busy = r["engine_cores"] + r["server_cores"] + r["producer_cores"]
-    submitted = r["submit_rate"] * r["window_seconds"]
     spent = busy * r["window_seconds"] - r["completed_in_window"] * drain_cpu
     submit_cpu = spent / submitted
     return {"busy_cores": busy, "drain_cpu_us": drain_cpu * 1e6,
@@ -240,7 +241,7 @@ def section(drain: float, r: dict[str, Any], args: argparse.Namespace) -> Sectio
         lines += [
             Line("CPU per item drained (the drain: engine + Postgres)", most["drain_cpu_us"],
                  "us"),
-            Line("CPU per item submitted (the window: producers + Postgres)",
+            Line("CPU per item submitted (the rest of the window's CPU)",
                  most["submit_cpu_us"], "us"),
             Line("ceiling: completions held to submissions, on the cores busy here",
                  most["ratio"] * drain, "items/s"),
