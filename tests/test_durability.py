@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from animus_core import Created, IllegalTransition, LeaseLost, NewWorkItem, State
+from animus_core.store.db import Db
 from animus_core.values.work import Lease
 from tests.support import counts, raw
 
@@ -321,3 +322,21 @@ async def test_running_item_whose_lease_expires_is_retried_then_dead_lettered(db
         await db.fail(c1.lease, "late")
     with pytest.raises(IllegalTransition):
         await db.complete(c2.lease, None)
+
+
+@pytest.mark.parametrize(("configured", "used"), [
+    ("off", "local"), ("local", "local"), ("on", "on"), ("remote_apply", "remote_apply")])
+async def test_animus_sessions_commit_durably_whatever_the_database_says(db_url, configured,
+                                                                        used):
+    """A claim whose commit a crash of Postgres could lose would hand its lease token out
+    again (the message's read count goes back) while the first engine still runs the focus:
+    animus's sessions raise ``synchronous_commit = off`` to ``local``, and keep the rest."""
+    async with raw(db_url) as conn:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = {configured}')
+    db = await Db.connect(db_url, min_size=1, max_size=1)
+    try:
+        async with db.connection() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == used
+    finally:
+        await db.close()

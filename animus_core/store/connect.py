@@ -119,6 +119,12 @@ def submission_json(entries: list[dict[str, Any]]) -> msgspec.Raw:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
+    # Commits that survive a crash of the server: a claim lost with its commit would give its
+    # message's read count back, and the next claim would hand out the same lease token while
+    # the first engine still runs the focus. A server or database set to `off` (a common
+    # tuning) is raised to `local`; stronger settings (`on`, `remote_apply`, ...) are kept.
+    await conn.execute("SELECT set_config('synchronous_commit', 'local', false) "
+                       "WHERE current_setting('synchronous_commit') = 'off'")
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode, format="text"
     )
