@@ -20,7 +20,6 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -80,47 +79,46 @@ def environment() -> tuple[str, dict[str, Any]]:
 
 
 def name_and_version(dist: metadata.Distribution) -> tuple[str | None, str | None]:
-    """A distribution's ``Name`` and ``Version`` as its metadata gives them, read from the
-    header lines of its metadata file. Parsing the whole file as an email message (what
-    ``dist.metadata`` does, twice with ``dist.version``) took 36 ms of an engine's start for
-    a hundred distributions; headers that are not plain ``Key: value`` lines (folded onto the
-    next line, malformed) or a field missing are left to that parser."""
-    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+    """A distribution's ``Name`` and ``Version`` as its metadata gives them. Parsing the whole
+    metadata file as an email message (what ``dist.metadata`` does, twice with
+    ``dist.version``) took 36 ms of an engine's start for a hundred distributions: the
+    header lines are read instead, and the parser is left what they do not settle."""
+    plain = _plain_name_and_version(dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+                                    or "")
+    return plain if plain is not None else (dist.metadata["Name"], dist.version)
+
+
+def _plain_name_and_version(text: str) -> tuple[str, str] | None:
+    """``Name`` and ``Version`` from the headers of a metadata file, when both are plain
+    ``Key: value`` lines before any line that is not (folded onto the next line, malformed);
+    None otherwise."""
     found: dict[str, str] = {}
     key = ""
-    for line in _header_lines(text or ""):
-        if not line:
-            break  # the end of the headers
-        if line[0] in " \t":  # the previous header goes on
-            if key in ("name", "version"):
-                return dist.metadata["Name"], dist.version
-            continue
-        if len(found) == 2:
-            break  # both, and neither folded: the lines after cannot change them
-        header = _HEADER.match(line)
-        if header is None:
-            return dist.metadata["Name"], dist.version
-        key = header[1].lower()
-        if key in ("name", "version"):
-            found.setdefault(key, header[2].lstrip(" \t"))
-    if len(found) == 2:
-        return found["name"], found["version"]
-    return dist.metadata["Name"], dist.version
-
-
-def _header_lines(text: str) -> Iterator[str]:
-    """The lines of ``text`` up to the first empty one (which ends an email's headers)."""
     pos = 0
     while pos < len(text):
         line = _LINE.match(text, pos)
         assert line is not None  # it matches the empty string
-        yield line[1]
         pos = line.end()
+        if not line[1]:
+            break  # an empty line ends the headers
+        if line[1][0] in " \t":  # the previous header goes on
+            if key in found:
+                return None
+            continue
+        if len(found) == 2:
+            break  # both, and neither folded: the lines after cannot change them
+        header = _HEADER.match(line[1])
+        if header is None:
+            return None
+        key = header[1].lower()
+        if key in ("name", "version"):
+            found.setdefault(key, header[2].lstrip(" \t"))
+    return (found["name"], found["version"]) if len(found) == 2 else None
 
 
 #: a line and its break, and a header line, as Python's email parser reads them
 _LINE = re.compile(r"([^\r\n]*)(?:\r\n|\r|\n|$)")
-_HEADER = re.compile(r"([\041-\071\073-\176]+):(.*)", re.DOTALL)
+_HEADER = re.compile(r"([\041-\071\073-\176]+):(.*)")
 
 
 # Digests by (path, inode, size, mtime, ctime): a hook's interpreter or script is hashed once,
