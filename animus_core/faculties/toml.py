@@ -523,7 +523,8 @@ class CommandFaculty(Faculty):
             raise HookFailed(f"{phase} hook {argv[0]} could not start: {e.strerror}") from None
         guard.watch(proc.pid)  # its own session: the group id is its pid
         try:
-            stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+                stdout, stderr = await proc.communicate()
         except TimeoutError:
             proc.kill_group()
             await proc.wait()

@@ -378,8 +378,11 @@ class Engine:
         backoff = 0.5
         while not self.stopping.is_set():
             self.last_turn = time.monotonic()
+            # asyncio.timeout, not wait_for: no task of its own, so a notification reaches
+            # _fill two turns of the event loop sooner
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.options.poll_interval)
+                async with asyncio.timeout(self.options.poll_interval):
+                    await self._wake.wait()
             if self.stopping.is_set():
                 break
             if not self._wake.is_set():  # the slow fallback poll
