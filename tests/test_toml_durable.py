@@ -5,16 +5,18 @@ hooks count their runs in files."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from animus_core import NewWorkItem, State
-from animus_core.faculties.durable_hooks import parse_suspend
+from animus_core.faculties import durable_hooks
+from animus_core.faculties.durable_hooks import DurableFocus, StepServer, parse_suspend
 from animus_core.faculties.toml import DURABLE_ENV, load_file
 from animus_core.values.errors import ConfigError, InvalidInput
 from tests.engine_helpers import (
@@ -484,3 +486,22 @@ async def test_the_documented_example_runs(db, db_url, tmp_path, cli_env, monkey
     assert item.outcome.data == outcome
     assert [s.name for s in steps] == ["phase orient", "count", "suspend engage", "wait for go",
                                        "phase engage"]
+
+
+async def test_the_step_server_stays_open_between_hook_runs_then_closes(monkeypatch):
+    """One port for hook runs that follow each other (opening one per run cost about as
+    much as the rest of the engine's work on short foci); closed once idle for a while."""
+    monkeypatch.setattr(durable_hooks, "IDLE_CLOSE", 0.2)
+    first = StepServer(cast(DurableFocus, None))
+    async with first:
+        address = first.env["ANIMUS_STEP_ADDRESS"]
+    second = StepServer(cast(DurableFocus, None))
+    async with second:  # straight after: the same server
+        assert second.env["ANIMUS_STEP_ADDRESS"] == address
+    host, port = address.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))  # still open
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.5)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))

@@ -62,6 +62,8 @@ __all__ = [
 PHASES = ("orient", "engage", "consolidate")
 #: Where a hook's ``animus step`` reaches the engine (``host:port``), and its token.
 ADDRESS_VAR = "ANIMUS_STEP_ADDRESS"
+#: seconds the step server stays open after the last hook run ended
+IDLE_CLOSE = 30.0
 TOKEN_VAR = "ANIMUS_STEP_TOKEN"
 #: Set to ``1`` for the run of a hook that resumes its suspended focus.
 RESUMED_VAR = "ANIMUS_RESUMED"
@@ -381,16 +383,22 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
 class _Listener:
     """The loopback socket every hook run of one event loop reaches the engine on: a call
     presents its run's token, which chooses the :class:`StepServer` that answers. It is open
-    while a run lasts (one socket for all the runs at once, not one each)."""
+    while runs last and ``IDLE_CLOSE`` seconds after the last one ended (one socket for all
+    the runs, not one each: opening and closing it for every hook of short foci cost about
+    as much as the rest of the engine's work on them)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.runs: dict[str, StepServer] = {}
         self.address = ""
         self._server: asyncio.Server | None = None
+        self._closing: asyncio.TimerHandle | None = None
 
     async def enter(self, run: StepServer) -> str:
         self.runs[run.token] = run
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         if self._server is None:
             server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
             if self._server is None and self.runs:
@@ -403,6 +411,11 @@ class _Listener:
 
     def leave(self, run: StepServer) -> None:
         self.runs.pop(run.token, None)
+        if not self.runs and self._server is not None and self._closing is None:
+            self._closing = self.loop.call_later(IDLE_CLOSE, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._closing = None
         if not self.runs and self._server is not None:
             self._server.close()
             self._server = None
