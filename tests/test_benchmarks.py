@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
@@ -172,6 +174,29 @@ async def test_the_short_work_benchmark_runs_small(server_url, monkeypatch):
     assert min(rates) > 0
     assert "short-work" in bench_cycle.render(report)
     json.dumps(report)
+
+
+async def test_the_short_work_benchmarks_wait_ends_in_deadline_order_and_never_early():
+    """bench_cycle's work: waits started together end in the order of their deadlines, each
+    no sooner than asked."""
+    clock = bench_cycle.Clock()
+    ended: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        began = time.monotonic()
+        await clock.sleep(seconds)
+        assert time.monotonic() - began >= seconds
+        ended.append(seconds)
+
+    try:
+        await asyncio.gather(wait(0.006), wait(0.002), wait(0.004), wait(0.002))
+    finally:
+        clock.close()
+    assert ended == [0.002, 0.002, 0.004, 0.006]
+    assert clock.waits == 4
+    mean = clock.mean_ms()
+    assert mean is not None
+    assert mean >= 3.5  # (6 + 2 + 4 + 2) / 4 ms at least
 
 
 @pytest.mark.parametrize("argv", [["--concurrency", "0"], ["--work", "0"],
