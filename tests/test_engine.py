@@ -888,6 +888,37 @@ async def test_the_completer_records_a_backlog_in_transactions_of_at_most_a_batc
             "SELECT count(*) FROM animus.work_items WHERE state = 'completed'") == n
 
 
+async def test_completions_that_arrive_while_a_batch_is_written_wait_for_the_next(db, db_url):
+    """Group commit under a steady stream: what finishes while a batch is being written joins
+    the next batch (written LINGER after this one began), not a write of its own straight
+    after this one."""
+    await db.submit_many([NewWorkItem("stream").params({"i": i}) for i in range(3)])
+    first, *later = await db.claim(limit=3, lease_seconds=60, start=True)
+    sizes: list[int] = []
+
+    class Counted(ObservedDb):
+        async def complete_many(self, done: Any, *args: Any, **kwargs: Any) -> None:
+            if not sizes:  # two more foci finish while the first batch is written
+                for c in later:
+                    completer.add(c.lease, None, 1, _record_of(c))
+            await super().complete_many(done, *args, **kwargs)
+            sizes.append(len(done))
+
+    await db.record_environment("env", {"python": "3"})
+    store = await Counted.connect(db_url, max_size=2, actor="test-completer")
+    try:
+        completer = completions.Completions(store, Health(), stop_deadline=lambda: None,
+                                            on_recorded=lambda: None)
+        completer.add(first.lease, None, 1, _record_of(first))
+        await completer.flush()
+        assert sizes == [1]
+        assert len(completer) == 2  # pending: the next batch
+        await completer.flush()
+        assert sizes == [1, 2]
+    finally:
+        await store.close()
+
+
 async def test_a_busy_completer_gathers_completions_and_an_idle_one_writes_at_once(
         db, db_url, monkeypatch):
     """Group commit: the first completion after a quiet spell is written at once; those that

@@ -1,15 +1,18 @@
 """The completer: finished foci are recorded in batches, one round trip for many.
 
-A completion that arrives while the completer is idle is recorded at once. One that
-arrives within ``LINGER`` of the start of the last write waits out the rest of it, with
-those that finish meanwhile (group commit); those that arrive while a write is in flight
-are written as soon as it returns. A focus frees its slot when it hands its completion
-over, so the wait costs no throughput; each transaction costs Postgres about a millisecond
-whatever it carries, and four engines of 64 slots made one for every one or two items.
-Holding those that arrive during a write for the next ``LINGER`` as well halved the
-transactions of a busy completer (one or two items each became four) but cost throughput
-where the cores were not all busy: four slots of 1 ms work ran at 0.71-0.73 of their ideal
-instead of 0.83.
+A completion that arrives while the completer is idle is recorded at once. Under a steady
+stream the completer writes at most once per ``LINGER``: those that finish while a write is
+in flight, or within ``LINGER`` of its start, join the next transaction (group commit). A
+focus frees its slot when it hands its completion over, so the wait costs no throughput;
+each transaction costs Postgres about a millisecond whatever it carries. Written as soon as
+the write before returned, a busy completer wrote one or two items a transaction: four
+command hooks at a time ran at 0.73-0.80 of a plain loop of the same hooks instead of
+0.81-0.88 (four alternating pairs of 900 items). Four slots of 1 ms work seemed to lose
+throughput to the wait (0.83 of their ideal against 0.71), but it was their work, an
+``asyncio.sleep``: the loop's millisecond timers made it 1.19 ms on average in a loop the
+completer woke less often, 1.03 ms in one it woke every 2 ms. With work that ends as I/O
+does (a file descriptor becoming readable), the wait gave 0.77-0.78 of the ideal against
+0.75-0.77 (benchmarks/bench_cycle.py).
 
 While the database is unreachable, finished foci are held (their leases kept by the lease
 keeper) and recorded when it answers, or dropped at the end of a stop's grace period (their
@@ -95,12 +98,16 @@ class Completions:
                 return
 
     async def flush(self) -> None:
+        """Record the completions pending now. Those that arrive meanwhile wait for the next
+        call: :meth:`run` makes it ``LINGER`` after this one began."""
         held = 0
-        while self._pending:
+        todo = len(self._pending)
+        while todo > 0 and self._pending:
             # at most BATCH at a time: a completion locks its items until it commits, and a
             # lease extension of the same items (the keeper extends finished foci too) waits
-            batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
-            records, self._executions = self._executions[:BATCH], self._executions[BATCH:]
+            size = min(BATCH, todo)
+            batch, self._pending = self._pending[:size], self._pending[size:]
+            records, self._executions = self._executions[:size], self._executions[size:]
             leases = {id(done[0]) for done in batch}
             steps = [s for s in self._steps if id(s[0]) in leases]
             self._steps = [s for s in self._steps if id(s[0]) not in leases]
@@ -147,6 +154,7 @@ class Completions:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
             finally:
                 self._recording = []
+            todo -= len(batch)
             self.health.reachable()
             if held:
                 _log.info("recorded the finished foci held while the database was unreachable")
