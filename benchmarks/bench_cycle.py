@@ -167,11 +167,12 @@ def _settime(fd: int, when: float) -> None:
 
 
 class Waiter(Faculty):
-    """Waits ``params["ms"]`` milliseconds in engage (on its :class:`Clock`), nothing else."""
+    """Waits ``params["ms"]`` milliseconds in engage (on its :class:`Clock`, which each run
+    gives its subclass), nothing else."""
 
     name = "bench-cycle"
     accepts = (WORK_TYPE,)
-    clock = Clock()
+    clock: Clock
 
     async def orient(self, focus: Focus) -> Any:
         return None
