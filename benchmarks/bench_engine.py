@@ -8,6 +8,8 @@ Four benchmarks, each on a fresh database of the embedded server (or of the serv
 
 * ``drain``   a no-op Python faculty drains N pre-submitted items; baselines: raw pgmq
               read+archive, pgqueuer and procrastinate running an equivalent no-op job;
+              for context, the same drain without its audit rows, then without those and
+              its execution records (what they cost; never how animus runs);
 * ``wake``    an idle engine (fallback poll 60 s) gets one item at a time: submit commit ->
               orient start; baseline: a bare LISTEN/NOTIFY round trip;
 * ``command`` a TOML faculty with three bash hooks; baseline: a plain loop running the
@@ -362,6 +364,16 @@ class MeteredDb(Db):
         self.completions.count(len(done))
 
 
+class UnrecordedDb(MeteredDb):
+    """For context only, never how animus runs: the real store, dropping the execution
+    records of completions (what the drain costs without them)."""
+
+    async def complete_many(self, done: Sequence[tuple[Lease, Any, int | None]], *args: Any,
+                            **kwargs: Any) -> None:
+        kwargs.pop("executions", None)
+        await super().complete_many(done, *args, **kwargs)
+
+
 @dataclass
 class EngineRun:
     engine: Engine
@@ -385,12 +397,13 @@ class EngineRun:
 async def running_engine(url: str, home: Path, options: EngineOptions, *,
                          faculties: Sequence[Faculty] = (), faculties_dir: Path | None = None,
                          expect: int = 0, meter: CpuMeter | None = None,
+                         store: type[MeteredDb] = MeteredDb,
                          ) -> AsyncIterator[EngineRun]:
     """An engine on ``url`` in this event loop, started and listening when the block begins;
     ``started_at`` is the clock just before ``Engine.run`` was scheduled."""
     settings = Settings(database_url=url, home=home, plugins_autoload=False,
                         faculties_dir=faculties_dir or home / "no-toml-faculties")
-    db = await MeteredDb.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
+    db = await store.connect(url, max_size=ENGINE_POOL, actor="bench-engine")
     completions, claims = CompletionCounter(expect, meter), ClaimCounter()
     db.completions, db.claims = completions, claims
     animus = Animus(settings, db=db, load_entry_points=False,
@@ -482,8 +495,19 @@ async def submit_all(db: Db, items: Sequence[NewWorkItem]) -> None:
         await db.submit_many(items[i : i + SUBMIT_BATCH])
 
 
-async def drain_animus(url: str, home: Path, n: int,
-                       meter: CpuMeter | None = None) -> tuple[Line, dict[str, Any]]:
+#: what a context drain leaves out (never how animus runs): the audit rows of the drain's
+#: moves (their triggers disabled, which takes the table's owner) and the execution records
+WITHOUT = {"audit": "audit rows", "records": "execution records"}
+_AUDIT_TRIGGERS = ("ALTER TABLE animus.work_items DISABLE TRIGGER work_items_audit_update, "
+                   "DISABLE TRIGGER work_item_audit_update")
+
+
+async def drain_animus(url: str, home: Path, n: int, meter: CpuMeter | None = None, *,
+                       without: Sequence[str] = ()) -> tuple[Line, dict[str, Any]]:
+    """The engine drains ``n`` no-op items; with ``without`` (keys of :data:`WITHOUT`), for
+    context, leaving out what it names."""
+    if unknown := set(without) - set(WITHOUT):
+        raise ValueError(f"drain_animus: unknown without {sorted(unknown)}")
     client = await Db.connect(url, min_size=1, max_size=2, actor="bench-submitter")
     try:
         await submit_all(client, noop_items(n))
@@ -491,14 +515,17 @@ async def drain_animus(url: str, home: Path, n: int,
         async with client.connection() as conn:
             await conn.execute("ANALYZE animus.work_items")
             await conn.execute(f'ANALYZE pgmq."q_{DEFAULT_QUEUE}"')
+            if "audit" in without:
+                await conn.execute(_AUDIT_TRIGGERS)
     finally:
         await client.close()
     await checkpoint(url)
     options = EngineOptions(concurrency=DRAIN_CONCURRENCY, lease_seconds=LEASE_SECONDS)
+    store = UnrecordedDb if "records" in without else MeteredDb
     conn = await asyncpg.connect(url)
     try:
         async with running_engine(url, home, options, faculties=[NoopFaculty()],
-                                  expect=n, meter=meter) as run:
+                                  expect=n, meter=meter, store=store) as run:
             seconds = await wait_done(run)
             stats = run.stats()
             cpu = (CpuUse.between(n, run.cpu_started, run.completions.cpu_at)
@@ -527,8 +554,10 @@ async def drain_animus(url: str, home: Path, n: int,
             "process": round(own, 2), "server": None if server is None else round(server, 2)}
     if states != {"completed": n}:
         raise RuntimeError(f"the engine left work behind: {states}")
-    return rate_line(f"animus engine, no-op faculty (concurrency {DRAIN_CONCURRENCY})", n,
-                     seconds, cpu), stats
+    label = f"animus engine, no-op faculty (concurrency {DRAIN_CONCURRENCY})"
+    if without:
+        label = _context_label(without)
+    return rate_line(label, n, seconds, cpu), stats
 
 
 async def drain_raw(url: str, n: int, meter: CpuMeter | None = None) -> Line:
@@ -661,14 +690,20 @@ async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> S
     proc_url = await fresh_database(server.url, f"{prefix}_procrastinate")
     proc = await peer("procrastinate",
                       lambda: drain_procrastinate(proc_url, cfg.n_procrastinate, meter))
+    context = [await context_drain(server, cfg, f"{prefix}_drain_{'_'.join(w)}", home, meter, w)
+               for w in (("audit",), ("audit", "records"))]
     section = Section(
         "drain", "1. native drain: items submitted beforehand, then drained by a no-op job",
         [f"n={cfg.n} (procrastinate: n={cfg.n_procrastinate}, it fetches one job per round "
          "trip)", "each drain timed from worker start until its last item is done; a CHECKPOINT "
          "before each", f"engine: concurrency {DRAIN_CONCURRENCY}, faculty max_concurrent "
-         f"{DRAIN_CONCURRENCY}, pool {ENGINE_POOL}, lease {LEASE_SECONDS}s, audit sealer on"],
-        lines=[ours, raw, pgq, proc, *cpu_lines(
-            {"animus": ours, "raw pgmq": raw, "pgqueuer": pgq, "procrastinate": proc})],
+         f"{DRAIN_CONCURRENCY}, pool {ENGINE_POOL}, lease {LEASE_SECONDS}s, audit sealer on",
+         "context (never how animus runs): the same drain on databases of their own without "
+         "the audit rows of its moves (their triggers disabled), then without those and the "
+         "execution records: what they cost"],
+        lines=[ours, raw, pgq, proc, *context, *cpu_lines(
+            {"animus": ours, "raw pgmq": raw, "pgqueuer": pgq, "procrastinate": proc,
+             **{_short(line): line for line in context}})],
         checks=[
             ratio_check("animus / pgqueuer", ours, pgq, 1.0),
             ratio_check("animus / raw pgmq", ours, raw, 0.33),
@@ -693,7 +728,46 @@ async def bench_drain(server: Server, cfg: Config, prefix: str, home: Path) -> S
         if line.note:
             section.notes.append(f"{line.label} {line.note}")
     section.notes.extend(cpu_notes(ours, pgq, raw))
+    section.notes.extend(context_notes(sealed, context))
     return section
+
+
+async def context_drain(server: Server, cfg: Config, name: str, home: Path, meter: CpuMeter,
+                        without: Sequence[str]) -> Line:
+    """For context: the same drain on a database of its own, leaving out ``without``."""
+    url = await fresh_animus_db(server, name)
+    try:
+        line, _ = await drain_animus(url, home, cfg.n, meter, without=without)
+    except asyncpg.InsufficientPrivilegeError as e:
+        return Line(_context_label(without), None,
+                    "items/s", note=f"not measured: {e} (it takes the owner of the tables)")
+    return line
+
+
+def _context_label(without: Sequence[str]) -> str:
+    return "  context: animus without " + " or ".join(WITHOUT[w] for w in without)
+
+
+def _short(line: Line) -> str:
+    return line.label.replace("  context: animus ", "").replace("execution records", "records")
+
+
+def context_notes(sealed: dict[str, float | None] | None, context: Sequence[Line]) -> list[str]:
+    """What the drain's audit rows and execution records cost per item: the context drains
+    against the drain as animus runs, up to its last audit row sealed (``sealed``)."""
+    if sealed is None or sealed["server"] is None:
+        return []
+    used = (sealed["process"] or 0.0) + sealed["server"]
+    notes = []
+    for line in context:
+        if line.note:
+            notes.append(f"{line.label.strip()}: {line.note}")
+        elif line.cpu is not None and line.cpu.server is not None:
+            less = sum(v or 0.0 for v in line.cpu.per_item())
+            notes.append(f"{line.label.strip()} (never how animus runs): {less:.0f} us "
+                         f"of CPU per item, {used - less:.0f} us less than animus with every "
+                         f"audit row sealed ({used:.0f} us)")
+    return notes
 
 
 def cpu_lines(paths: dict[str, Line]) -> list[Line]:

@@ -57,6 +57,28 @@ async def test_the_drain_also_counts_the_cpu_of_sealing_its_audit_rows(server_ur
         assert await conn.fetchval(UNSEALED_SQL) == 0
 
 
+async def test_the_drains_for_context_leave_out_the_audit_rows_then_the_records(
+        server_url, tmp_path):
+    """bench_engine's context drains write no audit rows for the drain's moves, then no
+    execution records either; the drain as animus runs writes both."""
+    server = bench_engine.Server(server_url)
+    written = {}
+    for without in ((), ("audit",), ("audit", "records")):
+        url = await bench_engine.fresh_animus_db(server, "animus_bench_context_smoke")
+        line, stats = await bench_engine.drain_animus(url, tmp_path, 200, without=without)
+        assert stats["states"] == {"completed": 200}
+        async with raw(url) as conn:
+            written[without] = (
+                await conn.fetchval("SELECT count(*) FROM animus.audit_log"),
+                await conn.fetchval("SELECT count(*) FROM animus.execution_records"))
+        assert ("context" in line.label) == bool(without), line.label
+    assert written[()] == (200 * 4, 200)  # submitted, claimed, running, completed; a record each
+    assert written[("audit",)] == (200, 200)  # the submissions' rows only
+    assert written[("audit", "records")] == (200, 0)
+    with pytest.raises(ValueError, match="unknown"):
+        await bench_engine.drain_animus(url, tmp_path, 1, without=("everything",))
+
+
 def test_cpu_per_item_in_microseconds():
     use = CpuUse.between(1000, (2.0, 10.0), (2.5, 10.25))
     assert use.per_item() == (500.0, 250.0)
