@@ -919,6 +919,38 @@ async def test_completions_that_arrive_while_a_batch_is_written_wait_for_the_nex
         await store.close()
 
 
+async def test_a_completion_the_database_drops_while_its_batch_is_split_is_written_anyway(
+        db, db_url):
+    """A batch refused for one item (its lease lost) is written an item at a time; one of
+    those the database drops meanwhile is written again in the same flush, not left pending
+    with nothing to write it (the engine may be idle, or stopping)."""
+    await db.submit_many([NewWorkItem("split").params({"i": i}) for i in range(2)])
+    kept, lost = await db.claim(limit=2, lease_seconds=60, start=True)
+    await db.complete(lost.lease)  # the batch's other item: no longer held
+    dropped: list[int] = []
+
+    class Dropping(ObservedDb):
+        async def complete_many(self, done: Any, *args: Any, **kwargs: Any) -> None:
+            if len(done) == 1 and done[0][0] is kept.lease and not dropped:
+                dropped.append(1)
+                raise DatabaseUnavailable("lost the database connection: (test) dropped")
+            await super().complete_many(done, *args, **kwargs)
+
+    await db.record_environment("env", {"python": "3"})
+    store = await Dropping.connect(db_url, max_size=2, actor="test-completer")
+    try:
+        completer = completions.Completions(store, Health(), stop_deadline=lambda: None,
+                                            on_recorded=lambda: None)
+        for c in (kept, lost):
+            completer.add(c.lease, None, 1, _record_of(c))
+        await completer.flush()  # as the engine's last flush at a stop
+    finally:
+        await store.close()
+    assert dropped == [1]
+    assert len(completer) == 0
+    assert (await db.get_work_item(kept.item.id)).state == State.COMPLETED
+
+
 async def test_a_busy_completer_gathers_completions_and_an_idle_one_writes_at_once(
         db, db_url, monkeypatch):
     """Group commit: the first completion after a quiet spell is written at once; those that

@@ -488,6 +488,49 @@ async def test_the_documented_example_runs(db, db_url, tmp_path, cli_env, monkey
                                        "phase engage"]
 
 
+async def test_an_engine_that_stops_closes_the_step_server_its_hooks_used(db, db_url, tmp_path):
+    """The step server's idle wait ends with the engine: a loop that closes within it (an
+    engine run with ``asyncio.run``) must not leave the socket listening with nobody to
+    serve it."""
+    toml = write_toml_faculty(tmp_path, "where", hooks={
+        "engage": 'printf \'{"address": "%s"}\' "$ANIMUS_STEP_ADDRESS" > engage-out.json'})
+    item = await run_one(db, db_url, tmp_path, toml)
+    assert item.state == State.COMPLETED, item.reason
+    host, port = item.outcome.data["address"].rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))
+
+
+async def test_a_run_cancelled_while_the_step_server_opens_does_not_keep_it_open(monkeypatch):
+    """A hook run cancelled while the listening socket is being opened leaves no trace: the
+    server then closes once idle, as after any other run."""
+    monkeypatch.setattr(durable_hooks, "IDLE_CLOSE", 0.1)
+    monkeypatch.setattr(durable_hooks, "_listener", None)  # a listener of its own
+    opened = asyncio.Event()
+    real = asyncio.start_server
+
+    async def slow_start(*args: Any, **kwargs: Any) -> Any:
+        server = await real(*args, **kwargs)
+        opened.set()
+        await asyncio.sleep(10)  # cancelled here
+        return server
+
+    monkeypatch.setattr(asyncio, "start_server", slow_start)
+    cancelled = StepServer(cast(DurableFocus, None))
+    task = asyncio.create_task(cancelled.__aenter__())
+    await asyncio.wait_for(opened.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.setattr(asyncio, "start_server", real)
+    run = StepServer(cast(DurableFocus, None))
+    async with run:
+        host, port = run.env["ANIMUS_STEP_ADDRESS"].rsplit(":", 1)
+    await asyncio.sleep(0.4)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))
+
+
 async def test_the_step_server_stays_open_between_hook_runs_then_closes(monkeypatch):
     """One port for hook runs that follow each other (opening one per run cost about as
     much as the rest of the engine's work on short foci); closed once idle for a while."""

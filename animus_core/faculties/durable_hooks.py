@@ -400,7 +400,11 @@ class _Listener:
             self._closing.cancel()
             self._closing = None
         if self._server is None:
-            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            try:
+                server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            except BaseException:  # cancelled, or no socket: this run never started
+                self.leave(run)
+                raise
             if self._server is None and self.runs:
                 self._server = server
                 host, port = server.sockets[0].getsockname()[:2]
@@ -415,7 +419,9 @@ class _Listener:
             self._closing = self.loop.call_later(IDLE_CLOSE, self._close_idle)
 
     def _close_idle(self) -> None:
-        self._closing = None
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         if not self.runs and self._server is not None:
             self._server.close()
             self._server = None
@@ -440,6 +446,14 @@ class _Listener:
 
 
 _listener: _Listener | None = None
+
+
+def close_listener() -> None:
+    """Close this event loop's step server now unless a hook run still uses it: an engine
+    stopping ends its idle wait, which must not outlive the loop (its timer would never fire,
+    and the socket would go on accepting connections nobody serves)."""
+    if _listener is not None and _listener.loop is asyncio.get_running_loop():
+        _listener._close_idle()
 
 
 def _listener_here() -> _Listener:

@@ -20,13 +20,14 @@ from typing import Any
 
 import msgspec
 
-from animus_core.faculties.contract import hookimpl
+from animus_core.faculties.contract import EngineView, hookimpl
 from animus_core.faculties.durable_hooks import (
     ADDRESS_VAR,
     RESUMED_VAR,
     TOKEN_VAR,
     DurableFocus,
     StepServer,
+    close_listener,
     parse_suspend,
     remove,
 )
@@ -560,6 +561,12 @@ class CommandFaculty(Faculty):
         except InvalidInput as e:
             raise HookFailed(f"{phase} hook wrote unreadable output: {e}",
                              kind="bad_output") from None
+
+
+@hookimpl
+def shutdown(engine: EngineView) -> None:
+    """The engine has drained: no hook of its runs, so the step server's idle wait ends."""
+    close_listener()
 
 
 @hookimpl

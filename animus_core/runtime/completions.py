@@ -142,16 +142,25 @@ class Completions:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 continue
             except AnimusError:
+                again: list[Done] = []
+                again_records: list[ExecutionRecord] = []
+                again_steps: Steps = []
                 for one, rec in zip(batch, records, strict=True):  # keep the others
                     own = [s for s in steps if s[0] is one[0]]
                     try:
                         await self.store.complete_many([one], executions=[rec], steps=own)
                     except DatabaseUnavailable:
-                        self._pending.append(one)  # tried again with the next batch
-                        self._executions.append(rec)
-                        self._steps.extend(own)
+                        again.append(one)
+                        again_records.append(rec)
+                        again_steps.extend(own)
                     except AnimusError as e1:
                         _log.warning("could not complete %s: %s", one[0].work_id, e1)
+                # first in this flush's next batch: a database still gone takes the path
+                # above (held, retried, given up at the end of a stop's grace period)
+                self._pending = again + self._pending
+                self._executions = again_records + self._executions
+                self._steps = again_steps + self._steps
+                todo += len(again)
             finally:
                 self._recording = []
             todo -= len(batch)
