@@ -540,6 +540,38 @@ async def test_an_outcome_postgres_cannot_store_fails_the_focus(db, db_url, tmp_
     assert "consolidate failed: outcome.text: contains a NUL character" in (item.reason or "")
 
 
+async def test_a_stop_with_a_grace_of_its_own_releases_foci_when_that_grace_ends(
+        db, db_url, tmp_path):
+    """``animus stop --grace`` (``Engine.stop(grace)``): the foci still running when that
+    grace period ends are released, whatever the engine's own ``--grace``."""
+    started = asyncio.Event()
+
+    class Stuck(Faculty):
+        name = "stuck"
+        accepts = ("stuck",)
+
+        async def engage(self, focus: Focus, oriented: Any) -> Any:
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    options = EngineOptions(poll_interval=1.0, lease_seconds=30, grace=120.0)
+    async with run_engine(db_url, tmp_path / "home", faculties=[Stuck()], options=options,
+                          stop_timeout=5) as run:
+        wid = (await db.submit_work(NewWorkItem("stuck"))).id
+        await asyncio.wait_for(started.wait(), 15)
+        run.engine.stop(grace=0.2)
+        item = await wait_until(
+            lambda: _released(db, wid), 15,
+            message="released once the stop's grace of 0.2 s ended, not the engine's 120 s")
+    assert item.reason == "released at shutdown (grace period over)"
+    assert item.attempts == 0  # given back
+
+
+async def _released(db: Any, wid: UUID) -> Any:
+    item = await db.get_work_item(wid)
+    return item if item.state == State.QUEUED else None
+
+
 async def test_an_engine_stops_when_the_database_refuses_its_last_completions(
         db, db_url, tmp_path):
     """Completions that cannot be recorded while the engine stops are given up (their
@@ -656,10 +688,35 @@ def test_malformed_toml_and_unknown_fields_are_rejected_naming_the_file(tmp_path
     by_file = {Path(err.split(": ", 1)[0]).name: err for err in errors}
     assert set(by_file) == {"malformed.toml", "unknown.toml", "unknown_phase.toml",
                             "wrong_type.toml"}
-    assert "colour" in by_file["unknown.toml"]
-    assert "retries" in by_file["unknown_phase.toml"]
-    assert "faculty.engage" in by_file["unknown_phase.toml"]
+    assert "unknown field `colour` in faculty (it takes: name, accepts," in by_file["unknown.toml"]
+    assert "did you mean" not in by_file["unknown.toml"]  # nothing like it
+    assert "unknown field `retries` in faculty.engage" in by_file["unknown_phase.toml"]
     assert "max_concurrent" in by_file["wrong_type.toml"]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('[faculty.engag]\ncommand = "true"\n',
+     "unknown field `engag` in faculty: did you mean `engage`? (it takes: name, accepts,"),
+    ('[faculty.engage]\ncommand = "true"\n[[faculty.schedule]]\nwork_type = "x"\nevry = "1m"\n',
+     "unknown field `evry` in faculty.schedule[0]: did you mean `every`? (it takes: work_type, "
+     "every, cron, params, name, priority)"),
+    ('[faculty.engage]\ncommand = "true"\n[extra]\n',
+     "unknown field `extra` at the top level (it takes: faculty)"),
+])
+def test_an_unknown_field_is_named_with_the_fields_its_table_takes(tmp_path, body, expected):
+    toml = tmp_path / "x.toml"
+    toml.write_text('[faculty]\nname = "x"\naccepts = ["x"]\n' + body)
+    with pytest.raises(ConfigError) as e:
+        load_file(toml)
+    assert expected in str(e.value)
+
+
+def test_a_relative_path_that_cannot_be_read_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_file(Path("nope.toml"))
+    assert str(e.value) == (f"nope.toml: cannot read: No such file or directory (a path "
+                            f"relative to {tmp_path})")
 
 
 async def test_bad_files_are_reported_and_good_ones_still_run(db, db_url, tmp_path):

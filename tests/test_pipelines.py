@@ -277,7 +277,7 @@ async def test_plan_writes_nothing_and_shows_the_rules(db, db_url, env, tmp_path
      name = "a"
      work_type = "fetch"
      colour = "red"
-     """, "unknown field `colour` - at `stage[0]`"),
+     """, "unknown field `colour` in stage[0] (it takes: name, work_type, params,"),
     ("""
      [[stage]]
      name = "a"

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from animus_core.app import Animus, Migrate
+from animus_core.faculties import plugins
 from animus_core.faculties.plugins import Faculties, PluginProblem
 from animus_core.governance.rules import RuleSet
 from animus_core.governance.work import GovernedWork
 from animus_core.infra.config import Settings
 from animus_core.store.db import Db
 
-__all__ = ["cli_animus", "governed", "load_faculties", "open_db"]
+__all__ = ["cli_animus", "governed", "load_faculties", "open_db", "problems_printed"]
 
 
 def cli_animus(*, pool_size: int = 2, migrate: Migrate = "embedded",
@@ -30,10 +34,23 @@ async def open_db(max_size: int = 2) -> Db:
 
 
 async def load_faculties(settings: Settings) -> tuple[Any, Faculties, list[PluginProblem]]:
-    """The plugin manager, faculties and plugin problems of ``settings``' animus."""
+    """The plugin manager, faculties and plugin problems of ``settings``' animus (for the
+    caller to print: they are not logged as well)."""
     animus = Animus(settings)
-    faculties = await animus.load_faculties()
+    with problems_printed():
+        faculties = await animus.load_faculties()
     return animus.pm, faculties, animus.problems
+
+
+@contextlib.contextmanager
+def problems_printed() -> Iterator[None]:
+    """Faculties loaded by a command that prints their problems itself: not logged twice."""
+    log = logging.getLogger(plugins.__name__)
+    was, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = was
 
 
 def governed(db: Db) -> GovernedWork:

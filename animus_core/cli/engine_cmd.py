@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from animus_core.app import Animus
-from animus_core.cli.context import cli_animus, open_db
+from animus_core.cli.context import cli_animus, open_db, problems_printed
 from animus_core.cli.output import age, parse_bind, positive, print_json, print_table, seconds
 from animus_core.infra.config import Settings
 from animus_core.infra.logs import setup_logging
@@ -101,7 +101,8 @@ async def up(args: argparse.Namespace) -> int:
                           migrate="always") as animus:
             for q in args.queue or ():
                 await animus.db.create_queue(q)
-            await animus.load_faculties()
+            with problems_printed():
+                await animus.load_faculties()
             for problem in animus.problems:
                 print(f"animus: plugin problem: {problem.plugin}: {problem.error}")
             if not len(animus.faculties):

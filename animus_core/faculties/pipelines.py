@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,6 +41,7 @@ from animus_core.faculties.faculty import Faculty
 from animus_core.faculties.focus import Focus
 from animus_core.faculties.plugins import Faculties
 from animus_core.governance.rules import Decision, RuleSet
+from animus_core.infra.toml_files import convert, load_toml
 from animus_core.store.roles import check_gate_role
 from animus_core.values.children import ChildResult
 from animus_core.values.errors import ConfigError, InvalidInput
@@ -152,20 +152,14 @@ def stage_items(children: Iterable[WorkItem]) -> dict[str, WorkItem]:
 
 
 def load(path: Path) -> Pipeline:
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    return parse(raw, str(path))
+    return _checked(load_toml(path, Pipeline), str(path))
 
 
 def parse(raw: Any, where: str) -> Pipeline:
-    try:
-        p = msgspec.convert(raw, Pipeline)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{where}: {str(e).replace('`$.', '`')}") from None
+    return _checked(convert(raw, Pipeline, where), where)
+
+
+def _checked(p: Pipeline, where: str) -> Pipeline:
     if not p.stage:
         raise ConfigError(f"{where}: a pipeline needs at least one [[stage]]")
     if len(p.stage) > MAX_STAGES:

@@ -372,7 +372,8 @@ async def collect_faculties(
         except Exception as e:
             error = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             problems.append(PluginProblem(plugin=origin, error=error))
-            _log.error("plugin %s failed to register faculties: %s", origin, error)
+            _log.error("plugin %s reported a problem (the faculties it registered are kept): "
+                       "%s", origin, error)
     return faculties, problems
 
 

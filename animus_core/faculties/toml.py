@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import sys
-import tomllib
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from animus_core.infra.config import Settings
 from animus_core.infra.hookguard import MARK_VARIABLE, guard
 from animus_core.infra.processes import Child
 from animus_core.infra.secrets import redactor
+from animus_core.infra.toml_files import load_toml
 from animus_core.values import json_values
 from animus_core.values.canonical import canonical_hash
 from animus_core.values.errors import ConfigError, InvalidInput, PhaseFailed
@@ -132,17 +132,7 @@ def _where(path: Path, field: str) -> str:
 def load_file(path: Path, *, cwd: Path | None = None) -> CommandFaculty:
     """Decode and check one faculty file."""
     cwd = cwd or Path.cwd()
-    try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        spec = msgspec.convert(raw, FacultyFile).faculty
-    except msgspec.ValidationError as e:
-        msg = str(e).replace("`$.", "`")
-        raise ConfigError(f"{path}: {msg}") from None
+    spec = load_toml(path, FacultyFile).faculty
     if not spec.accepts:
         raise ConfigError(_where(path, "faculty.accepts is empty: list the work types it takes"))
     if spec.max_concurrent < 1:

@@ -25,13 +25,13 @@ planned.
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from animus_core.infra.toml_files import load_toml
 from animus_core.store.roles import check_gate_role
 from animus_core.values.errors import ConfigError
 
@@ -100,13 +100,7 @@ class RuleSet:
         if not directory.is_dir():
             return cls(rules)
         for path in sorted(directory.glob("*.toml")):
-            try:
-                data = tomllib.loads(path.read_text("utf-8"))
-                parsed = msgspec.convert(data, _RuleFile)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path}: malformed TOML: {e}") from None
-            except msgspec.ValidationError as e:
-                raise ConfigError(f"{path}: {str(e).replace('`$.', '`')}") from None
+            parsed = load_toml(path, _RuleFile)
             for i, rule in enumerate(parsed.rule):
                 where = f"{path}: rule[{i}] ({rule.name})"
                 if rule.effect == "deny" and not rule.reason:

@@ -520,10 +520,12 @@ class Engine:
     async def _drain(self) -> None:
         if not self.inflight:
             return
-        _log.info("draining: waiting up to %.0fs for %d foci", self.options.grace,
-                  len(self.inflight))
+        # the stop's own grace period (animus stop --grace), counted from when it was asked
+        grace = (self.options.grace if self._stop_deadline is None
+                 else max(0.0, self._stop_deadline - time.monotonic()))
+        _log.info("draining: waiting up to %.0fs for %d foci", grace, len(self.inflight))
         tasks = [f.task for f in self.inflight.values()]
-        _done, pending = await asyncio.wait(tasks, timeout=self.options.grace)
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
         if not pending:
             return
         leftovers = [f for f in self.inflight.values() if f.task in pending]
