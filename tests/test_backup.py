@@ -245,9 +245,17 @@ async def test_a_restore_that_fails_inside_rolls_back_completely(db_url, tmp_pat
         await populate(db)
         path = await backup(db_url, tmp_path, db_only=False)
         await db.submit_work(NewWorkItem("after-backup", source="t"))
-        # An animus process still connected: refused before anything happens.
-        with pytest.raises(DatabaseError, match="animus connection"):
+        # An animus process still connected: refused before anything happens, saying that
+        # the pids are the server's (killing one would not stop the engine) and where the
+        # engines' own are
+        async with db.connection() as conn:
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(DatabaseError) as refused:
             await restore(db_url, path, db_only=False)
+        message = str(refused.value)
+        assert "animus connection(s) are open" in message
+        assert f"(Postgres backend pids {backend}, not the processes that opened them)" in message
+        assert "`animus status` lists them with their hosts and pids" in message
     finally:
         await db.close()
     manifest = json.loads((path / MANIFEST).read_text())

@@ -237,3 +237,45 @@ async def test_illegal_transition_from_cli(db, db_url, animus):
     assert await counts(db_url) == before
     async with raw(db_url) as conn:
         assert await conn.fetchrow("SELECT * FROM animus.work_items WHERE id = $1", wid) == row
+
+
+def test_options_are_refused_naming_the_option_and_its_command(animus):
+    """What a command does not take, or an option's bad value, is refused with that
+    command's usage and the option named (exit 2, before any database is touched)."""
+    typo = animus("work", "submit", "transform", "--wiat")
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "animus work submit: error: unrecognized arguments: --wiat")
+    assert "usage: animus work submit" in typo.stderr
+    zero = animus("work", "submit", "transform", "--max-attempts", "0")
+    assert zero.stderr.strip().splitlines()[-1] == (
+        "animus work submit: error: argument --max-attempts: '0' is not an attempt limit "
+        "from 1 to 1000")
+    page = animus("work", "list", "--before", "nope")
+    assert one_error_line(page.stderr) == (
+        "animus: error: --before: 'nope' is not a work item id (a UUID, as animus work list "
+        "shows)")
+    empty = animus("work", "submit", "transform", "--parent", "")  # an unset shell variable
+    assert one_error_line(empty.stderr) == (
+        "animus: error: --parent: '' is not a work item id (a UUID, as animus work list shows)")
+    top = animus("--bogus", "work", "list")
+    assert top.stderr.strip().splitlines()[-1] == "animus: error: unrecognized arguments: --bogus"
+
+
+async def test_a_signal_payload_that_is_not_json_says_how_to_send_text(db, animus):
+    wid = (await db.submit_work(NewWorkItem("sig-text"))).id
+    proc = animus("work", "signal", str(wid), "go", "--data", "notjson")
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr)
+    assert line.startswith("animus: error: --data is not valid JSON: ")
+    assert line.endswith("""(a text is JSON in quotes: --data '"text"')""")
+
+
+def test_a_plugin_name_that_nothing_installed_has_is_a_problem(animus, cli_env):
+    env = {**cli_env, "ANIMUS_PLUGINS": "summarise", "ANIMUS_BLOCK_PLUGINS": "nosuch"}
+    proc = subprocess.run([sys.executable, "-m", "animus_core", "faculty", "check"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert ("ANIMUS_PLUGINS: summarise: no installed plugin has this name (installed: "
+            "animus-faculty-summarize, summarize)") in proc.stdout
+    assert "ANIMUS_BLOCK_PLUGINS: nosuch: no installed plugin has this name" in proc.stdout

@@ -40,16 +40,32 @@ def test_minutes_older_than_the_hour_are_forgotten() -> None:
     assert t.chart(NOW).total_finished == 1
 
 
-def test_the_seed_replaces_the_minutes_before_now_and_keeps_the_current_one() -> None:
+def test_the_seed_replaces_the_minutes_up_to_now_but_what_the_feed_read_after_it() -> None:
+    """The console starts mid-minute: that minute's work finished before it started is the
+    seed's, what the feed read past the seed's snapshot is the feed's, and no row counts
+    twice."""
     t = Throughput()
-    t.add(change("completed", NOW - timedelta(minutes=2)))  # the feed, mid-minute
-    t.add(change("completed", NOW))
+    t.add(change("completed", NOW - timedelta(minutes=2), audit_id=8))  # the feed, mid-minute
+    t.add(change("completed", NOW, audit_id=9))  # read by the feed before the seed came...
+    t.add(change("dead", NOW, audit_id=12))  # ...and one after the seed's snapshot
     t.seed([Minute(at=NOW - timedelta(minutes=2), finished=40, dead=3),
             Minute(at=NOW - timedelta(minutes=1), finished=10, dead=0),
-            Minute(at=NOW, finished=99, dead=0)], NOW)  # the current minute: the feed's
+            Minute(at=NOW, finished=6, dead=2)], NOW, upto=10)
+    t.add(change("completed", NOW, audit_id=10))  # read late: the seed counted it
+    t.add(change("completed", NOW, audit_id=13))
     chart = t.chart(NOW)
     assert [b.title for b in chart.bars[-3:]] == ["12:28: 40 finished, 3 dead",
-                                                  "12:29: 10 finished", "12:30: 1 finished"]
+                                                  "12:29: 10 finished", "12:30: 8 finished, 3 dead"]
+
+
+def test_without_a_seed_the_chart_keeps_what_the_feed_counted() -> None:
+    t = Throughput()
+    t.add(change("completed", NOW - timedelta(minutes=1), audit_id=3))
+    t.add(change("dead", NOW, audit_id=4))
+    t.seed([], NOW)  # the database could not be read
+    t.add(change("completed", NOW, audit_id=5))
+    assert [b.title for b in t.chart(NOW).bars[-2:]] == ["12:29: 1 finished",
+                                                         "12:30: 2 finished, 1 dead"]
 
 
 def test_what_the_seed_counted_the_feed_does_not_count_again() -> None:
@@ -57,7 +73,8 @@ def test_what_the_seed_counted_the_feed_does_not_count_again() -> None:
     t.seed([Minute(at=NOW - timedelta(minutes=1), finished=5, dead=0)], NOW, upto=50)
     t.add(change("completed", NOW - timedelta(minutes=1), audit_id=50))  # read late: counted
     t.add(change("completed", NOW - timedelta(minutes=1), audit_id=51))  # after the seed
-    t.add(change("completed", NOW, audit_id=49))  # the current minute: the feed's own
+    t.add(change("completed", NOW, audit_id=49))  # the current minute: the seed's too
+    t.add(change("completed", NOW, audit_id=52))
     assert [b.title for b in t.chart(NOW).bars[-2:]] == ["12:29: 6 finished",
                                                          "12:30: 1 finished"]
 

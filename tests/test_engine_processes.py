@@ -555,8 +555,8 @@ async def test_submit_says_when_no_live_engine_would_run_the_work_and_wait_says_
                                    "--queue", "other", "--strict")
     assert code == 2  # a queue that does not exist: the submission's own error, no warning
     assert err.strip().splitlines() == [
-        'animus: error: queue "other" does not exist: create it with Db.create_queue '
-        '(animus db migrate creates the default queue)']
+        'animus: error: queue "other" does not exist: create it with `animus queue create '
+        'other` (in Python Db.create_queue; animus db migrate creates the default queue)']
     await db.create_queue("other")
     code, out, err = await run_cli(proc_env, tmp_path, "work", "submit", "upper",
                                    "--queue", "other", "--strict")

@@ -481,8 +481,8 @@ async def test_pipeline_run_wait_follows_the_waves_of_stages(db, engine, env, tm
     progress = [line.split(None, 1)[1] for line in err.splitlines() if line.startswith("  ")]
     assert progress[0].startswith("submitted by ")
     assert "attempt 1 running" in progress
-    waits = [p for p in progress if p.startswith("waiting: waiting for ")]
-    wakes = [p for p in progress if p.startswith("woken: ")]
+    waits = [p for p in progress if p.startswith("waiting for ")]
+    wakes = [p for p in progress if p.startswith("woken: its ")]  # said once
     assert waits  # each wave of stages, as it happens
     assert len(wakes) == len(waits)
     assert progress[-1].startswith("dead: ")

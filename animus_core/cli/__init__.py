@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from animus_core.faculties.plugins import make_plugin_manager
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="animus", description="A substrate for long-running AI agents, on Postgres."
     )
     parser.add_argument("--version", action="version", version=f"animus {__version__}")
@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     except AnimusError:
         pass  # a broken environment still gets the built-in commands and their errors
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Its sub-commands' parsers are of this class too: an argument a command does not take
+    is refused with that command's usage (``animus work submit: error: ...``), not the
+    top level's."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
 
 
 def main(argv: Sequence[str] | None = None) -> None:

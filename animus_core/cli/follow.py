@@ -62,9 +62,9 @@ def describe_event(e: AuditEvent) -> str:
                 detail = f"in {p['duration_ms']} ms"
             return f"{e.event}" + (f": {_short(detail)}" if detail else "")
         case "suspended":
-            return f"waiting: {_short(p.get('reason'))}"
+            return _said("waiting", p.get("reason"))
         case "woken":
-            return f"woken: {_short(p.get('reason'))}"
+            return _said("woken", p.get("reason"))
         case "step":
             return f"step {p.get('position')} {p.get('name')!r} recorded"
         case "signal":
@@ -112,5 +112,12 @@ async def why_unfinished(db: Db, item: WorkItem) -> str:
     if item.state == State.RUNNING:
         return f"attempt {item.attempts} is still running"
     if item.state in (State.WAITING, State.AWAITING_APPROVAL):
-        return f"it is {item.state}: {item.reason}"
+        return "it is " + _said(str(item.state), item.reason)
     return f"it is {item.state}" + (f": {item.reason}" if item.reason else "")
+
+
+def _said(what: str, reason: Any) -> str:
+    """``what: reason``, unless the reason starts with it already ("woken: signal 'go'
+    arrived", "waiting for 2 children")."""
+    text = _short(reason)
+    return text if text.startswith(what) else f"{what}: {text}"

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
@@ -76,12 +77,32 @@ def positive(text: str) -> int:
 
 def page_size(text: str) -> int:
     """An argparse type: a page size from 1 to 10000."""
+    return _integer(text, 10_000, "a page size")
+
+
+def option_id(text: str | None, option: str) -> UUID | None:
+    """The work item id an option gives (None: the option was not given)."""
+    if text is None:
+        return None
+    try:
+        return UUID(text)
+    except ValueError:
+        raise InvalidInput(f"{option}: {text!r:.60} is not a work item id (a UUID, as animus "
+                           "work list shows)") from None
+
+
+def attempts(text: str) -> int:
+    """An argparse type: an attempt limit from 1 to 1000."""
+    return _integer(text, 1000, "an attempt limit")
+
+
+def _integer(text: str, most: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a page size from 1 to 10000")
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not {what} from 1 to {most}")
     return value
 
 

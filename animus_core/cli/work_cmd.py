@@ -15,7 +15,16 @@ import msgspec
 from animus_core.cli.context import cli_animus, governed, open_db
 from animus_core.cli.follow import follow, no_engine_for, why_unfinished
 from animus_core.cli.governance_cmd import add_decisions
-from animus_core.cli.output import age, page_size, print_json, print_table, seconds, since
+from animus_core.cli.output import (
+    age,
+    attempts,
+    option_id,
+    page_size,
+    print_json,
+    print_table,
+    seconds,
+    since,
+)
 from animus_core.cli.params import parse_params
 from animus_core.store.db import DEFAULT_QUEUE, Db
 from animus_core.values import json_values
@@ -41,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
     p.add_argument("--source", default="cli", metavar="S", help="who submits (provenance)")
     p.add_argument("--parent", metavar="ID", help="the parent work item (child work)")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+    p.add_argument("--max-attempts", type=attempts, default=3, metavar="N",
                    help="attempts before it is dead-lettered, 1-1000 (default 3; a faculty's "
                         "own limit overrides it)")
     p.add_argument("--queue", default=DEFAULT_QUEUE, help="the queue to send it to (default work)")
@@ -265,12 +274,13 @@ async def submit(args: argparse.Namespace) -> int:
     )
     if args.dedup_key is not None:
         new = new.dedup_key(args.dedup_key)
-    if args.parent:
-        new = new.parent(args.parent)
+    parent = option_id(args.parent, "--parent")
+    if parent is not None:
+        new = new.parent(parent)
     async with cli_animus() as animus:
         db = animus.db
-        if args.parent:
-            await db.get_work_item(args.parent)
+        if parent is not None:
+            await db.get_work_item(parent)
         governed_work = animus.governed  # the rules, read first: a broken file stops here
         why = None
         with contextlib.suppress(AnimusError):  # a check, never a reason not to submit
@@ -330,8 +340,9 @@ async def follow_to_end(db: Db, work_id: UUID, timeout: float, as_json: bool) ->
 async def list_(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         items = await db.list_work(
-            state=args.state, work_type=args.work_type, parent_id=args.parent,
-            limit=args.limit + 1, before=args.before, source=args.source,
+            state=args.state, work_type=args.work_type,
+            parent_id=option_id(args.parent, "--parent"), limit=args.limit + 1,
+            before=option_id(args.before, "--before"), source=args.source,
             created_since=args.since, exclude_types=args.exclude_type,
         )
         more = len(items) > args.limit
@@ -482,7 +493,10 @@ def _print_signals(signals: list[Signal]) -> None:
 
 
 async def signal(args: argparse.Namespace) -> int:
-    data = None if args.data is None else json_values.decode(args.data, "--data")
+    try:
+        data = None if args.data is None else json_values.decode(args.data, "--data")
+    except InvalidInput as e:
+        raise InvalidInput(f"{e} (a text is JSON in quotes: --data '\"text\"')") from None
     async with await open_db() as db:
         sent = await db.signal(args.id, args.event, data)
     if args.json:

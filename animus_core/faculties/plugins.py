@@ -254,9 +254,11 @@ def make_plugin_manager(
     if load_entry_points is None:
         load_entry_points = settings.plugins_autoload
     if load_entry_points:
+        installed: set[str] = set()
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "unknown distribution"
             names = {ep.name, dist}
+            installed |= names
             if settings.plugins_allow is not None and not names & set(settings.plugins_allow):
                 continue
             if names & set(settings.plugins_block) or pm.is_blocked(ep.name):
@@ -274,6 +276,13 @@ def make_plugin_manager(
                 )
                 _log.error("plugin %s: %s", problem.plugin, problem.error)
                 problems.append(problem)
+        for variable, listed in (("ANIMUS_PLUGINS", settings.plugins_allow or ()),
+                                 ("ANIMUS_BLOCK_PLUGINS", settings.plugins_block)):
+            unknown = sorted(set(listed) - installed)
+            if unknown:  # a misspelt name would otherwise do nothing, silently
+                problems.append(PluginProblem(plugin=variable, error=(
+                    f"{', '.join(unknown)}: no installed plugin has this name (installed: "
+                    f"{', '.join(sorted(installed)) or 'none'})")))
     return pm, problems
 
 

@@ -601,12 +601,15 @@ async def restore(url: str, src_dir: Path, *, db_only: bool, no_owner: bool = Fa
                     WHERE datname = current_database() AND pid <> pg_backend_pid()
                       AND application_name LIKE 'animus%' ORDER BY pid""")
             if others:
-                who = ", ".join(f"pid {r['pid']} ({r['application_name']}, {r['client']})"
+                who = ", ".join(f"{r['application_name']} from {r['client']}"
                                 for r in others[:5])
                 raise DatabaseError(
-                    f"{len(others)} animus connection(s) are open on {describe_url(url)}: {who}. "
-                    "Stop every engine (animus up) and command using this database, then "
-                    "restore again; nothing was restored")
+                    f"{len(others)} animus connection(s) are open on {describe_url(url)}: {who} "
+                    "(Postgres backend pids "
+                    f"{', '.join(str(r['pid']) for r in others[:5])}, not the processes that "
+                    "opened them). Stop every engine (animus up; `animus status` lists them "
+                    "with their hosts and pids) and command using this database, then restore "
+                    "again; nothing was restored")
 
             prefix = (
                 "SET client_min_messages = warning;\n"

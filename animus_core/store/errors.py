@@ -47,9 +47,10 @@ def translate(e: asyncpg.PostgresError) -> Exception:
                             f"{bad_argument[1]}): {bad_argument[2] or 'it has the wrong type'}")
     no_queue = _NO_QUEUE.match(msg) if e.sqlstate in ("ANI04", "42P01", "42883") else None
     if no_queue:  # from animus.submit, a pgmq table or a queue's function that is not there
+        name = no_queue[1] or no_queue[2] or no_queue[3]
         return InvalidInput(
-            f'queue "{no_queue[1] or no_queue[2] or no_queue[3]}" does not exist: create it with '
-            "Db.create_queue (animus db migrate creates the default queue)"
+            f'queue "{name}" does not exist: create it with `animus queue create {name}` (in '
+            "Python Db.create_queue; animus db migrate creates the default queue)"
         )
     if e.sqlstate == "23503" and getattr(e, "constraint_name", "") == "work_items_parent_id_fkey":
         return WorkNotFound(f"the parent work item does not exist: {getattr(e, 'detail', msg)}")

@@ -25,7 +25,7 @@ from animus_core.store.records import (
 )
 from animus_core.store.steps import WorkSteps
 from animus_core.values import json_values
-from animus_core.values.errors import InvalidInput, LeaseLost
+from animus_core.values.errors import IllegalTransition, InvalidInput, LeaseLost
 from animus_core.values.limits import limits
 from animus_core.values.records import ExecutionRecord
 from animus_core.values.states import State
@@ -253,8 +253,15 @@ class WorkMoves(WorkSteps):
         the engine running it stops the focus and ends the item ``dead`` with ``reason``."""
         wid = _id(work_id)
         check_reason(reason)
-        async with self.connection() as conn:
-            row = await conn.fetchrow("SELECT * FROM animus.cancel($1, $2)", wid, reason)
+        try:
+            async with self.connection() as conn:
+                row = await conn.fetchrow("SELECT * FROM animus.cancel($1, $2)", wid, reason)
+        except IllegalTransition:
+            state = (await self.get_work_item(wid)).state
+            if not state.terminal:
+                raise
+            raise IllegalTransition(f"work item {wid} is already {state}: there is nothing to "
+                                    f"cancel (no transition {state} -> cancelled)") from None
         item = WorkItem.from_row(row)
         if item.state == State.CANCELLED:  # otherwise it was a request
             transition("queued", "cancelled")

@@ -275,6 +275,7 @@ class Hub:
         try:
             minutes, upto = await finished_by_minute(self.db, now - timedelta(minutes=MINUTES))
         except AnimusError as e:
-            _log.warning("the chart starts empty: %s", e)
+            _log.warning("the chart starts with the console: %s", e)
+            self.throughput.seed([], now)  # what the feed counted, and no more
             return
         self.throughput.seed(minutes, now, upto)

@@ -54,33 +54,46 @@ class Throughput:
         self._dead: defaultdict[int, int] = defaultdict(int)
         self._queued: dict[int, int] = {}
         self._seeded = (0, 0)  # the minute the seed was read in, and its newest audit row
+        #: what the feed counted before the seed came: (minute, audit row, dead)
+        self._early: list[tuple[int, int, bool]] | None = []
 
     def seed(self, minutes: Iterable[Minute], now: datetime, upto: int = 0) -> None:
-        """The minutes before ``now``'s, as the database counted them up to audit row
-        ``upto`` (they replace what the feed counted of them, which may have started
-        mid-minute; the feed's rows up to ``upto`` in them are not counted again)."""
+        """The minutes up to ``now``'s, as the database counted them up to audit row
+        ``upto``: they replace what the feed counted of them, but for its rows after
+        ``upto``, and the feed's rows up to ``upto`` in them are not counted again. (The
+        console may start mid-minute: what finished in that minute before it started is the
+        seed's.) ``seed([], now)`` keeps what the feed counted: the chart then starts with
+        the console."""
         current = _minute(now)
         self._seeded = (current, upto)
-        for m in [m for m in self._finished if m < current]:
-            del self._finished[m]
-        for m in [m for m in self._dead if m < current]:
-            del self._dead[m]
+        early, self._early = self._early or [], None
+        for counts in (self._finished, self._dead):
+            for m in [m for m in counts if m <= current]:
+                del counts[m]
         for row in minutes:
             m = _minute(row.at)
-            if m < current:
+            if m <= current:
                 self._finished[m] = row.finished
                 self._dead[m] = row.dead
+        for m, audit_id, dead in early:
+            if m <= current and audit_id > upto:
+                self._count(m, dead)
 
     def add(self, change: Change) -> None:
         """Count a change the feed read, if it finished an item (a change to an item that
         had finished already, a reason mended say, is not counted again)."""
         if change.to_state in FINISHED_STATES and change.from_state not in FINISHED_STATES:
-            m = _minute(change.at)
-            if m < self._seeded[0] and change.id <= self._seeded[1]:
+            m, dead = _minute(change.at), change.to_state == "dead"
+            if self._early is not None:  # the seed will say which of these it counted
+                self._early.append((m, change.id, dead))
+            elif m <= self._seeded[0] and change.id <= self._seeded[1]:
                 return  # the seed counted it
-            self._finished[m] += 1
-            if change.to_state == "dead":
-                self._dead[m] += 1
+            self._count(m, dead)
+
+    def _count(self, minute: int, dead: bool) -> None:
+        self._finished[minute] += 1
+        if dead:
+            self._dead[minute] += 1
 
     def depth(self, queued: int, at: datetime) -> None:
         """The queue's depth as counted at ``at``."""
