@@ -548,3 +548,17 @@ async def test_the_step_server_stays_open_between_hook_runs_then_closes(monkeypa
     await asyncio.sleep(0.5)
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(host, int(port))
+
+
+async def test_a_connection_that_sends_nothing_is_closed(monkeypatch):
+    """A local process that connects to the step server and sends nothing does not hold a
+    task and a socket for ever."""
+    monkeypatch.setattr(durable_hooks, "ASK_WITHIN", 0.2)
+    run = StepServer(cast(DurableFocus, None))
+    async with run:
+        host, port = run.env["ANIMUS_STEP_ADDRESS"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        finally:
+            writer.close()

@@ -74,6 +74,9 @@ RESERVED = (PHASE_STEP, SUSPEND_STEP)
 _TEN_YEARS = 10 * 365 * 86400
 _FRAME = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
+#: seconds a connection to the step server has to send its request (``animus step`` sends
+#: it at once): one that sends nothing does not hold a task and a socket for ever
+ASK_WITHIN = 10.0
 
 
 # -- suspend.json ---------------------------------------------------------------------------
@@ -428,7 +431,11 @@ class _Listener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await read_frame(reader, _MAX_HEADER)
+            try:
+                async with asyncio.timeout(ASK_WITHIN):
+                    head = await read_frame(reader, _MAX_HEADER)
+            except TimeoutError:
+                return  # sent nothing in time
             if head is None:
                 return
             ask = msgspec.json.decode(head)
