@@ -279,3 +279,7 @@ def test_a_plugin_name_that_nothing_installed_has_is_a_problem(animus, cli_env):
     assert ("ANIMUS_PLUGINS: summarise: no installed plugin has this name (installed: "
             "animus-faculty-summarize, summarize)") in proc.stdout
     assert "ANIMUS_BLOCK_PLUGINS: nosuch: no installed plugin has this name" in proc.stdout
+    env = {**cli_env, "ANIMUS_PLUGINS": "summarize,pipelines"}  # a built-in: always loaded
+    proc = subprocess.run([sys.executable, "-m", "animus_core", "faculty", "check"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

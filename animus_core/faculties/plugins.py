@@ -278,7 +278,7 @@ def make_plugin_manager(
                 problems.append(problem)
         for variable, listed in (("ANIMUS_PLUGINS", settings.plugins_allow or ()),
                                  ("ANIMUS_BLOCK_PLUGINS", settings.plugins_block)):
-            unknown = sorted(set(listed) - installed)
+            unknown = sorted(set(listed) - installed - set(DEFAULT_PLUGINS.values()))
             if unknown:  # a misspelt name would otherwise do nothing, silently
                 problems.append(PluginProblem(plugin=variable, error=(
                     f"{', '.join(unknown)}: no installed plugin has this name (installed: "
