@@ -380,6 +380,27 @@ async def test_the_plan_command_reports_errors_in_one_line(env, tmp_path):
         assert err.strip().splitlines() == [f"animus: error: {message}"]
 
 
+async def test_the_plan_command_says_why_a_faculty_it_needs_did_not_load(env, tmp_path,
+                                                                         faculties):
+    """A stage no faculty accepts because that faculty's file is broken: the plan says both."""
+    (faculties / "teleport.toml").write_text(
+        '[faculty]\nname = "teleport"\naccepts = ["teleport"]\ncolour = "red"\n')
+    path = write(tmp_path, "far.toml", """
+        [pipeline]
+        name = "far"
+        [[stage]]
+        name = "go"
+        work_type = "teleport"
+    """)
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "plan", str(path))
+    assert code == 2, (out, err)
+    problem, error = err.strip().splitlines()
+    assert problem.startswith(f"animus: plugin problem: animus (built-in): {faculties}/"
+                              "teleport.toml: unknown field `colour` in faculty")
+    assert error == ("animus: error: pipeline 'far': no faculty accepts the work type of "
+                     "stage(s) go (teleport)")
+
+
 def test_references_resolve_whole_values_and_inside_strings() -> None:
     outcomes = {"s": {"n": 3, "ok": True, "none": None, "l": [1, "a"], "d": {"k": 1.5},
                       "text": "caf\u00e9"}}

@@ -48,7 +48,9 @@ async def plan_cmd(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     pipeline = load(args.file)
-    _, faculties, _ = await load_faculties(settings)
+    _, faculties, problems = await load_faculties(settings)
+    for p in problems:  # a faculty that did not load is one the plan cannot route to
+        print(f"animus: plugin problem: {p.plugin}: {p.error}", file=sys.stderr)
     stages = plan(pipeline, faculties, RuleSet.load(settings.rules_dir),
                   source=f"pipeline:{pipeline.pipeline.name}")
     if args.json:

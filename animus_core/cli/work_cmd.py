@@ -338,11 +338,11 @@ async def follow_to_end(db: Db, work_id: UUID, timeout: float, as_json: bool) ->
 
 
 async def list_(args: argparse.Namespace) -> int:
+    parent, before = option_id(args.parent, "--parent"), option_id(args.before, "--before")
     async with await open_db() as db:
         items = await db.list_work(
-            state=args.state, work_type=args.work_type,
-            parent_id=option_id(args.parent, "--parent"), limit=args.limit + 1,
-            before=option_id(args.before, "--before"), source=args.source,
+            state=args.state, work_type=args.work_type, parent_id=parent,
+            limit=args.limit + 1, before=before, source=args.source,
             created_since=args.since, exclude_types=args.exclude_type,
         )
         more = len(items) > args.limit

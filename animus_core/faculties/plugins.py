@@ -280,9 +280,11 @@ def make_plugin_manager(
                                  ("ANIMUS_BLOCK_PLUGINS", settings.plugins_block)):
             unknown = sorted(set(listed) - installed - set(DEFAULT_PLUGINS.values()))
             if unknown:  # a misspelt name would otherwise do nothing, silently
-                problems.append(PluginProblem(plugin=variable, error=(
+                problem = PluginProblem(plugin=variable, error=(
                     f"{', '.join(unknown)}: no installed plugin has this name (installed: "
-                    f"{', '.join(sorted(installed)) or 'none'})")))
+                    f"{', '.join(sorted(installed)) or 'none'})"))
+                _log.error("%s: %s", problem.plugin, problem.error)
+                problems.append(problem)
     return pm, problems
 
 

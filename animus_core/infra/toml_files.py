@@ -30,7 +30,8 @@ def load_toml(path: Path, schema: type[T]) -> T:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
-        where = "" if path.is_absolute() else f" (a path relative to {Path.cwd()})"
+        where = ("" if path.is_absolute() or not isinstance(e, FileNotFoundError)
+                 else f" (a path relative to {Path.cwd()})")
         raise ConfigError(f"{path}: cannot read: {reason}{where}") from None
     try:
         raw = tomllib.loads(text)
@@ -57,7 +58,7 @@ def _explain(message: str, schema: type[Any]) -> str:
     field, at = found["field"], found["at"] or ""
     known = _fields_at(mi.type_info(schema), at)
     where = f"in {at.lstrip('.')}" if at else "at the top level"
-    text = f"unknown field `{field}` {where}"
+    text = f"unknown field `{field[:60]}` {where}"
     if known:
         close = difflib.get_close_matches(field, known, n=1)
         text += (f": did you mean `{close[0]}`?" if close else "") + \

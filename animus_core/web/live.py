@@ -274,7 +274,7 @@ class Hub:
         now = datetime.now(UTC)
         try:
             minutes, upto = await finished_by_minute(self.db, now - timedelta(minutes=MINUTES))
-        except AnimusError as e:
+        except Exception as e:  # the chart is not worth the console: it starts with it
             _log.warning("the chart starts with the console: %s", e)
             self.throughput.seed([], now)  # what the feed counted, and no more
             return
