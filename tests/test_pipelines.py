@@ -488,6 +488,15 @@ async def test_a_pipeline_runs_stages_in_order_and_stops_what_depends_on_a_failu
     assert [(s["stage"], s["state"]) for s in data["stages"]] == [
         ("fetch", "completed"), ("count", "completed"), ("explode", "dead"),
         ("report", "dead"), ("archive", "completed")]
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "status", str(by["fetch"].id))
+    assert code == 2
+    assert err.strip() == (f"animus: error: work item {by['fetch'].id} is a 'fetch' item, not "
+                           "a pipeline (animus pipeline run submits one)")
+    # stage items purged since (finished work may be deleted): not "pending"
+    async with db.connection() as conn:
+        await conn.execute("DELETE FROM animus.work_items WHERE parent_id = $1", parent.id)
+    data = json.loads(await animus(env, tmp_path, "pipeline", "status", pid, "--json"))
+    assert {s["state"] for s in data["stages"]} == {"purged"}  # a dead pipeline keeps no outcome
 
 
 async def test_pipeline_run_wait_follows_the_waves_of_stages(db, engine, env, tmp_path):
@@ -558,6 +567,15 @@ async def run_gated(db: Db, env: dict[str, str], tmp_path: Path, people: People)
     decisions = [(e.event, e.db_user) for e in await db.history(ship.id)
                  if e.event == "approval"]
     assert decisions == [("approval", people.name("ann"))]
+    # stage items purged since: the status takes how they ended from its outcome
+    async with db.connection() as conn:  # (the approved one keeps its approvals' rows)
+        await conn.execute("DELETE FROM animus.work_items WHERE parent_id = $1 AND id <> $2",
+                           parent.id, ship.id)
+    data = json.loads(await animus(env, tmp_path, "pipeline", "status", pid, "--json"))
+    assert [(s["stage"], s["state"], s["id"]) for s in data["stages"]] == [
+        ("fetch", "completed (purged)", str(by["fetch"].id)),
+        ("ship", "completed", str(ship.id)),
+        ("after", "completed (purged)", str(by["after"].id))]
 
 
 async def test_a_stage_gate_does_not_weaken_a_rule_gate(db, tmp_path):

@@ -15,6 +15,7 @@ from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan, stage_items
 from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
+from animus_core.values.errors import InvalidInput
 from animus_core.values.work import Created, NewWorkItem
 
 
@@ -96,17 +97,30 @@ async def status_cmd(args: argparse.Namespace) -> int:
     async with await open_db() as db:
         parent = await db.get_work_item(args.id)
         children = await db.list_work(parent_id=parent.id, limit=10_000)
+    if parent.work_type != "pipeline":
+        raise InvalidInput(f"work item {parent.id} is a {parent.work_type!r} item, not a "
+                           "pipeline (animus pipeline run submits one)")
     pipeline: Pipeline = parse(parent.params.get("pipeline"), f"pipeline item {parent.id}")
     by_stage = stage_items(children)
+    # a finished pipeline's outcome keeps each stage's end, for stage items purged since
+    ended = parent.outcome.data.get("stages") if isinstance(parent.outcome.data, dict) else None
     stages = pipeline.stages
     rows: list[dict[str, Any]] = []
     for name in order(pipeline):
         s = stages[name]
         child = by_stage.get(name)
+        kept = ended.get(name) if isinstance(ended, dict) and child is None else None
+        wid: str | None
+        if child is not None:
+            state, wid, reason = str(child.state), str(child.id), child.reason
+        elif isinstance(kept, dict):
+            state, wid, reason = f"{kept.get('state')} (purged)", kept.get("id"), None
+        elif parent.state.terminal:  # it ended before its stages did: their items are gone
+            state, wid, reason = "purged", None, None
+        else:
+            state, wid, reason = "pending", None, None
         rows.append({"stage": name, "after": s.depends_on, "work_type": s.work_type,
-                     "state": str(child.state) if child else "pending",
-                     "id": str(child.id) if child else None,
-                     "reason": child.reason if child else None})
+                     "state": state, "id": wid, "reason": reason})
     if args.json:
         print_json({"pipeline": pipeline.pipeline.name, "id": str(parent.id),
                     "state": str(parent.state), "stages": rows})
