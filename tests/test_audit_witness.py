@@ -473,3 +473,18 @@ async def test_the_documented_witness_examples_run_as_shown(db, db_url, cli, tmp
         for shown, here in files.items():
             out = out.replace(str(here), shown)
         assert _shape(out.splitlines()) == _shape(expected), (args, out)
+
+
+async def test_a_key_that_sealed_nothing_is_reported_with_its_likely_cause(db, cli):
+    """Rows sealed by engines that run without the key this process holds: the chain is
+    reported broken with no row to name, and the message says what probably happened."""
+    await _work(db, 1)
+    await db.seal_audit()  # sealed without a key, as by an engine that has none
+    code, out, _ = await cli("audit", "verify", key=KEY)
+    assert code == 1
+    assert out.startswith("audit chain BROKEN: no row is sealed with a key, though this "
+                          "process holds one (key "), out
+    assert "the engines that seal the rows run without it (give them ANIMUS_AUDIT_KEY or " \
+           "ANIMUS_AUDIT_KEY_FILE)" in out
+    assert "row None" not in out
+    assert out.rstrip().endswith("rows verified)")

@@ -279,7 +279,7 @@ async def test_memory_text_with_a_lone_surrogate_is_refused_by_name(db):
     from animus_core.store.memory import Memory
 
     memory = await Memory.open(db, HashingEmbedder())
-    with pytest.raises(InvalidInput, match=r"memory 0: content: contains a lone surrogate"):
+    with pytest.raises(InvalidInput, match=r"^the memory: content: contains a lone surrogate"):
         await memory.store("secret\udcffvalue")
     with pytest.raises(InvalidInput, match=r"^query: contains a lone surrogate"):
         await memory.search("secret\udcffvalue")
@@ -293,3 +293,17 @@ async def test_a_value_the_driver_cannot_send_is_not_echoed(db):
     assert "hunter2secret" not in str(caught.value)
     assert "argument $2" in str(caught.value)
     assert "surrogates not allowed" in str(caught.value)
+
+
+async def test_memory_errors_name_the_memory_and_its_id_as_a_memory_id(db):
+    from animus_core.faculties.embedders import HashingEmbedder
+    from animus_core.store.memory import Memory, NewMemory
+
+    memory = await Memory.open(db, HashingEmbedder())
+    with pytest.raises(InvalidInput, match=r"^the memory: memory_type 'Bad' must be"):
+        await memory.store("x", memory_type="Bad")
+    with pytest.raises(InvalidInput, match=r"^memory 1: memory_type 'Bad' must be"):
+        await memory.store_many([NewMemory(content="a"), NewMemory(content="b",
+                                                                    memory_type="Bad")])
+    with pytest.raises(InvalidInput, match=r"^id 'notauuid' is not a memory id \(a UUID\)$"):
+        await memory.forget(["notauuid"])

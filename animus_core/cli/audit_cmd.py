@@ -55,8 +55,9 @@ async def verify(args: argparse.Namespace) -> int:
     elif result.ok:
         _print_intact(result, args.against)
     else:
-        print(f"audit chain BROKEN at row {result.first_bad_id}: {result.problem} "
-              f"({result.checked} rows before it verified)")
+        at = "" if result.first_bad_id is None else f" at row {result.first_bad_id}"
+        print(f"audit chain BROKEN{at}: {result.problem} ({result.checked} rows "
+              + ("verified)" if result.first_bad_id is None else "before it verified)"))
     return 0 if result.ok else 1
 
 

@@ -165,7 +165,7 @@ async def rules_list(args: argparse.Namespace) -> int:
 async def rules_check(args: argparse.Namespace) -> int:
     ruleset = _rules()  # a broken file raises, naming it (exit 2)
     files = {path for path, _ in ruleset.rules}
-    print(f"{len(ruleset.rules)} rules in {len(files)} files: they load")
+    print(f"{_count(len(ruleset.rules), 'rule')} in {_count(len(files), 'file')}: they load")
     shadowed = ruleset.shadowed()
     for path, rule, earlier_path, earlier in shadowed:
         print(f"warning: {path}: rule {rule.name!r} can never match: rule {earlier.name!r} "
@@ -226,3 +226,7 @@ async def roles_remove_user(args: argparse.Namespace) -> int:
         print(f"{args.name} left " + ", ".join(f"animus_{r}" for r in left)
               + (" and was dropped" if args.drop else ""))
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -445,9 +445,10 @@ async def verify(conn: Any, page: int = 20_000, *, keys: AuditKeys = NO_KEYS,
         if keys and walk.checked and walk.first_keyed is None:
             return _bad(walk.checked, None, (
                 f"no row is sealed with a key, though this process holds one (key "
-                f"{keys.sealing_id}): the rows sealed with it were deleted and the rest resealed "
-                "without it, or no audit row was written since the key was set (the next one "
-                "will be sealed with it)"))
+                f"{keys.sealing_id}): the engines that seal the rows run without it (give them "
+                "ANIMUS_AUDIT_KEY or ANIMUS_AUDIT_KEY_FILE), or the rows sealed with it were "
+                "deleted and the rest resealed without it, or no audit row was written since "
+                "the key was set (the next one will be sealed with it)"))
         unsealed = await conn.fetchval(UNSEALED_SQL)
     waiting = walk.key_ids[-1] if unsealed and walk.key_ids and not keys else None
     newest = walk.matched[-1][1] if walk.matched else None

@@ -133,6 +133,11 @@ def work_id(value: UUID | str) -> UUID:
     return as_uuid(value, "id")
 
 
+def memory_id(value: UUID | str) -> UUID:
+    """``value`` as a memory's id (:class:`InvalidInput` naming it one otherwise)."""
+    return as_uuid(value, "id", "a memory id")
+
+
 def check_reason(reason: str) -> None:
     check_text(reason, "reason", limits().reason_chars, "ANIMUS_MAX_REASON_CHARS")
 

@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from pgvector import Vector
 
-from animus_core.store.base import work_id as _uuid
+from animus_core.store.base import memory_id as _memory_id
 from animus_core.store.db import Db
 from animus_core.store.errors import errors as _errors
 from animus_core.store.tx import TxScope
@@ -224,11 +224,12 @@ class Memory:
                     source: str | None = None, metadata: Mapping[str, Any] | None = None,
                     embedding: Sequence[float] | None = None) -> MemoryRecord:
         """Store one memory (embedding ``content`` unless ``embedding`` is given)."""
-        [mid] = await self.store_many([NewMemory(
+        [mid] = await self._store([NewMemory(
             content=content, memory_type=memory_type, source=source,
-            metadata=_check_metadata(metadata, "memory 0: metadata") if metadata is not None else {},
+            metadata=_check_metadata(metadata, "metadata") if metadata is not None else {},
             embedding=None if embedding is None else _check_vector(
-                embedding, self.embedder.dimension, self.embedder.name, "memory 0"))])
+                embedding, self.embedder.dimension, self.embedder.name, "the memory"))],
+            one=True)
         return await self.get(mid)
 
     async def store_many(self, items: Sequence[NewMemory]) -> list[UUID]:
@@ -237,12 +238,16 @@ class Memory:
         A batch of at least :data:`BULK_MIN` memories, larger than what the table holds,
         is stored with the HNSW index built again afterwards (in the same transaction):
         several times faster than adding each row to the index."""
+        return await self._store(items, one=False)
+
+    async def _store(self, items: Sequence[NewMemory], *, one: bool) -> list[UUID]:
+        """:meth:`store_many`; with ``one``, its errors name the memory, not its index."""
         dim, name = self.embedder.dimension, self.embedder.name
         missing = []
         metadata: list[msgspec.Raw] = []
         vectors: dict[int, list[float]] = {}
         for i, m in enumerate(items):
-            where = f"memory {i}"
+            where = "the memory" if one else f"memory {i}"
             _check_content(m.content, where)
             metadata.append(_metadata_json(m.metadata, f"{where}: metadata"))
             _check_memory_type(m.memory_type, where)
@@ -253,7 +258,8 @@ class Memory:
         if missing:
             embedded = await self.embedder.embed([items[i].content for i in missing])
             for i, vec in zip(missing, embedded, strict=True):
-                vectors[i] = _check_vector(vec, dim, name, f"memory {i} (from {name})")
+                label = "the memory" if one else f"memory {i}"
+                vectors[i] = _check_vector(vec, dim, name, f"{label} (from {name})")
         columns: list[list[Any]] = [  # in the order of _INSERT's parameters
             [m.content for m in items], [m.memory_type for m in items],
             [m.source or self.default_source for m in items], metadata,
@@ -268,7 +274,7 @@ class Memory:
         return [r["id"] for r in result]
 
     async def get(self, memory_id: UUID | str) -> MemoryRecord:
-        mid = _uuid(memory_id)
+        mid = _memory_id(memory_id)
         async with self._connection() as conn:
             row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM animus.memories WHERE id = $1", mid)
         if row is None:
@@ -283,7 +289,7 @@ class Memory:
         Embeds nothing."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_001:
             raise InvalidInput(f"limit must be an integer from 1 to 10000, got {limit!r}")
-        cursor = None if before is None else _uuid(before)
+        cursor = None if before is None else _memory_id(before)
         async with self._connection() as conn:
             rows = await conn.fetch(
                 """SELECT id, content, memory_type, source, metadata, work_id, created_at,
@@ -302,7 +308,7 @@ class Memory:
                      metadata: Mapping[str, Any] | None = None,
                      memory_type: str | None = None) -> MemoryRecord:
         """Change a memory; new content is embedded again."""
-        mid = _uuid(memory_id)
+        mid = _memory_id(memory_id)
         vec = None
         if content is not None:
             _check_content(content, f"memory {mid}")
@@ -331,7 +337,7 @@ class Memory:
 
     async def forget(self, memory_ids: Sequence[UUID | str]) -> int:
         """Delete memories; returns how many existed."""
-        ids = [_uuid(m) for m in memory_ids]
+        ids = [_memory_id(m) for m in memory_ids]
         async with self._connection() as conn:
             deleted = await conn.fetch(
                 "DELETE FROM animus.memories WHERE id = ANY($1::uuid[]) RETURNING id", ids)

@@ -358,11 +358,11 @@ def _provenance(text: str, what: str) -> str:
     return check_text(text, what, limits().source_chars, "ANIMUS_MAX_SOURCE_CHARS")
 
 
-def as_uuid(value: UUID | str, what: str) -> UUID:
+def as_uuid(value: UUID | str, what: str, kind: str = "a work item id") -> UUID:
     """``value`` as a UUID, or :class:`InvalidInput` naming ``what`` it was meant to be."""
     if isinstance(value, UUID):
         return value
     try:
         return UUID(str(value))
     except ValueError:
-        raise InvalidInput(f"{what} {value!r} is not a work item id (a UUID)") from None
+        raise InvalidInput(f"{what} {value!r} is not {kind} (a UUID)") from None
