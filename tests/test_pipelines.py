@@ -401,6 +401,29 @@ async def test_the_plan_command_says_why_a_faculty_it_needs_did_not_load(env, tm
                      "stage(s) go (teleport)")
 
 
+async def test_running_a_pipeline_warns_of_stages_no_live_engine_would_run(env, tmp_path):
+    """As work submit does: submitted all the same (engines may come), with a warning per
+    work type that no live engine would run now."""
+    path = write(tmp_path, "far.toml", """
+        [pipeline]
+        name = "far"
+        [[stage]]
+        name = "go"
+        work_type = "teleport"
+        [[stage]]
+        name = "back"
+        work_type = "teleport"
+        depends_on = ["go"]
+    """)
+    code, out, err = await run_cli(env, tmp_path, "pipeline", "run", str(path))
+    assert code == 0, err
+    assert out.startswith("pipeline far submitted: ")
+    [warning] = err.strip().splitlines()
+    assert warning.startswith("animus: warning: no live engine would run stage(s) go, back "
+                              "(work type 'teleport') now: ")
+    assert warning.endswith("; they wait until one does")
+
+
 def test_references_resolve_whole_values_and_inside_strings() -> None:
     outcomes = {"s": {"n": 3, "ok": True, "none": None, "l": [1, "a"], "d": {"k": 1.5},
                       "text": "caf\u00e9"}}

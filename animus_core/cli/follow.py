@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 from uuid import UUID
 
@@ -17,7 +18,7 @@ from animus_core.values.engines import stuck_work
 from animus_core.values.states import State
 from animus_core.values.work import WorkItem
 
-__all__ = ["describe_event", "follow", "no_engine_for", "why_unfinished"]
+__all__ = ["describe_event", "follow", "no_engine_for", "no_engine_for_each", "why_unfinished"]
 
 POLL = 0.2  # seconds between looks at the item's audit trail
 
@@ -85,6 +86,13 @@ async def no_engine_for(db: Db, work_type: str, queue: str) -> str | None:
     """Why no live engine would run work of ``work_type`` in ``queue`` now, or None when one
     would (one read of the fleet's status)."""
     return _no_engine_in(await read.status(db), work_type, queue)
+
+
+async def no_engine_for_each(db: Db, work_types: Iterable[str], queue: str) -> dict[str, str]:
+    """For each of ``work_types`` that no live engine would run in ``queue`` now: why (one
+    read of the fleet's status)."""
+    view = await read.status(db)
+    return {t: why for t in work_types if (why := _no_engine_in(view, t, queue)) is not None}
 
 
 def _no_engine_in(view: read.Status, work_type: str, queue: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ from typing import Any
 import msgspec
 
 from animus_core.cli.context import cli_animus, open_db
+from animus_core.cli.follow import no_engine_for_each
 from animus_core.cli.output import print_json, print_table, seconds
 from animus_core.faculties.pipelines import Pipeline, load, order, parse, plan, stage_items
 from animus_core.governance.rules import RuleSet
 from animus_core.infra.config import Settings
-from animus_core.values.errors import InvalidInput
+from animus_core.store.db import DEFAULT_QUEUE
+from animus_core.values.errors import AnimusError, InvalidInput
 from animus_core.values.work import Created, NewWorkItem
 
 
@@ -73,6 +76,14 @@ async def run_cmd(args: argparse.Namespace) -> int:
     pipeline = load(args.file)
     raw = msgspec.to_builtins(pipeline)
     async with cli_animus() as animus:
+        stuck: dict[str, str] = {}
+        with contextlib.suppress(AnimusError):  # a check, never a reason not to submit
+            stuck = await no_engine_for_each(
+                animus.db, sorted({s.work_type for s in pipeline.stage}), DEFAULT_QUEUE)
+        for work_type, why in stuck.items():
+            names = ", ".join(s.name for s in pipeline.stage if s.work_type == work_type)
+            print(f"animus: warning: no live engine would run stage(s) {names} (work type "
+                  f"{work_type!r}) now: {why}; they wait until one does", file=sys.stderr)
         result = await animus.governed.submit(
             NewWorkItem("pipeline", source=_source(), trigger=str(args.file))
             .params({"pipeline": raw}).max_attempts(3))
