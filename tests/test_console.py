@@ -378,6 +378,13 @@ async def test_a_reader_sees_no_action_and_the_database_refuses_a_forged_one(
             "csrf": csrf, "decision": "approve", "reason": "forged", "back": "/approvals"})
         assert forged.ok  # followed to the page, which says the database refused
         assert "refused:" in await forged.text()
+        await page.goto("/submit")  # no form offered; a forged one is refused (403)
+        await expect(page.locator("#not-offered")).to_contain_text("Your role (reader)")
+        assert await page.locator("form.submit").count() == 0
+        submitted = await page.request.post("/submit", form={
+            "csrf": csrf, "work_type": "console.example", "params": "{}"})
+        assert submitted.status == 403
+        assert "refused:" in await submitted.text()
     assert await db.approvals(gated.id) == []
     assert (await db.get_work_item(gated.id)).state == "awaiting_approval"
 

@@ -19,7 +19,7 @@ from animus_core.store import engines, read
 from animus_core.store.db import Db
 from animus_core.values import json_values
 from animus_core.values.engines import FacultyInfo
-from animus_core.values.errors import AnimusError, InvalidInput, WorkNotFound
+from animus_core.values.errors import AnimusError, InvalidInput, PermissionDenied, WorkNotFound
 from animus_core.values.states import State
 from animus_core.values.work import Created, NewWorkItem, WorkItem
 from animus_core.web.pages.fleet import live_faculties
@@ -133,7 +133,8 @@ async def submit(site: Site, request: Request, person: Person) -> Response:
         request.session["flash"] = f"not submitted: {e}"
         return site.page("submit.html", request, person,
                          faculties=await _faculties(site, person), work_type=work_type,
-                         params=text, status_code=400)
+                         params=text, status_code=403 if isinstance(e, PermissionDenied)
+                         else 400)
     if isinstance(result, Created):
         request.session["flash"] = f"submitted {result.id}: {result.item.state}"
         return RedirectResponse(f"/work/{result.id}", status_code=303)
