@@ -468,6 +468,10 @@ async def test_signal_a_waiting_item_and_watch_it_resume(
             await page.locator("form[action$='/signal'] button").click()
             await expect(page.locator(".flash")).to_contain_text("it woke the item")
             await expect(page.locator("#state")).to_have_text("completed", timeout=10_000)
+            await page.reload()  # a suspension is no failed attempt, and the wait is over
+            await expect(page.locator("#attempts")).to_have_text(
+                "1 of 3 counted, 2 in all (1 suspended)")
+            assert await page.locator("dt", has_text="Waits for").count() == 0
     done = await db.get_work_item(created.id)
     assert done.outcome.data == {"got": {"from": "the console"}}
     signalled = [e for e in await db.history(created.id) if e.event == "signal"]
