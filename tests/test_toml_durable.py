@@ -562,3 +562,29 @@ async def test_a_connection_that_sends_nothing_is_closed(monkeypatch):
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
         finally:
             writer.close()
+
+
+async def test_a_rerun_from_the_end_of_a_phase_replays_its_hooks_wait(db, db_url, tmp_path,
+                                                                       monkeypatch):
+    """``animus work rerun --from-step "phase engage"`` of the documented example copies the
+    steps before it, the wait for ``go`` among them: the hook suspends again on its fresh
+    run, and that suspension is the recorded one, replayed with the signal it took (it did
+    not wait again for a second ``go``)."""
+    monkeypatch.chdir(ROOT)
+    async with run_engine(db_url, tmp_path / "home", faculties_dir=ROOT / "faculties",
+                          options=SLOW_POLL):
+        first = (await db.submit_work(NewWorkItem("durable").params(
+            {"text": "three little words"}))).id
+        await until_state(db, first, State.WAITING)
+        await db.signal(first, "go", "ship it")
+        assert (await wait_finished(db, first)).state == State.COMPLETED
+        rerun = await db.submit_from_step(
+            NewWorkItem("durable").params({"text": "three little words"}).replay_of(first),
+            from_id=first, step="phase engage")
+        item = await wait_finished(db, rerun.canonical_id, timeout=20)
+        steps = await db.steps(rerun.canonical_id)
+    assert item.state == State.COMPLETED, item.reason
+    assert item.outcome.data == {"words": 3, "approved": True, "note": "ship it"}
+    assert [(s.name, s.copied_from == first) for s in steps] == [
+        ("phase orient", True), ("count", True), ("suspend engage", True),
+        ("wait for go", True), ("phase engage", False)]

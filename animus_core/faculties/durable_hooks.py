@@ -184,6 +184,8 @@ class DurableFocus:
         #: phase -> {"out": value} (the phase wrote its file) or {} (it wrote none)
         self.outputs: dict[str, dict[str, Any]] = {}
         self._marker: tuple[int, Step] | None = None
+        #: suspensions of the record this attempt has replayed (or resumed from)
+        self._replayed: set[int] = set()
         self._planned = False
         self._placing = asyncio.Lock()
 
@@ -270,6 +272,7 @@ class DurableFocus:
         if marker.result.get("phase") != phase:
             return None
         self._marker = None
+        self._replayed.add(position)
         journal = self.journal
         journal.seek(position - 1)
         await journal.begin(marker.name)
@@ -298,7 +301,7 @@ class DurableFocus:
         ``resume.json`` holds when the wait is over already; the hook's next run then
         replays its steps from ``began`` on."""
         name = SUSPEND_STEP + phase
-        position, known = await self._place(name)
+        position, known = await self._place_suspension(name, began)
         wait = self._free_after(position)
         if known is not None and isinstance(known.result, dict):
             wait = known.result.get("wait", wait)  # recorded by an attempt that did not suspend
@@ -318,6 +321,24 @@ class DurableFocus:
         journal.reload()  # the hook's run replays what this attempt recorded
         journal.seek(began)
         return resumed
+
+    async def _place_suspension(self, name: str, began: int) -> tuple[int, Step | None]:
+        """Where the suspension ``name`` of a hook run that began after step ``began`` goes:
+        the one the record holds for such a run, not replayed yet (an attempt that starts
+        afresh from copied steps, a rerun from a step, meets its hook's suspension again and
+        replays it: the engine's steps are skipped by hook steps, not by this), else the next
+        free position."""
+        recorded = next((p for p, s in sorted(self._record.items())
+                         if s.name == name and p > began and p not in self._replayed
+                         and isinstance(s.result, dict) and s.result.get("from") == began),
+                        None)
+        if recorded is None:
+            return await self._place(name)
+        self._replayed.add(recorded)
+        async with self._placing:
+            journal = self.journal
+            journal.seek(recorded - 1)
+            return await journal.begin(name)
 
     def _free_after(self, position: int) -> int:
         position += 1
