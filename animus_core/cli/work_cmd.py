@@ -247,8 +247,8 @@ async def rerun(args: argparse.Namespace) -> int:
             return 0
         item = await animus.wait_finished(created.id, args.timeout)
         if not item.state.terminal:
-            print(f"rerun {created.id} is still {item.state} after {args.timeout:g}s "
-                  "(is an engine running?)", file=sys.stderr)
+            print(f"rerun {created.id} is still {item.state} after {args.timeout:g}s: "
+                  f"{await why_unfinished(db, item)}", file=sys.stderr)
             return 1
         c = await compare(db, old.id, item.id)
     if args.json:
