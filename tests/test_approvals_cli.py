@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 import pytest
 
@@ -45,6 +46,12 @@ async def test_pending_decisions_are_listed_with_gate_requester_and_votes(
     f = by_id[str(c.item.id)]
     assert (f["kind"], f["position"], f["quorum"], f["why"], f["approvers"]) == (
         "focus", 3, 1, "publish the summary?", [])
+    # since when each waits: a decision moves the item's updated_at, not this
+    held = await db.get_work_item(gated)
+    assert held.updated_at > held.created_at
+    assert datetime.fromisoformat(g["since"]) == held.created_at
+    suspended = [e.at for e in await db.history(c.item.id) if e.event == "suspended"]
+    assert datetime.fromisoformat(f["since"]) == suspended[-1]
     code, out, err = await run_cli(as_rita, tmp_path, "approvals", "list")
     assert code == 0, err
     assert re.search(rf"{gated} +deploy +submit \(prod deploys\) +approver +1/2 "

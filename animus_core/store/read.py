@@ -160,7 +160,13 @@ class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _PENDING = """
-    SELECT w.id, w.work_type, w.requested_by, w.updated_at AS since,
+    SELECT w.id, w.work_type, w.requested_by,
+           -- since it waits: a gate from its submission, a focus's approval from its
+           -- suspension (each decision updates the item: its updated_at moves)
+           CASE WHEN w.state = 'awaiting_approval' THEN w.created_at
+                ELSE coalesce((SELECT max(a.at) FROM animus.audit_log a
+                                WHERE a.work_id = w.id AND a.event = 'suspended'),
+                              w.updated_at) END AS since,
            CASE WHEN w.state = 'awaiting_approval' THEN 'submit' ELSE 'focus' END AS kind,
            coalesce(w.gate->>'role', w.wait->>'role') AS role,
            coalesce((w.gate->>'quorum')::int, (w.wait->>'quorum')::int, 1) AS quorum,
@@ -176,7 +182,7 @@ _PENDING = """
             UNION ALL  -- two index ranges (an OR of them made the planner read every item)
             SELECT * FROM animus.work_items
              WHERE state = 'waiting' AND wait->>'kind' = 'approval') w
-     ORDER BY w.updated_at, w.id
+     ORDER BY since, w.id
      LIMIT $1"""
 
 
