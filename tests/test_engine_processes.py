@@ -25,6 +25,7 @@ import pytest
 
 from animus_core import Created, Faculty, NewWorkItem, State
 from animus_core.faculties.plugins import collect_faculties, make_plugin_manager
+from animus_core.store import engines as engine_rows
 from tests.engine_helpers import (
     engine_processes,
     engine_settings,
@@ -39,6 +40,7 @@ from tests.engine_helpers import (
     wait_until,
     write_toml_faculty,
 )
+from tests.test_engines import info
 
 pytestmark = pytest.mark.slow
 
@@ -478,6 +480,13 @@ async def test_stop_asks_engines_to_drain_through_the_database(
     assert await second.wait(10) == 0
     code, out, err = await run_cli(proc_env, tmp_path, "stop", "--all")
     assert (code, out.strip()) == (0, "no live engine to ask")
+    gone = info(heartbeat=0.1)  # an engine whose heartbeats stopped: lost
+    await engine_rows.register(db, gone)
+    await asyncio.sleep(0.4)
+    code, out, err = await run_cli(proc_env, tmp_path, "stop", "--engine", str(gone.id))
+    assert (code, out.strip()) == (0, f"engine {gone.id} is not live (it stopped, or its "
+                                      "heartbeats did: `animus status` shows it lost): "
+                                      "nothing to ask"), err
     code, out, err = await run_cli(proc_env, tmp_path, "stop")
     assert code == 2
     assert "--engine ID" in err

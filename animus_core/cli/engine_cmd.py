@@ -290,7 +290,9 @@ async def stop(args: argparse.Namespace) -> int:
         print_json({"asked": [str(i) for i in asked], "still_running": [str(e.id) for e in left]})
         return 1 if left else 0
     if not asked:
-        print("no live engine to ask")
+        print("no live engine to ask" if engine_id is None else
+              f"engine {engine_id} is not live (it stopped, or its heartbeats did: `animus "
+              "status` shows it lost): nothing to ask")
         return 0
     for i in asked:
         print(f"asked engine {i} to stop"
