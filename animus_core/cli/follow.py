@@ -85,7 +85,7 @@ def _short(text: Any, limit: int = 160) -> str:
 async def no_engine_for(db: Db, work_type: str, queue: str) -> str | None:
     """Why no live engine would run work of ``work_type`` in ``queue`` now, or None when one
     would (one read of the fleet's status)."""
-    return _no_engine_in(await read.status(db), work_type, queue)
+    return (await no_engine_for_each(db, [work_type], queue)).get(work_type)
 
 
 async def no_engine_for_each(db: Db, work_types: Iterable[str], queue: str) -> dict[str, str]:

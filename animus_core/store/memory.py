@@ -246,8 +246,12 @@ class Memory:
         missing = []
         metadata: list[msgspec.Raw] = []
         vectors: dict[int, list[float]] = {}
+
+        def label(i: int) -> str:
+            return "the memory" if one else f"memory {i}"
+
         for i, m in enumerate(items):
-            where = "the memory" if one else f"memory {i}"
+            where = label(i)
             _check_content(m.content, where)
             metadata.append(_metadata_json(m.metadata, f"{where}: metadata"))
             _check_memory_type(m.memory_type, where)
@@ -258,8 +262,7 @@ class Memory:
         if missing:
             embedded = await self.embedder.embed([items[i].content for i in missing])
             for i, vec in zip(missing, embedded, strict=True):
-                label = "the memory" if one else f"memory {i}"
-                vectors[i] = _check_vector(vec, dim, name, f"{label} (from {name})")
+                vectors[i] = _check_vector(vec, dim, name, f"{label(i)} (from {name})")
         columns: list[list[Any]] = [  # in the order of _INSERT's parameters
             [m.content for m in items], [m.memory_type for m in items],
             [m.source or self.default_source for m in items], metadata,
